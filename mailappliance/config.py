@@ -1,0 +1,338 @@
+"""TOML configuration -> typed, validated settings.
+
+Every error names the file, the key and what would be valid, in one line, so
+the daemon can stop with that line instead of a traceback.  Relative paths are
+resolved against the directory that holds the config file.
+"""
+
+from __future__ import annotations
+
+import socket
+import tomllib
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import attrs
+
+from mailappliance.addresses import normalize_domain
+from mailappliance.directory import InvalidAddress
+
+ROLES = ("mx", "submission", "submissions", "pop3", "pop3s")
+SMTP_ROLES = ("mx", "submission", "submissions")
+POP3_ROLES = ("pop3", "pop3s")
+
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    """A configuration problem, worded for the admin: file, key, what is valid."""
+
+    def __init__(self, file: Path | str, key: str, problem: str) -> None:
+        super().__init__(f"{file}: {key}: {problem}")
+        self.file = str(file)
+        self.key = key
+        self.problem = problem
+
+
+@attrs.frozen
+class ListenerSettings:
+    """One listening socket and the role it plays."""
+
+    name: str
+    role: str
+    address: str
+    port: int
+    allow_plaintext_auth: bool = False
+
+    @property
+    def is_smtp(self) -> bool:
+        return self.role in SMTP_ROLES
+
+
+@attrs.frozen
+class LdapSettings:
+    """How to reach the LDAP directory (see docs/admin.md for the schema)."""
+
+    urls: tuple[str, ...] = ("ldap://127.0.0.1:389",)
+    base_dn: str = "ou=people,dc=example,dc=org"
+    bind_dn: str = ""
+    bind_password: str = ""
+    login_filter: str = "(&(objectClass=inetOrgPerson)(|(uid={login})(mail={login})))"
+    address_filter: str = (
+        "(&(objectClass=inetOrgPerson)(|(mail={address})(mailLocalAddress={address})))"
+    )
+    timeout: float = 5.0
+    admin_bind_dn: str = ""
+    admin_bind_password: str = ""
+
+
+@attrs.frozen
+class DirectorySettings:
+    backend: str = "ldif"
+    ldif_file: Path = Path("users.ldif")
+    ldap: LdapSettings = LdapSettings()
+    threads: int = 8
+
+
+@attrs.frozen
+class Settings:
+    """The whole validated configuration."""
+
+    source: Path
+    hostname: str
+    local_domains: tuple[str, ...]
+    maildir_root: Path
+    spool_dir: Path
+    max_message_size: int
+    auth_cache_ttl: float
+    smtp_idle_timeout: float
+    pop3_idle_timeout: float
+    directory: DirectorySettings
+    listeners: tuple[ListenerSettings, ...]
+
+
+class _Reader:
+    """Typed access to one TOML table, producing ConfigErrors with full key paths."""
+
+    def __init__(self, file: Path, table: dict[str, Any], prefix: str = "") -> None:
+        self.file = file
+        self.table = table
+        self.prefix = prefix
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}{name}"
+
+    def error(self, name: str, problem: str) -> ConfigError:
+        return ConfigError(self.file, self.key(name), problem)
+
+    def _get(self, name: str, default: Any, kind: type | tuple[type, ...], kind_name: str) -> Any:
+        self.used.add(name)
+        if name not in self.table:
+            if default is _REQUIRED:
+                raise self.error(name, f"is required ({kind_name})")
+            return default
+        value = self.table[name]
+        if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+            raise self.error(name, f"must be {kind_name}, got {value!r}")
+        if not isinstance(value, kind):
+            raise self.error(name, f"must be {kind_name}, got {value!r}")
+        return value
+
+    def string(self, name: str, default: Any = None) -> str:
+        default = _REQUIRED if default is None else default
+        value = self._get(name, default, str, "a string")
+        if not value and default is _REQUIRED:
+            raise self.error(name, "must not be empty")
+        return value
+
+    def boolean(self, name: str, default: bool) -> bool:
+        return self._get(name, default, bool, "true or false")
+
+    def number(self, name: str, default: float, minimum: float, maximum: float) -> float:
+        value = self._get(name, default, (int, float), f"a number from {minimum} to {maximum}")
+        if not minimum <= value <= maximum:
+            raise self.error(name, f"must be a number from {minimum} to {maximum}, got {value!r}")
+        return float(value)
+
+    def integer(self, name: str, default: Any, minimum: int, maximum: int) -> int:
+        value = self._get(name, default, int, f"a whole number from {minimum} to {maximum}")
+        if not minimum <= value <= maximum:
+            raise self.error(name, f"must be a whole number from {minimum} to {maximum}, got {value!r}")
+        return value
+
+    def choice(self, name: str, default: Any, choices: tuple[str, ...]) -> str:
+        valid = " or ".join(repr(c) for c in choices)
+        value = self._get(name, default, str, f"one of {valid}")
+        if value not in choices:
+            raise self.error(name, f"must be one of {valid}, got {value!r}")
+        return value
+
+    def path(self, name: str, default: Any = None) -> Path:
+        raw = self.string(name, default)
+        path = Path(raw).expanduser()
+        return path if path.is_absolute() else (self.file.parent / path).resolve()
+
+    def strings(self, name: str, default: Any = None) -> tuple[str, ...]:
+        default = _REQUIRED if default is None else default
+        value = self._get(name, default, list, "a list of strings")
+        if not all(isinstance(v, str) and v for v in value):
+            raise self.error(name, f"must be a list of non-empty strings, got {value!r}")
+        return tuple(value)
+
+    def table_of(self, name: str) -> "_Reader":
+        value = self._get(name, {}, dict, "a table")
+        return _Reader(self.file, value, f"{self.prefix}{name}.")
+
+    def secret(self, name: str) -> str:
+        """``name`` inline, or ``name_file`` pointing to a file that holds it."""
+        inline = self.string(name, "")
+        file_key = f"{name}_file"
+        if file_key not in self.table:
+            return inline
+        if inline:
+            raise self.error(file_key, f"give either {self.key(name)} or {self.key(file_key)}, not both")
+        path = self.path(file_key)
+        try:
+            return path.read_text(encoding="utf-8").strip()
+        except OSError as e:
+            raise self.error(file_key, f"cannot read {path}: {e.strerror}") from None
+
+    def reject_unknown(self, nested: tuple[str, ...] = ()) -> None:
+        for name in self.table:
+            if name not in self.used and name not in nested:
+                known = ", ".join(sorted(self.used | set(nested)))
+                raise self.error(name, f"unknown setting (known here: {known})")
+
+
+_REQUIRED = object()
+
+
+def _validated(reader: _Reader, name: str, value: T, check: Callable[[T], Any]) -> T:
+    try:
+        check(value)
+    except (InvalidAddress, ValueError) as e:
+        raise reader.error(name, str(e)) from None
+    return value
+
+
+def _listener(file: Path, index: int, table: Any) -> ListenerSettings:
+    if not isinstance(table, dict):
+        raise ConfigError(file, f"listeners[{index}]", "must be a table ([[listeners]])")
+    reader = _Reader(file, table, f"listeners[{index}].")
+    role = reader.choice("role", _REQUIRED, ROLES)
+    listener = ListenerSettings(
+        name=reader.string("name", role),
+        role=role,
+        address=_validated(reader, "address", reader.string("address", "127.0.0.1"), _check_ip),
+        port=reader.integer("port", _REQUIRED, 1, 65535),
+        allow_plaintext_auth=reader.boolean("allow_plaintext_auth", False),
+    )
+    reader.reject_unknown()
+    return listener
+
+
+def _check_ip(text: str) -> None:
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, text)
+            return
+        except OSError:
+            continue
+    raise ValueError(f"must be an IPv4 or IPv6 address, got {text!r}")
+
+
+def _ldap(reader: _Reader) -> LdapSettings:
+    defaults = LdapSettings()
+    urls = reader.strings("urls", defaults.urls)
+    for url in urls:
+        if not url.startswith(("ldap://", "ldaps://", "ldapi://")):
+            raise reader.error("urls", f"each URL must start with ldap://, ldaps:// or ldapi://, got {url!r}")
+    settings = LdapSettings(
+        urls=urls,
+        base_dn=reader.string("base_dn"),
+        bind_dn=reader.string("bind_dn", ""),
+        bind_password=reader.secret("bind_password"),
+        login_filter=_filter(reader, "login_filter", defaults.login_filter, "{login}"),
+        address_filter=_filter(reader, "address_filter", defaults.address_filter, "{address}"),
+        timeout=reader.number("timeout", defaults.timeout, 0.1, 120),
+        admin_bind_dn=reader.string("admin_bind_dn", ""),
+        admin_bind_password=reader.secret("admin_bind_password"),
+    )
+    reader.reject_unknown()
+    return settings
+
+
+def _filter(reader: _Reader, name: str, default: str, placeholder: str) -> str:
+    value = reader.string(name, default)
+    if placeholder not in value or not (value.startswith("(") and value.endswith(")")):
+        raise reader.error(name, f"must be an LDAP filter in parentheses containing {placeholder}")
+    return value
+
+
+def _directory(reader: _Reader) -> DirectorySettings:
+    backend = reader.choice("backend", "ldif", ("ldif", "ldap"))
+    ldif_file = reader.path("ldif_file", "users.ldif")
+    threads = reader.integer("threads", 8, 1, 64)
+    ldap = _ldap(reader.table_of("ldap")) if backend == "ldap" or "ldap" in reader.table else LdapSettings()
+    reader.used.add("ldap")
+    reader.reject_unknown()
+    return DirectorySettings(backend=backend, ldif_file=ldif_file, ldap=ldap, threads=threads)
+
+
+def parse_config(file: Path, data: dict[str, Any]) -> Settings:
+    """Validate an already-parsed TOML document."""
+    top = _Reader(file, data)
+    server = top.table_of("server")
+    hostname = server.string("hostname", socket.getfqdn() or "localhost")
+    domains = tuple(
+        _validated(server, "local_domains", d, normalize_domain).lower().rstrip(".")
+        for d in server.strings("local_domains")
+    )
+    server.reject_unknown()
+
+    storage = top.table_of("storage")
+    maildir_root = storage.path("maildir_root", "var/mail")
+    spool_dir = storage.path("spool_dir", "var/spool")
+    storage.reject_unknown()
+
+    smtp = top.table_of("smtp")
+    max_size = smtp.integer("max_message_size", 25 * 1024 * 1024, 1024, 2**31 - 1)
+    smtp_idle = smtp.number("idle_timeout", 300, 1, 3600)
+    smtp.reject_unknown()
+
+    pop3 = top.table_of("pop3")
+    pop3_idle = pop3.number("idle_timeout", 600, 1, 3600)
+    pop3.reject_unknown()
+
+    auth = top.table_of("auth")
+    cache_ttl = auth.number("cache_ttl", 60, 0, 86400)
+    auth.reject_unknown()
+
+    directory = _directory(top.table_of("directory"))
+
+    raw_listeners = top._get("listeners", _REQUIRED, list, "a list of [[listeners]] tables")
+    listeners = tuple(_listener(file, i, t) for i, t in enumerate(raw_listeners))
+    _check_unique_sockets(file, listeners)
+    top.reject_unknown()
+
+    return Settings(
+        source=file,
+        hostname=hostname,
+        local_domains=domains,
+        maildir_root=maildir_root,
+        spool_dir=spool_dir,
+        max_message_size=max_size,
+        auth_cache_ttl=cache_ttl,
+        smtp_idle_timeout=smtp_idle,
+        pop3_idle_timeout=pop3_idle,
+        directory=directory,
+        listeners=listeners,
+    )
+
+
+def _check_unique_sockets(file: Path, listeners: tuple[ListenerSettings, ...]) -> None:
+    seen: dict[tuple[str, int], int] = {}
+    for i, listener in enumerate(listeners):
+        key = (listener.address, listener.port)
+        if key in seen:
+            raise ConfigError(
+                file, f"listeners[{i}].port",
+                f"{listener.address}:{listener.port} is already used by listeners[{seen[key]}]",
+            )
+        seen[key] = i
+
+
+def load_config(path: Path | str) -> Settings:
+    """Read and validate the config file at ``path``."""
+    file = Path(path).expanduser().resolve()
+    try:
+        with file.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(file, "(file)", "does not exist; see etc/mailappliance.toml for an example") from None
+    except OSError as e:
+        raise ConfigError(file, "(file)", f"cannot be read: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(file, "(syntax)", f"not valid TOML: {e}") from None
+    return parse_config(file, data)

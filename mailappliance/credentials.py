@@ -1,0 +1,106 @@
+"""THE shared credential checker: every listener's Portal uses this one object.
+
+It turns credentials into a :class:`Subscriber` (the avatar id), so SMTP and
+POP3 follow the same rules and share one cache.  The positive cache keeps an
+HMAC of the password under a per-process random key, never the password, and
+expires after ``cache_ttl`` seconds, so a deleted or disabled subscriber stops
+working within that time.  Certificate credentials will plug in here as a
+second credential interface.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from typing import Any
+
+import attrs
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet.defer import Deferred, fail, succeed
+from zope.interface import implementer
+
+from mailappliance.directory import Subscriber
+from mailappliance.directory.threaded import Directory
+
+MAX_CACHE_ENTRIES = 50_000
+
+
+class LoginRefused(UnauthorizedLogin):
+    """Wrong login, wrong password or disabled account; ``reason`` is for the log only."""
+
+    def __init__(self, login: str, reason: str) -> None:
+        super().__init__(f"login {login!r} refused: {reason}")
+        self.login = login
+        self.reason = reason
+
+
+@attrs.frozen
+class _CacheEntry:
+    digest: bytes
+    subscriber: Subscriber
+    expires: float
+
+
+@implementer(ICredentialsChecker)
+class SubscriberChecker:
+    """Checks logins against the directory, with a short positive cache."""
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self, directory: Directory, cache_ttl: float, clock: Any) -> None:
+        self.directory = directory
+        self.cache_ttl = cache_ttl
+        self.clock = clock
+        self._key = os.urandom(32)
+        self._cache: dict[str, _CacheEntry] = {}
+
+    def _digest(self, login: str, password: str) -> bytes:
+        message = login.encode() + b"\0" + password.encode()
+        return hmac.new(self._key, message, hashlib.sha256).digest()
+
+    def requestAvatarId(self, credentials: IUsernamePassword) -> "Deferred[Subscriber]":
+        try:
+            login = credentials.username.decode("utf-8").strip()
+            password = credentials.password.decode("utf-8")
+        except UnicodeDecodeError:
+            return fail(LoginRefused("?", "login or password is not UTF-8"))
+        if not login or not password:
+            return fail(LoginRefused(login, "empty login or password"))
+        key = login.lower()
+        digest = self._digest(key, password)
+        cached = self._cache.get(key)
+        now = self.clock.seconds()
+        if cached and cached.expires > now and hmac.compare_digest(cached.digest, digest):
+            return succeed(cached.subscriber)
+        d = self.directory.authenticate(login, password)
+        d.addCallback(self._verdict, login, key, digest)
+        return d
+
+    def _verdict(self, subscriber: Subscriber | None, login: str, key: str, digest: bytes) -> Subscriber:
+        if subscriber is None:
+            self._cache.pop(key, None)
+            raise LoginRefused(login, "unknown login or wrong password")
+        if subscriber.disabled:
+            self._cache.pop(key, None)
+            raise LoginRefused(login, "subscriber is disabled")
+        if self.cache_ttl > 0:
+            self._remember(key, _CacheEntry(digest, subscriber, self.clock.seconds() + self.cache_ttl))
+        return subscriber
+
+    def _remember(self, key: str, entry: _CacheEntry) -> None:
+        if len(self._cache) >= MAX_CACHE_ENTRIES:
+            now = self.clock.seconds()
+            self._cache = {k: v for k, v in self._cache.items() if v.expires > now}
+            while len(self._cache) >= MAX_CACHE_ENTRIES:
+                self._cache.pop(next(iter(self._cache)))
+        self._cache[key] = entry
+
+    def forget(self, login: str | None = None) -> None:
+        """Drop one login's cache entry, or all of them (e.g. on SIGHUP)."""
+        if login is None:
+            self._cache.clear()
+        else:
+            self._cache.pop(login.lower(), None)

@@ -1,0 +1,111 @@
+"""The subscriber directory: one record type, one store interface, two backends.
+
+A *store* (``LdifStore``, ``LdapStore``) is synchronous and is what the admin
+CLI uses directly.  The daemon never calls a store on the reactor thread: it
+wraps the store in :class:`mailappliance.directory.threaded.Directory`, which
+runs every call in a dedicated thread pool and returns Deferreds.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import attrs
+
+DISABLED_ATTRIBUTE = "employeeType"
+DISABLED_VALUE = "disabled"
+
+
+class DirectoryUnavailable(Exception):
+    """The directory could not answer (server down, timeout, unreadable file).
+
+    Always a *temporary* condition: protocols answer 4xx / -ERR [SYS/TEMP].
+    """
+
+
+class DirectoryAdminError(Exception):
+    """An admin operation was refused; the message is meant for the admin."""
+
+
+class DuplicateEntry(DirectoryAdminError):
+    """The subscriber or address already exists."""
+
+
+class NoSuchSubscriber(DirectoryAdminError):
+    """No subscriber has that login or address."""
+
+
+class InvalidAddress(DirectoryAdminError, ValueError):
+    """An address or login is not acceptable."""
+
+
+@attrs.frozen
+class Subscriber:
+    """One subscriber as the directory describes them.
+
+    ``uid`` is the stable login and names the Maildir; ``mail`` is the primary
+    address; ``aliases`` are the ``mailLocalAddress`` values, which deliver to
+    the same mailbox and which the subscriber may use as sender.
+    """
+
+    dn: str
+    uid: str
+    mail: str
+    aliases: tuple[str, ...] = ()
+    display_name: str = ""
+    disabled: bool = False
+    certificates: tuple[bytes, ...] = attrs.field(default=(), repr=False)
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        """Every address that belongs to this subscriber, primary first."""
+        return (self.mail, *(a for a in self.aliases if a != self.mail))
+
+    def owns_address(self, address: str) -> bool:
+        """True if ``address`` (compared case-insensitively) is one of ours."""
+        wanted = address.lower()
+        return any(a.lower() == wanted for a in self.addresses)
+
+
+class DirectoryStore(Protocol):
+    """What every backend offers.  All methods are blocking.
+
+    Lookups raise :class:`DirectoryUnavailable` when the backend cannot answer;
+    admin methods raise :class:`DirectoryAdminError` subclasses for refusals.
+    Addresses and logins are matched case-insensitively.
+    """
+
+    def find_by_login(self, login: str) -> Subscriber | None:
+        """The subscriber whose ``uid`` or ``mail`` equals ``login``."""
+
+    def find_by_address(self, address: str) -> Subscriber | None:
+        """The subscriber whose ``mail`` or a ``mailLocalAddress`` is ``address``."""
+
+    def verify_password(self, subscriber: Subscriber, password: str) -> bool:
+        """True if ``password`` is the subscriber's password."""
+
+    def list_subscribers(self) -> list[Subscriber]:
+        """Every subscriber, sorted by uid."""
+
+    def add_subscriber(
+        self, uid: str, mail: str, password: str | None, display_name: str = ""
+    ) -> Subscriber:
+        """Create a subscriber; DuplicateEntry if the uid or address is taken."""
+
+    def set_password(self, login: str, password: str) -> None:
+        """Replace the password (LDAP: Password Modify exop, the server hashes)."""
+
+    def set_disabled(self, login: str, disabled: bool) -> None:
+        """Disable (or re-enable) a subscriber without deleting it."""
+
+    def delete_subscriber(self, login: str) -> None:
+        """Remove the subscriber entry (the Maildir is left for the admin)."""
+
+    def add_alias(self, login: str, alias: str) -> None:
+        """Add a ``mailLocalAddress``; DuplicateEntry if anyone has it already."""
+
+    def delete_alias(self, alias: str) -> None:
+        """Remove a ``mailLocalAddress`` from whoever has it."""
+
+    def close(self) -> None:
+        """Release connections."""

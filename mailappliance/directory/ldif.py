@@ -1,0 +1,253 @@
+"""The embedded directory: an LDIF file with the same schema as the LDAP backend.
+
+The file is re-read whenever it changes on disk (checked by a cheap stat on
+each lookup), so an admin's edit or a ``mailappliance-admin`` change takes
+effect without a restart.  Writes replace the file atomically (temp file,
+fsync, rename) under an exclusive lock, keeping the leading comment block and
+every entry the store does not manage (base entries, groups, ...).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from mailappliance.addresses import normalize_address, validate_uid
+from mailappliance.directory import (
+    DISABLED_ATTRIBUTE,
+    DISABLED_VALUE,
+    DirectoryUnavailable,
+    DuplicateEntry,
+    NoSuchSubscriber,
+    Subscriber,
+)
+from mailappliance.directory.ldif_format import Entry, LdifSyntaxError, format_ldif, parse_ldif
+from mailappliance.directory.passwords import hash_password, verify_password
+
+DEFAULT_PARENT_DN = "ou=people,dc=example,dc=org"
+SUBSCRIBER_CLASSES = ("top", "person", "organizationalPerson", "inetOrgPerson", "inetLocalMailRecipient")
+
+
+def _is_subscriber_entry(entry: Entry) -> bool:
+    classes = {c.lower() for c in entry.texts("objectClass")}
+    return "inetorgperson" in classes and bool(entry.first("uid")) and bool(entry.first("mail"))
+
+
+def subscriber_from_entry(entry: Entry) -> Subscriber:
+    """The Subscriber record for one directory entry."""
+    mail = entry.first("mail").lower()
+    aliases = tuple(a.lower() for a in entry.texts("mailLocalAddress") if a.lower() != mail)
+    certificates = tuple(
+        v if isinstance(v, bytes) else v.encode("latin-1") for v in entry.values("userCertificate;binary")
+    )
+    return Subscriber(
+        dn=entry.dn,
+        uid=entry.first("uid"),
+        mail=mail,
+        aliases=aliases,
+        display_name=entry.first("cn"),
+        disabled=any(v.lower() == DISABLED_VALUE for v in entry.texts(DISABLED_ATTRIBUTE)),
+        certificates=certificates,
+    )
+
+
+class _Snapshot:
+    """One parsed version of the file with its lookup indexes."""
+
+    def __init__(self, header: str, entries: list[Entry]) -> None:
+        self.header = header
+        self.entries = entries
+        self.by_login: dict[str, Entry] = {}
+        self.by_address: dict[str, Entry] = {}
+        for entry in entries:
+            if not _is_subscriber_entry(entry):
+                continue
+            self.by_login.setdefault(entry.first("uid").lower(), entry)
+            self.by_login.setdefault(entry.first("mail").lower(), entry)
+            for address in [entry.first("mail"), *entry.texts("mailLocalAddress")]:
+                self.by_address.setdefault(address.lower(), entry)
+
+
+def _leading_comments(text: str) -> str:
+    lines = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line)
+    return "\n".join(lines)
+
+
+class LdifStore:
+    """A DirectoryStore over one LDIF file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._stamp: tuple[int, int, int] | None = None
+        self._snapshot = _Snapshot("", [])
+
+    # -- reading -----------------------------------------------------------
+
+    def _current(self) -> _Snapshot:
+        """The snapshot for the file as it is now; re-parsed only when it changed."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            with self._lock:
+                self._stamp, self._snapshot = None, _Snapshot("", [])
+                return self._snapshot
+        except OSError as e:
+            raise DirectoryUnavailable(f"cannot stat {self.path}: {e.strerror}") from None
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        with self._lock:
+            if stamp != self._stamp:
+                self._snapshot = self._read()
+                self._stamp = stamp
+            return self._snapshot
+
+    def _read(self) -> _Snapshot:
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return _Snapshot("", [])
+        except (OSError, UnicodeDecodeError) as e:
+            raise DirectoryUnavailable(f"cannot read {self.path}: {e}") from None
+        try:
+            return _Snapshot(_leading_comments(text), parse_ldif(text))
+        except LdifSyntaxError as e:
+            raise DirectoryUnavailable(f"{self.path}: {e}") from None
+
+    def find_by_login(self, login: str) -> Subscriber | None:
+        entry = self._current().by_login.get(login.lower())
+        return subscriber_from_entry(entry) if entry else None
+
+    def find_by_address(self, address: str) -> Subscriber | None:
+        entry = self._current().by_address.get(address.lower())
+        return subscriber_from_entry(entry) if entry else None
+
+    def verify_password(self, subscriber: Subscriber, password: str) -> bool:
+        entry = self._current().by_login.get(subscriber.uid.lower())
+        if entry is None or entry.dn != subscriber.dn:
+            return False
+        return any(verify_password(stored, password) for stored in entry.texts("userPassword"))
+
+    def list_subscribers(self) -> list[Subscriber]:
+        snapshot = self._current()
+        found = [subscriber_from_entry(e) for e in snapshot.entries if _is_subscriber_entry(e)]
+        return sorted(found, key=lambda s: s.uid.lower())
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+    # -- writing -----------------------------------------------------------
+
+    @contextmanager
+    def _editing(self) -> Iterator[_Snapshot]:
+        """Lock the file, yield a fresh snapshot to change, then replace the file atomically."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        with open(lock_path, "a") as lock_file:
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+            try:
+                snapshot = self._read()
+                yield snapshot
+                self._write(snapshot)
+            finally:
+                fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+    def _write(self, snapshot: _Snapshot) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        data = format_ldif(snapshot.entries, snapshot.header).encode("utf-8")
+        mode = self.path.stat().st_mode & 0o777 if self.path.exists() else 0o600
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.path)
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    @staticmethod
+    def _entry_for(snapshot: _Snapshot, login: str) -> Entry:
+        entry = snapshot.by_login.get(login.lower()) or snapshot.by_address.get(login.lower())
+        if entry is None:
+            raise NoSuchSubscriber(f"no subscriber with login or address {login!r}")
+        return entry
+
+    @staticmethod
+    def _parent_dn(snapshot: _Snapshot) -> str:
+        for entry in snapshot.entries:
+            if _is_subscriber_entry(entry) and "," in entry.dn:
+                return entry.dn.split(",", 1)[1]
+        for entry in snapshot.entries:
+            if entry.dn.lower().startswith("ou=people,"):
+                return entry.dn
+        return DEFAULT_PARENT_DN
+
+    def add_subscriber(
+        self, uid: str, mail: str, password: str | None, display_name: str = ""
+    ) -> Subscriber:
+        uid = validate_uid(uid)
+        mail = normalize_address(mail)
+        with self._editing() as snapshot:
+            if uid.lower() in snapshot.by_login:
+                raise DuplicateEntry(f"login {uid!r} is already taken")
+            if mail in snapshot.by_address or mail in snapshot.by_login:
+                raise DuplicateEntry(f"address {mail!r} already belongs to a subscriber")
+            entry = Entry(dn=f"uid={uid},{self._parent_dn(snapshot)}")
+            for object_class in SUBSCRIBER_CLASSES:
+                entry.add("objectClass", object_class)
+            entry.add("uid", uid)
+            entry.add("cn", display_name or uid)
+            entry.add("sn", display_name or uid)
+            entry.add("mail", mail)
+            if password:
+                entry.add("userPassword", hash_password(password))
+            snapshot.entries.append(entry)
+        return subscriber_from_entry(entry)
+
+    def set_password(self, login: str, password: str) -> None:
+        hashed = hash_password(password)
+        with self._editing() as snapshot:
+            entry = self._entry_for(snapshot, login)
+            entry.remove("userPassword")
+            entry.add("userPassword", hashed)
+
+    def set_disabled(self, login: str, disabled: bool) -> None:
+        with self._editing() as snapshot:
+            entry = self._entry_for(snapshot, login)
+            entry.remove(DISABLED_ATTRIBUTE, DISABLED_VALUE)
+            if disabled:
+                entry.add(DISABLED_ATTRIBUTE, DISABLED_VALUE)
+
+    def delete_subscriber(self, login: str) -> None:
+        with self._editing() as snapshot:
+            entry = self._entry_for(snapshot, login)
+            snapshot.entries.remove(entry)
+
+    def add_alias(self, login: str, alias: str) -> None:
+        alias = normalize_address(alias)
+        with self._editing() as snapshot:
+            entry = self._entry_for(snapshot, login)
+            if alias in snapshot.by_address or alias in snapshot.by_login:
+                raise DuplicateEntry(f"address {alias!r} already belongs to a subscriber")
+            classes = {c.lower() for c in entry.texts("objectClass")}
+            if "inetlocalmailrecipient" not in classes:
+                entry.add("objectClass", "inetLocalMailRecipient")
+            entry.add("mailLocalAddress", alias)
+
+    def delete_alias(self, alias: str) -> None:
+        alias = normalize_address(alias)
+        with self._editing() as snapshot:
+            entry = snapshot.by_address.get(alias)
+            if entry is None or entry.remove("mailLocalAddress", alias) == 0:
+                raise NoSuchSubscriber(f"no subscriber has the alias {alias!r}")

@@ -1,0 +1,53 @@
+"""The daemon's view of the directory: the blocking store run in its own thread pool.
+
+LDAP round trips and password hashing must never block the reactor, and must
+not starve the reactor's default pool (which also serves name lookups), so
+the directory owns a dedicated ``ThreadPool``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, TypeVar
+
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+from mailappliance.directory import DirectoryStore, Subscriber
+
+T = TypeVar("T")
+
+
+class Directory:
+    """Asynchronous lookups over a DirectoryStore; every method returns a Deferred."""
+
+    def __init__(self, store: DirectoryStore, reactor: Any, threads: int = 8) -> None:
+        self.store = store
+        self._reactor = reactor
+        self._pool = ThreadPool(minthreads=1, maxthreads=threads, name="directory")
+
+    def start(self) -> None:
+        self._pool.start()
+
+    def stop(self) -> None:
+        self._pool.stop()
+        self.store.close()
+
+    def _run(self, function: Callable[..., T], *args: Any) -> "Deferred[T]":
+        return deferToThreadPool(self._reactor, self._pool, function, *args)
+
+    def find_by_login(self, login: str) -> "Deferred[Subscriber | None]":
+        return self._run(self.store.find_by_login, login)
+
+    def find_by_address(self, address: str) -> "Deferred[Subscriber | None]":
+        return self._run(self.store.find_by_address, address)
+
+    def authenticate(self, login: str, password: str) -> "Deferred[Subscriber | None]":
+        """The subscriber if ``login``/``password`` are right, else None (one thread hop)."""
+        return self._run(self._authenticate, login, password)
+
+    def _authenticate(self, login: str, password: str) -> Subscriber | None:
+        subscriber = self.store.find_by_login(login)
+        if subscriber is None or not self.store.verify_password(subscriber, password):
+            return None
+        return subscriber

@@ -1,0 +1,130 @@
+"""Durable Maildir delivery.
+
+A message is received into one file in ``<spool>/incoming`` while DATA
+streams in.  ``commit`` (blocking: run it in a thread) fsyncs that file, then
+hard-links it into each recipient's ``new/`` (copying when the spool is on
+another filesystem, via ``tmp/``, fsync, rename), fsyncs each ``new/``
+directory, and only then may the SMTP layer answer 250.  A file in ``new/`` is
+therefore always whole: it appears by an atomic link or rename of a file whose
+bytes are already on disk.  Maildir files are never modified in place, so
+recipients sharing one inode is safe (Dovecot does the same).
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import BinaryIO, Iterable
+
+_counter = itertools.count()
+_hostname = socket.gethostname().replace("/", "\\057").replace(":", "\\072").replace(",", "\\054")
+
+MAILDIR_SUBDIRS = ("tmp", "new", "cur")
+
+
+def maildir_for(root: Path, uid: str) -> Path:
+    """Where subscriber ``uid`` keeps mail (uids are validated: no '/', no leading '.')."""
+    if not uid or "/" in uid or uid.startswith(".") or "\0" in uid:
+        raise ValueError(f"unsafe mailbox name {uid!r}")
+    return root / uid
+
+
+def ensure_maildir(path: Path) -> None:
+    """Create ``path`` with tmp/new/cur, private to the daemon's user."""
+    for sub in MAILDIR_SUBDIRS:
+        (path / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+def unique_name() -> str:
+    """A Maildir unique name (time, microseconds, pid, counter, host); no ',' or ':'."""
+    now = time.time()
+    seconds = int(now)
+    micros = int((now - seconds) * 1_000_000)
+    return f"{seconds}.M{micros}P{os.getpid()}Q{next(_counter)}R{os.urandom(4).hex()}.{_hostname}"
+
+
+def fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class IncomingMessage:
+    """One message being received: a file in the spool's ``incoming`` directory."""
+
+    def __init__(self, incoming_dir: Path) -> None:
+        self.name = unique_name()
+        self.path = incoming_dir / self.name
+        self.size = 0
+        self._file: BinaryIO | None = open(self.path, "xb", buffering=256 * 1024)  # noqa: SIM115
+        os.chmod(self.path, 0o600)
+
+    def write(self, data: bytes) -> None:
+        """Append bytes (buffered; nothing is durable until ``commit``)."""
+        assert self._file is not None
+        self._file.write(data)
+        self.size += len(data)
+
+    def commit(self, maildirs: Iterable[Path]) -> list[Path]:
+        """Make the message durable in every maildir; returns the delivered paths.
+
+        Blocking: fsync and directory operations.  Raises OSError on failure,
+        in which case the caller answers 4xx and calls ``discard``.
+        """
+        assert self._file is not None
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+        delivered: list[Path] = []
+        for maildir in dict.fromkeys(maildirs):
+            ensure_maildir(maildir)
+            target = maildir / "new" / f"{unique_name()},S={self.size}"
+            self._place(target)
+            delivered.append(target)
+        for new_dir in dict.fromkeys(p.parent for p in delivered):
+            fsync_directory(new_dir)
+        self.discard()
+        return delivered
+
+    def _place(self, target: Path) -> None:
+        try:
+            os.link(self.path, target)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                raise
+        staged = target.parent.parent / "tmp" / target.name
+        with open(self.path, "rb") as src, open(staged, "xb") as dst:
+            shutil.copyfileobj(src, dst, 1024 * 1024)
+            dst.flush()
+            os.fsync(dst.fileno())
+        os.rename(staged, target)
+
+    def discard(self) -> None:
+        """Forget the incoming file (after commit, or when the message is refused)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def clean_incoming(incoming_dir: Path) -> int:
+    """Remove leftovers of transactions that never got a 250 (a crash mid-DATA)."""
+    incoming_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    removed = 0
+    for leftover in incoming_dir.iterdir():
+        if leftover.is_file():
+            leftover.unlink()
+            removed += 1
+    return removed

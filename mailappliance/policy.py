@@ -1,0 +1,71 @@
+"""Relay and sender decisions: pure functions from facts to verdicts, no I/O.
+
+The rule is short on purpose: a recipient is *local* only when its domain is
+exactly one of our domains and its local part is a plain dot-atom without
+routing characters; it is *remote* only for an authenticated subscriber;
+everything else is refused.  Address forms that once made servers relay
+(percent hack, bang paths, source routes, quoted local parts hiding '@',
+address literals) are refused for everyone, authenticated or not.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import attrs
+
+from mailappliance.smtp.paths import MailPath
+
+ROUTING_CHARACTERS = frozenset("%!@:")
+
+
+class Route(enum.Enum):
+    LOCAL = "local"
+    REMOTE = "remote"
+    REFUSED = "refused"
+
+
+@attrs.frozen
+class RelayVerdict:
+    """Where a recipient goes; ``code``/``status``/``text`` are set when refused."""
+
+    route: Route
+    reason: str = ""
+    code: int = 0
+    status: str = ""
+
+    @property
+    def refused(self) -> bool:
+        return self.route is Route.REFUSED
+
+
+def _refuse(reason: str, code: int = 554, status: str = "5.7.1") -> RelayVerdict:
+    return RelayVerdict(Route.REFUSED, reason, code, status)
+
+
+def is_local_domain(domain: str, local_domains: frozenset[str] | tuple[str, ...]) -> bool:
+    """Exact, case-insensitive match; no trailing dots, no subdomains."""
+    return domain.lower() in local_domains
+
+
+def decide_recipient(
+    recipient: MailPath, local_domains: frozenset[str] | tuple[str, ...], authenticated: bool
+) -> RelayVerdict:
+    """Decide whether ``recipient`` may be accepted, and how it will be routed."""
+    if recipient.is_null:
+        return _refuse("null recipient", 501, "5.1.3")
+    if recipient.source_route:
+        return _refuse("source route")
+    if recipient.quoted:
+        return _refuse("quoted local part")
+    if ROUTING_CHARACTERS & set(recipient.local_part):
+        return _refuse("routing character in local part")
+    if not recipient.domain:
+        return _refuse("no domain")
+    if recipient.is_address_literal:
+        return _refuse("address literal")
+    if is_local_domain(recipient.domain, local_domains):
+        return RelayVerdict(Route.LOCAL)
+    if authenticated:
+        return RelayVerdict(Route.REMOTE)
+    return _refuse("relay denied")

@@ -1,0 +1,1 @@
+"""ESMTP server: the MX and submission listeners."""

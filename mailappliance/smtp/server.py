@@ -1,0 +1,451 @@
+"""The ESMTP server protocol shared by the MX and submission listeners.
+
+We do not use ``twisted.mail.smtp.ESMTP``: it advertises AUTH before TLS,
+keeps executing commands pipelined after STARTTLS, has no SIZE enforcement or
+enhanced status codes, and its line handling cannot tell CRLF from bare LF
+(SMTP smuggling).  This class is a thin state machine: parsing lives in
+``paths``/``data``, decisions in :mod:`mailappliance.policy`, storage in
+:mod:`mailappliance.maildir`.  Commands are handled strictly in order; while
+one waits for the directory or the disk, later pipelined input stays queued.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import attrs
+from twisted.internet import protocol
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+
+from mailappliance.directory import DirectoryUnavailable, Subscriber
+from mailappliance.maildir import IncomingMessage, maildir_for
+from mailappliance.policy import Route, decide_recipient
+from mailappliance.sessions import new_session_id
+from mailappliance.smtp.data import DataReader
+from mailappliance.smtp.paths import MailPath, PathSyntaxError, parse_path, split_command_argument
+from mailappliance.smtp.received import received_header, return_path_header
+
+log = Logger(namespace="mailappliance.smtp")
+
+MAX_COMMAND_LINE = 4096  # RFC 5321 says 512; AUTH (RFC 4954) needs more
+MAX_QUEUED_INPUT = 64 * 1024
+
+
+@attrs.frozen
+class SMTPConfig:
+    """Everything an SMTP session needs to know about its listener."""
+
+    hostname: str
+    role: str
+    local_domains: frozenset[str]
+    maildir_root: Path
+    incoming_dir: Path
+    max_message_size: int
+    max_line_length: int = 998
+    max_recipients: int = 1000
+    max_errors: int = 20
+    idle_timeout: float = 300
+
+
+@attrs.define
+class Transaction:
+    """One MAIL ... DATA transaction."""
+
+    sender: MailPath
+    local_recipients: list[tuple[str, Subscriber]] = attrs.Factory(list)
+
+
+class SMTPSession(protocol.Protocol, TimeoutMixin):
+    """One SMTP connection."""
+
+    def __init__(self, factory: "SMTPFactory") -> None:
+        self.factory = factory
+        self.config = factory.config
+        self.session_id = new_session_id()
+        self._buffer = b""
+        self._busy = False
+        self._paused = False
+        self._discarding_long_line = False
+        self._data: DataReader | None = None
+        self._message: IncomingMessage | None = None
+        self.helo: str | None = None
+        self.esmtp = False
+        self.transaction: Transaction | None = None
+        self.errors = 0
+        self.client_ip = "unknown"
+        self._closing = False
+
+    # -- connection ----------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        self.client_ip = getattr(peer, "host", "unknown")
+        log.info(
+            "session={session} connect from [{client}] to {role} listener",
+            session=self.session_id, client=self.client_ip, role=self.config.role,
+        )
+        self.setTimeout(self.config.idle_timeout)
+        self.reply(220, f"{self.config.hostname} ESMTP mailappliance")
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self.setTimeout(None)
+        self._drop_message()
+        log.info("session={session} disconnect", session=self.session_id)
+
+    def timeoutConnection(self) -> None:
+        log.info("session={session} idle timeout", session=self.session_id)
+        self.close_with(421, "4.4.2", f"{self.config.hostname} Error: timeout exceeded")
+
+    def reply(self, code: int, text: str, status: str = "") -> None:
+        """Send a (possibly multi-line) reply; ``status`` is the enhanced code."""
+        lines = text.split("\n")
+        prefix = f"{status} " if status else ""
+        out = []
+        for i, line in enumerate(lines):
+            separator = " " if i == len(lines) - 1 else "-"
+            out.append(f"{code}{separator}{prefix}{line}\r\n")
+        self.transport.write("".join(out).encode("utf-8"))
+
+    def close_with(self, code: int, status: str, text: str) -> None:
+        self.reply(code, text, status)
+        self._closing = True
+        self._buffer = b""
+        self.transport.loseConnection()
+
+    # -- input ---------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self.resetTimeout()
+        self._buffer += data
+        self._process()
+
+    def _process(self) -> None:
+        while self._buffer and not self._busy and not self._closing:
+            if self._data is not None:
+                rest = self._data.feed(self._buffer)
+                self._buffer = b""
+                if rest is None:
+                    return
+                self._buffer = rest
+                self._end_of_data()
+                continue
+            line = self._next_line()
+            if line is None:
+                break
+            self._handle_command(line)
+        self._apply_backpressure()
+
+    def _apply_backpressure(self) -> None:
+        """Stop reading while a command is in progress and too much is queued."""
+        if self._busy and not self._paused and len(self._buffer) > MAX_QUEUED_INPUT:
+            self._paused = True
+            self.transport.pauseProducing()
+        elif self._paused and not self._busy:
+            self._paused = False
+            self.transport.resumeProducing()
+
+    def _next_line(self) -> str | None:
+        end = self._buffer.find(b"\n")
+        if end < 0:
+            if len(self._buffer) > MAX_COMMAND_LINE:
+                self._buffer = b""
+                self._discarding_long_line = True
+            return None
+        raw, self._buffer = self._buffer[:end], self._buffer[end + 1 :]
+        if self._discarding_long_line or len(raw) > MAX_COMMAND_LINE:
+            self._discarding_long_line = False
+            self.error(500, "5.5.2", "Error: line too long")
+            return None
+        return raw.rstrip(b"\r").decode("utf-8", "replace")
+
+    def _handle_command(self, line: str) -> None:
+        verb, _, argument = line.partition(" ")
+        handler = getattr(self, f"smtp_{verb.upper()}", None) if verb.isalpha() else None
+        if handler is None:
+            self.error(500, "5.5.2", "Error: command not recognized")
+            return
+        result = handler(argument.strip())
+        if isinstance(result, Deferred):
+            self._busy = True
+            result.addErrback(self._unexpected_failure)
+            result.addBoth(self._resume)
+
+    def _resume(self, _: Any) -> None:
+        self._busy = False
+        if not self._closing:
+            self._process()
+
+    def _unexpected_failure(self, failure: Failure) -> None:
+        log.failure("session={session} internal error", failure, session=self.session_id)
+        self.reply(451, "Error: internal error, try again later", "4.3.0")
+
+    def error(self, code: int, status: str, text: str) -> None:
+        """Reply with an error and count it; too many errors end the session."""
+        self.errors += 1
+        if self.errors >= self.config.max_errors:
+            log.info("session={session} too many errors", session=self.session_id)
+            self.close_with(421, "4.7.0", f"{self.config.hostname} Error: too many errors")
+            return
+        self.reply(code, text, status)
+
+    # -- commands ------------------------------------------------------------
+
+    def extensions(self) -> list[str]:
+        return [
+            f"SIZE {self.config.max_message_size}",
+            "8BITMIME",
+            "PIPELINING",
+            "ENHANCEDSTATUSCODES",
+        ]
+
+    def smtp_EHLO(self, argument: str) -> None:
+        if not argument:
+            self.error(501, "5.5.4", "Syntax: EHLO hostname")
+            return
+        self.helo, self.esmtp = argument.split()[0], True
+        self.transaction = None
+        lines = [self.config.hostname, *self.extensions()]
+        self.transport.write(
+            "".join(
+                f"250{' ' if i == len(lines) - 1 else '-'}{line}\r\n" for i, line in enumerate(lines)
+            ).encode()
+        )
+
+    def smtp_HELO(self, argument: str) -> None:
+        if not argument:
+            self.error(501, "5.5.4", "Syntax: HELO hostname")
+            return
+        self.helo, self.esmtp = argument.split()[0], False
+        self.transaction = None
+        self.reply(250, self.config.hostname)
+
+    def smtp_NOOP(self, argument: str) -> None:
+        self.reply(250, "Ok", "2.0.0")
+
+    def smtp_RSET(self, argument: str) -> None:
+        self.transaction = None
+        self.reply(250, "Ok", "2.0.0")
+
+    def smtp_QUIT(self, argument: str) -> None:
+        self.close_with(221, "2.0.0", "Bye")
+
+    def smtp_VRFY(self, argument: str) -> None:
+        self.reply(252, "Cannot VRFY user, but will accept message and attempt delivery", "2.5.0")
+
+    def smtp_EXPN(self, argument: str) -> None:
+        self.error(502, "5.5.1", "Error: command not implemented")
+
+    def smtp_HELP(self, argument: str) -> None:
+        self.reply(214, "See RFC 5321; this server speaks ESMTP", "2.0.0")
+
+    def smtp_MAIL(self, argument: str) -> Deferred | None:
+        if self.helo is None:
+            self.error(503, "5.5.1", "Error: send HELO/EHLO first")
+            return None
+        if self.transaction is not None:
+            self.error(503, "5.5.1", "Error: nested MAIL command")
+            return None
+        try:
+            path_text, parameters = split_command_argument(argument, "FROM")
+            sender = parse_path(path_text, allow_null=True)
+        except PathSyntaxError as e:
+            self.error(501, "5.1.7", f"Bad sender address syntax: {e}")
+            return None
+        problem = self._check_mail_parameters(parameters)
+        if problem:
+            self.error(*problem)
+            return None
+        self.transaction = Transaction(sender=sender)
+        self.reply(250, "Ok", "2.1.0")
+        return None
+
+    def _check_mail_parameters(self, parameters: list[str]) -> tuple[int, str, str] | None:
+        if parameters and not self.esmtp:
+            return (555, "5.5.4", "Error: MAIL parameters need EHLO")
+        for parameter in parameters:
+            name, _, value = parameter.partition("=")
+            name = name.upper()
+            if name == "SIZE":
+                if not value.isdigit():
+                    return (501, "5.5.4", "Error: bad SIZE parameter")
+                if int(value) > self.config.max_message_size:
+                    return (552, "5.3.4", "Error: message size exceeds fixed limit")
+            elif name == "BODY":
+                if value.upper() not in ("7BIT", "8BITMIME"):
+                    return (501, "5.5.4", "Error: BODY must be 7BIT or 8BITMIME")
+            else:
+                return (555, "5.5.4", f"Error: unsupported MAIL parameter {name}")
+        return None
+
+    def smtp_RCPT(self, argument: str) -> Deferred | None:
+        if self.transaction is None:
+            self.error(503, "5.5.1", "Error: need MAIL command")
+            return None
+        try:
+            path_text, parameters = split_command_argument(argument, "TO")
+            recipient = parse_path(path_text, allow_null=False)
+        except PathSyntaxError as e:
+            self.error(501, "5.1.3", f"Bad recipient address syntax: {e}")
+            return None
+        if parameters:
+            self.error(555, "5.5.4", "Error: unsupported RCPT parameter")
+            return None
+        if len(self.transaction.local_recipients) >= self.config.max_recipients:
+            self.reply(452, "Error: too many recipients", "4.5.3")
+            return None
+        if recipient.local_part.lower() == "postmaster" and not recipient.domain:
+            recipient = attrs.evolve(recipient, domain=sorted(self.config.local_domains)[0])
+        verdict = decide_recipient(recipient, self.config.local_domains, self.is_authenticated)
+        if verdict.refused:
+            log.info(
+                "session={session} relay refused from [{client}] rcpt=<{rcpt}> reason={reason}",
+                session=self.session_id, client=self.client_ip, rcpt=recipient.address,
+                reason=verdict.reason,
+            )
+            text = "Relay access denied" if verdict.reason == "relay denied" else "Recipient address rejected"
+            self.error(verdict.code, verdict.status, f"<{recipient.address}>: {text} ({verdict.reason})")
+            return None
+        if verdict.route is Route.REMOTE:  # authenticated relay arrives with the outbound queue
+            self.error(554, "5.7.1", f"<{recipient.address}>: Relay access denied")
+            return None
+        address = recipient.address.lower()
+        d = maybeDeferred(self.factory.find_recipient, address)
+        d.addCallbacks(self._rcpt_found, self._rcpt_lookup_failed, (address,), None, (address,))
+        return d
+
+    def _rcpt_found(self, subscriber: Subscriber | None, address: str) -> None:
+        if subscriber is None:
+            log.info(
+                "session={session} unknown recipient <{rcpt}> from [{client}]",
+                session=self.session_id, rcpt=address, client=self.client_ip,
+            )
+            self.error(550, "5.1.1", f"<{address}>: Recipient address rejected: User unknown")
+            return
+        if subscriber.disabled:
+            self.error(550, "5.2.1", f"<{address}>: Recipient address rejected: Mailbox disabled")
+            return
+        assert self.transaction is not None
+        self.transaction.local_recipients.append((address, subscriber))
+        self.reply(250, "Ok", "2.1.5")
+
+    def _rcpt_lookup_failed(self, failure: Failure, address: str) -> None:
+        if not failure.check(DirectoryUnavailable):
+            log.failure("session={session} recipient lookup failed", failure, session=self.session_id)
+        else:
+            log.warn(
+                "session={session} directory unavailable for <{rcpt}>: {why}",
+                session=self.session_id, rcpt=address, why=failure.getErrorMessage(),
+            )
+        self.reply(451, f"<{address}>: Temporary lookup failure, try again later", "4.3.0")
+
+    @property
+    def is_authenticated(self) -> bool:
+        return False
+
+    def smtp_DATA(self, argument: str) -> None:
+        if self.transaction is None:
+            self.error(503, "5.5.1", "Error: need MAIL command")
+            return
+        if not self.transaction.local_recipients:
+            self.error(554, "5.5.1", "Error: no valid recipients")
+            return
+        if argument:
+            self.error(501, "5.5.4", "Syntax: DATA")
+            return
+        try:
+            self._message = IncomingMessage(self.config.incoming_dir)
+            self._message.write(return_path_header(self.transaction.sender.address))
+            self._message.write(self._received_header())
+        except OSError as e:
+            log.error("session={session} cannot start message: {why}", session=self.session_id, why=e)
+            self._drop_message()
+            self.reply(451, "Error: local storage unavailable, try again later", "4.3.0")
+            return
+        self._data = DataReader(self._message.write, self.config.max_message_size, self.config.max_line_length)
+        self.reply(354, "End data with <CR><LF>.<CR><LF>")
+
+    def _received_header(self) -> bytes:
+        assert self.transaction is not None and self._message is not None
+        return received_header(
+            helo=self.helo or "unknown",
+            client_ip=self.client_ip,
+            hostname=self.config.hostname,
+            protocol="ESMTP" if self.esmtp else "SMTP",
+            message_id=self._message.name,
+            recipients=[address for address, _ in self.transaction.local_recipients],
+        )
+
+    def _end_of_data(self) -> None:
+        reader, message, transaction = self._data, self._message, self.transaction
+        assert reader is not None and message is not None and transaction is not None
+        self._data = None
+        self.transaction = None
+        refusal = self._data_refusal(reader)
+        if refusal:
+            self._drop_message()
+            log.info(
+                "session={session} message refused from [{client}]: {why}",
+                session=self.session_id, client=self.client_ip, why=refusal[2],
+            )
+            code, status, text = refusal
+            self.reply(code, text, status)
+            return
+        maildirs = [maildir_for(self.config.maildir_root, s.uid) for _, s in transaction.local_recipients]
+        self._busy = True
+        d = self.factory.run_blocking(message.commit, maildirs)
+        d.addCallbacks(self._stored, self._store_failed, (message, transaction), None, (message,))
+        d.addBoth(self._resume)
+
+    @staticmethod
+    def _data_refusal(reader: DataReader) -> tuple[int, str, str] | None:
+        problems = reader.problems
+        if problems.too_big:
+            return (552, "5.3.4", "Error: message size exceeds fixed limit")
+        if problems.bare_line_ending:
+            return (550, "5.6.0", "Error: bare CR or LF in message; lines must end with CRLF")
+        if problems.line_too_long:
+            return (550, "5.6.0", "Error: message has a line longer than 998 octets (RFC 5321 4.5.3.1.6)")
+        return None
+
+    def _stored(self, _: Any, message: IncomingMessage, transaction: Transaction) -> None:
+        self._message = None
+        log.info(
+            "session={session} accepted id={id} from=<{sender}> rcpts={count} size={size} client=[{client}]",
+            session=self.session_id, id=message.name, sender=transaction.sender.address,
+            count=len(transaction.local_recipients), size=message.size, client=self.client_ip,
+        )
+        self.reply(250, f"Ok: queued as {message.name}", "2.0.0")
+
+    def _store_failed(self, failure: Failure, message: IncomingMessage) -> None:
+        log.failure("session={session} delivery to Maildir failed", failure, session=self.session_id)
+        self._drop_message()
+        self.reply(451, "Error: local delivery failed, try again later", "4.3.0")
+
+    def _drop_message(self) -> None:
+        if self._message is not None:
+            self._message.discard()
+            self._message = None
+        self._data = None
+
+
+class SMTPFactory(protocol.ServerFactory):
+    """Builds sessions for one listener; holds what they share."""
+
+    def __init__(
+        self,
+        config: SMTPConfig,
+        find_recipient: Callable[[str], Deferred],
+        run_blocking: Callable[..., Deferred],
+    ) -> None:
+        self.config = config
+        self.find_recipient = find_recipient
+        self.run_blocking = run_blocking
+
+    def buildProtocol(self, addr: Any) -> SMTPSession:
+        return SMTPSession(self)
