@@ -140,4 +140,5 @@ def _pop3_factory(
         allow_plaintext_auth=listener.allow_plaintext_auth,
         idle_timeout=settings.pop3_idle_timeout,
         reactor=reactor,
+        run_blocking=run_blocking,
     )

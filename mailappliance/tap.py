@@ -13,7 +13,7 @@ from mailappliance.config import ConfigError, load_config
 class Options(usage.Options):
     """Options of ``twistd mailappliance``; everything else lives in the TOML file."""
 
-    synopsis = "[twistd options] mailappliance --config PATH"
+    synopsis = "--config PATH"
     longdesc = (
         "Runs the MX, submission and POP3 listeners described in the TOML config "
         "file. See etc/mailappliance.toml for an annotated example and "

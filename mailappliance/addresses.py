@@ -1,0 +1,53 @@
+"""Validation of addresses, domains and uids for the admin side and the config.
+
+SMTP paths are parsed separately (mailappliance.smtp.paths) because the relay
+decision needs to see every odd form; here we only accept the plain forms a
+subscriber entry may hold.
+"""
+
+from __future__ import annotations
+
+import re
+
+from mailappliance.directory import InvalidAddress
+
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+_LOCAL_PART = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*")
+_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+_UID = re.compile(r"[A-Za-z0-9_@+][A-Za-z0-9._@+-]{0,63}")
+_ROUTING = set("%!")
+
+
+def normalize_domain(text: str) -> str:
+    """A lower-case domain of LDH labels (no trailing dot); InvalidAddress otherwise."""
+    domain = text.strip().lower()
+    if not domain or len(domain) > 253:
+        raise InvalidAddress(f"{text!r} is not a domain name")
+    if not all(_LABEL.fullmatch(label) for label in domain.split(".")):
+        raise InvalidAddress(f"{text!r} is not a domain name (letters, digits, '-', dots between labels)")
+    return domain
+
+
+def normalize_address(text: str) -> str:
+    """``local@domain`` lower-cased; InvalidAddress with the reason otherwise.
+
+    '%' and '!' are refused even though RFC 5322 allows them: they are
+    routing characters that relay probes use, and no subscriber needs them.
+    """
+    address = text.strip()
+    if address.count("@") != 1:
+        raise InvalidAddress(f"{text!r} is not an address (expected exactly one '@')")
+    local, domain = address.split("@")
+    if not local or len(local) > 64 or not _LOCAL_PART.fullmatch(local) or _ROUTING & set(local):
+        raise InvalidAddress(f"{text!r}: the part before '@' is not a valid local part")
+    return f"{local.lower()}@{normalize_domain(domain)}"
+
+
+def validate_uid(text: str) -> str:
+    """A login name that is also a safe Maildir directory name."""
+    if not _UID.fullmatch(text):
+        raise InvalidAddress(
+            f"{text!r} is not a valid uid (1-64 of letters, digits, '.', '_', '@', '+', '-'; "
+            "not starting with '.' or '-')"
+        )
+    return text

@@ -1,0 +1,159 @@
+"""Running the real ``twistd -n mailappliance`` as a subprocess, as an admin would.
+
+The fixture ``appliance`` is a factory: ``appliance(backend="ldap")`` writes a
+config into a temp dir (free loopback ports, storage there too), starts the
+daemon with the ``twistd`` of the running Python (the package must be
+installed, which ``make test`` does), and waits until every listener answers.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def toml_table(header: str, values: dict[str, Any]) -> str:
+    """``header`` is "[name]" or "[[name]]"."""
+    lines = [header] + [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+class Appliance:
+    """One daemon instance with its own directory tree and ports."""
+
+    def __init__(self, root: Path, sections: dict[str, dict[str, Any]], listeners: list[dict[str, Any]]) -> None:
+        self.root = root
+        self.config_path = root / "mailappliance.toml"
+        self.log_path = root / "twistd.log"
+        self.ports = {listener["name"]: listener["port"] for listener in listeners}
+        text = "".join(toml_table(f"[{name}]", values) for name, values in sections.items())
+        text += "".join(toml_table("[[listeners]]", listener) for listener in listeners)
+        self.config_path.write_text(text)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def maildir_root(self) -> Path:
+        return self.root / "mail"
+
+    def start(self, timeout: float = 30) -> None:
+        command = [str(BIN / "twistd"), "-n", "--pidfile=", "--logfile", str(self.log_path),
+                   "mailappliance", "--config", str(self.config_path)]
+        self.process = subprocess.Popen(command, cwd=self.root, stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        pending = set(self.ports.values())
+        while pending:
+            if self.process.poll() is not None:
+                output = self.process.stdout.read().decode() if self.process.stdout else ""
+                raise RuntimeError(f"mailappliance exited with {self.process.returncode}:\n{output}\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"mailappliance did not open its ports:\n{self.log()}")
+            for port in list(pending):
+                with socket.socket() as s:
+                    if s.connect_ex(("127.0.0.1", port)) == 0:
+                        pending.discard(port)
+            time.sleep(0.05)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def kill9(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    def admin(self, *args: str, password: str | None = None) -> subprocess.CompletedProcess[str]:
+        """Run ``mailappliance-admin`` against this instance's config."""
+        command = [str(BIN / "mailappliance-admin"), "--config", str(self.config_path), *args]
+        if password is not None:
+            command.append("--password-stdin")
+        return subprocess.run(command, input=(password or "") + "\n", capture_output=True, text=True,
+                              timeout=60)
+
+
+@pytest.fixture
+def appliance(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., Appliance]]:
+    started: list[Appliance] = []
+
+    def make(backend: str = "ldif", slapd: Any = None, cache_ttl: float = 60,
+             extra: dict[str, dict[str, Any]] | None = None, start: bool = True) -> Appliance:
+        root = tmp_path / f"appliance{len(started)}"
+        root.mkdir()
+        directory: dict[str, Any] = {"backend": backend, "ldif_file": str(root / "users.ldif")}
+        sections: dict[str, dict[str, Any]] = {
+            "server": {"hostname": "mx.test.example", "local_domains": ["example.org", "example.net"]},
+            "storage": {"maildir_root": str(root / "mail"), "spool_dir": str(root / "spool")},
+            "auth": {"cache_ttl": cache_ttl},
+            "directory": directory,
+        }
+        if backend == "ldap":
+            sections["directory.ldap"] = {
+                "urls": [slapd.url], "base_dn": slapd.base_dn, "bind_dn": slapd.bind_dn,
+                "bind_password": slapd.bind_password, "admin_bind_dn": slapd.admin_dn,
+                "admin_bind_password": slapd.admin_password, "timeout": 2,
+            }
+        for name, values in (extra or {}).items():
+            sections.setdefault(name, {}).update(values)
+        listeners = [
+            {"name": "mx", "role": "mx", "address": "127.0.0.1", "port": free_port()},
+            {"name": "pop3", "role": "pop3", "address": "127.0.0.1", "port": free_port(),
+             "allow_plaintext_auth": True},
+        ]
+        instance = Appliance(root, sections, listeners)
+        started.append(instance)
+        if start:
+            instance.start()
+        return instance
+
+    yield make
+    for instance in started:
+        instance.stop()
+    if any(rep.failed for rep in getattr(request.node, "_reports", [])):
+        for instance in started:
+            print(f"--- log of {instance.root} ---\n{instance.log()}")
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Iterator[None]:
+    """Keep each phase's report on the item so fixtures can print logs on failure."""
+    outcome = yield
+    report = outcome.get_result()
+    item.__dict__.setdefault("_reports", []).append(report)
+
+
+os.environ.setdefault("PYTHONUNBUFFERED", "1")
