@@ -48,6 +48,16 @@ class ListenerSettings:
     def is_smtp(self) -> bool:
         return self.role in SMTP_ROLES
 
+    @property
+    def implicit_tls(self) -> bool:
+        """465 and 995 style: TLS from the first byte (RFC 8314)."""
+        return self.role in ("submissions", "pop3s")
+
+    @property
+    def requires_auth(self) -> bool:
+        """Submission listeners take mail only from authenticated subscribers."""
+        return self.role in ("submission", "submissions")
+
 
 @attrs.frozen
 class LdapSettings:
@@ -64,6 +74,17 @@ class LdapSettings:
     timeout: float = 5.0
     admin_bind_dn: str = ""
     admin_bind_password: str = ""
+
+
+@attrs.frozen
+class TLSSettings:
+    """Server certificate for every listener, and the CA for client certificates."""
+
+    certificate: Path
+    private_key: Path
+    generate_self_signed: bool = True
+    client_ca: Path | None = None
+    client_ca_key: Path | None = None
 
 
 @attrs.frozen
@@ -89,6 +110,7 @@ class Settings:
     pop3_idle_timeout: float
     directory: DirectorySettings
     listeners: tuple[ListenerSettings, ...]
+    tls: TLSSettings
 
 
 class _Reader:
@@ -260,6 +282,24 @@ def _directory(reader: _Reader) -> DirectorySettings:
     return DirectorySettings(backend=backend, ldif_file=ldif_file, ldap=ldap, threads=threads)
 
 
+def _tls(reader: _Reader) -> TLSSettings:
+    certificate = reader.path("certificate", "var/tls/server.pem")
+    private_key = reader.path("private_key", "var/tls/server.key")
+    generate = reader.boolean("generate_self_signed", True)
+    client_ca = reader.path("client_ca") if "client_ca" in reader.table else None
+    client_ca_key = reader.path("client_ca_key") if "client_ca_key" in reader.table else None
+    reader.reject_unknown()
+    for name, path in (("certificate", certificate), ("private_key", private_key)):
+        if not generate and not path.is_file():
+            raise reader.error(name, f"{path} does not exist (or set tls.generate_self_signed = true)")
+    for name, optional in (("client_ca", client_ca), ("client_ca_key", client_ca_key)):
+        if optional is not None and not optional.is_file():
+            raise reader.error(name, f"{optional} does not exist")
+    if client_ca_key is not None and client_ca is None:
+        raise reader.error("client_ca_key", "needs tls.client_ca too")
+    return TLSSettings(certificate, private_key, generate, client_ca, client_ca_key)
+
+
 def parse_config(file: Path, data: dict[str, Any]) -> Settings:
     """Validate an already-parsed TOML document."""
     top = _Reader(file, data)
@@ -290,6 +330,7 @@ def parse_config(file: Path, data: dict[str, Any]) -> Settings:
     auth.reject_unknown()
 
     directory = _directory(top.table_of("directory"))
+    tls = _tls(top.table_of("tls"))
 
     raw_listeners = top._get("listeners", _REQUIRED, list, "a list of [[listeners]] tables")
     listeners = tuple(_listener(file, i, t) for i, t in enumerate(raw_listeners))
@@ -308,6 +349,7 @@ def parse_config(file: Path, data: dict[str, Any]) -> Settings:
         pop3_idle_timeout=pop3_idle,
         directory=directory,
         listeners=listeners,
+        tls=tls,
     )
 
 

@@ -17,15 +17,32 @@ from typing import Any
 
 import attrs
 from twisted.cred.checkers import ICredentialsChecker
-from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.credentials import ICredentials, IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, fail, succeed
-from zope.interface import implementer
+from twisted.cred.portal import IRealm
+from zope.interface import Attribute, Interface, implementer
 
 from mailappliance.directory import Subscriber
 from mailappliance.directory.threaded import Directory
 
 MAX_CACHE_ENTRIES = 50_000
+
+
+class IClientCertificate(ICredentials):
+    """A TLS client certificate presented in the handshake."""
+
+    der = Attribute("The certificate, DER bytes")
+    verified = Attribute("True if it chained to the client CA and is within its validity")
+    subject = Attribute("Its subject, for logs and the Received header")
+
+
+@implementer(IClientCertificate)
+@attrs.frozen
+class ClientCertificateCredentials:
+    der: bytes = attrs.field(repr=False)
+    verified: bool
+    subject: str = ""
 
 
 class LoginRefused(UnauthorizedLogin):
@@ -48,7 +65,7 @@ class _CacheEntry:
 class SubscriberChecker:
     """Checks logins against the directory, with a short positive cache."""
 
-    credentialInterfaces = (IUsernamePassword,)
+    credentialInterfaces = (IUsernamePassword, IClientCertificate)
 
     def __init__(self, directory: Directory, cache_ttl: float, clock: Any) -> None:
         self.directory = directory
@@ -61,7 +78,28 @@ class SubscriberChecker:
         message = login.encode() + b"\0" + password.encode()
         return hmac.new(self._key, message, hashlib.sha256).digest()
 
-    def requestAvatarId(self, credentials: IUsernamePassword) -> "Deferred[Subscriber]":
+    def requestAvatarId(self, credentials: Any) -> "Deferred[Subscriber]":
+        if IClientCertificate.providedBy(credentials):
+            return self._check_certificate(credentials)
+        return self._check_password(credentials)
+
+    def _check_certificate(self, credentials: IClientCertificate) -> "Deferred[Subscriber]":
+        """A certificate counts only if it verified AND a subscriber holds exactly it."""
+        if not credentials.verified:
+            return fail(LoginRefused(credentials.subject, "certificate not trusted or expired"))
+        d = self.directory.find_by_certificate(credentials.der)
+        d.addCallback(self._certificate_verdict, credentials.subject)
+        return d
+
+    @staticmethod
+    def _certificate_verdict(subscriber: Subscriber | None, subject: str) -> Subscriber:
+        if subscriber is None:
+            raise LoginRefused(subject, "certificate is not stored for any subscriber")
+        if subscriber.disabled:
+            raise LoginRefused(subject, "subscriber is disabled")
+        return subscriber
+
+    def _check_password(self, credentials: IUsernamePassword) -> "Deferred[Subscriber]":
         try:
             login = credentials.username.decode("utf-8").strip()
             password = credentials.password.decode("utf-8")
@@ -104,3 +142,17 @@ class SubscriberChecker:
             self._cache.clear()
         else:
             self._cache.pop(login.lower(), None)
+
+
+class ISubscriberIdentity(Interface):
+    """The avatar SMTP asks for: the authenticated Subscriber record itself."""
+
+
+@implementer(IRealm)
+class SubscriberRealm:
+    """Gives back the Subscriber the checker found; SMTP needs nothing more."""
+
+    def requestAvatar(self, avatarId: Subscriber, mind: Any, *interfaces: Any) -> tuple[Any, Subscriber, Any]:
+        if ISubscriberIdentity not in interfaces:
+            raise NotImplementedError("SubscriberRealm only offers ISubscriberIdentity")
+        return ISubscriberIdentity, avatarId, lambda: None

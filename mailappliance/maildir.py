@@ -19,7 +19,7 @@ import shutil
 import socket
 import time
 from pathlib import Path
-from typing import BinaryIO, Iterable
+from typing import BinaryIO, Callable, Iterable
 
 _counter = itertools.count()
 _hostname = socket.gethostname().replace("/", "\\057").replace(":", "\\072").replace(",", "\\054")
@@ -72,8 +72,9 @@ class IncomingMessage:
         self._file.write(data)
         self.size += len(data)
 
-    def commit(self, maildirs: Iterable[Path]) -> list[Path]:
-        """Make the message durable in every maildir; returns the delivered paths.
+    def commit(self, maildirs: Iterable[Path], outbound: Callable[[Path], None] | None = None) -> list[Path]:
+        """Make the message durable in every maildir (and, via ``outbound``, in
+        the outbound spool); returns the delivered Maildir paths.
 
         Blocking: fsync and directory operations.  Raises OSError on failure,
         in which case the caller answers 4xx and calls ``discard``.
@@ -83,6 +84,8 @@ class IncomingMessage:
         os.fsync(self._file.fileno())
         self._file.close()
         self._file = None
+        if outbound is not None:
+            outbound(self.path)
         delivered: list[Path] = []
         for maildir in dict.fromkeys(maildirs):
             ensure_maildir(maildir)

@@ -14,6 +14,7 @@ import enum
 
 import attrs
 
+from mailappliance.directory import Subscriber
 from mailappliance.smtp.paths import MailPath
 
 ROUTING_CHARACTERS = frozenset("%!@:")
@@ -69,3 +70,17 @@ def decide_recipient(
     if authenticated:
         return RelayVerdict(Route.REMOTE)
     return _refuse("relay denied")
+
+
+def decide_sender(sender: MailPath, subscriber: Subscriber) -> str | None:
+    """Why an authenticated subscriber may not use ``sender`` (None: they may).
+
+    Only the addresses the directory gives them (``mail``, ``mailLocalAddress``)
+    and the null sender are theirs to use; anything else is a forgery, which
+    is exactly what a stolen account is used for.
+    """
+    if sender.is_null:
+        return None
+    if not (sender.source_route or sender.quoted) and subscriber.owns_address(sender.address):
+        return None
+    return f"not owned by user {subscriber.uid}"

@@ -84,6 +84,9 @@ class DirectoryStore(Protocol):
     def verify_password(self, subscriber: Subscriber, password: str) -> bool:
         """True if ``password`` is the subscriber's password."""
 
+    def find_by_certificate(self, der: bytes) -> Subscriber | None:
+        """The subscriber whose ``userCertificate;binary`` is exactly ``der``."""
+
     def list_subscribers(self) -> list[Subscriber]:
         """Every subscriber, sorted by uid."""
 
@@ -106,6 +109,12 @@ class DirectoryStore(Protocol):
 
     def delete_alias(self, alias: str) -> None:
         """Remove a ``mailLocalAddress`` from whoever has it."""
+
+    def add_certificate(self, login: str, der: bytes) -> None:
+        """Store a client certificate; DuplicateEntry if any subscriber has it already."""
+
+    def remove_certificate(self, login: str, der: bytes) -> None:
+        """Revoke: remove the certificate; NoSuchSubscriber if the subscriber lacks it."""
 
     def close(self) -> None:
         """Release connections."""

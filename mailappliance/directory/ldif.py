@@ -29,6 +29,7 @@ from mailappliance.directory.ldif_format import Entry, LdifSyntaxError, format_l
 from mailappliance.directory.passwords import hash_password, verify_password
 
 DEFAULT_PARENT_DN = "ou=people,dc=example,dc=org"
+CERTIFICATE_ATTRIBUTE = "userCertificate;binary"
 SUBSCRIBER_CLASSES = ("top", "person", "organizationalPerson", "inetOrgPerson", "inetLocalMailRecipient")
 
 
@@ -42,7 +43,7 @@ def subscriber_from_entry(entry: Entry) -> Subscriber:
     mail = entry.first("mail").lower()
     aliases = tuple(a.lower() for a in entry.texts("mailLocalAddress") if a.lower() != mail)
     certificates = tuple(
-        v if isinstance(v, bytes) else v.encode("latin-1") for v in entry.values("userCertificate;binary")
+        v if isinstance(v, bytes) else v.encode("latin-1") for v in entry.values(CERTIFICATE_ATTRIBUTE)
     )
     return Subscriber(
         dn=entry.dn,
@@ -63,9 +64,13 @@ class _Snapshot:
         self.entries = entries
         self.by_login: dict[str, Entry] = {}
         self.by_address: dict[str, Entry] = {}
+        self.by_certificate: dict[bytes, Entry] = {}
         for entry in entries:
             if not _is_subscriber_entry(entry):
                 continue
+            for der in entry.values(CERTIFICATE_ATTRIBUTE):
+                if isinstance(der, bytes):
+                    self.by_certificate.setdefault(der, entry)
             self.by_login.setdefault(entry.first("uid").lower(), entry)
             self.by_login.setdefault(entry.first("mail").lower(), entry)
             for address in [entry.first("mail"), *entry.texts("mailLocalAddress")]:
@@ -134,6 +139,10 @@ class LdifStore:
         if entry is None or entry.dn != subscriber.dn:
             return False
         return any(verify_password(stored, password) for stored in entry.texts("userPassword"))
+
+    def find_by_certificate(self, der: bytes) -> Subscriber | None:
+        entry = self._current().by_certificate.get(der)
+        return subscriber_from_entry(entry) if entry else None
 
     def list_subscribers(self) -> list[Subscriber]:
         snapshot = self._current()
@@ -251,3 +260,16 @@ class LdifStore:
             entry = snapshot.by_address.get(alias)
             if entry is None or entry.remove("mailLocalAddress", alias) == 0:
                 raise NoSuchSubscriber(f"no subscriber has the alias {alias!r}")
+
+    def add_certificate(self, login: str, der: bytes) -> None:
+        with self._editing() as snapshot:
+            entry = self._entry_for(snapshot, login)
+            if der in snapshot.by_certificate:
+                raise DuplicateEntry("that certificate is already stored for a subscriber")
+            entry.add(CERTIFICATE_ATTRIBUTE, der)
+
+    def remove_certificate(self, login: str, der: bytes) -> None:
+        with self._editing() as snapshot:
+            entry = self._entry_for(snapshot, login)
+            if entry.remove(CERTIFICATE_ATTRIBUTE, der) == 0:
+                raise NoSuchSubscriber(f"{login!r} has no such certificate")

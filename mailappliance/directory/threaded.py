@@ -42,6 +42,9 @@ class Directory:
     def find_by_address(self, address: str) -> "Deferred[Subscriber | None]":
         return self._run(self.store.find_by_address, address)
 
+    def find_by_certificate(self, der: bytes) -> "Deferred[Subscriber | None]":
+        return self._run(self.store.find_by_certificate, der)
+
     def authenticate(self, login: str, password: str) -> "Deferred[Subscriber | None]":
         """The subscriber if ``login``/``password`` are right, else None (one thread hop)."""
         return self._run(self._authenticate, login, password)

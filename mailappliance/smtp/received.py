@@ -6,11 +6,12 @@ import email.utils
 import re
 
 _UNSAFE = re.compile(r"[^\x21-\x7e]|[()\\]")
+_UNSAFE_IN_COMMENT = re.compile(r"[^\x20-\x7e]|[()\\]")
 
 
-def _clean(text: str) -> str:
-    """Make client-supplied text safe inside a header comment."""
-    return _UNSAFE.sub("?", text)[:255] or "unknown"
+def _clean(text: str, pattern: re.Pattern[str] = _UNSAFE) -> str:
+    """Make client-supplied text safe inside a header (no spaces, parentheses or controls)."""
+    return pattern.sub("?", text)[:255] or "unknown"
 
 
 def received_header(
@@ -32,7 +33,7 @@ def received_header(
     lines = [f"Received: from {_clean(helo)} ([{client_ip}])"]
     by = f"\tby {hostname} (mailappliance) with {protocol} id {message_id}"
     if authenticated_as:
-        by += f"\r\n\t(authenticated as {_clean(authenticated_as)})"
+        by += f"\r\n\t(authenticated as {_clean(authenticated_as, _UNSAFE_IN_COMMENT)})"
     lines.append(by)
     date = email.utils.formatdate(timestamp, localtime=False, usegmt=False)
     if len(recipients) == 1:

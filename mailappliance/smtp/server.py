@@ -15,19 +15,27 @@ from pathlib import Path
 from typing import Any, Callable
 
 import attrs
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import Portal
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
+from mailappliance.credentials import ClientCertificateCredentials, ISubscriberIdentity
 from mailappliance.directory import DirectoryUnavailable, Subscriber
 from mailappliance.maildir import IncomingMessage, maildir_for
-from mailappliance.policy import Route, decide_recipient
+from mailappliance.policy import Route, decide_recipient, decide_sender
+from mailappliance.queue.spool import Envelope, OutboundSpool
 from mailappliance.sessions import new_session_id
 from mailappliance.smtp.data import DataReader
 from mailappliance.smtp.paths import MailPath, PathSyntaxError, parse_path, split_command_argument
 from mailappliance.smtp.received import received_header, return_path_header
+from mailappliance.smtp.sasl import Challenge, Collected, SaslExchange, SaslFailure, Step
 
 log = Logger(namespace="mailappliance.smtp")
 
@@ -49,6 +57,11 @@ class SMTPConfig:
     max_recipients: int = 1000
     max_errors: int = 20
     idle_timeout: float = 300
+    listener: str = ""
+    tls: Any = None  # a ServerTLS context factory: offers STARTTLS when not implicit
+    implicit_tls: bool = False
+    require_auth: bool = False  # submission: MAIL only after AUTH or a client certificate
+    allow_plaintext_auth: bool = False  # AUTH without TLS (never by default)
 
 
 @attrs.define
@@ -57,8 +70,14 @@ class Transaction:
 
     sender: MailPath
     local_recipients: list[tuple[str, Subscriber]] = attrs.Factory(list)
+    remote_recipients: list[str] = attrs.Factory(list)
+
+    @property
+    def recipient_count(self) -> int:
+        return len(self.local_recipients) + len(self.remote_recipients)
 
 
+@implementer(IHandshakeListener)
 class SMTPSession(protocol.Protocol, TimeoutMixin):
     """One SMTP connection."""
 
@@ -78,6 +97,11 @@ class SMTPSession(protocol.Protocol, TimeoutMixin):
         self.errors = 0
         self.client_ip = "unknown"
         self._closing = False
+        self.secure = False
+        self._tls_started = False
+        self.subscriber: Subscriber | None = None
+        self.auth_method = ""
+        self._sasl: SaslExchange | None = None
 
     # -- connection ----------------------------------------------------------
 
@@ -85,9 +109,13 @@ class SMTPSession(protocol.Protocol, TimeoutMixin):
         peer = self.transport.getPeer()
         self.client_ip = getattr(peer, "host", "unknown")
         log.info(
-            "session={session} connect from [{client}] to {role} listener",
+            "session={session} connect from [{client}] to {listener} ({role})",
             session=self.session_id, client=self.client_ip, role=self.config.role,
+            listener=self.config.listener or self.config.role,
         )
+        self._tls_started = self.config.implicit_tls
+        if self._tls_started:
+            self._busy = True  # nothing is read as a command before the handshake is done
         self.setTimeout(self.config.idle_timeout)
         self.reply(220, f"{self.config.hostname} ESMTP mailappliance")
 
@@ -115,6 +143,142 @@ class SMTPSession(protocol.Protocol, TimeoutMixin):
         self._closing = True
         self._buffer = b""
         self.transport.loseConnection()
+
+    # -- TLS ---------------------------------------------------------------
+
+    def handshakeCompleted(self) -> None:
+        """TLS is up (STARTTLS or implicit): note it, then try the client certificate."""
+        self.secure = True
+        tls = self.transport.getHandle() if hasattr(self.transport, "getHandle") else None
+        version = tls.get_protocol_version_name() if tls is not None else "TLS"
+        cipher = tls.get_cipher_name() if tls is not None else ""
+        log.info(
+            "session={session} TLS established: {version} {cipher}",
+            session=self.session_id, version=version, cipher=cipher,
+        )
+        certificate = self.factory.peer_certificate(self.transport)
+        if certificate is None:
+            self._resume(None)
+            return
+        self._busy = True
+        credentials = ClientCertificateCredentials(
+            certificate.der, certificate.verified, certificate.subject
+        )
+        d = self.factory.portal.login(credentials, None, ISubscriberIdentity)
+        d.addCallbacks(self._certificate_accepted, self._certificate_refused,
+                       (certificate.subject,), None, (certificate,))
+        d.addBoth(self._resume)
+
+    def _certificate_accepted(self, result: tuple[Any, Subscriber, Any], subject: str) -> None:
+        self._authenticated(result[1], "certificate", subject)
+
+    def _certificate_refused(self, failure: Failure, certificate: Any) -> None:
+        why = certificate.reason if not certificate.verified else failure.getErrorMessage()
+        log.info(
+            "session={session} auth failed: mechanism=certificate subject={subject!r} client=[{client}] "
+            "listener={listener} reason={why}",
+            session=self.session_id, subject=certificate.subject, client=self.client_ip,
+            listener=self.config.listener, why=why,
+        )
+
+    def _authenticated(self, subscriber: Subscriber, method: str, login: str) -> None:
+        self.subscriber, self.auth_method = subscriber, method
+        log.info(
+            "session={session} auth ok: uid={uid} login={login!r} mechanism={method} client=[{client}] "
+            "listener={listener}",
+            session=self.session_id, uid=subscriber.uid, login=login, method=method,
+            client=self.client_ip, listener=self.config.listener,
+        )
+
+    @property
+    def may_authenticate(self) -> bool:
+        """AUTH is offered only inside TLS (unless the admin allowed it, loudly)."""
+        return self.factory.portal is not None and (self.secure or self.config.allow_plaintext_auth)
+
+    def smtp_STARTTLS(self, argument: str) -> None:
+        if self.config.tls is None:
+            self.error(502, "5.5.1", "Error: command not implemented")
+            return
+        if self._tls_started:
+            self.error(503, "5.5.1", "Error: TLS already active")
+            return
+        if argument:
+            self.error(501, "5.5.4", "Syntax: STARTTLS")
+            return
+        self.reply(220, "Ready to start TLS", "2.0.0")
+        if self._buffer:  # pipelined before the handshake: never executed (CVE-2011-0411 class)
+            log.warn(
+                "session={session} discarded {n} octets pipelined after STARTTLS from [{client}]",
+                session=self.session_id, n=len(self._buffer), client=self.client_ip,
+            )
+            self._buffer = b""
+        self._tls_started = True
+        self.helo, self.esmtp, self.transaction = None, False, None  # RFC 3207 4.2
+        self._busy = True  # until handshakeCompleted
+        self.transport.startTLS(self.config.tls)
+
+    # -- AUTH (RFC 4954) -----------------------------------------------------
+
+    def smtp_AUTH(self, argument: str) -> Deferred | None:
+        if not self.may_authenticate:
+            self.error(530, "5.7.0", "Must issue a STARTTLS command first")
+            return None
+        if not self.esmtp:
+            self.error(503, "5.5.1", "Error: send EHLO first")
+            return None
+        if self.subscriber is not None:
+            self.error(503, "5.5.1", "Error: already authenticated")
+            return None
+        if self.transaction is not None:
+            self.error(503, "5.5.1", "Error: MAIL transaction in progress")
+            return None
+        mechanism, _, initial = argument.partition(" ")
+        if not mechanism:
+            self.error(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
+            return None
+        exchange = SaslExchange(mechanism)
+        return self._sasl_step(exchange, exchange.start(initial.strip() or None))
+
+    def _sasl_step(self, exchange: SaslExchange, step: Step) -> Deferred | None:
+        self._sasl = None
+        if isinstance(step, Challenge):
+            self._sasl = exchange
+            self.transport.write(f"334 {step.text}\r\n".encode())
+            return None
+        if isinstance(step, SaslFailure):
+            self._auth_failed(exchange.mechanism, "?", step.text)
+            self.error(step.code, step.status, step.text)
+            return None
+        return self._check_password(exchange.mechanism, step)
+
+    def _check_password(self, mechanism: str, collected: Collected) -> Deferred:
+        credentials = UsernamePassword(collected.login.encode(), collected.password.encode())
+        d = self.factory.portal.login(credentials, None, ISubscriberIdentity)
+        d.addCallbacks(self._password_accepted, self._password_refused,
+                       (mechanism, collected.login), None, (mechanism, collected.login))
+        return d
+
+    def _password_accepted(self, result: tuple[Any, Subscriber, Any], mechanism: str, login: str) -> None:
+        self._authenticated(result[1], mechanism, login)
+        self.reply(235, "Authentication successful", "2.7.0")
+
+    def _password_refused(self, failure: Failure, mechanism: str, login: str) -> None:
+        if failure.check(UnauthorizedLogin):
+            self._auth_failed(mechanism, login, getattr(failure.value, "reason", "refused"))
+            self.error(535, "5.7.8", "Authentication credentials invalid")
+            return
+        if not failure.check(DirectoryUnavailable):
+            log.failure("session={session} auth error", failure, session=self.session_id)
+        self._auth_failed(mechanism, login, f"temporary: {failure.getErrorMessage()}")
+        self.reply(454, "Temporary authentication failure, try again later", "4.7.0")
+
+    def _auth_failed(self, mechanism: str, login: str, why: str) -> None:
+        log.info(
+            "session={session} auth failed: login={login!r} mechanism={mechanism} client=[{client}] "
+            "listener={listener} reason={why}",
+            session=self.session_id, login=login, mechanism=mechanism, client=self.client_ip,
+            listener=self.config.listener, why=why,
+        )
 
     # -- input ---------------------------------------------------------------
 
@@ -165,12 +329,16 @@ class SMTPSession(protocol.Protocol, TimeoutMixin):
         return raw.rstrip(b"\r").decode("utf-8", "replace")
 
     def _handle_command(self, line: str) -> None:
-        verb, _, argument = line.partition(" ")
-        handler = getattr(self, f"smtp_{verb.upper()}", None) if verb.isalpha() else None
-        if handler is None:
-            self.error(500, "5.5.2", "Error: command not recognized")
-            return
-        result = handler(argument.strip())
+        if self._sasl is not None:
+            exchange = self._sasl
+            result: Any = self._sasl_step(exchange, exchange.respond(line))
+        else:
+            verb, _, argument = line.partition(" ")
+            handler = getattr(self, f"smtp_{verb.upper()}", None) if verb.isalpha() else None
+            if handler is None:
+                self.error(500, "5.5.2", "Error: command not recognized")
+                return
+            result = handler(argument.strip())
         if isinstance(result, Deferred):
             self._busy = True
             result.addErrback(self._unexpected_failure)
@@ -197,12 +365,13 @@ class SMTPSession(protocol.Protocol, TimeoutMixin):
     # -- commands ------------------------------------------------------------
 
     def extensions(self) -> list[str]:
-        return [
-            f"SIZE {self.config.max_message_size}",
-            "8BITMIME",
-            "PIPELINING",
-            "ENHANCEDSTATUSCODES",
-        ]
+        extensions = [f"SIZE {self.config.max_message_size}", "8BITMIME", "PIPELINING",
+                      "ENHANCEDSTATUSCODES"]
+        if self.config.tls is not None and not self._tls_started:
+            extensions.append("STARTTLS")
+        if self.may_authenticate and self.subscriber is None:
+            extensions.append("AUTH PLAIN LOGIN")
+        return extensions
 
     def smtp_EHLO(self, argument: str) -> None:
         if not argument:
@@ -261,6 +430,19 @@ class SMTPSession(protocol.Protocol, TimeoutMixin):
         if problem:
             self.error(*problem)
             return None
+        if self.config.require_auth and self.subscriber is None:
+            self.error(530, "5.7.0", "Authentication required")
+            return None
+        if self.subscriber is not None:
+            refusal = decide_sender(sender, self.subscriber)
+            if refusal:
+                log.info(
+                    "session={session} sender refused: uid={uid} from=<{sender}> client=[{client}]",
+                    session=self.session_id, uid=self.subscriber.uid, sender=sender.address,
+                    client=self.client_ip,
+                )
+                self.error(553, "5.7.1", f"<{sender.address}>: Sender address rejected: {refusal}")
+                return None
         self.transaction = Transaction(sender=sender)
         self.reply(250, "Ok", "2.1.0")
         return None
@@ -296,7 +478,7 @@ class SMTPSession(protocol.Protocol, TimeoutMixin):
         if parameters:
             self.error(555, "5.5.4", "Error: unsupported RCPT parameter")
             return None
-        if len(self.transaction.local_recipients) >= self.config.max_recipients:
+        if self.transaction.recipient_count >= self.config.max_recipients:
             self.reply(452, "Error: too many recipients", "4.5.3")
             return None
         if recipient.local_part.lower() == "postmaster" and not recipient.domain:
@@ -311,9 +493,8 @@ class SMTPSession(protocol.Protocol, TimeoutMixin):
             text = "Relay access denied" if verdict.reason == "relay denied" else "Recipient address rejected"
             self.error(verdict.code, verdict.status, f"<{recipient.address}>: {text} ({verdict.reason})")
             return None
-        if verdict.route is Route.REMOTE:  # authenticated relay arrives with the outbound queue
-            self.error(554, "5.7.1", f"<{recipient.address}>: Relay access denied")
-            return None
+        if verdict.route is Route.REMOTE:
+            return self._accept_remote(recipient)
         address = recipient.address.lower()
         d = maybeDeferred(self.factory.find_recipient, address)
         d.addCallbacks(self._rcpt_found, self._rcpt_lookup_failed, (address,), None, (address,))
@@ -344,15 +525,25 @@ class SMTPSession(protocol.Protocol, TimeoutMixin):
             )
         self.reply(451, f"<{address}>: Temporary lookup failure, try again later", "4.3.0")
 
+    def _accept_remote(self, recipient: MailPath) -> None:
+        """An authenticated subscriber's mail for another domain: to the outbound spool."""
+        assert self.transaction is not None and self.subscriber is not None
+        if self.factory.spool is None:
+            self.error(554, "5.7.1", f"<{recipient.address}>: Relay access denied")
+            return None
+        self.transaction.remote_recipients.append(recipient.address)
+        self.reply(250, "Ok", "2.1.5")
+        return None
+
     @property
     def is_authenticated(self) -> bool:
-        return False
+        return self.subscriber is not None
 
     def smtp_DATA(self, argument: str) -> None:
         if self.transaction is None:
             self.error(503, "5.5.1", "Error: need MAIL command")
             return
-        if not self.transaction.local_recipients:
+        if not self.transaction.recipient_count:
             self.error(554, "5.5.1", "Error: no valid recipients")
             return
         if argument:
@@ -372,13 +563,20 @@ class SMTPSession(protocol.Protocol, TimeoutMixin):
 
     def _received_header(self) -> bytes:
         assert self.transaction is not None and self._message is not None
+        protocol_name = "ESMTP" if self.esmtp else "SMTP"
+        if self.esmtp and (self.secure or self.subscriber):  # RFC 3848
+            protocol_name += ("S" if self.secure else "") + ("A" if self.subscriber else "")
+        identity = None
+        if self.subscriber is not None:
+            identity = f"{self.subscriber.uid} via {self.auth_method}"
         return received_header(
             helo=self.helo or "unknown",
             client_ip=self.client_ip,
             hostname=self.config.hostname,
-            protocol="ESMTP" if self.esmtp else "SMTP",
+            protocol=protocol_name,
             message_id=self._message.name,
-            recipients=[address for address, _ in self.transaction.local_recipients],
+            recipients=[a for a, _ in self.transaction.local_recipients] + self.transaction.remote_recipients,
+            authenticated_as=identity,
         )
 
     def _end_of_data(self) -> None:
@@ -397,10 +595,27 @@ class SMTPSession(protocol.Protocol, TimeoutMixin):
             self.reply(code, text, status)
             return
         maildirs = [maildir_for(self.config.maildir_root, s.uid) for _, s in transaction.local_recipients]
+        outbound = self._outbound(message, transaction)
         self._busy = True
-        d = self.factory.run_blocking(message.commit, maildirs)
+        d = self.factory.run_blocking(message.commit, maildirs, outbound)
         d.addCallbacks(self._stored, self._store_failed, (message, transaction), None, (message,))
         d.addBoth(self._resume)
+
+    def _outbound(self, message: IncomingMessage, transaction: Transaction) -> Callable[[Path], None] | None:
+        """How to put the remote recipients' copy into the spool (None when there are none)."""
+        if not transaction.remote_recipients:
+            return None
+        spool = self.factory.spool
+        assert spool is not None
+        envelope = Envelope(
+            queue_id=message.name,
+            sender=transaction.sender.address,
+            recipients=tuple(transaction.remote_recipients),
+            authenticated_as=self.subscriber.uid if self.subscriber else "",
+            client_ip=self.client_ip,
+            session_id=self.session_id,
+        )
+        return lambda path: spool.enqueue(path, envelope)
 
     @staticmethod
     def _data_refusal(reader: DataReader) -> tuple[int, str, str] | None:
@@ -416,9 +631,12 @@ class SMTPSession(protocol.Protocol, TimeoutMixin):
     def _stored(self, _: Any, message: IncomingMessage, transaction: Transaction) -> None:
         self._message = None
         log.info(
-            "session={session} accepted id={id} from=<{sender}> rcpts={count} size={size} client=[{client}]",
+            "session={session} accepted id={id} from=<{sender}> rcpts={count} remote={remote} size={size} "
+            "client=[{client}] uid={uid}",
             session=self.session_id, id=message.name, sender=transaction.sender.address,
-            count=len(transaction.local_recipients), size=message.size, client=self.client_ip,
+            count=transaction.recipient_count, remote=len(transaction.remote_recipients),
+            size=message.size, client=self.client_ip,
+            uid=self.subscriber.uid if self.subscriber else "-",
         )
         self.reply(250, f"Ok: queued as {message.name}", "2.0.0")
 
@@ -442,10 +660,16 @@ class SMTPFactory(protocol.ServerFactory):
         config: SMTPConfig,
         find_recipient: Callable[[str], Deferred],
         run_blocking: Callable[..., Deferred],
+        portal: Portal | None = None,
+        spool: OutboundSpool | None = None,
+        peer_certificate: Callable[[Any], Any] = lambda transport: None,
     ) -> None:
         self.config = config
         self.find_recipient = find_recipient
         self.run_blocking = run_blocking
+        self.portal = portal
+        self.spool = spool
+        self.peer_certificate = peer_certificate
 
     def buildProtocol(self, addr: Any) -> SMTPSession:
         return SMTPSession(self)
