@@ -1,4 +1,4 @@
-"""``mailappliance-admin``: manage subscribers and aliases in either backend.
+"""``mailappliance-admin``: manage subscribers, aliases and certificates in either backend.
 
 Works on the directory named in the config file.  For LDAP it binds as
 ``directory.ldap.admin_bind_dn`` and sets passwords with the Password Modify
@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import os
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 from mailappliance.addresses import normalize_address
@@ -23,6 +25,7 @@ from mailappliance.directory import (
     DirectoryAdminError,
     DirectoryStore,
     DirectoryUnavailable,
+    DuplicateEntry,
     InvalidAddress,
     NoSuchSubscriber,
     Subscriber,
@@ -140,13 +143,86 @@ def cmd_alias_delete(ctx: CommandContext, args: argparse.Namespace) -> None:
     ctx.done(f"alias {alias} removed")
 
 
+def _certificate_from(path: str) -> bytes:
+    from mailappliance.certificates import load_certificate_der
+
+    try:
+        return load_certificate_der(Path(path))
+    except OSError as e:
+        raise InvalidAddress(f"cannot read {path}: {e.strerror}") from None
+    except ValueError as e:
+        raise InvalidAddress(f"{path}: {e}") from None
+
+
+def _subscriber(ctx: CommandContext, login: str) -> Subscriber:
+    subscriber = ctx.store.find_by_login(login) or ctx.store.find_by_address(login)
+    if subscriber is None:
+        raise NoSuchSubscriber(f"no subscriber with login or address {login!r}")
+    return subscriber
+
+
+def cmd_cert_add(ctx: CommandContext, args: argparse.Namespace) -> None:
+    from mailappliance.certificates import describe_certificate
+
+    der = _certificate_from(args.file)
+    ctx.store.add_certificate(args.login, der)
+    info = describe_certificate(der)
+    ctx.done(f"certificate {info['sha256']} ({info['subject']}) now logs in {args.login}", certificate=info)
+
+
+def cmd_cert_revoke(ctx: CommandContext, args: argparse.Namespace) -> None:
+    ctx.store.remove_certificate(args.login, _certificate_from(args.file))
+    ctx.done(f"certificate removed from {args.login}; it no longer logs anyone in")
+
+
+def cmd_cert_list(ctx: CommandContext, args: argparse.Namespace) -> None:
+    from mailappliance.certificates import describe_certificate
+
+    subscriber = _subscriber(ctx, args.login)
+    infos = [describe_certificate(der) for der in subscriber.certificates]
+    if ctx.as_json:
+        print(json.dumps(infos, default=str))
+        return
+    for info in infos:
+        print(f"{info['sha256']}  {info['subject']}  issuer: {info['issuer']}  "
+              f"valid {info['not_before']} .. {info['not_after']}")
+    print(f"{len(infos)} certificate(s) for {subscriber.uid}")
+
+
+def cmd_cert_issue(ctx: CommandContext, args: argparse.Namespace) -> None:
+    from mailappliance.certificates import issue_client_certificate
+
+    tls = ctx.settings.tls
+    if tls.client_ca is None or tls.client_ca_key is None:
+        raise InvalidAddress(
+            f"cert issue needs tls.client_ca and tls.client_ca_key in {ctx.settings.source}"
+        )
+    subscriber = _subscriber(ctx, args.login)
+    key_pem, cert_pem = issue_client_certificate(
+        tls.client_ca, tls.client_ca_key, subscriber.display_name or subscriber.uid, subscriber.mail, args.days
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    key_path, cert_path = out / f"{subscriber.uid}.key", out / f"{subscriber.uid}.pem"
+    if key_path.exists() or cert_path.exists():
+        raise DuplicateEntry(f"{key_path} or {cert_path} exists already; move it away first")
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key_pem)
+    cert_path.write_bytes(cert_pem)
+    ctx.store.add_certificate(subscriber.uid, _certificate_from(str(cert_path)))
+    ctx.done(f"issued {cert_path} and {key_path} for {subscriber.uid}; the certificate is stored in the "
+             "directory. Give both files to the subscriber (see docs/subscribers.md).",
+             certificate=str(cert_path), key=str(key_path))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mailappliance-admin", description="Manage mailappliance subscribers and aliases."
     )
     parser.add_argument("-c", "--config", default="etc/mailappliance.toml", help="TOML config file")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
-    groups = parser.add_subparsers(dest="group", required=True, metavar="{user,alias}")
+    groups = parser.add_subparsers(dest="group", required=True, metavar="{user,alias,cert}")
 
     user = groups.add_parser("user", help="subscribers").add_subparsers(dest="action", required=True)
     add = user.add_parser("add", help="add a subscriber")
@@ -182,6 +258,24 @@ def build_parser() -> argparse.ArgumentParser:
     alias_delete = alias.add_parser("delete", help="remove an alias")
     alias_delete.add_argument("alias")
     alias_delete.set_defaults(run=cmd_alias_delete)
+
+    cert = groups.add_parser("cert", help="client certificates").add_subparsers(dest="action", required=True)
+    for name, run, text in (
+        ("add", cmd_cert_add, "store a certificate (PEM or DER file) so it logs the subscriber in"),
+        ("revoke", cmd_cert_revoke, "remove a stored certificate"),
+    ):
+        sub = cert.add_parser(name, help=text)
+        sub.add_argument("login")
+        sub.add_argument("file")
+        sub.set_defaults(run=run)
+    cert_list = cert.add_parser("list", help="a subscriber's certificates")
+    cert_list.add_argument("login")
+    cert_list.set_defaults(run=cmd_cert_list)
+    issue = cert.add_parser("issue", help="create a key and a certificate signed by tls.client_ca_key")
+    issue.add_argument("login")
+    issue.add_argument("--out", default=".", help="directory for <uid>.key and <uid>.pem")
+    issue.add_argument("--days", type=int, default=825, help="validity in days")
+    issue.set_defaults(run=cmd_cert_issue)
     return parser
 
 

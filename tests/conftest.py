@@ -1,3 +1,3 @@
-"""Fixtures shared by the test suite: the daemon runner (and, as they land, slapd and the PKI)."""
+"""Fixtures shared by the test suite: the daemon runner, a private slapd, the test PKI."""
 
-pytest_plugins = ["tests.daemon"]
+pytest_plugins = ["tests.daemon", "tests.slapd"]

@@ -1,0 +1,218 @@
+"""A private, real OpenLDAP slapd for the tests (Debian's slapd, no mocks).
+
+One slapd per test session, in a temp dir, on a free loopback port: cn=config
+built with ``slapadd -n0`` (schemas core, cosine, inetorgperson, misc; an mdb
+database for dc=example,dc=org), an admin (rootdn), a read-only service
+account that cannot read passwords, and ``ou=people``.  The function-scoped
+``slapd`` fixture empties ``ou=people`` and makes sure the server runs, so
+tests are independent and may stop and restart it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import ldap3
+import pytest
+
+from mailappliance.config import LdapSettings
+from mailappliance.directory.passwords import make_ssha
+
+SLAPD = shutil.which("slapd") or "/usr/sbin/slapd"
+SLAPADD = shutil.which("slapadd") or "/usr/sbin/slapadd"
+SCHEMA_DIR = Path("/etc/ldap/schema")
+MODULE_DIR = Path("/usr/lib/ldap")
+SUFFIX = "dc=example,dc=org"
+
+CONFIG_LDIF = """\
+dn: cn=config
+objectClass: olcGlobal
+cn: config
+olcPidFile: {root}/slapd.pid
+
+dn: cn=module{{0}},cn=config
+objectClass: olcModuleList
+cn: module{{0}}
+olcModulePath: {modules}
+olcModuleLoad: back_mdb
+
+dn: cn=schema,cn=config
+objectClass: olcSchemaConfig
+cn: schema
+
+include: file://{schemas}/core.ldif
+
+include: file://{schemas}/cosine.ldif
+
+include: file://{schemas}/inetorgperson.ldif
+
+include: file://{schemas}/misc.ldif
+
+dn: olcDatabase={{-1}}frontend,cn=config
+objectClass: olcDatabaseConfig
+objectClass: olcFrontendConfig
+olcDatabase: {{-1}}frontend
+
+dn: olcDatabase={{0}}config,cn=config
+objectClass: olcDatabaseConfig
+olcDatabase: {{0}}config
+olcAccess: {{0}}to * by * none
+
+dn: olcDatabase={{1}}mdb,cn=config
+objectClass: olcDatabaseConfig
+objectClass: olcMdbConfig
+olcDatabase: {{1}}mdb
+olcSuffix: {suffix}
+olcRootDN: cn=admin,{suffix}
+olcRootPW: {admin_hash}
+olcDbDirectory: {root}/data
+olcDbMaxSize: 67108864
+olcDbIndex: objectClass eq
+olcDbIndex: uid,mail,mailLocalAddress eq
+olcAccess: {{0}}to attrs=userPassword by self =w by anonymous auth by * none
+olcAccess: {{1}}to * by dn.exact="cn=mailappliance,{suffix}" read by self read by * none
+"""
+
+DATA_LDIF = """\
+dn: {suffix}
+objectClass: dcObject
+objectClass: organization
+dc: example
+o: Example ISP
+
+dn: ou=people,{suffix}
+objectClass: organizationalUnit
+ou: people
+
+dn: cn=mailappliance,{suffix}
+objectClass: simpleSecurityObject
+objectClass: organizationalRole
+cn: mailappliance
+userPassword: {service_hash}
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Slapd:
+    """A running private slapd; ``stop()``/``start()`` keep data and port."""
+
+    base_dn = f"ou=people,{SUFFIX}"
+    admin_dn = f"cn=admin,{SUFFIX}"
+    admin_password = "admin-secret"
+    bind_dn = f"cn=mailappliance,{SUFFIX}"
+    bind_password = "service-secret"
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = _free_port()
+        self.url = f"ldap://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+        self._build()
+
+    def _build(self) -> None:
+        config_dir, data_dir = self.root / "slapd.d", self.root / "data"
+        config_dir.mkdir()
+        data_dir.mkdir()
+        config = CONFIG_LDIF.format(
+            root=self.root, modules=MODULE_DIR, schemas=SCHEMA_DIR, suffix=SUFFIX,
+            admin_hash=make_ssha(self.admin_password),
+        )
+        data = DATA_LDIF.format(suffix=SUFFIX, service_hash=make_ssha(self.bind_password))
+        (self.root / "config.ldif").write_text(config)
+        (self.root / "data.ldif").write_text(data)
+        for number, ldif in (("0", "config.ldif"), ("1", "data.ldif")):
+            result = subprocess.run(
+                [SLAPADD, "-n", number, "-F", str(config_dir), "-l", str(self.root / ldif)],
+                capture_output=True, text=True,
+            )
+            if result.returncode != 0:
+                raise RuntimeError(f"slapadd -n{number} failed:\n{result.stdout}{result.stderr}")
+
+    def start(self, timeout: float = 15) -> None:
+        if self.running:
+            return
+        log = open(self.root / "slapd.log", "ab")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [SLAPD, "-d", "0", "-h", f"{self.url}/", "-F", str(self.root / "slapd.d")],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"slapd exited: {(self.root / 'slapd.log').read_text()}")
+            try:
+                with self.admin_connection():
+                    return
+            except ldap3.core.exceptions.LDAPException:
+                time.sleep(0.05)
+        raise RuntimeError("slapd did not answer in time")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+        self.process = None
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def admin_connection(self) -> ldap3.Connection:
+        server = ldap3.Server(self.url, get_info=ldap3.NONE, connect_timeout=2)
+        return ldap3.Connection(server, self.admin_dn, self.admin_password, auto_bind=True,
+                                receive_timeout=5, raise_exceptions=False)
+
+    def clear_people(self) -> None:
+        """Delete everything below ou=people, leaves first."""
+        with self.admin_connection() as conn:
+            conn.search(self.base_dn, "(objectClass=*)", ldap3.SUBTREE, attributes=[])
+            dns = sorted((e["dn"] for e in conn.response if e.get("dn") and e["dn"] != self.base_dn),
+                         key=lambda dn: -dn.count(","))
+            for dn in dns:
+                conn.delete(dn)
+
+    def add_ldif(self, text: str) -> None:
+        """ldapadd as the admin (to add entries the way an admin's tools would)."""
+        result = subprocess.run(
+            ["ldapadd", "-x", "-H", self.url, "-D", self.admin_dn, "-w", self.admin_password],
+            input=text, capture_output=True, text=True, timeout=30,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"ldapadd failed: {result.stderr}")
+
+    def settings(self, timeout: float = 2.0) -> LdapSettings:
+        return LdapSettings(
+            urls=(self.url,), base_dn=self.base_dn, bind_dn=self.bind_dn, bind_password=self.bind_password,
+            timeout=timeout, admin_bind_dn=self.admin_dn, admin_bind_password=self.admin_password,
+        )
+
+
+@pytest.fixture(scope="session")
+def slapd_server() -> Iterator[Slapd]:
+    if not Path(SLAPD).exists():
+        pytest.fail("slapd is not installed: run `make test` (it installs Debian's slapd and ldap-utils)")
+    root = Path(tempfile.mkdtemp(prefix="mailappliance-slapd-"))
+    server = Slapd(root)
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def slapd(slapd_server: Slapd) -> Slapd:
+    """The session's slapd, running, with an empty ou=people."""
+    slapd_server.start()
+    slapd_server.clear_people()
+    return slapd_server
