@@ -6,6 +6,7 @@ storage thread pool for fsyncs, and a listener per ``[[listeners]]`` table.
 
 from __future__ import annotations
 
+import signal
 from typing import Any, Callable
 
 from twisted.application import internet, service
@@ -15,14 +16,16 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from mailappliance.config import ConfigError, ListenerSettings, Settings
-from mailappliance.credentials import SubscriberChecker
+from mailappliance.config import ListenerSettings, Settings
+from mailappliance.credentials import SubscriberChecker, SubscriberRealm
 from mailappliance.directory.backends import build_store
 from mailappliance.directory.threaded import Directory
 from mailappliance.maildir import clean_incoming
 from mailappliance.pop3.mailbox import MailboxLocks, MaildirRealm
 from mailappliance.pop3.server import POP3Factory
+from mailappliance.queue.spool import OutboundSpool
 from mailappliance.smtp.server import SMTPConfig, SMTPFactory
+from mailappliance.tls import ServerTLS, client_certificate, ensure_self_signed, fingerprint
 
 log = Logger(namespace="mailappliance")
 
@@ -40,6 +43,35 @@ class _PoolService(service.Service):
     def stopService(self) -> None:
         super().stopService()
         self._stop()
+
+
+class _ReloadService(service.Service):
+    """SIGHUP: reload what can change safely (for now the TLS certificate)."""
+
+    def __init__(self, server_tls: ServerTLS, reactor: Any) -> None:
+        self.server_tls = server_tls
+        self.reactor = reactor
+        self._previous: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._previous = signal.signal(signal.SIGHUP, self._on_signal)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self.reload)
+
+    def reload(self) -> None:
+        try:
+            new_fingerprint = self.server_tls.reload()
+        except Exception as e:  # keep serving with the old certificate
+            log.error("SIGHUP: TLS certificate NOT reloaded, keeping the old one: {why}", why=e)
+            return
+        log.info("SIGHUP: TLS certificate reloaded, SHA-256 fingerprint {fp}", fp=new_fingerprint)
 
 
 class _StartupService(service.Service):
@@ -83,34 +115,51 @@ def build_service(settings: Settings, reactor: Any = None) -> service.MultiServi
     def run_blocking(function: Callable[..., Any], *args: Any) -> Deferred:
         return deferToThreadPool(reactor, storage_pool, function, *args)
 
-    checker = SubscriberChecker(directory, settings.auth_cache_ttl, reactor)
-    locks = MailboxLocks()
-    pop3_portal = Portal(MaildirRealm(settings.maildir_root, locks), [checker])
+    server_tls = _server_tls(settings)
+    _ReloadService(server_tls, reactor).setServiceParent(top)
 
-    for index, listener in enumerate(settings.listeners):
+    # THE shared checker: every portal below uses this one object.
+    checker = SubscriberChecker(directory, settings.auth_cache_ttl, reactor)
+    smtp_portal = Portal(SubscriberRealm(), [checker])
+    pop3_portal = Portal(MaildirRealm(settings.maildir_root, MailboxLocks()), [checker])
+    spool = OutboundSpool(settings.spool_dir)
+    spool.prepare()
+
+    for listener in settings.listeners:
         if listener.is_smtp:
-            factory: Any = _smtp_factory(settings, index, listener, directory, run_blocking)
+            factory: Any = _smtp_factory(settings, listener, directory, run_blocking, smtp_portal, spool,
+                                         server_tls)
         else:
-            factory = _pop3_factory(settings, index, listener, pop3_portal, run_blocking, reactor)
-        server = internet.TCPServer(listener.port, factory, interface=listener.address)
+            factory = _pop3_factory(settings, listener, pop3_portal, run_blocking, reactor, server_tls)
+        if listener.implicit_tls:
+            server: Any = internet.SSLServer(listener.port, factory, server_tls, interface=listener.address)
+        else:
+            server = internet.TCPServer(listener.port, factory, interface=listener.address)
         server.setName(listener.name)
         server.setServiceParent(top)
     return top
 
 
-def _require_plain_role(settings: Settings, index: int, listener: ListenerSettings) -> None:
-    if listener.role not in ("mx", "pop3"):
-        raise ConfigError(
-            settings.source, f"listeners[{index}].role",
-            f"role {listener.role!r} needs TLS, which this version does not offer yet; use 'mx' or 'pop3'",
+def _server_tls(settings: Settings) -> ServerTLS:
+    """The one TLS context factory of every listener; a self-signed certificate on first start."""
+    tls = settings.tls
+    if tls.generate_self_signed and ensure_self_signed(tls.certificate, tls.private_key, settings.hostname):
+        log.warn(
+            "generated a self-signed certificate for {host} in {path}; SHA-256 fingerprint {fp} "
+            "(replace it with a real one and send SIGHUP)",
+            host=settings.hostname, path=tls.certificate, fp=fingerprint(tls.certificate),
         )
+    server_tls = ServerTLS(tls.certificate, tls.private_key, tls.client_ca)
+    log.info("TLS certificate {path}, SHA-256 fingerprint {fp}", path=tls.certificate,
+             fp=fingerprint(tls.certificate))
+    return server_tls
 
 
 def _smtp_factory(
-    settings: Settings, index: int, listener: ListenerSettings, directory: Directory,
-    run_blocking: Callable[..., Deferred],
+    settings: Settings, listener: ListenerSettings, directory: Directory,
+    run_blocking: Callable[..., Deferred], portal: Portal, spool: OutboundSpool, server_tls: ServerTLS,
 ) -> SMTPFactory:
-    _require_plain_role(settings, index, listener)
+    _warn_if_plaintext(listener)
     config = SMTPConfig(
         hostname=settings.hostname,
         role=listener.role,
@@ -119,25 +168,36 @@ def _smtp_factory(
         incoming_dir=settings.spool_dir / "incoming",
         max_message_size=settings.max_message_size,
         idle_timeout=settings.smtp_idle_timeout,
+        listener=listener.name,
+        tls=server_tls,
+        implicit_tls=listener.implicit_tls,
+        require_auth=listener.requires_auth,
+        allow_plaintext_auth=listener.allow_plaintext_auth,
     )
-    return SMTPFactory(config, directory.find_by_address, run_blocking)
+    return SMTPFactory(config, directory.find_by_address, run_blocking, portal=portal, spool=spool,
+                       peer_certificate=client_certificate)
+
+
+def _warn_if_plaintext(listener: ListenerSettings) -> None:
+    if listener.allow_plaintext_auth and not listener.implicit_tls:
+        log.warn(
+            "listener {name}: login WITHOUT TLS is ALLOWED by config (allow_plaintext_auth); "
+            "passwords cross the network in clear",
+            name=listener.name,
+        )
 
 
 def _pop3_factory(
-    settings: Settings, index: int, listener: ListenerSettings, portal: Portal,
-    run_blocking: Callable[..., Deferred], reactor: Any,
+    settings: Settings, listener: ListenerSettings, portal: Portal,
+    run_blocking: Callable[..., Deferred], reactor: Any, server_tls: ServerTLS,
 ) -> POP3Factory:
-    _require_plain_role(settings, index, listener)
-    if listener.allow_plaintext_auth:
-        log.warn(
-            "listener {name}: plaintext POP3 login without TLS is ALLOWED by config "
-            "(listeners[{index}].allow_plaintext_auth); passwords cross the network in clear",
-            name=listener.name, index=index,
-        )
+    _warn_if_plaintext(listener)
     return POP3Factory(
         portal,
         hostname=settings.hostname,
         allow_plaintext_auth=listener.allow_plaintext_auth,
+        tls_context_factory=server_tls,
+        implicit_tls=listener.implicit_tls,
         idle_timeout=settings.pop3_idle_timeout,
         reactor=reactor,
         run_blocking=run_blocking,

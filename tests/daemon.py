@@ -110,8 +110,12 @@ class Appliance:
 def appliance(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., Appliance]]:
     started: list[Appliance] = []
 
-    def make(backend: str = "ldif", slapd: Any = None, cache_ttl: float = 60,
-             extra: dict[str, dict[str, Any]] | None = None, start: bool = True) -> Appliance:
+    def make(backend: str = "ldif", slapd: Any = None, cache_ttl: float = 60, pki: Any = None,
+             plaintext_pop3: bool = True, extra: dict[str, dict[str, Any]] | None = None,
+             start: bool = True) -> Appliance:
+        """A daemon with all five listeners; ``pki`` gives it the test CA's certificates
+        (otherwise it generates a self-signed one); ``plaintext_pop3`` allows POP3
+        logins without TLS on the ``pop3`` listener (the issue-2 tests use it)."""
         root = tmp_path / f"appliance{len(started)}"
         root.mkdir()
         directory: dict[str, Any] = {"backend": backend, "ldif_file": str(root / "users.ldif")}
@@ -120,7 +124,12 @@ def appliance(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callab
             "storage": {"maildir_root": str(root / "mail"), "spool_dir": str(root / "spool")},
             "auth": {"cache_ttl": cache_ttl},
             "directory": directory,
+            "tls": {"certificate": str(root / "tls" / "server.pem"), "private_key": str(root / "tls" / "server.key")},
         }
+        if pki is not None:
+            sections["tls"] = {"certificate": str(pki.server_cert), "private_key": str(pki.server_key),
+                               "client_ca": str(pki.client_ca), "client_ca_key": str(pki.client_ca_key),
+                               "generate_self_signed": False}
         if backend == "ldap":
             sections["directory.ldap"] = {
                 "urls": [slapd.url], "base_dn": slapd.base_dn, "bind_dn": slapd.bind_dn,
@@ -130,10 +139,10 @@ def appliance(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callab
         for name, values in (extra or {}).items():
             sections.setdefault(name, {}).update(values)
         listeners = [
-            {"name": "mx", "role": "mx", "address": "127.0.0.1", "port": free_port()},
-            {"name": "pop3", "role": "pop3", "address": "127.0.0.1", "port": free_port(),
-             "allow_plaintext_auth": True},
+            {"name": role, "role": role, "address": "127.0.0.1", "port": free_port()}
+            for role in ("mx", "submission", "submissions", "pop3", "pop3s")
         ]
+        listeners[3]["allow_plaintext_auth"] = plaintext_pop3
         instance = Appliance(root, sections, listeners)
         started.append(instance)
         if start:

@@ -1,0 +1,207 @@
+"""Server TLS for every listener: one reloadable context factory.
+
+- TLS 1.2 minimum, AEAD ciphers with forward secrecy, server preference,
+  no compression, no renegotiation.
+- Client certificates are *asked for* (when a client CA is configured) but
+  never required, and a bad one never fails the handshake: the verify
+  callback accepts everything and records the verdict per connection, so an
+  unknown, expired or foreign certificate simply grants nothing and the
+  client may still log in with a password.
+- ``reload()`` (SIGHUP) builds a new context; Twisted asks ``getContext()``
+  for every new connection, so new sessions get the new certificate while
+  open ones keep theirs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import weakref
+from pathlib import Path
+from typing import Any
+
+import attrs
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from OpenSSL import SSL, crypto
+from twisted.internet.interfaces import ISSLTransport
+
+CIPHERS = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:"
+    "DHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES256-GCM-SHA384"
+)
+
+
+class TLSConfigError(Exception):
+    """A certificate or key file is missing or unusable; the message names it."""
+
+
+@attrs.frozen
+class ClientCertificate:
+    """What a client presented, and whether it counts (chains to our CA, in validity)."""
+
+    der: bytes = attrs.field(repr=False)
+    subject: str
+    issuer: str
+    serial: int
+    verified: bool
+    reason: str = ""
+
+
+@attrs.define
+class _Verdict:
+    ok: bool = True
+    reason: str = ""
+
+
+# OpenSSL X509_V_ERR_* codes worth naming in logs (pyOpenSSL no longer exposes the strings)
+VERIFY_ERRORS = {
+    2: "unable to get issuer certificate", 9: "certificate is not yet valid", 10: "certificate has expired",
+    18: "self-signed certificate", 19: "self-signed certificate in chain",
+    20: "unable to get local issuer certificate (not signed by our client CA)",
+    21: "unable to verify the first certificate", 26: "unsupported certificate purpose",
+}
+
+_verdicts: "weakref.WeakKeyDictionary[SSL.Connection, _Verdict]" = weakref.WeakKeyDictionary()
+
+
+def _record_verification(connection: SSL.Connection, certificate: Any, errno: int, depth: int, ok: int) -> bool:
+    """Accept every handshake; remember whether the chain really verified."""
+    verdict = _verdicts.setdefault(connection, _Verdict())
+    if not ok and verdict.ok:
+        verdict.ok = False
+        verdict.reason = f"{VERIFY_ERRORS.get(errno, f'verify error {errno}')} (depth {depth})"
+    return True
+
+
+def fingerprint(certificate_path: Path) -> str:
+    """SHA-256 fingerprint as ``openssl x509 -fingerprint -sha256`` prints it."""
+    certificate = x509.load_pem_x509_certificate(Path(certificate_path).read_bytes())
+    return ":".join(f"{b:02X}" for b in certificate.fingerprint(hashes.SHA256()))
+
+
+def ensure_self_signed(certificate_path: Path, key_path: Path, hostname: str) -> bool:
+    """Create a self-signed certificate when neither file exists; True if created."""
+    certificate_path, key_path = Path(certificate_path), Path(key_path)
+    have_cert, have_key = certificate_path.exists(), key_path.exists()
+    if have_cert and have_key:
+        return False
+    if have_cert != have_key:
+        present, missing = (certificate_path, key_path) if have_cert else (key_path, certificate_path)
+        raise TLSConfigError(f"{present} exists but {missing} does not: provide both or neither")
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    names = [x509.DNSName(hostname)] + ([x509.DNSName("localhost")] if hostname != "localhost" else [])
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=730))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    key_path.parent.mkdir(parents=True, exist_ok=True)
+    certificate_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    certificate_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    return True
+
+
+def _load_chain(path: Path) -> list[x509.Certificate]:
+    try:
+        chain = x509.load_pem_x509_certificates(path.read_bytes())
+    except OSError as e:
+        raise TLSConfigError(f"cannot read {path}: {e.strerror}") from None
+    except ValueError as e:
+        raise TLSConfigError(f"{path}: not a PEM certificate ({e})") from None
+    return chain
+
+
+class ServerTLS:
+    """The IOpenSSLContextFactory shared by every listener (STARTTLS, STLS, 465, 995)."""
+
+    def __init__(self, certificate_path: Path, private_key_path: Path, client_ca_path: Path | None = None) -> None:
+        self.certificate_path = Path(certificate_path)
+        self.private_key_path = Path(private_key_path)
+        self.client_ca_path = Path(client_ca_path) if client_ca_path else None
+        self._context = self._build()
+
+    @property
+    def asks_for_client_certificates(self) -> bool:
+        return self.client_ca_path is not None
+
+    def _build(self) -> SSL.Context:
+        chain = _load_chain(self.certificate_path)
+        if not chain:
+            raise TLSConfigError(f"{self.certificate_path}: no certificate found")
+        context = SSL.Context(SSL.TLS_SERVER_METHOD)
+        context.set_min_proto_version(SSL.TLS1_2_VERSION)
+        context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE | SSL.OP_NO_RENEGOTIATION)
+        context.set_cipher_list(CIPHERS.encode())
+        context.set_session_id(b"mailappliance")
+        try:
+            context.use_certificate(crypto.X509.from_cryptography(chain[0]))
+            for extra in chain[1:]:
+                context.add_extra_chain_cert(crypto.X509.from_cryptography(extra))
+            context.use_privatekey_file(str(self.private_key_path))
+            context.check_privatekey()
+        except SSL.Error as e:
+            raise TLSConfigError(
+                f"{self.private_key_path}: unusable private key or it does not match {self.certificate_path} ({e})"
+            ) from None
+        if self.client_ca_path is not None:
+            authorities = _load_chain(self.client_ca_path)
+            store = context.get_cert_store()
+            assert store is not None
+            for authority in authorities:
+                store.add_cert(crypto.X509.from_cryptography(authority))
+                context.add_client_ca(crypto.X509.from_cryptography(authority))
+            context.set_verify(SSL.VERIFY_PEER, _record_verification)
+            context.set_verify_depth(4)
+        return context
+
+    def getContext(self) -> SSL.Context:
+        return self._context
+
+    def reload(self) -> str:
+        """Re-read the files; keep the old context if the new files are unusable."""
+        self._context = self._build()
+        return fingerprint(self.certificate_path)
+
+
+def is_tls(transport: Any) -> bool:
+    return ISSLTransport.providedBy(transport)
+
+
+def client_certificate(transport: Any) -> ClientCertificate | None:
+    """The verified-or-not certificate the client presented; None if it sent none."""
+    if not is_tls(transport):
+        return None
+    peer = transport.getPeerCertificate()
+    if peer is None:
+        return None
+    certificate = peer.to_cryptography()
+    connection = transport.getHandle()
+    verdict = _verdicts.get(connection, _Verdict(ok=False, reason="not verified (no client CA configured)"))
+    ok, reason = verdict.ok, verdict.reason
+    now = datetime.datetime.now(datetime.timezone.utc)
+    if ok and not (certificate.not_valid_before_utc <= now <= certificate.not_valid_after_utc):
+        ok, reason = False, "certificate is not within its validity period"
+    return ClientCertificate(
+        der=certificate.public_bytes(serialization.Encoding.DER),
+        subject=certificate.subject.rfc4514_string(),
+        issuer=certificate.issuer.rfc4514_string(),
+        serial=certificate.serial_number,
+        verified=ok,
+        reason=reason,
+    )

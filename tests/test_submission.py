@@ -1,0 +1,242 @@
+"""Issue 3 from outside: TLS everywhere, AUTH only inside TLS, client certificates,
+no open relay in any address form - the real daemon, the real slapd, real clients."""
+
+from __future__ import annotations
+
+import poplib
+import smtplib
+import socket
+import ssl
+import subprocess
+from typing import Any, Callable
+
+import pytest
+
+from tests.daemon import Appliance
+
+ALICE_PASSWORD = "alice-password"
+MESSAGE = b"From: alice@example.org\r\nTo: someone@remote.example\r\nSubject: hi\r\n\r\nhello\r\n"
+
+
+@pytest.fixture
+def secured(appliance: Callable[..., Appliance], slapd: Any, pki: Any) -> Appliance:
+    """LDAP backend, the test CA's certificates, no plaintext logins anywhere."""
+    instance = appliance(backend="ldap", slapd=slapd, pki=pki, plaintext_pop3=False, start=False)
+    assert instance.admin("user", "add", "alice@example.org", password=ALICE_PASSWORD).returncode == 0
+    assert instance.admin("user", "add", "bob@example.org", password="bob-password").returncode == 0
+    assert instance.admin("alias", "add", "alice", "alice.l@example.org").returncode == 0
+    added = instance.admin("cert", "add", "alice", str(pki.cert_path("alice")))
+    assert added.returncode == 0, added.stderr
+    instance.start()
+    instance.pki = pki  # type: ignore[attr-defined]
+    return instance
+
+
+def spooled(instance: Appliance) -> list[str]:
+    queue = instance.root / "spool" / "queue"
+    return sorted(p.name for p in queue.glob("*.json")) if queue.exists() else []
+
+
+def tls_context(instance: Any, client: str | None = None) -> ssl.SSLContext:
+    return instance.pki.client_context(client)
+
+
+def submission(instance: Appliance, client: str | None = None) -> smtplib.SMTP:
+    smtp = smtplib.SMTP("127.0.0.1", instance.ports["submission"], timeout=10)
+    smtp.ehlo("client.example.net")
+    smtp.starttls(context=tls_context(instance, client))
+    smtp.ehlo("client.example.net")
+    return smtp
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
+def test_starttls_auth_and_relay_on_587(secured: Appliance, mechanism: str) -> None:
+    with submission(secured) as smtp:
+        assert "auth" in smtp.esmtp_features and "starttls" not in smtp.esmtp_features
+        smtp.user, smtp.password = "alice", ALICE_PASSWORD
+        code, _ = smtp.auth(mechanism, getattr(smtp, f"auth_{mechanism.lower()}"))
+        assert code == 235
+        assert smtp.sendmail("alice.l@example.org", ["someone@remote.example", "bob@example.org"], MESSAGE) == {}
+    [envelope] = spooled(secured)
+    data = (secured.root / "spool" / "queue" / envelope.replace(".json", ".eml")).read_bytes()
+    assert f"(authenticated as alice via {mechanism})".encode() in data
+    assert data.endswith(MESSAGE)
+    assert len(list((secured.maildir_root / "bob" / "new").iterdir())) == 1
+
+
+def test_implicit_tls_on_465(secured: Appliance) -> None:
+    with smtplib.SMTP_SSL("127.0.0.1", secured.ports["submissions"], timeout=10,
+                          context=tls_context(secured)) as smtp:
+        smtp.login("alice@example.org", ALICE_PASSWORD)
+        assert smtp.sendmail("alice@example.org", ["someone@remote.example"], MESSAGE) == {}
+    assert len(spooled(secured)) == 1
+
+
+def test_client_certificate_without_password(secured: Appliance) -> None:
+    with smtplib.SMTP_SSL("127.0.0.1", secured.ports["submissions"], timeout=10,
+                          context=tls_context(secured, "alice")) as smtp:
+        smtp.ehlo("client.example.net")
+        assert "auth" not in smtp.esmtp_features  # already authenticated by the certificate
+        assert smtp.sendmail("alice@example.org", ["someone@remote.example"], MESSAGE) == {}
+    [envelope] = spooled(secured)
+    data = (secured.root / "spool" / "queue" / envelope.replace(".json", ".eml")).read_bytes()
+    assert b"(authenticated as alice via certificate)" in data
+
+
+@pytest.mark.parametrize("certificate", ["stranger", "other_ca", "expired"])
+def test_other_certificates_grant_nothing_but_password_still_works(secured: Appliance, certificate: str) -> None:
+    with submission(secured, certificate) as smtp:
+        code, text = smtp.mail("alice@example.org")
+        assert (code, text[:5]) == (530, b"5.7.0")
+        smtp.rset()
+        smtp.login("alice", ALICE_PASSWORD)
+        assert smtp.sendmail("alice@example.org", ["someone@remote.example"], MESSAGE) == {}
+
+
+def test_revoked_certificate_stops_working(secured: Appliance) -> None:
+    assert secured.admin("cert", "revoke", "alice", str(secured.pki.cert_path("alice"))).returncode == 0
+    with smtplib.SMTP_SSL("127.0.0.1", secured.ports["submissions"], timeout=10,
+                          context=tls_context(secured, "alice")) as smtp:
+        smtp.ehlo("x")
+        assert smtp.mail("alice@example.org")[0] == 530
+
+
+def test_no_auth_before_tls(secured: Appliance) -> None:
+    with smtplib.SMTP("127.0.0.1", secured.ports["submission"], timeout=10) as smtp:
+        smtp.ehlo("client.example.net")
+        assert "starttls" in smtp.esmtp_features and "auth" not in smtp.esmtp_features
+        code, text = smtp.docmd("AUTH", "PLAIN AGFsaWNlAGFsaWNlLXBhc3N3b3Jk")
+        assert (code, text[:5]) == (530, b"5.7.0")
+        assert smtp.mail("alice@example.org")[0] == 530
+
+
+def test_wrong_password_and_spoofed_sender(secured: Appliance) -> None:
+    with submission(secured) as smtp:
+        with pytest.raises(smtplib.SMTPAuthenticationError) as failed:
+            smtp.login("alice", "wrong-password")
+        assert failed.value.smtp_code == 535 and failed.value.smtp_error.startswith(b"5.7.8")
+        smtp.login("alice", ALICE_PASSWORD)
+        code, text = smtp.mail("bob@example.org")
+        assert (code, text[:5]) == (553, b"5.7.1")
+    assert spooled(secured) == []
+    assert "auth failed: login='alice' mechanism=PLAIN" in secured.log()
+
+
+def test_swaks_full_submission(secured: Appliance) -> None:
+    result = subprocess.run(
+        ["swaks", "--server", f"127.0.0.1:{secured.ports['submission']}", "--tls",
+         "--auth", "LOGIN", "--auth-user", "alice", "--auth-password", ALICE_PASSWORD,
+         "--from", "alice@example.org", "--to", "friend@remote.example", "--helo", "swaks.example.net"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "250 2.0.0 Ok: queued as" in result.stdout
+    assert len(spooled(secured)) == 1
+
+
+RELAY_PROBES = [
+    "<victim@remote.example>",
+    "<victim%remote.example@example.org>",
+    "<victim%remote.example>",
+    "<victim%remote.example%example.org@example.org>",
+    "<remote.example!victim@example.org>",
+    "<remote.example!victim>",
+    "<example.org!remote.example!victim@example.org>",
+    "<@example.org:victim@remote.example>",
+    "<@example.org,@example.net:victim@remote.example>",
+    '<"victim@remote.example"@example.org>',
+    '<"victim%remote.example"@example.org>',
+    '<"victim"@remote.example>',
+    "<victim@remote.example@example.org>",
+    "<victim@[192.0.2.1]>",
+    "<victim@[127.0.0.1]>",
+    "<victim@[IPv6:::1]>",
+    "<victim@example.org.>",
+    "<victim@remote.example.>",
+    "<victim@EXAMPLE.ORG.remote.example>",
+    "<victim@example.org.remote.example>",
+    "<victim@sub.example.org>",
+    "<victim@localhost>",
+    "<victim@remote.example%example.org>",
+    "victim@remote.example",
+    "<victim@remote_example.org>",
+    "<victim@remote.example> NOTIFY=NEVER",
+]
+
+
+@pytest.mark.parametrize("sender", ["<stranger@remote.example>", "<>", "<postmaster@example.org>"])
+def test_relay_battery_on_mx(secured: Appliance, sender: str) -> None:
+    for probe in RELAY_PROBES:  # one session each: the server ends sessions with too many errors
+        with smtplib.SMTP("127.0.0.1", secured.ports["mx"], timeout=10) as smtp:
+            smtp.ehlo("probe.example.net")
+            assert smtp.docmd("MAIL", f"FROM:{sender}")[0] == 250
+            code, text = smtp.docmd("RCPT", f"TO:{probe}")
+            assert 500 <= code < 600, (probe, code, text)
+            assert smtp.docmd("DATA")[0] == 554, probe
+    assert spooled(secured) == []
+    assert not list(secured.maildir_root.glob("*/new/*"))
+
+
+def test_relay_battery_on_submission_without_auth(secured: Appliance) -> None:
+    with submission(secured) as smtp:
+        assert smtp.mail("alice@example.org")[0] == 530
+        for probe in RELAY_PROBES[:5]:
+            assert smtp.docmd("RCPT", f"TO:{probe}")[0] >= 500
+    assert spooled(secured) == []
+
+
+def read_reply(sock: Any) -> bytes:
+    data = b""
+    while not data.endswith(b"\r\n") or data.splitlines()[-1][3:4] == b"-":
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def test_starttls_injection_is_discarded(secured: Appliance) -> None:
+    raw = socket.create_connection(("127.0.0.1", secured.ports["mx"]), timeout=10)
+    read_reply(raw)
+    raw.sendall(b"EHLO probe.example.net\r\n")
+    read_reply(raw)
+    raw.sendall(b"STARTTLS\r\nMAIL FROM:<evil@remote.example>\r\nRCPT TO:<alice@example.org>\r\n")
+    assert read_reply(raw).startswith(b"220 2.0.0")
+    tls = tls_context(secured).wrap_socket(raw, server_hostname="localhost")
+    tls.sendall(b"NOOP\r\n")
+    assert read_reply(tls) == b"250 2.0.0 Ok\r\n"  # nothing else came first
+    tls.sendall(b"RCPT TO:<alice@example.org>\r\n")
+    assert read_reply(tls).startswith(b"503 5.5.1")  # the injected MAIL never happened
+    tls.close()
+
+
+def test_stls_injection_is_discarded(secured: Appliance) -> None:
+    raw = socket.create_connection(("127.0.0.1", secured.ports["pop3"]), timeout=10)
+    assert raw.recv(4096).startswith(b"+OK")
+    raw.sendall(b"STLS\r\nNOOP\r\n")
+    assert raw.recv(4096).startswith(b"+OK")
+    tls = tls_context(secured).wrap_socket(raw, server_hostname="localhost")
+    tls.sendall(b"QUIT\r\n")
+    assert tls.recv(4096).startswith(b"+OK")  # not the -ERR an executed NOOP would give
+    tls.close()
+
+
+def test_pop3_over_stls_and_995(secured: Appliance) -> None:
+    with smtplib.SMTP("127.0.0.1", secured.ports["mx"], timeout=10) as smtp:
+        smtp.sendmail("friend@remote.example", ["alice@example.org"], MESSAGE)
+    plain = poplib.POP3("127.0.0.1", secured.ports["pop3"], timeout=10)
+    capabilities = plain.capa()
+    assert "STLS" in capabilities and "USER" not in capabilities
+    with pytest.raises(poplib.error_proto):
+        plain.user("alice")
+    plain.stls(context=tls_context(secured))
+    assert "USER" in plain.capa() and "STLS" not in plain.capa()
+    plain.user("alice")
+    plain.pass_(ALICE_PASSWORD)
+    assert plain.stat()[0] == 1
+    plain.quit()
+    implicit = poplib.POP3_SSL("127.0.0.1", secured.ports["pop3s"], timeout=10, context=tls_context(secured))
+    implicit.user("alice@example.org")
+    implicit.pass_(ALICE_PASSWORD)
+    assert implicit.retr(1)[1][-1] == b"hello"
+    implicit.quit()
