@@ -26,7 +26,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
-from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.interfaces import IOpenSSLContextFactory, ISSLTransport
+from zope.interface import implementer
 
 CIPHERS = (
     "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
@@ -127,6 +128,7 @@ def _load_chain(path: Path) -> list[x509.Certificate]:
     return chain
 
 
+@implementer(IOpenSSLContextFactory)
 class ServerTLS:
     """The IOpenSSLContextFactory shared by every listener (STARTTLS, STLS, 465, 995)."""
 
