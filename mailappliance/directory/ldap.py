@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Any, Callable, TypeVar
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, TypeVar
 
 import ldap3
 from cryptography import x509
@@ -165,17 +166,12 @@ class LdapStore:
             return None
         return self._first(self.settings.address_filter.format(address=escape_filter_chars(address)))
 
-    def verify_password(self, subscriber: Subscriber, password: str) -> bool:
-        if not password:
-            return False  # an empty password would be an unauthenticated bind: always "success"
-        conn = self._connect(subscriber.dn, password)
+    @contextmanager
+    def _short_connection(self, user: str, password: str) -> Iterator[ldap3.Connection]:
+        """A connection for one job (user bind, admin change); LDAP trouble is temporary."""
+        conn = self._connect(user, password)
         try:
-            if conn.bind():
-                return True
-            code = conn.result.get("result")
-            if code in REFUSED_BIND_RESULTS:
-                return False
-            raise DirectoryUnavailable(f"bind as {subscriber.dn!r}: {conn.result.get('description')}")
+            yield conn
         except LDAPException as e:
             raise DirectoryUnavailable(f"LDAP {', '.join(self.settings.urls)}: {type(e).__name__}: {e}") from None
         finally:
@@ -183,6 +179,16 @@ class LdapStore:
                 conn.unbind()
             except LDAPException:
                 pass
+
+    def verify_password(self, subscriber: Subscriber, password: str) -> bool:
+        if not password:
+            return False  # an empty password would be an unauthenticated bind: always "success"
+        with self._short_connection(subscriber.dn, password) as conn:
+            if conn.bind():
+                return True
+            if conn.result.get("result") in REFUSED_BIND_RESULTS:
+                return False
+            raise DirectoryUnavailable(f"bind as {subscriber.dn!r}: {conn.result.get('description')}")
 
     def find_by_certificate(self, der: bytes) -> Subscriber | None:
         """Search by serial and issuer (certificateExactMatch), then compare the DER bytes.
@@ -218,21 +224,12 @@ class LdapStore:
                 "changing the LDAP directory needs directory.ldap.admin_bind_dn and "
                 "directory.ldap.admin_bind_password in the config"
             )
-        conn = self._connect(self.settings.admin_bind_dn, self.settings.admin_bind_password)
-        try:
+        with self._short_connection(self.settings.admin_bind_dn, self.settings.admin_bind_password) as conn:
             if not conn.bind():
-                code = conn.result.get("result")
-                if code in REFUSED_BIND_RESULTS:
+                if conn.result.get("result") in REFUSED_BIND_RESULTS:
                     raise DirectoryAdminError(f"admin bind as {self.settings.admin_bind_dn!r} refused")
                 raise DirectoryUnavailable(f"admin bind failed: {conn.result.get('description')}")
             return operation(conn)
-        except LDAPException as e:
-            raise DirectoryUnavailable(f"LDAP {', '.join(self.settings.urls)}: {type(e).__name__}: {e}") from None
-        finally:
-            try:
-                conn.unbind()
-            except LDAPException:
-                pass
 
     @staticmethod
     def _check(conn: ldap3.Connection, what: str) -> None:
