@@ -88,6 +88,28 @@ class TLSSettings:
 
 
 @attrs.frozen
+class QueueSettings:
+    """Outbound delivery: routing, TLS policy, retries."""
+
+    resolver: str = ""
+    smtp_port: int = 25
+    smarthost: str = ""
+    smarthost_user: str = ""
+    smarthost_password: str = ""
+    transports: tuple[tuple[str, str], ...] = ()
+    verify_domains: tuple[str, ...] = ()
+    ca_file: Path | None = None
+    retry_schedule: tuple[float, ...] = (60, 300, 900, 1800, 3600, 7200, 14400)
+    max_age: float = 5 * 86400
+    delay_warning_after: float = 0
+    concurrency: int = 20
+    per_destination: int = 4
+    scan_interval: float = 30
+    connect_timeout: float = 30
+    command_timeout: float = 300
+
+
+@attrs.frozen
 class DirectorySettings:
     backend: str = "ldif"
     ldif_file: Path = Path("users.ldif")
@@ -111,6 +133,7 @@ class Settings:
     directory: DirectorySettings
     listeners: tuple[ListenerSettings, ...]
     tls: TLSSettings
+    queue: QueueSettings = QueueSettings()
 
 
 class _Reader:
@@ -300,6 +323,63 @@ def _tls(reader: _Reader) -> TLSSettings:
     return TLSSettings(certificate, private_key, generate, client_ca, client_ca_key)
 
 
+def _relay(reader: _Reader, name: str, text: str) -> str:
+    from mailappliance.queue.routing import Relay
+
+    try:
+        Relay.parse(text)
+    except ValueError as e:
+        raise reader.error(name, f"{e}; expected host, host:port, [host] or [host]:port") from None
+    return text
+
+
+def _queue(reader: _Reader) -> QueueSettings:
+    defaults = QueueSettings()
+    resolver = reader.string("resolver", "")
+    if resolver and not resolver.rpartition(":")[2].isdigit():
+        raise reader.error("resolver", f"must be host:port (e.g. 127.0.0.1:53), got {resolver!r}")
+    smarthost = reader.string("smarthost", "")
+    if smarthost:
+        _relay(reader, "smarthost", smarthost)
+    transports_reader = reader.table_of("transports")
+    transports = []
+    for domain, relay in transports_reader.table.items():
+        if not isinstance(relay, str):
+            raise transports_reader.error(domain, "must be a string like \"[mail.partner.example]:25\"")
+        _validated(transports_reader, domain, domain, normalize_domain)
+        transports.append((domain.lower(), _relay(transports_reader, domain, relay)))
+    schedule = reader._get("retry_schedule", list(defaults.retry_schedule), list, "a list of seconds")
+    if not schedule or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in schedule):
+        raise reader.error("retry_schedule", f"must be a non-empty list of positive seconds, got {schedule!r}")
+    settings = QueueSettings(
+        resolver=resolver,
+        smtp_port=reader.integer("smtp_port", 25, 1, 65535),
+        smarthost=smarthost,
+        smarthost_user=reader.string("smarthost_user", ""),
+        smarthost_password=reader.secret("smarthost_password"),
+        transports=tuple(transports),
+        verify_domains=tuple(
+            _validated(reader, "verify_domains", d, normalize_domain).lower()
+            for d in reader.strings("verify_domains", ())),
+        ca_file=reader.path("ca_file") if "ca_file" in reader.table else None,
+        retry_schedule=tuple(float(v) for v in schedule),
+        max_age=reader.number("max_age", defaults.max_age, 1, 60 * 86400),
+        delay_warning_after=reader.number("delay_warning_after", 0, 0, 60 * 86400),
+        concurrency=reader.integer("concurrency", defaults.concurrency, 1, 1000),
+        per_destination=reader.integer("per_destination", defaults.per_destination, 1, 100),
+        scan_interval=reader.number("scan_interval", defaults.scan_interval, 0.1, 3600),
+        connect_timeout=reader.number("connect_timeout", defaults.connect_timeout, 1, 600),
+        command_timeout=reader.number("command_timeout", defaults.command_timeout, 1, 3600),
+    )
+    reader.used.add("transports")
+    reader.reject_unknown()
+    if settings.smarthost_user and not settings.smarthost:
+        raise reader.error("smarthost_user", "needs queue.smarthost")
+    if settings.ca_file is not None and not settings.ca_file.is_file():
+        raise reader.error("ca_file", f"{settings.ca_file} does not exist")
+    return settings
+
+
 def parse_config(file: Path, data: dict[str, Any]) -> Settings:
     """Validate an already-parsed TOML document."""
     top = _Reader(file, data)
@@ -331,6 +411,7 @@ def parse_config(file: Path, data: dict[str, Any]) -> Settings:
 
     directory = _directory(top.table_of("directory"))
     tls = _tls(top.table_of("tls"))
+    queue = _queue(top.table_of("queue"))
 
     raw_listeners = top._get("listeners", _REQUIRED, list, "a list of [[listeners]] tables")
     listeners = tuple(_listener(file, i, t) for i, t in enumerate(raw_listeners))
@@ -350,6 +431,7 @@ def parse_config(file: Path, data: dict[str, Any]) -> Settings:
         directory=directory,
         listeners=listeners,
         tls=tls,
+        queue=queue,
     )
 
 

@@ -11,7 +11,15 @@ from typing import Any, Callable
 
 from twisted.application import internet, service
 from twisted.cred.portal import Portal
+from cryptography.hazmat.primitives import serialization
 from twisted.internet.defer import Deferred
+from twisted.internet.ssl import (
+    Certificate,
+    CertificateOptions,
+    optionsForClientTLS,
+    platformTrust,
+    trustRootFromCertificates,
+)
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -23,6 +31,9 @@ from mailappliance.directory.threaded import Directory
 from mailappliance.maildir import clean_incoming
 from mailappliance.pop3.mailbox import MailboxLocks, MaildirRealm
 from mailappliance.pop3.server import POP3Factory
+from mailappliance.queue.reports import ReportDelivery
+from mailappliance.queue.routing import NextHop, Relay, Router, make_resolver
+from mailappliance.queue.runner import QueueRunner, RunnerSettings
 from mailappliance.queue.spool import OutboundSpool
 from mailappliance.smtp.server import SMTPConfig, SMTPFactory
 from mailappliance.tls import ServerTLS, client_certificate, ensure_self_signed, fingerprint
@@ -124,11 +135,13 @@ def build_service(settings: Settings, reactor: Any = None) -> service.MultiServi
     pop3_portal = Portal(MaildirRealm(settings.maildir_root, MailboxLocks()), [checker])
     spool = OutboundSpool(settings.spool_dir)
     spool.prepare()
+    runner = _queue_runner(settings, spool, directory, run_blocking, reactor)
+    runner.setServiceParent(top)
 
     for listener in settings.listeners:
         if listener.is_smtp:
             factory: Any = _smtp_factory(settings, listener, directory, run_blocking, smtp_portal, spool,
-                                         server_tls)
+                                         server_tls, runner.kick)
         else:
             factory = _pop3_factory(settings, listener, pop3_portal, run_blocking, reactor, server_tls)
         if listener.implicit_tls:
@@ -155,9 +168,57 @@ def _server_tls(settings: Settings) -> ServerTLS:
     return server_tls
 
 
+def _queue_runner(settings: Settings, spool: OutboundSpool, directory: Directory,
+                  run_blocking: Callable[..., Deferred], reactor: Any) -> QueueRunner:
+    """The outbound queue: routing from [queue], reports through ReportDelivery."""
+    q = settings.queue
+    router = Router(
+        make_resolver(q.resolver),
+        smtp_port=q.smtp_port,
+        smarthost=Relay.parse(q.smarthost) if q.smarthost else None,
+        transports={domain: Relay.parse(relay) for domain, relay in q.transports},
+        verify_domains=frozenset(q.verify_domains),
+    )
+    runner_settings = RunnerSettings(
+        hostname=settings.hostname, retry_schedule=q.retry_schedule, max_age=q.max_age,
+        delay_warning_after=q.delay_warning_after, concurrency=q.concurrency,
+        per_destination=q.per_destination, scan_interval=q.scan_interval,
+        connect_timeout=q.connect_timeout, command_timeout=q.command_timeout,
+    )
+    trust_root = _trust_root(q.ca_file)
+    smarthost_login = (q.smarthost_user, q.smarthost_password) if q.smarthost_user else None
+
+    def tls_context_for(hop: NextHop) -> Any:
+        if hop.verify_tls:
+            return optionsForClientTLS(hop.hostname, trustRoot=trust_root)
+        return CertificateOptions()  # opportunistic: encrypt, but any certificate will do
+
+    runner: QueueRunner
+
+    def queued() -> None:
+        runner.kick()
+
+    reports = ReportDelivery(frozenset(settings.local_domains), directory, settings.maildir_root,
+                             settings.spool_dir / "incoming", spool, run_blocking, queued)
+    runner = QueueRunner(spool, router, runner_settings, run_blocking, reports, tls_context_for, reactor,
+                         smarthost_login=smarthost_login)
+    return runner
+
+
+def _trust_root(ca_file: Any) -> Any:
+    if ca_file is None:
+        return platformTrust()
+    from cryptography import x509
+
+    certificates = [Certificate.loadPEM(c.public_bytes(serialization.Encoding.PEM))
+                    for c in x509.load_pem_x509_certificates(ca_file.read_bytes())]
+    return trustRootFromCertificates(certificates)
+
+
 def _smtp_factory(
     settings: Settings, listener: ListenerSettings, directory: Directory,
     run_blocking: Callable[..., Deferred], portal: Portal, spool: OutboundSpool, server_tls: ServerTLS,
+    on_queued: Callable[[], None],
 ) -> SMTPFactory:
     _warn_if_plaintext(listener)
     config = SMTPConfig(
@@ -175,7 +236,7 @@ def _smtp_factory(
         allow_plaintext_auth=listener.allow_plaintext_auth,
     )
     return SMTPFactory(config, directory.find_by_address, run_blocking, portal=portal, spool=spool,
-                       peer_certificate=client_certificate)
+                       peer_certificate=client_certificate, on_queued=on_queued)
 
 
 def _warn_if_plaintext(listener: ListenerSettings) -> None:

@@ -176,8 +176,8 @@ def test_submission_relays_for_subscriber_into_spool(tmp_path: Path) -> None:
     assert [r[:3] for r in replies] == ["250", "250", "250", "354", "250"]
     [queue_id] = s.spooled()
     envelope = OutboundSpool(s.spool_dir).envelope(queue_id)
-    assert [r["address"] for r in envelope["recipients"]] == ["bob@remote.example"]
-    assert envelope["authenticated_as"] == "alice"
+    assert [r.address for r in envelope.recipients] == ["bob@remote.example"]
+    assert envelope.authenticated_as == "alice"
     data = (s.spool_dir / "queue" / f"{queue_id}.eml").read_bytes()
     assert b"with ESMTPSA id" in data and b"(authenticated as alice via PLAIN)" in data
     assert len(list((tmp_path / "mail" / "alice" / "new").iterdir())) == 1

@@ -607,10 +607,10 @@ class SMTPSession(protocol.Protocol, TimeoutMixin):
             return None
         spool = self.factory.spool
         assert spool is not None
-        envelope = Envelope(
+        envelope = Envelope.new(
             queue_id=message.name,
             sender=transaction.sender.address,
-            recipients=tuple(transaction.remote_recipients),
+            recipients=transaction.remote_recipients,
             authenticated_as=self.subscriber.uid if self.subscriber else "",
             client_ip=self.client_ip,
             session_id=self.session_id,
@@ -639,6 +639,8 @@ class SMTPSession(protocol.Protocol, TimeoutMixin):
             uid=self.subscriber.uid if self.subscriber else "-",
         )
         self.reply(250, f"Ok: queued as {message.name}", "2.0.0")
+        if transaction.remote_recipients:
+            self.factory.on_queued()
 
     def _store_failed(self, failure: Failure, message: IncomingMessage) -> None:
         log.failure("session={session} delivery to Maildir failed", failure, session=self.session_id)
@@ -663,7 +665,9 @@ class SMTPFactory(protocol.ServerFactory):
         portal: Portal | None = None,
         spool: OutboundSpool | None = None,
         peer_certificate: Callable[[Any], Any] = lambda transport: None,
+        on_queued: Callable[[], None] = lambda: None,
     ) -> None:
+        self.on_queued = on_queued
         self.config = config
         self.find_recipient = find_recipient
         self.run_blocking = run_blocking

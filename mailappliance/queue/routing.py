@@ -1,0 +1,150 @@
+"""Where mail for a domain goes: transport map, smarthost, or MX records (RFC 5321 5.1).
+
+Name resolution uses ``twisted.names`` against a configurable resolver, so it
+never blocks the reactor and tests can point it at a DNS server on loopback.
+Failures say whether they are permanent (no such domain, null MX) or
+temporary (timeouts, server failures): only the first kind may bounce mail.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+from typing import Any
+
+import attrs
+from twisted.names import client, dns, error
+
+DNS_TIMEOUT = (2, 4, 8)
+
+
+@attrs.frozen
+class NextHop:
+    """Where to connect: a host name (for TLS checks and logs), its address, a port."""
+
+    hostname: str
+    address: str
+    port: int
+    verify_tls: bool = False
+    is_smarthost: bool = False
+
+
+@attrs.frozen
+class Relay:
+    """A fixed next hop: ``[host]:port`` (no MX lookup) or ``host:port`` (MX of host)."""
+
+    host: str
+    port: int
+    use_mx: bool
+
+    @classmethod
+    def parse(cls, text: str, default_port: int = 25) -> "Relay":
+        host, port = text.strip(), default_port
+        if host.startswith("["):
+            end = host.find("]")
+            if end < 0:
+                raise ValueError(f"missing ']' in {text!r}")
+            name, rest = host[1:end], host[end + 1 :]
+            use_mx = False
+        else:
+            name, _, rest = host.partition(":")
+            rest = f":{rest}" if rest else ""
+            use_mx = True
+        if rest:
+            if not rest.startswith(":") or not rest[1:].isdigit() or not 0 < int(rest[1:]) < 65536:
+                raise ValueError(f"bad port in {text!r}")
+            port = int(rest[1:])
+        if not name:
+            raise ValueError(f"no host in {text!r}")
+        return cls(name.lower(), port, use_mx)
+
+
+class RoutingError(Exception):
+    """No next hop; ``code`` 5xx is permanent (bounce), 4xx temporary (retry)."""
+
+    def __init__(self, code: int, text: str) -> None:
+        super().__init__(f"{code} {text}")
+        self.code = code
+        self.text = text
+
+
+def make_resolver(address: str) -> Any:
+    """A twisted.names resolver for ``host:port`` (or the system's resolv.conf if empty)."""
+    if not address:
+        return client.createResolver()
+    host, _, port = address.rpartition(":")
+    return client.Resolver(servers=[(host.strip("[]"), int(port))])
+
+
+class Router:
+    """Turns a recipient domain into an ordered list of next hops."""
+
+    def __init__(
+        self,
+        resolver: Any,
+        smtp_port: int = 25,
+        smarthost: Relay | None = None,
+        transports: dict[str, Relay] | None = None,
+        verify_domains: frozenset[str] = frozenset(),
+    ) -> None:
+        self.resolver = resolver
+        self.smtp_port = smtp_port
+        self.smarthost = smarthost
+        self.transports = transports or {}
+        self.verify_domains = verify_domains
+
+    async def next_hops(self, domain: str) -> list[NextHop]:
+        domain = domain.lower()
+        relay = self.transports.get(domain) or self.smarthost
+        via_smarthost = relay is not None and relay is self.smarthost
+        verify = domain in self.verify_domains or via_smarthost
+        if relay is not None:
+            names = await self._mx_hosts(relay.host) if relay.use_mx else [relay.host]
+            port = relay.port
+        else:
+            names = await self._mx_hosts(domain)
+            port = self.smtp_port
+        hops: list[NextHop] = []
+        for name in names:
+            hops += [NextHop(name, address, port, verify, via_smarthost) for address in await self._addresses(name)]
+        if not hops:
+            raise RoutingError(451, f"4.4.4 no address found for the mail servers of {domain}")
+        return hops
+
+    async def _mx_hosts(self, domain: str) -> list[str]:
+        try:
+            answers, _, _ = await self.resolver.lookupMailExchange(domain, timeout=DNS_TIMEOUT)
+        except error.DNSNameError:
+            raise RoutingError(550, f"5.1.2 domain {domain} does not exist") from None
+        except Exception as e:  # timeouts, SERVFAIL, refused: try again later
+            raise RoutingError(451, f"4.4.3 DNS lookup of MX for {domain} failed: {type(e).__name__}") from None
+        records = [(rr.payload.preference, str(rr.payload.name).lower().rstrip("."))
+                   for rr in answers if rr.type == dns.MX]
+        if not records:
+            return [domain]  # implicit MX: the domain's own address (RFC 5321 5.1)
+        if any(name == "" for _, name in records):
+            raise RoutingError(556, f"5.1.10 {domain} does not accept mail (null MX, RFC 7505)")
+        random.shuffle(records)  # equal preferences in random order
+        records.sort(key=lambda record: record[0])
+        return list(dict.fromkeys(name for _, name in records))
+
+    async def _addresses(self, host: str) -> list[str]:
+        addresses: list[str] = []
+        for lookup, record_type in ((self.resolver.lookupAddress, dns.A),
+                                    (self.resolver.lookupIPV6Address, dns.AAAA)):
+            try:
+                answers, _, _ = await lookup(host, timeout=DNS_TIMEOUT)
+            except Exception:
+                continue
+            for rr in answers:
+                if rr.type == dns.A and record_type == dns.A:
+                    addresses.append(rr.payload.dottedQuad())
+                elif rr.type == dns.AAAA and record_type == dns.AAAA:
+                    addresses.append(socket.inet_ntop(socket.AF_INET6, rr.payload.address))
+        if not addresses:
+            try:
+                socket.inet_pton(socket.AF_INET, host)
+                addresses.append(host)  # a literal address given in the transport map
+            except OSError:
+                pass
+        return addresses

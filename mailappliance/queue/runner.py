@@ -1,0 +1,279 @@
+"""The queue runner: delivers spooled messages, retries, and reports failures.
+
+Each due message is handled by one task: its pending recipients are grouped
+by domain (one transaction per destination), each group goes to the next
+hops in preference order until every recipient has a final answer or the
+hops run out.  2xx: delivered; 5xx: failed now; anything else: retried on
+the schedule until ``max_age``, then failed.  Failed recipients produce one
+DSN to the envelope sender (never for the null sender), stored durably
+*before* the envelope records the failure, so a crash can repeat a report
+but never lose one.  The envelope is rewritten after every attempt; a crash
+between a remote 250 and that rewrite re-sends to that one destination on
+restart (at most the messages in flight are duplicated, none is lost).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import Any, Awaitable, Callable
+
+import attrs
+from twisted.application import service
+from twisted.internet import task
+from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
+from twisted.logger import Logger
+
+from mailappliance.queue.client import OutboundFactory, OutboundJob, TransactionResult
+from mailappliance.queue.dsn import build_dsn, recipient_status
+from mailappliance.queue.routing import NextHop, Router, RoutingError
+from mailappliance.queue.schedule import Outcome, next_attempt_at, outcome_of
+from mailappliance.queue.spool import DELIVERED, FAILED, Envelope, OutboundSpool, QueueEntryGone, RecipientState
+
+log = Logger(namespace="mailappliance.queue")
+
+
+@attrs.frozen
+class RunnerSettings:
+    hostname: str
+    retry_schedule: tuple[float, ...] = (60, 300, 900, 1800, 3600, 7200, 14400)
+    max_age: float = 5 * 86400
+    delay_warning_after: float = 0
+    concurrency: int = 20
+    per_destination: int = 4
+    scan_interval: float = 30
+    connect_timeout: float = 30
+    command_timeout: float = 300
+
+
+@attrs.frozen
+class Answer:
+    """A recipient's answer in this round."""
+
+    code: int
+    text: str
+    host: str = ""
+
+
+def apply_answers(
+    envelope: Envelope, answers: dict[str, Answer], now: float, settings: RunnerSettings
+) -> list[RecipientState]:
+    """Record this round in ``envelope``; returns the recipients that failed for good now."""
+    failed_now: list[RecipientState] = []
+    for recipient in envelope.pending():
+        answer = answers.get(recipient.address)
+        if answer is None:
+            continue
+        recipient.attempts += 1
+        recipient.last_code, recipient.last_text, recipient.remote_host = answer.code, answer.text, answer.host
+        outcome = outcome_of(answer.code)
+        if outcome is Outcome.DELIVERED:
+            recipient.state = DELIVERED
+        elif outcome is Outcome.FAILED:
+            recipient.state = FAILED
+            failed_now.append(recipient)
+    envelope.attempts += 1
+    if envelope.pending():
+        retry = next_attempt_at(envelope.attempts, envelope.received_at, now, settings.retry_schedule,
+                                settings.max_age)
+        if retry is None:
+            for recipient in envelope.pending():
+                recipient.state = FAILED
+                recipient.last_text = f"gave up after {envelope.attempts} attempts; last answer: " \
+                                      f"{recipient.last_code or ''} {recipient.last_text}".rstrip()
+                recipient.last_code = 0
+                failed_now.append(recipient)
+        else:
+            envelope.next_attempt = retry
+    return failed_now
+
+
+ReportSender = Callable[[str, bytes], Awaitable[None]]
+
+
+class QueueRunner(service.Service):
+    """Scans the spool and delivers what is due."""
+
+    def __init__(
+        self,
+        spool: OutboundSpool,
+        router: Router,
+        settings: RunnerSettings,
+        run_blocking: Callable[..., Deferred],
+        send_report: ReportSender,
+        tls_context_for: Callable[[NextHop], Any],
+        reactor: Any,
+        smarthost_login: tuple[str, str] | None = None,
+    ) -> None:
+        self.smarthost_login = smarthost_login
+        self.spool = spool
+        self.router = router
+        self.settings = settings
+        self.run_blocking = run_blocking
+        self.send_report = send_report
+        self.tls_context_for = tls_context_for
+        self.reactor = reactor
+        self._active: set[str] = set()
+        self._global = DeferredSemaphore(settings.concurrency)
+        self._per_destination: dict[str, DeferredSemaphore] = defaultdict(
+            lambda: DeferredSemaphore(settings.per_destination))
+        self._loop: task.LoopingCall | None = None
+        self._scanning = False
+
+    def startService(self) -> None:
+        super().startService()
+        removed = self.spool.clean_orphans()
+        if removed:
+            log.info("queue: removed {n} uncommitted message file(s) left by a crash", n=removed)
+        self._loop = task.LoopingCall(self.scan)
+        self._loop.clock = self.reactor
+        self._loop.start(self.settings.scan_interval, now=True)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+
+    def kick(self) -> None:
+        """Something was queued: look now instead of at the next scan."""
+        self.reactor.callLater(0, self.scan)
+
+    def scan(self) -> Deferred | None:
+        if self._scanning:
+            return None
+        self._scanning = True
+        d = Deferred.fromCoroutine(self._scan())
+        d.addErrback(lambda f: log.failure("queue scan failed", f))
+        d.addBoth(self._scan_done)
+        return None
+
+    def _scan_done(self, _: Any) -> None:
+        self._scanning = False
+
+    async def _scan(self) -> None:
+        ids = await self.run_blocking(self.spool.queued_ids)
+        now = self.reactor.seconds()
+        for queue_id in ids:
+            if queue_id in self._active:
+                continue
+            try:
+                envelope = await self.run_blocking(self.spool.envelope, queue_id)
+            except QueueEntryGone:
+                continue
+            if envelope.next_attempt <= now:
+                self._active.add(queue_id)
+                d = Deferred.fromCoroutine(self._process(envelope))
+                d.addErrback(lambda f, q=queue_id: log.failure("queue: {id} delivery round failed", f, id=q))
+                d.addBoth(lambda _, q=queue_id: self._active.discard(q))
+
+    async def _process(self, envelope: Envelope) -> None:
+        queue_id = envelope.queue_id
+        data = await self.run_blocking(self.spool.message_path(queue_id).read_bytes)
+        groups: dict[str, list[str]] = defaultdict(list)
+        for recipient in envelope.pending():
+            groups[recipient.address.rpartition("@")[2].lower()].append(recipient.address)
+        rounds = [Deferred.fromCoroutine(self._deliver_domain(domain, addresses, envelope, data))
+                  for domain, addresses in groups.items()]
+        answers: dict[str, Answer] = {}
+        for ok, result in await DeferredList(rounds, consumeErrors=True):
+            if ok:
+                answers.update(result)
+            else:
+                log.failure("queue: {id} unexpected delivery error", result, id=queue_id)
+        now = self.reactor.seconds()
+        failed_now = apply_answers(envelope, answers, now, self.settings)
+        await self._report(envelope, failed_now, data, now)
+        try:
+            await self.run_blocking(self.spool.update, queue_id, lambda stored: _copy_state(envelope, stored))
+        except QueueEntryGone:
+            log.info("queue: {id} was removed by an admin during delivery", id=queue_id)
+            return
+        if envelope.finished:
+            await self.run_blocking(self.spool.remove, queue_id)
+            log.info("queue: {id} done: delivered={ok} failed={failed}", id=queue_id,
+                     ok=sum(r.state == DELIVERED for r in envelope.recipients),
+                     failed=sum(r.state == FAILED for r in envelope.recipients))
+        else:
+            log.info("queue: {id} deferred: {n} recipient(s) pending, next attempt in {wait:.0f} s",
+                     id=queue_id, n=len(envelope.pending()), wait=envelope.next_attempt - now)
+
+    async def _report(self, envelope: Envelope, failed_now: list[RecipientState], data: bytes,
+                      now: float) -> None:
+        """DSNs go out (durably) before the envelope says the recipients failed."""
+        statuses = [recipient_status(r.address, "failed", r.last_code, r.last_text, r.remote_host)
+                    for r in failed_now]
+        warn = (self.settings.delay_warning_after > 0 and not envelope.warned and envelope.pending()
+                and now - envelope.received_at >= self.settings.delay_warning_after)
+        if warn:
+            statuses += [recipient_status(r.address, "delayed", r.last_code, r.last_text, r.remote_host)
+                         for r in envelope.pending()]
+            envelope.warned = True
+        if not statuses:
+            return
+        if not envelope.sender:
+            log.info("queue: {id} no report for the null sender ({n} failed)", id=envelope.queue_id,
+                     n=len(failed_now))
+            return
+        report = build_dsn(reporting_host=self.settings.hostname, original_sender=envelope.sender,
+                           queue_id=envelope.queue_id, arrival_date=envelope.received_at,
+                           statuses=statuses, original_message=data)
+        await self.send_report(envelope.sender, report)
+        log.info("queue: {id} report to <{sender}>: {failed} failed, {delayed} delayed", id=envelope.queue_id,
+                 sender=envelope.sender, failed=len(failed_now), delayed=len(statuses) - len(failed_now))
+
+    async def _deliver_domain(self, domain: str, addresses: list[str], envelope: Envelope,
+                              data: bytes) -> dict[str, Answer]:
+        try:
+            hops = await self.router.next_hops(domain)
+        except RoutingError as e:
+            log.info("queue: {id} {domain}: {why}", id=envelope.queue_id, domain=domain, why=str(e))
+            return {a: Answer(e.code, e.text) for a in addresses}
+        answers: dict[str, Answer] = {}
+        remaining = list(addresses)
+        for hop in hops:
+            if not remaining:
+                break
+            result = await self._attempt(hop, remaining, envelope, data)
+            for address in list(remaining):
+                code, text = result.replies.get(address, (451, "4.4.2 no answer"))
+                answers[address] = Answer(code, text, hop.hostname)
+                if outcome_of(code) is not Outcome.RETRY:
+                    remaining.remove(address)
+        return answers
+
+    async def _attempt(self, hop: NextHop, recipients: list[str], envelope: Envelope,
+                       data: bytes) -> TransactionResult:
+        job = OutboundJob(
+            helo=self.settings.hostname, sender=envelope.sender, recipients=tuple(recipients), data=data,
+            tls_context=self.tls_context_for(hop), require_tls=hop.verify_tls,
+            timeout=self.settings.command_timeout,
+            auth=self.smarthost_login if hop.is_smarthost else None,
+        )
+        destination = self._per_destination[hop.hostname]
+        await self._global.acquire()
+        await destination.acquire()
+        try:
+            factory = OutboundFactory(job)
+            self.reactor.connectTCP(hop.address, hop.port, factory, timeout=self.settings.connect_timeout)
+            started = time.monotonic()
+            result = await factory.finished
+        finally:
+            destination.release()
+            self._global.release()
+        for address in recipients:
+            code, text = result.replies.get(address, (451, "no answer"))
+            log.info(
+                "queue: {id} to=<{rcpt}> relay={host}[{address}]:{port} tls={tls} delay={delay:.2f} "
+                "status={status} ({code} {text})",
+                id=envelope.queue_id, rcpt=address, host=hop.hostname, address=hop.address, port=hop.port,
+                tls=result.tls, delay=time.monotonic() - started, status=outcome_of(code).value,
+                code=code, text=text,
+            )
+        return result
+
+
+def _copy_state(source: Envelope, target: Envelope) -> None:
+    target.recipients = source.recipients
+    target.attempts = source.attempts
+    target.next_attempt = source.next_attempt
+    target.warned = source.warned
