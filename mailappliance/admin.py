@@ -216,13 +216,106 @@ def cmd_cert_issue(ctx: CommandContext, args: argparse.Namespace) -> None:
              certificate=str(cert_path), key=str(key_path))
 
 
+def _spool(ctx: CommandContext) -> Any:
+    from mailappliance.queue.spool import OutboundSpool
+
+    return OutboundSpool(ctx.settings.spool_dir)
+
+
+def _age(seconds: float) -> str:
+    """``3d04h``, ``2h05m``, ``4m09s`` or ``7s``."""
+    minutes, secs = divmod(max(0, int(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def _queue_entries(ctx: CommandContext) -> list[Any]:
+    from mailappliance.queue.spool import QueueEntryGone
+
+    spool, entries = _spool(ctx), []
+    for queue_id in spool.queued_ids():
+        try:
+            entries.append(spool.envelope(queue_id))
+        except QueueEntryGone:
+            continue
+    return entries
+
+
+def cmd_queue_list(ctx: CommandContext, args: argparse.Namespace) -> None:
+    import time
+
+    now, entries = time.time(), _queue_entries(ctx)
+    oldest = max((now - e.received_at for e in entries), default=0)
+    if ctx.as_json:
+        print(json.dumps({"size": len(entries), "oldest_age_seconds": round(oldest),
+                          "messages": [e.to_json() for e in entries]}))
+        return
+    for e in entries:
+        pending = len(e.pending())
+        last = next((r for r in e.recipients if r.last_text), None)
+        reason = f"  last: {last.last_code} {last.last_text}" if last else ""
+        print(f"{e.queue_id}  age {_age(now - e.received_at):>8}  from <{e.sender}>  "
+              f"{pending}/{len(e.recipients)} pending  next in {_age(e.next_attempt - now)}{reason}")
+    print(f"{len(entries)} message(s) queued, oldest {_age(oldest)}")
+
+
+def cmd_queue_show(ctx: CommandContext, args: argparse.Namespace) -> None:
+    from mailappliance.queue.spool import QueueEntryGone
+
+    spool = _spool(ctx)
+    try:
+        envelope = spool.envelope(args.id)
+    except QueueEntryGone:
+        raise NoSuchSubscriber(f"no queued message {args.id!r}") from None
+    if ctx.as_json:
+        print(json.dumps(envelope.to_json()))
+        return
+    print(f"id:            {envelope.queue_id}\nfrom:          <{envelope.sender}>")
+    print(f"submitted by:  {envelope.authenticated_as or '-'} from [{envelope.client_ip}] "
+          f"session {envelope.session_id}\nattempts:      {envelope.attempts}")
+    for r in envelope.recipients:
+        print(f"  <{r.address}>  {r.state}  attempts {r.attempts}  {r.remote_host}  "
+              f"{r.last_code or ''} {r.last_text}".rstrip())
+    head = spool.message_path(args.id).read_bytes().split(b"\r\n\r\n", 1)[0]
+    print("headers:\n" + head.decode("utf-8", "replace"))
+
+
+def cmd_queue_retry(ctx: CommandContext, args: argparse.Namespace) -> None:
+    from mailappliance.queue.spool import QueueEntryGone
+
+    spool = _spool(ctx)
+    ids = [args.id] if args.id else spool.queued_ids()
+    for queue_id in ids:
+        try:
+            spool.update(queue_id, lambda e: setattr(e, "next_attempt", 0.0))
+        except QueueEntryGone:
+            raise NoSuchSubscriber(f"no queued message {queue_id!r}") from None
+    ctx.done(f"{len(ids)} message(s) due now; the daemon tries them at its next queue scan",
+             retried=ids)
+
+
+def cmd_queue_delete(ctx: CommandContext, args: argparse.Namespace) -> None:
+    from mailappliance.queue.spool import QueueEntryGone
+
+    try:
+        _spool(ctx).remove(args.id)
+    except QueueEntryGone:
+        raise NoSuchSubscriber(f"no queued message {args.id!r}") from None
+    ctx.done(f"deleted {args.id} from the queue (no report is sent)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mailappliance-admin", description="Manage mailappliance subscribers and aliases."
     )
     parser.add_argument("-c", "--config", default="etc/mailappliance.toml", help="TOML config file")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
-    groups = parser.add_subparsers(dest="group", required=True, metavar="{user,alias,cert}")
+    groups = parser.add_subparsers(dest="group", required=True, metavar="{user,alias,cert,queue}")
 
     user = groups.add_parser("user", help="subscribers").add_subparsers(dest="action", required=True)
     add = user.add_parser("add", help="add a subscriber")
@@ -276,6 +369,18 @@ def build_parser() -> argparse.ArgumentParser:
     issue.add_argument("--out", default=".", help="directory for <uid>.key and <uid>.pem")
     issue.add_argument("--days", type=int, default=825, help="validity in days")
     issue.set_defaults(run=cmd_cert_issue)
+
+    queue = groups.add_parser("queue", help="the outbound queue").add_subparsers(dest="action", required=True)
+    queue.add_parser("list", help="queued messages, size and oldest age").set_defaults(run=cmd_queue_list)
+    show = queue.add_parser("show", help="one message's envelope, states and headers")
+    show.add_argument("id")
+    show.set_defaults(run=cmd_queue_show)
+    retry = queue.add_parser("retry", help="make one (or every) message due now")
+    retry.add_argument("id", nargs="?")
+    retry.set_defaults(run=cmd_queue_retry)
+    delete = queue.add_parser("delete", help="drop a message without a report")
+    delete.add_argument("id")
+    delete.set_defaults(run=cmd_queue_delete)
     return parser
 
 

@@ -168,7 +168,7 @@ class QueueRunner(service.Service):
 
     async def _process(self, envelope: Envelope) -> None:
         queue_id = envelope.queue_id
-        data = await self.run_blocking(self.spool.message_path(queue_id).read_bytes)
+        data = (await self.run_blocking(self.spool.message_path(queue_id).read_bytes))[envelope.body_offset:]
         groups: dict[str, list[str]] = defaultdict(list)
         for recipient in envelope.pending():
             groups[recipient.address.rpartition("@")[2].lower()].append(recipient.address)

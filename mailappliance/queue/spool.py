@@ -53,6 +53,7 @@ class Envelope:
     next_attempt: float = 0.0
     attempts: int = 0
     warned: bool = False
+    body_offset: int = 0  # bytes at the start of the file that are not sent (our Return-Path)
 
     @classmethod
     def new(cls, queue_id: str, sender: str, recipients: list[str] | tuple[str, ...], **kwargs: Any) -> "Envelope":

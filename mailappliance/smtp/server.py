@@ -102,6 +102,7 @@ class SMTPSession(protocol.Protocol, TimeoutMixin):
         self.subscriber: Subscriber | None = None
         self.auth_method = ""
         self._sasl: SaslExchange | None = None
+        self._return_path_length = 0
 
     # -- connection ----------------------------------------------------------
 
@@ -551,7 +552,9 @@ class SMTPSession(protocol.Protocol, TimeoutMixin):
             return
         try:
             self._message = IncomingMessage(self.config.incoming_dir)
+            # Return-Path belongs to final delivery only: the spool copy skips it (body_offset)
             self._message.write(return_path_header(self.transaction.sender.address))
+            self._return_path_length = self._message.size
             self._message.write(self._received_header())
         except OSError as e:
             log.error("session={session} cannot start message: {why}", session=self.session_id, why=e)
@@ -614,6 +617,7 @@ class SMTPSession(protocol.Protocol, TimeoutMixin):
             authenticated_as=self.subscriber.uid if self.subscriber else "",
             client_ip=self.client_ip,
             session_id=self.session_id,
+            body_offset=self._return_path_length,
         )
         return lambda path: spool.enqueue(path, envelope)
 
