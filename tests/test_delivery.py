@@ -163,3 +163,41 @@ def test_kill_9_with_a_full_queue_loses_nothing(outbound: Appliance, world: dict
     for token in tokens:
         copies = sum(token.encode() + b"\r\n" in body for body in bodies)
         assert copies == 1, (token, copies)
+
+
+def test_delay_warning_then_delivery(appliance: Callable[..., Appliance], world: dict[str, Any], pki: Any) -> None:
+    instance = appliance(pki=pki, start=False, extra={"queue": {
+        "resolver": world["dns"].address, "smtp_port": world["port"], "retry_schedule": [0.3],
+        "scan_interval": 0.2, "delay_warning_after": 0.5, "connect_timeout": 2}})
+    instance.admin("user", "add", "alice@example.org", password="alice-password")
+    instance.start()
+    instance.pki = pki  # type: ignore[attr-defined]
+    world["remote"].data_replies = ["451 4.3.0 later"] * 5
+    submit(instance, ["friend@remote.example"])
+    world["remote"].wait_for(1)
+    wait_until(lambda: queue_size(instance) == 0)
+    [warning] = alice_mail(instance)  # exactly one warning, and no failure report
+    assert b"Subject: Delivery delayed" in warning and b"Action: delayed" in warning
+
+
+def test_smarthost_with_login_and_verified_tls(appliance: Callable[..., Appliance], world: dict[str, Any],
+                                               pki: Any) -> None:
+    relay = appliance(pki=pki, start=False, extra={"queue": {
+        "resolver": world["dns"].address, "smtp_port": world["port"], "scan_interval": 0.2}})
+    assert relay.admin("user", "add", "relay@example.net", "--uid", "edge-relay",
+                       password="relay-password").returncode == 0
+    # the relay lets this account send as the edge's users (its sender policy applies to relays too)
+    assert relay.admin("alias", "add", "edge-relay", "alice@example.org").returncode == 0
+    relay.start()
+    edge = appliance(pki=pki, start=False, extra={"queue": {
+        "smarthost": f"[localhost]:{relay.ports['submission']}", "smarthost_user": "edge-relay",
+        "smarthost_password": "relay-password", "ca_file": str(pki.server_ca), "scan_interval": 0.2,
+        "retry_schedule": [0.5]}})
+    edge.admin("user", "add", "alice@example.org", password="alice-password")
+    edge.start()
+    edge.pki = pki  # type: ignore[attr-defined]
+    submit(edge, ["friend@remote.example"])
+    [received] = world["remote"].wait_for(1)  # edge -> smarthost (login, verified TLS) -> remote MX
+    assert received.data.endswith(MESSAGE) and received.data.count(b"Received: from ") == 2
+    assert b"(authenticated as edge-relay via PLAIN)" in received.data
+    assert "auth ok: uid=edge-relay login='edge-relay' mechanism=PLAIN" in relay.log()
