@@ -16,6 +16,7 @@ import attrs
 
 from mailappliance.addresses import normalize_domain
 from mailappliance.directory import InvalidAddress
+from mailappliance.throttle import ThrottleSettings
 
 ROLES = ("mx", "submission", "submissions", "pop3", "pop3s")
 SMTP_ROLES = ("mx", "submission", "submissions")
@@ -128,6 +129,7 @@ class Settings:
     spool_dir: Path
     max_message_size: int
     auth_cache_ttl: float
+    throttle: ThrottleSettings
     smtp_idle_timeout: float
     pop3_idle_timeout: float
     directory: DirectorySettings
@@ -305,6 +307,19 @@ def _directory(reader: _Reader) -> DirectorySettings:
     return DirectorySettings(backend=backend, ldif_file=ldif_file, ldap=ldap, threads=threads)
 
 
+def _throttle(reader: _Reader) -> ThrottleSettings:
+    d = ThrottleSettings()
+    return ThrottleSettings(
+        window=reader.number("failure_window", d.window, 1, 86400),
+        free_failures=reader.integer("failures_before_delay", d.free_failures, 0, 1000),
+        max_delay=reader.number("max_delay", d.max_delay, 0, 300),
+        address_lock_after=reader.integer("address_lock_after", d.address_lock_after, 1, 100000),
+        account_lock_after=reader.integer("account_lock_after", d.account_lock_after, 1, 100000),
+        lock_time=reader.number("lock_time", d.lock_time, 1, 86400),
+        trusted_for=reader.number("trusted_for", d.trusted_for, 0, 365 * 86400),
+    )
+
+
 def _tls(reader: _Reader) -> TLSSettings:
     certificate = reader.path("certificate", "var/tls/server.pem")
     private_key = reader.path("private_key", "var/tls/server.key")
@@ -407,6 +422,7 @@ def parse_config(file: Path, data: dict[str, Any]) -> Settings:
 
     auth = top.table_of("auth")
     cache_ttl = auth.number("cache_ttl", 60, 0, 86400)
+    throttle = _throttle(auth)
     auth.reject_unknown()
 
     directory = _directory(top.table_of("directory"))
@@ -426,6 +442,7 @@ def parse_config(file: Path, data: dict[str, Any]) -> Settings:
         spool_dir=spool_dir,
         max_message_size=max_size,
         auth_cache_ttl=cache_ttl,
+        throttle=throttle,
         smtp_idle_timeout=smtp_idle,
         pop3_idle_timeout=pop3_idle,
         directory=directory,

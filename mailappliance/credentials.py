@@ -17,14 +17,17 @@ from typing import Any
 
 import attrs
 from twisted.cred.checkers import ICredentialsChecker
-from twisted.cred.credentials import ICredentials, IUsernamePassword
+from twisted.cred.credentials import ICredentials, IUsernamePassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
 from twisted.cred.portal import IRealm
 from zope.interface import Attribute, Interface, implementer
 
 from mailappliance.directory import Subscriber
 from mailappliance.directory.threaded import Directory
+from mailappliance.throttle import AuthThrottle, ThrottleSettings
 
 MAX_CACHE_ENTRIES = 50_000
 
@@ -43,6 +46,32 @@ class ClientCertificateCredentials:
     der: bytes = attrs.field(repr=False)
     verified: bool
     subject: str = ""
+
+
+def _raise(error: Exception) -> None:
+    raise error
+
+
+class LoginThrottled(Exception):
+    """Too many failures from this address (or for this account): try again later.
+
+    Not an UnauthorizedLogin: protocols answer with a temporary code.
+    """
+
+    def __init__(self, login: str, reason: str, retry_after: float) -> None:
+        super().__init__(f"login {login!r} throttled: {reason}")
+        self.login = login
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+@implementer(IUsernamePassword)
+class ClientPassword(UsernamePassword):
+    """A login and password plus the client address they came from (for throttling)."""
+
+    def __init__(self, username: bytes, password: bytes, client_address: str) -> None:
+        super().__init__(username, password)
+        self.client_address = client_address
 
 
 class LoginRefused(UnauthorizedLogin):
@@ -67,8 +96,10 @@ class SubscriberChecker:
 
     credentialInterfaces = (IUsernamePassword, IClientCertificate)
 
-    def __init__(self, directory: Directory, cache_ttl: float, clock: Any) -> None:
+    def __init__(self, directory: Directory, cache_ttl: float, clock: Any,
+                 throttle: AuthThrottle | None = None) -> None:
         self.directory = directory
+        self.throttle = throttle or AuthThrottle(ThrottleSettings(), clock)
         self.cache_ttl = cache_ttl
         self.clock = clock
         self._key = os.urandom(32)
@@ -100,22 +131,44 @@ class SubscriberChecker:
         return subscriber
 
     def _check_password(self, credentials: IUsernamePassword) -> "Deferred[Subscriber]":
+        address = getattr(credentials, "client_address", "")
         try:
             login = credentials.username.decode("utf-8").strip()
             password = credentials.password.decode("utf-8")
         except UnicodeDecodeError:
-            return fail(LoginRefused("?", "login or password is not UTF-8"))
-        if not login or not password:
-            return fail(LoginRefused(login, "empty login or password"))
+            return self._refuse(LoginRefused("?", "login or password is not UTF-8"), address, "?")
         key = login.lower()
+        throttling = self.throttle.check(address, key)
+        if throttling.locked:
+            return fail(LoginThrottled(login, throttling.reason, throttling.retry_after))
+        if not login or not password:
+            return self._refuse(LoginRefused(login, "empty login or password"), address, key)
         digest = self._digest(key, password)
         cached = self._cache.get(key)
         now = self.clock.seconds()
         if cached and cached.expires > now and hmac.compare_digest(cached.digest, digest):
+            self.throttle.succeeded(address, key)
             return succeed(cached.subscriber)
         d = self.directory.authenticate(login, password)
         d.addCallback(self._verdict, login, key, digest)
+        d.addCallbacks(self._succeeded, self._failed, (address, key), None, (address, key))
         return d
+
+    def _succeeded(self, subscriber: Subscriber, address: str, key: str) -> Subscriber:
+        self.throttle.succeeded(address, key)
+        return subscriber
+
+    def _failed(self, failure: Failure, address: str, key: str) -> "Deferred[Subscriber]":
+        if not failure.check(LoginRefused):
+            return failure  # type: ignore[return-value]  # directory trouble: not the client's fault
+        return self._refuse(failure.value, address, key)
+
+    def _refuse(self, error: LoginRefused, address: str, key: str) -> "Deferred[Subscriber]":
+        """Count the failure; answer only after the throttle's delay."""
+        delay = self.throttle.failed(address, key)
+        if delay <= 0:
+            return fail(error)
+        return deferLater(self.clock, delay, _raise, error)
 
     def _verdict(self, subscriber: Subscriber | None, login: str, key: str, digest: bytes) -> Subscriber:
         if subscriber is None:

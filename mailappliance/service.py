@@ -36,6 +36,7 @@ from mailappliance.queue.routing import NextHop, Relay, Router, make_resolver
 from mailappliance.queue.runner import QueueRunner, RunnerSettings
 from mailappliance.queue.spool import OutboundSpool
 from mailappliance.smtp.server import SMTPConfig, SMTPFactory
+from mailappliance.throttle import AuthThrottle
 from mailappliance.tls import ServerTLS, client_certificate, ensure_self_signed, fingerprint
 
 log = Logger(namespace="mailappliance")
@@ -130,7 +131,8 @@ def build_service(settings: Settings, reactor: Any = None) -> service.MultiServi
     _ReloadService(server_tls, reactor).setServiceParent(top)
 
     # THE shared checker: every portal below uses this one object.
-    checker = SubscriberChecker(directory, settings.auth_cache_ttl, reactor)
+    checker = SubscriberChecker(directory, settings.auth_cache_ttl, reactor,
+                                AuthThrottle(settings.throttle, reactor))
     smtp_portal = Portal(SubscriberRealm(), [checker])
     pop3_portal = Portal(MaildirRealm(settings.maildir_root, MailboxLocks()), [checker])
     spool = OutboundSpool(settings.spool_dir)

@@ -24,7 +24,6 @@ import binascii
 import enum
 from typing import Any, BinaryIO, Callable, Iterator
 
-from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred
@@ -36,6 +35,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailappliance.credentials import ClientPassword, LoginThrottled
 from mailappliance.directory import DirectoryUnavailable
 from mailappliance.pop3.mailbox import (
     CommitResult,
@@ -537,7 +537,8 @@ class POP3Session(Protocol, TimeoutMixin):
     def _login(self, login: bytes, password: bytes, mechanism: str) -> None:
         self._login_name = login.decode("utf-8", "replace")
         self._start_async()
-        d = self.factory.portal.login(UsernamePassword(login, password), None, IMaildirAccess)
+        credentials = ClientPassword(login, password, self._client_ip())
+        d = self.factory.portal.login(credentials, None, IMaildirAccess)
         d.addCallbacks(self._logged_in, self._login_failed, callbackArgs=(mechanism,), errbackArgs=(mechanism,))
         d.addErrback(self._internal_error, "login")
 
@@ -582,6 +583,12 @@ class POP3Session(Protocol, TimeoutMixin):
                 log.info, "login failed: login={login} mechanism={mechanism} reason={reason}", reason=reason, **fields
             )
             self._err("[AUTH] Authentication failed")
+        elif failure.check(LoginThrottled):
+            self.log_event(
+                log.info, "login failed: login={login} mechanism={mechanism} reason=throttled: {why}",
+                why=failure.value.reason, **fields,
+            )
+            self._err("[LOGIN-DELAY] Too many failed logins, try again later")
         elif failure.check(MailboxInUse):
             self.log_event(log.info, "login refused: login={login} mechanism={mechanism} mailbox in use", **fields)
             self._err("[IN-USE] Mailbox is locked by another session")
@@ -597,6 +604,9 @@ class POP3Session(Protocol, TimeoutMixin):
             )
             self._err("[SYS/TEMP] Directory unavailable, try again later")
         self._async_done()
+
+    def _client_ip(self) -> str:
+        return getattr(self.transport.getPeer(), "host", "")
 
     def _internal_error(self, failure: Failure, step: str) -> None:
         """Last resort: a bug in our own callbacks must not leave the session hanging."""

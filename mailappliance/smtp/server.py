@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import attrs
-from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
 from twisted.internet import protocol
@@ -26,7 +25,12 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailappliance.credentials import ClientCertificateCredentials, ISubscriberIdentity
+from mailappliance.credentials import (
+    ClientCertificateCredentials,
+    ClientPassword,
+    ISubscriberIdentity,
+    LoginThrottled,
+)
 from mailappliance.directory import DirectoryUnavailable, Subscriber
 from mailappliance.maildir import IncomingMessage, maildir_for
 from mailappliance.policy import Route, decide_recipient, decide_sender
@@ -253,7 +257,7 @@ class SMTPSession(protocol.Protocol, TimeoutMixin):
         return self._check_password(exchange.mechanism, step)
 
     def _check_password(self, mechanism: str, collected: Collected) -> Deferred:
-        credentials = UsernamePassword(collected.login.encode(), collected.password.encode())
+        credentials = ClientPassword(collected.login.encode(), collected.password.encode(), self.client_ip)
         d = self.factory.portal.login(credentials, None, ISubscriberIdentity)
         d.addCallbacks(self._password_accepted, self._password_refused,
                        (mechanism, collected.login), None, (mechanism, collected.login))
@@ -267,6 +271,10 @@ class SMTPSession(protocol.Protocol, TimeoutMixin):
         if failure.check(UnauthorizedLogin):
             self._auth_failed(mechanism, login, getattr(failure.value, "reason", "refused"))
             self.error(535, "5.7.8", "Authentication credentials invalid")
+            return
+        if failure.check(LoginThrottled):
+            self._auth_failed(mechanism, login, f"throttled: {failure.value.reason}")
+            self.error(454, "4.7.0", "Too many failed logins, try again later")
             return
         if not failure.check(DirectoryUnavailable):
             log.failure("session={session} auth error", failure, session=self.session_id)

@@ -1,0 +1,112 @@
+"""Abuse control against the real daemon: shared auth throttling, hostile clients."""
+
+from __future__ import annotations
+
+import poplib
+import smtplib
+import socket
+import time
+from typing import Any, Callable
+
+import pytest
+
+from tests.daemon import Appliance
+
+THROTTLE = {"failures_before_delay": 100, "address_lock_after": 3, "account_lock_after": 3, "lock_time": 600}
+
+
+@pytest.fixture
+def guarded(appliance: Callable[..., Appliance], pki: Any, request: pytest.FixtureRequest) -> Appliance:
+    throttle = {**THROTTLE, **getattr(request, "param", {})}
+    instance = appliance(pki=pki, start=False, extra={"auth": throttle})
+    assert instance.admin("user", "add", "alice@example.org", password="alice-password").returncode == 0
+    instance.start()
+    instance.pki = pki  # type: ignore[attr-defined]
+    return instance
+
+
+def smtp_login(instance: Any, password: str, source: str = "127.0.0.1") -> tuple[int, bytes]:
+    with smtplib.SMTP("127.0.0.1", instance.ports["submission"], timeout=10,
+                      source_address=(source, 0)) as smtp:
+        smtp.starttls(context=instance.pki.client_context())
+        smtp.ehlo("client.example.net")
+        smtp.user, smtp.password = "alice", password
+        try:
+            return smtp.auth("PLAIN", smtp.auth_plain)  # one attempt (login() would retry with LOGIN)
+        except smtplib.SMTPResponseException as e:
+            return e.smtp_code, e.smtp_error
+
+
+def pop3_login(instance: Appliance, password: str) -> bytes:
+    client = poplib.POP3("127.0.0.1", instance.ports["pop3"], timeout=10)
+    client.user("alice")
+    try:
+        return client.pass_(password)
+    except poplib.error_proto as e:
+        return e.args[0]
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("guarded", [{"account_lock_after": 100}], indirect=True)
+def test_pop3_failures_count_for_smtp(guarded: Appliance) -> None:
+    for _ in range(3):
+        assert pop3_login(guarded, "wrong-password").startswith(b"-ERR [AUTH]")
+    assert pop3_login(guarded, "alice-password").startswith(b"-ERR [LOGIN-DELAY]")
+    code, text = smtp_login(guarded, "alice-password")
+    assert (code, text[:5]) == (454, b"4.7.0")
+    assert smtp_login(guarded, "alice-password", source="127.0.0.3")[0] == 235  # another address is fine
+    assert "reason=throttled: address 127.0.0.1 locked" in guarded.log()
+
+
+def test_account_lock_does_not_lock_out_the_subscribers_own_address(guarded: Appliance) -> None:
+    assert smtp_login(guarded, "alice-password", source="127.0.0.1")[0] == 235  # alice's usual address
+    for attacker in ("127.0.0.4", "127.0.0.5", "127.0.0.6"):
+        assert smtp_login(guarded, "guess-1234", source=attacker)[0] == 535
+    assert smtp_login(guarded, "alice-password", source="127.0.0.7")[0] == 454  # a stranger, even with it
+    assert smtp_login(guarded, "alice-password", source="127.0.0.1")[0] == 235
+
+
+def test_hostile_clients_do_not_hurt_a_normal_subscriber(guarded: Appliance) -> None:
+    port = guarded.ports["mx"]
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(200)]
+    drip = socket.create_connection(("127.0.0.1", port), timeout=10)
+    drip.recv(1024)
+    garbage = socket.create_connection(("127.0.0.1", port), timeout=10)
+    garbage.recv(1024)
+    try:
+        for byte in b"EHLO slow.example":  # slowloris: a byte at a time
+            drip.send(bytes([byte]))
+        garbage.sendall(bytes(range(256)) * 400 + b"\r\n" * 5)
+        garbage.sendall(b"MAIL FROM:<" + b"a" * 100_000 + b">\r\n")
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+            smtp.ehlo("normal.example.net")
+            assert smtp.sendmail("friend@example.net", ["alice@example.org"], b"Subject: hi\r\n\r\nhello\r\n") == {}
+        code, _ = smtp_login(guarded, "alice-password", source="127.0.0.9")
+        assert code == 235
+    finally:
+        for sock in [*idle, drip, garbage]:
+            sock.close()
+    assert guarded.process is not None and guarded.process.poll() is None
+    assert len(list((guarded.maildir_root / "alice" / "new").iterdir())) == 1
+
+
+@pytest.mark.parametrize("smuggle", [b"\n.\n", b"\r.\r\n", b"\n.\r\n", b"\r\n.\n", b"\r.\r"])
+def test_smtp_smuggling_against_the_daemon(guarded: Appliance, smuggle: bytes) -> None:
+    sock = socket.create_connection(("127.0.0.1", guarded.ports["mx"]), timeout=10)
+    reader = sock.makefile("rb")
+    reader.readline()
+    sock.sendall(b"EHLO probe.example.net\r\n")
+    while reader.readline()[3:4] == b"-":
+        pass
+    sock.sendall(b"MAIL FROM:<a@example.net>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n")
+    replies = [reader.readline() for _ in range(3)]
+    assert [r[:3] for r in replies] == [b"250", b"250", b"354"]
+    sock.sendall(b"Subject: one\r\n\r\nbody" + smuggle + b"MAIL FROM:<evil@example.net>\r\n"
+                 b"RCPT TO:<alice@example.org>\r\nDATA\r\nSubject: smuggled\r\n\r\nevil\r\n.\r\nQUIT\r\n")
+    assert reader.readline().startswith(b"550 5.6.0")
+    assert reader.readline().startswith(b"221")
+    sock.close()
+    time.sleep(0.2)
+    assert not (guarded.maildir_root / "alice" / "new").exists() or \
+        not list((guarded.maildir_root / "alice" / "new").iterdir())
