@@ -16,6 +16,7 @@ import attrs
 
 from mailappliance.addresses import normalize_domain
 from mailappliance.directory import InvalidAddress
+from mailappliance.limits import LimitSettings
 from mailappliance.throttle import ThrottleSettings
 
 ROLES = ("mx", "submission", "submissions", "pop3", "pop3s")
@@ -130,6 +131,7 @@ class Settings:
     max_message_size: int
     auth_cache_ttl: float
     throttle: ThrottleSettings
+    limits: LimitSettings
     smtp_idle_timeout: float
     pop3_idle_timeout: float
     directory: DirectorySettings
@@ -307,6 +309,16 @@ def _directory(reader: _Reader) -> DirectorySettings:
     return DirectorySettings(backend=backend, ldif_file=ldif_file, ldap=ldap, threads=threads)
 
 
+def _limits(reader: _Reader) -> LimitSettings:
+    d = LimitSettings()
+    settings = LimitSettings(**{
+        field.name: reader.integer(field.name, getattr(d, field.name), 1, 10_000_000)
+        for field in attrs.fields(LimitSettings)
+    })
+    reader.reject_unknown()
+    return settings
+
+
 def _throttle(reader: _Reader) -> ThrottleSettings:
     d = ThrottleSettings()
     return ThrottleSettings(
@@ -426,6 +438,7 @@ def parse_config(file: Path, data: dict[str, Any]) -> Settings:
     auth.reject_unknown()
 
     directory = _directory(top.table_of("directory"))
+    limits = _limits(top.table_of("limits"))
     tls = _tls(top.table_of("tls"))
     queue = _queue(top.table_of("queue"))
 
@@ -443,6 +456,7 @@ def parse_config(file: Path, data: dict[str, Any]) -> Settings:
         max_message_size=max_size,
         auth_cache_ttl=cache_ttl,
         throttle=throttle,
+        limits=limits,
         smtp_idle_timeout=smtp_idle,
         pop3_idle_timeout=pop3_idle,
         directory=directory,

@@ -36,6 +36,7 @@ from mailappliance.queue.routing import NextHop, Relay, Router, make_resolver
 from mailappliance.queue.runner import QueueRunner, RunnerSettings
 from mailappliance.queue.spool import OutboundSpool
 from mailappliance.smtp.server import SMTPConfig, SMTPFactory
+from mailappliance.limits import RateLimits
 from mailappliance.throttle import AuthThrottle
 from mailappliance.tls import ServerTLS, client_certificate, ensure_self_signed, fingerprint
 
@@ -135,6 +136,7 @@ def build_service(settings: Settings, reactor: Any = None) -> service.MultiServi
                                 AuthThrottle(settings.throttle, reactor))
     smtp_portal = Portal(SubscriberRealm(), [checker])
     pop3_portal = Portal(MaildirRealm(settings.maildir_root, MailboxLocks()), [checker])
+    limits = RateLimits(settings.limits, reactor)  # shared by every listener
     spool = OutboundSpool(settings.spool_dir)
     spool.prepare()
     runner = _queue_runner(settings, spool, directory, run_blocking, reactor)
@@ -146,6 +148,7 @@ def build_service(settings: Settings, reactor: Any = None) -> service.MultiServi
                                          server_tls, runner.kick)
         else:
             factory = _pop3_factory(settings, listener, pop3_portal, run_blocking, reactor, server_tls)
+        factory.limits = limits
         if listener.implicit_tls:
             server: Any = internet.SSLServer(listener.port, factory, server_tls, interface=listener.address)
         else:

@@ -69,7 +69,9 @@ def test_account_lock_does_not_lock_out_the_subscribers_own_address(guarded: App
 
 def test_hostile_clients_do_not_hurt_a_normal_subscriber(guarded: Appliance) -> None:
     port = guarded.ports["mx"]
-    idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(200)]
+    # 200 idle connections from 20 addresses (each address stays under its own cap of 20)
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(f"127.0.1.{i % 20 + 1}", 0))
+            for i in range(200)]
     drip = socket.create_connection(("127.0.0.1", port), timeout=10)
     drip.recv(1024)
     garbage = socket.create_connection(("127.0.0.1", port), timeout=10)

@@ -8,12 +8,25 @@ runs every call in a dedicated thread pool and returns Deferreds.
 
 from __future__ import annotations
 
+import re
 from typing import Protocol
 
 import attrs
 
 DISABLED_ATTRIBUTE = "employeeType"
 DISABLED_VALUE = "disabled"
+LIMIT_ATTRIBUTE = "description"  # values like "limit:messages_per_hour=500"
+_LIMIT_VALUE = re.compile(r"^limit:([a-z_]+)=([0-9]{1,9})$")
+
+
+def parse_limits(values: list[str]) -> tuple[tuple[str, int], ...]:
+    """Per-subscriber rate-limit overrides from ``description: limit:NAME=N`` values."""
+    found = []
+    for value in values:
+        match = _LIMIT_VALUE.match(value.strip())
+        if match:
+            found.append((match[1], int(match[2])))
+    return tuple(found)
 
 
 class DirectoryUnavailable(Exception):
@@ -55,6 +68,7 @@ class Subscriber:
     display_name: str = ""
     disabled: bool = False
     certificates: tuple[bytes, ...] = attrs.field(default=(), repr=False)
+    limits: tuple[tuple[str, int], ...] = ()
 
     @property
     def addresses(self) -> tuple[str, ...]:

@@ -29,17 +29,19 @@ from mailappliance.config import LdapSettings
 from mailappliance.directory import (
     DISABLED_ATTRIBUTE,
     DISABLED_VALUE,
+    LIMIT_ATTRIBUTE,
     DirectoryAdminError,
     DirectoryUnavailable,
     DuplicateEntry,
     NoSuchSubscriber,
     Subscriber,
+    parse_limits,
 )
 
 T = TypeVar("T")
 
 CERTIFICATE_ATTRIBUTE = "userCertificate;binary"
-ATTRIBUTES = ["uid", "mail", "mailLocalAddress", "cn", DISABLED_ATTRIBUTE, CERTIFICATE_ATTRIBUTE]
+ATTRIBUTES = ["uid", "mail", "mailLocalAddress", "cn", DISABLED_ATTRIBUTE, CERTIFICATE_ATTRIBUTE, LIMIT_ATTRIBUTE]
 OBJECT_CLASSES = ["top", "person", "organizationalPerson", "inetOrgPerson", "inetLocalMailRecipient"]
 INVALID_CREDENTIALS = 49
 REFUSED_BIND_RESULTS = {48, 49, 50, 53}  # inappropriateAuth, invalidCredentials, insufficientAccess, unwilling
@@ -71,6 +73,7 @@ def subscriber_from_ldap(dn: str, raw: dict[str, list[bytes]]) -> Subscriber | N
         display_name=(_texts(raw, "cn") or [""])[0],
         disabled=any(v.lower() == DISABLED_VALUE for v in _texts(raw, DISABLED_ATTRIBUTE)),
         certificates=tuple(certificates),
+        limits=parse_limits(_texts(raw, LIMIT_ATTRIBUTE)),
     )
 
 

@@ -20,10 +20,12 @@ from mailappliance.addresses import normalize_address, validate_uid
 from mailappliance.directory import (
     DISABLED_ATTRIBUTE,
     DISABLED_VALUE,
+    LIMIT_ATTRIBUTE,
     DirectoryUnavailable,
     DuplicateEntry,
     NoSuchSubscriber,
     Subscriber,
+    parse_limits,
 )
 from mailappliance.directory.ldif_format import Entry, LdifSyntaxError, format_ldif, parse_ldif
 from mailappliance.directory.passwords import hash_password, verify_password
@@ -53,6 +55,7 @@ def subscriber_from_entry(entry: Entry) -> Subscriber:
         display_name=entry.first("cn"),
         disabled=any(v.lower() == DISABLED_VALUE for v in entry.texts(DISABLED_ATTRIBUTE)),
         certificates=certificates,
+        limits=parse_limits(entry.texts(LIMIT_ATTRIBUTE)),
     )
 
 

@@ -244,12 +244,24 @@ class POP3Session(Protocol, TimeoutMixin):
         self.client = f"[{host}]:{port}" if host is not None else str(peer)
         self.in_tls = self.factory.implicit_tls
         self.log_event(log.info, "connect (tls={tls})", tls=self.in_tls)
+        self._counted_address = None
+        if self.factory.limits is not None:
+            hit = self.factory.limits.connection_opened(host or "")
+            if hit is not None:
+                self.log_event(log.info, "refused: limit {limit} reached for {key}", limit=hit.limit, key=hit.key)
+                self._err(f"[SYS/TEMP] {hit.text}")
+                self._close_connection()
+                return
+            self._counted_address = host or ""
         self.setTimeout(self.factory.idle_timeout)
         self._ok(f"{self.factory.hostname} POP3 server ready")
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closed = True
         self.setTimeout(None)
+        if getattr(self, "_counted_address", None) is not None and self.factory.limits is not None:
+            self.factory.limits.connection_closed(self._counted_address)
+            self._counted_address = None
         if self._sender is not None:
             self._sender.abort()
             self._sender = None
@@ -802,7 +814,9 @@ class POP3Factory(Factory):
         idle_timeout: float = 600,
         reactor: Any = None,
         run_blocking: RunBlocking | None = None,
+        limits: Any = None,
     ) -> None:
+        self.limits = limits  # the shared RateLimits: connection caps
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 

@@ -32,6 +32,7 @@ from mailappliance.credentials import (
     LoginThrottled,
 )
 from mailappliance.directory import DirectoryUnavailable, Subscriber
+from mailappliance.limits import subscriber_limits
 from mailappliance.maildir import IncomingMessage, maildir_for
 from mailappliance.policy import Route, decide_recipient, decide_sender
 from mailappliance.queue.spool import Envelope, OutboundSpool
@@ -118,6 +119,14 @@ class SMTPSession(protocol.Protocol, TimeoutMixin):
             session=self.session_id, client=self.client_ip, role=self.config.role,
             listener=self.config.listener or self.config.role,
         )
+        self._counted = False
+        if self.factory.limits is not None:
+            hit = self.factory.limits.connection_opened(self.client_ip)
+            if hit is not None:
+                self._limit_hit(hit)
+                self.close_with(hit.code, hit.status, f"{self.config.hostname} {hit.text}")
+                return
+            self._counted = True
         self._tls_started = self.config.implicit_tls
         if self._tls_started:
             self._busy = True  # nothing is read as a command before the handshake is done
@@ -127,7 +136,20 @@ class SMTPSession(protocol.Protocol, TimeoutMixin):
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.setTimeout(None)
         self._drop_message()
+        if getattr(self, "_counted", False):
+            self.factory.limits.connection_closed(self.client_ip)
+            self._counted = False
         log.info("session={session} disconnect", session=self.session_id)
+
+    def _limit_hit(self, hit: Any) -> None:
+        log.info(
+            "session={session} limit {limit} reached for {key} client=[{client}]",
+            session=self.session_id, limit=hit.limit, key=hit.key, client=self.client_ip,
+        )
+
+    def _subscriber_limits(self) -> Any:
+        assert self.subscriber is not None
+        return subscriber_limits(self.factory.limits.settings, self.subscriber.limits)
 
     def timeoutConnection(self) -> None:
         log.info("session={session} idle timeout", session=self.session_id)
@@ -452,6 +474,12 @@ class SMTPSession(protocol.Protocol, TimeoutMixin):
                 )
                 self.error(553, "5.7.1", f"<{sender.address}>: Sender address rejected: {refusal}")
                 return None
+            if self.factory.limits is not None:
+                hit = self.factory.limits.may_start_message(self.subscriber.uid, self._subscriber_limits())
+                if hit is not None:
+                    self._limit_hit(hit)
+                    self.reply(hit.code, hit.text, hit.status)
+                    return None
         self.transaction = Transaction(sender=sender)
         self.reply(250, "Ok", "2.1.0")
         return None
@@ -490,6 +518,13 @@ class SMTPSession(protocol.Protocol, TimeoutMixin):
         if self.transaction.recipient_count >= self.config.max_recipients:
             self.reply(452, "Error: too many recipients", "4.5.3")
             return None
+        if self.subscriber is not None and self.factory.limits is not None:
+            hit = self.factory.limits.may_add_recipient(
+                self.subscriber.uid, self.transaction.recipient_count, self._subscriber_limits())
+            if hit is not None:
+                self._limit_hit(hit)
+                self.reply(hit.code, hit.text, hit.status)
+                return None
         if recipient.local_part.lower() == "postmaster" and not recipient.domain:
             recipient = attrs.evolve(recipient, domain=sorted(self.config.local_domains)[0])
         verdict = decide_recipient(recipient, self.config.local_domains, self.is_authenticated)
@@ -651,6 +686,8 @@ class SMTPSession(protocol.Protocol, TimeoutMixin):
             uid=self.subscriber.uid if self.subscriber else "-",
         )
         self.reply(250, f"Ok: queued as {message.name}", "2.0.0")
+        if self.subscriber is not None and self.factory.limits is not None:
+            self.factory.limits.message_sent(self.subscriber.uid, transaction.recipient_count)
         if transaction.remote_recipients:
             self.factory.on_queued()
 
@@ -678,8 +715,10 @@ class SMTPFactory(protocol.ServerFactory):
         spool: OutboundSpool | None = None,
         peer_certificate: Callable[[Any], Any] = lambda transport: None,
         on_queued: Callable[[], None] = lambda: None,
+        limits: Any = None,
     ) -> None:
         self.on_queued = on_queued
+        self.limits = limits  # the shared RateLimits (None: no limits, e.g. in unit tests)
         self.config = config
         self.find_recipient = find_recipient
         self.run_blocking = run_blocking
