@@ -112,6 +112,15 @@ class QueueSettings:
 
 
 @attrs.frozen
+class ScreeningSettings:
+    """Where the screening lists are and which listeners they guard."""
+
+    file: Path | None = None
+    apply_to: tuple[str, ...] = ("mx",)
+    dns_timeout: float = 3.0
+
+
+@attrs.frozen
 class DirectorySettings:
     backend: str = "ldif"
     ldif_file: Path = Path("users.ldif")
@@ -138,6 +147,7 @@ class Settings:
     listeners: tuple[ListenerSettings, ...]
     tls: TLSSettings
     queue: QueueSettings = QueueSettings()
+    screening: ScreeningSettings = ScreeningSettings()
 
 
 class _Reader:
@@ -309,6 +319,24 @@ def _directory(reader: _Reader) -> DirectorySettings:
     return DirectorySettings(backend=backend, ldif_file=ldif_file, ldap=ldap, threads=threads)
 
 
+def _screening(reader: _Reader) -> ScreeningSettings:
+    from mailappliance.screening import ScreeningFileError, load_lists
+
+    file = reader.path("file") if "file" in reader.table else None
+    apply_to = reader.strings("apply_to", ("mx",))
+    for role in apply_to:
+        if role not in SMTP_ROLES:
+            raise reader.error("apply_to", f"roles must be among {', '.join(SMTP_ROLES)}, got {role!r}")
+    settings = ScreeningSettings(file, apply_to, reader.number("dns_timeout", 3.0, 0.1, 30))
+    reader.reject_unknown()
+    if file is not None:
+        try:
+            load_lists(file)
+        except ScreeningFileError as e:
+            raise reader.error("file", str(e)) from None
+    return settings
+
+
 def _limits(reader: _Reader) -> LimitSettings:
     d = LimitSettings()
     settings = LimitSettings(**{
@@ -439,6 +467,7 @@ def parse_config(file: Path, data: dict[str, Any]) -> Settings:
 
     directory = _directory(top.table_of("directory"))
     limits = _limits(top.table_of("limits"))
+    screening = _screening(top.table_of("screening"))
     tls = _tls(top.table_of("tls"))
     queue = _queue(top.table_of("queue"))
 
@@ -457,6 +486,7 @@ def parse_config(file: Path, data: dict[str, Any]) -> Settings:
         auth_cache_ttl=cache_ttl,
         throttle=throttle,
         limits=limits,
+        screening=screening,
         smtp_idle_timeout=smtp_idle,
         pop3_idle_timeout=pop3_idle,
         directory=directory,

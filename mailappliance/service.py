@@ -36,7 +36,9 @@ from mailappliance.queue.routing import NextHop, Relay, Router, make_resolver
 from mailappliance.queue.runner import QueueRunner, RunnerSettings
 from mailappliance.queue.spool import OutboundSpool
 from mailappliance.smtp.server import SMTPConfig, SMTPFactory
+from mailappliance.client_lookup import ClientLookup
 from mailappliance.limits import RateLimits
+from mailappliance.screening import ScreeningFileError, ScreeningSource
 from mailappliance.throttle import AuthThrottle
 from mailappliance.tls import ServerTLS, client_certificate, ensure_self_signed, fingerprint
 
@@ -59,10 +61,11 @@ class _PoolService(service.Service):
 
 
 class _ReloadService(service.Service):
-    """SIGHUP: reload what can change safely (for now the TLS certificate)."""
+    """SIGHUP: reload what can change safely (the TLS certificate, the screening lists)."""
 
-    def __init__(self, server_tls: ServerTLS, reactor: Any) -> None:
+    def __init__(self, server_tls: ServerTLS, screening: ScreeningSource, reactor: Any) -> None:
         self.server_tls = server_tls
+        self.screening = screening
         self.reactor = reactor
         self._previous: Any = None
 
@@ -81,10 +84,14 @@ class _ReloadService(service.Service):
     def reload(self) -> None:
         try:
             new_fingerprint = self.server_tls.reload()
+            log.info("SIGHUP: TLS certificate reloaded, SHA-256 fingerprint {fp}", fp=new_fingerprint)
         except Exception as e:  # keep serving with the old certificate
             log.error("SIGHUP: TLS certificate NOT reloaded, keeping the old one: {why}", why=e)
-            return
-        log.info("SIGHUP: TLS certificate reloaded, SHA-256 fingerprint {fp}", fp=new_fingerprint)
+        try:
+            if self.screening.reload():
+                log.info("SIGHUP: screening lists reloaded from {file}", file=self.screening.file)
+        except ScreeningFileError as e:
+            log.error("SIGHUP: screening lists NOT reloaded, keeping the old ones: {why}", why=str(e))
 
 
 class _StartupService(service.Service):
@@ -129,7 +136,10 @@ def build_service(settings: Settings, reactor: Any = None) -> service.MultiServi
         return deferToThreadPool(reactor, storage_pool, function, *args)
 
     server_tls = _server_tls(settings)
-    _ReloadService(server_tls, reactor).setServiceParent(top)
+    screening = ScreeningSource(settings.screening.file, reactor)
+    _ReloadService(server_tls, screening, reactor).setServiceParent(top)
+    resolver = make_resolver(settings.queue.resolver)  # every DNS lookup: MX, reverse names, DNSBL
+    client_lookup = ClientLookup(resolver, reactor, settings.screening.dns_timeout)
 
     # THE shared checker: every portal below uses this one object.
     checker = SubscriberChecker(directory, settings.auth_cache_ttl, reactor,
@@ -139,13 +149,14 @@ def build_service(settings: Settings, reactor: Any = None) -> service.MultiServi
     limits = RateLimits(settings.limits, reactor)  # shared by every listener
     spool = OutboundSpool(settings.spool_dir)
     spool.prepare()
-    runner = _queue_runner(settings, spool, directory, run_blocking, reactor)
+    runner = _queue_runner(settings, spool, directory, run_blocking, reactor, resolver)
     runner.setServiceParent(top)
 
     for listener in settings.listeners:
         if listener.is_smtp:
             factory: Any = _smtp_factory(settings, listener, directory, run_blocking, smtp_portal, spool,
                                          server_tls, runner.kick)
+            factory.screening, factory.client_lookup = screening, client_lookup
         else:
             factory = _pop3_factory(settings, listener, pop3_portal, run_blocking, reactor, server_tls)
         factory.limits = limits
@@ -174,11 +185,11 @@ def _server_tls(settings: Settings) -> ServerTLS:
 
 
 def _queue_runner(settings: Settings, spool: OutboundSpool, directory: Directory,
-                  run_blocking: Callable[..., Deferred], reactor: Any) -> QueueRunner:
+                  run_blocking: Callable[..., Deferred], reactor: Any, resolver: Any) -> QueueRunner:
     """The outbound queue: routing from [queue], reports through ReportDelivery."""
     q = settings.queue
     router = Router(
-        make_resolver(q.resolver),
+        resolver,
         smtp_port=q.smtp_port,
         smarthost=Relay.parse(q.smarthost) if q.smarthost else None,
         transports={domain: Relay.parse(relay) for domain, relay in q.transports},
@@ -239,6 +250,7 @@ def _smtp_factory(
         implicit_tls=listener.implicit_tls,
         require_auth=listener.requires_auth,
         allow_plaintext_auth=listener.allow_plaintext_auth,
+        screen=listener.role in settings.screening.apply_to,
     )
     return SMTPFactory(config, directory.find_by_address, run_blocking, portal=portal, spool=spool,
                        peer_certificate=client_certificate, on_queued=on_queued)

@@ -36,6 +36,7 @@ from mailappliance.limits import subscriber_limits
 from mailappliance.maildir import IncomingMessage, maildir_for
 from mailappliance.policy import Route, decide_recipient, decide_sender
 from mailappliance.queue.spool import Envelope, OutboundSpool
+from mailappliance.screening import ClientFacts, screen_client, screen_helo, screen_sender
 from mailappliance.sessions import new_session_id
 from mailappliance.smtp.data import DataReader
 from mailappliance.smtp.paths import MailPath, PathSyntaxError, parse_path, split_command_argument
@@ -67,6 +68,7 @@ class SMTPConfig:
     implicit_tls: bool = False
     require_auth: bool = False  # submission: MAIL only after AUTH or a client certificate
     allow_plaintext_auth: bool = False  # AUTH without TLS (never by default)
+    screen: bool = False  # apply the screening lists on this listener
 
 
 @attrs.define
@@ -108,6 +110,9 @@ class SMTPSession(protocol.Protocol, TimeoutMixin):
         self.auth_method = ""
         self._sasl: SaslExchange | None = None
         self._return_path_length = 0
+        self._screening = False
+        self.client_facts: ClientFacts | None = None
+        self.client_allowed = False
 
     # -- connection ----------------------------------------------------------
 
@@ -131,7 +136,54 @@ class SMTPSession(protocol.Protocol, TimeoutMixin):
         if self._tls_started:
             self._busy = True  # nothing is read as a command before the handshake is done
         self.setTimeout(self.config.idle_timeout)
+        if self.factory.screening is not None and self.config.screen:
+            self._screening = True  # commands wait until the client is screened
+            d = Deferred.fromCoroutine(self._screen_client())
+            d.addErrback(self._screening_failed)
+            return
+        self._greet()
+
+    def _greet(self) -> None:
         self.reply(220, f"{self.config.hostname} ESMTP mailappliance")
+
+    async def _screen_client(self) -> None:
+        lists = self.factory.screening.current()
+        facts = ClientFacts(self.client_ip)
+        if lists.needs_client_name or lists.dnsbl_zones:
+            facts = await self.factory.client_lookup.facts(self.client_ip, lists)
+        self.client_facts = facts
+        verdict = screen_client(facts, lists)
+        self._screening = False
+        if self._closing:
+            return
+        if not verdict.accepted:
+            self._screened(verdict, "client")
+            if verdict.action == "refuse":
+                self.close_with(554, "5.7.1", f"{self.config.hostname} Access denied")
+            else:
+                self.close_with(421, "4.7.0", f"{self.config.hostname} Try again later")
+            return
+        self.client_allowed = verdict.rule.startswith("allow.")
+        self._greet()
+        self._process()
+
+    def _screening_failed(self, failure: Failure) -> None:
+        log.failure("session={session} screening failed; accepting the client", failure, session=self.session_id)
+        self._screening = False
+        self._greet()
+        self._process()
+
+    def _screened(self, verdict: Any, stage: str) -> None:
+        name = self.client_facts.name if self.client_facts else None
+        log.info(
+            "session={session} screened at {stage}: {action} rule={rule} value={value!r} client=[{client}] "
+            "name={name}",
+            session=self.session_id, stage=stage, action=verdict.action, rule=verdict.rule,
+            value=verdict.value, client=self.client_ip, name=name or "-",
+        )
+
+    def _screening_applies(self) -> bool:
+        return self.factory.screening is not None and self.config.screen and not self.client_allowed
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.setTimeout(None)
@@ -321,7 +373,7 @@ class SMTPSession(protocol.Protocol, TimeoutMixin):
         self._process()
 
     def _process(self) -> None:
-        while self._buffer and not self._busy and not self._closing:
+        while self._buffer and not self._busy and not self._screening and not self._closing:
             if self._data is not None:
                 rest = self._data.feed(self._buffer)
                 self._buffer = b""
@@ -377,7 +429,7 @@ class SMTPSession(protocol.Protocol, TimeoutMixin):
 
     def _resume(self, _: Any) -> None:
         self._busy = False
-        if not self._closing:
+        if not self._closing and not self._screening:
             self._process()
 
     def _unexpected_failure(self, failure: Failure) -> None:
@@ -404,9 +456,21 @@ class SMTPSession(protocol.Protocol, TimeoutMixin):
             extensions.append("AUTH PLAIN LOGIN")
         return extensions
 
+    def _helo_refused(self, helo: str) -> bool:
+        if not self._screening_applies():
+            return False
+        verdict = screen_helo(helo, self.factory.screening.current())
+        if verdict.accepted:
+            return False
+        self._screened(verdict, "helo")
+        self.error(554, "5.7.1", f"<{helo}>: Helo command rejected: Access denied")
+        return True
+
     def smtp_EHLO(self, argument: str) -> None:
         if not argument:
             self.error(501, "5.5.4", "Syntax: EHLO hostname")
+            return
+        if self._helo_refused(argument.split()[0]):
             return
         self.helo, self.esmtp = argument.split()[0], True
         self.transaction = None
@@ -420,6 +484,8 @@ class SMTPSession(protocol.Protocol, TimeoutMixin):
     def smtp_HELO(self, argument: str) -> None:
         if not argument:
             self.error(501, "5.5.4", "Syntax: HELO hostname")
+            return
+        if self._helo_refused(argument.split()[0]):
             return
         self.helo, self.esmtp = argument.split()[0], False
         self.transaction = None
@@ -464,6 +530,12 @@ class SMTPSession(protocol.Protocol, TimeoutMixin):
         if self.config.require_auth and self.subscriber is None:
             self.error(530, "5.7.0", "Authentication required")
             return None
+        if self.subscriber is None and self._screening_applies():
+            verdict = screen_sender(sender.address, self.factory.screening.current())
+            if not verdict.accepted:
+                self._screened(verdict, "mail")
+                self.error(554, "5.7.1", f"<{sender.address}>: Sender address rejected: Access denied")
+                return None
         if self.subscriber is not None:
             refusal = decide_sender(sender, self.subscriber)
             if refusal:
@@ -716,8 +788,12 @@ class SMTPFactory(protocol.ServerFactory):
         peer_certificate: Callable[[Any], Any] = lambda transport: None,
         on_queued: Callable[[], None] = lambda: None,
         limits: Any = None,
+        screening: Any = None,
+        client_lookup: Any = None,
     ) -> None:
         self.on_queued = on_queued
+        self.screening = screening  # a ScreeningSource (None: no screening)
+        self.client_lookup = client_lookup
         self.limits = limits  # the shared RateLimits (None: no limits, e.g. in unit tests)
         self.config = config
         self.find_recipient = find_recipient
