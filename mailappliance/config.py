@@ -90,6 +90,18 @@ class TLSSettings:
 
 
 @attrs.frozen
+class SMTPOptions:
+    """Hostile-input defences of the SMTP listeners (docs/admin.md, screening section)."""
+
+    normalize_line_endings: bool = False
+    max_line_length: int = 998
+    max_recipients: int = 1000
+    max_errors: int = 20
+    command_time_limit: float = 120
+    data_time_limit: float = 1800
+
+
+@attrs.frozen
 class QueueSettings:
     """Outbound delivery: routing, TLS policy, retries."""
 
@@ -142,6 +154,7 @@ class Settings:
     throttle: ThrottleSettings
     limits: LimitSettings
     smtp_idle_timeout: float
+    smtp: SMTPOptions
     pop3_idle_timeout: float
     directory: DirectorySettings
     listeners: tuple[ListenerSettings, ...]
@@ -454,6 +467,14 @@ def parse_config(file: Path, data: dict[str, Any]) -> Settings:
     smtp = top.table_of("smtp")
     max_size = smtp.integer("max_message_size", 25 * 1024 * 1024, 1024, 2**31 - 1)
     smtp_idle = smtp.number("idle_timeout", 300, 1, 3600)
+    smtp_options = SMTPOptions(
+        normalize_line_endings=smtp.choice("bare_line_endings", "refuse", ("refuse", "normalize")) == "normalize",
+        max_line_length=smtp.integer("max_line_length", 998, 78, 100_000),
+        max_recipients=smtp.integer("max_recipients", 1000, 1, 100_000),
+        max_errors=smtp.integer("max_errors", 20, 1, 1000),
+        command_time_limit=smtp.number("command_time_limit", 120, 1, 3600),
+        data_time_limit=smtp.number("data_time_limit", 1800, 10, 86400),
+    )
     smtp.reject_unknown()
 
     pop3 = top.table_of("pop3")
@@ -488,6 +509,7 @@ def parse_config(file: Path, data: dict[str, Any]) -> Settings:
         limits=limits,
         screening=screening,
         smtp_idle_timeout=smtp_idle,
+        smtp=smtp_options,
         pop3_idle_timeout=pop3_idle,
         directory=directory,
         listeners=listeners,

@@ -251,6 +251,12 @@ def _smtp_factory(
         require_auth=listener.requires_auth,
         allow_plaintext_auth=listener.allow_plaintext_auth,
         screen=listener.role in settings.screening.apply_to,
+        normalize_line_endings=settings.smtp.normalize_line_endings,
+        max_line_length=settings.smtp.max_line_length,
+        max_recipients=settings.smtp.max_recipients,
+        max_errors=settings.smtp.max_errors,
+        command_time_limit=settings.smtp.command_time_limit,
+        data_time_limit=settings.smtp.data_time_limit,
     )
     return SMTPFactory(config, directory.find_by_address, run_blocking, portal=portal, spool=spool,
                        peer_certificate=client_certificate, on_queued=on_queued)

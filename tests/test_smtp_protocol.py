@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from mailappliance.directory import DirectoryUnavailable, Subscriber
@@ -23,17 +24,19 @@ DIRECTORY = {a: s for s in (ALICE, BOB, CAROL) for a in s.addresses}
 class Harness:
     """One SMTP session on a StringTransport; lookups and storage are synchronous."""
 
-    def __init__(self, tmp_path: Path, directory_up: bool = True, max_size: int = 10_000) -> None:
+    def __init__(self, tmp_path: Path, directory_up: bool = True, max_size: int = 10_000,
+                 normalize: bool = False) -> None:
         self.root = tmp_path / "mail"
         self.config = SMTPConfig(
             hostname="mx.example.org", role="mx", local_domains=frozenset({"example.org"}),
             maildir_root=self.root, incoming_dir=tmp_path / "incoming", max_message_size=max_size,
-            max_errors=50,
+            max_errors=50, normalize_line_endings=normalize, command_time_limit=60, data_time_limit=600,
         )
+        self.clock = Clock()
         self.config.incoming_dir.mkdir()
         self.directory_up = directory_up
         self.pending: list[Deferred] = []
-        factory = SMTPFactory(self.config, self.find, lambda f, *a: maybeDeferred(f, *a))
+        factory = SMTPFactory(self.config, self.find, lambda f, *a: maybeDeferred(f, *a), clock=self.clock)
         self.protocol = factory.buildProtocol(None)
         self.transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 40000))
         self.protocol.makeConnection(self.transport)
@@ -245,3 +248,32 @@ def test_storage_failure_is_temporary(smtp: Harness, tmp_path: Path) -> None:
 def test_quit(smtp: Harness) -> None:
     assert smtp.send(b"QUIT\r\n") == ["221 2.0.0 Bye"]
     assert smtp.transport.disconnecting
+
+
+def test_normalize_option_turns_bare_line_endings_into_crlf(tmp_path: Path) -> None:
+    h = Harness(tmp_path, normalize=True)
+    h.send(b"EHLO c\r\nMAIL FROM:<s@example.net>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n")
+    replies = h.send(b"Subject: a\r\n\r\none\ntwo\rthree\n.\nfour\r\n..five\r\n.\r\n")
+    assert len(replies) == 1 and replies[0].startswith("250 ")  # "\n.\n" did not end the message
+    [stored] = h.messages("alice")
+    assert body_of(stored) == b"Subject: a\r\n\r\none\r\ntwo\r\nthree\r\n.\r\nfour\r\n.five\r\n"
+
+
+def test_slow_drip_command_is_cut_off(smtp: Harness) -> None:
+    replies = []
+    for byte in b"NOOP\r\n":
+        smtp.clock.advance(25)  # always well inside the idle timeout
+        replies += smtp.send(bytes([byte]))
+    assert replies == ["421 4.4.2 mx.example.org Error: timeout exceeded"]  # the NOOP never ran
+    assert smtp.transport.disconnecting
+
+
+def test_slow_drip_data_is_cut_off(smtp: Harness) -> None:
+    smtp.send(b"MAIL FROM:<s@example.net>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n")
+    replies = []
+    for _ in range(30):
+        smtp.clock.advance(25)
+        replies += smtp.send(b"line\r\n")
+    assert replies == ["421 4.4.2 mx.example.org Error: timeout exceeded"]
+    assert smtp.transport.disconnecting
+    assert smtp.messages("alice") == []

@@ -15,6 +15,7 @@ from typing import Callable
 import attrs
 
 END_OF_DATA = b"\r\n.\r\n"
+_LINE_ENDINGS = re.compile(rb"\r\n|\r|\n")
 
 
 @attrs.define
@@ -33,8 +34,10 @@ class DataReader:
     followed the terminating dot (pipelined commands) once it has ended.
     """
 
-    def __init__(self, sink: Callable[[bytes], None], max_size: int, max_line_length: int) -> None:
+    def __init__(self, sink: Callable[[bytes], None], max_size: int, max_line_length: int,
+                 normalize_line_endings: bool = False) -> None:
         self._sink = sink
+        self._normalize = normalize_line_endings
         self._max_size = max_size
         self._long_line = re.compile(rb"[^\r\n]{%d}" % (max_line_length + 1))
         self._max_line_length = max_line_length
@@ -71,13 +74,16 @@ class DataReader:
         if not segment:
             return
         crlf = segment.count(b"\r\n")
-        if segment.count(b"\n") != crlf or segment.count(b"\r") != crlf:
+        bare = segment.count(b"\n") != crlf or segment.count(b"\r") != crlf
+        if bare and not self._normalize:
             self.problems.bare_line_ending = True
         if self._long_line.search(segment):
             self.problems.line_too_long = True
         if segment.startswith(b"."):
             segment = segment[1:]
         segment = segment.replace(b"\r\n.", b"\r\n")
+        if bare and self._normalize:  # after unstuffing: only CRLF lines were dot-stuffed
+            segment = _LINE_ENDINGS.sub(b"\r\n", segment)
         self.size += len(segment)
         if self.size > self._max_size:
             self.problems.too_big = True

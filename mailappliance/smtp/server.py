@@ -69,6 +69,9 @@ class SMTPConfig:
     require_auth: bool = False  # submission: MAIL only after AUTH or a client certificate
     allow_plaintext_auth: bool = False  # AUTH without TLS (never by default)
     screen: bool = False  # apply the screening lists on this listener
+    normalize_line_endings: bool = False  # bare CR/LF in DATA: refuse (default) or turn into CRLF
+    command_time_limit: float = 120  # seconds for one command line to arrive completely
+    data_time_limit: float = 1800  # seconds for a whole DATA phase
 
 
 @attrs.define
@@ -111,6 +114,8 @@ class SMTPSession(protocol.Protocol, TimeoutMixin):
         self._sasl: SaslExchange | None = None
         self._return_path_length = 0
         self._screening = False
+        self._partial_since: float | None = None
+        self._data_started = 0.0
         self.client_facts: ClientFacts | None = None
         self.client_allowed = False
 
@@ -369,8 +374,33 @@ class SMTPSession(protocol.Protocol, TimeoutMixin):
         if self._closing:
             return
         self.resetTimeout()
+        if self._too_slow():
+            return
         self._buffer += data
         self._process()
+        if self._buffer and self._data is None:
+            if self._partial_since is None:
+                self._partial_since = self.factory.clock.seconds()
+        else:
+            self._partial_since = None
+
+    def _too_slow(self) -> bool:
+        """Slow-drip defence: a command line or a whole DATA phase must finish in time.
+
+        Checked when bytes arrive, so a client that sends one byte just
+        before each idle timeout still gets cut off.
+        """
+        now = self.factory.clock.seconds()
+        if self._partial_since is not None and now - self._partial_since > self.config.command_time_limit:
+            what = "command line"
+        elif self._data is not None and now - self._data_started > self.config.data_time_limit:
+            what = "DATA"
+        else:
+            return False
+        log.info("session={session} too slow: {what} took too long, client=[{client}]",
+                 session=self.session_id, what=what, client=self.client_ip)
+        self.close_with(421, "4.4.2", f"{self.config.hostname} Error: timeout exceeded")
+        return True
 
     def _process(self) -> None:
         while self._buffer and not self._busy and not self._screening and not self._closing:
@@ -676,7 +706,9 @@ class SMTPSession(protocol.Protocol, TimeoutMixin):
             self._drop_message()
             self.reply(451, "Error: local storage unavailable, try again later", "4.3.0")
             return
-        self._data = DataReader(self._message.write, self.config.max_message_size, self.config.max_line_length)
+        self._data = DataReader(self._message.write, self.config.max_message_size, self.config.max_line_length,
+                                normalize_line_endings=self.config.normalize_line_endings)
+        self._data_started = self.factory.clock.seconds()
         self.reply(354, "End data with <CR><LF>.<CR><LF>")
 
     def _received_header(self) -> bytes:
@@ -736,15 +768,15 @@ class SMTPSession(protocol.Protocol, TimeoutMixin):
         )
         return lambda path: spool.enqueue(path, envelope)
 
-    @staticmethod
-    def _data_refusal(reader: DataReader) -> tuple[int, str, str] | None:
+    def _data_refusal(self, reader: DataReader) -> tuple[int, str, str] | None:
         problems = reader.problems
         if problems.too_big:
             return (552, "5.3.4", "Error: message size exceeds fixed limit")
         if problems.bare_line_ending:
             return (550, "5.6.0", "Error: bare CR or LF in message; lines must end with CRLF")
         if problems.line_too_long:
-            return (550, "5.6.0", "Error: message has a line longer than 998 octets (RFC 5321 4.5.3.1.6)")
+            return (550, "5.6.0", f"Error: message has a line longer than {self.config.max_line_length} octets "
+                                  "(RFC 5321 4.5.3.1.6)")
         return None
 
     def _stored(self, _: Any, message: IncomingMessage, transaction: Transaction) -> None:
@@ -790,7 +822,11 @@ class SMTPFactory(protocol.ServerFactory):
         limits: Any = None,
         screening: Any = None,
         client_lookup: Any = None,
+        clock: Any = None,
     ) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.clock = clock
         self.on_queued = on_queued
         self.screening = screening  # a ScreeningSource (None: no screening)
         self.client_lookup = client_lookup
