@@ -19,9 +19,10 @@ from mailappliance.directory import InvalidAddress
 from mailappliance.limits import LimitSettings
 from mailappliance.throttle import ThrottleSettings
 
-ROLES = ("mx", "submission", "submissions", "pop3", "pop3s")
+ROLES = ("mx", "submission", "submissions", "pop3", "pop3s", "autoconfig", "autoconfigs", "metrics")
 SMTP_ROLES = ("mx", "submission", "submissions")
 POP3_ROLES = ("pop3", "pop3s")
+WEB_ROLES = ("autoconfig", "autoconfigs", "metrics")
 
 T = TypeVar("T")
 
@@ -53,7 +54,7 @@ class ListenerSettings:
     @property
     def implicit_tls(self) -> bool:
         """465 and 995 style: TLS from the first byte (RFC 8314)."""
-        return self.role in ("submissions", "pop3s")
+        return self.role in ("submissions", "pop3s", "autoconfigs")
 
     @property
     def requires_auth(self) -> bool:

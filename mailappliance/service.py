@@ -7,6 +7,7 @@ storage thread pool for fsyncs, and a listener per ``[[listeners]]`` table.
 from __future__ import annotations
 
 import signal
+import time
 from typing import Any, Callable
 
 from twisted.application import internet, service
@@ -24,7 +25,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from mailappliance.config import ListenerSettings, Settings
+from mailappliance.config import WEB_ROLES, ListenerSettings, Settings
 from mailappliance.credentials import SubscriberChecker, SubscriberRealm
 from mailappliance.directory.backends import build_store
 from mailappliance.directory.threaded import Directory
@@ -38,8 +39,10 @@ from mailappliance.queue.spool import OutboundSpool
 from mailappliance.smtp.server import SMTPConfig, SMTPFactory
 from mailappliance.client_lookup import ClientLookup
 from mailappliance.limits import RateLimits
+from mailappliance.metrics import METRICS
 from mailappliance.screening import ScreeningFileError, ScreeningSource
 from mailappliance.throttle import AuthThrottle
+from mailappliance.web import HealthResource, autoconfig_site, metrics_site, spool_probe
 from mailappliance.tls import ServerTLS, client_certificate, ensure_self_signed, fingerprint
 
 log = Logger(namespace="mailappliance")
@@ -152,14 +155,20 @@ def build_service(settings: Settings, reactor: Any = None) -> service.MultiServi
     runner = _queue_runner(settings, spool, directory, run_blocking, reactor, resolver)
     runner.setServiceParent(top)
 
+    _queue_gauges(spool)
+    health = HealthResource(lambda: directory.find_by_login("health-check.invalid"),
+                            lambda: run_blocking(spool_probe, settings.spool_dir))
     for listener in settings.listeners:
-        if listener.is_smtp:
-            factory: Any = _smtp_factory(settings, listener, directory, run_blocking, smtp_portal, spool,
-                                         server_tls, runner.kick)
+        if listener.role in WEB_ROLES:
+            factory: Any = metrics_site(health) if listener.role == "metrics" else autoconfig_site(settings)
+        elif listener.is_smtp:
+            factory = _smtp_factory(settings, listener, directory, run_blocking, smtp_portal, spool,
+                                    server_tls, runner.kick)
             factory.screening, factory.client_lookup = screening, client_lookup
         else:
             factory = _pop3_factory(settings, listener, pop3_portal, run_blocking, reactor, server_tls)
-        factory.limits = limits
+        if listener.role not in WEB_ROLES:
+            factory.limits = limits
         if listener.implicit_tls:
             server: Any = internet.SSLServer(listener.port, factory, server_tls, interface=listener.address)
         else:
@@ -167,6 +176,18 @@ def build_service(settings: Settings, reactor: Any = None) -> service.MultiServi
         server.setName(listener.name)
         server.setServiceParent(top)
     return top
+
+
+def _queue_gauges(spool: OutboundSpool) -> None:
+    """Queue size and the age of its oldest message, read when /metrics is scraped."""
+
+    def ages() -> list[float]:
+        now = time.time()  # queue ids start with the Unix time the message arrived
+        return [now - int(queue_id.split(".", 1)[0]) for queue_id in spool.queued_ids()]
+
+    METRICS.gauge("mailappliance_queue_messages", "Messages in the outbound queue.", lambda: len(ages()))
+    METRICS.gauge("mailappliance_queue_oldest_seconds", "Age of the oldest queued message, in seconds.",
+                  lambda: max(ages(), default=0))
 
 
 def _server_tls(settings: Settings) -> ServerTLS:

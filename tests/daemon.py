@@ -140,7 +140,7 @@ def appliance(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callab
             sections.setdefault(name, {}).update(values)
         listeners = [
             {"name": role, "role": role, "address": "127.0.0.1", "port": free_port()}
-            for role in ("mx", "submission", "submissions", "pop3", "pop3s")
+            for role in ("mx", "submission", "submissions", "pop3", "pop3s", "autoconfig", "metrics")
         ]
         listeners[3]["allow_plaintext_auth"] = plaintext_pop3
         instance = Appliance(root, sections, listeners)

@@ -7,15 +7,34 @@ the directory owns a dedicated ``ThreadPool``.
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
-from mailappliance.directory import DirectoryStore, Subscriber
+from mailappliance.directory import DirectoryStore, DirectoryUnavailable, Subscriber
+from mailappliance.metrics import METRICS
 
 T = TypeVar("T")
+
+
+def _timed(function: Callable[..., T], *args: Any) -> T:
+    """Run a store call, recording its latency and result for /metrics."""
+    operation = getattr(function, "__name__", "call").lstrip("_")
+    started = time.monotonic()
+    result = "error"
+    try:
+        value = function(*args)
+        result = "ok"
+        return value
+    except DirectoryUnavailable:
+        result = "unavailable"
+        raise
+    finally:
+        METRICS.count("mailappliance_directory_requests_total", operation=operation, result=result)
+        METRICS.count("mailappliance_directory_seconds_sum", time.monotonic() - started, operation=operation)
 
 
 class Directory:
@@ -34,7 +53,7 @@ class Directory:
         self.store.close()
 
     def _run(self, function: Callable[..., T], *args: Any) -> "Deferred[T]":
-        return deferToThreadPool(self._reactor, self._pool, function, *args)
+        return deferToThreadPool(self._reactor, self._pool, _timed, function, *args)
 
     def find_by_login(self, login: str) -> "Deferred[Subscriber | None]":
         return self._run(self.store.find_by_login, login)

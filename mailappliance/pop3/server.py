@@ -37,6 +37,7 @@ from zope.interface import implementer
 
 from mailappliance.credentials import ClientPassword, LoginThrottled
 from mailappliance.directory import DirectoryUnavailable
+from mailappliance.metrics import METRICS
 from mailappliance.pop3.mailbox import (
     CommitResult,
     IMaildirAccess,
@@ -244,6 +245,7 @@ class POP3Session(Protocol, TimeoutMixin):
         self.client = f"[{host}]:{port}" if host is not None else str(peer)
         self.in_tls = self.factory.implicit_tls
         self.log_event(log.info, "connect (tls={tls})", tls=self.in_tls)
+        METRICS.count("mailappliance_sessions_total", role="pop3s" if self.factory.implicit_tls else "pop3")
         self._counted_address = None
         if self.factory.limits is not None:
             hit = self.factory.limits.connection_opened(host or "")
@@ -569,6 +571,7 @@ class POP3Session(Protocol, TimeoutMixin):
             self._release_mailbox()
             return
         count, octets = self._mailbox.stat()
+        METRICS.count("mailappliance_auth_total", protocol="pop3", mechanism=mechanism, result="ok")
         self.state = State.TRANSACTION
         self.log_event(
             log.info if self.in_tls else log.warn,
@@ -589,6 +592,9 @@ class POP3Session(Protocol, TimeoutMixin):
 
     def _login_failed(self, failure: Failure, mechanism: str) -> None:
         fields = dict(login=self._login_name, mechanism=mechanism)
+        result = "failed" if failure.check(UnauthorizedLogin) else (
+            "throttled" if failure.check(LoginThrottled) else "temporary")
+        METRICS.count("mailappliance_auth_total", protocol="pop3", mechanism=mechanism, result=result)
         if failure.check(UnauthorizedLogin):
             reason = getattr(failure.value, "reason", None) or "unauthorized"
             self.log_event(

@@ -24,6 +24,7 @@ from twisted.internet import task
 from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
 from twisted.logger import Logger
 
+from mailappliance.metrics import METRICS
 from mailappliance.queue.client import OutboundFactory, OutboundJob, TransactionResult
 from mailappliance.queue.dsn import build_dsn, recipient_status
 from mailappliance.queue.routing import NextHop, Router, RoutingError
@@ -262,6 +263,7 @@ class QueueRunner(service.Service):
             self._global.release()
         for address in recipients:
             code, text = result.replies.get(address, (451, "no answer"))
+            METRICS.count("mailappliance_delivery_attempts_total", outcome=outcome_of(code).value)
             log.info(
                 "queue: {id} to=<{rcpt}> relay={host}[{address}]:{port} tls={tls} delay={delay:.2f} "
                 "status={status} ({code} {text})",

@@ -34,6 +34,7 @@ from mailappliance.credentials import (
 from mailappliance.directory import DirectoryUnavailable, Subscriber
 from mailappliance.limits import subscriber_limits
 from mailappliance.maildir import IncomingMessage, maildir_for
+from mailappliance.metrics import METRICS
 from mailappliance.policy import Route, decide_recipient, decide_sender
 from mailappliance.queue.spool import Envelope, OutboundSpool
 from mailappliance.screening import ClientFacts, screen_client, screen_helo, screen_sender
@@ -129,6 +130,7 @@ class SMTPSession(protocol.Protocol, TimeoutMixin):
             session=self.session_id, client=self.client_ip, role=self.config.role,
             listener=self.config.listener or self.config.role,
         )
+        METRICS.count("mailappliance_sessions_total", role=self.config.role)
         self._counted = False
         if self.factory.limits is not None:
             hit = self.factory.limits.connection_opened(self.client_ip)
@@ -179,6 +181,7 @@ class SMTPSession(protocol.Protocol, TimeoutMixin):
         self._process()
 
     def _screened(self, verdict: Any, stage: str) -> None:
+        METRICS.count("mailappliance_messages_refused_total", reason=f"screened_{stage}")
         name = self.client_facts.name if self.client_facts else None
         log.info(
             "session={session} screened at {stage}: {action} rule={rule} value={value!r} client=[{client}] "
@@ -199,6 +202,7 @@ class SMTPSession(protocol.Protocol, TimeoutMixin):
         log.info("session={session} disconnect", session=self.session_id)
 
     def _limit_hit(self, hit: Any) -> None:
+        METRICS.count("mailappliance_messages_refused_total", reason=f"limit_{hit.limit}")
         log.info(
             "session={session} limit {limit} reached for {key} client=[{client}]",
             session=self.session_id, limit=hit.limit, key=hit.key, client=self.client_ip,
@@ -257,6 +261,7 @@ class SMTPSession(protocol.Protocol, TimeoutMixin):
         self._authenticated(result[1], "certificate", subject)
 
     def _certificate_refused(self, failure: Failure, certificate: Any) -> None:
+        METRICS.count("mailappliance_auth_total", protocol="smtp", mechanism="certificate", result="failed")
         why = certificate.reason if not certificate.verified else failure.getErrorMessage()
         log.info(
             "session={session} auth failed: mechanism=certificate subject={subject!r} client=[{client}] "
@@ -266,6 +271,7 @@ class SMTPSession(protocol.Protocol, TimeoutMixin):
         )
 
     def _authenticated(self, subscriber: Subscriber, method: str, login: str) -> None:
+        METRICS.count("mailappliance_auth_total", protocol="smtp", mechanism=method, result="ok")
         self.subscriber, self.auth_method = subscriber, method
         log.info(
             "session={session} auth ok: uid={uid} login={login!r} mechanism={method} client=[{client}] "
@@ -361,6 +367,8 @@ class SMTPSession(protocol.Protocol, TimeoutMixin):
         self.reply(454, "Temporary authentication failure, try again later", "4.7.0")
 
     def _auth_failed(self, mechanism: str, login: str, why: str) -> None:
+        METRICS.count("mailappliance_auth_total", protocol="smtp", mechanism=mechanism,
+                      result=why.split(":")[0] if why.startswith(("throttled", "temporary")) else "failed")
         log.info(
             "session={session} auth failed: login={login!r} mechanism={mechanism} client=[{client}] "
             "listener={listener} reason={why}",
@@ -569,6 +577,7 @@ class SMTPSession(protocol.Protocol, TimeoutMixin):
         if self.subscriber is not None:
             refusal = decide_sender(sender, self.subscriber)
             if refusal:
+                METRICS.count("mailappliance_messages_refused_total", reason="sender_not_owned")
                 log.info(
                     "session={session} sender refused: uid={uid} from=<{sender}> client=[{client}]",
                     session=self.session_id, uid=self.subscriber.uid, sender=sender.address,
@@ -631,6 +640,7 @@ class SMTPSession(protocol.Protocol, TimeoutMixin):
             recipient = attrs.evolve(recipient, domain=sorted(self.config.local_domains)[0])
         verdict = decide_recipient(recipient, self.config.local_domains, self.is_authenticated)
         if verdict.refused:
+            METRICS.count("mailappliance_messages_refused_total", reason=verdict.reason.replace(" ", "_"))
             log.info(
                 "session={session} relay refused from [{client}] rcpt=<{rcpt}> reason={reason}",
                 session=self.session_id, client=self.client_ip, rcpt=recipient.address,
@@ -648,6 +658,7 @@ class SMTPSession(protocol.Protocol, TimeoutMixin):
 
     def _rcpt_found(self, subscriber: Subscriber | None, address: str) -> None:
         if subscriber is None:
+            METRICS.count("mailappliance_messages_refused_total", reason="unknown_user")
             log.info(
                 "session={session} unknown recipient <{rcpt}> from [{client}]",
                 session=self.session_id, rcpt=address, client=self.client_ip,
@@ -737,6 +748,7 @@ class SMTPSession(protocol.Protocol, TimeoutMixin):
         refusal = self._data_refusal(reader)
         if refusal:
             self._drop_message()
+            METRICS.count("mailappliance_messages_refused_total", reason="message_content")
             log.info(
                 "session={session} message refused from [{client}]: {why}",
                 session=self.session_id, client=self.client_ip, why=refusal[2],
@@ -781,6 +793,7 @@ class SMTPSession(protocol.Protocol, TimeoutMixin):
 
     def _stored(self, _: Any, message: IncomingMessage, transaction: Transaction) -> None:
         self._message = None
+        METRICS.count("mailappliance_messages_accepted_total", role=self.config.role)
         log.info(
             "session={session} accepted id={id} from=<{sender}> rcpts={count} remote={remote} size={size} "
             "client=[{client}] uid={uid}",

@@ -1,0 +1,137 @@
+"""Running it: autoconfig/autodiscover tell the truth, metrics and health reflect reality."""
+
+from __future__ import annotations
+
+import poplib
+import smtplib
+import urllib.error
+import urllib.request
+import xml.etree.ElementTree as ElementTree
+from typing import Any, Callable
+
+import pytest
+
+from tests.daemon import Appliance
+
+
+@pytest.fixture
+def running(appliance: Callable[..., Appliance], pki: Any) -> Appliance:
+    instance = appliance(pki=pki, plaintext_pop3=False, start=False)
+    assert instance.admin("user", "add", "alice@example.org", password="alice-password").returncode == 0
+    instance.start()
+    instance.pki = pki  # type: ignore[attr-defined]
+    return instance
+
+
+def http(instance: Appliance, listener: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+    url = f"http://127.0.0.1:{instance.ports[listener]}{path}"
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def check_offer(instance: Any, protocol: str, port: int, socket_type: str) -> None:
+    """Connect as the document says and log in with the password, as a mail client would."""
+    context = instance.pki.client_context()
+    if protocol == "pop3":
+        client = poplib.POP3_SSL("127.0.0.1", port, context=context, timeout=10) if socket_type == "SSL" \
+            else poplib.POP3("127.0.0.1", port, timeout=10)
+        if socket_type == "STARTTLS":
+            assert "STLS" in client.capa()
+            client.stls(context=context)
+        client.user("alice@example.org")
+        client.pass_("alice-password")
+        client.quit()
+    else:
+        smtp = smtplib.SMTP_SSL("127.0.0.1", port, context=context, timeout=10) if socket_type == "SSL" \
+            else smtplib.SMTP("127.0.0.1", port, timeout=10)
+        if socket_type == "STARTTLS":
+            smtp.starttls(context=context)
+        smtp.login("alice@example.org", "alice-password")
+        smtp.quit()
+
+
+def test_autoconfig_describes_what_the_listeners_offer(running: Appliance) -> None:
+    for path in ("/.well-known/autoconfig/mail/config-v1.1.xml",
+                 "/mail/config-v1.1.xml?emailaddress=alice%40example.org"):
+        status, body = http(running, "autoconfig", path)
+        assert status == 200
+        provider = ElementTree.fromstring(body).find("emailProvider")
+        assert provider is not None and provider.findtext("domain") == "example.org"
+        servers = provider.findall("incomingServer") + provider.findall("outgoingServer")
+        seen = set()
+        for server in servers:
+            assert server.findtext("hostname") == "mx.test.example"
+            assert "password-cleartext" in [a.text for a in server.findall("authentication")]
+            port, socket_type = int(server.findtext("port")), server.findtext("socketType")
+            check_offer(running, server.get("type"), port, socket_type)
+            seen.add((server.get("type"), port, socket_type))
+        assert seen == {("pop3", running.ports["pop3s"], "SSL"), ("pop3", running.ports["pop3"], "STARTTLS"),
+                        ("smtp", running.ports["submissions"], "SSL"),
+                        ("smtp", running.ports["submission"], "STARTTLS")}
+        outgoing = provider.find("outgoingServer")
+        assert "TLS-client-cert" in [a.text for a in outgoing.findall("authentication")]
+    assert http(running, "autoconfig", "/mail/config-v1.1.xml?emailaddress=x%40elsewhere.example")[0] == 404
+
+
+def test_autodiscover_pox(running: Appliance) -> None:
+    request = (b'<?xml version="1.0" encoding="utf-8"?><Autodiscover xmlns="http://schemas.microsoft.com/'
+               b'exchange/autodiscover/outlook/requestschema/2006"><Request><EMailAddress>alice@example.org'
+               b'</EMailAddress><AcceptableResponseSchema>http://schemas.microsoft.com/exchange/autodiscover/'
+               b'outlook/responseschema/2006a</AcceptableResponseSchema></Request></Autodiscover>')
+    status, body = http(running, "autoconfig", "/autodiscover/autodiscover.xml", request)
+    assert status == 200
+    ns = {"r": "http://schemas.microsoft.com/exchange/autodiscover/outlook/responseschema/2006a"}
+    protocols = ElementTree.fromstring(body).findall(".//r:Protocol", ns)
+    offered = {p.findtext("r:Type", namespaces=ns): (int(p.findtext("r:Port", namespaces=ns)),
+                                                     p.findtext("r:Encryption", namespaces=ns),
+                                                     p.findtext("r:LoginName", namespaces=ns))
+               for p in protocols}
+    assert offered == {"POP3": (running.ports["pop3s"], "SSL", "alice@example.org"),
+                       "SMTP": (running.ports["submissions"], "SSL", "alice@example.org")}
+    check_offer(running, "pop3", running.ports["pop3s"], "SSL")
+    assert http(running, "autoconfig", "/autodiscover/autodiscover.xml", b"<junk")[0] == 400
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    rendered = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    prefix = f"{name}{{{rendered}}} " if labels else f"{name} "
+    return sum(float(line[len(prefix):]) for line in text.splitlines() if line.startswith(prefix))
+
+
+def test_metrics_reflect_a_scripted_session(running: Appliance) -> None:
+    with smtplib.SMTP("127.0.0.1", running.ports["submission"], timeout=10) as smtp:
+        smtp.starttls(context=running.pki.client_context())
+        with pytest.raises(smtplib.SMTPAuthenticationError):
+            smtp.login("alice", "wrong-password")
+    with smtplib.SMTP("127.0.0.1", running.ports["mx"], timeout=10) as smtp:
+        smtp.ehlo("client.example.net")
+        assert smtp.sendmail("friend@example.net", ["alice@example.org"], b"Subject: m\r\n\r\nx\r\n") == {}
+        smtp.mail("friend@example.net")
+        assert smtp.rcpt("victim@elsewhere.example")[0] == 554
+    status, body = http(running, "metrics", "/metrics")
+    text = body.decode()
+    assert status == 200
+    assert metric(text, "mailappliance_auth_total", mechanism="PLAIN", protocol="smtp", result="failed") == 1
+    assert metric(text, "mailappliance_auth_total", mechanism="LOGIN", protocol="smtp", result="failed") == 1
+    assert metric(text, "mailappliance_messages_accepted_total", role="mx") == 1
+    assert metric(text, "mailappliance_messages_refused_total", reason="relay_denied") == 1
+    assert metric(text, "mailappliance_sessions_total", role="mx") == 2  # ours + the start-up probe
+    assert metric(text, "mailappliance_queue_messages") == 0
+    assert metric(text, "mailappliance_directory_requests_total", operation="authenticate", result="ok") == 0
+    assert "# TYPE mailappliance_auth_total counter" in text
+
+
+def test_health_says_whether_directory_and_spool_work(appliance: Callable[..., Appliance], slapd: Any) -> None:
+    instance = appliance(backend="ldap", slapd=slapd)
+    status, body = http(instance, "metrics", "/health")
+    assert status == 200 and b'"healthy": true' in body
+    slapd.stop()
+    try:
+        status, body = http(instance, "metrics", "/health")
+        assert status == 503 and b'"spool": "ok"' in body and b'"directory": "error' in body
+    finally:
+        slapd.start()
+    assert http(instance, "metrics", "/health")[0] == 200
