@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mailappliance.addresses import normalize_address
+from mailappliance.admin_ops import add_parsers
 from mailappliance.config import ConfigError, Settings, load_config
 from mailappliance.directory.backends import build_store
 from mailappliance.directory import (
@@ -315,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-c", "--config", default="etc/mailappliance.toml", help="TOML config file")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
-    groups = parser.add_subparsers(dest="group", required=True, metavar="{user,alias,cert,queue}")
+    groups = parser.add_subparsers(dest="group", required=True, metavar="{user,alias,cert,queue,screening,check-config,test-login}")
 
     user = groups.add_parser("user", help="subscribers").add_subparsers(dest="action", required=True)
     add = user.add_parser("add", help="add a subscriber")
@@ -381,12 +382,13 @@ def build_parser() -> argparse.ArgumentParser:
     delete = queue.add_parser("delete", help="drop a message without a report")
     delete.add_argument("id")
     delete.set_defaults(run=cmd_queue_delete)
+    add_parsers(groups)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    run: Callable[[CommandContext, argparse.Namespace], None] = args.run
+    run: Callable[[CommandContext, argparse.Namespace], int | None] = args.run
     try:
         settings = load_config(args.config)
     except ConfigError as e:
@@ -394,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     store = build_store(settings.directory)
     try:
-        run(CommandContext(settings, store, args.json), args)
+        code = run(CommandContext(settings, store, args.json), args)
     except DirectoryAdminError as e:
         _fail(args.json, str(e))
         return EXIT_REFUSED
@@ -403,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_TEMPFAIL
     finally:
         store.close()
-    return EXIT_OK
+    return code or EXIT_OK
 
 
 def _fail(as_json: bool, message: str) -> None:

@@ -135,3 +135,51 @@ def test_health_says_whether_directory_and_spool_work(appliance: Callable[..., A
     finally:
         slapd.start()
     assert http(instance, "metrics", "/health")[0] == 200
+
+
+def test_check_config_and_test_login(appliance: Callable[..., Appliance], slapd: Any) -> None:
+    instance = appliance(backend="ldap", slapd=slapd, start=False)
+    assert instance.admin("user", "add", "alice@example.org", password="alice-password").returncode == 0
+    checked = instance.admin("check-config")
+    assert checked.returncode == 0, checked.stdout
+    assert "ok   directory  ldap directory at ldap://127.0.0.1" in checked.stdout
+    good = instance.admin("test-login", "alice@example.org", password="alice-password")
+    assert good.returncode == 0 and "ok: alice@example.org is uid=alice" in good.stdout
+    bad = instance.admin("--json", "test-login", "alice", password="nope-nope")
+    assert bad.returncode == 1 and '"refused": "unknown login or wrong password"' in bad.stdout
+    slapd.stop()
+    try:
+        down = instance.admin("test-login", "alice", password="alice-password")
+        assert down.returncode == 75 and "temporary failure" in down.stdout
+        failing = instance.admin("check-config")
+        assert failing.returncode == 1 and "FAIL directory" in failing.stdout
+    finally:
+        slapd.start()
+
+
+def test_screening_commands_change_the_running_daemon(appliance: Callable[..., Appliance], tmp_path: Any) -> None:
+    lists = tmp_path / "screening.toml"
+    lists.write_text("[block]\nnetworks = []\n")
+    instance = appliance(extra={"screening": {"file": str(lists)}})
+    added = instance.admin("screening", "add", "block.networks", "127.0.0.77/32")
+    assert added.returncode == 0, added.stderr
+    assert instance.admin("screening", "add", "block.networks", "127.0.0.77/32").returncode == 1
+    assert instance.admin("screening", "add", "block.networks", "not-a-network").returncode == 1
+    assert "127.0.0.77/32" in instance.admin("screening", "list").stdout
+    import socket
+    import time
+
+    def greeting() -> bytes:
+        with socket.create_connection(("127.0.0.1", instance.ports["mx"]), timeout=10,
+                                      source_address=("127.0.0.77", 0)) as sock:
+            return sock.makefile("rb").readline()
+
+    deadline = time.monotonic() + 10
+    while not greeting().startswith(b"554") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert greeting().startswith(b"554 5.7.1")
+    assert instance.admin("screening", "remove", "block.networks", "127.0.0.77/32").returncode == 0
+    deadline = time.monotonic() + 10
+    while not greeting().startswith(b"220") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert greeting().startswith(b"220")

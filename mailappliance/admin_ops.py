@@ -1,0 +1,216 @@
+"""``mailappliance-admin`` commands for operating the daemon: check-config,
+test-login and the screening lists.  (Directory commands are in admin.py.)"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from mailappliance.directory import DirectoryUnavailable
+
+EXIT_OK, EXIT_REFUSED, EXIT_TEMPFAIL = 0, 1, 75
+
+
+def _check(name: str, probe: Callable[[], str]) -> dict[str, Any]:
+    try:
+        return {"check": name, "ok": True, "detail": probe()}
+    except Exception as e:  # every failure is reported, none stops the others
+        return {"check": name, "ok": False, "detail": f"{type(e).__name__}: {e}"}
+
+
+def cmd_check_config(ctx: Any, args: argparse.Namespace) -> int:
+    """Validate what the config points at, the way the daemon will use it."""
+    from mailappliance.screening import load_lists
+    from mailappliance.tls import ServerTLS
+    from mailappliance.web import spool_probe
+
+    s = ctx.settings
+
+    def directory() -> str:
+        ctx.store.find_by_login("health-check.invalid")
+        where = ", ".join(s.directory.ldap.urls) if s.directory.backend == "ldap" else str(s.directory.ldif_file)
+        return f"{s.directory.backend} directory at {where} answers ({len(ctx.store.list_subscribers())} subscribers)"
+
+    def tls() -> str:
+        if not s.tls.certificate.exists() and s.tls.generate_self_signed:
+            return f"{s.tls.certificate} missing: a self-signed certificate will be generated at start"
+        ServerTLS(s.tls.certificate, s.tls.private_key, s.tls.client_ca)
+        return f"{s.tls.certificate} and its key load" + (" (client CA too)" if s.tls.client_ca else "")
+
+    def storage() -> str:
+        for path in (s.maildir_root, s.spool_dir):
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        spool_probe(s.spool_dir)
+        return f"{s.spool_dir} is writable and fsyncs; Maildirs in {s.maildir_root}"
+
+    def screening() -> str:
+        if s.screening.file is None:
+            return "no screening file configured"
+        lists = load_lists(s.screening.file)
+        return (f"{s.screening.file}: {len(lists.block_networks)} blocked networks, "
+                f"{len(lists.block_client_domains)} blocked client domains, {len(lists.dnsbl_zones)} DNSBL zones")
+
+    results = [{"check": "config", "ok": True, "detail": f"{s.source} is valid"}]
+    results += [_check(name, probe) for name, probe in
+                (("directory", directory), ("tls", tls), ("storage", storage), ("screening", screening))]
+    if ctx.as_json:
+        print(json.dumps(results))
+    else:
+        for r in results:
+            print(f"{'ok  ' if r['ok'] else 'FAIL'} {r['check']:<10} {r['detail']}")
+    return EXIT_OK if all(r["ok"] for r in results) else EXIT_REFUSED
+
+
+def cmd_test_login(ctx: Any, args: argparse.Namespace) -> int:
+    """Run THE shared checker exactly as the daemon would (cache, throttle, directory)."""
+    from mailappliance.credentials import ClientPassword, LoginRefused, LoginThrottled, SubscriberChecker
+    from mailappliance.directory.threaded import Directory
+    from mailappliance.throttle import AuthThrottle
+
+    password = sys.stdin.readline().rstrip("\r\n") if args.password_stdin else getpass.getpass("Password: ")
+    outcome: dict[str, Any] = {}
+
+    async def attempt(reactor: Any) -> None:
+        directory = Directory(ctx.store, reactor, 1)
+        directory.start()
+        checker = SubscriberChecker(directory, ctx.settings.auth_cache_ttl, reactor,
+                                    AuthThrottle(ctx.settings.throttle, reactor))
+        try:
+            subscriber = await checker.requestAvatarId(ClientPassword(args.login.encode(), password.encode(),
+                                                                      "test-login"))
+            outcome.update(ok=True, uid=subscriber.uid, mail=subscriber.mail, aliases=list(subscriber.aliases))
+        except (LoginRefused, LoginThrottled) as e:
+            outcome.update(ok=False, refused=e.reason)
+        except DirectoryUnavailable as e:
+            outcome.update(ok=False, temporary=str(e))
+        finally:
+            directory.stop()
+
+    _run_reactor(attempt)
+    if ctx.as_json:
+        print(json.dumps(outcome))
+    elif outcome.get("ok"):
+        print(f"ok: {args.login} is uid={outcome['uid']} <{outcome['mail']}>")
+    elif "refused" in outcome:
+        print(f"refused: {outcome['refused']}")
+    else:
+        print(f"temporary failure (the daemon would answer 454 / [SYS/TEMP]): {outcome['temporary']}")
+    if outcome.get("ok"):
+        return EXIT_OK
+    return EXIT_REFUSED if "refused" in outcome else EXIT_TEMPFAIL
+
+
+def _run_reactor(coroutine_function: Callable[[Any], Any]) -> None:
+    """Run one coroutine on a fresh reactor (the CLI is a short-lived process)."""
+    from twisted.internet import reactor
+    from twisted.internet.defer import Deferred
+
+    def start() -> None:
+        d = Deferred.fromCoroutine(coroutine_function(reactor))
+        d.addBoth(lambda _: reactor.stop())
+
+    reactor.callWhenRunning(start)
+    reactor.run(installSignalHandlers=False)
+
+
+# -- screening lists -----------------------------------------------------------
+
+LIST_KEYS = ("allow.networks", "allow.client_domains", "allow.senders", "block.networks",
+             "block.client_domains", "block.helo", "block.senders", "dnsbl.zones")
+
+
+def _screening_file(ctx: Any) -> Path:
+    file = ctx.settings.screening.file
+    if file is None:
+        from mailappliance.directory import InvalidAddress
+
+        raise InvalidAddress(f"no screening file: set [screening] file in {ctx.settings.source}")
+    return file
+
+
+def _read_raw(file: Path) -> dict[str, dict[str, list[str]]]:
+    import tomllib
+
+    if not file.exists():
+        return {}
+    with open(file, "rb") as f:
+        return tomllib.load(f)
+
+
+def _write_raw(file: Path, data: dict[str, dict[str, list[str]]]) -> None:
+    """Rewrite the file (atomically); the daemon notices the change within a second."""
+    from mailappliance.screening import ScreeningFileError, parse_lists
+
+    try:
+        parse_lists(file, data)  # never write something the daemon would refuse
+    except ScreeningFileError as e:
+        from mailappliance.directory import InvalidAddress
+
+        raise InvalidAddress(str(e).replace(f"{file}: ", "")) from None
+    lines = ["# mailappliance screening lists; rewritten by `mailappliance-admin screening`",
+             "# (comments are not kept). See docs/admin.md, section 8."]
+    for section in ("allow", "block", "dnsbl"):
+        table = data.get(section, {})
+        if table:
+            lines.append(f"\n[{section}]")
+            for key, values in table.items():
+                lines.append(f"{key} = [" + ", ".join(json.dumps(v) for v in values) + "]")
+    staged = file.with_name(f".{file.name}.tmp")
+    staged.write_text("\n".join(lines) + "\n")
+    staged.replace(file)
+
+
+def cmd_screening_list(ctx: Any, args: argparse.Namespace) -> int:
+    data = _read_raw(_screening_file(ctx))
+    flat = {key: data.get(key.split(".")[0], {}).get(key.split(".")[1], []) for key in LIST_KEYS}
+    if ctx.as_json:
+        print(json.dumps(flat))
+    else:
+        for key, values in flat.items():
+            print(f"{key:<22} {', '.join(values) if values else '-'}")
+    return EXIT_OK
+
+
+def cmd_screening_change(ctx: Any, args: argparse.Namespace) -> int:
+    file = _screening_file(ctx)
+    data = _read_raw(file)
+    section, key = args.list.split(".")
+    values = data.setdefault(section, {}).setdefault(key, [])
+    value = args.value.strip().lower()
+    if args.action == "add":
+        if value in values:
+            from mailappliance.directory import DuplicateEntry
+
+            raise DuplicateEntry(f"{value} is already in {args.list}")
+        values.append(value)
+    else:
+        if value not in values:
+            from mailappliance.directory import NoSuchSubscriber
+
+            raise NoSuchSubscriber(f"{value} is not in {args.list}")
+        values.remove(value)
+    _write_raw(file, data)
+    ctx.done(f"{args.list}: {'added' if args.action == 'add' else 'removed'} {value} "
+             "(the daemon re-reads the file within a second)")
+    return EXIT_OK
+
+
+def add_parsers(groups: Any) -> None:
+    check = groups.add_parser("check-config", help="validate the config and reach what it names")
+    check.set_defaults(run=cmd_check_config)
+    login = groups.add_parser("test-login", help="check a login with the daemon's own credential checker")
+    login.add_argument("login")
+    login.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    login.set_defaults(run=cmd_test_login)
+    screening = groups.add_parser("screening", help="the screening lists").add_subparsers(
+        dest="action", required=True)
+    screening.add_parser("list", help="show every list").set_defaults(run=cmd_screening_list)
+    for action in ("add", "remove"):
+        sub = screening.add_parser(action, help=f"{action} an entry")
+        sub.add_argument("list", choices=LIST_KEYS)
+        sub.add_argument("value")
+        sub.set_defaults(run=cmd_screening_change)
