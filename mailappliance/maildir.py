@@ -36,6 +36,8 @@ def maildir_for(root: Path, uid: str) -> Path:
 
 def ensure_maildir(path: Path) -> None:
     """Create ``path`` with tmp/new/cur, private to the daemon's user."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.mkdir(mode=0o700, exist_ok=True)
     for sub in MAILDIR_SUBDIRS:
         (path / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
 

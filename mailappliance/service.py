@@ -6,6 +6,7 @@ storage thread pool for fsyncs, and a listener per ``[[listeners]]`` table.
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from typing import Any, Callable
@@ -98,15 +99,26 @@ class _ReloadService(service.Service):
 
 
 class _StartupService(service.Service):
-    """Prepares storage and says what is running."""
+    """Prepares storage (owned by the user the daemon will run as) and says what is running."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, owner: tuple[int, int] | None) -> None:
         self.settings = settings
+        self.owner = owner
+
+    def privilegedStartService(self) -> None:
+        """Still root (twistd --uid/--gid drops privileges after this): hand the storage over."""
+        super().privilegedStartService()
+        if self.owner is None or os.geteuid() != 0:
+            return
+        for path in (self.settings.maildir_root, self.settings.spool_dir):
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chown(path, *self.owner)
 
     def startService(self) -> None:
         super().startService()
         s = self.settings
         s.maildir_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        OutboundSpool(s.spool_dir).prepare()
         removed = clean_incoming(s.spool_dir / "incoming")
         if removed:
             log.info("removed {n} partial message(s) left by an earlier crash", n=removed)
@@ -121,14 +133,15 @@ class _StartupService(service.Service):
         )
 
 
-def build_service(settings: Settings, reactor: Any = None) -> service.MultiService:
-    """Everything the daemon runs, wired together."""
+def build_service(settings: Settings, reactor: Any = None,
+                  owner: tuple[int, int] | None = None) -> service.MultiService:
+    """Everything the daemon runs, wired together; ``owner`` is twistd's --uid/--gid."""
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
     top = service.MultiService()
-    _StartupService(settings).setServiceParent(top)
+    _StartupService(settings, owner).setServiceParent(top)
 
     directory = Directory(build_store(settings.directory), reactor, settings.directory.threads)
     _PoolService(directory.start, directory.stop).setServiceParent(top)
@@ -138,7 +151,7 @@ def build_service(settings: Settings, reactor: Any = None) -> service.MultiServi
     def run_blocking(function: Callable[..., Any], *args: Any) -> Deferred:
         return deferToThreadPool(reactor, storage_pool, function, *args)
 
-    server_tls = _server_tls(settings)
+    server_tls = _server_tls(settings, owner)
     screening = ScreeningSource(settings.screening.file, reactor)
     _ReloadService(server_tls, screening, reactor).setServiceParent(top)
     resolver = make_resolver(settings.queue.resolver)  # every DNS lookup: MX, reverse names, DNSBL
@@ -151,7 +164,6 @@ def build_service(settings: Settings, reactor: Any = None) -> service.MultiServi
     pop3_portal = Portal(MaildirRealm(settings.maildir_root, MailboxLocks()), [checker])
     limits = RateLimits(settings.limits, reactor)  # shared by every listener
     spool = OutboundSpool(settings.spool_dir)
-    spool.prepare()
     runner = _queue_runner(settings, spool, directory, run_blocking, reactor, resolver)
     runner.setServiceParent(top)
 
@@ -190,10 +202,13 @@ def _queue_gauges(spool: OutboundSpool) -> None:
                   lambda: max(ages(), default=0))
 
 
-def _server_tls(settings: Settings) -> ServerTLS:
+def _server_tls(settings: Settings, owner: tuple[int, int] | None) -> ServerTLS:
     """The one TLS context factory of every listener; a self-signed certificate on first start."""
     tls = settings.tls
     if tls.generate_self_signed and ensure_self_signed(tls.certificate, tls.private_key, settings.hostname):
+        if owner is not None and os.geteuid() == 0:  # so that SIGHUP can re-read them after --uid
+            os.chown(tls.private_key, *owner)
+            os.chown(tls.certificate, *owner)
         log.warn(
             "generated a self-signed certificate for {host} in {path}; SHA-256 fingerprint {fp} "
             "(replace it with a real one and send SIGHUP)",

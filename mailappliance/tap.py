@@ -28,9 +28,12 @@ def makeService(options: Options) -> IService:
     """Build the whole appliance; a bad config ends the process with one clear line."""
     from mailappliance.service import build_service
 
+    parent = getattr(options, "parent", None) or {}
+    uid, gid = parent.get("uid"), parent.get("gid")
+    owner = (uid, gid if gid is not None else -1) if uid is not None else None
     try:
         settings = load_config(options["config"])
-        return build_service(settings)
+        return build_service(settings, owner=owner)
     except ConfigError as e:
         print(f"mailappliance: configuration error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
