@@ -7,7 +7,6 @@ storage thread pool for fsyncs, and a listener per ``[[listeners]]`` table.
 from __future__ import annotations
 
 import os
-import signal
 import time
 from typing import Any, Callable
 
@@ -41,7 +40,8 @@ from mailappliance.smtp.server import SMTPConfig, SMTPFactory
 from mailappliance.client_lookup import ClientLookup
 from mailappliance.limits import RateLimits
 from mailappliance.metrics import METRICS
-from mailappliance.screening import ScreeningFileError, ScreeningSource
+from mailappliance.reload import Reloader
+from mailappliance.screening import ScreeningSource
 from mailappliance.throttle import AuthThrottle
 from mailappliance.web import HealthResource, autoconfig_site, metrics_site, spool_probe
 from mailappliance.tls import ServerTLS, client_certificate, ensure_self_signed, fingerprint
@@ -62,40 +62,6 @@ class _PoolService(service.Service):
     def stopService(self) -> None:
         super().stopService()
         self._stop()
-
-
-class _ReloadService(service.Service):
-    """SIGHUP: reload what can change safely (the TLS certificate, the screening lists)."""
-
-    def __init__(self, server_tls: ServerTLS, screening: ScreeningSource, reactor: Any) -> None:
-        self.server_tls = server_tls
-        self.screening = screening
-        self.reactor = reactor
-        self._previous: Any = None
-
-    def startService(self) -> None:
-        super().startService()
-        self._previous = signal.signal(signal.SIGHUP, self._on_signal)
-
-    def stopService(self) -> None:
-        super().stopService()
-        if self._previous is not None:
-            signal.signal(signal.SIGHUP, self._previous)
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        self.reactor.callFromThread(self.reload)
-
-    def reload(self) -> None:
-        try:
-            new_fingerprint = self.server_tls.reload()
-            log.info("SIGHUP: TLS certificate reloaded, SHA-256 fingerprint {fp}", fp=new_fingerprint)
-        except Exception as e:  # keep serving with the old certificate
-            log.error("SIGHUP: TLS certificate NOT reloaded, keeping the old one: {why}", why=e)
-        try:
-            if self.screening.reload():
-                log.info("SIGHUP: screening lists reloaded from {file}", file=self.screening.file)
-        except ScreeningFileError as e:
-            log.error("SIGHUP: screening lists NOT reloaded, keeping the old ones: {why}", why=str(e))
 
 
 class _StartupService(service.Service):
@@ -153,16 +119,16 @@ def build_service(settings: Settings, reactor: Any = None,
 
     server_tls = _server_tls(settings, owner)
     screening = ScreeningSource(settings.screening.file, reactor)
-    _ReloadService(server_tls, screening, reactor).setServiceParent(top)
     resolver = make_resolver(settings.queue.resolver)  # every DNS lookup: MX, reverse names, DNSBL
     client_lookup = ClientLookup(resolver, reactor, settings.screening.dns_timeout)
 
     # THE shared checker: every portal below uses this one object.
-    checker = SubscriberChecker(directory, settings.auth_cache_ttl, reactor,
-                                AuthThrottle(settings.throttle, reactor))
+    throttle = AuthThrottle(settings.throttle, reactor)
+    checker = SubscriberChecker(directory, settings.auth_cache_ttl, reactor, throttle)
     smtp_portal = Portal(SubscriberRealm(), [checker])
     pop3_portal = Portal(MaildirRealm(settings.maildir_root, MailboxLocks()), [checker])
     limits = RateLimits(settings.limits, reactor)  # shared by every listener
+    Reloader(settings, server_tls, screening, {"limits": limits, "throttle": throttle}, reactor).setServiceParent(top)
     spool = OutboundSpool(settings.spool_dir)
     runner = _queue_runner(settings, spool, directory, run_blocking, reactor, resolver)
     runner.setServiceParent(top)

@@ -183,3 +183,35 @@ def test_screening_commands_change_the_running_daemon(appliance: Callable[..., A
     while not greeting().startswith(b"220") and time.monotonic() < deadline:
         time.sleep(0.2)
     assert greeting().startswith(b"220")
+
+
+def test_sighup_applies_safe_changes_and_names_the_rest(appliance: Callable[..., Appliance]) -> None:
+    import signal
+    import socket
+    import time
+
+    instance = appliance(extra={"limits": {"concurrent_per_address": 50}})
+    text = instance.config_path.read_text()
+    text = text.replace("concurrent_per_address = 50", "concurrent_per_address = 1")
+    text = text.replace(f"port = {instance.ports['pop3s']}", f"port = {instance.ports['pop3s'] + 1}")
+    instance.config_path.write_text(text)
+    assert instance.process is not None
+    instance.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "configuration re-read" not in instance.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "SIGHUP: configuration re-read; applied: limits; changed but needing a restart: listeners" \
+        in instance.log()
+    first = socket.create_connection(("127.0.0.1", instance.ports["mx"]), timeout=10)
+    try:
+        assert first.recv(1024).startswith(b"220")
+        with socket.create_connection(("127.0.0.1", instance.ports["mx"]), timeout=10) as second:
+            assert second.recv(1024).startswith(b"421 4.7.0")  # the new limit is in force
+    finally:
+        first.close()
+    instance.config_path.write_text("[server\n")
+    instance.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "configuration NOT reloaded" not in instance.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "(syntax): not valid TOML" in instance.log()
