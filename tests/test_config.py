@@ -31,7 +31,7 @@ def test_example_config_is_valid() -> None:
     assert settings.local_domains == ("example.org",)
     assert settings.directory.backend == "ldif"
     assert settings.directory.ldif_file == REPO / "etc" / "users.ldif"
-    assert {l.role for l in settings.listeners} == {"mx", "submission", "submissions", "pop3", "pop3s"}
+    assert {l.role for l in settings.listeners} == {"mx", "submission", "submissions", "pop3", "pop3s", "autoconfig", "metrics"}
 
 
 def test_minimal_config_defaults(tmp_path: Path) -> None:
