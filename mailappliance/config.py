@@ -162,6 +162,7 @@ class Settings:
     tls: TLSSettings
     queue: QueueSettings = QueueSettings()
     screening: ScreeningSettings = ScreeningSettings()
+    json_log: Path | None = None
 
 
 class _Reader:
@@ -490,6 +491,9 @@ def parse_config(file: Path, data: dict[str, Any]) -> Settings:
     directory = _directory(top.table_of("directory"))
     limits = _limits(top.table_of("limits"))
     screening = _screening(top.table_of("screening"))
+    logging = top.table_of("logging")
+    json_log = logging.path("json_file") if "json_file" in logging.table else None
+    logging.reject_unknown()
     tls = _tls(top.table_of("tls"))
     queue = _queue(top.table_of("queue"))
 
@@ -509,6 +513,7 @@ def parse_config(file: Path, data: dict[str, Any]) -> Settings:
         throttle=throttle,
         limits=limits,
         screening=screening,
+        json_log=json_log,
         smtp_idle_timeout=smtp_idle,
         smtp=smtp_options,
         pop3_idle_timeout=pop3_idle,

@@ -39,6 +39,7 @@ from mailappliance.queue.spool import OutboundSpool
 from mailappliance.smtp.server import SMTPConfig, SMTPFactory
 from mailappliance.client_lookup import ClientLookup
 from mailappliance.limits import RateLimits
+from mailappliance.logs import JsonLogService
 from mailappliance.metrics import METRICS
 from mailappliance.reload import Reloader
 from mailappliance.screening import ScreeningSource
@@ -107,6 +108,8 @@ def build_service(settings: Settings, reactor: Any = None,
 
         reactor = default_reactor
     top = service.MultiService()
+    if settings.json_log is not None:
+        JsonLogService(settings.json_log).setServiceParent(top)
     _StartupService(settings, owner).setServiceParent(top)
 
     directory = Directory(build_store(settings.directory), reactor, settings.directory.threads)

@@ -215,3 +215,21 @@ def test_sighup_applies_safe_changes_and_names_the_rest(appliance: Callable[...,
     while "configuration NOT reloaded" not in instance.log() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert "(syntax): not valid TOML" in instance.log()
+
+
+def test_json_log_lines_carry_the_session(appliance: Callable[..., Appliance], tmp_path: Any) -> None:
+    import json
+
+    events = tmp_path / "events.jsonl"
+    instance = appliance(extra={"logging": {"json_file": str(events)}})
+    with smtplib.SMTP("127.0.0.1", instance.ports["mx"], timeout=10) as smtp:
+        smtp.ehlo("client.example.net")
+        smtp.mail("friend@example.net")
+        assert smtp.rcpt("victim@elsewhere.example")[0] == 554
+    instance.stop()
+    lines = [json.loads(line) for line in events.read_text().splitlines()]
+    refused = [e for e in lines if e.get("log_format", "").startswith("session={session} relay refused")]
+    assert len(refused) == 1
+    assert refused[0]["rcpt"] == "victim@elsewhere.example" and refused[0]["reason"] == "relay denied"
+    session = refused[0]["session"]
+    assert any(e.get("session") == session and "connect from" in e["log_format"] for e in lines)
