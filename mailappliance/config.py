@@ -163,6 +163,7 @@ class Settings:
     queue: QueueSettings = QueueSettings()
     screening: ScreeningSettings = ScreeningSettings()
     json_log: Path | None = None
+    log_level: str = "info"
 
 
 class _Reader:
@@ -493,6 +494,7 @@ def parse_config(file: Path, data: dict[str, Any]) -> Settings:
     screening = _screening(top.table_of("screening"))
     logging = top.table_of("logging")
     json_log = logging.path("json_file") if "json_file" in logging.table else None
+    log_level = logging.choice("level", "info", ("debug", "info", "warn", "error", "critical"))
     logging.reject_unknown()
     tls = _tls(top.table_of("tls"))
     queue = _queue(top.table_of("queue"))
@@ -514,6 +516,7 @@ def parse_config(file: Path, data: dict[str, Any]) -> Settings:
         limits=limits,
         screening=screening,
         json_log=json_log,
+        log_level=log_level,
         smtp_idle_timeout=smtp_idle,
         smtp=smtp_options,
         pop3_idle_timeout=pop3_idle,

@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import IO, Any
 
 from twisted.application import service
-from twisted.logger import globalLogPublisher, jsonFileLogObserver
+from twisted.logger import (
+    FilteringLogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    globalLogPublisher,
+    jsonFileLogObserver,
+)
+
+LEVELS = ("debug", "info", "warn", "error", "critical")
 
 
 def json_stdout() -> Any:
@@ -46,3 +54,31 @@ class JsonLogService(service.Service):
             globalLogPublisher.removeObserver(self._observer)
         if self._file is not None:
             self._file.close()
+
+
+class LogLevelService(service.Service):
+    """Filters every log observer by a level that SIGHUP can change (``settings`` = the level name).
+
+    twistd installs its observers before the application starts; this wraps
+    them (Twisted has no public call for that, hence the one private access).
+    """
+
+    def __init__(self, level: str) -> None:
+        self._predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(level))
+        self._level = level
+
+    @property
+    def settings(self) -> str:
+        return self._level
+
+    @settings.setter
+    def settings(self, level: str) -> None:
+        self._level = level
+        self._predicate.defaultLogLevel = LogLevel.levelWithName(level)
+        self._predicate.clearLogLevels()  # the root namespace keeps a copy of the default
+
+    def startService(self) -> None:
+        super().startService()
+        for observer in list(globalLogPublisher._observers):  # noqa: SLF001
+            globalLogPublisher.removeObserver(observer)
+            globalLogPublisher.addObserver(FilteringLogObserver(observer, [self._predicate]))

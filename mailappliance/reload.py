@@ -79,5 +79,5 @@ class Reloader(service.Service):
                 restart.append(field.name)
                 continue
             self.settings = attrs.evolve(self.settings, **{field.name: new_value})
-        log.info("SIGHUP: configuration re-read; applied: {applied}; changed but needing a restart: {restart}",
+        log.warn("SIGHUP: configuration re-read; applied: {applied}; changed but needing a restart: {restart}",
                  applied=", ".join(applied) or "nothing", restart=", ".join(restart) or "nothing")

@@ -39,7 +39,7 @@ from mailappliance.queue.spool import OutboundSpool
 from mailappliance.smtp.server import SMTPConfig, SMTPFactory
 from mailappliance.client_lookup import ClientLookup
 from mailappliance.limits import RateLimits
-from mailappliance.logs import JsonLogService
+from mailappliance.logs import JsonLogService, LogLevelService
 from mailappliance.metrics import METRICS
 from mailappliance.reload import Reloader
 from mailappliance.screening import ScreeningSource
@@ -108,6 +108,8 @@ def build_service(settings: Settings, reactor: Any = None,
 
         reactor = default_reactor
     top = service.MultiService()
+    log_level = LogLevelService(settings.log_level)
+    log_level.setServiceParent(top)
     if settings.json_log is not None:
         JsonLogService(settings.json_log).setServiceParent(top)
     _StartupService(settings, owner).setServiceParent(top)
@@ -131,7 +133,7 @@ def build_service(settings: Settings, reactor: Any = None,
     smtp_portal = Portal(SubscriberRealm(), [checker])
     pop3_portal = Portal(MaildirRealm(settings.maildir_root, MailboxLocks()), [checker])
     limits = RateLimits(settings.limits, reactor)  # shared by every listener
-    Reloader(settings, server_tls, screening, {"limits": limits, "throttle": throttle}, reactor).setServiceParent(top)
+    Reloader(settings, server_tls, screening, {"limits": limits, "throttle": throttle, "log_level": log_level}, reactor).setServiceParent(top)
     spool = OutboundSpool(settings.spool_dir)
     runner = _queue_runner(settings, spool, directory, run_blocking, reactor, resolver)
     runner.setServiceParent(top)

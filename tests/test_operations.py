@@ -194,14 +194,15 @@ def test_sighup_applies_safe_changes_and_names_the_rest(appliance: Callable[...,
     text = instance.config_path.read_text()
     text = text.replace("concurrent_per_address = 50", "concurrent_per_address = 1")
     text = text.replace(f"port = {instance.ports['pop3s']}", f"port = {instance.ports['pop3s'] + 1}")
-    instance.config_path.write_text(text)
+    instance.config_path.write_text(text + '[logging]\nlevel = "warn"\n')
     assert instance.process is not None
     instance.process.send_signal(signal.SIGHUP)
     deadline = time.monotonic() + 10
     while "configuration re-read" not in instance.log() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert "SIGHUP: configuration re-read; applied: limits; changed but needing a restart: listeners" \
-        in instance.log()
+    assert "SIGHUP: configuration re-read; applied: limits, log_level; changed but needing a restart: " \
+           "listeners" in instance.log()
+    before = instance.log().count("connect from")
     first = socket.create_connection(("127.0.0.1", instance.ports["mx"]), timeout=10)
     try:
         assert first.recv(1024).startswith(b"220")
@@ -209,6 +210,8 @@ def test_sighup_applies_safe_changes_and_names_the_rest(appliance: Callable[...,
             assert second.recv(1024).startswith(b"421 4.7.0")  # the new limit is in force
     finally:
         first.close()
+    assert instance.log().count("connect from") == before  # info lines are filtered now
+    assert "limit concurrent_per_address reached" not in instance.log()
     instance.config_path.write_text("[server\n")
     instance.process.send_signal(signal.SIGHUP)
     deadline = time.monotonic() + 10
