@@ -34,7 +34,7 @@ from mailappliance.pop3.mailbox import MailboxLocks, MaildirRealm
 from mailappliance.pop3.server import POP3Factory
 from mailappliance.queue.reports import ReportDelivery
 from mailappliance.queue.routing import NextHop, Relay, Router, make_resolver
-from mailappliance.queue.runner import QueueRunner, RunnerSettings
+from mailappliance.queue.runner import QueueRunner
 from mailappliance.queue.spool import OutboundSpool
 from mailappliance.smtp.server import SMTPConfig, SMTPFactory
 from mailappliance.client_lookup import ClientLookup
@@ -202,12 +202,6 @@ def _queue_runner(settings: Settings, spool: OutboundSpool, directory: Directory
         transports={domain: Relay.parse(relay) for domain, relay in q.transports},
         verify_domains=frozenset(q.verify_domains),
     )
-    runner_settings = RunnerSettings(
-        hostname=settings.hostname, retry_schedule=q.retry_schedule, max_age=q.max_age,
-        delay_warning_after=q.delay_warning_after, concurrency=q.concurrency,
-        per_destination=q.per_destination, scan_interval=q.scan_interval,
-        connect_timeout=q.connect_timeout, command_timeout=q.command_timeout,
-    )
     trust_root = _trust_root(q.ca_file)
     smarthost_login = (q.smarthost_user, q.smarthost_password) if q.smarthost_user else None
 
@@ -223,7 +217,7 @@ def _queue_runner(settings: Settings, spool: OutboundSpool, directory: Directory
 
     reports = ReportDelivery(frozenset(settings.local_domains), directory, settings.maildir_root,
                              settings.spool_dir / "incoming", spool, run_blocking, queued)
-    runner = QueueRunner(spool, router, runner_settings, run_blocking, reports, tls_context_for, reactor,
+    runner = QueueRunner(spool, router, q, settings.hostname, run_blocking, reports, tls_context_for, reactor,
                          smarthost_login=smarthost_login)
     return runner
 

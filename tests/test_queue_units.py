@@ -11,7 +11,8 @@ from twisted.internet.testing import StringTransport
 from mailappliance.queue.client import OutboundFactory, OutboundJob, to_wire
 from mailappliance.queue.dsn import build_dsn, recipient_status
 from mailappliance.queue.routing import Relay
-from mailappliance.queue.runner import Answer, RunnerSettings, apply_answers
+from mailappliance.config import QueueSettings
+from mailappliance.queue.runner import Answer, apply_answers
 from mailappliance.queue.schedule import Outcome, next_attempt_at, outcome_of
 from mailappliance.queue.spool import DELIVERED, FAILED, PENDING, Envelope
 
@@ -46,7 +47,7 @@ def test_schedule_repeats_last_step_and_stops_at_max_age() -> None:
 def test_apply_answers() -> None:
     envelope = Envelope.new("q1", "alice@example.org", ["a@x.example", "b@x.example", "c@y.example"],
                             received_at=0)
-    settings = RunnerSettings(hostname="mx", retry_schedule=(60,), max_age=600)
+    settings = QueueSettings(retry_schedule=(60,), max_age=600)
     failed = apply_answers(envelope, {"a@x.example": Answer(250, "ok"), "b@x.example": Answer(550, "5.1.1 no"),
                                       "c@y.example": Answer(451, "4.3.0 later")}, now=100, settings=settings)
     assert [r.address for r in failed] == ["b@x.example"]

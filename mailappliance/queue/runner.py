@@ -24,6 +24,7 @@ from twisted.internet import task
 from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
 from twisted.logger import Logger
 
+from mailappliance.config import QueueSettings
 from mailappliance.metrics import METRICS
 from mailappliance.queue.client import OutboundFactory, OutboundJob, TransactionResult
 from mailappliance.queue.dsn import build_dsn, recipient_status
@@ -32,19 +33,6 @@ from mailappliance.queue.schedule import Outcome, next_attempt_at, outcome_of
 from mailappliance.queue.spool import DELIVERED, FAILED, Envelope, OutboundSpool, QueueEntryGone, RecipientState
 
 log = Logger(namespace="mailappliance.queue")
-
-
-@attrs.frozen
-class RunnerSettings:
-    hostname: str
-    retry_schedule: tuple[float, ...] = (60, 300, 900, 1800, 3600, 7200, 14400)
-    max_age: float = 5 * 86400
-    delay_warning_after: float = 0
-    concurrency: int = 20
-    per_destination: int = 4
-    scan_interval: float = 30
-    connect_timeout: float = 30
-    command_timeout: float = 300
 
 
 @attrs.frozen
@@ -57,7 +45,7 @@ class Answer:
 
 
 def apply_answers(
-    envelope: Envelope, answers: dict[str, Answer], now: float, settings: RunnerSettings
+    envelope: Envelope, answers: dict[str, Answer], now: float, settings: QueueSettings
 ) -> list[RecipientState]:
     """Record this round in ``envelope``; returns the recipients that failed for good now."""
     failed_now: list[RecipientState] = []
@@ -99,7 +87,8 @@ class QueueRunner(service.Service):
         self,
         spool: OutboundSpool,
         router: Router,
-        settings: RunnerSettings,
+        settings: QueueSettings,
+        hostname: str,
         run_blocking: Callable[..., Deferred],
         send_report: ReportSender,
         tls_context_for: Callable[[NextHop], Any],
@@ -110,6 +99,7 @@ class QueueRunner(service.Service):
         self.spool = spool
         self.router = router
         self.settings = settings
+        self.hostname = hostname
         self.run_blocking = run_blocking
         self.send_report = send_report
         self.tls_context_for = tls_context_for
@@ -215,7 +205,7 @@ class QueueRunner(service.Service):
             log.info("queue: {id} no report for the null sender ({n} failed)", id=envelope.queue_id,
                      n=len(failed_now))
             return
-        report = build_dsn(reporting_host=self.settings.hostname, original_sender=envelope.sender,
+        report = build_dsn(reporting_host=self.hostname, original_sender=envelope.sender,
                            queue_id=envelope.queue_id, arrival_date=envelope.received_at,
                            statuses=statuses, original_message=data)
         await self.send_report(envelope.sender, report)
@@ -245,7 +235,7 @@ class QueueRunner(service.Service):
     async def _attempt(self, hop: NextHop, recipients: list[str], envelope: Envelope,
                        data: bytes) -> TransactionResult:
         job = OutboundJob(
-            helo=self.settings.hostname, sender=envelope.sender, recipients=tuple(recipients), data=data,
+            helo=self.hostname, sender=envelope.sender, recipients=tuple(recipients), data=data,
             tls_context=self.tls_context_for(hop), require_tls=hop.verify_tls,
             timeout=self.settings.command_timeout,
             auth=self.smarthost_login if hop.is_smarthost else None,
