@@ -58,21 +58,41 @@ def fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
+MEMORY_LIMIT = 1024 * 1024
+
+
 class IncomingMessage:
-    """One message being received: a file in the spool's ``incoming`` directory."""
+    """One message being received.
+
+    Up to ``MEMORY_LIMIT`` octets are kept in memory, so a typical message
+    costs the reactor thread no file I/O at all (creating a file can wait on
+    the filesystem journal behind other deliveries' fsyncs); the file in the
+    spool's ``incoming`` directory is created in ``commit``, in a worker
+    thread.  Larger messages spill to that file as they stream in.
+    """
 
     def __init__(self, incoming_dir: Path) -> None:
         self.name = unique_name()
         self.path = incoming_dir / self.name
         self.size = 0
-        self._file: BinaryIO | None = open(self.path, "xb", buffering=256 * 1024)  # noqa: SIM115
-        os.chmod(self.path, 0o600)
+        self._chunks: list[bytes] = []
+        self._file: BinaryIO | None = None
 
     def write(self, data: bytes) -> None:
-        """Append bytes (buffered; nothing is durable until ``commit``)."""
-        assert self._file is not None
-        self._file.write(data)
+        """Append bytes (nothing is durable until ``commit``)."""
         self.size += len(data)
+        if self._file is not None:
+            self._file.write(data)
+            return
+        self._chunks.append(data)
+        if self.size > MEMORY_LIMIT:
+            self._open_file()
+
+    def _open_file(self) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._file = os.fdopen(fd, "wb", buffering=256 * 1024)
+        self._file.write(b"".join(self._chunks))
+        self._chunks = []
 
     def commit(self, maildirs: Iterable[Path], outbound: Callable[[Path], None] | None = None) -> list[Path]:
         """Make the message durable in every maildir (and, via ``outbound``, in
@@ -81,6 +101,8 @@ class IncomingMessage:
         Blocking: fsync and directory operations.  Raises OSError on failure,
         in which case the caller answers 4xx and calls ``discard``.
         """
+        if self._file is None:
+            self._open_file()
         assert self._file is not None
         self._file.flush()
         os.fsync(self._file.fileno())
@@ -114,7 +136,8 @@ class IncomingMessage:
         os.rename(staged, target)
 
     def discard(self) -> None:
-        """Forget the incoming file (after commit, or when the message is refused)."""
+        """Forget the message (after commit, or when it is refused)."""
+        self._chunks = []
         if self._file is not None:
             self._file.close()
             self._file = None

@@ -39,7 +39,6 @@ class DataReader:
         self._sink = sink
         self._normalize = normalize_line_endings
         self._max_size = max_size
-        self._long_line = re.compile(rb"[^\r\n]{%d}" % (max_line_length + 1))
         self._max_line_length = max_line_length
         self._pending = b""  # the unterminated tail; always starts at a line start
         self.size = 0
@@ -77,7 +76,8 @@ class DataReader:
         bare = segment.count(b"\n") != crlf or segment.count(b"\r") != crlf
         if bare and not self._normalize:
             self.problems.bare_line_ending = True
-        if self._long_line.search(segment):
+        if len(segment) > self._max_line_length and \
+                max(map(len, segment.split(b"\r\n"))) > self._max_line_length:
             self.problems.line_too_long = True
         if segment.startswith(b"."):
             segment = segment[1:]

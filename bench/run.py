@@ -1,0 +1,300 @@
+"""Benchmarks against peers, measured in one run, alternating A B A B.
+
+    .bench-venv/bin/python bench/run.py inbound --sizes 10240 --concurrency 100 --messages 3000
+    .bench-venv/bin/python bench/run.py pop3 --messages 500
+    .bench-venv/bin/python bench/run.py idle --connections 1000 5000
+    .bench-venv/bin/python bench/run.py logins --logins 300
+
+Servers (each on loopback, storage in a fresh temp dir):
+- ours: `twistd -n mailappliance` (LDIF directory, fsync before 250);
+- aiosmtpd: bench/peers/aiosmtpd_maildir.py (fsync before 250);
+- twisted: bench/peers/twisted_mail_peer.py, Twisted's own mail classes (NO fsync).
+Each result line is JSON; a table of ratios (ours / peer, higher is better for
+us) closes the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import poplib
+import resource
+import shutil
+import smtplib
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+HERE = Path(__file__).resolve().parent
+BIN = Path(sys.executable).parent
+FSYNC = {"ours": True, "aiosmtpd": True, "twisted": False}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"port {port} never opened")
+
+
+class Server:
+    """One server process with its own temp dir."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.root = Path(tempfile.mkdtemp(prefix=f"bench-{kind}-"))
+        self.smtp_port, self.pop3_port = free_port(), free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, cache_ttl: float = 60) -> "Server":
+        if self.kind == "ours":
+            self._configure_ours(cache_ttl)
+            command = [str(BIN / "twistd"), "-n", "--pidfile=", "--logfile", str(self.root / "twistd.log"),
+                       "mailappliance", "--config", str(self.root / "mailappliance.toml")]
+        elif self.kind == "aiosmtpd":
+            command = [sys.executable, str(HERE / "peers" / "aiosmtpd_maildir.py"), "--port", str(self.smtp_port),
+                       "--maildir", str(self.root / "mail" / "alice")]
+        else:
+            command = [sys.executable, str(HERE / "peers" / "twisted_mail_peer.py"), "--smtp-port",
+                       str(self.smtp_port), "--pop3-port", str(self.pop3_port), "--maildir", str(self.root / "mail")]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        wait_for_port(self.smtp_port)
+        return self
+
+    def _configure_ours(self, cache_ttl: float) -> None:
+        added = subprocess.run([str(BIN / "mailappliance-admin"), "--config", str(self._write_config(cache_ttl)),
+                                "user", "add", "alice@example.org", "--password-stdin"],
+                               input="alice-password\n", capture_output=True, text=True)
+        if added.returncode:
+            raise RuntimeError(added.stderr)
+
+    def _write_config(self, cache_ttl: float) -> Path:
+        config = self.root / "mailappliance.toml"
+        config.write_text(f"""
+[server]
+hostname = "bench.example.org"
+local_domains = ["example.org"]
+[storage]
+maildir_root = "mail"
+spool_dir = "spool"
+[auth]
+cache_ttl = {cache_ttl}
+failures_before_delay = 1000
+address_lock_after = 100000
+account_lock_after = 100000
+[limits]
+connections_per_minute = 10000000
+concurrent_per_address = 100000
+max_connections = 100000
+[logging]
+level = "warn"
+[tls]
+certificate = "tls/server.pem"
+private_key = "tls/server.key"
+[[listeners]]
+role = "mx"
+port = {self.smtp_port}
+[[listeners]]
+role = "pop3"
+port = {self.pop3_port}
+allow_plaintext_auth = true
+""")
+        return config
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def rss_kib(self) -> int:
+        status = Path(f"/proc/{self.pid}/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1])
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(20)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def load(server: Server, messages: int, concurrency: int, size: int) -> dict[str, Any]:
+    output = subprocess.run(
+        [sys.executable, str(HERE / "smtp_load.py"), "--port", str(server.smtp_port), "--messages", str(messages),
+         "--concurrency", str(concurrency), "--size", str(size), "--processes", str(min(4, concurrency))],
+        capture_output=True, text=True, check=True).stdout
+    return json.loads(output)
+
+
+def alternate(kinds: list[str], rounds: int) -> Iterator[str]:
+    for _ in range(rounds):
+        yield from kinds
+
+
+def report(results: list[dict[str, Any]], key: str) -> None:
+    """Median per server and scenario, and ours/peer ratios."""
+    table: dict[tuple[str, str], list[float]] = {}
+    for r in results:
+        table.setdefault((r["scenario"], r["server"]), []).append(r[key])
+    print(f"\n| scenario | server | fsync before 250 | median {key} | ours / peer |")
+    print("|---|---|---|---|---|")
+    for (scenario, server), values in sorted(table.items()):
+        median = statistics.median(values)
+        ours = statistics.median(table.get((scenario, "ours"), [0]))
+        ratio = "" if server == "ours" or not median else f"{ours / median:.2f}x"
+        print(f"| {scenario} | {server} | {FSYNC[server]} | {median:,.1f} | {ratio} |")
+
+
+def bench_inbound(args: argparse.Namespace) -> None:
+    results = []
+    for size in args.sizes:
+        for concurrency in args.concurrency:
+            messages = args.messages if size <= 65536 else max(100, args.messages // 20)
+            for kind in alternate(args.servers, args.rounds):
+                server = Server(kind).start()
+                try:
+                    result = load(server, messages, concurrency, size)
+                finally:
+                    server.stop()
+                result.update(scenario=f"inbound {size // 1024} KB c={concurrency}", server=kind)
+                print(json.dumps(result), flush=True)
+                results.append(result)
+    report(results, "messages_per_second")
+
+
+def bench_pop3(args: argparse.Namespace) -> None:
+    results = []
+    for kind in alternate([k for k in args.servers if k != "aiosmtpd"], args.rounds):
+        server = Server(kind).start()
+        try:
+            load(server, args.messages, 10, args.size)
+            started = time.perf_counter()
+            client = poplib.POP3("127.0.0.1", server.pop3_port, timeout=60)
+            client.user("alice")
+            client.pass_("alice-password")
+            count, _ = client.stat()
+            for i in range(1, count + 1):
+                client.retr(i)
+            for i in range(1, count + 1):
+                client.dele(i)
+            client.quit()
+            seconds = time.perf_counter() - started
+        finally:
+            server.stop()
+        result = {"scenario": f"pop3 RETR+DELE {args.messages} x {args.size // 1024} KB", "server": kind,
+                  "messages": count, "seconds": round(seconds, 3), "messages_per_second": round(count / seconds, 1)}
+        print(json.dumps(result), flush=True)
+        results.append(result)
+    report(results, "messages_per_second")
+
+
+def bench_idle(args: argparse.Namespace) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    for kind in args.servers:
+        for count in args.connections:
+            server = Server(kind).start()
+            try:
+                time.sleep(0.5)
+                before = server.rss_kib()
+                sockets = []
+                for i in range(count):  # many source addresses, as many clients would be
+                    s = socket.create_connection(("127.0.0.1", server.smtp_port),
+                                                 source_address=(f"127.0.{1 + i // 250}.{1 + i % 250}", 0))
+                    sockets.append(s)
+                for s in sockets:
+                    s.recv(256)
+                time.sleep(1)
+                after = server.rss_kib()
+                with smtplib.SMTP("127.0.0.1", server.smtp_port, timeout=30) as smtp:
+                    ok = smtp.sendmail("b@example.net", ["alice@example.org"], b"Subject: x\r\n\r\ny\r\n") == {}
+                for s in sockets:
+                    s.close()
+            finally:
+                server.stop()
+            print(json.dumps({"scenario": f"idle {count}", "server": kind, "rss_before_kib": before,
+                              "rss_after_kib": after, "increase_mib": round((after - before) / 1024, 1),
+                              "kib_per_connection": round((after - before) / count, 2),
+                              "normal_session_ok": ok}), flush=True)
+
+
+def bench_logins(args: argparse.Namespace) -> None:
+    """Logins per second through the shared checker against slapd: cache cold (TTL 0) vs warm."""
+    sys.path.insert(0, str(HERE.parent))
+    from twisted.internet import reactor
+    from twisted.internet.defer import Deferred, gatherResults
+
+    from mailappliance.credentials import ClientPassword, SubscriberChecker
+    from mailappliance.directory.ldap import LdapStore
+    from mailappliance.directory.threaded import Directory
+    from tests.slapd import Slapd
+
+    root = Path(tempfile.mkdtemp(prefix="bench-slapd-"))
+    slapd = Slapd(root)
+    slapd.start()
+    store = LdapStore(slapd.settings())
+    store.add_subscriber("alice", "alice@example.org", "alice-password")
+    results: dict[str, float] = {}
+
+    async def measure(ttl: float) -> float:
+        directory = Directory(store, reactor, 8)
+        directory.start()
+        checker = SubscriberChecker(directory, ttl, reactor)
+        credentials = ClientPassword(b"alice", b"alice-password", "127.0.0.1")
+        await checker.requestAvatarId(credentials)  # warms the cache when ttl > 0
+        started = time.perf_counter()
+        for _ in range(args.logins // 10):
+            await gatherResults([checker.requestAvatarId(credentials) for _ in range(10)])
+        seconds = time.perf_counter() - started
+        directory.stop()
+        return (args.logins // 10 * 10) / seconds
+
+    async def both() -> None:
+        results["cold (TTL 0: one LDAP bind per login)"] = await measure(0)
+        results["warm (cache hit)"] = await measure(60)
+
+    def start() -> None:
+        Deferred.fromCoroutine(both()).addBoth(lambda _: reactor.stop())
+
+    reactor.callWhenRunning(start)
+    reactor.run()
+    slapd.stop()
+    shutil.rmtree(root, ignore_errors=True)
+    for name, rate in results.items():
+        print(json.dumps({"scenario": "logins", "cache": name, "logins_per_second": round(rate, 1)}))
+    cold, warm = results.values()
+    print(f"warm / cold: {warm / cold:.1f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("benchmark", choices=("inbound", "pop3", "idle", "logins"))
+    parser.add_argument("--servers", nargs="+", default=["ours", "twisted", "aiosmtpd"])
+    parser.add_argument("--sizes", nargs="+", type=int, default=[1024, 10240, 1048576])
+    parser.add_argument("--size", type=int, default=10240)
+    parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 10, 100])
+    parser.add_argument("--messages", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--connections", nargs="+", type=int, default=[1000, 5000])
+    parser.add_argument("--logins", type=int, default=500)
+    args = parser.parse_args()
+    {"inbound": bench_inbound, "pop3": bench_pop3, "idle": bench_idle, "logins": bench_logins}[args.benchmark](args)
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
