@@ -17,6 +17,7 @@ import itertools
 import os
 import shutil
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable
@@ -56,6 +57,43 @@ def fsync_directory(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class GroupDirectorySync:
+    """Directory fsyncs shared by concurrent deliveries (group commit).
+
+    A thread that needs ``path`` synced after its link waits for a sync that
+    *started* after its request; one fsync then covers every delivery that
+    linked into the directory before it began.  Durability is unchanged:
+    nobody returns before a directory fsync that followed their link.
+    """
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._requested: dict[Path, int] = {}
+        self._done: dict[Path, int] = {}
+        self._running: set[Path] = set()
+
+    def sync(self, path: Path) -> None:
+        with self._condition:
+            ticket = self._requested[path] = self._requested.get(path, 0) + 1
+            while self._done.get(path, 0) < ticket:
+                if path in self._running:
+                    self._condition.wait()
+                    continue
+                self._running.add(path)
+                covered = self._requested[path]
+                self._condition.release()
+                try:
+                    fsync_directory(path)
+                finally:
+                    self._condition.acquire()
+                    self._running.discard(path)
+                    self._condition.notify_all()
+                self._done[path] = max(self._done.get(path, 0), covered)
+
+
+DIRECTORY_SYNC = GroupDirectorySync()
 
 
 MEMORY_LIMIT = 1024 * 1024
@@ -117,7 +155,7 @@ class IncomingMessage:
             self._place(target)
             delivered.append(target)
         for new_dir in dict.fromkeys(p.parent for p in delivered):
-            fsync_directory(new_dir)
+            DIRECTORY_SYNC.sync(new_dir)
         self.discard()
         return delivered
 
