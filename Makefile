@@ -7,7 +7,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 APT_PACKAGES := slapd ldap-utils swaks openssl
 
-.PHONY: run test venv install system-deps clean
+.PHONY: run test venv install system-deps clean bench-setup
 
 venv: $(VENV)/.created
 $(VENV)/.created:
@@ -32,6 +32,10 @@ run: install
 
 test: system-deps install
 	$(PY) -m pytest -q -p no:cacheprovider tests
+
+# Benchmarks (not part of the tests): the venv plus the aiosmtpd peer. See bench/README.md.
+bench-setup: system-deps install
+	$(PY) -m pip install -q aiosmtpd
 
 clean:
 	rm -rf $(VENV) build *.egg-info var

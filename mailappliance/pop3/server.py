@@ -45,7 +45,7 @@ from mailappliance.pop3.mailbox import (
     MessageDeleted,
     NoSuchMessage,
 )
-from mailappliance.sessions import new_session_id
+from mailappliance.sessions import new_session_id, no_delay
 
 log = Logger(namespace="mailappliance.pop3")
 
@@ -240,6 +240,7 @@ class POP3Session(Protocol, TimeoutMixin):
         return self.factory.reactor.callLater(period, func)
 
     def connectionMade(self) -> None:
+        no_delay(self.transport)
         peer = self.transport.getPeer()
         host, port = getattr(peer, "host", None), getattr(peer, "port", None)
         self.client = f"[{host}]:{port}" if host is not None else str(peer)

@@ -38,7 +38,7 @@ from mailappliance.metrics import METRICS
 from mailappliance.policy import Route, decide_recipient, decide_sender
 from mailappliance.queue.spool import Envelope, OutboundSpool
 from mailappliance.screening import ClientFacts, screen_client, screen_helo, screen_sender
-from mailappliance.sessions import new_session_id
+from mailappliance.sessions import new_session_id, no_delay
 from mailappliance.smtp.data import DataReader
 from mailappliance.smtp.paths import MailPath, PathSyntaxError, parse_path, split_command_argument
 from mailappliance.smtp.received import received_header, return_path_header
@@ -125,6 +125,7 @@ class SMTPSession(protocol.Protocol, TimeoutMixin):
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
         self.client_ip = getattr(peer, "host", "unknown")
+        no_delay(self.transport)
         log.info(
             "session={session} connect from [{client}] to {listener} ({role})",
             session=self.session_id, client=self.client_ip, role=self.config.role,
