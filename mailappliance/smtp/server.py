@@ -505,30 +505,22 @@ class SMTPSession(protocol.Protocol, TimeoutMixin):
         self.error(554, "5.7.1", f"<{helo}>: Helo command rejected: Access denied")
         return True
 
-    def smtp_EHLO(self, argument: str) -> None:
+    def _hello(self, verb: str, argument: str, esmtp: bool) -> None:
+        """EHLO and HELO: check the name, reset the transaction, greet (with extensions for EHLO)."""
         if not argument:
-            self.error(501, "5.5.4", "Syntax: EHLO hostname")
+            self.error(501, "5.5.4", f"Syntax: {verb} hostname")
             return
-        if self._helo_refused(argument.split()[0]):
+        name = argument.split()[0]
+        if self._helo_refused(name):
             return
-        self.helo, self.esmtp = argument.split()[0], True
-        self.transaction = None
-        lines = [self.config.hostname, *self.extensions()]
-        self.transport.write(
-            "".join(
-                f"250{' ' if i == len(lines) - 1 else '-'}{line}\r\n" for i, line in enumerate(lines)
-            ).encode()
-        )
+        self.helo, self.esmtp, self.transaction = name, esmtp, None
+        self.reply(250, "\n".join([self.config.hostname, *(self.extensions() if esmtp else [])]))
+
+    def smtp_EHLO(self, argument: str) -> None:
+        self._hello("EHLO", argument, esmtp=True)
 
     def smtp_HELO(self, argument: str) -> None:
-        if not argument:
-            self.error(501, "5.5.4", "Syntax: HELO hostname")
-            return
-        if self._helo_refused(argument.split()[0]):
-            return
-        self.helo, self.esmtp = argument.split()[0], False
-        self.transaction = None
-        self.reply(250, self.config.hostname)
+        self._hello("HELO", argument, esmtp=False)
 
     def smtp_NOOP(self, argument: str) -> None:
         self.reply(250, "Ok", "2.0.0")
