@@ -150,6 +150,7 @@ class Settings:
     local_domains: tuple[str, ...]
     maildir_root: Path
     spool_dir: Path
+    storage_threads: int
     max_message_size: int
     auth_cache_ttl: float
     throttle: ThrottleSettings
@@ -465,6 +466,7 @@ def parse_config(file: Path, data: dict[str, Any]) -> Settings:
     storage = top.table_of("storage")
     maildir_root = storage.path("maildir_root", "var/mail")
     spool_dir = storage.path("spool_dir", "var/spool")
+    storage_threads = storage.integer("threads", 8, 1, 256)
     storage.reject_unknown()
 
     smtp = top.table_of("smtp")
@@ -510,6 +512,7 @@ def parse_config(file: Path, data: dict[str, Any]) -> Settings:
         local_domains=domains,
         maildir_root=maildir_root,
         spool_dir=spool_dir,
+        storage_threads=storage_threads,
         max_message_size=max_size,
         auth_cache_ttl=cache_ttl,
         throttle=throttle,

@@ -116,7 +116,7 @@ def build_service(settings: Settings, reactor: Any = None,
 
     directory = Directory(build_store(settings.directory), reactor, settings.directory.threads)
     _PoolService(directory.start, directory.stop).setServiceParent(top)
-    storage_pool = ThreadPool(minthreads=1, maxthreads=8, name="storage")
+    storage_pool = ThreadPool(minthreads=1, maxthreads=settings.storage_threads, name="storage")
     _PoolService(storage_pool.start, storage_pool.stop).setServiceParent(top)
 
     def run_blocking(function: Callable[..., Any], *args: Any) -> Deferred:
