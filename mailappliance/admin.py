@@ -121,10 +121,7 @@ def cmd_user_list(ctx: CommandContext, args: argparse.Namespace) -> None:
 
 
 def cmd_user_show(ctx: CommandContext, args: argparse.Namespace) -> None:
-    subscriber = ctx.store.find_by_login(args.login) or ctx.store.find_by_address(args.login)
-    if subscriber is None:
-        raise NoSuchSubscriber(f"no subscriber with login or address {args.login!r}")
-    fields = _subscriber_fields(subscriber)
+    fields = _subscriber_fields(_subscriber(ctx, args.login))
     if ctx.as_json:
         print(json.dumps(fields))
     else:

@@ -43,6 +43,21 @@ def _link_or_copy(source: str, target: str) -> None:
         shutil.copy2(source, target)
 
 
+def wait_for_listener(process: subprocess.Popen[bytes], port: int, log: Path, timeout: float = 30) -> None:
+    """Until the daemon accepts connections; its output and log explain a failure to start."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            output = process.stdout.read() if process.stdout else b""
+            raise RuntimeError(f"daemon exited: {output.decode()}\n{log.read_text() if log.exists() else ''}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"daemon did not open port {port}:\n{log.read_text() if log.exists() else ''}")
+        time.sleep(0.1)
+
+
 @pytest.fixture
 def world_readable_root() -> Iterator[Path]:
     if os.geteuid() != 0:
@@ -83,14 +98,7 @@ def test_root_on_low_ports_then_runs_as_nobody(world_readable_root: Path) -> Non
         cwd=root, env={**os.environ, "PYTHONPATH": str(site)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert process.poll() is None, (process.stdout.read() if process.stdout else b"") + log.read_bytes()
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", mx)) == 0:
-                    break
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
+        wait_for_listener(process, mx, log)
         status = Path(f"/proc/{process.pid}/status").read_text()
         uids = next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1:]
         gids = next(line for line in status.splitlines() if line.startswith("Gid:")).split()[1:]
