@@ -5,12 +5,16 @@ built with ``slapadd -n0`` (schemas core, cosine, inetorgperson, misc; an mdb
 database for dc=example,dc=org), an admin (rootdn), a read-only service
 account that cannot read passwords, and ``ou=people``.  The function-scoped
 ``slapd`` fixture empties ``ou=people`` and makes sure the server runs, so
-tests are independent and may stop and restart it.
+tests are independent and may stop and restart it.  The service account
+gets ``olcLimits ... size=unlimited``: without it OpenLDAP answers at most
+500 entries (paged searches too), and listing a real ISP's subscribers fails.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -22,6 +26,7 @@ import ldap3
 import pytest
 
 from mailappliance.config import LdapSettings
+from mailappliance.directory.ldap import LdapStore
 from mailappliance.directory.passwords import make_ssha
 
 SLAPD = shutil.which("slapd") or "/usr/sbin/slapd"
@@ -77,6 +82,7 @@ olcDbIndex: objectClass eq
 olcDbIndex: uid,mail,mailLocalAddress eq
 olcAccess: {{0}}to attrs=userPassword by self =w by anonymous auth by * none
 olcAccess: {{1}}to * by dn.exact="cn=mailappliance,{suffix}" read by self read by * none
+olcLimits: dn.exact="cn=mailappliance,{suffix}" size=unlimited
 """
 
 DATA_LDIF = """\
@@ -164,6 +170,16 @@ class Slapd:
             self.process.wait(10)
         self.process = None
 
+    def pause(self) -> None:
+        """Freeze slapd (SIGSTOP): connections are accepted by the kernel but never answered."""
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Let a paused slapd run again."""
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGCONT)
+
     @property
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -213,6 +229,16 @@ def slapd_server() -> Iterator[Slapd]:
 @pytest.fixture
 def slapd(slapd_server: Slapd) -> Slapd:
     """The session's slapd, running, with an empty ou=people."""
+    if slapd_server.running:
+        slapd_server.resume()  # harmless if it was not paused; rescues a test that failed while paused
     slapd_server.start()
     slapd_server.clear_people()
     return slapd_server
+
+
+@pytest.fixture
+def ldap_store(slapd: Slapd) -> Iterator[LdapStore]:
+    """An LdapStore on the private slapd, with an empty ou=people, closed afterwards."""
+    store = LdapStore(slapd.settings())
+    yield store
+    store.close()

@@ -207,3 +207,98 @@ def test_ldap_service_account_cannot_read_passwords(slapd: Any) -> None:
     [entry] = conn.response
     assert entry["attributes"]["mail"] == ["alice@example.org"]
     assert not entry["attributes"].get("userPassword")
+
+
+def test_ldap_hung_server_is_temporary_and_recovers(slapd: Any) -> None:
+    """A frozen slapd (accepts, never answers) is worse than a dead one: the timeout must hold."""
+    store = LdapStore(slapd.settings(timeout=1))
+    store.add_subscriber("alice", "alice@example.org", "alice-password")
+    subscriber = store.find_by_login("alice")
+    slapd.pause()
+    try:
+        with pytest.raises(DirectoryUnavailable, match="timed out"):
+            store.find_by_login("alice")
+        with pytest.raises(DirectoryUnavailable):
+            store.verify_password(subscriber, "alice-password")
+    finally:
+        slapd.resume()
+    assert store.find_by_login("alice").uid == "alice"
+    assert store.verify_password(subscriber, "alice-password")
+    store.close()
+
+
+def test_ldap_lists_more_than_the_default_size_limit(slapd: Any, ldap_store: LdapStore) -> None:
+    """OpenLDAP answers 500 entries by default; the service account's olcLimits lifts that."""
+    with slapd.admin_connection() as conn:
+        for i in range(600):
+            conn.add(f"uid=u{i:03d},{slapd.base_dn}", ["inetOrgPerson"],
+                     {"uid": f"u{i:03d}", "mail": f"u{i:03d}@example.org", "cn": "u", "sn": "u"})
+    listed = ldap_store.list_subscribers()
+    assert [s.uid for s in listed] == [f"u{i:03d}" for i in range(600)]
+
+
+def test_ldap_entries_made_with_ldap_tools(slapd: Any, ldap_store: LdapStore) -> None:
+    """An admin's ldapadd with a {SSHA} hash works; entries lacking uid or mail are ignored."""
+    from mailappliance.directory.passwords import make_ssha
+
+    slapd.add_ldif(f"""\
+dn: uid=carol,{slapd.base_dn}
+objectClass: inetOrgPerson
+objectClass: inetLocalMailRecipient
+uid: carol
+cn: Carol
+sn: Carol
+mail: Carol@Example.org
+mailLocalAddress: c@example.org
+employeeType: disabled
+userPassword: {make_ssha("carol-password")}
+
+dn: uid=nomail,{slapd.base_dn}
+objectClass: inetOrgPerson
+uid: nomail
+cn: No Mail
+sn: No Mail
+
+dn: cn=nouid,{slapd.base_dn}
+objectClass: inetOrgPerson
+cn: nouid
+sn: nouid
+mail: nouid@example.org
+""")
+    carol = ldap_store.find_by_address("C@EXAMPLE.ORG")
+    assert carol is not None and carol.mail == "carol@example.org" and carol.disabled
+    assert ldap_store.verify_password(carol, "carol-password")
+    assert ldap_store.find_by_login("nomail") is None
+    assert ldap_store.find_by_address("nouid@example.org") is None
+    assert [s.uid for s in ldap_store.list_subscribers()] == ["carol"]
+
+
+def test_ldap_admin_methods_need_admin_bind_dn(slapd: Any) -> None:
+    import attrs
+
+    from mailappliance.directory import DirectoryAdminError
+
+    store = LdapStore(attrs.evolve(slapd.settings(), admin_bind_dn="", admin_bind_password=""))
+    with pytest.raises(DirectoryAdminError, match="directory.ldap.admin_bind_dn"):
+        store.add_subscriber("alice", "alice@example.org", "alice-password")
+    assert store.list_subscribers() == []  # lookups need only the service account
+    store.close()
+
+
+def test_ldap_store_is_shared_by_threads(ldap_store: LdapStore) -> None:
+    """The daemon calls one store from several pool threads; close() from another thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    for uid in ("alice", "bob", "carol"):
+        ldap_store.add_subscriber(uid, f"{uid}@example.org", f"{uid}-password")
+
+    def check(n: int) -> bool:
+        uid = ("alice", "bob", "carol")[n % 3]
+        subscriber = ldap_store.find_by_address(f"{uid}@example.org")
+        return subscriber is not None and subscriber.uid == uid and ldap_store.verify_password(
+            subscriber, f"{uid}-password")
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(check, range(120)))
+        ldap_store.close()  # unbinds every worker's connection ...
+        assert all(pool.map(check, range(30)))  # ... and the store reconnects on demand

@@ -46,6 +46,7 @@ OBJECT_CLASSES = ["top", "person", "organizationalPerson", "inetOrgPerson", "ine
 INVALID_CREDENTIALS = 49
 REFUSED_BIND_RESULTS = {48, 49, 50, 53}  # inappropriateAuth, invalidCredentials, insufficientAccess, unwilling
 TEMPORARY_RESULTS = {3, 51, 52, 80}  # timeLimitExceeded, busy, unavailable, other
+SIZE_LIMIT_EXCEEDED = 4
 
 
 def _texts(raw: dict[str, list[bytes]], name: str) -> list[str]:
@@ -77,6 +78,14 @@ def subscriber_from_ldap(dn: str, raw: dict[str, list[bytes]]) -> Subscriber | N
     )
 
 
+def _unbind_quietly(conn: ldap3.Connection) -> None:
+    """Close a connection that may already be broken."""
+    try:
+        conn.unbind()
+    except LDAPException:
+        pass
+
+
 class LdapStore:
     """A DirectoryStore on an LDAP server."""
 
@@ -90,6 +99,10 @@ class LdapStore:
             servers, ldap3.FIRST, active=1, exhaust=False
         )
         self._local = threading.local()
+        # every thread's service connection, so close() (called from another
+        # thread when the daemon stops) can unbind them all
+        self._open: set[ldap3.Connection] = set()
+        self._open_lock = threading.Lock()
         # ldap3 packs this into SO_RCVTIMEO with struct: it must be a whole number
         self._receive_timeout = max(1, math.ceil(settings.timeout))
 
@@ -113,16 +126,17 @@ class LdapStore:
                 raise DirectoryUnavailable(f"service bind as {self.settings.bind_dn!r} failed: "
                                            f"{conn.result.get('description')}")
             self._local.conn = conn
+            with self._open_lock:
+                self._open.add(conn)
         return conn
 
     def _drop_service_connection(self) -> None:
         conn = getattr(self._local, "conn", None)
         self._local.conn = None
         if conn is not None:
-            try:
-                conn.unbind()
-            except LDAPException:
-                pass
+            with self._open_lock:
+                self._open.discard(conn)
+            _unbind_quietly(conn)
 
     def _with_retry(self, operation: Callable[[ldap3.Connection], T]) -> T:
         """Run ``operation`` on the service connection; once more on a fresh one if it broke."""
@@ -142,6 +156,12 @@ class LdapStore:
             conn.search(self.settings.base_dn, ldap_filter, ldap3.SUBTREE, attributes=ATTRIBUTES,
                         time_limit=self._receive_timeout)
             code = conn.result.get("result")
+            if code == SIZE_LIMIT_EXCEEDED:
+                raise DirectoryUnavailable(
+                    f"the server's size limit stopped the search (OpenLDAP's default olcSizeLimit is 500 "
+                    f"entries); give the service account more, e.g. "
+                    f'olcLimits: dn.exact="{self.settings.bind_dn}" size=unlimited'
+                )
             if code in TEMPORARY_RESULTS or (code not in (0, 32) and code is not None):
                 raise DirectoryUnavailable(f"search failed: {conn.result.get('description')}")
             if code is None:
@@ -178,10 +198,7 @@ class LdapStore:
         except LDAPException as e:
             raise DirectoryUnavailable(f"LDAP {', '.join(self.settings.urls)}: {type(e).__name__}: {e}") from None
         finally:
-            try:
-                conn.unbind()
-            except LDAPException:
-                pass
+            _unbind_quietly(conn)
 
     def verify_password(self, subscriber: Subscriber, password: str) -> bool:
         if not password:
@@ -217,7 +234,12 @@ class LdapStore:
         return sorted((s for s in found if s is not None), key=lambda s: s.uid.lower())
 
     def close(self) -> None:
-        self._drop_service_connection()
+        """Unbind every thread's service connection (the store stays usable: it reconnects)."""
+        self._local.conn = None
+        with self._open_lock:
+            connections, self._open = list(self._open), set()
+        for conn in connections:
+            _unbind_quietly(conn)
 
     # -- admin ---------------------------------------------------------------
 
@@ -273,7 +295,11 @@ class LdapStore:
             self._check(conn, f"adding {dn}")
             if password:
                 conn.extend.standard.modify_password(user=dn, new_password=password)
-                self._check(conn, f"setting the password of {dn}")
+                try:
+                    self._check(conn, f"setting the password of {dn}")
+                except DirectoryAdminError:
+                    conn.delete(dn)  # no half-made subscriber: the admin can simply retry
+                    raise
 
         self._admin(add)
         return self._require(uid)
