@@ -151,6 +151,7 @@ class Settings:
     maildir_root: Path
     spool_dir: Path
     storage_threads: int
+    commit_threads: int
     max_message_size: int
     auth_cache_ttl: float
     throttle: ThrottleSettings
@@ -467,6 +468,7 @@ def parse_config(file: Path, data: dict[str, Any]) -> Settings:
     maildir_root = storage.path("maildir_root", "var/mail")
     spool_dir = storage.path("spool_dir", "var/spool")
     storage_threads = storage.integer("threads", 8, 1, 256)
+    commit_threads = storage.integer("commit_threads", 2, 1, 64)
     storage.reject_unknown()
 
     smtp = top.table_of("smtp")
@@ -513,6 +515,7 @@ def parse_config(file: Path, data: dict[str, Any]) -> Settings:
         maildir_root=maildir_root,
         spool_dir=spool_dir,
         storage_threads=storage_threads,
+        commit_threads=commit_threads,
         max_message_size=max_size,
         auth_cache_ttl=cache_ttl,
         throttle=throttle,

@@ -1,10 +1,11 @@
 """Durable Maildir delivery.
 
-A message is received into one file in ``<spool>/incoming`` while DATA
-streams in.  ``commit`` (blocking: run it in a thread) fsyncs that file, then
-hard-links it into each recipient's ``new/`` (copying when the spool is on
-another filesystem, via ``tmp/``, fsync, rename), fsyncs each ``new/``
-directory, and only then may the SMTP layer answer 250.  A file in ``new/`` is
+A message is received in memory (larger ones spill into one file in
+``<spool>/incoming``) while DATA streams in.  ``commit_batch`` (blocking: the
+``BatchCommitter`` thread runs it) writes and fsyncs that file, hard-links it
+into each recipient's ``new/`` (copying when the spool is on another
+filesystem, via ``tmp/``, fsync, rename), fsyncs each ``new/`` directory, and
+only then may the SMTP layer answer 250.  A file in ``new/`` is
 therefore always whole: it appears by an atomic link or rename of a file whose
 bytes are already on disk.  Maildir files are never modified in place, so
 recipients sharing one inode is safe (Dovecot does the same).
@@ -17,10 +18,11 @@ import itertools
 import os
 import shutil
 import socket
-import threading
 import time
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable
+from typing import BinaryIO, Callable, Iterable, Sequence, Union
+
+import attrs
 
 _counter = itertools.count()
 _hostname = socket.gethostname().replace("/", "\\057").replace(":", "\\072").replace(",", "\\054")
@@ -43,12 +45,29 @@ def ensure_maildir(path: Path) -> None:
         (path / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
 
 
+def _process_tag() -> str:
+    """Pid and a random part, fixed per process (renewed in a forked child)."""
+    return f"P{os.getpid()}R{os.urandom(4).hex()}"
+
+
+_process = _process_tag()
+
+
+def _renew_process_tag() -> None:
+    global _process
+    _process = _process_tag()
+
+
+os.register_at_fork(after_in_child=_renew_process_tag)
+
+
 def unique_name() -> str:
-    """A Maildir unique name (time, microseconds, pid, counter, host); no ',' or ':'."""
+    """A Maildir unique name (time, microseconds, pid and random part, counter,
+    host); no ',' or ':'.  It costs no system call."""
     now = time.time()
     seconds = int(now)
     micros = int((now - seconds) * 1_000_000)
-    return f"{seconds}.M{micros}P{os.getpid()}Q{next(_counter)}R{os.urandom(4).hex()}.{_hostname}"
+    return f"{seconds}.M{micros}{_process}Q{next(_counter)}.{_hostname}"
 
 
 def fsync_directory(path: Path) -> None:
@@ -59,41 +78,19 @@ def fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
-class GroupDirectorySync:
-    """Directory fsyncs shared by concurrent deliveries (group commit).
-
-    A thread that needs ``path`` synced after its link waits for a sync that
-    *started* after its request; one fsync then covers every delivery that
-    linked into the directory before it began.  Durability is unchanged:
-    nobody returns before a directory fsync that followed their link.
-    """
-
-    def __init__(self) -> None:
-        self._condition = threading.Condition()
-        self._requested: dict[Path, int] = {}
-        self._done: dict[Path, int] = {}
-        self._running: set[Path] = set()
-
-    def sync(self, path: Path) -> None:
-        with self._condition:
-            ticket = self._requested[path] = self._requested.get(path, 0) + 1
-            while self._done.get(path, 0) < ticket:
-                if path in self._running:
-                    self._condition.wait()
-                    continue
-                self._running.add(path)
-                covered = self._requested[path]
-                self._condition.release()
-                try:
-                    fsync_directory(path)
-                finally:
-                    self._condition.acquire()
-                    self._running.discard(path)
-                    self._condition.notify_all()
-                self._done[path] = max(self._done.get(path, 0), covered)
+_known_maildirs: set[Path] = set()
 
 
-DIRECTORY_SYNC = GroupDirectorySync()
+def ensure_maildir_once(path: Path) -> None:
+    """``ensure_maildir``, remembered: a delivery costs no mkdir calls once a
+    Maildir is known to exist (``forget_maildir`` when it turns out gone)."""
+    if path not in _known_maildirs:
+        ensure_maildir(path)
+        _known_maildirs.add(path)
+
+
+def forget_maildir(path: Path) -> None:
+    _known_maildirs.discard(path)
 
 
 MEMORY_LIMIT = 1024 * 1024
@@ -105,8 +102,8 @@ class IncomingMessage:
     Up to ``MEMORY_LIMIT`` octets are kept in memory, so a typical message
     costs the reactor thread no file I/O at all (creating a file can wait on
     the filesystem journal behind other deliveries' fsyncs); the file in the
-    spool's ``incoming`` directory is created in ``commit``, in a worker
-    thread.  Larger messages spill to that file as they stream in.
+    spool's ``incoming`` directory is created at commit, in a commit thread,
+    with one write.  Larger messages spill to that file as they stream in.
     """
 
     def __init__(self, incoming_dir: Path) -> None:
@@ -114,54 +111,77 @@ class IncomingMessage:
         self.path = incoming_dir / self.name
         self.size = 0
         self._chunks: list[bytes] = []
-        self._file: BinaryIO | None = None
+        self._file: BinaryIO | None = None  # a spilled (large) message
+        self._fd: int | None = None  # the written file, between write_out and sync
 
     def write(self, data: bytes) -> None:
-        """Append bytes (nothing is durable until ``commit``)."""
+        """Append bytes (nothing is durable until it is committed)."""
         self.size += len(data)
         if self._file is not None:
             self._file.write(data)
             return
         self._chunks.append(data)
         if self.size > MEMORY_LIMIT:
-            self._open_file()
+            self._file = os.fdopen(self._create(), "wb", buffering=256 * 1024)
+            self._file.write(b"".join(self._chunks))
+            self._chunks = []
 
-    def _open_file(self) -> None:
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        self._file = os.fdopen(fd, "wb", buffering=256 * 1024)
-        self._file.write(b"".join(self._chunks))
-        self._chunks = []
+    def _create(self) -> int:
+        return os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
 
     def commit(self, maildirs: Iterable[Path], outbound: Callable[[Path], None] | None = None) -> list[Path]:
-        """Make the message durable in every maildir (and, via ``outbound``, in
-        the outbound spool); returns the delivered Maildir paths.
-
-        Blocking: fsync and directory operations.  Raises OSError on failure,
-        in which case the caller answers 4xx and calls ``discard``.
+        """Make this one message durable (see ``commit_batch``); returns the
+        delivered Maildir paths.  Blocking; raises OSError on failure, in
+        which case the caller answers 4xx (the message is already discarded).
         """
-        if self._file is None:
-            self._open_file()
-        assert self._file is not None
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        self._file = None
-        if outbound is not None:
-            outbound(self.path)
-        delivered: list[Path] = []
-        for maildir in dict.fromkeys(maildirs):
-            ensure_maildir(maildir)
-            target = maildir / "new" / f"{unique_name()},S={self.size}"
-            self._place(target)
-            delivered.append(target)
-        for new_dir in dict.fromkeys(p.parent for p in delivered):
-            DIRECTORY_SYNC.sync(new_dir)
-        self.discard()
-        return delivered
+        outcome = commit_batch([CommitJob(self, tuple(maildirs), outbound)])[0]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
 
-    def _place(self, target: Path) -> None:
+    def write_out(self) -> None:
+        """Put every byte into the incoming file (not yet durable)."""
+        if self._file is not None:
+            self._file.flush()
+            self._fd = self._file.fileno()
+            return
+        self._fd = self._create()
+        data = memoryview(b"".join(self._chunks))
+        self._chunks = []
+        while data:
+            data = data[os.write(self._fd, data):]
+
+    def sync(self) -> None:
+        """fsync and close the incoming file (after ``write_out``)."""
+        assert self._fd is not None
         try:
-            os.link(self.path, target)
+            os.fsync(self._fd)
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        elif self._fd is not None:
+            os.close(self._fd)
+        self._file = self._fd = None
+
+    def place(self, maildir: Path, last: bool = False) -> Path:
+        """Put the (synced) file into ``maildir``'s ``new/``: a hard link, or
+        for the ``last`` place a rename; the caller then fsyncs ``new/``."""
+        ensure_maildir_once(maildir)
+        target = maildir / "new" / f"{self.name},S={self.size}"
+        try:
+            self._place(target, last)
+        except FileNotFoundError:  # the Maildir was removed while we remembered it
+            forget_maildir(maildir)
+            ensure_maildir_once(maildir)
+            self._place(target, last)
+        return target
+
+    def _place(self, target: Path, last: bool) -> None:
+        try:
+            (os.rename if last else os.link)(self.path, target)
             return
         except OSError as e:
             if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
@@ -176,13 +196,73 @@ class IncomingMessage:
     def discard(self) -> None:
         """Forget the message (after commit, or when it is refused)."""
         self._chunks = []
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        self._close()
         try:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+
+@attrs.frozen
+class CommitJob:
+    """One received message and where it must be made durable."""
+
+    message: IncomingMessage
+    maildirs: tuple[Path, ...]
+    outbound: Callable[[Path], None] | None = None
+
+
+CommitOutcome = Union[list[Path], BaseException]
+
+
+def commit_batch(jobs: Sequence[CommitJob]) -> list[CommitOutcome]:
+    """Make several messages durable together (group commit); blocking.
+
+    Every job's file is written first and only then fsynced, one after the
+    other: the first fsync's journal commit carries the others' data, so the
+    rest cost little.  Then come the outbound spool entries, the links into
+    each ``new/``, and one fsync per distinct ``new/`` directory for the whole
+    batch.  The guarantee per message is the same as delivering it alone: its
+    outcome is its Maildir paths only after its file and every ``new/`` it was
+    linked into were fsynced.  A failure (OSError) fails that job alone, or
+    the jobs that share a directory whose fsync failed; failed jobs are
+    discarded and their outcome is the exception.
+    """
+    outcomes: list[CommitOutcome | None] = [None] * len(jobs)
+    delivered: dict[int, list[Path]] = {}
+
+    def each(step: Callable[[int, CommitJob], None]) -> None:
+        for i, job in enumerate(jobs):
+            if outcomes[i] is not None:
+                continue
+            try:
+                step(i, job)
+            except OSError as e:
+                outcomes[i] = e
+                job.message.discard()
+
+    def place(i: int, job: CommitJob) -> None:
+        if job.outbound is not None:
+            job.outbound(job.message.path)
+        maildirs = list(dict.fromkeys(job.maildirs))
+        delivered[i] = [job.message.place(maildir, last=n == len(maildirs) - 1) for n, maildir in enumerate(maildirs)]
+
+    each(lambda i, job: job.message.write_out())
+    each(lambda i, job: job.message.sync())
+    each(place)
+    for new_dir in dict.fromkeys(p.parent for i, paths in delivered.items() if outcomes[i] is None for p in paths):
+        try:
+            fsync_directory(new_dir)
+        except OSError as e:
+            for i, paths in delivered.items():
+                if outcomes[i] is None and any(p.parent == new_dir for p in paths):
+                    outcomes[i] = e
+                    jobs[i].message.discard()
+    for i, job in enumerate(jobs):
+        if outcomes[i] is None:
+            job.message.discard()  # the incoming name only; the Maildir links keep the data
+            outcomes[i] = delivered[i]
+    return outcomes  # type: ignore[return-value]
 
 
 def clean_incoming(incoming_dir: Path) -> int:

@@ -1,7 +1,8 @@
 """Builds the appliance's MultiService from validated settings.
 
-One directory (with its own thread pool), ONE shared credential checker, one
-storage thread pool for fsyncs, and a listener per ``[[listeners]]`` table.
+One directory (with its own thread pool), ONE shared credential checker, the
+commit threads that make received mail durable, a storage thread pool for
+other disk work, and a listener per ``[[listeners]]`` table.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from mailappliance.queue.runner import QueueRunner
 from mailappliance.queue.spool import OutboundSpool
 from mailappliance.smtp.server import SMTPConfig, SMTPFactory
 from mailappliance.client_lookup import ClientLookup
+from mailappliance.committer import BatchCommitter
 from mailappliance.limits import RateLimits
 from mailappliance.logs import JsonLogService, LogLevelService
 from mailappliance.metrics import METRICS
@@ -119,6 +121,9 @@ def build_service(settings: Settings, reactor: Any = None,
     storage_pool = ThreadPool(minthreads=1, maxthreads=settings.storage_threads, name="storage")
     _PoolService(storage_pool.start, storage_pool.stop).setServiceParent(top)
 
+    committer = BatchCommitter(reactor, settings.commit_threads)
+    _PoolService(committer.start, committer.stop).setServiceParent(top)
+
     def run_blocking(function: Callable[..., Any], *args: Any) -> Deferred:
         return deferToThreadPool(reactor, storage_pool, function, *args)
 
@@ -145,7 +150,7 @@ def build_service(settings: Settings, reactor: Any = None,
         if listener.role in WEB_ROLES:
             factory: Any = metrics_site(health) if listener.role == "metrics" else autoconfig_site(settings)
         elif listener.is_smtp:
-            factory = _smtp_factory(settings, listener, directory, run_blocking, smtp_portal, spool,
+            factory = _smtp_factory(settings, listener, directory, committer.commit, smtp_portal, spool,
                                     server_tls, runner.kick)
             factory.screening, factory.client_lookup = screening, client_lookup
         else:
@@ -234,7 +239,7 @@ def _trust_root(ca_file: Any) -> Any:
 
 def _smtp_factory(
     settings: Settings, listener: ListenerSettings, directory: Directory,
-    run_blocking: Callable[..., Deferred], portal: Portal, spool: OutboundSpool, server_tls: ServerTLS,
+    commit: Callable[..., Deferred], portal: Portal, spool: OutboundSpool, server_tls: ServerTLS,
     on_queued: Callable[[], None],
 ) -> SMTPFactory:
     _warn_if_plaintext(listener)
@@ -259,7 +264,7 @@ def _smtp_factory(
         command_time_limit=settings.smtp.command_time_limit,
         data_time_limit=settings.smtp.data_time_limit,
     )
-    return SMTPFactory(config, directory.find_by_address, run_blocking, portal=portal, spool=spool,
+    return SMTPFactory(config, directory.find_by_address, commit, portal=portal, spool=spool,
                        peer_certificate=client_certificate, on_queued=on_queued)
 
 

@@ -74,7 +74,7 @@ class Session:
         )
         self.config.incoming_dir.mkdir(exist_ok=True)
         factory = SMTPFactory(
-            self.config, lambda a: succeed(DIRECTORY.get(a)), lambda f, *a: maybeDeferred(f, *a),
+            self.config, lambda a: succeed(DIRECTORY.get(a)), lambda message, *a: maybeDeferred(message.commit, *a),
             portal=Portal(SubscriberRealm(), [checker]), spool=OutboundSpool(self.spool_dir),
             peer_certificate=lambda transport: certificate,
         )

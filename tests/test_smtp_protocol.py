@@ -36,7 +36,7 @@ class Harness:
         self.config.incoming_dir.mkdir()
         self.directory_up = directory_up
         self.pending: list[Deferred] = []
-        factory = SMTPFactory(self.config, self.find, lambda f, *a: maybeDeferred(f, *a), clock=self.clock)
+        factory = SMTPFactory(self.config, self.find, lambda message, *a: maybeDeferred(message.commit, *a), clock=self.clock)
         self.protocol = factory.buildProtocol(None)
         self.transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 40000))
         self.protocol.makeConnection(self.transport)

@@ -752,7 +752,7 @@ class SMTPSession(protocol.Protocol, TimeoutMixin):
         maildirs = [maildir_for(self.config.maildir_root, s.uid) for _, s in transaction.local_recipients]
         outbound = self._outbound(message, transaction)
         self._busy = True
-        d = self.factory.run_blocking(message.commit, maildirs, outbound)
+        d = self.factory.commit(message, maildirs, outbound)
         d.addCallbacks(self._stored, self._store_failed, (message, transaction), None, (message,))
         d.addBoth(self._resume)
 
@@ -820,7 +820,7 @@ class SMTPFactory(protocol.ServerFactory):
         self,
         config: SMTPConfig,
         find_recipient: Callable[[str], Deferred],
-        run_blocking: Callable[..., Deferred],
+        commit: Callable[[IncomingMessage, list[Path], Callable[[Path], None] | None], Deferred],
         portal: Portal | None = None,
         spool: OutboundSpool | None = None,
         peer_certificate: Callable[[Any], Any] = lambda transport: None,
@@ -839,7 +839,7 @@ class SMTPFactory(protocol.ServerFactory):
         self.limits = limits  # the shared RateLimits (None: no limits, e.g. in unit tests)
         self.config = config
         self.find_recipient = find_recipient
-        self.run_blocking = run_blocking
+        self.commit = commit  # makes a message durable: BatchCommitter.commit
         self.portal = portal
         self.spool = spool
         self.peer_certificate = peer_certificate

@@ -1,0 +1,202 @@
+"""Group commit of received messages: ``commit_batch`` on real files, and the
+``BatchCommitter`` threads that run it (with a reactor stand-in that only
+collects ``callFromThread`` calls, so the test decides when results arrive)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from mailappliance import maildir
+from mailappliance.committer import BatchCommitter
+from mailappliance.maildir import CommitJob, IncomingMessage, commit_batch
+
+
+def message(incoming: Path, body: bytes) -> IncomingMessage:
+    incoming.mkdir(exist_ok=True)
+    m = IncomingMessage(incoming)
+    m.write(body)
+    return m
+
+
+def new_files(box: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((box / "new").iterdir())}
+
+
+def test_a_batch_delivers_every_message_whole_and_leaves_no_incoming_file(tmp_path: Path) -> None:
+    incoming, box = tmp_path / "incoming", tmp_path / "mail" / "alice"
+    bodies = [f"Subject: {n}\r\n\r\nbody {n}\r\n".encode() for n in range(20)]
+    jobs = [CommitJob(message(incoming, b), (box,)) for b in bodies]
+    outcomes = commit_batch(jobs)
+    assert all(isinstance(o, list) and len(o) == 1 for o in outcomes)
+    assert sorted(new_files(box).values()) == sorted(bodies)
+    assert [o[0].name for o in outcomes] == [f"{j.message.name},S={j.message.size}" for j in jobs]  # type: ignore[index]
+    assert list(incoming.iterdir()) == []
+
+
+def test_one_message_for_two_mailboxes_is_in_both(tmp_path: Path) -> None:
+    incoming, alice, bob = tmp_path / "incoming", tmp_path / "alice", tmp_path / "bob"
+    [outcome] = commit_batch([CommitJob(message(incoming, b"hello\r\n"), (alice, bob, alice))])
+    assert isinstance(outcome, list) and [p.parent.parent for p in outcome] == [alice, bob]
+    assert list(new_files(alice).values()) == [b"hello\r\n"] == list(new_files(bob).values())
+    assert list(incoming.iterdir()) == []
+
+
+def test_the_outbound_spool_gets_the_file_before_it_leaves_incoming(tmp_path: Path) -> None:
+    incoming, box, spooled = tmp_path / "incoming", tmp_path / "alice", tmp_path / "spooled"
+    seen: list[bytes] = []
+
+    def outbound(path: Path) -> None:
+        seen.append(path.read_bytes())
+        spooled.hardlink_to(path)
+
+    [outcome] = commit_batch([CommitJob(message(incoming, b"out\r\n"), (box,), outbound)])
+    assert isinstance(outcome, list)
+    assert seen == [b"out\r\n"] and spooled.read_bytes() == b"out\r\n"
+    [out_only] = commit_batch([CommitJob(message(incoming, b"remote only\r\n"), (), lambda p: None)])
+    assert out_only == [] and list(incoming.iterdir()) == []
+
+
+def test_a_failing_mailbox_fails_only_its_own_message(tmp_path: Path) -> None:
+    incoming, good, bad = tmp_path / "incoming", tmp_path / "good", tmp_path / "bad"
+    bad.write_text("a file where a Maildir should be")
+    jobs = [CommitJob(message(incoming, b"1\r\n"), (good,)), CommitJob(message(incoming, b"2\r\n"), (bad,)),
+            CommitJob(message(incoming, b"3\r\n"), (good,))]
+    first, second, third = commit_batch(jobs)
+    assert isinstance(second, OSError)
+    assert isinstance(first, list) and isinstance(third, list)
+    assert sorted(new_files(good).values()) == [b"1\r\n", b"3\r\n"]
+    assert list(incoming.iterdir()) == []  # the failed one is discarded too
+
+
+def test_a_failed_directory_fsync_fails_every_message_linked_into_that_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    incoming, alice, bob = tmp_path / "incoming", tmp_path / "alice", tmp_path / "bob"
+    real = maildir.fsync_directory
+
+    def failing(path: Path) -> None:
+        if path.parent == bob:
+            raise OSError(5, "Input/output error")
+        real(path)
+
+    monkeypatch.setattr(maildir, "fsync_directory", failing)
+    jobs = [CommitJob(message(incoming, b"a\r\n"), (alice,)), CommitJob(message(incoming, b"ab\r\n"), (alice, bob)),
+            CommitJob(message(incoming, b"b\r\n"), (bob,))]
+    only_alice, both, only_bob = commit_batch(jobs)
+    assert isinstance(only_alice, list)
+    assert isinstance(both, OSError) and isinstance(only_bob, OSError)
+
+
+def test_a_large_message_spills_to_disk_while_it_arrives_and_commits_whole(tmp_path: Path) -> None:
+    incoming, box = tmp_path / "incoming", tmp_path / "alice"
+    incoming.mkdir()
+    m = IncomingMessage(incoming)
+    chunk = b"x" * 998 + b"\r\n"
+    for _ in range(2 * maildir.MEMORY_LIMIT // len(chunk)):
+        m.write(chunk)
+    assert m.path.exists()  # spilled before the end of DATA
+    delivered = m.commit([box])
+    assert delivered[0].stat().st_size == m.size > maildir.MEMORY_LIMIT
+    assert not m.path.exists()
+
+
+def test_a_mailbox_removed_while_remembered_is_made_again(tmp_path: Path) -> None:
+    incoming, box = tmp_path / "incoming", tmp_path / "alice"
+    message(incoming, b"1\r\n").commit([box])
+    for sub in ("new", "cur", "tmp"):
+        for f in (box / sub).iterdir():
+            f.unlink()
+        (box / sub).rmdir()
+    box.rmdir()
+    [path] = message(incoming, b"2\r\n").commit([box])
+    assert path.read_bytes() == b"2\r\n" and (box / "cur").is_dir()
+
+
+def test_a_refused_message_leaves_nothing(tmp_path: Path) -> None:
+    incoming = tmp_path / "incoming"
+    m = message(incoming, b"x" * (maildir.MEMORY_LIMIT + 10))
+    m.discard()
+    assert list(incoming.iterdir()) == []
+
+
+class CollectingReactor:
+    """``callFromThread`` stand-in: keeps the calls for the test to run."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
+        self.lock = threading.Lock()
+
+    def callFromThread(self, function: Callable[..., Any], *args: Any) -> None:  # noqa: N802 (Twisted's name)
+        with self.lock:
+            self.calls.append((function, args))
+
+    def wait_for(self, count: int) -> None:
+        deadline = time.monotonic() + 10
+        while len(self.calls) < count:
+            assert time.monotonic() < deadline, "the commit thread did not report"
+            time.sleep(0.005)
+
+    def run_calls(self) -> None:
+        with self.lock:
+            calls, self.calls = self.calls, []
+        for function, args in calls:
+            function(*args)
+
+
+def test_messages_waiting_together_are_committed_in_one_batch(tmp_path: Path) -> None:
+    incoming, box = tmp_path / "incoming", tmp_path / "alice"
+    reactor = CollectingReactor()
+    committer = BatchCommitter(reactor)
+    committer.start()
+    release, holding = threading.Event(), threading.Event()
+
+    def hold(path: Path) -> None:  # keeps the thread busy while more messages arrive
+        holding.set()
+        release.wait(10)
+
+    results: list[Any] = []
+    committer.commit(message(incoming, b"first\r\n"), [box], hold).addBoth(results.append)
+    assert holding.wait(10)
+    for n in range(5):
+        committer.commit(message(incoming, f"{n}\r\n".encode()), [box]).addBoth(results.append)
+    release.set()
+    reactor.wait_for(2)
+    committer.stop()
+    assert [len(args[0]) for _, args in reactor.calls] == [1, 5]  # the five waited together
+    assert results == []  # nothing fires outside the reactor thread
+    reactor.run_calls()
+    assert len(results) == 6 and all(isinstance(r, list) for r in results)
+    assert len(new_files(box)) == 6
+
+
+def test_a_failure_reaches_the_session_as_a_failed_deferred(tmp_path: Path) -> None:
+    incoming, bad = tmp_path / "incoming", tmp_path / "bad"
+    bad.write_text("not a directory")
+    reactor = CollectingReactor()
+    committer = BatchCommitter(reactor, threads=2)
+    committer.start()
+    failures: list[Any] = []
+    committer.commit(message(incoming, b"x\r\n"), [bad]).addErrback(failures.append)
+    reactor.wait_for(1)
+    committer.stop()
+    reactor.run_calls()
+    assert len(failures) == 1 and failures[0].check(OSError)
+
+
+def test_stop_finishes_what_is_waiting_and_later_commits_are_refused(tmp_path: Path) -> None:
+    incoming, box = tmp_path / "incoming", tmp_path / "alice"
+    reactor = CollectingReactor()
+    committer = BatchCommitter(reactor, max_batch=3)
+    committer.start()
+    for n in range(10):
+        committer.commit(message(incoming, f"{n}\r\n".encode()), [box])
+    committer.stop()
+    assert sum(len(args[0]) for _, args in reactor.calls) == 10
+    assert all(len(args[0]) <= 3 for _, args in reactor.calls)
+    assert len(new_files(box)) == 10
+    with pytest.raises(RuntimeError):
+        committer.commit(message(incoming, b"late\r\n"), [box])
