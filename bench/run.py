@@ -9,6 +9,8 @@ Servers (each on loopback, storage in a fresh temp dir):
 - ours: `twistd -n mailappliance` (LDIF directory, fsync before 250);
 - aiosmtpd: bench/peers/aiosmtpd_maildir.py (fsync before 250);
 - twisted: bench/peers/twisted_mail_peer.py, Twisted's own mail classes (NO fsync).
+A variant of ours is named ``ours@SECTION.KEY=VALUE[,...]``, e.g.
+``--servers ours ours@storage.commit_threads=2``, to measure a setting A B A B.
 Each result line is JSON; a table of ratios (ours / peer, higher is better for
 us) closes the run.
 """
@@ -52,11 +54,20 @@ def wait_for_port(port: int, timeout: float = 30) -> None:
     raise RuntimeError(f"port {port} never opened")
 
 
+_finished_roots: list[Path] = []
+
+
+def remove_finished_roots() -> None:
+    for root in _finished_roots:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 class Server:
     """One server process with its own temp dir."""
 
     def __init__(self, kind: str) -> None:
-        self.kind = kind
+        self.kind, _, tuning = kind.partition("@")  # "ours@storage.commit_threads=2,smtp.x=y"
+        self.tuning = dict(item.split("=", 1) for item in tuning.split(",") if item)
         self.root = Path(tempfile.mkdtemp(prefix=f"bench-{kind}-"))
         self.smtp_port, self.pop3_port = free_port(), free_port()
         self.process: subprocess.Popen[bytes] | None = None
@@ -85,7 +96,7 @@ class Server:
 
     def _write_config(self, cache_ttl: float) -> Path:
         config = self.root / "mailappliance.toml"
-        config.write_text(f"""
+        text = f"""
 [server]
 hostname = "bench.example.org"
 local_domains = ["example.org"]
@@ -113,7 +124,11 @@ port = {self.smtp_port}
 role = "pop3"
 port = {self.pop3_port}
 allow_plaintext_auth = true
-""")
+"""
+        for setting, value in self.tuning.items():  # a variant of ours: put KEY = VALUE into [SECTION]
+            section, _, key = setting.rpartition(".")
+            text = text.replace(f"[{section}]\n", f"[{section}]\n{key} = {value}\n", 1)
+        config.write_text(text)
         return config
 
     @property
@@ -125,19 +140,35 @@ allow_plaintext_auth = true
         status = Path(f"/proc/{self.pid}/status").read_text()
         return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1])
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU of the server process (all its threads) so far."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         if self.process is not None:
             self.process.terminate()
             self.process.wait(20)
-        shutil.rmtree(self.root, ignore_errors=True)
+        # The storage stays until the whole run is over: deleting thousands of
+        # files makes creating files slower for a while afterwards (ext4 skips
+        # recently freed inodes), which would tax whichever server runs next.
+        _finished_roots.append(self.root)
 
 
 def load(server: Server, messages: int, concurrency: int, size: int) -> dict[str, Any]:
+    """Run the load generator; adds CPU milliseconds per message of server and generator."""
+    server_cpu = server.cpu_seconds()
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     output = subprocess.run(
         [sys.executable, str(HERE / "smtp_load.py"), "--port", str(server.smtp_port), "--messages", str(messages),
          "--concurrency", str(concurrency), "--size", str(size), "--processes", str(min(4, concurrency))],
         capture_output=True, text=True, check=True).stdout
-    return json.loads(output)
+    result = json.loads(output)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    generator_cpu = after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime
+    result["server_cpu_ms_per_message"] = round((server.cpu_seconds() - server_cpu) * 1000 / messages, 3)
+    result["generator_cpu_ms_per_message"] = round(generator_cpu * 1000 / messages, 3)
+    return result
 
 
 def alternate(kinds: list[str], rounds: int) -> Iterator[str]:
@@ -156,7 +187,7 @@ def report(results: list[dict[str, Any]], key: str) -> None:
         median = statistics.median(values)
         ours = statistics.median(table.get((scenario, "ours"), [0]))
         ratio = "" if server == "ours" or not median else f"{ours / median:.2f}x"
-        print(f"| {scenario} | {server} | {FSYNC[server]} | {median:,.1f} | {ratio} |")
+        print(f"| {scenario} | {server} | {FSYNC[server.partition('@')[0]]} | {median:,.1f} | {ratio} |")
 
 
 def bench_inbound(args: argparse.Namespace) -> None:
@@ -295,7 +326,10 @@ def main() -> None:
     parser.add_argument("--logins", type=int, default=500)
     parser.add_argument("--dele", action="store_true", help="pop3: also DELE every message (ours only)")
     args = parser.parse_args()
-    {"inbound": bench_inbound, "pop3": bench_pop3, "idle": bench_idle, "logins": bench_logins}[args.benchmark](args)
+    try:
+        {"inbound": bench_inbound, "pop3": bench_pop3, "idle": bench_idle, "logins": bench_logins}[args.benchmark](args)
+    finally:
+        remove_finished_roots()
     os._exit(0)
 
 
