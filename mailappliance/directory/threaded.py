@@ -12,6 +12,7 @@ from typing import Any, Callable, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from mailappliance.directory import DirectoryStore, DirectoryUnavailable, Subscriber
@@ -37,6 +38,36 @@ def _timed(function: Callable[..., T], *args: Any) -> T:
         METRICS.count("mailappliance_directory_seconds_sum", time.monotonic() - started, operation=operation)
 
 
+class SharedLookups:
+    """Lookups in flight at the same time for the same key share one call.
+
+    A burst of mail for one address (a mailing list's run, a spam wave, a
+    load test) then costs one store call and one thread hop instead of one
+    each.  Nothing is cached: a lookup that starts after the shared call
+    finished makes a new one, so directory changes are seen as soon as before.
+    """
+
+    def __init__(self, start: Callable[[str], Deferred]) -> None:
+        self._start = start
+        self._waiting: dict[str, list[Deferred]] = {}
+
+    def __call__(self, key: str) -> Deferred:
+        d: Deferred = Deferred()
+        if key in self._waiting:
+            self._waiting[key].append(d)
+            return d
+        self._waiting[key] = [d]
+        self._start(key).addBoth(self._finish, key)
+        return d
+
+    def _finish(self, result: Any, key: str) -> None:
+        for d in self._waiting.pop(key):
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(result)
+
+
 class Directory:
     """Asynchronous lookups over a DirectoryStore; every method returns a Deferred."""
 
@@ -44,6 +75,7 @@ class Directory:
         self.store = store
         self._reactor = reactor
         self._pool = ThreadPool(minthreads=1, maxthreads=threads, name="directory")
+        self._address_lookups = SharedLookups(lambda address: self._run(self.store.find_by_address, address))
 
     def start(self) -> None:
         self._pool.start()
@@ -59,7 +91,8 @@ class Directory:
         return self._run(self.store.find_by_login, login)
 
     def find_by_address(self, address: str) -> "Deferred[Subscriber | None]":
-        return self._run(self.store.find_by_address, address)
+        """The recipient lookup of every RCPT (concurrent ones for one address are shared)."""
+        return self._address_lookups(address)
 
     def find_by_certificate(self, der: bytes) -> "Deferred[Subscriber | None]":
         return self._run(self.store.find_by_certificate, der)

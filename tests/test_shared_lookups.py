@@ -1,0 +1,63 @@
+"""Concurrent recipient lookups for one address share one store call; later ones do not."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+
+from mailappliance.directory.threaded import SharedLookups
+
+
+class Calls:
+    def __init__(self) -> None:
+        self.started: list[tuple[str, Deferred]] = []
+
+    def __call__(self, key: str) -> Deferred:
+        d: Deferred = Deferred()
+        self.started.append((key, d))
+        return d
+
+
+def test_lookups_in_flight_together_share_one_call_and_its_answer() -> None:
+    calls = Calls()
+    lookups = SharedLookups(calls)
+    results: list[Any] = []
+    for _ in range(3):
+        lookups("alice@example.org").addCallback(results.append)
+    lookups("bob@example.org").addCallback(results.append)
+    assert [key for key, _ in calls.started] == ["alice@example.org", "bob@example.org"]
+    calls.started[0][1].callback("ALICE")
+    assert results == ["ALICE"] * 3
+    calls.started[1][1].callback(None)
+    assert results == ["ALICE"] * 3 + [None]
+
+
+def test_a_lookup_after_the_shared_one_finished_asks_again() -> None:
+    calls = Calls()
+    lookups = SharedLookups(calls)
+    lookups("alice@example.org")
+    calls.started[0][1].callback("old entry")
+    second: list[Any] = []
+    lookups("alice@example.org").addCallback(second.append)
+    assert len(calls.started) == 2  # nothing was cached
+    calls.started[1][1].callback("changed entry")
+    assert second == ["changed entry"]
+
+
+def test_a_failure_reaches_every_waiting_lookup() -> None:
+    calls = Calls()
+    lookups = SharedLookups(calls)
+    failures: list[Any] = []
+    for _ in range(2):
+        lookups("alice@example.org").addErrback(failures.append)
+    calls.started[0][1].errback(ConnectionError("directory down"))
+    assert [f.check(ConnectionError) for f in failures] == [ConnectionError, ConnectionError]
+
+
+def test_a_call_that_answers_at_once_still_answers_the_caller() -> None:
+    lookups = SharedLookups(lambda key: succeed(key.upper()))
+    results: list[Any] = []
+    lookups("a").addCallback(results.append)
+    lookups("a").addCallback(results.append)
+    assert results == ["A", "A"]
