@@ -8,7 +8,9 @@ installed, which ``make test`` does), and waits until every listener answers.
 
 from __future__ import annotations
 
+import itertools
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -22,10 +24,33 @@ import pytest
 BIN = Path(sys.executable).parent
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_EPHEMERAL_LOW = _ephemeral_low()
+_handed_out: set[int] = set()
+_next_port = itertools.cycle(range(random.randrange(10000, _EPHEMERAL_LOW - 1000), _EPHEMERAL_LOW))
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port for a test server: below the ephemeral range, so no
+    client socket takes it meanwhile (binding port 0 hands out ports that
+    outgoing connections also use), and never the same twice in one run."""
+    for port in _next_port:
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise AssertionError("unreachable")
 
 
 def _toml_value(value: Any) -> str:

@@ -15,12 +15,13 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
+
+from tests.daemon import free_port
 
 import ldap3
 import pytest
@@ -104,12 +105,6 @@ userPassword: {service_hash}
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Slapd:
     """A running private slapd; ``stop()``/``start()`` keep data and port."""
 
@@ -121,7 +116,7 @@ class Slapd:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"ldap://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
         self._build()

@@ -44,14 +44,16 @@ def _link_or_copy(source: str, target: str) -> None:
 
 
 def wait_for_listener(process: subprocess.Popen[bytes], port: int, log: Path, timeout: float = 30) -> None:
-    """Until the daemon accepts connections; its output and log explain a failure to start."""
+    """Until the daemon accepts connections and has started its services (which
+    happens after twistd dropped privileges; the port is bound before that);
+    its output and log explain a failure to start."""
     deadline = time.monotonic() + timeout
     while True:
         if process.poll() is not None:
             output = process.stdout.read() if process.stdout else b""
             raise RuntimeError(f"daemon exited: {output.decode()}\n{log.read_text() if log.exists() else ''}")
         with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
+            if s.connect_ex(("127.0.0.1", port)) == 0 and log.exists() and "mailappliance ready" in log.read_text():
                 return
         if time.monotonic() > deadline:
             raise RuntimeError(f"daemon did not open port {port}:\n{log.read_text() if log.exists() else ''}")
