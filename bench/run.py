@@ -8,7 +8,9 @@
 Servers (each on loopback, storage in a fresh temp dir):
 - ours: `twistd -n mailappliance` (LDIF directory, fsync before 250);
 - aiosmtpd: bench/peers/aiosmtpd_maildir.py (fsync before 250);
-- twisted: bench/peers/twisted_mail_peer.py, Twisted's own mail classes (NO fsync).
+- twisted: bench/peers/twisted_mail_peer.py, Twisted's own mail classes (NO fsync);
+- postfix: bench/peers/postfix_dovecot.py, a private Postfix + Dovecot (fsync into
+  its queue before 250, Maildir delivery after it; needs root and the packages).
 A variant of ours is named ``ours@SECTION.KEY=VALUE[,...]``, e.g.
 ``--servers ours ours@storage.commit_threads=2``, to measure a setting A B A B.
 Each result line is JSON; a table of ratios (ours / peer, higher is better for
@@ -35,7 +37,7 @@ from typing import Any, Iterator
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
-FSYNC = {"ours": True, "aiosmtpd": True, "twisted": False}
+FSYNC = {"ours": True, "aiosmtpd": True, "twisted": False, "postfix": True}
 
 
 def free_port() -> int:
@@ -80,6 +82,9 @@ class Server:
         elif self.kind == "aiosmtpd":
             command = [sys.executable, str(HERE / "peers" / "aiosmtpd_maildir.py"), "--port", str(self.smtp_port),
                        "--maildir", str(self.root / "mail" / "alice")]
+        elif self.kind == "postfix":
+            command = [sys.executable, str(HERE / "peers" / "postfix_dovecot.py"), "--smtp-port", str(self.smtp_port),
+                       "--pop3-port", str(self.pop3_port), "--root", str(self.root)]
         else:
             command = [sys.executable, str(HERE / "peers" / "twisted_mail_peer.py"), "--smtp-port",
                        str(self.smtp_port), "--pop3-port", str(self.pop3_port), "--maildir", str(self.root / "mail")]
@@ -141,9 +146,24 @@ allow_plaintext_auth = true
         return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1])
 
     def cpu_seconds(self) -> float:
-        """User + system CPU of the server process (all its threads) so far."""
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """User + system CPU of the server so far: its process (all threads) and
+        every process below it, live or reaped (Postfix: below its master)."""
+        top = self.pid
+        if self.kind == "postfix":
+            top = int((self.root / "postfix" / "queue" / "pid" / "master.pid").read_text().split()[0])
+        return tree_cpu_seconds(top)
+
+    def delivered(self) -> int:
+        """Messages in alice's Maildir new/ (Postfix delivers after its 250)."""
+        new = self.root / "mail" / "alice" / "new"
+        return len(os.listdir(new)) if new.is_dir() else 0
+
+    def wait_delivered(self, count: int, timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        while self.delivered() < count:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.kind}: only {self.delivered()} of {count} messages reached the Maildir")
+            time.sleep(0.02)
 
     def stop(self) -> None:
         if self.process is not None:
@@ -155,15 +175,57 @@ allow_plaintext_auth = true
         _finished_roots.append(self.root)
 
 
-def load(server: Server, messages: int, concurrency: int, size: int) -> dict[str, Any]:
-    """Run the load generator; adds CPU milliseconds per message of server and generator."""
+def tree_cpu_seconds(top: int) -> float:
+    """CPU of ``top`` and its descendants: live ones, and reaped ones (cutime)."""
+    parents: dict[int, int] = {}
+    fields_of: dict[int, list[str]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(entry)], fields_of[int(entry)] = int(fields[1]), fields
+    total, todo = 0, [top]
+    while todo:
+        pid = todo.pop()
+        fields = fields_of.get(pid)
+        if fields is None:
+            continue
+        own = int(fields[11]) + int(fields[12])
+        total += own + (int(fields[13]) + int(fields[14]) if pid == top else 0)
+        todo.extend(child for child, parent in parents.items() if parent == pid)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def load(server: Server, messages: int, concurrency: int, size: int, generator: str = "asyncio") -> dict[str, Any]:
+    """Run the load generator, then wait until every message is in the Maildir;
+    adds that rate and CPU milliseconds per message of server and generator.
+
+    ``asyncio``: bench/smtp_load.py, pipelining; ``smtp-source``: Postfix's C
+    load generator, one command at a time (as many real clients send).
+    """
+    before = server.delivered()
     server_cpu = server.cpu_seconds()
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    output = subprocess.run(
-        [sys.executable, str(HERE / "smtp_load.py"), "--port", str(server.smtp_port), "--messages", str(messages),
-         "--concurrency", str(concurrency), "--size", str(size), "--processes", str(min(4, concurrency))],
-        capture_output=True, text=True, check=True).stdout
-    result = json.loads(output)
+    started = time.perf_counter()
+    if generator == "smtp-source":
+        done = subprocess.run(["smtp-source", "-d", "-s", str(concurrency), "-m", str(messages), "-l", str(size),
+                               "-f", "bench@example.net", "-t", "alice@example.org",
+                               f"127.0.0.1:{server.smtp_port}"], capture_output=True, text=True)
+        seconds = time.perf_counter() - started
+        result = {"messages": messages, "seconds": round(seconds, 3),
+                  "messages_per_second": round(messages / seconds, 1),
+                  "errors": 0 if done.returncode == 0 else messages}
+    else:
+        output = subprocess.run(
+            [sys.executable, str(HERE / "smtp_load.py"), "--port", str(server.smtp_port), "--messages", str(messages),
+             "--concurrency", str(concurrency), "--size", str(size), "--processes", str(min(4, concurrency))],
+            capture_output=True, text=True, check=True).stdout
+        result = json.loads(output)
+    server.wait_delivered(before + messages - result["errors"])
+    result["in_maildir_per_second"] = round(messages / (time.perf_counter() - started), 1)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     generator_cpu = after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime
     result["server_cpu_ms_per_message"] = round((server.cpu_seconds() - server_cpu) * 1000 / messages, 3)
@@ -176,18 +238,24 @@ def alternate(kinds: list[str], rounds: int) -> Iterator[str]:
         yield from kinds
 
 
-def report(results: list[dict[str, Any]], key: str) -> None:
-    """Median per server and scenario, and ours/peer ratios."""
-    table: dict[tuple[str, str], list[float]] = {}
+def report(results: list[dict[str, Any]], key: str, *more: str) -> None:
+    """Median per server and scenario of ``key`` (and of ``more``), and ours/peer ratios of ``key``."""
+    table: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in results:
-        table.setdefault((r["scenario"], r["server"]), []).append(r[key])
-    print(f"\n| scenario | server | fsync before 250 | median {key} | ours / peer |")
-    print("|---|---|---|---|---|")
-    for (scenario, server), values in sorted(table.items()):
-        median = statistics.median(values)
-        ours = statistics.median(table.get((scenario, "ours"), [0]))
-        ratio = "" if server == "ours" or not median else f"{ours / median:.2f}x"
-        print(f"| {scenario} | {server} | {FSYNC[server.partition('@')[0]]} | {median:,.1f} | {ratio} |")
+        table.setdefault((r["scenario"], r["server"]), []).append(r)
+
+    def median(scenario: str, server: str, name: str) -> float:
+        return statistics.median(r[name] for r in table.get((scenario, server), [{name: 0}]))
+
+    print(f"\n| scenario | server | fsync before 250 | median {key} | {' | '.join(more)}{' | ' if more else ''}"
+          "ours / peer |")
+    print("|---|---|---|---|" + "---|" * len(more) + "---|")
+    for scenario, server in sorted(table):
+        value, ours = median(scenario, server, key), median(scenario, "ours", key)
+        ratio = "" if server == "ours" or not value else f"{ours / value:.2f}x"
+        extra = "".join(f"{median(scenario, server, name):,.3f} | " if "cpu" in name else
+                        f"{median(scenario, server, name):,.1f} | " for name in more)
+        print(f"| {scenario} | {server} | {FSYNC[server.partition('@')[0]]} | {value:,.1f} | {extra}{ratio} |")
 
 
 def bench_inbound(args: argparse.Namespace) -> None:
@@ -198,13 +266,15 @@ def bench_inbound(args: argparse.Namespace) -> None:
             for kind in alternate(args.servers, args.rounds):
                 server = Server(kind).start()
                 try:
-                    result = load(server, messages, concurrency, size)
+                    result = load(server, messages, concurrency, size, args.generator)
                 finally:
                     server.stop()
-                result.update(scenario=f"inbound {size // 1024} KB c={concurrency}", server=kind)
+                pipelined = "" if args.generator == "asyncio" else f" ({args.generator})"
+                result.update(scenario=f"inbound {size // 1024} KB c={concurrency}{pipelined}", server=kind)
                 print(json.dumps(result), flush=True)
                 results.append(result)
-    report(results, "messages_per_second")
+    report(results, "messages_per_second", "in_maildir_per_second", "server_cpu_ms_per_message",
+           "generator_cpu_ms_per_message")
 
 
 def bench_pop3(args: argparse.Namespace) -> None:
@@ -324,6 +394,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--connections", nargs="+", type=int, default=[1000, 5000])
     parser.add_argument("--logins", type=int, default=500)
+    parser.add_argument("--generator", choices=("asyncio", "smtp-source"), default="asyncio",
+                        help="inbound: bench/smtp_load.py (pipelining) or Postfix's smtp-source (one command at a time)")
     parser.add_argument("--dele", action="store_true", help="pop3: also DELE every message (ours only)")
     args = parser.parse_args()
     try:

@@ -1,0 +1,177 @@
+"""Peer: a private Postfix (SMTP into its queue, then virtual(8) into Maildir)
+and Dovecot (POP3 from that Maildir), both from Debian's packages.
+
+Runs in the foreground until SIGTERM, like the other peers, with every file
+under --root: Postfix's config, queue and log, Dovecot's config, runtime
+directory and log, and the Maildir (``<root>/mail/alice``).  Needs root
+(Postfix's master and Dovecot start as root and drop to their own users) and
+the packages postfix and dovecot-pop3d (``./scripts/bench-setup --postfix``).
+Nothing of the system's own Postfix or Dovecot is used or touched.
+
+Postfix's 250 means "fsynced into its queue" (cleanup(8) fsyncs the queue
+file before smtpd answers); delivery into the Maildir happens after it, so
+``bench/run.py`` also waits until every message is in ``new/``.
+
+    python bench/peers/postfix_dovecot.py --smtp-port 2800 --pop3-port 2810 --root /tmp/peer-postfix
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pwd
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+USER = "nobody"  # the Maildir owner, for virtual(8) and Dovecot alike
+PASSWORD = "alice-password"
+
+MAIN_CF = """\
+compatibility_level = 3.6
+queue_directory = {root}/postfix/queue
+data_directory = {root}/postfix/data
+mail_owner = postfix
+setgid_group = postdrop
+maillog_file_prefixes = {root}
+maillog_file = {root}/postfix/maillog
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+myhostname = bench-postfix.example.net
+mydestination =
+mynetworks = 127.0.0.0/8
+alias_maps =
+alias_database =
+smtpd_recipient_restrictions = reject_unauth_destination
+virtual_mailbox_domains = example.org
+virtual_mailbox_base = {root}/mail
+virtual_mailbox_maps = texthash:{root}/postfix/vmailbox
+virtual_minimum_uid = 100
+virtual_uid_maps = static:{uid}
+virtual_gid_maps = static:{gid}
+message_size_limit = 26214400
+"""
+
+# Debian's master.cf without chroot (a chroot would need copies of /etc files)
+MASTER_CF = """\
+127.0.0.1:{port} inet n - n - - smtpd
+pickup     unix  n - n 60   1 pickup
+cleanup    unix  n - n -    0 cleanup
+qmgr       unix  n - n 300  1 qmgr
+rewrite    unix  - - n -    - trivial-rewrite
+bounce     unix  - - n -    0 bounce
+defer      unix  - - n -    0 bounce
+trace      unix  - - n -    0 bounce
+verify     unix  - - n -    1 verify
+flush      unix  n - n 1000? 0 flush
+proxymap   unix  - - n -    - proxymap
+proxywrite unix  - - n -    1 proxymap
+smtp       unix  - - n -    - smtp
+relay      unix  - - n -    - smtp
+showq      unix  n - n -    - showq
+error      unix  - - n -    - error
+retry      unix  - - n -    - error
+discard    unix  - - n -    - discard
+local      unix  - n n -    - local
+virtual    unix  - n n -    - virtual
+anvil      unix  - - n -    1 anvil
+scache     unix  - - n -    1 scache
+postlog    unix-dgram n - n - 1 postlogd
+"""
+
+DOVECOT_CONF = """\
+instance_name = bench-dovecot-{port}
+base_dir = {root}/dovecot/run
+state_dir = {root}/dovecot/state
+log_path = {root}/dovecot/log
+protocols = pop3
+listen = 127.0.0.1
+ssl = no
+disable_plaintext_auth = no
+auth_mechanisms = plain
+mail_location = maildir:{root}/mail/%n
+first_valid_uid = 1
+passdb {{
+  driver = static
+  args = password={password}
+}}
+userdb {{
+  driver = static
+  args = uid={uid} gid={gid} home={root}/mail/%n
+}}
+service pop3-login {{
+  inet_listener pop3 {{
+    address = 127.0.0.1
+    port = {port}
+  }}
+}}
+service imap-login {{
+  inet_listener imap {{
+    port = 0
+  }}
+}}
+"""
+
+
+def run(command: list[str], output: Path) -> None:
+    """Run a command that starts a daemon (which keeps its inherited output
+    open: a pipe would never reach EOF, so its output goes to a file)."""
+    with open(output, "ab") as log:
+        done = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    if done.returncode:
+        sys.exit(f"{' '.join(command)} failed (exit {done.returncode}); see {output}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--smtp-port", type=int, required=True)
+    parser.add_argument("--pop3-port", type=int, required=True)
+    parser.add_argument("--root", type=Path, required=True)
+    args = parser.parse_args()
+    root = args.root.resolve()
+    user = pwd.getpwnam(USER)
+    values = {"root": root, "uid": user.pw_uid, "gid": user.pw_gid, "password": PASSWORD}
+    for path in (root, *root.parents):  # the unprivileged delivery and POP3 processes walk this path
+        if path.stat().st_mode & 0o005 != 0o005:
+            path.chmod(path.stat().st_mode | 0o005)
+    config = root / "postfix" / "etc"
+    for sub in (config, root / "postfix" / "queue", root / "postfix" / "data", root / "dovecot"):
+        sub.mkdir(parents=True, exist_ok=True)
+    mail = root / "mail" / "alice"
+    for sub in ("tmp", "new", "cur"):
+        (mail / sub).mkdir(parents=True, exist_ok=True)
+    for path in (root / "mail", mail, *(mail / s for s in ("tmp", "new", "cur"))):
+        os.chown(path, user.pw_uid, user.pw_gid)
+    postfix_user = pwd.getpwnam("postfix")
+    os.chown(root / "postfix" / "data", postfix_user.pw_uid, postfix_user.pw_gid)
+    (config / "main.cf").write_text(MAIN_CF.format(**values))
+    (config / "master.cf").write_text(MASTER_CF.format(port=args.smtp_port))
+    (root / "postfix" / "vmailbox").write_text("alice@example.org alice/\n")
+    dovecot_conf = root / "dovecot" / "dovecot.conf"
+    dovecot_conf.write_text(DOVECOT_CONF.format(port=args.pop3_port, **values))
+
+    def shutdown() -> None:
+        for command in (["postfix", "-c", str(config), "stop"], ["doveadm", "-c", str(dovecot_conf), "stop"]):
+            subprocess.run(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop(*_: object) -> None:
+        shutdown()
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    output = root / "start.log"
+    try:
+        run(["postfix", "-c", str(config), "start"], output)
+        run(["dovecot", "-c", str(dovecot_conf)], output)
+    except SystemExit:
+        shutdown()
+        raise
+    while True:
+        time.sleep(3600)
+
+
+if __name__ == "__main__":
+    main()
