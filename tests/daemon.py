@@ -8,7 +8,6 @@ installed, which ``make test`` does), and waits until every listener answers.
 
 from __future__ import annotations
 
-import itertools
 import os
 import random
 import signal
@@ -33,7 +32,9 @@ def _ephemeral_low() -> int:
 
 _EPHEMERAL_LOW = _ephemeral_low()
 _handed_out: set[int] = set()
-_next_port = itertools.cycle(range(random.randrange(10000, _EPHEMERAL_LOW - 1000), _EPHEMERAL_LOW))
+_candidates = list(range(10000, _EPHEMERAL_LOW))
+random.shuffle(_candidates)  # in no order: a test may move a listener to port + 1
+_next_port = iter(_candidates)
 
 
 def free_port() -> int:
@@ -50,7 +51,7 @@ def free_port() -> int:
                 continue
         _handed_out.add(port)
         return port
-    raise AssertionError("unreachable")
+    raise RuntimeError(f"no free port left between 10000 and {_EPHEMERAL_LOW}")
 
 
 def _toml_value(value: Any) -> str:
