@@ -45,7 +45,7 @@ from mailappliance.pop3.mailbox import (
     MessageDeleted,
     NoSuchMessage,
 )
-from mailappliance.sessions import new_session_id, no_delay
+from mailappliance.sessions import new_session_id, no_delay, write_now
 
 log = Logger(namespace="mailappliance.pop3")
 
@@ -158,7 +158,7 @@ class MessageSender:
                 out = self._prefix + self._stuff(block)
                 self._prefix = b""
                 self.session.resetTimeout()
-                self.transport.write(out)
+                write_now(self.transport, out)
         finally:
             self._pumping = False
 
@@ -175,7 +175,7 @@ class MessageSender:
     def _finish(self) -> None:
         ending = b"\r\n.\r\n" if self._sent_any and self._last_two != b"\r\n" else b".\r\n"
         self._finished = True
-        self.transport.write(self._prefix + ending)
+        write_now(self.transport, self._prefix + ending)
         self._prefix = b""
         self._close()
         self._on_done(True)
@@ -372,7 +372,7 @@ class POP3Session(Protocol, TimeoutMixin):
 
     def _write(self, data: bytes) -> None:
         if not self._closed:
-            self.transport.write(data)
+            write_now(self.transport, data)
 
     def _ok(self, text: str = "") -> None:
         self._write(f"+OK {text}\r\n".encode() if text else b"+OK\r\n")

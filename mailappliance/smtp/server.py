@@ -38,7 +38,7 @@ from mailappliance.metrics import METRICS
 from mailappliance.policy import Route, decide_recipient, decide_sender
 from mailappliance.queue.spool import Envelope, OutboundSpool
 from mailappliance.screening import ClientFacts, screen_client, screen_helo, screen_sender
-from mailappliance.sessions import new_session_id, no_delay
+from mailappliance.sessions import new_session_id, no_delay, write_now
 from mailappliance.smtp.data import DataReader
 from mailappliance.smtp.paths import MailPath, PathSyntaxError, parse_path, split_command_argument
 from mailappliance.smtp.received import received_header, return_path_header
@@ -225,7 +225,7 @@ class SMTPSession(protocol.Protocol, TimeoutMixin):
         for i, line in enumerate(lines):
             separator = " " if i == len(lines) - 1 else "-"
             out.append(f"{code}{separator}{prefix}{line}\r\n")
-        self.transport.write("".join(out).encode("utf-8"))
+        write_now(self.transport, "".join(out).encode("utf-8"))
 
     def close_with(self, code: int, status: str, text: str) -> None:
         self.reply(code, text, status)
@@ -334,7 +334,7 @@ class SMTPSession(protocol.Protocol, TimeoutMixin):
         self._sasl = None
         if isinstance(step, Challenge):
             self._sasl = exchange
-            self.transport.write(f"334 {step.text}\r\n".encode())
+            write_now(self.transport, f"334 {step.text}\r\n".encode())
             return None
         if isinstance(step, SaslFailure):
             self._auth_failed(exchange.mechanism, "?", step.text)
