@@ -40,27 +40,33 @@ class LimitHit:
 
 
 class _Window:
-    """Amounts recorded in a sliding window, per key."""
+    """Amounts recorded in a sliding window, per key, with a running total per
+    key so that a check costs the same however busy the key is."""
 
     def __init__(self, span: float) -> None:
         self.span = span
         self._events: dict[str, deque[tuple[float, int]]] = {}
+        self._totals: dict[str, int] = {}
 
     def total(self, key: str, now: float) -> int:
         events = self._events.get(key)
         if not events:
             return 0
+        expired = 0
         while events and events[0][0] <= now - self.span:
-            events.popleft()
+            expired += events.popleft()[1]
         if not events:
-            del self._events[key]
+            del self._events[key], self._totals[key]
             return 0
-        return sum(amount for _, amount in events)
+        self._totals[key] -= expired
+        return self._totals[key]
 
     def add(self, key: str, now: float, amount: int = 1) -> None:
         if key not in self._events and len(self._events) >= MAX_TRACKED:
-            self._events.pop(next(iter(self._events)))
+            oldest = next(iter(self._events))
+            del self._events[oldest], self._totals[oldest]
         self._events.setdefault(key, deque()).append((now, amount))
+        self._totals[key] = self._totals.get(key, 0) + amount
 
 
 def subscriber_limits(defaults: LimitSettings, overrides: tuple[tuple[str, int], ...]) -> LimitSettings:

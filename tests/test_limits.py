@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 from twisted.internet.task import Clock
 
-from mailappliance.limits import LimitSettings, RateLimits, subscriber_limits
+from mailappliance.limits import LimitSettings, RateLimits, _Window, subscriber_limits
 from tests.daemon import Appliance
 
 SMALL = LimitSettings(connections_per_minute=3, concurrent_per_address=2, max_connections=4,
@@ -31,6 +31,18 @@ def test_connection_limits() -> None:
     assert limits.connection_opened("192.0.2.2") is None
     assert limits.connection_opened("192.0.2.3") is None
     assert limits.connection_opened("192.0.2.4").limit == "max_connections"
+
+
+def test_the_sliding_window_keeps_a_running_total_that_expires_in_order() -> None:
+    window = _Window(60)
+    for second in range(100):
+        window.add("alice", float(second), 2)
+    assert window.total("alice", 99.0) == 2 * 60  # seconds 40..99 are inside
+    window.add("bob", 99.0, 5)
+    assert window.total("alice", 130.0) == 2 * 29  # 71..99 are left
+    assert window.total("alice", 500.0) == 0 and window.total("alice", 500.0) == 0
+    window.add("alice", 500.0)
+    assert window.total("alice", 500.0) == 1 and window.total("bob", 100.0) == 5
 
 
 def test_subscriber_limits_and_overrides() -> None:
