@@ -113,6 +113,7 @@ class IncomingMessage:
         self._chunks: list[bytes] = []
         self._file: BinaryIO | None = None  # a spilled (large) message
         self._fd: int | None = None  # the written file, between write_out and sync
+        self._moved = False  # renamed into a Maildir: the incoming name is gone
 
     def write(self, data: bytes) -> None:
         """Append bytes (nothing is durable until it is committed)."""
@@ -181,7 +182,11 @@ class IncomingMessage:
 
     def _place(self, target: Path, last: bool) -> None:
         try:
-            (os.rename if last else os.link)(self.path, target)
+            if last:
+                os.rename(self.path, target)
+                self._moved = True  # nothing left under the incoming name
+            else:
+                os.link(self.path, target)
             return
         except OSError as e:
             if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
@@ -197,6 +202,8 @@ class IncomingMessage:
         """Forget the message (after commit, or when it is refused)."""
         self._chunks = []
         self._close()
+        if self._moved:
+            return
         try:
             os.unlink(self.path)
         except FileNotFoundError:
