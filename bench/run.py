@@ -4,6 +4,7 @@
     .bench-venv/bin/python bench/run.py pop3 --messages 500
     .bench-venv/bin/python bench/run.py idle --connections 1000 5000
     .bench-venv/bin/python bench/run.py logins --logins 300
+    .bench-venv/bin/python bench/run.py submission --concurrency 10 100 --per-session 10
 
 Servers (each on loopback, storage in a fresh temp dir):
 - ours: `twistd -n mailappliance` (LDIF directory, fsync before 250);
@@ -71,26 +72,38 @@ class Server:
         self.kind, _, tuning = kind.partition("@")  # "ours@storage.commit_threads=2,smtp.x=y"
         self.tuning = dict(item.split("=", 1) for item in tuning.split(",") if item)
         self.root = Path(tempfile.mkdtemp(prefix=f"bench-{kind}-"))
-        self.smtp_port, self.pop3_port = free_port(), free_port()
+        self.smtp_port, self.pop3_port, self.submission_port = free_port(), free_port(), free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, cache_ttl: float = 60) -> "Server":
+        submission = ["--submission-port", str(self.submission_port), *self._certificate()]
         if self.kind == "ours":
             self._configure_ours(cache_ttl)
             command = [str(BIN / "twistd"), "-n", "--pidfile=", "--logfile", str(self.root / "twistd.log"),
                        "mailappliance", "--config", str(self.root / "mailappliance.toml")]
         elif self.kind == "aiosmtpd":
             command = [sys.executable, str(HERE / "peers" / "aiosmtpd_maildir.py"), "--port", str(self.smtp_port),
-                       "--maildir", str(self.root / "mail" / "alice")]
+                       "--maildir", str(self.root / "mail" / "alice"), *submission]
         elif self.kind == "postfix":
             command = [sys.executable, str(HERE / "peers" / "postfix_dovecot.py"), "--smtp-port", str(self.smtp_port),
-                       "--pop3-port", str(self.pop3_port), "--root", str(self.root)]
+                       "--pop3-port", str(self.pop3_port), "--root", str(self.root), *submission]
         else:
             command = [sys.executable, str(HERE / "peers" / "twisted_mail_peer.py"), "--smtp-port",
-                       str(self.smtp_port), "--pop3-port", str(self.pop3_port), "--maildir", str(self.root / "mail")]
+                       str(self.smtp_port), "--pop3-port", str(self.pop3_port), "--maildir", str(self.root / "mail"),
+                       *submission]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         wait_for_port(self.smtp_port)
         return self
+
+    def _certificate(self) -> list[str]:
+        """A self-signed certificate for the peers' submission listeners (ours makes its own)."""
+        tls = self.root / "peer-tls"
+        tls.mkdir(exist_ok=True)
+        certificate, key = tls / "cert.pem", tls / "key.pem"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                        "-nodes", "-days", "2", "-subj", "/CN=bench.example.org", "-keyout", str(key),
+                        "-out", str(certificate)], check=True, capture_output=True)
+        return ["--certificate", str(certificate), "--private-key", str(key)]
 
     def _configure_ours(self, cache_ttl: float) -> None:
         added = subprocess.run([str(BIN / "mailappliance-admin"), "--config", str(self._write_config(cache_ttl)),
@@ -117,6 +130,8 @@ account_lock_after = 100000
 connections_per_minute = 10000000
 concurrent_per_address = 100000
 max_connections = 100000
+messages_per_hour = 10000000
+recipients_per_hour = 10000000
 [logging]
 level = "warn"
 [tls]
@@ -125,6 +140,9 @@ private_key = "tls/server.key"
 [[listeners]]
 role = "mx"
 port = {self.smtp_port}
+[[listeners]]
+role = "submission"
+port = {self.submission_port}
 [[listeners]]
 role = "pop3"
 port = {self.pop3_port}
@@ -199,12 +217,15 @@ def tree_cpu_seconds(top: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def load(server: Server, messages: int, concurrency: int, size: int, generator: str = "asyncio") -> dict[str, Any]:
+def load(server: Server, messages: int, concurrency: int, size: int, generator: str = "asyncio",
+         per_session: int = 0) -> dict[str, Any]:
     """Run the load generator, then wait until every message is in the Maildir;
     adds that rate and CPU milliseconds per message of server and generator.
 
     ``asyncio``: bench/smtp_load.py, pipelining; ``smtp-source``: Postfix's C
     load generator, one command at a time (as many real clients send).
+    ``per_session`` > 0: authenticated submission (STARTTLS, AUTH PLAIN as
+    alice) with that many messages per session.
     """
     before = server.delivered()
     server_cpu = server.cpu_seconds()
@@ -219,8 +240,11 @@ def load(server: Server, messages: int, concurrency: int, size: int, generator: 
                   "messages_per_second": round(messages / seconds, 1),
                   "errors": 0 if done.returncode == 0 else messages}
     else:
+        submission = ["--port", str(server.submission_port), "--submission", "alice:alice-password",
+                      "--per-session", str(per_session), "--sender", "alice@example.org"] if per_session else \
+            ["--port", str(server.smtp_port)]
         output = subprocess.run(
-            [sys.executable, str(HERE / "smtp_load.py"), "--port", str(server.smtp_port), "--messages", str(messages),
+            [sys.executable, str(HERE / "smtp_load.py"), *submission, "--messages", str(messages),
              "--concurrency", str(concurrency), "--size", str(size), "--processes", str(min(4, concurrency))],
             capture_output=True, text=True, check=True).stdout
         result = json.loads(output)
@@ -274,6 +298,25 @@ def bench_inbound(args: argparse.Namespace) -> None:
                 print(json.dumps(result), flush=True)
                 results.append(result)
     report(results, "messages_per_second", "in_maildir_per_second", "server_cpu_ms_per_message",
+           "generator_cpu_ms_per_message")
+
+
+def bench_submission(args: argparse.Namespace) -> None:
+    """Subscribers sending: STARTTLS, AUTH PLAIN, --per-session messages, QUIT, again."""
+    results = []
+    for concurrency in args.concurrency:
+        for kind in alternate(args.servers, args.rounds):
+            server = Server(kind).start()
+            try:
+                result = load(server, args.messages, concurrency, args.size, per_session=args.per_session)
+            finally:
+                server.stop()
+            result["sessions_per_second"] = round(result["sessions"] / result["seconds"], 1)
+            result.update(scenario=f"submission {args.size // 1024} KB c={concurrency} "
+                                   f"{args.per_session}/session", server=kind)
+            print(json.dumps(result), flush=True)
+            results.append(result)
+    report(results, "messages_per_second", "sessions_per_second", "server_cpu_ms_per_message",
            "generator_cpu_ms_per_message")
 
 
@@ -385,7 +428,7 @@ def bench_logins(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("benchmark", choices=("inbound", "pop3", "idle", "logins"))
+    parser.add_argument("benchmark", choices=("inbound", "submission", "pop3", "idle", "logins"))
     parser.add_argument("--servers", nargs="+", default=["ours", "twisted", "aiosmtpd"])
     parser.add_argument("--sizes", nargs="+", type=int, default=[1024, 10240, 1048576])
     parser.add_argument("--size", type=int, default=10240)
@@ -396,10 +439,13 @@ def main() -> None:
     parser.add_argument("--logins", type=int, default=500)
     parser.add_argument("--generator", choices=("asyncio", "smtp-source"), default="asyncio",
                         help="inbound: bench/smtp_load.py (pipelining) or Postfix's smtp-source (one command at a time)")
+    parser.add_argument("--per-session", type=int, default=10, help="submission: messages per session")
     parser.add_argument("--dele", action="store_true", help="pop3: also DELE every message (ours only)")
     args = parser.parse_args()
     try:
-        {"inbound": bench_inbound, "pop3": bench_pop3, "idle": bench_idle, "logins": bench_logins}[args.benchmark](args)
+        benchmarks = {"inbound": bench_inbound, "submission": bench_submission, "pop3": bench_pop3,
+                      "idle": bench_idle, "logins": bench_logins}
+        benchmarks[args.benchmark](args)
     finally:
         remove_finished_roots()
     os._exit(0)

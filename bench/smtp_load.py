@@ -2,17 +2,26 @@
 
 asyncio clients with pipelined commands (one round trip for MAIL/RCPT/DATA,
 one for the body), so the generator is much faster than the servers it
-drives. Prints one JSON line: messages, seconds, messages_per_second, errors.
+drives. Prints one JSON line: messages, seconds, messages_per_second,
+sessions, errors.
+
+With ``--submission USER:PASSWORD`` each session is a subscriber's: EHLO,
+STARTTLS (the certificate is not checked), EHLO, AUTH PLAIN, then up to
+``--per-session`` messages, QUIT, and a new session for the rest.
 
     python bench/smtp_load.py --port 2525 --messages 2000 --concurrency 100 --size 10240
+    python bench/smtp_load.py --port 2587 --submission alice:secret --per-session 10 --sender alice@example.org
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import dataclasses
 import json
 import multiprocessing
+import ssl
 import time
 
 
@@ -32,37 +41,90 @@ async def read_reply(reader: asyncio.StreamReader) -> int:
             return int(line[:3])
 
 
-async def client(host: str, port: int, count: int, size: int, recipient: str, errors: list[int]) -> None:
-    reader, writer = await asyncio.open_connection(host, port)
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What every client of one generator process does."""
+
+    host: str
+    port: int
+    size: int
+    recipient: str
+    sender: str
+    login: str  # "user:password" for submission, "" for plain MX sessions
+    per_session: int  # messages per session (0: all of a client's messages in one)
+
+
+_context: ssl.SSLContext | None = None
+
+
+def _client_context() -> ssl.SSLContext:
+    """One client context per process (making one loads the CA store: ~20 ms)."""
+    global _context
+    if _context is None:
+        _context = ssl.create_default_context()
+        _context.check_hostname, _context.verify_mode = False, ssl.CERT_NONE
+    return _context
+
+
+async def open_session(plan: Plan) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection(plan.host, plan.port)
     await read_reply(reader)
     writer.write(b"EHLO bench.example.net\r\n")
     await read_reply(reader)
-    payload = make_message(size, 0) + b".\r\n"
-    for _ in range(count):
-        writer.write(b"MAIL FROM:<bench@example.net>\r\nRCPT TO:<" + recipient.encode() + b">\r\nDATA\r\n")
-        codes = [await read_reply(reader) for _ in range(3)]
-        if codes != [250, 250, 354]:
-            errors.append(codes[-1])
-            writer.write(b"RSET\r\n")
-            await read_reply(reader)
-            continue
-        writer.write(payload)
-        if await read_reply(reader) != 250:
-            errors.append(1)
+    if plan.login:
+        writer.write(b"STARTTLS\r\n")
+        if await read_reply(reader) != 220:
+            raise ConnectionError("STARTTLS refused")
+        await writer.start_tls(_client_context())
+        writer.write(b"EHLO bench.example.net\r\n")
+        await read_reply(reader)
+        user, _, password = plan.login.partition(":")
+        token = base64.b64encode(b"\0" + user.encode() + b"\0" + password.encode())
+        writer.write(b"AUTH PLAIN " + token + b"\r\n")
+        if await read_reply(reader) != 235:
+            raise ConnectionError("AUTH refused")
+    return reader, writer
+
+
+async def close_session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     writer.write(b"QUIT\r\n")
     await read_reply(reader)
     writer.close()
 
 
-async def run_clients(host: str, port: int, messages: int, concurrency: int, size: int, recipient: str) -> int:
+async def client(plan: Plan, count: int, errors: list[int], sessions: list[int]) -> None:
+    payload = make_message(plan.size, 0) + b".\r\n"
+    envelope = (b"MAIL FROM:<" + plan.sender.encode() + b">\r\nRCPT TO:<" + plan.recipient.encode() +
+                b">\r\nDATA\r\n")
+    per_session = plan.per_session or count
+    while count > 0:
+        reader, writer = await open_session(plan)
+        sessions.append(1)
+        for _ in range(min(count, per_session)):
+            writer.write(envelope)
+            codes = [await read_reply(reader) for _ in range(3)]
+            if codes != [250, 250, 354]:
+                errors.append(codes[-1])
+                writer.write(b"RSET\r\n")
+                await read_reply(reader)
+                continue
+            writer.write(payload)
+            if await read_reply(reader) != 250:
+                errors.append(1)
+        count -= per_session
+        await close_session(reader, writer)
+
+
+async def run_clients(plan: Plan, messages: int, concurrency: int) -> tuple[int, int]:
     errors: list[int] = []
+    sessions: list[int] = []
     per_client = [messages // concurrency + (1 if i < messages % concurrency else 0) for i in range(concurrency)]
-    await asyncio.gather(*(client(host, port, n, size, recipient, errors) for n in per_client if n))
-    return len(errors)
+    await asyncio.gather(*(client(plan, n, errors, sessions) for n in per_client if n))
+    return len(errors), len(sessions)
 
 
-def worker(args: tuple[str, int, int, int, int, str]) -> int:
-    return asyncio.run(run_clients(*args))
+def worker(job: tuple[Plan, int, int]) -> tuple[int, int]:
+    return asyncio.run(run_clients(*job))
 
 
 def main() -> None:
@@ -74,17 +136,22 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=10240)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--recipient", default="alice@example.org")
+    parser.add_argument("--sender", default="bench@example.net")
+    parser.add_argument("--submission", default="", metavar="USER:PASSWORD",
+                        help="STARTTLS and AUTH PLAIN at the start of every session")
+    parser.add_argument("--per-session", type=int, default=0, help="messages per session (0: one session a client)")
     args = parser.parse_args()
+    plan = Plan(args.host, args.port, args.size, args.recipient, args.sender, args.submission, args.per_session)
     processes = max(1, min(args.processes, args.concurrency))
-    jobs = [(args.host, args.port, args.messages // processes + (1 if i < args.messages % processes else 0),
-             args.concurrency // processes + (1 if i < args.concurrency % processes else 0), args.size,
-             args.recipient) for i in range(processes)]
+    jobs = [(plan, args.messages // processes + (1 if i < args.messages % processes else 0),
+             args.concurrency // processes + (1 if i < args.concurrency % processes else 0)) for i in range(processes)]
     started = time.perf_counter()
     with multiprocessing.Pool(processes) as pool:
-        errors = sum(pool.map(worker, jobs))
+        outcomes = pool.map(worker, jobs)
     seconds = time.perf_counter() - started
     print(json.dumps({"messages": args.messages, "seconds": round(seconds, 3),
-                      "messages_per_second": round(args.messages / seconds, 1), "errors": errors}))
+                      "messages_per_second": round(args.messages / seconds, 1),
+                      "sessions": sum(s for _, s in outcomes), "errors": sum(e for e, _ in outcomes)}))
 
 
 if __name__ == "__main__":

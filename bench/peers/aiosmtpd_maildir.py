@@ -1,6 +1,9 @@
 """Peer: an aiosmtpd server that writes each message to a Maildir and fsyncs it
 (file and directory) before answering 250 - the same durability rule as ours.
 
+With ``--submission-port`` and a certificate it also listens for
+subscribers: STARTTLS required, then AUTH PLAIN (alice / alice-password).
+
     python bench/peers/aiosmtpd_maildir.py --port 2600 --maildir /tmp/peer-maildir
 """
 
@@ -10,10 +13,11 @@ import argparse
 import asyncio
 import os
 import socket
+import ssl
 import time
 from pathlib import Path
 
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
 _counter = 0
 
@@ -47,12 +51,24 @@ class MaildirHandler:
         return "250 OK"
 
 
-async def serve(port: int, maildir: Path) -> None:
+def authenticate(server: SMTP, session: object, envelope: object, mechanism: str, data: object) -> AuthResult:
+    ok = isinstance(data, LoginPassword) and (data.login, data.password) == (b"alice", b"alice-password")
+    return AuthResult(success=ok)
+
+
+async def serve(port: int, maildir: Path, submission: tuple[int, Path, Path] | None = None) -> None:
     for sub in ("tmp", "new", "cur"):
         (maildir / sub).mkdir(parents=True, exist_ok=True)
     handler = MaildirHandler(maildir)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: SMTP(handler, data_size_limit=26214400), "127.0.0.1", port)
+    if submission is not None:
+        submission_port, certificate, key = submission
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(certificate, key)
+        await loop.create_server(
+            lambda: SMTP(handler, data_size_limit=26214400, tls_context=context, require_starttls=True,
+                         authenticator=authenticate, auth_required=True), "127.0.0.1", submission_port)
     async with server:
         await server.serve_forever()
 
@@ -61,5 +77,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--maildir", type=Path, required=True)
+    parser.add_argument("--submission-port", type=int)
+    parser.add_argument("--certificate", type=Path)
+    parser.add_argument("--private-key", type=Path)
     args = parser.parse_args()
-    asyncio.run(serve(args.port, args.maildir))
+    submission = (args.submission_port, args.certificate, args.private_key) if args.submission_port else None
+    asyncio.run(serve(args.port, args.maildir, submission))

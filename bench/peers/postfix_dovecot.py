@@ -12,6 +12,9 @@ Postfix's 250 means "fsynced into its queue" (cleanup(8) fsyncs the queue
 file before smtpd answers); delivery into the Maildir happens after it, so
 ``bench/run.py`` also waits until every message is in ``new/``.
 
+With ``--submission-port`` and a certificate Postfix also runs a submission
+service: TLS required, SASL PLAIN through Dovecot's auth socket.
+
     python bench/peers/postfix_dovecot.py --smtp-port 2800 --pop3-port 2810 --root /tmp/peer-postfix
 """
 
@@ -52,6 +55,21 @@ virtual_minimum_uid = 100
 virtual_uid_maps = static:{uid}
 virtual_gid_maps = static:{gid}
 message_size_limit = 26214400
+smtpd_sasl_type = dovecot
+smtpd_sasl_path = private/auth
+"""
+
+MAIN_CF_TLS = """\
+smtpd_tls_cert_file = {certificate}
+smtpd_tls_key_file = {private_key}
+"""
+
+SUBMISSION_CF = """\
+127.0.0.1:{port} inet n - n - - smtpd
+  -o smtpd_tls_security_level=encrypt
+  -o smtpd_tls_auth_only=yes
+  -o smtpd_sasl_auth_enable=yes
+  -o smtpd_recipient_restrictions=permit_sasl_authenticated,reject
 """
 
 # Debian's master.cf without chroot (a chroot would need copies of /etc files)
@@ -60,6 +78,7 @@ MASTER_CF = """\
 pickup     unix  n - n 60   1 pickup
 cleanup    unix  n - n -    0 cleanup
 qmgr       unix  n - n 300  1 qmgr
+tlsmgr     unix  - - n 1000? 1 tlsmgr
 rewrite    unix  - - n -    - trivial-rewrite
 bounce     unix  - - n -    0 bounce
 defer      unix  - - n -    0 bounce
@@ -107,6 +126,13 @@ service pop3-login {{
     port = {port}
   }}
 }}
+service auth {{
+  unix_listener {root}/postfix/queue/private/auth {{
+    mode = 0660
+    user = postfix
+    group = postfix
+  }}
+}}
 service imap-login {{
   inet_listener imap {{
     port = 0
@@ -129,6 +155,9 @@ def main() -> None:
     parser.add_argument("--smtp-port", type=int, required=True)
     parser.add_argument("--pop3-port", type=int, required=True)
     parser.add_argument("--root", type=Path, required=True)
+    parser.add_argument("--submission-port", type=int)
+    parser.add_argument("--certificate", type=Path)
+    parser.add_argument("--private-key", type=Path)
     args = parser.parse_args()
     root = args.root.resolve()
     user = pwd.getpwnam(USER)
@@ -146,8 +175,12 @@ def main() -> None:
         os.chown(path, user.pw_uid, user.pw_gid)
     postfix_user = pwd.getpwnam("postfix")
     os.chown(root / "postfix" / "data", postfix_user.pw_uid, postfix_user.pw_gid)
-    (config / "main.cf").write_text(MAIN_CF.format(**values))
-    (config / "master.cf").write_text(MASTER_CF.format(port=args.smtp_port))
+    main_cf, master_cf = MAIN_CF.format(**values), MASTER_CF.format(port=args.smtp_port)
+    if args.submission_port:
+        main_cf += MAIN_CF_TLS.format(certificate=args.certificate.resolve(), private_key=args.private_key.resolve())
+        master_cf += SUBMISSION_CF.format(port=args.submission_port)
+    (config / "main.cf").write_text(main_cf)
+    (config / "master.cf").write_text(master_cf)
     (root / "postfix" / "vmailbox").write_text("alice@example.org alice/\n")
     dovecot_conf = root / "dovecot" / "dovecot.conf"
     dovecot_conf.write_text(DOVECOT_CONF.format(port=args.pop3_port, **values))

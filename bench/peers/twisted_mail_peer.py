@@ -8,6 +8,10 @@ that stores into a Maildir through twisted.mail.maildir.MaildirMessage
 (temp file, rename into new/; NO fsync before the 250), and Twisted's POP3
 over twisted.mail.maildir.MaildirMailbox.
 
+With ``--submission-port`` and a certificate it also listens for
+subscribers: ESMTP with STARTTLS and AUTH PLAIN (Twisted's own challenger and
+an in-memory checker).
+
     python bench/peers/twisted_mail_peer.py --smtp-port 2700 --pop3-port 2710 --maildir /tmp/peer-twisted
 """
 
@@ -17,9 +21,10 @@ import argparse
 from pathlib import Path
 
 from twisted.cred import checkers, portal
-from twisted.internet import reactor
+from twisted.internet import reactor, ssl
 from twisted.internet.protocol import Factory
 from twisted.mail import maildir, pop3, smtp
+from twisted.mail._cred import PLAINCredentials
 from zope.interface import implementer
 
 
@@ -84,11 +89,36 @@ class SMTPFactory(smtp.SMTPFactory):
         return p
 
 
+@implementer(portal.IRealm)
+class SubmissionRealm:
+    """A logged-in subscriber delivers through the same Maildir delivery."""
+
+    def __init__(self, delivery: MaildirDelivery) -> None:
+        self.delivery = delivery
+
+    def requestAvatar(self, avatar_id, mind, *interfaces):  # noqa: N802
+        return smtp.IMessageDelivery, self.delivery, lambda: None
+
+
+class SubmissionFactory(smtp.SMTPFactory):
+    def __init__(self, delivery_portal: portal.Portal, context: ssl.ContextFactory) -> None:
+        super().__init__(delivery_portal)
+        self.context = context
+
+    def buildProtocol(self, addr):  # noqa: N802
+        p = smtp.ESMTP({b"PLAIN": PLAINCredentials}, self.context)
+        p.factory, p.portal, p.host = self, self.portal, b"twisted-mail-peer"
+        return p
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--smtp-port", type=int, required=True)
     parser.add_argument("--pop3-port", type=int, required=True)
     parser.add_argument("--maildir", type=Path, required=True)
+    parser.add_argument("--submission-port", type=int)
+    parser.add_argument("--certificate", type=Path)
+    parser.add_argument("--private-key", type=Path)
     args = parser.parse_args()
     args.maildir.mkdir(parents=True, exist_ok=True)
     reactor.listenTCP(args.smtp_port, SMTPFactory(MaildirDelivery(args.maildir)), interface="127.0.0.1")
@@ -103,6 +133,10 @@ def main() -> None:
             return p
 
     reactor.listenTCP(args.pop3_port, POP3Factory(), interface="127.0.0.1")
+    if args.submission_port:
+        context = ssl.DefaultOpenSSLContextFactory(str(args.private_key), str(args.certificate))
+        submission_portal = portal.Portal(SubmissionRealm(MaildirDelivery(args.maildir)), [users])
+        reactor.listenTCP(args.submission_port, SubmissionFactory(submission_portal, context), interface="127.0.0.1")
     reactor.run()
 
 
