@@ -1,10 +1,10 @@
 """Benchmarks against peers, measured in one run, alternating A B A B.
 
-    .bench-venv/bin/python bench/run.py inbound --sizes 10240 --concurrency 100 --messages 3000
-    .bench-venv/bin/python bench/run.py pop3 --messages 500
-    .bench-venv/bin/python bench/run.py idle --connections 1000 5000
-    .bench-venv/bin/python bench/run.py logins --logins 300
-    .bench-venv/bin/python bench/run.py submission --concurrency 10 100 --per-session 10
+    .venv/bin/python bench/run.py inbound --sizes 10240 --concurrency 100 --messages 3000
+    .venv/bin/python bench/run.py pop3 --messages 500
+    .venv/bin/python bench/run.py idle --connections 1000 5000
+    .venv/bin/python bench/run.py logins --logins 300
+    .venv/bin/python bench/run.py submission --concurrency 10 100 --per-session 10
 
 Servers (each on loopback, storage in a fresh temp dir):
 - ours: `twistd -n mailappliance` (LDIF directory, fsync before 250);
@@ -42,9 +42,11 @@ FSYNC = {"ours": True, "aiosmtpd": True, "twisted": False, "postfix": True}
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """The tests' free port (below the ephemeral range, never twice in a run)."""
+    sys.path.insert(0, str(HERE.parent))
+    from tests.daemon import free_port as tests_free_port
+
+    return tests_free_port()
 
 
 def wait_for_port(port: int, timeout: float = 30) -> None:
