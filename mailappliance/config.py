@@ -468,7 +468,7 @@ def parse_config(file: Path, data: dict[str, Any]) -> Settings:
     maildir_root = storage.path("maildir_root", "var/mail")
     spool_dir = storage.path("spool_dir", "var/spool")
     storage_threads = storage.integer("threads", 8, 1, 256)
-    commit_threads = storage.integer("commit_threads", 2, 1, 64)
+    commit_threads = storage.integer("commit_threads", 1, 1, 64)
     storage.reject_unknown()
 
     smtp = top.table_of("smtp")
