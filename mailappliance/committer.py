@@ -13,12 +13,13 @@ is one message and costs what a single delivery costs.
 
 from __future__ import annotations
 
+import errno
 import threading
 from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -59,11 +60,12 @@ class BatchCommitter:
 
     def commit(self, message: IncomingMessage, maildirs: Iterable[Path],
                outbound: Callable[[Path], None] | None = None) -> Deferred:
-        """Deferred of the delivered Maildir paths, once they are durable."""
+        """Deferred of the delivered Maildir paths, once they are durable (an
+        OSError when not: the session answers 451 and the client retries)."""
         d: Deferred = Deferred()
         with self._condition:
             if self._stopping or not self._threads:
-                raise RuntimeError("the commit threads are not running")
+                return fail(OSError(errno.ESHUTDOWN, "the server is shutting down"))
             self._pending.append((CommitJob(message, tuple(maildirs), outbound), d))
             self._condition.notify()
         return d
