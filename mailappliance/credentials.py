@@ -26,7 +26,7 @@ from twisted.cred.portal import IRealm
 from zope.interface import Attribute, Interface, implementer
 
 from mailappliance.directory import Subscriber
-from mailappliance.directory.threaded import Directory
+from mailappliance.directory.threaded import Directory, SharedLookups
 from mailappliance.throttle import AuthThrottle, ThrottleSettings
 
 MAX_CACHE_ENTRIES = 50_000
@@ -104,6 +104,7 @@ class SubscriberChecker:
         self.clock = clock
         self._key = os.urandom(32)
         self._cache: dict[str, _CacheEntry] = {}
+        self._verifications = SharedLookups()  # keyed by (login, HMAC of the password)
 
     def _digest(self, login: str, password: str) -> bytes:
         message = login.encode() + b"\0" + password.encode()
@@ -149,9 +150,16 @@ class SubscriberChecker:
         if cached and cached.expires > now and hmac.compare_digest(cached.digest, digest):
             self.throttle.succeeded(address, key)
             return succeed(cached.subscriber)
+        d = self._verifications((key, digest), lambda: self._verify(login, password, key, digest))
+        d.addCallbacks(self._succeeded, self._failed, (address, key), None, (address, key))
+        return d
+
+    def _verify(self, login: str, password: str, key: str, digest: bytes) -> "Deferred[Subscriber]":
+        """One directory check (a password hash or an LDAP bind), shared by
+        every identical login that arrives while it runs (each still counts
+        for the throttle on its own)."""
         d = self.directory.authenticate(login, password)
         d.addCallback(self._verdict, login, key, digest)
-        d.addCallbacks(self._succeeded, self._failed, (address, key), None, (address, key))
         return d
 
     def _succeeded(self, subscriber: Subscriber, address: str, key: str) -> Subscriber:

@@ -89,3 +89,44 @@ def test_ttl_zero_disables_cache() -> None:
     login(checker, "alice", "s3cret-pass")
     login(checker, "alice", "s3cret-pass")
     assert directory.calls == 2
+
+
+class SlowDirectory(CountingDirectory):
+    """authenticate() answers only when the test says (a password hash in progress)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending: list = []
+
+    def authenticate(self, login: str, password: str):
+        from twisted.internet.defer import Deferred
+
+        self.calls += 1
+        d: Deferred = Deferred()
+        self.pending.append((d, login, password))
+        return d
+
+    def answer_all(self) -> None:
+        for d, login, password in self.pending:
+            entry = self.passwords.get(login.lower())
+            d.callback(entry[1] if entry and entry[0] == password else None)
+        self.pending = []
+
+
+def test_identical_logins_in_flight_share_one_check_and_each_counts_for_the_throttle() -> None:
+    directory, clock = SlowDirectory(), Clock()
+    checker = SubscriberChecker(directory, cache_ttl=0, clock=clock)  # no cache: only sharing helps
+    results: list = []
+    for password in ("s3cret-pass", "s3cret-pass", "s3cret-pass", "wrong-pass", "wrong-pass"):
+        credentials = UsernamePassword(b"alice", password.encode())
+        checker.requestAvatarId(credentials).addBoth(results.append)
+    assert directory.calls == 2  # one per distinct password, however many sessions asked
+    directory.answer_all()
+    assert results[:3] == [ALICE] * 3
+    assert all(r.check(LoginRefused) for r in results[3:])
+    assert len(checker.throttle._by_address[""]) == 2  # each refused attempt counted on its own
+    later: list = []
+    checker.requestAvatarId(UsernamePassword(b"alice", b"s3cret-pass")).addBoth(later.append)
+    assert directory.calls == 3  # a finished check is not reused (TTL 0: no cache)
+    directory.answer_all()
+    assert later == [ALICE]

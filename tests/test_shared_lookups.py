@@ -12,8 +12,12 @@ from mailappliance.directory.threaded import SharedLookups
 class Calls:
     def __init__(self) -> None:
         self.started: list[tuple[str, Deferred]] = []
+        self.shared = SharedLookups()
 
-    def __call__(self, key: str) -> Deferred:
+    def lookup(self, key: str) -> Deferred:
+        return self.shared(key, lambda: self._start(key))
+
+    def _start(self, key: str) -> Deferred:
         d: Deferred = Deferred()
         self.started.append((key, d))
         return d
@@ -21,7 +25,7 @@ class Calls:
 
 def test_lookups_in_flight_together_share_one_call_and_its_answer() -> None:
     calls = Calls()
-    lookups = SharedLookups(calls)
+    lookups = calls.lookup
     results: list[Any] = []
     for _ in range(3):
         lookups("alice@example.org").addCallback(results.append)
@@ -35,7 +39,7 @@ def test_lookups_in_flight_together_share_one_call_and_its_answer() -> None:
 
 def test_a_lookup_after_the_shared_one_finished_asks_again() -> None:
     calls = Calls()
-    lookups = SharedLookups(calls)
+    lookups = calls.lookup
     lookups("alice@example.org")
     calls.started[0][1].callback("old entry")
     second: list[Any] = []
@@ -47,7 +51,7 @@ def test_a_lookup_after_the_shared_one_finished_asks_again() -> None:
 
 def test_a_failure_reaches_every_waiting_lookup() -> None:
     calls = Calls()
-    lookups = SharedLookups(calls)
+    lookups = calls.lookup
     failures: list[Any] = []
     for _ in range(2):
         lookups("alice@example.org").addErrback(failures.append)
@@ -56,8 +60,8 @@ def test_a_failure_reaches_every_waiting_lookup() -> None:
 
 
 def test_a_call_that_answers_at_once_still_answers_the_caller() -> None:
-    lookups = SharedLookups(lambda key: succeed(key.upper()))
+    lookups = SharedLookups()
     results: list[Any] = []
-    lookups("a").addCallback(results.append)
-    lookups("a").addCallback(results.append)
+    lookups("a", lambda: succeed("A")).addCallback(results.append)
+    lookups("a", lambda: succeed("A")).addCallback(results.append)
     assert results == ["A", "A"]

@@ -8,7 +8,7 @@ the directory owns a dedicated ``ThreadPool``.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Hashable, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
@@ -39,28 +39,28 @@ def _timed(function: Callable[..., T], *args: Any) -> T:
 
 
 class SharedLookups:
-    """Lookups in flight at the same time for the same key share one call.
+    """Calls in flight at the same time for the same key share one call.
 
     A burst of mail for one address (a mailing list's run, a spam wave, a
     load test) then costs one store call and one thread hop instead of one
-    each.  Nothing is cached: a lookup that starts after the shared call
-    finished makes a new one, so directory changes are seen as soon as before.
+    each; a burst of logins with the same password, one password hash.
+    Nothing is cached: a call that starts after the shared one finished makes
+    a new one, so directory changes are seen as soon as before.
     """
 
-    def __init__(self, start: Callable[[str], Deferred]) -> None:
-        self._start = start
-        self._waiting: dict[str, list[Deferred]] = {}
+    def __init__(self) -> None:
+        self._waiting: dict[Hashable, list[Deferred]] = {}
 
-    def __call__(self, key: str) -> Deferred:
+    def __call__(self, key: Hashable, start: Callable[[], Deferred]) -> Deferred:
         d: Deferred = Deferred()
         if key in self._waiting:
             self._waiting[key].append(d)
             return d
         self._waiting[key] = [d]
-        self._start(key).addBoth(self._finish, key)
+        start().addBoth(self._finish, key)
         return d
 
-    def _finish(self, result: Any, key: str) -> None:
+    def _finish(self, result: Any, key: Hashable) -> None:
         for d in self._waiting.pop(key):
             if isinstance(result, Failure):
                 d.errback(result)
@@ -75,7 +75,7 @@ class Directory:
         self.store = store
         self._reactor = reactor
         self._pool = ThreadPool(minthreads=1, maxthreads=threads, name="directory")
-        self._address_lookups = SharedLookups(lambda address: self._run(self.store.find_by_address, address))
+        self._address_lookups = SharedLookups()
 
     def start(self) -> None:
         self._pool.start()
@@ -92,7 +92,7 @@ class Directory:
 
     def find_by_address(self, address: str) -> "Deferred[Subscriber | None]":
         """The recipient lookup of every RCPT (concurrent ones for one address are shared)."""
-        return self._address_lookups(address)
+        return self._address_lookups(address, lambda: self._run(self.store.find_by_address, address))
 
     def find_by_certificate(self, der: bytes) -> "Deferred[Subscriber | None]":
         return self._run(self.store.find_by_certificate, der)
