@@ -33,8 +33,10 @@ DEFAULT_MAX_BATCH = 64
 class BatchCommitter:
     """Group commit of received messages on ``threads`` dedicated threads."""
 
-    def __init__(self, reactor: Any, threads: int = 1, max_batch: int = DEFAULT_MAX_BATCH) -> None:
+    def __init__(self, reactor: Any, threads: int = 1, max_batch: int = DEFAULT_MAX_BATCH,
+                 sync: str = "fsync") -> None:
         self._reactor = reactor
+        self._sync = sync
         self._thread_count = threads
         self._max_batch = max_batch
         self._pending: deque[tuple[CommitJob, Deferred]] = deque()
@@ -79,7 +81,7 @@ class BatchCommitter:
                     return
                 batch = [self._pending.popleft() for _ in range(min(len(self._pending), self._max_batch))]
             try:
-                outcomes: list[CommitOutcome] = commit_batch([job for job, _ in batch])
+                outcomes: list[CommitOutcome] = commit_batch([job for job, _ in batch], self._sync)
             except BaseException as e:  # a bug, not an OSError: fail the batch, keep the thread
                 log.failure("commit of {n} message(s) failed", Failure(), n=len(batch))
                 outcomes = [e] * len(batch)

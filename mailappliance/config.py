@@ -17,6 +17,7 @@ import attrs
 from mailappliance.addresses import normalize_domain
 from mailappliance.directory import InvalidAddress
 from mailappliance.limits import LimitSettings
+from mailappliance.maildir import SYNC_METHODS, syncfs_available
 from mailappliance.throttle import ThrottleSettings
 
 ROLES = ("mx", "submission", "submissions", "pop3", "pop3s", "autoconfig", "autoconfigs", "metrics")
@@ -152,6 +153,7 @@ class Settings:
     spool_dir: Path
     storage_threads: int
     commit_threads: int
+    sync: str  # "fsync" each message file, or one "syncfs" per batch
     max_message_size: int
     auth_cache_ttl: float
     throttle: ThrottleSettings
@@ -469,6 +471,10 @@ def parse_config(file: Path, data: dict[str, Any]) -> Settings:
     spool_dir = storage.path("spool_dir", "var/spool")
     storage_threads = storage.integer("threads", 8, 1, 256)
     commit_threads = storage.integer("commit_threads", 1, 1, 64)
+    sync = storage.choice("sync", "fsync", SYNC_METHODS)
+    if sync == "syncfs" and not syncfs_available():
+        raise storage.error("sync", "\"syncfs\" needs Linux 5.8 or newer (where syncfs reports write errors); "
+                                    "use \"fsync\"")
     storage.reject_unknown()
 
     smtp = top.table_of("smtp")
@@ -516,6 +522,7 @@ def parse_config(file: Path, data: dict[str, Any]) -> Settings:
         spool_dir=spool_dir,
         storage_threads=storage_threads,
         commit_threads=commit_threads,
+        sync=sync,
         max_message_size=max_size,
         auth_cache_ttl=cache_ttl,
         throttle=throttle,

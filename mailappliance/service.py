@@ -121,7 +121,7 @@ def build_service(settings: Settings, reactor: Any = None,
     storage_pool = ThreadPool(minthreads=1, maxthreads=settings.storage_threads, name="storage")
     _PoolService(storage_pool.start, storage_pool.stop).setServiceParent(top)
 
-    committer = BatchCommitter(reactor, settings.commit_threads)
+    committer = BatchCommitter(reactor, settings.commit_threads, sync=settings.sync)
     _PoolService(committer.start, committer.stop).setServiceParent(top)
 
     def run_blocking(function: Callable[..., Any], *args: Any) -> Deferred:

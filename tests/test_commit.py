@@ -91,6 +91,34 @@ def test_a_failed_directory_fsync_fails_every_message_linked_into_that_directory
     assert isinstance(both, OSError) and isinstance(only_bob, OSError)
 
 
+@pytest.mark.skipif(not maildir.syncfs_available(), reason="syncfs needs Linux 5.8")
+def test_one_syncfs_for_the_batch_delivers_every_message(tmp_path: Path) -> None:
+    incoming, box = tmp_path / "incoming", tmp_path / "alice"
+    incoming.mkdir()
+    spilled = IncomingMessage(incoming)
+    spilled.write(b"y" * (maildir.MEMORY_LIMIT + 1))  # written to its file while it arrived
+    jobs = [CommitJob(message(incoming, f"{n}\r\n".encode()), (box,)) for n in range(5)] + [CommitJob(spilled, (box,))]
+    outcomes = commit_batch(jobs, sync="syncfs")
+    assert all(isinstance(o, list) for o in outcomes)
+    assert sorted(len(b) for b in new_files(box).values()) == [3] * 5 + [maildir.MEMORY_LIMIT + 1]
+    assert list(incoming.iterdir()) == []
+
+
+def test_a_failed_syncfs_fails_the_whole_batch_and_places_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    incoming, box = tmp_path / "incoming", tmp_path / "alice"
+
+    def failing(fd: int) -> None:
+        raise OSError(5, "syncfs: Input/output error")
+
+    monkeypatch.setattr(maildir, "syncfs", failing)
+    outcomes = commit_batch([CommitJob(message(incoming, f"{n}\r\n".encode()), (box,)) for n in range(3)],
+                            sync="syncfs")
+    assert all(isinstance(o, OSError) for o in outcomes)
+    assert not (box / "new").exists() or new_files(box) == {}
+    assert list(incoming.iterdir()) == []
+
+
 def test_a_large_message_spills_to_disk_while_it_arrives_and_commits_whole(tmp_path: Path) -> None:
     incoming, box = tmp_path / "incoming", tmp_path / "alice"
     incoming.mkdir()

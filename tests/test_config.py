@@ -39,6 +39,18 @@ def test_minimal_config_defaults(tmp_path: Path) -> None:
     assert settings.maildir_root == tmp_path / "var" / "mail"
     assert settings.max_message_size == 25 * 1024 * 1024
     assert settings.listeners[0].address == "127.0.0.1"
+    assert (settings.commit_threads, settings.sync) == (1, "fsync")
+
+
+def test_syncfs_is_accepted_where_it_reports_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mailappliance.config as config
+
+    text = MINIMAL + '[storage]\nsync = "syncfs"\n'
+    monkeypatch.setattr(config, "syncfs_available", lambda: True)
+    assert load_config(write(tmp_path, text)).sync == "syncfs"
+    monkeypatch.setattr(config, "syncfs_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"storage\.sync: \"syncfs\" needs Linux 5\.8"):
+        load_config(write(tmp_path, text))
 
 
 @pytest.mark.parametrize(
@@ -54,6 +66,7 @@ def test_minimal_config_defaults(tmp_path: Path) -> None:
         (MINIMAL + "[directory]\nbackend = 'ldap'\n[directory.ldap]\nbase_dn='o=x'\nurls=['http://x']\n",
          "directory.ldap.urls", "ldap://"),
         (MINIMAL + "[smtp]\nmax_mesage_size = 5\n", "smtp.max_mesage_size", "unknown setting"),
+        (MINIMAL + "[storage]\nsync = 'fdatasync'\n", "storage.sync", "'fsync' or 'syncfs'"),
         (MINIMAL + "[[listeners]]\nrole='pop3'\nport=2525\n", "listeners[1].port", "already used"),
         (MINIMAL.replace('port = 2525', 'port = 2525\naddress = "localhost"'), "listeners[0].address",
          "IPv4 or IPv6"),

@@ -8,6 +8,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import pytest
+
+from mailappliance.maildir import syncfs_available
 from tests.daemon import Appliance
 
 USERS = ("alice", "bob")
@@ -45,8 +48,11 @@ def stored_tokens(root: Path) -> dict[str, int]:
     return found
 
 
-def test_kill_9_loses_nothing_and_exposes_nothing_partial(appliance: Callable[..., Appliance]) -> None:
-    instance = appliance(start=False)
+@pytest.mark.parametrize("sync", ["fsync", "syncfs"])
+def test_kill_9_loses_nothing_and_exposes_nothing_partial(appliance: Callable[..., Appliance], sync: str) -> None:
+    if sync == "syncfs" and not syncfs_available():
+        pytest.skip("syncfs needs Linux 5.8")
+    instance = appliance(start=False, extra={"storage": {"sync": sync}})
     for user in USERS:
         assert instance.admin("user", "add", f"{user}@example.org", password=f"{user}-password").returncode == 0
     instance.start()
