@@ -65,3 +65,17 @@ def test_a_call_that_answers_at_once_still_answers_the_caller() -> None:
     lookups("a", lambda: succeed("A")).addCallback(results.append)
     lookups("a", lambda: succeed("A")).addCallback(results.append)
     assert results == ["A", "A"]
+
+
+def test_a_call_that_raises_fails_its_callers_and_frees_the_key() -> None:
+    lookups = SharedLookups()
+    failures: list[Any] = []
+
+    def broken() -> Deferred:
+        raise RuntimeError("thread pool stopped")
+
+    lookups("a", broken).addErrback(failures.append)
+    assert failures and failures[0].check(RuntimeError)
+    later: list[Any] = []
+    lookups("a", lambda: succeed("A")).addCallback(later.append)
+    assert later == ["A"]

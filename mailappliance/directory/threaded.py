@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Hashable, TypeVar
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -57,7 +57,7 @@ class SharedLookups:
             self._waiting[key].append(d)
             return d
         self._waiting[key] = [d]
-        start().addBoth(self._finish, key)
+        maybeDeferred(start).addBoth(self._finish, key)  # a call that raises still releases the key
         return d
 
     def _finish(self, result: Any, key: Hashable) -> None:
