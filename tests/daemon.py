@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Collection, Iterable, Iterator
 
 import pytest
 
@@ -37,21 +37,29 @@ random.shuffle(_candidates)  # in no order: a test may move a listener to port +
 _next_port = iter(_candidates)
 
 
-def free_port() -> int:
-    """A free loopback port for a test server: below the ephemeral range, so no
-    client socket takes it meanwhile (binding port 0 hands out ports that
-    outgoing connections also use), and never the same twice in one run."""
-    for port in _next_port:
-        if port in _handed_out:
+def first_bindable(candidates: Iterable[int], exclude: Collection[int] = ()) -> int | None:
+    """The first of ``candidates`` (not in ``exclude``) that loopback can bind now."""
+    for port in candidates:
+        if port in exclude:
             continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
-        _handed_out.add(port)
         return port
-    raise RuntimeError(f"no free port left between 10000 and {_EPHEMERAL_LOW}")
+    return None
+
+
+def free_port() -> int:
+    """A free loopback port for a test server: below the ephemeral range, so no
+    client socket takes it meanwhile (binding port 0 hands out ports that
+    outgoing connections also use), and never the same twice in one run."""
+    port = first_bindable(_next_port, _handed_out)
+    if port is None:
+        raise RuntimeError(f"no free port left between 10000 and {_EPHEMERAL_LOW}")
+    _handed_out.add(port)
+    return port
 
 
 def _toml_value(value: Any) -> str:

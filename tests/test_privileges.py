@@ -17,23 +17,17 @@ from typing import Iterator
 
 import pytest
 
-from tests.daemon import BIN, toml_table
+from tests.daemon import BIN, first_bindable, toml_table
 
 DEBIAN_PYTHON = "/usr/bin/python3.11"  # readable by everyone, unlike a Python under /root
 NOBODY, NOGROUP = 65534, 65534
 
 
 def free_low_port(exclude: set[int]) -> int:
-    for port in range(700, 1024):
-        if port in exclude:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port below 1024")
+    port = first_bindable(range(700, 1024), exclude)
+    if port is None:
+        raise RuntimeError("no free port below 1024")
+    return port
 
 
 def _link_or_copy(source: str, target: str) -> None:
