@@ -5,7 +5,6 @@ collects ``callFromThread`` calls, so the test decides when results arrive)."""
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -156,20 +155,20 @@ class CollectingReactor:
 
     def __init__(self) -> None:
         self.calls: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
-        self.lock = threading.Lock()
+        self.arrived = threading.Condition()
 
     def callFromThread(self, function: Callable[..., Any], *args: Any) -> None:  # noqa: N802 (Twisted's name)
-        with self.lock:
+        with self.arrived:
             self.calls.append((function, args))
+            self.arrived.notify_all()
 
     def wait_for(self, count: int) -> None:
-        deadline = time.monotonic() + 10
-        while len(self.calls) < count:
-            assert time.monotonic() < deadline, "the commit thread did not report"
-            time.sleep(0.005)
+        with self.arrived:
+            reported = self.arrived.wait_for(lambda: len(self.calls) >= count, timeout=10)
+        assert reported, "the commit thread did not report"
 
     def run_calls(self) -> None:
-        with self.lock:
+        with self.arrived:
             calls, self.calls = self.calls, []
         for function, args in calls:
             function(*args)
