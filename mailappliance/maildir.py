@@ -267,62 +267,56 @@ def commit_batch(jobs: Sequence[CommitJob], sync: str = "fsync") -> list[CommitO
     (fastest, but it also waits for every other writer on that filesystem: for
     a mail filesystem of its own).  Then come the outbound spool entries, the
     links into each ``new/``, and one fsync per distinct ``new/`` directory
-    for the whole batch.  The guarantee per message is the same as delivering it alone: its
-    outcome is its Maildir paths only after its file and every ``new/`` it was
-    linked into were fsynced.  A failure (OSError) fails that job alone, or
-    the jobs that share a directory whose fsync failed; failed jobs are
-    discarded and their outcome is the exception.
+    for the whole batch.  The guarantee per message is the same as delivering
+    it alone: its outcome is its Maildir paths only after its file and every
+    ``new/`` it was linked into were synced.  A failure (OSError) fails that
+    job alone, or every job that a failed syncfs or directory fsync covered;
+    failed jobs are discarded and their outcome is the exception.
     """
     outcomes: list[CommitOutcome | None] = [None] * len(jobs)
     delivered: dict[int, list[Path]] = {}
 
-    def each(step: Callable[[int, CommitJob], None]) -> None:
-        for i, job in enumerate(jobs):
-            if outcomes[i] is not None:
-                continue
-            try:
-                step(i, job)
-            except OSError as e:
-                outcomes[i] = e
-                job.message.discard()
+    def live() -> list[int]:
+        return [i for i, outcome in enumerate(outcomes) if outcome is None]
 
-    def place(i: int, job: CommitJob) -> None:
+    def fail(i: int, error: OSError) -> None:
+        outcomes[i] = error
+        jobs[i].message.discard()
+
+    def each(step: Callable[[int], None]) -> None:
+        for i in live():
+            try:
+                step(i)
+            except OSError as e:
+                fail(i, e)
+
+    def place(i: int) -> None:
+        job = jobs[i]
         if job.outbound is not None:
             job.outbound(job.message.path)
         maildirs = list(dict.fromkeys(job.maildirs))
         delivered[i] = [job.message.place(maildir, last=n == len(maildirs) - 1) for n, maildir in enumerate(maildirs)]
 
-    each(lambda i, job: job.message.write_out())
-    if sync == "syncfs":
-        _sync_filesystem(jobs, outcomes)
-    each(lambda i, job: job.message.sync(fsync=sync == "fsync"))
+    each(lambda i: jobs[i].message.write_out())
+    if sync == "syncfs" and live():
+        try:
+            syncfs(jobs[live()[0]].message.fileno())
+        except OSError as e:
+            for i in live():
+                fail(i, e)
+    each(lambda i: jobs[i].message.sync(fsync=sync == "fsync"))
     each(place)
-    for new_dir in dict.fromkeys(p.parent for i, paths in delivered.items() if outcomes[i] is None for p in paths):
+    for new_dir in dict.fromkeys(p.parent for i in live() for p in delivered[i]):
         try:
             fsync_directory(new_dir)
         except OSError as e:
-            for i, paths in delivered.items():
-                if outcomes[i] is None and any(p.parent == new_dir for p in paths):
-                    outcomes[i] = e
-                    jobs[i].message.discard()
-    for i, job in enumerate(jobs):
-        if outcomes[i] is None:
-            job.message.discard()  # the incoming name only; the Maildir links keep the data
-            outcomes[i] = delivered[i]
+            for i in live():
+                if any(p.parent == new_dir for p in delivered[i]):
+                    fail(i, e)
+    for i in live():
+        jobs[i].message.discard()  # the incoming name only; the Maildir links keep the data
+        outcomes[i] = delivered[i]
     return outcomes  # type: ignore[return-value]
-
-
-def _sync_filesystem(jobs: Sequence[CommitJob], outcomes: list[CommitOutcome | None]) -> None:
-    """One syncfs for every written job; when it fails, they all fail."""
-    written = [i for i, outcome in enumerate(outcomes) if outcome is None]
-    if not written:
-        return
-    try:
-        syncfs(jobs[written[0]].message.fileno())
-    except OSError as e:
-        for i in written:
-            outcomes[i] = e
-            jobs[i].message.discard()
 
 
 def clean_incoming(incoming_dir: Path) -> int:
