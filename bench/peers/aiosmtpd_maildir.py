@@ -19,6 +19,8 @@ from pathlib import Path
 
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
+from peer_options import add_submission_options
+
 _counter = 0
 
 
@@ -77,9 +79,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--maildir", type=Path, required=True)
-    parser.add_argument("--submission-port", type=int)
-    parser.add_argument("--certificate", type=Path)
-    parser.add_argument("--private-key", type=Path)
+    add_submission_options(parser)
     args = parser.parse_args()
     submission = (args.submission_port, args.certificate, args.private_key) if args.submission_port else None
     asyncio.run(serve(args.port, args.maildir, submission))

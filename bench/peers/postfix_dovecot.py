@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from peer_options import add_submission_options
+
 USER = "nobody"  # the Maildir owner, for virtual(8) and Dovecot alike
 PASSWORD = "alice-password"
 
@@ -155,9 +157,7 @@ def main() -> None:
     parser.add_argument("--smtp-port", type=int, required=True)
     parser.add_argument("--pop3-port", type=int, required=True)
     parser.add_argument("--root", type=Path, required=True)
-    parser.add_argument("--submission-port", type=int)
-    parser.add_argument("--certificate", type=Path)
-    parser.add_argument("--private-key", type=Path)
+    add_submission_options(parser)
     args = parser.parse_args()
     root = args.root.resolve()
     user = pwd.getpwnam(USER)

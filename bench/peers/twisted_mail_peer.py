@@ -27,6 +27,8 @@ from twisted.mail import maildir, pop3, smtp
 from twisted.mail._cred import PLAINCredentials
 from zope.interface import implementer
 
+from peer_options import add_submission_options
+
 
 @implementer(smtp.IMessageDelivery)
 class MaildirDelivery:
@@ -116,9 +118,7 @@ def main() -> None:
     parser.add_argument("--smtp-port", type=int, required=True)
     parser.add_argument("--pop3-port", type=int, required=True)
     parser.add_argument("--maildir", type=Path, required=True)
-    parser.add_argument("--submission-port", type=int)
-    parser.add_argument("--certificate", type=Path)
-    parser.add_argument("--private-key", type=Path)
+    add_submission_options(parser)
     args = parser.parse_args()
     args.maildir.mkdir(parents=True, exist_ok=True)
     reactor.listenTCP(args.smtp_port, SMTPFactory(MaildirDelivery(args.maildir)), interface="127.0.0.1")

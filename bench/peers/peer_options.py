@@ -1,0 +1,13 @@
+"""Command-line options every peer shares (the peers are run as scripts from this folder)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_submission_options(parser: argparse.ArgumentParser) -> None:
+    """--submission-port with the certificate and key its STARTTLS uses (the bench makes them)."""
+    parser.add_argument("--submission-port", type=int)
+    parser.add_argument("--certificate", type=Path)
+    parser.add_argument("--private-key", type=Path)
