@@ -47,6 +47,10 @@ class ListenerSettings:
     address: str
     port: int
     allow_plaintext_auth: bool = False
+    # Concurrent connections this listener may hold. SMTP and POP3 listeners
+    # always have one after parsing (their share of limits.max_connections, see
+    # _connection_shares); HTTP listeners: 0 unless set (their own default applies).
+    max_connections: int = 0
 
     @property
     def is_smtp(self) -> bool:
@@ -286,9 +290,36 @@ def _listener(file: Path, index: int, table: Any) -> ListenerSettings:
         address=_validated(reader, "address", reader.string("address", "127.0.0.1"), _check_ip),
         port=reader.integer("port", _REQUIRED, 1, 65535),
         allow_plaintext_auth=reader.boolean("allow_plaintext_auth", False),
+        max_connections=reader.integer("max_connections", 1, 1, 10_000_000) if "max_connections" in table else 0,
     )
     reader.reject_unknown()
     return listener
+
+
+def _connection_shares(file: Path, listeners: tuple[ListenerSettings, ...],
+                       limits: LimitSettings) -> tuple[ListenerSettings, ...]:
+    """Each SMTP and POP3 listener's share of limits.max_connections: its own
+    max_connections, or an equal part of what the listeners that set theirs
+    leave. The shares add up to no more than the whole, so a listener that is
+    full (an MX held by strangers) never takes the others' connections."""
+    counted = [i for i, listener in enumerate(listeners) if listener.role not in WEB_ROLES]
+    fixed = sum(listeners[i].max_connections for i in counted)
+    unset = [i for i in counted if not listeners[i].max_connections]
+    if fixed > limits.max_connections:
+        last = max(i for i in counted if listeners[i].max_connections)
+        raise ConfigError(file, f"listeners[{last}].max_connections",
+                          f"the SMTP and POP3 listeners' max_connections add up to {fixed}, more than "
+                          f"limits.max_connections = {limits.max_connections}; lower them or raise the "
+                          "server-wide cap (each listener's share must fit in it)")
+    if not unset:
+        return listeners
+    share = (limits.max_connections - fixed) // len(unset)
+    if share < 1:
+        raise ConfigError(file, "limits.max_connections",
+                          f"{limits.max_connections} leaves no connection for listeners[{unset[0]}] "
+                          "(its share of what the others' max_connections leave); raise it")
+    return tuple(attrs.evolve(listener, max_connections=share) if i in unset else listener
+                 for i, listener in enumerate(listeners))
 
 
 def _check_ip(text: str) -> None:
@@ -360,7 +391,9 @@ def _screening(reader: _Reader) -> ScreeningSettings:
 def _limits(reader: _Reader) -> LimitSettings:
     d = LimitSettings()
     settings = LimitSettings(**{
-        field.name: reader.integer(field.name, getattr(d, field.name), 1, 10_000_000)
+        field.name: (reader.number(field.name, d.session_lifetime, 0, 30 * 86400)  # 0: no limit
+                     if field.name == "session_lifetime"
+                     else reader.integer(field.name, getattr(d, field.name), 1, 10_000_000))
         for field in attrs.fields(LimitSettings)
     })
     reader.reject_unknown()
@@ -512,6 +545,7 @@ def parse_config(file: Path, data: dict[str, Any]) -> Settings:
     raw_listeners = top._get("listeners", _REQUIRED, list, "a list of [[listeners]] tables")
     listeners = tuple(_listener(file, i, t) for i, t in enumerate(raw_listeners))
     _check_unique_sockets(file, listeners)
+    listeners = _connection_shares(file, listeners, limits)
     top.reject_unknown()
 
     return Settings(

@@ -1,7 +1,8 @@
 """SIGHUP: re-read what can change safely, and say in the log what did and what did not.
 
 Applied at once: the TLS certificate files, the screening lists (and the
-screening file's location), rate limits and login-throttling settings.
+screening file's location), rate limits (with the SMTP and POP3 listeners'
+connection caps) and login-throttling settings.
 Everything else in the config file is compared with what is running, and
 the log names each changed section that needs a restart.
 """
@@ -15,7 +16,7 @@ import attrs
 from twisted.application import service
 from twisted.logger import Logger
 
-from mailappliance.config import ConfigError, Settings, load_config
+from mailappliance.config import WEB_ROLES, ConfigError, ListenerSettings, Settings, load_config
 from mailappliance.screening import ScreeningFileError, ScreeningSource
 from mailappliance.tls import ServerTLS
 
@@ -69,6 +70,12 @@ class Reloader(service.Service):
             old_value, new_value = getattr(self.settings, field.name), getattr(new, field.name)
             if old_value == new_value:
                 continue
+            if field.name == "listeners" and "limits" in self.live:
+                running = self._apply_listener_caps(old_value, new_value, applied)
+                if running != new_value:
+                    restart.append(field.name)
+                self.settings = attrs.evolve(self.settings, listeners=running)
+                continue
             if field.name in self.live:
                 self.live[field.name].settings = new_value
                 applied.append(field.name)
@@ -81,3 +88,16 @@ class Reloader(service.Service):
             self.settings = attrs.evolve(self.settings, **{field.name: new_value})
         log.warn("SIGHUP: configuration re-read; applied: {applied}; changed but needing a restart: {restart}",
                  applied=", ".join(applied) or "nothing", restart=", ".join(restart) or "nothing")
+
+    def _apply_listener_caps(self, old: tuple[ListenerSettings, ...], new: tuple[ListenerSettings, ...],
+                             applied: list[str]) -> tuple[ListenerSettings, ...]:
+        """Apply changed connection caps of the running listeners (a changed
+        limits.max_connections changes the default shares too); returns the
+        running listeners with the new caps, to compare the rest with ``new``."""
+        caps = {listener.name: listener.max_connections for listener in new if listener.role not in WEB_ROLES}
+        running = tuple(attrs.evolve(listener, max_connections=caps.get(listener.name, listener.max_connections))
+                        if listener.role not in WEB_ROLES else listener for listener in old)
+        if running != old:
+            self.live["limits"].set_listener_caps({listener.name: listener.max_connections for listener in running})
+            applied.append("listeners.max_connections")
+        return running

@@ -98,3 +98,58 @@ def test_daemon_stops_with_one_line_not_a_traceback(tmp_path: Path) -> None:
     assert output == f"mailappliance: configuration error: {path}: listeners[0].port: " \
                      "must be a whole number from 1 to 65535, got 0"
     assert "Traceback" not in output
+
+
+MAIL_AND_WEB = """
+[server]
+local_domains = ["example.org"]
+[limits]
+max_connections = 100
+[[listeners]]
+role = "mx"
+port = 2525
+[[listeners]]
+role = "submissions"
+port = 4465
+[[listeners]]
+role = "pop3s"
+port = 9995
+[[listeners]]
+role = "metrics"
+port = 9100
+"""
+
+
+def test_listener_connection_shares(tmp_path: Path) -> None:
+    """SMTP and POP3 listeners share limits.max_connections evenly unless they set their own."""
+    settings = load_config(write(tmp_path, MAIL_AND_WEB))
+    assert [l.max_connections for l in settings.listeners] == [33, 33, 33, 0]  # HTTP: its own default
+    text = MAIL_AND_WEB.replace("port = 2525", "port = 2525\nmax_connections = 60") \
+                       .replace("port = 9100", "port = 9100\nmax_connections = 5")
+    settings = load_config(write(tmp_path, text))
+    assert [l.max_connections for l in settings.listeners] == [60, 20, 20, 5]
+    assert (settings.limits.concurrent_per_network, settings.limits.session_lifetime) == (50, 3600)
+    settings = load_config(write(tmp_path, MINIMAL + "[limits]\nsession_lifetime = 0\nconcurrent_per_network = 8\n"))
+    assert (settings.limits.session_lifetime, settings.limits.concurrent_per_network) == (0, 8)
+    assert settings.listeners[0].max_connections == 1000
+
+
+@pytest.mark.parametrize(
+    "text, key, words",
+    [
+        (MAIL_AND_WEB.replace("port = 9995", "port = 9995\nmax_connections = 101"), "listeners[2].max_connections",
+         "add up to 101, more than limits.max_connections = 100"),
+        (MAIL_AND_WEB.replace("port = 2525", "port = 2525\nmax_connections = 99"), "limits.max_connections",
+         "100 leaves no connection for listeners[1]"),
+        (MAIL_AND_WEB.replace("port = 2525", "port = 2525\nmax_connections = 0"), "listeners[0].max_connections",
+         "whole number from 1 to"),
+        (MINIMAL + "[limits]\nsession_lifetime = -1\n", "limits.session_lifetime", "number from 0 to"),
+        (MINIMAL + "[limits]\nconcurrent_per_network = 0\n", "limits.concurrent_per_network", "from 1 to"),
+    ],
+)
+def test_connection_limit_errors(tmp_path: Path, text: str, key: str, words: str) -> None:
+    """Connection caps that cannot hold name the key and what would be valid."""
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value).startswith(f"{path}: {key}: ") and words in str(caught.value), str(caught.value)
