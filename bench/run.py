@@ -131,6 +131,7 @@ account_lock_after = 100000
 [limits]
 connections_per_minute = 10000000
 concurrent_per_address = 100000
+concurrent_per_network = 100000
 max_connections = 100000
 messages_per_hour = 10000000
 recipients_per_hour = 10000000
