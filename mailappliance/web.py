@@ -4,9 +4,13 @@
   (``/.well-known/autoconfig/mail/config-v1.1.xml``, ``/mail/config-v1.1.xml``)
   and Microsoft autodiscover POX (``/autodiscover/autodiscover.xml``), both
   generated from the live listener configuration, so clients are told exactly
-  what the daemon offers.
+  what the daemon offers. Paths match case-insensitively (Outlook asks for
+  ``/Autodiscover/Autodiscover.xml``).
 - role ``metrics`` (bind it to loopback): ``/metrics`` (Prometheus text) and
   ``/health`` (is the directory answering, is the spool writable).
+
+Both are :class:`~mailappliance.web_limits.LimitedSite`: connection caps,
+header and body deadlines, and a body limit enforced while reading.
 """
 
 from __future__ import annotations
@@ -26,8 +30,8 @@ from mailappliance.addresses import normalize_address
 from mailappliance.config import Settings
 from mailappliance.directory import InvalidAddress
 from mailappliance.metrics import METRICS
+from mailappliance.web_limits import MAX_REQUEST_BODY, HttpLimits, LimitedSite
 
-MAX_REQUEST_BODY = 64 * 1024
 AUTODISCOVER_RESPONSE = "http://schemas.microsoft.com/exchange/autodiscover/outlook/responseschema/2006a"
 
 
@@ -209,30 +213,39 @@ def spool_probe(spool_dir: Any) -> None:
         os.unlink(probe)
 
 
-def autoconfig_site(settings: Settings) -> server.Site:
-    root = resource.Resource()
+def autoconfig_site(settings: Settings, limits: HttpLimits | None = None, clock: Any = None,
+                    name: str = "autoconfig") -> LimitedSite:
+    """Autoconfig and autodiscover for one listener; ``clock`` defaults to the reactor."""
+    root = _Folder()
     autoconfig = AutoconfigResource(settings)
-    well_known = resource.Resource()
-    mail = resource.Resource()
+    well_known = _Folder()
+    mail = _Folder()
     root.putChild(b".well-known", well_known)
     well_known.putChild(b"autoconfig", _child(b"mail", _child(b"config-v1.1.xml", autoconfig)))
     root.putChild(b"mail", mail)
     mail.putChild(b"config-v1.1.xml", autoconfig)
-    for name in (b"autodiscover", b"Autodiscover"):
-        folder = resource.Resource()
-        folder.putChild(b"autodiscover.xml", AutodiscoverResource(settings))
-        root.putChild(name, folder)
-    return server.Site(root)
+    root.putChild(b"autodiscover", _child(b"autodiscover.xml", AutodiscoverResource(settings)))
+    return LimitedSite(root, limits, clock, name)
 
 
-def metrics_site(health: HealthResource) -> server.Site:
+def metrics_site(health: HealthResource, limits: HttpLimits | None = None, clock: Any = None,
+                 name: str = "metrics") -> LimitedSite:
+    """Metrics and health for one listener; ``clock`` defaults to the reactor."""
     root = resource.Resource()
     root.putChild(b"metrics", MetricsResource())
     root.putChild(b"health", health)
-    return server.Site(root)
+    return LimitedSite(root, limits, clock, name)
+
+
+class _Folder(resource.Resource):
+    """A folder whose children's names match in any case (register them in lower case):
+    clients spell ``/Autodiscover/Autodiscover.xml`` as they please."""
+
+    def getChildWithDefault(self, path: bytes, request: Any) -> resource.Resource:
+        return super().getChildWithDefault(path.lower(), request)
 
 
 def _child(name: bytes, child: resource.Resource) -> resource.Resource:
-    parent = resource.Resource()
+    parent = _Folder()
     parent.putChild(name, child)
     return parent
