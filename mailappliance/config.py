@@ -18,6 +18,8 @@ from mailappliance.addresses import normalize_domain
 from mailappliance.directory import InvalidAddress
 from mailappliance.limits import LimitSettings
 from mailappliance.maildir import SYNC_METHODS, syncfs_available
+from mailappliance.budget import DEFAULT_BYTES_PER_HOUR
+from mailappliance.quota import DEFAULT_MAILBOX_QUOTA, parse_size
 from mailappliance.throttle import ThrottleSettings
 
 ROLES = ("mx", "submission", "submissions", "pop3", "pop3s", "autoconfig", "autoconfigs", "metrics")
@@ -172,6 +174,8 @@ class Settings:
     screening: ScreeningSettings = ScreeningSettings()
     json_log: Path | None = None
     log_level: str = "info"
+    mailbox_quota: int = DEFAULT_MAILBOX_QUOTA  # bytes per subscriber, 0 = unlimited (mailappliance.quota)
+    mx_bytes_per_hour_per_network: int = DEFAULT_BYTES_PER_HOUR  # 0 = off (mailappliance.budget)
 
 
 class _Reader:
@@ -277,6 +281,15 @@ def _validated(reader: _Reader, name: str, value: T, check: Callable[[T], Any]) 
     except (InvalidAddress, ValueError) as e:
         raise reader.error(name, str(e)) from None
     return value
+
+
+def _size(reader: _Reader, name: str, default: int) -> int:
+    """Bytes, as a whole number or a text like "500M" or "2G" (0 usually means: no limit)."""
+    value = reader._get(name, default, (int, str), "a size in bytes or a text like \"500M\" or \"2G\"")
+    try:
+        return parse_size(value)
+    except ValueError as e:
+        raise reader.error(name, str(e)) from None
 
 
 def _listener(file: Path, index: int, table: Any) -> ListenerSettings:
@@ -508,6 +521,7 @@ def parse_config(file: Path, data: dict[str, Any]) -> Settings:
     if sync == "syncfs" and not syncfs_available():
         raise storage.error("sync", "\"syncfs\" needs Linux 5.8 or newer (where syncfs reports write errors); "
                                     "use \"fsync\"")
+    mailbox_quota = _size(storage, "mailbox_quota", DEFAULT_MAILBOX_QUOTA)
     storage.reject_unknown()
 
     smtp = top.table_of("smtp")
@@ -533,7 +547,9 @@ def parse_config(file: Path, data: dict[str, Any]) -> Settings:
     auth.reject_unknown()
 
     directory = _directory(top.table_of("directory"))
-    limits = _limits(top.table_of("limits"))
+    limits_table = top.table_of("limits")
+    mx_byte_budget = _size(limits_table, "mx_bytes_per_hour_per_network", DEFAULT_BYTES_PER_HOUR)
+    limits = _limits(limits_table)
     screening = _screening(top.table_of("screening"))
     logging = top.table_of("logging")
     json_log = logging.path("json_file") if "json_file" in logging.table else None
@@ -564,6 +580,8 @@ def parse_config(file: Path, data: dict[str, Any]) -> Settings:
         screening=screening,
         json_log=json_log,
         log_level=log_level,
+        mailbox_quota=mailbox_quota,
+        mx_bytes_per_hour_per_network=mx_byte_budget,
         smtp_idle_timeout=smtp_idle,
         smtp=smtp_options,
         pop3_idle_timeout=pop3_idle,
