@@ -22,6 +22,7 @@ from mailappliance.addresses import normalize_address
 from mailappliance.admin_ops import add_parsers
 from mailappliance.config import ConfigError, Settings, load_config
 from mailappliance.directory.backends import build_store
+from mailappliance.quota import mailbox_usage
 from mailappliance.directory import (
     DirectoryAdminError,
     DirectoryStore,
@@ -121,12 +122,15 @@ def cmd_user_list(ctx: CommandContext, args: argparse.Namespace) -> None:
 
 
 def cmd_user_show(ctx: CommandContext, args: argparse.Namespace) -> None:
-    fields = _subscriber_fields(_subscriber(ctx, args.login))
+    subscriber = _subscriber(ctx, args.login)
+    fields = _subscriber_fields(subscriber)
+    usage = mailbox_usage(ctx.settings.maildir_root, subscriber, ctx.settings.mailbox_quota)
     if ctx.as_json:
-        print(json.dumps(fields))
+        print(json.dumps({**fields, "quota_used": usage.used, "quota_limit": usage.limit}))
     else:
         for key, value in fields.items():
             print(f"{key + ':':<14} {', '.join(value) if isinstance(value, list) else value}")
+        print(f"{'quota:':<14} {usage.describe()}")
 
 
 def cmd_alias_add(ctx: CommandContext, args: argparse.Namespace) -> None:

@@ -17,6 +17,7 @@ HELP = {
     "mailappliance_messages_accepted_total": "Messages acknowledged with 250 after DATA, by role.",
     "mailappliance_messages_refused_total": "Recipients, senders, clients or messages refused, by reason.",
     "mailappliance_delivery_attempts_total": "Outbound delivery results per recipient, by outcome.",
+    "mailappliance_quota_refusals_total": "Recipients (stage rcpt) and messages (stage data) refused: mailbox full.",
     "mailappliance_directory_requests_total": "Directory calls, by operation and result.",
     "mailappliance_directory_seconds_sum": "Total time spent in directory calls, by operation.",
 }
