@@ -4,7 +4,7 @@ Sessions hand a finished message to ``BatchCommitter.commit`` and get a
 Deferred that fires (in the reactor thread) once the message is fsynced into
 every Maildir, or fails with the OSError that stopped it.  A commit thread
 takes every message waiting when it wakes up (up to ``max_batch``) and
-commits them with one :func:`~mailappliance.maildir.commit_batch`: many
+commits them with one :func:`~mailappliance.delivery.commit_batch`: many
 messages share one journal commit and one ``new/`` fsync, and the results go
 back to the reactor in one call.  Under load that is far less fsync, thread
 hand-off and GIL traffic than one pool task per message; at low load a batch
@@ -16,14 +16,13 @@ from __future__ import annotations
 import errno
 import threading
 from collections import deque
-from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mailappliance.maildir import CommitJob, CommitOutcome, IncomingMessage, commit_batch
+from mailappliance.delivery import CommitJob, CommitOutcome, commit_batch
 
 log = Logger(namespace="mailappliance.storage")
 
@@ -60,15 +59,15 @@ class BatchCommitter:
             thread.join()
         self._threads = []
 
-    def commit(self, message: IncomingMessage, maildirs: Iterable[Path],
-               outbound: Callable[[Path], None] | None = None) -> Deferred:
+    def commit(self, job: CommitJob) -> Deferred:
         """Deferred of the delivered Maildir paths, once they are durable (an
         OSError when not: the session answers 451 and the client retries)."""
         d: Deferred = Deferred()
         with self._condition:
             if self._stopping or not self._threads:
+                job.message.discard()
                 return fail(OSError(errno.ESHUTDOWN, "the server is shutting down"))
-            self._pending.append((CommitJob(message, tuple(maildirs), outbound), d))
+            self._pending.append((job, d))
             self._condition.notify()
         return d
 

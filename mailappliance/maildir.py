@@ -1,8 +1,8 @@
 """Durable Maildir delivery.
 
 A message is received in memory (larger ones spill into one file in
-``<spool>/incoming``) while DATA streams in.  ``commit_batch`` (blocking: the
-``BatchCommitter`` thread runs it) writes and fsyncs that file, hard-links it
+``<spool>/incoming``) while DATA streams in.  ``delivery.commit_batch``
+(blocking: the ``BatchCommitter`` thread runs it) writes and fsyncs that file, hard-links it
 into each recipient's ``new/`` (copying when the spool is on another
 filesystem, via ``tmp/``, fsync, rename), fsyncs each ``new/`` directory, and
 only then may the SMTP layer answer 250.  A file in ``new/`` is
@@ -22,9 +22,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, Sequence, Union
-
-import attrs
+from typing import BinaryIO
 
 _counter = itertools.count()
 _hostname = socket.gethostname().replace("/", "\\057").replace(":", "\\072").replace(",", "\\054")
@@ -158,16 +156,6 @@ class IncomingMessage:
     def _create(self) -> int:
         return os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
 
-    def commit(self, maildirs: Iterable[Path], outbound: Callable[[Path], None] | None = None) -> list[Path]:
-        """Make this one message durable (see ``commit_batch``); returns the
-        delivered Maildir paths.  Blocking; raises OSError on failure, in
-        which case the caller answers 4xx (the message is already discarded).
-        """
-        outcome = commit_batch([CommitJob(self, tuple(maildirs), outbound)])[0]
-        if isinstance(outcome, BaseException):
-            raise outcome
-        return outcome
-
     def write_out(self) -> None:
         """Put every byte into the incoming file (not yet durable)."""
         if self._file is not None:
@@ -243,80 +231,6 @@ class IncomingMessage:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
-
-
-@attrs.frozen
-class CommitJob:
-    """One received message and where it must be made durable."""
-
-    message: IncomingMessage
-    maildirs: tuple[Path, ...]
-    outbound: Callable[[Path], None] | None = None
-
-
-CommitOutcome = Union[list[Path], BaseException]
-
-
-def commit_batch(jobs: Sequence[CommitJob], sync: str = "fsync") -> list[CommitOutcome]:
-    """Make several messages durable together (group commit); blocking.
-
-    Every job's file is written first and only then made durable: with
-    ``sync="fsync"`` each is fsynced, one after the other (the first fsync's
-    journal commit carries the others' data, so the rest cost little); with
-    ``"syncfs"`` one syncfs(2) flushes the whole filesystem once for the batch
-    (fastest, but it also waits for every other writer on that filesystem: for
-    a mail filesystem of its own).  Then come the outbound spool entries, the
-    links into each ``new/``, and one fsync per distinct ``new/`` directory
-    for the whole batch.  The guarantee per message is the same as delivering
-    it alone: its outcome is its Maildir paths only after its file and every
-    ``new/`` it was linked into were synced.  A failure (OSError) fails that
-    job alone, or every job that a failed syncfs or directory fsync covered;
-    failed jobs are discarded and their outcome is the exception.
-    """
-    outcomes: list[CommitOutcome | None] = [None] * len(jobs)
-    delivered: dict[int, list[Path]] = {}
-
-    def live() -> list[int]:
-        return [i for i, outcome in enumerate(outcomes) if outcome is None]
-
-    def fail(i: int, error: OSError) -> None:
-        outcomes[i] = error
-        jobs[i].message.discard()
-
-    def each(step: Callable[[int], None]) -> None:
-        for i in live():
-            try:
-                step(i)
-            except OSError as e:
-                fail(i, e)
-
-    def place(i: int) -> None:
-        job = jobs[i]
-        if job.outbound is not None:
-            job.outbound(job.message.path)
-        maildirs = list(dict.fromkeys(job.maildirs))
-        delivered[i] = [job.message.place(maildir, last=n == len(maildirs) - 1) for n, maildir in enumerate(maildirs)]
-
-    each(lambda i: jobs[i].message.write_out())
-    if sync == "syncfs" and live():
-        try:
-            syncfs(jobs[live()[0]].message.fileno())
-        except OSError as e:
-            for i in live():
-                fail(i, e)
-    each(lambda i: jobs[i].message.sync(fsync=sync == "fsync"))
-    each(place)
-    for new_dir in dict.fromkeys(p.parent for i in live() for p in delivered[i]):
-        try:
-            fsync_directory(new_dir)
-        except OSError as e:
-            for i in live():
-                if any(p.parent == new_dir for p in delivered[i]):
-                    fail(i, e)
-    for i in live():
-        jobs[i].message.discard()  # the incoming name only; the Maildir links keep the data
-        outcomes[i] = delivered[i]
-    return outcomes  # type: ignore[return-value]
 
 
 def clean_incoming(incoming_dir: Path) -> int:

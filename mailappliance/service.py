@@ -40,7 +40,11 @@ from mailappliance.queue.spool import OutboundSpool
 from mailappliance.smtp.server import SMTPConfig, SMTPFactory
 from mailappliance.client_lookup import ClientLookup
 from mailappliance.committer import BatchCommitter
+from mailappliance.delivery import Committer
+from mailappliance.linesession import SessionSettings
 from mailappliance.limits import RateLimits
+from mailappliance.quota import MailboxQuotas
+from mailappliance.budget import NetworkByteBudget
 from mailappliance.logs import JsonLogService, LogLevelService
 from mailappliance.metrics import METRICS
 from mailappliance.reload import Reloader
@@ -137,10 +141,14 @@ def build_service(settings: Settings, reactor: Any = None,
     checker = SubscriberChecker(directory, settings.auth_cache_ttl, reactor, throttle)
     smtp_portal = Portal(SubscriberRealm(), [checker])
     pop3_portal = Portal(MaildirRealm(settings.maildir_root, MailboxLocks()), [checker])
+    quotas = MailboxQuotas(settings.mailbox_quota, run_blocking, reactor)
+    network_budget = NetworkByteBudget(settings.mx_bytes_per_hour_per_network, reactor)
     limits = RateLimits(settings.limits, reactor)  # shared by every listener
-    Reloader(settings, server_tls, screening, {"limits": limits, "throttle": throttle, "log_level": log_level}, reactor).setServiceParent(top)
+    limits.set_listener_caps({l.name: l.max_connections for l in settings.listeners if l.max_connections})
+    Reloader(settings, server_tls, screening, {"limits": limits, "throttle": throttle, "log_level": log_level,
+                                                  "mailbox_quota": quotas, "mx_bytes_per_hour_per_network": network_budget}, reactor).setServiceParent(top)
     spool = OutboundSpool(settings.spool_dir)
-    runner = _queue_runner(settings, spool, directory, run_blocking, reactor, resolver)
+    runner = _queue_runner(settings, spool, directory, committer.commit, run_blocking, reactor, resolver)
     runner.setServiceParent(top)
 
     _queue_gauges(spool)
@@ -153,8 +161,10 @@ def build_service(settings: Settings, reactor: Any = None,
             factory = _smtp_factory(settings, listener, directory, committer.commit, smtp_portal, spool,
                                     server_tls, runner.kick)
             factory.screening, factory.client_lookup = screening, client_lookup
+            factory.quotas, factory.network_budget = quotas, network_budget
         else:
             factory = _pop3_factory(settings, listener, pop3_portal, run_blocking, reactor, server_tls)
+            factory.quotas = quotas
         if listener.role not in WEB_ROLES:
             factory.limits = limits
         if listener.implicit_tls:
@@ -196,7 +206,7 @@ def _server_tls(settings: Settings, owner: tuple[int, int] | None) -> ServerTLS:
     return server_tls
 
 
-def _queue_runner(settings: Settings, spool: OutboundSpool, directory: Directory,
+def _queue_runner(settings: Settings, spool: OutboundSpool, directory: Directory, commit: Committer,
                   run_blocking: Callable[..., Deferred], reactor: Any, resolver: Any) -> QueueRunner:
     """The outbound queue: routing from [queue], reports through ReportDelivery."""
     q = settings.queue
@@ -221,7 +231,7 @@ def _queue_runner(settings: Settings, spool: OutboundSpool, directory: Directory
         runner.kick()
 
     reports = ReportDelivery(frozenset(settings.local_domains), directory, settings.maildir_root,
-                             settings.spool_dir / "incoming", spool, run_blocking, queued)
+                             settings.spool_dir / "incoming", spool, commit, queued)
     runner = QueueRunner(spool, router, q, settings.hostname, run_blocking, reports, tls_context_for, reactor,
                          smarthost_login=smarthost_login)
     return runner
@@ -263,6 +273,8 @@ def _smtp_factory(
         max_errors=settings.smtp.max_errors,
         command_time_limit=settings.smtp.command_time_limit,
         data_time_limit=settings.smtp.data_time_limit,
+        session_lifetime=settings.limits.session_lifetime,
+        offer_auth=listener.role != "mx",
     )
     return SMTPFactory(config, directory.find_by_address, commit, portal=portal, spool=spool,
                        peer_certificate=client_certificate, on_queued=on_queued)
@@ -291,4 +303,7 @@ def _pop3_factory(
         idle_timeout=settings.pop3_idle_timeout,
         reactor=reactor,
         run_blocking=run_blocking,
+        session_settings=SessionSettings(listener=listener.name, idle_timeout=settings.pop3_idle_timeout,
+                                         command_time_limit=settings.smtp.command_time_limit,
+                                         session_lifetime=settings.limits.session_lifetime),
     )

@@ -10,9 +10,24 @@ from typing import Any, Callable
 
 import pytest
 
-from mailappliance import maildir
+from mailappliance import delivery, maildir
 from mailappliance.committer import BatchCommitter
-from mailappliance.maildir import CommitJob, IncomingMessage, commit_batch
+from mailappliance.delivery import CommitJob, SpoolEntry, commit_batch, commit_now
+from mailappliance.maildir import IncomingMessage
+
+
+class CallbackSpool:
+    """Stands in for the outbound spool: calls ``on_enqueue(path)`` where the commit enqueues."""
+
+    def __init__(self, on_enqueue: Any) -> None:
+        self.on_enqueue = on_enqueue
+
+    def enqueue(self, path: Path, envelope: Any) -> None:
+        self.on_enqueue(path)
+
+
+def spool_entry(on_enqueue: Any) -> SpoolEntry:
+    return SpoolEntry(CallbackSpool(on_enqueue), None)  # type: ignore[arg-type]
 
 
 def message(incoming: Path, body: bytes) -> IncomingMessage:
@@ -53,10 +68,10 @@ def test_the_outbound_spool_gets_the_file_before_it_leaves_incoming(tmp_path: Pa
         seen.append(path.read_bytes())
         spooled.hardlink_to(path)
 
-    [outcome] = commit_batch([CommitJob(message(incoming, b"out\r\n"), (box,), outbound)])
+    [outcome] = commit_batch([CommitJob(message(incoming, b"out\r\n"), (box,), (spool_entry(outbound),))])
     assert isinstance(outcome, list)
     assert seen == [b"out\r\n"] and spooled.read_bytes() == b"out\r\n"
-    [out_only] = commit_batch([CommitJob(message(incoming, b"remote only\r\n"), (), lambda p: None)])
+    [out_only] = commit_batch([CommitJob(message(incoming, b"remote only\r\n"), (), (spool_entry(lambda p: None),))])
     assert out_only == [] and list(incoming.iterdir()) == []
 
 
@@ -82,7 +97,7 @@ def test_a_failed_directory_fsync_fails_every_message_linked_into_that_directory
             raise OSError(5, "Input/output error")
         real(path)
 
-    monkeypatch.setattr(maildir, "fsync_directory", failing)
+    monkeypatch.setattr(delivery, "fsync_directory", failing)
     jobs = [CommitJob(message(incoming, b"a\r\n"), (alice,)), CommitJob(message(incoming, b"ab\r\n"), (alice, bob)),
             CommitJob(message(incoming, b"b\r\n"), (bob,))]
     only_alice, both, only_bob = commit_batch(jobs)
@@ -110,7 +125,7 @@ def test_a_failed_syncfs_fails_the_whole_batch_and_places_nothing(
     def failing(fd: int) -> None:
         raise OSError(5, "syncfs: Input/output error")
 
-    monkeypatch.setattr(maildir, "syncfs", failing)
+    monkeypatch.setattr(delivery, "syncfs", failing)
     outcomes = commit_batch([CommitJob(message(incoming, f"{n}\r\n".encode()), (box,)) for n in range(3)],
                             sync="syncfs")
     assert all(isinstance(o, OSError) for o in outcomes)
@@ -126,20 +141,20 @@ def test_a_large_message_spills_to_disk_while_it_arrives_and_commits_whole(tmp_p
     for _ in range(2 * maildir.MEMORY_LIMIT // len(chunk)):
         m.write(chunk)
     assert m.path.exists()  # spilled before the end of DATA
-    delivered = m.commit([box])
+    delivered = commit_now(CommitJob(m, (box,)))
     assert delivered[0].stat().st_size == m.size > maildir.MEMORY_LIMIT
     assert not m.path.exists()
 
 
 def test_a_mailbox_removed_while_remembered_is_made_again(tmp_path: Path) -> None:
     incoming, box = tmp_path / "incoming", tmp_path / "alice"
-    message(incoming, b"1\r\n").commit([box])
+    commit_now(CommitJob(message(incoming, b"1\r\n"), (box,)))
     for sub in ("new", "cur", "tmp"):
         for f in (box / sub).iterdir():
             f.unlink()
         (box / sub).rmdir()
     box.rmdir()
-    [path] = message(incoming, b"2\r\n").commit([box])
+    [path] = commit_now(CommitJob(message(incoming, b"2\r\n"), (box,)))
     assert path.read_bytes() == b"2\r\n" and (box / "cur").is_dir()
 
 
@@ -186,10 +201,10 @@ def test_messages_waiting_together_are_committed_in_one_batch(tmp_path: Path) ->
         release.wait(10)
 
     results: list[Any] = []
-    committer.commit(message(incoming, b"first\r\n"), [box], hold).addBoth(results.append)
+    committer.commit(CommitJob(message(incoming, b"first\r\n"), (box,), (spool_entry(hold),))).addBoth(results.append)
     assert holding.wait(10)
     for n in range(5):
-        committer.commit(message(incoming, f"{n}\r\n".encode()), [box]).addBoth(results.append)
+        committer.commit(CommitJob(message(incoming, f"{n}\r\n".encode()), (box,))).addBoth(results.append)
     release.set()
     reactor.wait_for(2)
     committer.stop()
@@ -207,7 +222,7 @@ def test_a_failure_reaches_the_session_as_a_failed_deferred(tmp_path: Path) -> N
     committer = BatchCommitter(reactor, threads=2)
     committer.start()
     failures: list[Any] = []
-    committer.commit(message(incoming, b"x\r\n"), [bad]).addErrback(failures.append)
+    committer.commit(CommitJob(message(incoming, b"x\r\n"), (bad,))).addErrback(failures.append)
     reactor.wait_for(1)
     committer.stop()
     reactor.run_calls()
@@ -220,11 +235,11 @@ def test_stop_finishes_what_is_waiting_and_later_commits_fail_temporarily(tmp_pa
     committer = BatchCommitter(reactor, max_batch=3)
     committer.start()
     for n in range(10):
-        committer.commit(message(incoming, f"{n}\r\n".encode()), [box])
+        committer.commit(CommitJob(message(incoming, f"{n}\r\n".encode()), (box,)))
     committer.stop()
     assert sum(len(args[0]) for _, args in reactor.calls) == 10
     assert all(len(args[0]) <= 3 for _, args in reactor.calls)
     assert len(new_files(box)) == 10
     late: list[Any] = []
-    committer.commit(message(incoming, b"late\r\n"), [box]).addErrback(late.append)
+    committer.commit(CommitJob(message(incoming, b"late\r\n"), (box,))).addErrback(late.append)
     assert len(late) == 1 and late[0].check(OSError)  # the session answers 451

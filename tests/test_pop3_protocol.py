@@ -36,6 +36,7 @@ from zope.interface import implementer
 
 from mailappliance.directory import DirectoryUnavailable, Subscriber
 from mailappliance.pop3 import server as pop3_server
+from mailappliance.pop3 import transfer as pop3_transfer
 from mailappliance.pop3.mailbox import MailboxLocks, MaildirRealm, uidl_for
 from mailappliance.pop3.server import POP3Factory, POP3Session
 
@@ -265,17 +266,37 @@ def test_directory_unavailable_is_temporary(env: Env) -> None:
     assert not client.transport.disconnecting
 
 
-def test_second_session_gets_in_use_until_first_goes_away(env: Env) -> None:
+def test_a_newer_login_ends_the_older_session_without_its_deletions(env: Env) -> None:
+    """A client that vanished without QUIT (no FIN) must not lock its owner out:
+    the next login takes the mailbox over and the old DELEs are discarded."""
+    env.deliver("alice", MESSAGE_1)
     first = env.connect()
     first.login()
+    assert first.send("DELE 1\r\n").startswith("+OK")
     second = env.connect()
-    second.send("USER alice\r\n")
-    assert second.send("PASS secret\r\n") == "-ERR [IN-USE] Mailbox is locked by another session\r\n"
-    first.drop()
     second.login()
+    assert first.take() == "-ERR [IN-USE] Mailbox opened by a newer session, closing\r\n"
+    assert first.transport.disconnecting or first.session.closing
+    first.drop()
+    assert second.send("STAT\r\n") == f"+OK 1 {len(MESSAGE_1)}\r\n"  # the DELE died with the old session
     second.send("QUIT\r\n")
     third = env.connect()
     third.login()
+
+
+def test_a_session_committing_its_quit_keeps_the_mailbox(env: Env) -> None:
+    """While the older session's QUIT unlinks files, a newer login waits its turn ([IN-USE])."""
+    runner = ManualRunner()
+    env.deliver("alice", MESSAGE_1)
+    first = env.connect(run_blocking=runner)
+    first.send("USER alice\r\nPASS secret\r\n")
+    runner.run_one()
+    first.send("DELE 1\r\nQUIT\r\n")
+    second = env.connect()
+    second.send("USER alice\r\n")
+    assert second.send("PASS secret\r\n") == "-ERR [IN-USE] Mailbox is locked by another session\r\n"
+    runner.run_one()
+    second.login()
 
 
 def test_plaintext_login_refused_outside_tls(env: Env) -> None:
@@ -397,7 +418,7 @@ def test_retr_dot_stuffing(env: Env) -> None:
 def test_retr_dot_stuffing_across_block_boundaries(
     env: Env, monkeypatch: pytest.MonkeyPatch, chunk_size: int
 ) -> None:
-    monkeypatch.setattr(pop3_server, "CHUNK_SIZE", chunk_size)
+    monkeypatch.setattr(pop3_transfer, "CHUNK_SIZE", chunk_size)
     message = b".first\r\n" + MESSAGE_2 + b".\r\n..\r\n.last"
     env.deliver("alice", message)
     client = env.connect()
@@ -533,16 +554,19 @@ def test_pipelined_commands_wait_for_asynchronous_work(env: Env) -> None:
 
 
 class PausingTransport(StringTransport):
-    """A transport whose buffer is always 'full': it pauses a streaming producer after every write."""
+    """A transport whose buffer, once ``full``, is always full: it pauses a
+    streaming producer after every write (as a client that reads slowly)."""
+
+    full = False
 
     def write(self, data: bytes) -> None:
         super().write(data)
-        if self.producer is not None and self.streaming:
+        if self.full and self.producer is not None and self.streaming:
             self.producer.pauseProducing()
 
 
 def test_retr_is_paced_by_the_transport_and_later_commands_wait(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(pop3_server, "CHUNK_SIZE", 16)
+    monkeypatch.setattr(pop3_transfer, "CHUNK_SIZE", 16)
     env.deliver("alice", MESSAGE_2)
     session = env.factory().buildProtocol(IPv4Address("TCP", "192.0.2.7", 40000))
     transport = PausingTransport()
@@ -550,11 +574,12 @@ def test_retr_is_paced_by_the_transport_and_later_commands_wait(env: Env, monkey
     client = Client(session, transport)
     client.take()
     client.login()
+    transport.full = True
     first = client.send("RETR 1\r\nNOOP\r\n")
     assert first.startswith(f"+OK {len(MESSAGE_2)} octets\r\n") and len(first) < 16 + 30
     writes = 1
     out = first
-    while transport.producer is not None:
+    while not out.endswith("+OK\r\n") and writes < 1000:
         transport.producer.resumeProducing()
         out += client.take()
         writes += 1
@@ -597,7 +622,7 @@ def test_overlong_line_in_pieces_keeps_buffer_bounded(env: Env) -> None:
     client = env.connect()
     for _ in range(100):
         assert client.send("y" * 10_000) == ""
-        assert len(client.session._buffer) <= pop3_server.MAX_COMMAND_LINE
+        assert len(client.session.input) <= pop3_server.MAX_COMMAND_LINE
     assert client.send("\r\nCAPA\r\n").startswith("-ERR Line too long\r\n+OK Capability list follows\r\n")
 
 

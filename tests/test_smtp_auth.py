@@ -21,6 +21,7 @@ from twisted.internet.testing import StringTransport
 from mailappliance.credentials import SubscriberChecker, SubscriberRealm
 from mailappliance.directory import DirectoryUnavailable, Subscriber
 from mailappliance.queue.spool import OutboundSpool
+from mailappliance.delivery import commit_now
 from mailappliance.smtp.server import SMTPConfig, SMTPFactory
 
 ALICE = Subscriber(dn="uid=alice,dc=x", uid="alice", mail="alice@example.org",
@@ -74,7 +75,7 @@ class Session:
         )
         self.config.incoming_dir.mkdir(exist_ok=True)
         factory = SMTPFactory(
-            self.config, lambda a: succeed(DIRECTORY.get(a)), lambda message, *a: maybeDeferred(message.commit, *a),
+            self.config, lambda a: succeed(DIRECTORY.get(a)), lambda job: maybeDeferred(commit_now, job),
             portal=Portal(SubscriberRealm(), [checker]), spool=OutboundSpool(self.spool_dir),
             peer_certificate=lambda transport: certificate,
         )

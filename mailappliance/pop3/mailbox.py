@@ -207,23 +207,34 @@ class MaildirMailbox:
 
 
 class MailboxLocks:
-    """At most one POP3 session per mailbox (keyed by uid), within this process."""
+    """At most one POP3 session per mailbox (keyed by uid), within this process.
+
+    A newer login takes the mailbox over: the holder is asked to ``evict()``
+    itself (end without committing deletions) and the lock passes on.  Only
+    a holder that cannot stop now (it is committing its QUIT) keeps it, and
+    the newcomer gets ``MailboxInUse``.
+    """
 
     def __init__(self) -> None:
-        self._held: set[str] = set()
+        self._held: dict[str, object] = {}
 
-    def acquire(self, key: str) -> Callable[[], None]:
+    def acquire(self, key: str, holder: object = None) -> Callable[[], None]:
         """Take the lock or raise MailboxInUse; returns an idempotent release function."""
         if key in self._held:
-            raise MailboxInUse(key)
-        self._held.add(key)
+            current = self._held[key]
+            evict = getattr(current, "evict", None)
+            if evict is None or not evict() or key in self._held:
+                raise MailboxInUse(key)
+        token = object()
+        self._held[key] = holder if holder is not None else token
         released = False
 
         def release() -> None:
             nonlocal released
             if not released:
                 released = True
-                self._held.discard(key)
+                if self._held.get(key) is (holder if holder is not None else token):
+                    del self._held[key]
 
         return release
 
@@ -247,5 +258,5 @@ class MaildirRealm:
         if not isinstance(avatarId, Subscriber):
             raise TypeError(f"avatar id must be a Subscriber, not {type(avatarId).__name__}")
         path = maildir_for(self.maildir_root, avatarId.uid)
-        release = self.locks.acquire(avatarId.uid)
+        release = self.locks.acquire(avatarId.uid, mind)  # mind: the POP3 session, which a newer login may end
         return IMaildirAccess, MaildirMailbox(path, avatarId), release

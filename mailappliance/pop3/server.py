@@ -1,20 +1,22 @@
 """The POP3 server protocol (RFC 1939, CAPA RFC 2449, STLS RFC 2595, SASL PLAIN RFC 5034).
 
 Our own thin protocol instead of ``twisted.mail.pop3.POP3``, which has no STLS,
-deletes at DELE instead of QUIT and gives vague errors.  Rules kept here:
+deletes at DELE instead of QUIT and gives vague errors.  It stands on the
+shared session kernel (:class:`~mailappliance.linesession.LineSession`:
+framing, ordering, bounded input and output, timers, TLS discard, log
+context with escaping) and keeps only POP3's grammar and state.  Rules kept here:
 
 * Secrets only inside TLS: USER, PASS and AUTH PLAIN are refused (and not
   advertised by CAPA) outside TLS unless the listener allows plaintext login.
   The refusal carries ``[AUTH]`` (RFC 2449 has no TLS-specific code; Dovecot
   answers the same way), so clients show it as a login problem.
-* Bytes pipelined after STLS are discarded before the TLS handshake.
-* Commands are answered strictly in order: while an asynchronous command
-  (login, mailbox scan, message transfer, commit) runs, later lines wait in
-  the input buffer; beyond ``MAX_PENDING_INPUT`` the transport stops reading.
 * Deletions happen at QUIT only; a dropped or timed-out connection keeps all mail.
-* Message files are read on the reactor thread in ``CHUNK_SIZE`` blocks paced
-  by the transport (push producer); directory scans and unlinks, which grow
-  with the mailbox, go through ``run_blocking`` (a thread pool).
+* One session per mailbox: a new, successful login for a mailbox ends the
+  older session (its DELEs are discarded, as RFC 1939 says for a session
+  without QUIT), so a phone that lost its network is not locked out.
+* Large answers (RETR, TOP, LIST, UIDL) are streamed from iterators
+  (:mod:`.transfer`) only while the client reads; directory scans and
+  unlinks, which grow with the mailbox, go through ``run_blocking``.
 """
 
 from __future__ import annotations
@@ -27,16 +29,14 @@ from typing import Any, BinaryIO, Callable, Iterator
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IPushProducer
-from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.protocol import Factory
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from mailappliance.credentials import ClientPassword, LoginThrottled
 from mailappliance.directory import DirectoryUnavailable
+from mailappliance.linesession import LINE_TOO_LONG, LineSession, SessionSettings
 from mailappliance.metrics import METRICS
 from mailappliance.pop3.mailbox import (
     CommitResult,
@@ -45,15 +45,12 @@ from mailappliance.pop3.mailbox import (
     MessageDeleted,
     NoSuchMessage,
 )
-from mailappliance.sessions import new_session_id, no_delay, write_now
+from mailappliance.pop3.transfer import listing, message_answer, read_blocks, read_top
 
 log = Logger(namespace="mailappliance.pop3")
 
 MAX_COMMAND_LINE = 255  # RFC 2449 section 4: including the CRLF
 MAX_SASL_LINE = 2048  # RFC 5034 section 4: SASL responses may exceed 255 (PLAIN: up to ~1 KiB)
-MAX_PENDING_INPUT = 64 * 1024  # pipelined input held while a command runs; more -> stop reading
-HARD_INPUT_LIMIT = 1024 * 1024  # a peer that ignores back-pressure is disconnected
-CHUNK_SIZE = 64 * 1024
 
 RunBlocking = Callable[..., Deferred]
 
@@ -66,303 +63,73 @@ class State(enum.Enum):
     UPDATE = "UPDATE"
 
 
-class _LineTooLong:
-    """Marker handed to the dispatcher in place of an overlong line."""
-
-
-LINE_TOO_LONG = _LineTooLong()
-
-
-def read_blocks(file: BinaryIO) -> Iterator[bytes]:
-    """The whole message, in ``CHUNK_SIZE`` blocks (RETR)."""
-    while block := file.read(CHUNK_SIZE):
-        yield block
-
-
-def read_top(file: BinaryIO, body_lines: int) -> Iterator[bytes]:
-    """The header, the blank line and the first ``body_lines`` body lines (TOP)."""
-    in_header, at_line_start, remaining = True, True, body_lines
-    pending: list[bytes] = []
-    size = 0
-    while True:
-        if not in_header and remaining <= 0:
-            break
-        line = file.readline(CHUNK_SIZE)
-        if not line:
-            break
-        complete = line.endswith(b"\n")
-        if in_header:
-            if at_line_start and line in (b"\r\n", b"\n"):
-                in_header = False
-        elif complete:
-            remaining -= 1
-        at_line_start = complete
-        pending.append(line)
-        size += len(line)
-        if size >= CHUNK_SIZE:
-            yield b"".join(pending)
-            pending, size = [], 0
-    if pending:
-        yield b"".join(pending)
-
-
-@implementer(IPushProducer)
-class MessageSender:
-    """Streams one message: status line, dot-stuffed blocks, ``.`` terminator.
-
-    The status line goes out in the same write as the first block, so a
-    small RETR costs one segment (no delayed-ACK stall).  The transport
-    pauses and resumes us; ``on_done`` runs after the terminator (True) or
-    after a read error that dropped the connection (False).
-    """
-
-    def __init__(
-        self,
-        session: "POP3Session",
-        status: bytes,
-        blocks: Iterator[bytes],
-        file: BinaryIO,
-        on_done: Callable[[bool], None],
-    ) -> None:
-        self.session = session
-        self.transport = session.transport
-        self._prefix = status
-        self._blocks = blocks
-        self._file = file
-        self._on_done = on_done
-        self._paused = False
-        self._pumping = False
-        self._finished = False
-        self._sent_any = False
-        self._at_line_start = True
-        self._last_two = b""
-
-    def start(self) -> None:
-        self.transport.registerProducer(self, True)
-        self._pump()
-
-    def _pump(self) -> None:
-        if self._pumping:
-            return
-        self._pumping = True
-        try:
-            while not self._paused and not self._finished:
-                try:
-                    block = next(self._blocks, None)
-                except OSError as e:
-                    self._fail(e)
-                    return
-                if block is None:
-                    self._finish()
-                    return
-                out = self._prefix + self._stuff(block)
-                self._prefix = b""
-                self.session.resetTimeout()
-                write_now(self.transport, out)
-        finally:
-            self._pumping = False
-
-    def _stuff(self, block: bytes) -> bytes:
-        """Dot-stuffing (RFC 1939 section 3) that works across block boundaries."""
-        if self._at_line_start and block.startswith(b"."):
-            block = b"." + block
-        block = block.replace(b"\n.", b"\n..")
-        self._at_line_start = block.endswith(b"\n")
-        self._last_two = (self._last_two + block)[-2:]
-        self._sent_any = True
-        return block
-
-    def _finish(self) -> None:
-        ending = b"\r\n.\r\n" if self._sent_any and self._last_two != b"\r\n" else b".\r\n"
-        self._finished = True
-        write_now(self.transport, self._prefix + ending)
-        self._prefix = b""
-        self._close()
-        self._on_done(True)
-
-    def _fail(self, error: OSError) -> None:
-        self._finished = True
-        self._close()
-        self.session.log_event(log.error, "read error while sending a message: {error}", error=error)
-        self.transport.abortConnection()
-        self._on_done(False)
-
-    def _close(self) -> None:
-        self.transport.unregisterProducer()
-        self._file.close()
-
-    def abort(self) -> None:
-        """Stop without writing more (connection lost or timed out)."""
-        if not self._finished:
-            self._finished = True
-            self._file.close()
-
-    # IPushProducer
-    def pauseProducing(self) -> None:
-        self._paused = True
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        self._pump()
-
-    def stopProducing(self) -> None:
-        self.abort()
-
-
-class POP3Session(Protocol, TimeoutMixin):
+class POP3Session(LineSession):
     """One POP3 connection."""
 
     factory: "POP3Factory"
+    log = log
 
     def __init__(self) -> None:
-        self.session_id = new_session_id()
-        self.client = "unknown"
+        super().__init__()
         self.state = State.AUTHORIZATION
         self.in_tls = False
-        self._buffer = bytearray()
-        self._discarding_long_line = False
-        self._processing = False
-        self._busy = False
-        self._reading_paused = False
-        self._closing = False
-        self._closed = False
         self._pending_user: bytes | None = None
         self._sasl_pending = False
         self._mailbox: Any = None  # IMaildirAccess once logged in
         self._logout: Callable[[], None] | None = None
         self._blocking_in_flight = False
-        self._sender: MessageSender | None = None
         self._login_name = ""
 
-    # -- connection -------------------------------------------------------------
+    def makeConnection(self, transport: Any) -> None:
+        self.settings = self.factory.session_settings
+        self.clock = self.factory.reactor
+        self.limits = self.factory.limits
+        super().makeConnection(transport)
 
-    def callLater(self, period: float, func: Callable[[], None]) -> Any:
-        return self.factory.reactor.callLater(period, func)
+    # -- kernel hooks ---------------------------------------------------------------
 
-    def connectionMade(self) -> None:
-        no_delay(self.transport)
-        peer = self.transport.getPeer()
-        host, port = getattr(peer, "host", None), getattr(peer, "port", None)
-        self.client = f"[{host}]:{port}" if host is not None else str(peer)
+    def greet(self) -> None:
         self.in_tls = self.factory.implicit_tls
-        self.log_event(log.info, "connect (tls={tls})", tls=self.in_tls)
+        self.log_event(log.info, "connect to {listener} (tls={tls})", listener=self.settings.listener,
+                       tls=self.in_tls)
         METRICS.count("mailappliance_sessions_total", role="pop3s" if self.factory.implicit_tls else "pop3")
-        self._counted_address = None
-        if self.factory.limits is not None:
-            hit = self.factory.limits.connection_opened(host or "")
-            if hit is not None:
-                self.log_event(log.info, "refused: limit {limit} reached for {key}", limit=hit.limit, key=hit.key)
-                self._err(f"[SYS/TEMP] {hit.text}")
-                self._close_connection()
-                return
-            self._counted_address = host or ""
-        self.setTimeout(self.factory.idle_timeout)
         self._ok(f"{self.factory.hostname} POP3 server ready")
 
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._closed = True
-        self.setTimeout(None)
-        if getattr(self, "_counted_address", None) is not None and self.factory.limits is not None:
-            self.factory.limits.connection_closed(self._counted_address)
-            self._counted_address = None
-        if self._sender is not None:
-            self._sender.abort()
-            self._sender = None
+    def refuse_connection(self, hit: Any) -> None:
+        self._err(f"[SYS/TEMP] {hit.text}")
+
+    def say_timeout(self, why: str) -> None:
+        self.log_event(log.info, "{why} in state {state}, nothing deleted", why=why, state=self.state.value)
+        self._err("Idle timeout, closing connection" if why == "idle timeout" else f"{why.capitalize()}, closing connection")
+
+    def internal_error(self, failure: Failure) -> None:
+        self._err("[SYS/TEMP] Internal error, try again later")
+        self._release_mailbox()
+        self.close()
+
+    def session_ended(self) -> None:
         if not self._blocking_in_flight:
             self._release_mailbox()
-        self.log_event(log.info, "disconnect")
 
-    def timeoutConnection(self) -> None:
-        self.log_event(log.info, "idle timeout in state {state}, nothing deleted", state=self.state.value)
-        self._closing = True
-        if self._sender is not None:
-            self.transport.abortConnection()  # the client stopped reading
-            return
-        self._err("Idle timeout, closing connection")
-        self.transport.loseConnection()
+    def consume_input(self) -> bool:
+        line = self.next_line(MAX_SASL_LINE if self._sasl_pending else MAX_COMMAND_LINE - 2)
+        if line is None:
+            return False
+        self._handle_line(line)
+        return True
 
-    def log_event(self, emit: Callable[..., None], fmt: str, **kwargs: Any) -> None:
-        """Log with the session id and client address in every event."""
-        emit("session={session} client={client} " + fmt, session=self.session_id, client=self.client, **kwargs)
-
-    # -- input ------------------------------------------------------------------
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._closing or self._closed:
-            return
-        self.resetTimeout()
-        self._buffer += data
-        if self._busy and len(self._buffer) > HARD_INPUT_LIMIT:
-            self.log_event(log.warn, "too much pipelined input ({n} octets), disconnecting", n=len(self._buffer))
-            self._buffer.clear()
-            self._err("Too much pipelined input")
-            self._close_connection()
-            return
-        self._process_input()
-
-    def _process_input(self) -> None:
-        """Run complete lines one at a time, never past a command still in progress."""
-        if self._processing:
-            return  # an outer call up the stack continues the loop
-        self._processing = True
-        try:
-            while not self._busy and not self._closing and not self._closed:
-                line = self._next_line()
-                if line is None:
-                    break
-                self._handle_line(line)
-        finally:
-            self._processing = False
-        self._apply_back_pressure()
-
-    def _apply_back_pressure(self) -> None:
-        if self._closed:
-            return
-        if not self._reading_paused and self._busy and len(self._buffer) > MAX_PENDING_INPUT:
-            self._reading_paused = True
-            self.transport.pauseProducing()
-        elif self._reading_paused and not self._busy:
-            self._reading_paused = False
-            self.transport.resumeProducing()
-
-    def _next_line(self) -> bytes | _LineTooLong | None:
-        """The next command line without its CRLF (bare LF accepted), or LINE_TOO_LONG."""
-        buffer = self._buffer
-        if self._discarding_long_line:
-            end = buffer.find(b"\n")
-            if end < 0:
-                buffer.clear()
-                return None
-            del buffer[: end + 1]
-            self._discarding_long_line = False
-            return LINE_TOO_LONG
-        limit = MAX_SASL_LINE if self._sasl_pending else MAX_COMMAND_LINE
-        end = buffer.find(b"\n", 0, limit)
-        if end < 0:
-            if len(buffer) < limit:
-                return None
-            end = buffer.find(b"\n", limit)
-            if end < 0:
-                buffer.clear()
-                self._discarding_long_line = True
-                return None
-            del buffer[: end + 1]
-            return LINE_TOO_LONG
-        line = bytes(buffer[:end])
-        del buffer[: end + 1]
-        return line[:-1] if line.endswith(b"\r") else line
-
-    def _handle_line(self, line: bytes | _LineTooLong) -> None:
-        if isinstance(line, _LineTooLong):
+    def _handle_line(self, line: bytes | object) -> None:
+        if line is LINE_TOO_LONG:
             self._sasl_pending = False
             self._err("Line too long")
             return
+        assert isinstance(line, bytes)
         if self._sasl_pending:
             self._sasl_pending = False
             self._auth_plain_response(line)
             return
         name, _, argument = line.partition(b" ")
-        handler = self._HANDLERS.get(name.upper().decode("ascii", "replace"))
+        handler = self._HANDLERS.get(name.upper().decode("ascii", "replace")) if name.isascii() else None
         if handler is None:
             self._err("Unknown command")
             return
@@ -370,35 +137,18 @@ class POP3Session(Protocol, TimeoutMixin):
 
     # -- output -----------------------------------------------------------------
 
-    def _write(self, data: bytes) -> None:
-        if not self._closed:
-            write_now(self.transport, data)
-
     def _ok(self, text: str = "") -> None:
-        self._write(f"+OK {text}\r\n".encode() if text else b"+OK\r\n")
+        self.send(f"+OK {text}\r\n".encode() if text else b"+OK\r\n")
 
     def _err(self, text: str) -> None:
-        self._write(f"-ERR {text}\r\n".encode())
+        self.send(f"-ERR {text}\r\n".encode())
 
     def _multiline(self, status: str, lines: list[str]) -> None:
         """A short multi-line answer (lines never start with '.'), in one write."""
-        head = f"+OK {status}\r\n" if status else "+OK\r\n"
-        self._write((head + "".join(f"{x}\r\n" for x in lines) + ".\r\n").encode())
-
-    def _close_connection(self) -> None:
-        self._closing = True
-        if not self._closed:
-            self.transport.loseConnection()
+        for chunk in listing(status, lines):
+            self.send(chunk)
 
     # -- asynchronous steps -------------------------------------------------------
-
-    def _start_async(self) -> None:
-        self._busy = True
-
-    def _async_done(self) -> None:
-        self._busy = False
-        if not self._closed:
-            self._process_input()
 
     def _run_blocking(self, function: Callable[..., Any], *args: Any) -> Deferred:
         """Run mailbox disk work off the reactor; the mailbox stays locked meanwhile."""
@@ -416,6 +166,19 @@ class POP3Session(Protocol, TimeoutMixin):
         logout, self._logout, self._mailbox = self._logout, None, None
         if logout is not None:
             logout()
+
+    def evict(self) -> bool:
+        """A newer login for this mailbox: end this session without committing its
+        DELEs (RFC 1939: no QUIT, no deletion).  False while a QUIT commit runs."""
+        if self.state is State.UPDATE or self._blocking_in_flight:
+            return False
+        self.log_event(log.info, "ended by a newer login for the same mailbox: login={login}, nothing deleted",
+                       login=self._login_name)
+        self._release_mailbox()
+        self.state = State.UPDATE
+        self._err("[IN-USE] Mailbox opened by a newer session, closing")
+        self.abort()
+        return True
 
     # -- capabilities -------------------------------------------------------------
 
@@ -496,7 +259,7 @@ class POP3Session(Protocol, TimeoutMixin):
             return
         if len(parts) == 1:
             self._sasl_pending = True
-            self._write(b"+ \r\n")
+            self.send(b"+ \r\n")
             return
         self._auth_plain_response(b"" if parts[1] == b"=" else parts[1])
 
@@ -536,11 +299,7 @@ class POP3Session(Protocol, TimeoutMixin):
             self._err("TLS is not available")
             return
         self._ok("Begin TLS negotiation")
-        if self._buffer or self._discarding_long_line:
-            # CVE-2011-0411 class: nothing sent in clear may act inside TLS.
-            self.log_event(log.warn, "discarded {n} octets pipelined after STLS", n=len(self._buffer))
-        self._buffer.clear()
-        self._discarding_long_line = False
+        self.discard_pipelined_input("STLS")  # CVE-2011-0411 class: nothing sent in clear acts inside TLS
         self.transport.startTLS(self.factory.tls_context_factory)
         self.in_tls = True
         self._pending_user = None
@@ -551,24 +310,23 @@ class POP3Session(Protocol, TimeoutMixin):
 
     def _login(self, login: bytes, password: bytes, mechanism: str) -> None:
         self._login_name = login.decode("utf-8", "replace")
-        self._start_async()
-        credentials = ClientPassword(login, password, self._client_ip())
-        d = self.factory.portal.login(credentials, None, IMaildirAccess)
+        credentials = ClientPassword(login, password, self.client_ip)
+        d = self.factory.portal.login(credentials, self, IMaildirAccess)
         d.addCallbacks(self._logged_in, self._login_failed, callbackArgs=(mechanism,), errbackArgs=(mechanism,))
-        d.addErrback(self._internal_error, "login")
+        self.run(d)
 
-    def _logged_in(self, avatar: tuple[Any, Any, Callable[[], None]], mechanism: str) -> None:
+    def _logged_in(self, avatar: tuple[Any, Any, Callable[[], None]], mechanism: str) -> Deferred | None:
         _, mailbox, logout = avatar
-        if self._closed:
+        if self.closed:
             logout()
-            return
+            return None
         self._mailbox, self._logout = mailbox, logout
         d = self._run_blocking(mailbox.load)
         d.addCallbacks(self._mailbox_loaded, self._mailbox_load_failed, callbackArgs=(mechanism,))
-        d.addErrback(self._internal_error, "mailbox load")
+        return d
 
     def _mailbox_loaded(self, _: None, mechanism: str) -> None:
-        if self._closed:
+        if self.closed or self._mailbox is None:
             self._release_mailbox()
             return
         count, octets = self._mailbox.stat()
@@ -581,7 +339,6 @@ class POP3Session(Protocol, TimeoutMixin):
             tls=self.in_tls, count=count, octets=octets,
         )
         self._ok(f"Logged in, {count} messages ({octets} octets)")
-        self._async_done()
 
     def _mailbox_load_failed(self, failure: Failure) -> None:
         self.log_event(
@@ -589,7 +346,6 @@ class POP3Session(Protocol, TimeoutMixin):
         )
         self._release_mailbox()
         self._err("[SYS/TEMP] Unable to open the mailbox, try again later")
-        self._async_done()
 
     def _login_failed(self, failure: Failure, mechanism: str) -> None:
         fields = dict(login=self._login_name, mechanism=mechanism)
@@ -621,18 +377,7 @@ class POP3Session(Protocol, TimeoutMixin):
             self.log_event(
                 log.failure, "login error: login={login} mechanism={mechanism}", failure=failure, **fields
             )
-            self._err("[SYS/TEMP] Directory unavailable, try again later")
-        self._async_done()
-
-    def _client_ip(self) -> str:
-        return getattr(self.transport.getPeer(), "host", "")
-
-    def _internal_error(self, failure: Failure, step: str) -> None:
-        """Last resort: a bug in our own callbacks must not leave the session hanging."""
-        self.log_event(log.failure, "internal error during {step}", failure=failure, step=step)
-        self._err("[SYS/TEMP] Internal error, try again later")
-        self._release_mailbox()
-        self._close_connection()
+            self._err("[SYS/TEMP] Internal error, try again later")
 
     # -- TRANSACTION ----------------------------------------------------------------
 
@@ -679,10 +424,9 @@ class POP3Session(Protocol, TimeoutMixin):
                 self._ok(f"{index + 1} {self._mailbox.message(index).size}")
             return
         count, octets = self._mailbox.stat()
-        lines = [
-            f"{i + 1} {m.size}" for i, m in enumerate(self._mailbox.messages) if not self._mailbox.is_deleted(i)
-        ]
-        self._multiline(f"{count} messages ({octets} octets)", lines)
+        mailbox = self._mailbox
+        lines = (f"{i + 1} {m.size}" for i, m in enumerate(mailbox.messages) if not mailbox.is_deleted(i))
+        self.stream(listing(f"{count} messages ({octets} octets)", lines), self._answer_sent)
 
     def _cmd_uidl(self, argument: bytes) -> None:
         if not self._require_transaction():
@@ -692,10 +436,9 @@ class POP3Session(Protocol, TimeoutMixin):
             if index is not None:
                 self._ok(f"{index + 1} {self._mailbox.message(index).uidl}")
             return
-        lines = [
-            f"{i + 1} {m.uidl}" for i, m in enumerate(self._mailbox.messages) if not self._mailbox.is_deleted(i)
-        ]
-        self._multiline("Unique-id listing follows", lines)
+        mailbox = self._mailbox
+        lines = (f"{i + 1} {m.uidl}" for i, m in enumerate(mailbox.messages) if not mailbox.is_deleted(i))
+        self.stream(listing("Unique-id listing follows", lines), self._answer_sent)
 
     def _cmd_retr(self, argument: bytes) -> None:
         if not self._require_transaction():
@@ -724,14 +467,10 @@ class POP3Session(Protocol, TimeoutMixin):
             self.log_event(log.error, "cannot open message {n}: {error}", n=index + 1, error=e)
             self._err("[SYS/TEMP] Message is not available, try again later")
             return
-        self._start_async()
-        self._sender = MessageSender(self, status.encode(), reader(file), file, self._message_sent)
-        self._sender.start()
+        self.stream(message_answer(status.encode(), file, reader), self._answer_sent)
 
-    def _message_sent(self, complete: bool) -> None:
-        self._sender = None
-        if complete:
-            self._async_done()
+    def _answer_sent(self, complete: bool) -> None:
+        """A streamed answer ended (False: the connection went first)."""
 
     def _cmd_dele(self, argument: bytes) -> None:
         if not self._require_transaction():
@@ -754,17 +493,18 @@ class POP3Session(Protocol, TimeoutMixin):
     def _cmd_quit(self, argument: bytes) -> None:
         if self.state is State.AUTHORIZATION:
             self._ok(f"{self.factory.hostname} closing connection")
-            self._close_connection()
+            self.close()
             return
         if not self._require_transaction():
             return
         self.state = State.UPDATE
-        self._start_async()
         d = self._run_blocking(self._mailbox.commit)
         d.addCallbacks(self._committed, self._commit_failed)
-        d.addErrback(self._internal_error, "commit")
+        self.run(d)
 
     def _committed(self, result: CommitResult) -> None:
+        if result.deleted and self.factory.quotas is not None and self._mailbox is not None:
+            self.factory.quotas.forget(self._mailbox.subscriber.uid)
         self.log_event(
             log.info, "quit: login={login} deleted={deleted} failed={failed}",
             login=self._login_name, deleted=result.deleted, failed=len(result.failed),
@@ -774,13 +514,13 @@ class POP3Session(Protocol, TimeoutMixin):
             self._err(f"[SYS/TEMP] Some deleted messages not removed ({result.deleted} removed)")
         else:
             self._ok(f"{self.factory.hostname} closing connection, {result.deleted} messages deleted")
-        self._close_connection()
+        self.close()
 
     def _commit_failed(self, failure: Failure) -> None:
         self.log_event(log.failure, "commit failed for login={login}", failure=failure, login=self._login_name)
         self._release_mailbox()
         self._err("[SYS/TEMP] Deleted messages not removed, try again later")
-        self._close_connection()
+        self.close()
 
     _HANDLERS: dict[str, Callable[["POP3Session", bytes], None]] = {
         "CAPA": _cmd_capa,
@@ -822,8 +562,10 @@ class POP3Factory(Factory):
         reactor: Any = None,
         run_blocking: RunBlocking | None = None,
         limits: Any = None,
+        session_settings: SessionSettings | None = None,
     ) -> None:
         self.limits = limits  # the shared RateLimits: connection caps
+        self.quotas: Any = None  # quota.MailboxQuotas: told when QUIT deleted messages
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -836,6 +578,8 @@ class POP3Factory(Factory):
         self.idle_timeout = idle_timeout
         self.reactor = reactor
         self.run_blocking: RunBlocking = run_blocking or self._in_reactor_pool
+        self.session_settings = session_settings or SessionSettings(
+            listener="pop3s" if implicit_tls else "pop3", idle_timeout=idle_timeout, command_time_limit=120)
 
     def _in_reactor_pool(self, function: Callable[..., Any], *args: Any) -> Deferred:
         return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), function, *args)

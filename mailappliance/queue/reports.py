@@ -7,11 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from mailappliance.delivery import Committer, Delivery, SpoolEntry
 from mailappliance.directory.threaded import Directory
-from mailappliance.maildir import IncomingMessage, maildir_for
+from mailappliance.maildir import maildir_for
 from mailappliance.queue.spool import Envelope, OutboundSpool
 from mailappliance.smtp.received import return_path_header
 
@@ -22,14 +22,14 @@ class ReportDelivery:
     """``await deliver(sender, report)``: durable when it returns; raises on trouble."""
 
     def __init__(self, local_domains: frozenset[str], directory: Directory, maildir_root: Path,
-                 incoming_dir: Path, spool: OutboundSpool, run_blocking: Callable[..., Deferred],
+                 incoming_dir: Path, spool: OutboundSpool, commit: Committer,
                  queued: Callable[[], Any]) -> None:
         self.local_domains = local_domains
         self.directory = directory
         self.maildir_root = maildir_root
         self.incoming_dir = incoming_dir
         self.spool = spool
-        self.run_blocking = run_blocking
+        self.commit = commit  # the same group commit as received mail
         self.queued = queued
 
     async def __call__(self, sender: str, report: bytes) -> None:
@@ -39,12 +39,12 @@ class ReportDelivery:
             if subscriber is None:
                 log.warn("queue: report for <{sender}> dropped: no such local subscriber", sender=sender)
                 return
-            message = IncomingMessage(self.incoming_dir)
-            message.write(return_path_header("") + report)
-            await self.run_blocking(message.commit, [maildir_for(self.maildir_root, subscriber.uid)], None)
+            delivery = Delivery(self.incoming_dir)
+            delivery.write(return_path_header("") + report)
+            await delivery.commit(self.commit, [maildir_for(self.maildir_root, subscriber.uid)])
             return
-        message = IncomingMessage(self.incoming_dir)
-        message.write(report)
-        envelope = Envelope.new(message.name, "", [sender])
-        await self.run_blocking(message.commit, [], lambda path: self.spool.enqueue(path, envelope))
+        delivery = Delivery(self.incoming_dir)
+        delivery.write(report)
+        envelope = Envelope.new(delivery.name, "", [sender])
+        await delivery.commit(self.commit, spool_entries=[SpoolEntry(self.spool, envelope)])
         self.queued()

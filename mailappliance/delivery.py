@@ -1,0 +1,164 @@
+"""The delivery transaction: a received message on its way to durable storage.
+
+A session *stages* a message (``Delivery.write`` while DATA streams in), then
+either *aborts* it (refused, connection lost mid-DATA) or *commits* it to its
+targets (Maildirs, the outbound spool) and gets a Deferred.  Commit hands the
+bytes over for good: from then on only the commit thread touches them, and
+nothing the session does (a disconnect, a timeout) can discard or change
+them.  A client that vanishes after its final dot merely never hears the 250;
+the message is delivered whole or not at all.
+
+``commit_batch`` is the group commit the ``BatchCommitter`` thread runs: every
+job's file is written, made durable, linked into each Maildir's ``new/`` and
+entered into the spool; one ``new/`` fsync per directory for the batch.  A
+failure fails that job alone (or the jobs one failed flush covered): one
+client's trouble never fails another client's message.
+"""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+from typing import Callable, Sequence, Union
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from mailappliance.maildir import IncomingMessage, fsync_directory, syncfs
+from mailappliance.queue.spool import Envelope, OutboundSpool
+
+log = Logger(namespace="mailappliance.storage")
+
+
+@attrs.frozen
+class SpoolEntry:
+    """The outbound spool as a commit target: the remote recipients' envelope."""
+
+    spool: OutboundSpool
+    envelope: Envelope
+
+
+@attrs.frozen
+class CommitJob:
+    """One received message and where it must be made durable."""
+
+    message: IncomingMessage
+    maildirs: tuple[Path, ...] = ()
+    spool_entries: tuple[SpoolEntry, ...] = ()
+
+
+CommitOutcome = Union[list[Path], BaseException]
+Committer = Callable[[CommitJob], Deferred]
+
+
+class Delivery:
+    """One message: staged while it is received, then committed or aborted (never both)."""
+
+    def __init__(self, incoming_dir: Path) -> None:
+        self.message = IncomingMessage(incoming_dir)
+        self._handed_over = False
+
+    @property
+    def name(self) -> str:
+        return self.message.name
+
+    @property
+    def size(self) -> int:
+        return self.message.size
+
+    def write(self, data: bytes) -> None:
+        """Append received bytes (nothing is durable before commit)."""
+        if self._handed_over:
+            raise RuntimeError("message already handed to the commit")
+        self.message.write(data)
+
+    def commit(self, committer: Committer, maildirs: Sequence[Path] = (),
+               spool_entries: Sequence[SpoolEntry] = ()) -> Deferred:
+        """Hand the message to ``committer``; the Deferred fires with the Maildir
+        paths once everything is durable (OSError: nothing was kept)."""
+        if self._handed_over:
+            raise RuntimeError("message already handed to the commit")
+        self._handed_over = True
+        return committer(CommitJob(self.message, tuple(maildirs), tuple(spool_entries)))
+
+    def abort(self) -> None:
+        """Forget a message that was not committed; after commit this does nothing."""
+        if not self._handed_over:
+            self._handed_over = True
+            self.message.discard()
+
+
+def commit_batch(jobs: Sequence[CommitJob], sync: str = "fsync") -> list[CommitOutcome]:
+    """Make several messages durable together (group commit); blocking.
+
+    Every job's file is written first and only then made durable: with
+    ``sync="fsync"`` each is fsynced, one after the other (the first fsync's
+    journal commit carries the others' data, so the rest cost little); with
+    ``"syncfs"`` one syncfs(2) flushes the whole filesystem once for the batch
+    (for a mail filesystem of its own).  Then come the outbound spool entries,
+    the links into each ``new/``, and one fsync per distinct ``new/`` directory
+    for the whole batch.  A job's outcome is its Maildir paths only after its
+    file and every ``new/`` it was linked into were synced.  A failure fails
+    that job alone (any exception: a bug in one job must not take the others
+    down), or every job that a failed syncfs or directory fsync covered;
+    failed jobs are discarded and their outcome is the exception.
+    """
+    outcomes: list[CommitOutcome | None] = [None] * len(jobs)
+    delivered: dict[int, list[Path]] = {}
+
+    def live() -> list[int]:
+        return [i for i, outcome in enumerate(outcomes) if outcome is None]
+
+    def fail(i: int, error: BaseException) -> None:
+        outcomes[i] = error
+        try:
+            jobs[i].message.discard()
+        except Exception:
+            log.failure("discarding a failed message")
+
+    def each(step: Callable[[int], None]) -> None:
+        for i in live():
+            try:
+                step(i)
+            except OSError as e:
+                fail(i, e)
+            except Exception as e:
+                log.failure("commit step failed for one message")
+                fail(i, OSError(errno.EIO, f"internal error: {e!r}"))
+
+    def place(i: int) -> None:
+        job = jobs[i]
+        for entry in job.spool_entries:
+            entry.spool.enqueue(job.message.path, entry.envelope)
+        maildirs = list(dict.fromkeys(job.maildirs))
+        delivered[i] = [job.message.place(maildir, last=n == len(maildirs) - 1) for n, maildir in enumerate(maildirs)]
+
+    each(lambda i: jobs[i].message.write_out())
+    if sync == "syncfs" and live():
+        try:
+            syncfs(jobs[live()[0]].message.fileno())
+        except OSError as e:
+            for i in live():
+                fail(i, e)
+    each(lambda i: jobs[i].message.sync(fsync=sync == "fsync"))
+    each(place)
+    for new_dir in dict.fromkeys(p.parent for i in live() for p in delivered[i]):
+        try:
+            fsync_directory(new_dir)
+        except OSError as e:
+            for i in live():
+                if any(p.parent == new_dir for p in delivered[i]):
+                    fail(i, e)
+    for i in live():
+        jobs[i].message.discard()  # the incoming name only; the Maildir links keep the data
+        outcomes[i] = delivered[i]
+    return outcomes  # type: ignore[return-value]
+
+
+def commit_now(job: CommitJob, sync: str = "fsync") -> list[Path]:
+    """Commit one message in the calling thread (blocking); raises on failure."""
+    outcome = commit_batch([job], sync)[0]
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome

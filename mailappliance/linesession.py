@@ -1,0 +1,418 @@
+"""The session kernel that SMTP and POP3 both stand on.
+
+Everything a line-based session must get right against hostile or unlucky
+clients lives here once, so the two protocols cannot drift apart:
+
+* **Framing**: complete lines are cut from one input buffer; an overlong line
+  is discarded as it streams in and reported once (:data:`LINE_TOO_LONG`).
+* **Ordered work**: input is consumed strictly in order; while a command waits
+  for the directory, the disk or a streamed answer (``run``/``stream``), later
+  pipelined input stays in the buffer.
+* **Bounded input and output**: the session is a streaming producer of its
+  transport.  When the transport holds more unsent output than its buffer size
+  (Twisted pauses producers at 64 KiB), the session stops executing commands
+  and stops reading until the client has read; large answers are produced in
+  chunks only while the client keeps up.  Input held meanwhile (or while a
+  command is busy) is bounded by ``max_pending_input`` (reading stops) and
+  ``hard_input_limit`` (the session ends).
+* **Time**: idle timeout, slow-drip guard (a command line must complete within
+  ``command_time_limit`` however slowly its bytes arrive) and a session
+  lifetime, all on the injected clock.  A session whose client does not read
+  is aborted at its timeout instead of waiting for a flush that never comes.
+* **TLS upgrade**: bytes pipelined before the handshake are discarded and the
+  protocol is told to forget what it knew (CVE-2011-0411 class).
+* **Connection accounting** against the shared ``RateLimits``.
+* **Log context**: every event carries the session id and client address, and
+  every value the client supplied is escaped (one rule: control characters and
+  non-ASCII become escapes), so nobody can plant a fake log line.
+* **No silent drop**: an exception in protocol code ends in a reply and a
+  logged traceback, never in a connection that just vanishes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mailappliance.sessions import new_session_id, no_delay, write_now
+
+LINE_TOO_LONG = object()  # handed to the protocol in place of an overlong line
+STREAM_BUDGET = 256 * 1024  # octets a streamed answer may write per reactor turn
+
+
+def escape_for_log(value: object) -> str:
+    """The one escaping rule for client-supplied values in log lines: printable
+    ASCII stays, a backslash and everything else become escapes."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    text = str(value)
+    if text.isascii() and text.isprintable() and "\\" not in text and "'" not in text:
+        return text
+    return text.encode("unicode_escape").decode("ascii").replace("'", "\\'")
+
+
+@attrs.frozen
+class SessionSettings:
+    """What the kernel needs to know about its listener."""
+
+    listener: str = ""
+    idle_timeout: float = 300
+    command_time_limit: float = 120  # one command line, however slowly it drips in
+    session_lifetime: float = 0  # seconds; 0: no limit
+    max_pending_input: int = 64 * 1024  # held while a command runs: more stops reading
+    hard_input_limit: int = 1024 * 1024  # a client that ignores that is disconnected
+
+
+@implementer(IPushProducer)
+class LineSession(Protocol, TimeoutMixin):
+    """Base class of the SMTP and POP3 sessions (see the module docstring).
+
+    Subclasses implement ``consume_input`` (take what they can from
+    ``self.input``), ``greet``, ``refuse_connection``, ``say_timeout`` and
+    ``internal_error``; they send with ``send`` and wait with ``run``/``stream``.
+    """
+
+    log = Logger(namespace="mailappliance")
+    settings: SessionSettings
+    clock: Any
+    limits: Any = None  # the shared RateLimits, or None
+
+    def __init__(self) -> None:
+        self.session_id = new_session_id()
+        self.client_ip = "unknown"
+        self.input = bytearray()
+        self._busy = 0  # asynchronous steps in progress (login, lookup, commit, handshake, stream)
+        self._output_paused = False
+        self._reading_paused = False
+        self._pumping = False
+        self._discarding_long_line = False
+        self._partial_since: float | None = None
+        self._stream: Iterator[bytes] | None = None
+        self._stream_done: Callable[[bool], None] | None = None
+        self._stream_call: Any = None
+        self._lifetime_call: Any = None
+        self._expired = False
+        self._counted = False
+        self.closing = False
+        self.closed = False
+
+    # -- connection -------------------------------------------------------------
+
+    def callLater(self, period: float, func: Callable[[], None]) -> Any:  # TimeoutMixin: the injected clock
+        return self.clock.callLater(period, func)
+
+    def connectionMade(self) -> None:
+        self.client_ip = getattr(self.transport.getPeer(), "host", "unknown")
+        no_delay(self.transport)
+        self.transport.registerProducer(self, True)
+        if self.limits is not None:
+            hit = self.limits.connection_opened(self.client_ip, self.settings.listener)
+            if hit is not None:
+                self.log_event(self.log.info, "limit {limit} reached for {key}", limit=hit.limit, key=hit.key)
+                self.refuse_connection(hit)
+                self.close()
+                return
+            self._counted = True
+        self.setTimeout(self.settings.idle_timeout)
+        if self.settings.session_lifetime > 0:
+            self._lifetime_call = self.clock.callLater(self.settings.session_lifetime, self._lifetime_over)
+        self.greet()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.closed = True
+        self.setTimeout(None)
+        for call in (self._lifetime_call, self._stream_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._lifetime_call = self._stream_call = None
+        if self._stream is not None:
+            self._end_stream(False)
+        if self._counted:
+            self._counted = False
+            self.limits.connection_closed(self.client_ip, self.settings.listener)
+        try:
+            self.session_ended()
+        finally:
+            self.log_event(self.log.info, "disconnect")
+
+    def close(self) -> None:
+        """End the session after what was sent (abort if the client does not read)."""
+        self.closing = True
+        self.input.clear()
+        if self.closed:
+            return
+        if self._output_paused:
+            self.transport.abortConnection()
+        else:
+            self.transport.loseConnection()
+
+    def abort(self) -> None:
+        """Drop the connection now, unsent output included."""
+        self.closing = True
+        self.input.clear()
+        if not self.closed:
+            self.transport.abortConnection()
+
+    def timeoutConnection(self) -> None:
+        self.log_event(self.log.info, "idle timeout")
+        if self.closing or self._output_paused or self._stream is not None:
+            self.abort()  # the client stopped reading: a goodbye would never get out
+            return
+        self.say_timeout("idle timeout")
+        self.close()
+
+    def _lifetime_over(self) -> None:
+        self._lifetime_call = None
+        self._expired = True
+        if not self._busy:
+            self._end_expired()
+
+    def _end_expired(self) -> None:
+        self.log_event(self.log.info, "session lifetime of {seconds:.0f} s reached",
+                       seconds=self.settings.session_lifetime)
+        if self._output_paused:
+            self.abort()
+            return
+        self.say_timeout("session lifetime reached")
+        self.close()
+
+    # -- hooks for the protocol ----------------------------------------------------
+
+    def greet(self) -> None:
+        raise NotImplementedError
+
+    def refuse_connection(self, hit: Any) -> None:
+        raise NotImplementedError
+
+    def say_timeout(self, why: str) -> None:
+        raise NotImplementedError
+
+    def consume_input(self) -> bool:
+        """Take one unit (a line, a data chunk) from ``self.input``; False when
+        nothing complete is there yet."""
+        raise NotImplementedError
+
+    def internal_error(self, failure: Failure) -> None:
+        """Answer after a bug in protocol code (the traceback is already logged)."""
+        raise NotImplementedError
+
+    def session_ended(self) -> None:
+        """The connection is gone: release what the session holds."""
+
+    def deadline_passed(self, now: float) -> str | None:
+        """A protocol phase that took too long (e.g. DATA), named; None if all is well."""
+        return None
+
+    # -- input ------------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.closing or self.closed:
+            return
+        self.resetTimeout()
+        if self._too_slow():
+            return
+        self.input += data
+        if len(self.input) > self.settings.hard_input_limit:
+            self.log_event(self.log.warn, "too much unprocessed input ({n} octets), disconnecting",
+                           n=len(self.input))
+            self.abort()
+            return
+        self.pump()
+
+    def _too_slow(self) -> bool:
+        """Slow-drip defence, checked as bytes arrive (a byte before each idle timeout does not help)."""
+        now = self.clock.seconds()
+        what = self.deadline_passed(now)
+        if what is None and self._partial_since is not None \
+                and now - self._partial_since > self.settings.command_time_limit:
+            what = "command line"
+        if what is None:
+            return False
+        self.log_event(self.log.info, "too slow: {what} took too long", what=what)
+        self.say_timeout(f"{what} took too long")
+        self.close()
+        return True
+
+    @property
+    def held(self) -> bool:
+        """True while input must wait (a command in progress, or unread output)."""
+        return bool(self._busy) or self._output_paused or self.closing or self.closed
+
+    def pump(self) -> None:
+        """Consume input in order until it runs out or something must be waited for."""
+        if self._pumping:
+            return  # an outer call up the stack continues the loop
+        self._pumping = True
+        try:
+            while not self.held:
+                if self._expired:
+                    self._end_expired()
+                    break
+                if not self.input or not self.consume_input():
+                    break
+        except Exception:
+            self._unexpected(Failure())
+        finally:
+            self._pumping = False
+        if self.input and not self.held:
+            if self._partial_since is None:
+                self._partial_since = self.clock.seconds()
+        else:
+            self._partial_since = None
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        if self.closed:
+            return
+        # Unread output alone must not stop reading: a TLS layer pauses its
+        # producer while the handshake is pending, and the handshake needs reads.
+        want_paused = self.held and len(self.input) > self.settings.max_pending_input
+        if want_paused and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pauseProducing()
+        elif self._reading_paused and not want_paused:
+            self._reading_paused = False
+            self.transport.resumeProducing()
+
+    def next_line(self, limit: int) -> bytes | object | None:
+        """The next line without its line ending (CRLF or bare LF), LINE_TOO_LONG
+        for a line longer than ``limit`` octets, or None while incomplete."""
+        buffer = self.input
+        if self._discarding_long_line:
+            end = buffer.find(b"\n")
+            if end < 0:
+                buffer.clear()
+                return None
+            del buffer[: end + 1]
+            self._discarding_long_line = False
+            return LINE_TOO_LONG
+        end = buffer.find(b"\n", 0, limit + 2)
+        if end < 0:
+            if len(buffer) <= limit + 1:
+                return None
+            end = buffer.find(b"\n", limit)
+            if end < 0:
+                buffer.clear()
+                self._discarding_long_line = True
+                return None
+            del buffer[: end + 1]
+            return LINE_TOO_LONG
+        line = bytes(buffer[:end])
+        del buffer[: end + 1]
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if len(line) > limit:
+            return LINE_TOO_LONG
+        return line
+
+    def discard_pipelined_input(self, command: str) -> None:
+        """Before a TLS handshake: nothing sent in clear may act inside TLS."""
+        if self.input or self._discarding_long_line:
+            self.log_event(self.log.warn, "discarded {n} octets pipelined after {command}",
+                           n=len(self.input), command=command)
+        self.input.clear()
+        self._discarding_long_line = False
+
+    # -- asynchronous work ---------------------------------------------------------------
+
+    def run(self, d: Deferred) -> Deferred:
+        """Hold later input until ``d`` fires; a failure nobody handled ends in ``internal_error``."""
+        self._busy += 1
+        d.addErrback(self._unexpected)
+        d.addBoth(self._done)
+        return d
+
+    def _done(self, _: Any) -> None:
+        self._busy -= 1
+        if self._busy:
+            return
+        if self._expired and not self.closing and not self.closed:
+            self._end_expired()
+            return
+        self.pump()
+
+    def _unexpected(self, failure: Failure) -> None:
+        self.log_event(self.log.failure, "internal error", failure=failure)
+        if not self.closing and not self.closed:
+            try:
+                self.internal_error(failure)
+            except Exception:
+                self.log_event(self.log.failure, "internal error while answering an internal error")
+                self.abort()
+
+    # -- output -------------------------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        if not self.closed:
+            write_now(self.transport, data)
+
+    def stream(self, chunks: Iterator[bytes], done: Callable[[bool], None]) -> None:
+        """Send a large answer chunk by chunk, only while the client reads it.
+
+        Input waits meanwhile; ``done(True)`` runs after the last chunk,
+        ``done(False)`` if the connection ended first or a chunk could not be
+        made (OSError: logged, connection dropped).
+        """
+        self._busy += 1
+        self._stream, self._stream_done = chunks, done
+        self._continue_stream()
+
+    def _continue_stream(self) -> None:
+        self._stream_call = None
+        budget = STREAM_BUDGET
+        while self._stream is not None and not self._output_paused and not self.closed:
+            if budget <= 0:  # fairness: other sessions get the reactor between slices
+                self._stream_call = self.clock.callLater(0, self._continue_stream)
+                return
+            try:
+                chunk = next(self._stream, None)
+            except OSError as e:
+                self.log_event(self.log.error, "read error while sending: {error}", error=e)
+                self._end_stream(False)
+                self.abort()
+                return
+            if chunk is None:
+                self._end_stream(True)
+                self._done(None)
+                return
+            budget -= len(chunk)
+            self.resetTimeout()
+            self.send(chunk)
+
+    def _end_stream(self, complete: bool) -> None:
+        done, self._stream, self._stream_done = self._stream_done, None, None
+        if done is not None:
+            done(complete)
+
+    # IPushProducer: the transport says whether the client keeps up with our output.
+    def pauseProducing(self) -> None:
+        self._output_paused = True
+        self._update_reading()
+
+    def resumeProducing(self) -> None:
+        self._output_paused = False
+        self._update_reading()
+        if self._stream is not None:
+            if self._stream_call is None:
+                self._continue_stream()
+        else:
+            self.pump()
+
+    def stopProducing(self) -> None:
+        """The connection is going away; connectionLost cleans up."""
+
+    # -- log context -----------------------------------------------------------------------
+
+    def log_event(self, emit: Callable[..., None], fmt: str, **fields: Any) -> None:
+        """Log with the session id and client address; client-supplied values escaped."""
+        safe = {k: escape_for_log(v) if isinstance(v, (str, bytes)) else v for k, v in fields.items()}
+        emit("session={session} client=[{client}] " + fmt, session=self.session_id, client=self.client_ip,
+             **safe)

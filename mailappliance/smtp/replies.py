@@ -1,0 +1,73 @@
+"""SMTP replies with their enhanced status codes (RFC 3463), named once.
+
+The client-facing text lives here; why a reply was given goes to the log,
+never into the reply.  Tests use the same constants.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+
+@attrs.frozen
+class Reply:
+    code: int
+    status: str
+    text: str
+
+    def with_text(self, text: str) -> "Reply":
+        return attrs.evolve(self, text=text)
+
+    @property
+    def permanent(self) -> bool:
+        return self.code >= 500
+
+
+OK = Reply(250, "2.0.0", "Ok")
+SENDER_OK = Reply(250, "2.1.0", "Ok")
+RECIPIENT_OK = Reply(250, "2.1.5", "Ok")
+START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
+READY_FOR_TLS = Reply(220, "2.0.0", "Ready to start TLS")
+AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
+BYE = Reply(221, "2.0.0", "Bye")
+
+TIMEOUT = Reply(421, "4.4.2", "Error: timeout exceeded")
+TOO_MANY_ERRORS = Reply(421, "4.7.0", "Error: too many errors")
+SERVICE_BUSY = Reply(421, "4.7.0", "Try again later")
+TEMP_LOOKUP_FAILURE = Reply(451, "4.3.0", "Temporary lookup failure, try again later")
+MAILBOX_MISCONFIGURED = Reply(451, "4.3.5", "Mailbox unavailable (configuration problem), try again later")
+STORAGE_UNAVAILABLE = Reply(451, "4.3.0", "Error: local storage unavailable, try again later")
+DELIVERY_FAILED = Reply(451, "4.3.0", "Error: local delivery failed, try again later")
+INTERNAL_ERROR = Reply(451, "4.3.0", "Error: internal error, try again later")
+MAILBOX_FULL = Reply(452, "4.2.2", "Mailbox full, try again later")
+TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
+NETWORK_BUDGET = Reply(452, "4.7.1", "Too much mail from your network, try again later")
+AUTH_TEMPORARY = Reply(454, "4.7.0", "Temporary authentication failure, try again later")
+AUTH_THROTTLED = Reply(454, "4.7.0", "Too many failed logins, try again later")
+
+NOT_RECOGNIZED = Reply(500, "5.5.2", "Error: command not recognized")
+LINE_TOO_LONG = Reply(500, "5.5.2", "Error: line too long")
+AUTH_LINE_TOO_LONG = Reply(500, "5.5.6", "Authentication exchange line is too long")
+NOT_IMPLEMENTED = Reply(502, "5.5.1", "Error: command not implemented")
+CHUNKING_UNSUPPORTED = Reply(502, "5.5.1", "Error: CHUNKING is not supported, use DATA")
+BAD_SEQUENCE = Reply(503, "5.5.1", "Error: bad sequence of commands")
+NEED_MAIL = Reply(503, "5.5.1", "Error: need MAIL command")
+NEED_HELO = Reply(503, "5.5.1", "Error: send HELO/EHLO first")
+NEED_EHLO = Reply(503, "5.5.1", "Error: send EHLO first")
+ALREADY_AUTHENTICATED = Reply(503, "5.5.1", "Error: already authenticated")
+MAIL_IN_PROGRESS = Reply(503, "5.5.1", "Error: MAIL transaction in progress")
+NESTED_MAIL = Reply(503, "5.5.1", "Error: nested MAIL command")
+TLS_ACTIVE = Reply(503, "5.5.1", "Error: TLS already active")
+AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
+TLS_FIRST = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
+AUTH_INVALID = Reply(535, "5.7.8", "Authentication credentials invalid")
+UNKNOWN_USER = Reply(550, "5.1.1", "Recipient address rejected: User unknown")
+MAILBOX_DISABLED = Reply(550, "5.2.1", "Recipient address rejected: Mailbox disabled")
+BARE_LINE_ENDING = Reply(550, "5.6.0", "Error: bare CR or LF in message; lines must end with CRLF")
+MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Error: message size exceeds fixed limit")
+MAILBOX_FULL_DATA = Reply(552, "5.2.2", "Mailbox full")
+SENDER_NOT_OWNED = Reply(553, "5.7.1", "Sender address rejected: not owned by user")
+RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
+RECIPIENT_REJECTED = Reply(554, "5.7.1", "Recipient address rejected")
+ACCESS_DENIED = Reply(554, "5.7.1", "Access denied")
+NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "Error: no valid recipients")

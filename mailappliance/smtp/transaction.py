@@ -1,0 +1,441 @@
+"""The MAIL, RCPT, DATA (and BDAT) stage of an SMTP session.
+
+A mixin of :class:`~mailappliance.smtp.server.SMTPSession`.  Decisions come
+from pure modules (policy, screening, limits, quota); storage goes through a
+:class:`~mailappliance.delivery.Delivery`: once the final dot is read the
+message belongs to the commit, and the session only waits for the outcome.
+Per-subscriber rate limits are *reserved* as MAIL and RCPT are accepted and
+released when the transaction does not end in a 250, so parallel sessions
+cannot overrun them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import attrs
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.python.failure import Failure
+
+from mailappliance.budget import network_of
+from mailappliance.budget import record_refusal as record_budget_refusal
+from mailappliance.delivery import Delivery, SpoolEntry
+from mailappliance.directory import DirectoryUnavailable, Subscriber
+from mailappliance.limits import subscriber_limits
+from mailappliance.maildir import maildir_for
+from mailappliance.metrics import METRICS
+from mailappliance.policy import Route, decide_recipient, decide_sender
+from mailappliance.quota import record_refusal as record_quota_refusal
+from mailappliance.queue.spool import Envelope
+from mailappliance.screening import screen_sender
+from mailappliance.smtp import replies
+from mailappliance.smtp.data import DataReader
+from mailappliance.smtp.paths import MailPath, PathSyntaxError, parse_path, split_command_argument
+from mailappliance.smtp.received import received_header, return_path_header
+
+if TYPE_CHECKING:
+    from mailappliance.smtp.server import SMTPSession
+
+    _Base = SMTPSession
+else:
+    _Base = object
+
+
+@attrs.define
+class LocalRecipient:
+    address: str
+    subscriber: Subscriber
+    maildir: Path
+
+
+@attrs.define
+class Transaction:
+    """One MAIL ... DATA transaction."""
+
+    sender: MailPath
+    declared_size: int = 0
+    reservation: Any = None  # limits.Reservation of an authenticated sender
+    local_recipients: list[LocalRecipient] = attrs.Factory(list)
+    remote_recipients: list[str] = attrs.Factory(list)
+
+    @property
+    def recipient_count(self) -> int:
+        return len(self.local_recipients) + len(self.remote_recipients)
+
+    def release(self) -> None:
+        """The transaction ends without a 250: give back what it reserved."""
+        if self.reservation is not None:
+            self.reservation.release()
+            self.reservation = None
+
+
+class MailTransaction(_Base):
+    """MAIL FROM, RCPT TO, DATA, and the hand-over to the commit."""
+
+    def reset_transaction(self) -> None:
+        """RSET, EHLO, STARTTLS, a refused message, a lost connection."""
+        if self.transaction is not None:
+            self.transaction.release()
+            self.transaction = None
+        if self.delivery is not None:
+            self.delivery.abort()
+            self.delivery = None
+        self.data_reader = None
+
+    # -- MAIL -------------------------------------------------------------------
+
+    def smtp_MAIL(self, argument: str) -> None:
+        if self.helo is None:
+            self.error(replies.NEED_HELO)
+            return
+        if self.transaction is not None:
+            self.error(replies.NESTED_MAIL)
+            return
+        try:
+            path_text, parameters = split_command_argument(argument, "FROM")
+            sender = parse_path(path_text, allow_null=True)
+        except PathSyntaxError as e:
+            self.error(replies.Reply(501, "5.1.7", f"Bad sender address syntax: {e}"))
+            return
+        problem, declared_size = self._mail_parameters(parameters)
+        if problem:
+            self.error(problem)
+            return
+        if self.config.require_auth and self.subscriber is None:
+            self.error(replies.AUTH_REQUIRED)
+            return
+        if self.subscriber is None:
+            refusal = self._unauthenticated_sender_refusal(sender, declared_size)
+            if refusal is not None:
+                self.error(refusal)
+                return
+            self.transaction = Transaction(sender=sender, declared_size=declared_size)
+            self.respond(replies.SENDER_OK)
+            return
+        why = decide_sender(sender, self.subscriber)
+        if why:
+            METRICS.count("mailappliance_messages_refused_total", reason="sender_not_owned")
+            self.log_event(self.log.info, "sender refused: uid={uid} from=<{sender}> reason={why}",
+                           uid=self.subscriber.uid, sender=sender.address, why=why)
+            self.error(replies.SENDER_NOT_OWNED.with_text(
+                f"<{sender.address}>: Sender address rejected: not owned by user"))
+            return
+        reservation = None
+        if self.factory.limits is not None:
+            reservation = self.factory.limits.reservation(
+                self.subscriber.uid, subscriber_limits(self.factory.limits.settings, self.subscriber.limits))
+            hit = reservation.start_message()
+            if hit is not None:
+                reservation.release()
+                self.limit_hit(hit)
+                return
+        self.transaction = Transaction(sender=sender, declared_size=declared_size, reservation=reservation)
+        self.respond(replies.SENDER_OK)
+
+    def _unauthenticated_sender_refusal(self, sender: MailPath, declared_size: int) -> replies.Reply | None:
+        if self.screening_applies():
+            verdict = screen_sender(sender.address, self.factory.screening.current())
+            if not verdict.accepted:
+                self.screened(verdict, "mail")
+                return replies.ACCESS_DENIED.with_text(f"<{sender.address}>: Sender address rejected: Access denied")
+        budget = self.factory.network_budget
+        if budget is not None and self.config.role == "mx" and not budget.may_receive(self.client_ip, declared_size):
+            record_budget_refusal()
+            self.log_event(self.log.info, "network byte budget exhausted network={network}",
+                           network=network_of(self.client_ip))
+            return replies.NETWORK_BUDGET
+        return None
+
+    def _mail_parameters(self, parameters: list[str]) -> tuple[replies.Reply | None, int]:
+        if parameters and not self.esmtp:
+            return replies.Reply(555, "5.5.4", "Error: MAIL parameters need EHLO"), 0
+        declared = 0
+        for parameter in parameters:
+            name, _, value = parameter.partition("=")
+            name = name.upper()
+            if name == "SIZE":
+                if not value.isdigit() or not value.isascii() or len(value) > 20:
+                    return replies.Reply(501, "5.5.4", "Error: bad SIZE parameter"), 0
+                declared = int(value)
+                if declared > self.config.max_message_size:
+                    return replies.MESSAGE_TOO_BIG, 0
+            elif name == "BODY":
+                if value.upper() not in ("7BIT", "8BITMIME"):
+                    return replies.Reply(501, "5.5.4", "Error: BODY must be 7BIT or 8BITMIME"), 0
+            else:
+                return replies.Reply(555, "5.5.4", "Error: unsupported MAIL parameter"), 0
+        return None, declared
+
+    # -- RCPT -------------------------------------------------------------------
+
+    def smtp_RCPT(self, argument: str) -> None:
+        transaction = self.transaction
+        if transaction is None:
+            self.error(replies.NEED_MAIL)
+            return
+        try:
+            path_text, parameters = split_command_argument(argument, "TO")
+            recipient = parse_path(path_text, allow_null=False)
+        except PathSyntaxError as e:
+            self.error(replies.Reply(501, "5.1.3", f"Bad recipient address syntax: {e}"))
+            return
+        if parameters:
+            self.error(replies.Reply(555, "5.5.4", "Error: unsupported RCPT parameter"))
+            return
+        if transaction.recipient_count >= self.config.max_recipients:
+            self.respond(replies.TOO_MANY_RECIPIENTS)
+            return
+        if recipient.local_part.lower() == "postmaster" and not recipient.domain:
+            recipient = attrs.evolve(recipient, domain=sorted(self.config.local_domains)[0])
+        verdict = decide_recipient(recipient, self.config.local_domains, self.subscriber is not None)
+        if verdict.refused:
+            METRICS.count("mailappliance_messages_refused_total", reason=verdict.reason.replace(" ", "_"))
+            self.log_event(self.log.info, "relay refused rcpt=<{rcpt}> reason={reason}",
+                           rcpt=recipient.address, reason=verdict.reason)
+            if verdict.reason == "relay denied":
+                reply = replies.RELAY_DENIED
+            elif verdict.code == 501:
+                reply = replies.Reply(501, "5.1.3", "Bad recipient address syntax")
+            else:
+                reply = replies.RECIPIENT_REJECTED
+            self.error(reply.with_text(f"<{recipient.address}>: {reply.text}"))
+            return
+        if verdict.route is Route.REMOTE:
+            self._accept_remote(transaction, recipient)
+            return
+        address = recipient.address.lower()
+        d = maybeDeferred(self.factory.find_recipient, address)
+        d.addCallback(self._check_local_recipient, address)
+        d.addErrback(self._rcpt_lookup_failed, address)
+        self.run(d)
+
+    def _reserve_recipient(self, transaction: Transaction) -> bool:
+        """Count an accepted recipient against the sender's hourly limit, at once
+        (parallel sessions see it); False after answering that the limit is reached."""
+        if transaction.reservation is None:
+            return True
+        hit = transaction.reservation.add_recipient()
+        if hit is None:
+            return True
+        self.limit_hit(hit)
+        return False
+
+    async def _local_recipient(self, subscriber: Subscriber | None, address: str) -> replies.Reply | LocalRecipient:
+        if subscriber is None:
+            METRICS.count("mailappliance_messages_refused_total", reason="unknown_user")
+            self.log_event(self.log.info, "unknown recipient <{rcpt}>", rcpt=address)
+            return replies.UNKNOWN_USER
+        if subscriber.disabled:
+            return replies.MAILBOX_DISABLED
+        try:
+            maildir = maildir_for(self.config.maildir_root, subscriber.uid)
+        except ValueError:
+            self.log_event(self.log.error, "directory entry {dn} has an unsafe uid {uid!r}: refusing <{rcpt}>",
+                           dn=subscriber.dn, uid=subscriber.uid, rcpt=address)
+            return replies.MAILBOX_MISCONFIGURED
+        quotas = self.factory.quotas
+        if quotas is not None:
+            declared = self.transaction.declared_size if self.transaction is not None else 0
+            try:
+                verdict = await quotas.check(subscriber, maildir, declared)
+            except OSError as e:
+                self.log_event(self.log.error, "cannot measure the mailbox of {uid}: {why}",
+                               uid=subscriber.uid, why=str(e))
+                return replies.TEMP_LOOKUP_FAILURE
+            if verdict.full:
+                record_quota_refusal("rcpt")
+                self.log_event(self.log.info, "mailbox full: uid={uid} usage={usage} limit={limit} rcpt=<{rcpt}>",
+                               uid=subscriber.uid, usage=verdict.usage, limit=verdict.limit, rcpt=address)
+                return replies.MAILBOX_FULL
+        return LocalRecipient(address, subscriber, maildir)
+
+    def _check_local_recipient(self, subscriber: Subscriber | None, address: str) -> Deferred:
+        d = Deferred.fromCoroutine(self._local_recipient(subscriber, address))
+        d.addCallback(self._rcpt_decided, address)
+        return d
+
+    def _rcpt_decided(self, outcome: replies.Reply | LocalRecipient, address: str) -> None:
+        transaction = self.transaction
+        if isinstance(outcome, replies.Reply):
+            if outcome.permanent:
+                self.error(outcome.with_text(f"<{address}>: {outcome.text}"))
+            else:
+                self.respond(outcome.with_text(f"<{address}>: {outcome.text}"))
+            return
+        if transaction is None:  # the connection ended meanwhile
+            return
+        if not self._reserve_recipient(transaction):
+            return
+        transaction.local_recipients.append(outcome)
+        self.respond(replies.RECIPIENT_OK)
+
+    def _rcpt_lookup_failed(self, failure: Failure, address: str) -> None:
+        if not failure.check(DirectoryUnavailable):
+            self.log_event(self.log.failure, "recipient lookup failed", failure=failure)
+        else:
+            self.log_event(self.log.warn, "directory unavailable for <{rcpt}>: {why}",
+                           rcpt=address, why=failure.getErrorMessage())
+        self.respond(replies.TEMP_LOOKUP_FAILURE.with_text(f"<{address}>: {replies.TEMP_LOOKUP_FAILURE.text}"))
+
+    def _accept_remote(self, transaction: Transaction, recipient: MailPath) -> None:
+        """An authenticated subscriber's mail for another domain: to the outbound spool."""
+        if self.factory.spool is None:
+            self.error(replies.RELAY_DENIED.with_text(f"<{recipient.address}>: Relay access denied"))
+            return
+        if not self._reserve_recipient(transaction):
+            return
+        transaction.remote_recipients.append(recipient.address)
+        self.respond(replies.RECIPIENT_OK)
+
+    # -- DATA -------------------------------------------------------------------
+
+    def smtp_DATA(self, argument: str) -> None:
+        transaction = self.transaction
+        if transaction is None:
+            self.error(replies.NEED_MAIL)
+            return
+        if not transaction.recipient_count:
+            self.error(replies.NO_VALID_RECIPIENTS)
+            return
+        if argument:
+            self.error(replies.Reply(501, "5.5.4", "Syntax: DATA"))
+            return
+        try:
+            delivery = Delivery(self.config.incoming_dir)
+            # Return-Path belongs to final delivery only: the spool copy skips it (body_offset)
+            delivery.write(return_path_header(transaction.sender.address))
+            self.return_path_length = delivery.size
+            delivery.write(self._received_header(transaction, delivery.name))
+        except OSError as e:
+            self.log_event(self.log.error, "cannot start message: {why}", why=str(e))
+            self.reset_transaction()
+            self.respond(replies.STORAGE_UNAVAILABLE)
+            return
+        self.delivery = delivery
+        self.data_reader = DataReader(delivery.write, self.config.max_message_size, self.config.max_line_length,
+                                      normalize_line_endings=self.config.normalize_line_endings)
+        self.data_started = self.clock.seconds()
+        self.respond(replies.START_DATA)
+
+    def smtp_BDAT(self, argument: str) -> None:
+        """CHUNKING is not offered: skip the chunk's octets so that none of them
+        is read as a command, then refuse (a size we cannot read ends the session)."""
+        size, _, rest = argument.partition(" ")
+        if not size.isdigit() or not size.isascii() or len(size) > 20 or rest.strip().upper() not in ("", "LAST"):
+            self.log_event(self.log.info, "BDAT with an unreadable chunk size: closing")
+            self.close_with(replies.Reply(421, "4.5.0", f"{self.config.hostname} Error: cannot read BDAT size"))
+            return
+        self.skip_octets = int(size)
+        self.reset_transaction()
+        self.error(replies.CHUNKING_UNSUPPORTED)
+
+    def _received_header(self, transaction: Transaction, message_id: str) -> bytes:
+        protocol_name = "ESMTP" if self.esmtp else "SMTP"
+        if self.esmtp and (self.secure or self.subscriber):  # RFC 3848
+            protocol_name += ("S" if self.secure else "") + ("A" if self.subscriber else "")
+        identity = None
+        if self.subscriber is not None:
+            identity = f"{self.subscriber.uid} via {self.auth_method}"
+        return received_header(
+            helo=self.helo or "unknown",
+            client_ip=self.client_ip,
+            hostname=self.config.hostname,
+            protocol=protocol_name,
+            message_id=message_id,
+            recipients=[r.address for r in transaction.local_recipients] + transaction.remote_recipients,
+            authenticated_as=identity,
+        )
+
+    def end_of_data(self) -> None:
+        """The final dot: refuse, or hand the message to the commit (it is not ours after that)."""
+        reader, delivery, transaction = self.data_reader, self.delivery, self.transaction
+        assert reader is not None and delivery is not None and transaction is not None
+        self.data_reader, self.delivery, self.transaction = None, None, None
+        refusal = self._data_refusal(reader)
+        if refusal is not None:
+            delivery.abort()
+            transaction.release()
+            METRICS.count("mailappliance_messages_refused_total", reason="message_content")
+            self.log_event(self.log.info, "message refused: {why}", why=refusal.text)
+            self.respond(refusal)
+            return
+        d = Deferred.fromCoroutine(self._commit(delivery, transaction))
+        self.run(d)
+
+    async def _commit(self, delivery: Delivery, transaction: Transaction) -> None:
+        admission = None
+        if self.factory.quotas is not None and transaction.local_recipients:
+            try:
+                admission = await self.factory.quotas.admit(
+                    [(r.subscriber, r.maildir) for r in transaction.local_recipients], delivery.size)
+            except OSError as e:
+                delivery.abort()
+                transaction.release()
+                self.log_event(self.log.error, "cannot measure a recipient's mailbox: {why}", why=str(e))
+                self.respond(replies.STORAGE_UNAVAILABLE)
+                return
+            if admission.full:
+                delivery.abort()
+                transaction.release()
+                record_quota_refusal("data")
+                full = next(r for r in transaction.local_recipients if r.subscriber.uid in admission.full)
+                verdict = admission.verdicts[full.subscriber.uid]
+                self.log_event(self.log.info, "mailbox full at end of DATA: uid={uid} usage={usage} "
+                               "limit={limit} size={size}", uid=full.subscriber.uid,
+                               usage=verdict.usage, limit=verdict.limit, size=delivery.size)
+                self.respond(replies.MAILBOX_FULL_DATA.with_text(f"<{full.address}>: Mailbox full"))
+                return
+        entries = []
+        if transaction.remote_recipients:
+            assert self.factory.spool is not None
+            entries.append(SpoolEntry(self.factory.spool, Envelope.new(
+                queue_id=delivery.name,
+                sender=transaction.sender.address,
+                recipients=transaction.remote_recipients,
+                authenticated_as=self.subscriber.uid if self.subscriber else "",
+                client_ip=self.client_ip,
+                session_id=self.session_id,
+                body_offset=self.return_path_length,
+            )))
+        maildirs = [r.maildir for r in transaction.local_recipients]
+        try:
+            await delivery.commit(self.factory.commit, maildirs, entries)
+        except Exception:
+            transaction.release()
+            if admission is not None:
+                admission.release()
+            self.log_event(self.log.failure, "delivery failed", failure=Failure())
+            self.respond(replies.DELIVERY_FAILED)
+            return
+        if admission is not None:
+            admission.delivered()
+        self._stored(delivery, transaction)
+
+    def _data_refusal(self, reader: DataReader) -> replies.Reply | None:
+        problems = reader.problems
+        if problems.too_big:
+            return replies.MESSAGE_TOO_BIG
+        if problems.bare_line_ending:
+            return replies.BARE_LINE_ENDING
+        if problems.line_too_long:
+            return replies.Reply(550, "5.6.0", f"Error: message has a line longer than "
+                                               f"{self.config.max_line_length} octets (RFC 5321 4.5.3.1.6)")
+        return None
+
+    def _stored(self, delivery: Delivery, transaction: Transaction) -> None:
+        METRICS.count("mailappliance_messages_accepted_total", role=self.config.role)
+        if transaction.reservation is not None:
+            transaction.reservation.commit()
+        if self.subscriber is None and self.factory.network_budget is not None and self.config.role == "mx":
+            self.factory.network_budget.received(self.client_ip, delivery.size)
+        self.log_event(
+            self.log.info,
+            "accepted id={id} from=<{sender}> rcpts={count} remote={remote} size={size} uid={uid}",
+            id=delivery.name, sender=transaction.sender.address, count=transaction.recipient_count,
+            remote=len(transaction.remote_recipients), size=delivery.size,
+            uid=self.subscriber.uid if self.subscriber else "-",
+        )
+        self.respond(replies.Reply(250, "2.0.0", f"Ok: queued as {delivery.name}"))
+        if transaction.remote_recipients:
+            self.factory.on_queued()
