@@ -10,6 +10,11 @@
 - ``reload()`` (SIGHUP) builds a new context; Twisted asks ``getContext()``
   for every new connection, so new sessions get the new certificate while
   open ones keep theirs.
+- Session resumption stays on (it saves a full handshake per reconnect).
+  OpenSSL keeps the client certificate in the session, but the verify
+  callback runs only in a full handshake, so a resumed session comes without
+  a verdict: ``client_certificate`` then verifies the certificate again
+  against the connection's own client-CA store (see ``_reverify``).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL, crypto
 from twisted.internet.interfaces import IOpenSSLContextFactory, ISSLTransport
 from zope.interface import implementer
@@ -61,22 +66,78 @@ class _Verdict:
 
 # OpenSSL X509_V_ERR_* codes worth naming in logs (pyOpenSSL no longer exposes the strings)
 VERIFY_ERRORS = {
-    2: "unable to get issuer certificate", 9: "certificate is not yet valid", 10: "certificate has expired",
+    2: "unable to get issuer certificate", 7: "certificate signature failure",
+    9: "certificate is not yet valid", 10: "certificate has expired",
     18: "self-signed certificate", 19: "self-signed certificate in chain",
     20: "unable to get local issuer certificate (not signed by our client CA)",
-    21: "unable to verify the first certificate", 26: "unsupported certificate purpose",
+    21: "unable to verify the first certificate", 22: "certificate chain too long",
+    26: "unsupported certificate purpose",
 }
+# errors found while building the chain, which OpenSSL reports before a wrong purpose
+_CHAIN_ERRORS = {2, 18, 19, 20, 21}
+_UNSUPPORTED_PURPOSE, _CHAIN_TOO_LONG = 26, 22
 
 _verdicts: "weakref.WeakKeyDictionary[SSL.Connection, _Verdict]" = weakref.WeakKeyDictionary()
+
+
+def _failed(errno: int, depth: int) -> _Verdict:
+    return _Verdict(ok=False, reason=f"{VERIFY_ERRORS.get(errno, f'verify error {errno}')} (depth {depth})")
 
 
 def _record_verification(connection: SSL.Connection, certificate: Any, errno: int, depth: int, ok: int) -> bool:
     """Accept every handshake; remember whether the chain really verified."""
     verdict = _verdicts.setdefault(connection, _Verdict())
     if not ok and verdict.ok:
-        verdict.ok = False
-        verdict.reason = f"{VERIFY_ERRORS.get(errno, f'verify error {errno}')} (depth {depth})"
+        failed = _failed(errno, depth)
+        verdict.ok, verdict.reason = failed.ok, failed.reason
     return True
+
+
+def _fit_for_client_auth(certificate: x509.Certificate) -> bool:
+    """The leaf checks of OpenSSL's "ssl_client" purpose: extended and plain key usage."""
+    extensions = certificate.extensions
+    try:
+        extended = extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        if not {ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE} & set(extended):
+            return False
+    except x509.ExtensionNotFound:
+        pass
+    try:
+        usage = extensions.get_extension_for_class(x509.KeyUsage).value
+        return usage.digital_signature or usage.key_agreement
+    except x509.ExtensionNotFound:
+        return True
+
+
+def _reverify(connection: SSL.Connection, peer: crypto.X509) -> _Verdict:
+    """The verdict for a resumed session, whose handshake never ran the verify callback.
+
+    The session still holds the client's certificate (and, resumed from the
+    server's cache, its chain); it is verified again against the client-CA
+    store of the context the connection came from, with the handshake's
+    depth limit and the leaf's purpose, so a certificate refused in the full
+    handshake is refused again for the same reason.  (pyOpenSSL cannot attach
+    the verdict to the session itself: SSL_SESSION ex-data is not exposed.)
+    """
+    context = connection.get_context()
+    store = context.get_cert_store()
+    if store is None:
+        return _Verdict(ok=False, reason="not verified (no client CA store)")
+    intermediates = connection.get_peer_cert_chain() or []
+    verifier = crypto.X509StoreContext(store, peer, intermediates)
+    fit = _fit_for_client_auth(peer.to_cryptography())
+    try:
+        chain = verifier.get_verified_chain()
+    except crypto.X509StoreContextError as e:
+        errno, depth = int(e.errors[0]), int(e.errors[1])
+        if errno not in _CHAIN_ERRORS and not fit:
+            return _failed(_UNSUPPORTED_PURPOSE, 0)
+        return _failed(errno, depth)
+    if not fit:
+        return _failed(_UNSUPPORTED_PURPOSE, 0)
+    if len(chain) > context.get_verify_depth() + 2:  # depth counts the CAs between leaf and anchor, plus one
+        return _failed(_CHAIN_TOO_LONG, len(chain) - 1)
+    return _Verdict()
 
 
 def fingerprint(certificate_path: Path) -> str:
@@ -85,8 +146,32 @@ def fingerprint(certificate_path: Path) -> str:
     return ":".join(f"{b:02X}" for b in certificate.fingerprint(hashes.SHA256()))
 
 
-def ensure_self_signed(certificate_path: Path, key_path: Path, hostname: str) -> bool:
-    """Create a self-signed certificate when neither file exists; True if created."""
+def _private_directory(path: Path, owner: tuple[int, int] | None) -> None:
+    """Create ``path`` 0700 (owned by ``owner`` when given) if it is missing.
+
+    Missing parents get the default mode: they may also hold the spool and
+    the Maildirs, which the daemon's user must be able to reach.
+    """
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:  # made meanwhile by someone else: theirs
+        return
+    os.chmod(path, 0o700)  # whatever the umask
+    if owner is not None:
+        os.chown(path, *owner)
+
+
+def ensure_self_signed(certificate_path: Path, key_path: Path, hostname: str,
+                       owner: tuple[int, int] | None = None) -> bool:
+    """Create a self-signed certificate when neither file exists; True if created.
+
+    Directories it creates are 0700 and the key 0600 (the certificate is
+    public: 0644); with ``owner`` (uid, gid), root hands all of them to the
+    user the daemon will run as, so SIGHUP can re-read them after --uid.
+    """
     certificate_path, key_path = Path(certificate_path), Path(key_path)
     have_cert, have_key = certificate_path.exists(), key_path.exists()
     if have_cert and have_key:
@@ -108,13 +193,19 @@ def ensure_self_signed(certificate_path: Path, key_path: Path, hostname: str) ->
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
-    key_path.parent.mkdir(parents=True, exist_ok=True)
-    certificate_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption()))
-    certificate_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    _private_directory(key_path.parent, owner)
+    _private_directory(certificate_path.parent, owner)
+    for path, mode, data in (
+        (key_path, 0o600, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                            serialization.NoEncryption())),
+        (certificate_path, 0o644, certificate.public_bytes(serialization.Encoding.PEM)),
+    ):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)  # whatever the umask
+            if owner is not None:
+                os.fchown(f.fileno(), *owner)
+            f.write(data)
     return True
 
 
@@ -194,7 +285,12 @@ def client_certificate(transport: Any) -> ClientCertificate | None:
         return None
     certificate = peer.to_cryptography()
     connection = transport.getHandle()
-    verdict = _verdicts.get(connection, _Verdict(ok=False, reason="not verified (no client CA configured)"))
+    verdict = _verdicts.get(connection)
+    if verdict is None:
+        if connection.get_context().get_verify_mode() == SSL.VERIFY_NONE:
+            verdict = _Verdict(ok=False, reason="not verified (no client CA configured)")
+        else:  # a client CA asked for it, yet no verdict: a resumed session
+            verdict = _verdicts[connection] = _reverify(connection, peer)
     ok, reason = verdict.ok, verdict.reason
     now = datetime.datetime.now(datetime.timezone.utc)
     if ok and not (certificate.not_valid_before_utc <= now <= certificate.not_valid_after_utc):
