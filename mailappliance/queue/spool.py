@@ -90,7 +90,16 @@ class OutboundSpool:
         self.queue_dir = spool_dir / "queue"
 
     def prepare(self) -> None:
-        self.queue_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        """Create the spool directory and its queue/, both 0700 (messages are private);
+        missing parents of the spool directory get the default mode."""
+        if self.queue_dir.is_dir():
+            return
+        for directory in (self.queue_dir.parent, self.queue_dir):
+            try:
+                directory.mkdir(mode=0o700, parents=True)
+            except FileExistsError:
+                continue
+            os.chmod(directory, 0o700)  # whatever the umask
 
     def message_path(self, queue_id: str) -> Path:
         return self.queue_dir / f"{queue_id}.eml"
