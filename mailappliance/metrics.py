@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
-from typing import Callable
+from typing import Callable, Iterable
 
 HELP = {
     "mailappliance_sessions_total": "Connections accepted, by listener role.",
@@ -20,6 +20,7 @@ HELP = {
     "mailappliance_quota_refusals_total": "Recipients (stage rcpt) and messages (stage data) refused: mailbox full.",
     "mailappliance_directory_requests_total": "Directory calls, by operation and result.",
     "mailappliance_directory_seconds_sum": "Total time spent in directory calls, by operation.",
+    "mailappliance_directory_failovers_total": "Times a directory server was marked down, by server.",
 }
 
 
@@ -32,6 +33,7 @@ class Metrics:
         self._lock = threading.Lock()  # directory timings are recorded from worker threads
         self._values: dict[str, dict[tuple[tuple[str, str], ...], float]] = defaultdict(dict)
         self._gauges: dict[str, tuple[str, Callable[[], float]]] = {}
+        self._labelled_gauges: dict[str, tuple[str, Callable[[], Iterable[tuple[dict[str, str], float]]]]] = {}
 
     def count(self, name: str, amount: float = 1, **labels: str) -> None:
         key = tuple(sorted(labels.items()))
@@ -41,6 +43,12 @@ class Metrics:
 
     def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
         self._gauges[name] = (help_text, read)
+
+    def labelled_gauge(self, name: str, help_text: str,
+                       read: Callable[[], Iterable[tuple[dict[str, str], float]]]) -> None:
+        """A gauge with one series per label set, all read at scrape time: ``read()``
+        gives (labels, value) pairs, e.g. ``({"server": url}, 1)`` per directory server."""
+        self._labelled_gauges[name] = (help_text, read)
 
     def value(self, name: str, **labels: str) -> float:
         return self._values.get(name, {}).get(tuple(sorted(labels.items())), 0)
@@ -61,6 +69,15 @@ class Metrics:
             except Exception:
                 continue
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {value:g}"]
+        for name, (help_text, read_series) in sorted(self._labelled_gauges.items()):
+            try:
+                series = [(sorted(labels.items()), value) for labels, value in read_series()]
+            except Exception:
+                continue
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
+            for labels, value in series:
+                rendered = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
+                lines.append(f"{name}{{{rendered}}} {value:g}")
         return "\n".join(lines) + "\n"
 
 

@@ -2,8 +2,14 @@
 
 - Lookups use the read-only service account, one connection per worker
   thread (the daemon calls the store from its own thread pool).  A broken
-  connection (slapd restarted, timeout) is dropped and the call retried once
-  on a fresh one; if that fails too, DirectoryUnavailable: a temporary error.
+  connection (slapd restarted) is dropped and the call retried once on a
+  fresh one; if that fails too, DirectoryUnavailable: a temporary error.
+- Several ``urls``: the first one that is not marked down serves every call.
+  A server that times out, refuses or answers "busy" is marked down and the
+  next one tried within the same call, so a hung server (accepts, never
+  answers) costs one timeout once, not one per call; a background probe
+  brings it back.  ldap3's ServerPool cannot do this: it only skips servers
+  that refuse the TCP connection, and a receive timeout is not one.
 - Passwords are verified by binding as the subscriber on a short-lived
   connection, so slapd checks the hash and its own policy; the service
   account never reads ``userPassword``.
@@ -16,13 +22,13 @@ from __future__ import annotations
 
 import math
 import threading
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 import ldap3
 from cryptography import x509
-from ldap3.core.exceptions import LDAPException
+from ldap3.core.exceptions import LDAPException, LDAPResponseTimeoutError
 from ldap3.utils.conv import escape_filter_chars
+from twisted.logger import Logger
 
 from mailappliance.addresses import normalize_address, validate_uid
 from mailappliance.config import LdapSettings
@@ -37,8 +43,12 @@ from mailappliance.directory import (
     Subscriber,
     parse_limits,
 )
+from mailappliance.metrics import METRICS
+
+log = Logger(namespace="mailappliance.directory")
 
 T = TypeVar("T")
+PROBE_INTERVAL = 10.0  # seconds between probes of a server marked down
 
 CERTIFICATE_ATTRIBUTE = "userCertificate;binary"
 ATTRIBUTES = ["uid", "mail", "mailLocalAddress", "cn", DISABLED_ATTRIBUTE, CERTIFICATE_ATTRIBUTE, LIMIT_ATTRIBUTE]
@@ -86,18 +96,74 @@ def _unbind_quietly(conn: ldap3.Connection) -> None:
         pass
 
 
-class LdapStore:
-    """A DirectoryStore on an LDAP server."""
+def _describe(error: LDAPException) -> str:
+    return f"{type(error).__name__}: {error}"
 
-    def __init__(self, settings: LdapSettings) -> None:
+
+def _timed_out(error: LDAPException) -> bool:
+    """ldap3 raises socket timeouts as a class that is both LDAPSocket...Error and TimeoutError."""
+    return isinstance(error, (TimeoutError, LDAPResponseTimeoutError))
+
+
+class ServerTrouble(Exception):
+    """This server did not serve the call (no answer, timeout, refused, busy): try the next one."""
+
+
+class ServerSet:
+    """The configured servers in order of preference, and which are marked down.
+
+    Pure bookkeeping, shared by the directory threads (hence the lock).
+    """
+
+    def __init__(self, urls: Sequence[str]) -> None:
+        self.urls = tuple(urls)
+        self._down: dict[str, str] = {}  # url -> why
+        self._lock = threading.Lock()
+
+    def order(self) -> list[str]:
+        """Where to try a call: the servers up, in configured order, then those down (a last resort)."""
+        with self._lock:
+            return [u for u in self.urls if u not in self._down] + [u for u in self.urls if u in self._down]
+
+    def current(self) -> str:
+        """The server calls go to first; "" when every one is marked down."""
+        with self._lock:
+            return next((u for u in self.urls if u not in self._down), "")
+
+    def down(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self._down)
+
+    def is_down(self, url: str) -> bool:
+        with self._lock:
+            return url in self._down
+
+    def mark_down(self, url: str, why: str) -> bool:
+        """True if it was up until now."""
+        with self._lock:
+            was_up = url not in self._down
+            self._down[url] = why
+            return was_up
+
+    def mark_up(self, url: str) -> bool:
+        """True if it was down until now."""
+        with self._lock:
+            return self._down.pop(url, None) is not None
+
+
+class LdapStore:
+    """A DirectoryStore on one or more LDAP servers (the first that works serves)."""
+
+    def __init__(self, settings: LdapSettings, probe_interval: float = PROBE_INTERVAL) -> None:
         self.settings = settings
-        self._servers = [
-            ldap3.Server(url, get_info=ldap3.NONE, connect_timeout=settings.timeout) for url in settings.urls
-        ]
-        servers = self._servers
-        self._server: Any = servers[0] if len(servers) == 1 else ldap3.ServerPool(
-            servers, ldap3.FIRST, active=1, exhaust=False
-        )
+        self._servers = {
+            url: ldap3.Server(url, get_info=ldap3.NONE, connect_timeout=settings.timeout) for url in settings.urls
+        }
+        self.servers = ServerSet(settings.urls)
+        self._probe_interval = probe_interval
+        self._probe: threading.Thread | None = None
+        self._probe_stop = threading.Event()
+        self._probe_lock = threading.Lock()
         self._local = threading.local()
         # every thread's service connection, so close() (called from another
         # thread when the daemon stops) can unbind them all
@@ -106,28 +172,112 @@ class LdapStore:
         # ldap3 packs this into SO_RCVTIMEO with struct: it must be a whole number
         self._receive_timeout = max(1, math.ceil(settings.timeout))
 
+    def current_server(self) -> str:
+        """The URL new calls go to ("" while every server is marked down)."""
+        return self.servers.current()
+
+    def server_states(self) -> list[tuple[str, bool]]:
+        """(url, up) for every configured server, in order of preference."""
+        down = self.servers.down()
+        return [(url, url not in down) for url in self.servers.urls]
+
+    # -- servers -------------------------------------------------------------
+
+    def _on_servers(self, attempt: Callable[[str], T]) -> T:
+        """``attempt(url)`` on the servers in order until one serves the call.
+
+        A server that fails is marked down and the next one is tried at once;
+        one that serves as a last resort (all were down) is marked up again.
+        """
+        if self.servers.down():
+            self._ensure_probe()  # also after close(): the store stays usable
+        failures = []
+        for url in self.servers.order():
+            try:
+                result = attempt(url)
+            except ServerTrouble as e:
+                failures.append(f"{url}: {e}")
+                self._mark_down(url, str(e))
+                continue
+            if self.servers.is_down(url) and self.servers.mark_up(url):
+                log.info("directory server {url} answers again: back in use", url=url)
+            return result
+        raise DirectoryUnavailable(f"LDAP {'; '.join(failures)}")
+
+    def _mark_down(self, url: str, why: str) -> None:
+        if self.servers.mark_down(url, why):
+            METRICS.count("mailappliance_directory_failovers_total", server=url)
+            log.warn(
+                "directory server {url} marked down: {why}; now using {current} (probed every {interval:g} s)",
+                url=url, why=why, current=self.servers.current() or "none (all down)",
+                interval=self._probe_interval,
+            )
+        self._ensure_probe()
+
+    def _ensure_probe(self) -> None:
+        with self._probe_lock:
+            if self._probe is not None:
+                return
+            self._probe_stop = threading.Event()
+            self._probe = threading.Thread(target=self._run_probe, args=(self._probe_stop,),
+                                           name="ldap-probe", daemon=True)
+            self._probe.start()
+
+    def _run_probe(self, stop: threading.Event) -> None:
+        """Every probe interval, try the servers marked down; ends when none is (or on close)."""
+        while not stop.wait(self._probe_interval):
+            for url in self.servers.down():
+                why = self._probe_server(url)
+                if why is None and self.servers.mark_up(url):
+                    log.info("directory server {url} answered a probe: back in use", url=url)
+            with self._probe_lock:
+                if stop.is_set() or not self.servers.down():
+                    if self._probe is threading.current_thread():
+                        self._probe = None
+                    return
+
+    def _probe_server(self, url: str) -> str | None:
+        """None if ``url`` binds the service account and finds the base entry, else why not."""
+        conn = self._connect(url, self.settings.bind_dn, self.settings.bind_password)
+        try:
+            if not conn.bind():
+                return f"service bind failed: {conn.result.get('description')}"
+            conn.search(self.settings.base_dn, "(objectClass=*)", ldap3.BASE, attributes=[ldap3.NO_ATTRIBUTES],
+                        time_limit=self._receive_timeout)
+            if conn.result.get("result") != 0:
+                return f"search of {self.settings.base_dn} failed: {conn.result.get('description')}"
+            return None
+        except LDAPException as e:
+            return _describe(e)
+        finally:
+            _unbind_quietly(conn)
+
     # -- connections ---------------------------------------------------------
 
-    def _connect(self, user: str, password: str) -> ldap3.Connection:
+    def _connect(self, url: str, user: str, password: str) -> ldap3.Connection:
+        server = self._servers[url]
         # ldap3 otherwise skips an address for 5 s after one failure; we want
         # the first call after slapd comes back to work.
-        for server in self._servers:
-            server.reset_availability()
+        server.reset_availability()
         return ldap3.Connection(
-            self._server, user=user or None, password=password or None,
+            server, user=user or None, password=password or None,
             receive_timeout=self._receive_timeout, raise_exceptions=False, read_only=False,
         )
 
-    def _service_connection(self) -> ldap3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None or conn.closed:
-            conn = self._connect(self.settings.bind_dn, self.settings.bind_password)
-            if not conn.bind():
-                raise DirectoryUnavailable(f"service bind as {self.settings.bind_dn!r} failed: "
-                                           f"{conn.result.get('description')}")
-            self._local.conn = conn
-            with self._open_lock:
-                self._open.add(conn)
+    def _new_service_connection(self, url: str) -> ldap3.Connection:
+        conn = self._connect(url, self.settings.bind_dn, self.settings.bind_password)
+        try:
+            bound = conn.bind()
+        except LDAPException as e:
+            _unbind_quietly(conn)
+            raise ServerTrouble(_describe(e)) from None
+        if not bound:
+            _unbind_quietly(conn)
+            raise ServerTrouble(f"service bind as {self.settings.bind_dn!r} failed: "
+                                f"{conn.result.get('description')}")
+        self._local.conn, self._local.url = conn, url
+        with self._open_lock:
+            self._open.add(conn)
         return conn
 
     def _drop_service_connection(self) -> None:
@@ -138,18 +288,36 @@ class LdapStore:
                 self._open.discard(conn)
             _unbind_quietly(conn)
 
-    def _with_retry(self, operation: Callable[[ldap3.Connection], T]) -> T:
-        """Run ``operation`` on the service connection; once more on a fresh one if it broke."""
-        last_error = ""
-        for _ in range(2):
-            try:
-                return operation(self._service_connection())
-            except DirectoryUnavailable as e:
-                last_error = str(e)
-            except LDAPException as e:
-                last_error = f"{type(e).__name__}: {e}"
+    def _service_call(self, url: str, operation: Callable[[ldap3.Connection], T]) -> T:
+        """``operation`` on this thread's service connection to ``url``.
+
+        A reused connection that broke (the server restarted, or closed it as
+        idle) gets one more try on a fresh one; a timeout does not: the
+        server is not answering, and the caller moves on to the next one.
+        """
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and (conn.closed or getattr(self._local, "url", None) != url):
             self._drop_service_connection()
-        raise DirectoryUnavailable(f"LDAP {', '.join(self.settings.urls)}: {last_error}")
+            conn = None
+        if conn is not None:
+            try:
+                return operation(conn)
+            except LDAPException as e:
+                self._drop_service_connection()
+                if _timed_out(e):
+                    raise ServerTrouble(_describe(e)) from None
+            except ServerTrouble:
+                self._drop_service_connection()
+                raise
+        conn = self._new_service_connection(url)
+        try:
+            return operation(conn)
+        except LDAPException as e:
+            self._drop_service_connection()
+            raise ServerTrouble(_describe(e)) from None
+        except ServerTrouble:
+            self._drop_service_connection()
+            raise
 
     def _search(self, ldap_filter: str) -> list[tuple[str, dict[str, list[bytes]]]]:
         def run(conn: ldap3.Connection) -> list[tuple[str, dict[str, list[bytes]]]]:
@@ -162,13 +330,15 @@ class LdapStore:
                     f"entries); give the service account more, e.g. "
                     f'olcLimits: dn.exact="{self.settings.bind_dn}" size=unlimited'
                 )
-            if code in TEMPORARY_RESULTS or (code not in (0, 32) and code is not None):
-                raise DirectoryUnavailable(f"search failed: {conn.result.get('description')}")
             if code is None:
-                raise DirectoryUnavailable("no answer from the LDAP server")
+                raise ServerTrouble("no answer from the LDAP server")
+            if code in TEMPORARY_RESULTS:
+                raise ServerTrouble(f"search failed: {conn.result.get('description')}")
+            if code not in (0, 32):
+                raise DirectoryUnavailable(f"search failed: {conn.result.get('description')}")
             return [(e["dn"], e["raw_attributes"]) for e in conn.response or [] if e.get("type") == "searchResEntry"]
 
-        return self._with_retry(run)
+        return self._on_servers(lambda url: self._service_call(url, run))
 
     def _first(self, ldap_filter: str) -> Subscriber | None:
         for dn, raw in self._search(ldap_filter):
@@ -189,26 +359,32 @@ class LdapStore:
             return None
         return self._first(self.settings.address_filter.format(address=escape_filter_chars(address)))
 
-    @contextmanager
-    def _short_connection(self, user: str, password: str) -> Iterator[ldap3.Connection]:
-        """A connection for one job (user bind, admin change); LDAP trouble is temporary."""
-        conn = self._connect(user, password)
-        try:
-            yield conn
-        except LDAPException as e:
-            raise DirectoryUnavailable(f"LDAP {', '.join(self.settings.urls)}: {type(e).__name__}: {e}") from None
-        finally:
-            _unbind_quietly(conn)
+    def _bound(self, user: str, password: str, job: Callable[[ldap3.Connection, bool], T]) -> T:
+        """``job(conn, bound)`` on a connection of its own (user bind, admin change), on the
+        first server that answers the bind (yes or no); the connection is closed afterwards."""
+
+        def attempt(url: str) -> T:
+            conn = self._connect(url, user, password)
+            try:
+                try:
+                    bound = conn.bind()
+                except LDAPException as e:
+                    raise ServerTrouble(_describe(e)) from None
+                if not bound and conn.result.get("result") not in REFUSED_BIND_RESULTS:
+                    raise ServerTrouble(f"bind as {user!r}: {conn.result.get('description')}")
+                try:
+                    return job(conn, bound)
+                except LDAPException as e:  # half-way through a change: not repeated elsewhere
+                    raise DirectoryUnavailable(f"LDAP {url}: {_describe(e)}") from None
+            finally:
+                _unbind_quietly(conn)
+
+        return self._on_servers(attempt)
 
     def verify_password(self, subscriber: Subscriber, password: str) -> bool:
         if not password:
             return False  # an empty password would be an unauthenticated bind: always "success"
-        with self._short_connection(subscriber.dn, password) as conn:
-            if conn.bind():
-                return True
-            if conn.result.get("result") in REFUSED_BIND_RESULTS:
-                return False
-            raise DirectoryUnavailable(f"bind as {subscriber.dn!r}: {conn.result.get('description')}")
+        return self._bound(subscriber.dn, password, lambda conn, bound: bound)
 
     def find_by_certificate(self, der: bytes) -> Subscriber | None:
         """Search by serial and issuer (certificateExactMatch), then compare the DER bytes.
@@ -234,7 +410,10 @@ class LdapStore:
         return sorted((s for s in found if s is not None), key=lambda s: s.uid.lower())
 
     def close(self) -> None:
-        """Unbind every thread's service connection (the store stays usable: it reconnects)."""
+        """Unbind every thread's service connection, stop probing (the store stays usable: it reconnects)."""
+        with self._probe_lock:
+            self._probe_stop.set()
+            self._probe = None
         self._local.conn = None
         with self._open_lock:
             connections, self._open = list(self._open), set()
@@ -249,12 +428,13 @@ class LdapStore:
                 "changing the LDAP directory needs directory.ldap.admin_bind_dn and "
                 "directory.ldap.admin_bind_password in the config"
             )
-        with self._short_connection(self.settings.admin_bind_dn, self.settings.admin_bind_password) as conn:
-            if not conn.bind():
-                if conn.result.get("result") in REFUSED_BIND_RESULTS:
-                    raise DirectoryAdminError(f"admin bind as {self.settings.admin_bind_dn!r} refused")
-                raise DirectoryUnavailable(f"admin bind failed: {conn.result.get('description')}")
+
+        def job(conn: ldap3.Connection, bound: bool) -> T:
+            if not bound:
+                raise DirectoryAdminError(f"admin bind as {self.settings.admin_bind_dn!r} refused")
             return operation(conn)
+
+        return self._bound(self.settings.admin_bind_dn, self.settings.admin_bind_password, job)
 
     @staticmethod
     def _check(conn: ldap3.Connection, what: str) -> None:

@@ -76,6 +76,24 @@ class Directory:
         self._reactor = reactor
         self._pool = ThreadPool(minthreads=1, maxthreads=threads, name="directory")
         self._address_lookups = SharedLookups()
+        if hasattr(store, "server_states"):  # LDAP: which server serves, which are marked down
+            METRICS.labelled_gauge(
+                "mailappliance_directory_server_up", "1 unless the directory server is marked down, by server.",
+                lambda: [({"server": url}, float(up)) for url, up in self.server_states()])
+            METRICS.labelled_gauge(
+                "mailappliance_directory_server_in_use", "1 for the directory server lookups go to, by server.",
+                lambda: [({"server": url}, float(url == self.current_server())) for url, _ in self.server_states()])
+
+    def current_server(self) -> str:
+        """The directory server lookups go to first (an LDAP URL); "" for the embedded
+        LDIF directory, or while every LDAP server is marked down.  Cheap: no I/O."""
+        current = getattr(self.store, "current_server", None)
+        return current() if current is not None else ""
+
+    def server_states(self) -> list[tuple[str, bool]]:
+        """(url, up) of every configured LDAP server, in order; [] for the LDIF directory."""
+        states = getattr(self.store, "server_states", None)
+        return states() if states is not None else []
 
     def start(self) -> None:
         self._pool.start()
