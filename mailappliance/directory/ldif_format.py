@@ -16,8 +16,11 @@ import attrs
 
 Value = str | bytes
 
-_SAFE_INIT = re.compile(r"^[\x01-\x09\x0b-\x0c\x0e-\x1f\x21-\x39\x3b\x3d-\x7f]")
-_SAFE_REST = re.compile(r"^[\x01-\x09\x0b-\x0c\x0e-\x7f]*$")
+# What we write as a plain ``attr: value`` line: RFC 2849's SAFE-STRING minus
+# every control character (the RFC lets \x0b \x0c \x1c-\x1e through, and many
+# line splitters, Python's str.splitlines() among them, break lines there).
+# Anything else is written base64 (``attr:: ...``), which RFC 2849 allows for any value.
+_PLAIN_VALUE = re.compile(r"[\x21-\x39\x3b\x3d-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?")
 
 
 class LdifSyntaxError(ValueError):
@@ -66,11 +69,25 @@ class Entry:
         return before - len(self.attributes)
 
 
+def physical_lines(text: str) -> list[str]:
+    """The lines of an LDIF text: split at LF or CRLF only (RFC 2849 SEP).
+
+    Never ``str.splitlines()``: it also splits at \\v, \\f, \\x1c-\\x1e, \\x85 and
+    U+2028/2029, which would let a value smuggle in a line of its own.
+    """
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
 def _logical_lines(text: str) -> Iterable[tuple[int, str]]:
     """Unfold continuation lines; yields (first physical line number, line); '' separates records."""
     current: list[str] = []
     start = 0
-    for number, raw in enumerate(text.splitlines(), start=1):
+    for number, raw in enumerate(physical_lines(text), start=1):
+        if "\r" in raw:
+            raise LdifSyntaxError(f"line {number}: a carriage return inside a line (values with one must be base64)")
         if raw.startswith(" ") and current:
             current.append(raw[1:])
             continue
@@ -138,12 +155,17 @@ def parse_ldif(text: str) -> list[Entry]:
     return entries
 
 
+def is_plain_value(value: str) -> bool:
+    """True if ``value`` may be written as ``attr: value``: printable ASCII, not
+    starting with a space, ':' or '<', not ending with a space (a strict SAFE-STRING)."""
+    return _PLAIN_VALUE.fullmatch(value) is not None
+
+
 def _format_line(name: str, value: Value) -> str:
-    if isinstance(value, str) and value and _SAFE_INIT.match(value) and _SAFE_REST.match(value) \
-            and not value.endswith(" "):
-        line = f"{name}: {value}"
-    elif isinstance(value, str) and not value:
+    if isinstance(value, str) and not value:
         line = f"{name}:"
+    elif isinstance(value, str) and is_plain_value(value):
+        line = f"{name}: {value}"
     else:
         raw = value if isinstance(value, bytes) else value.encode("utf-8")
         line = f"{name}:: {base64.b64encode(raw).decode()}"
