@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import BinaryIO
 
+from mailappliance.addresses import is_safe_mailbox_name
+
 _counter = itertools.count()
 _hostname = socket.gethostname().replace("/", "\\057").replace(":", "\\072").replace(",", "\\054")
 
@@ -31,8 +33,10 @@ MAILDIR_SUBDIRS = ("tmp", "new", "cur")
 
 
 def maildir_for(root: Path, uid: str) -> Path:
-    """Where subscriber ``uid`` keeps mail (uids are validated: no '/', no leading '.')."""
-    if not uid or "/" in uid or uid.startswith(".") or "\0" in uid:
+    """Where subscriber ``uid`` keeps mail; ValueError for a uid that cannot
+    safely name a directory there (the directory may hold entries made with
+    other tools than ours)."""
+    if not is_safe_mailbox_name(uid):
         raise ValueError(f"unsafe mailbox name {uid!r}")
     return root / uid
 

@@ -153,7 +153,8 @@ def build_service(settings: Settings, reactor: Any = None,
 
     _queue_gauges(spool)
     health = HealthResource(lambda: directory.find_by_login("health-check.invalid"),
-                            lambda: run_blocking(spool_probe, settings.spool_dir))
+                            lambda: run_blocking(spool_probe, settings.spool_dir),
+                            current_server=directory.current_server)
     for listener in settings.listeners:
         if listener.role in WEB_ROLES:
             factory: Any = metrics_site(health) if listener.role == "metrics" else autoconfig_site(settings)
@@ -191,10 +192,9 @@ def _queue_gauges(spool: OutboundSpool) -> None:
 def _server_tls(settings: Settings, owner: tuple[int, int] | None) -> ServerTLS:
     """The one TLS context factory of every listener; a self-signed certificate on first start."""
     tls = settings.tls
-    if tls.generate_self_signed and ensure_self_signed(tls.certificate, tls.private_key, settings.hostname):
-        if owner is not None and os.geteuid() == 0:  # so that SIGHUP can re-read them after --uid
-            os.chown(tls.private_key, *owner)
-            os.chown(tls.certificate, *owner)
+    handover = owner if owner is not None and os.geteuid() == 0 else None  # SIGHUP re-reads them after --uid
+    if tls.generate_self_signed and ensure_self_signed(tls.certificate, tls.private_key, settings.hostname,
+                                                       owner=handover):
         log.warn(
             "generated a self-signed certificate for {host} in {path}; SHA-256 fingerprint {fp} "
             "(replace it with a real one and send SIGHUP)",

@@ -177,10 +177,12 @@ class MetricsResource(_Leaf):
 class HealthResource(_Leaf):
     """200 when the directory answers and the spool is writable; 503 with the reasons otherwise."""
 
-    def __init__(self, check_directory: Callable[[], Deferred], check_spool: Callable[[], Deferred]) -> None:
+    def __init__(self, check_directory: Callable[[], Deferred], check_spool: Callable[[], Deferred],
+                 current_server: Callable[[], str] = lambda: "") -> None:
         super().__init__()
         self.check_directory = check_directory
         self.check_spool = check_spool
+        self.current_server = current_server  # the LDAP server lookups go to ("" for LDIF)
 
     def render_GET(self, request: Any) -> Any:
         Deferred.fromCoroutine(self._report(request))
@@ -195,6 +197,7 @@ class HealthResource(_Leaf):
             except Exception as e:
                 status[name] = f"error: {e}"
         healthy = all(v == "ok" for v in status.values())
+        status["directory_server"] = self.current_server() or "none"  # a fact, not a check
         request.setResponseCode(200 if healthy else 503)
         request.setHeader(b"content-type", b"application/json")
         request.write(json.dumps({"healthy": healthy, **status}).encode() + b"\n")

@@ -231,8 +231,8 @@ def test_json_log_lines_carry_the_session(appliance: Callable[..., Appliance], t
         assert smtp.rcpt("victim@elsewhere.example")[0] == 554
     instance.stop()
     lines = [json.loads(line) for line in events.read_text().splitlines()]
-    refused = [e for e in lines if e.get("log_format", "").startswith("session={session} relay refused")]
+    refused = [e for e in lines if " relay refused " in e.get("log_format", "")]
     assert len(refused) == 1
     assert refused[0]["rcpt"] == "victim@elsewhere.example" and refused[0]["reason"] == "relay denied"
     session = refused[0]["session"]
-    assert any(e.get("session") == session and "connect from" in e["log_format"] for e in lines)
+    assert any(e.get("session") == session and "} connect to " in e["log_format"] for e in lines)
