@@ -18,10 +18,11 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from mailappliance.addresses import normalize_address
+from mailappliance.addresses import normalize_address, validate_display_name, validate_uid
 from mailappliance.admin_ops import add_parsers
 from mailappliance.config import ConfigError, Settings, load_config
 from mailappliance.directory.backends import build_store
+from mailappliance.directory.passwords import validate_new_password
 from mailappliance.quota import mailbox_usage
 from mailappliance.directory import (
     DirectoryAdminError,
@@ -70,22 +71,25 @@ def _subscriber_fields(s: Subscriber) -> dict[str, Any]:
 
 
 def _read_password(args: argparse.Namespace) -> str:
-    if args.password_stdin:
-        password = sys.stdin.readline().rstrip("\r\n")
-    else:
-        password = getpass.getpass("New password: ")
-        if getpass.getpass("Repeat password: ") != password:
-            raise InvalidAddress("the two passwords differ")
-    if len(password) < 8:
-        raise InvalidAddress("a password needs at least 8 characters")
-    return password
+    """The new password (stdin or asked twice), validated and normalised."""
+    try:
+        if args.password_stdin:
+            password = sys.stdin.readline().rstrip("\r\n")
+        else:
+            password = getpass.getpass("New password: ")
+            if getpass.getpass("Repeat password: ") != password:
+                raise InvalidAddress("the two passwords differ")
+    except UnicodeDecodeError:
+        raise InvalidAddress("the password is not valid UTF-8") from None
+    return validate_new_password(password)
 
 
 def cmd_user_add(ctx: CommandContext, args: argparse.Namespace) -> None:
     mail = ctx.local_address(args.address)
-    uid = args.uid or mail.split("@", 1)[0]
+    uid = validate_uid(args.uid or mail.split("@", 1)[0])
+    name = validate_display_name(args.name or "")
     password = None if args.no_password else _read_password(args)
-    subscriber = ctx.store.add_subscriber(uid, mail, password, args.name or "")
+    subscriber = ctx.store.add_subscriber(uid, mail, password, name)
     ctx.done(f"added {subscriber.uid} <{subscriber.mail}>", subscriber=_subscriber_fields(subscriber))
 
 
@@ -406,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_TEMPFAIL
     finally:
         store.close()
+        note = getattr(store, "mode_note", None)  # LDIF: the file's mode was (or must be) tightened
+        if note:
+            print(f"mailappliance-admin: note: {note}", file=sys.stderr)
     return code or EXIT_OK
 
 

@@ -57,11 +57,18 @@ def cmd_check_config(ctx: Any, args: argparse.Namespace) -> int:
     results = [{"check": "config", "ok": True, "detail": f"{s.source} is valid"}]
     results += [_check(name, probe) for name, probe in
                 (("directory", directory), ("tls", tls), ("storage", storage), ("screening", screening))]
+    if s.directory.backend == "ldif":
+        from mailappliance.directory.ldif import mode_problem
+
+        problem = mode_problem(s.directory.ldif_file)  # a warning: the daemon still works
+        if problem:
+            results.append({"check": "ldif-mode", "ok": True, "warn": True, "detail": problem})
     if ctx.as_json:
         print(json.dumps(results))
     else:
         for r in results:
-            print(f"{'ok  ' if r['ok'] else 'FAIL'} {r['check']:<10} {r['detail']}")
+            status = "warn" if r.get("warn") else "ok  " if r["ok"] else "FAIL"
+            print(f"{status} {r['check']:<10} {r['detail']}")
     return EXIT_OK if all(r["ok"] for r in results) else EXIT_REFUSED
 
 

@@ -25,7 +25,8 @@ from twisted.python.failure import Failure
 from twisted.cred.portal import IRealm
 from zope.interface import Attribute, Interface, implementer
 
-from mailappliance.directory import Subscriber
+from mailappliance.addresses import is_safe_mailbox_name
+from mailappliance.directory import DirectoryUnavailable, Subscriber
 from mailappliance.directory.threaded import Directory, SharedLookups
 from mailappliance.throttle import AuthThrottle, ThrottleSettings
 
@@ -50,6 +51,16 @@ class ClientCertificateCredentials:
 
 def _raise(error: Exception) -> None:
     raise error
+
+
+def _refuse_unsafe_uid(subscriber: Subscriber) -> None:
+    """A directory entry whose uid cannot name a Maildir is the admin's to fix:
+    a temporary failure that names the entry, never a login with it."""
+    if not is_safe_mailbox_name(subscriber.uid):
+        raise DirectoryUnavailable(
+            f"directory entry {subscriber.dn!r} has an unsafe uid {subscriber.uid!r} (it names the Maildir: "
+            "not empty, no '/', no leading '.', no '..', no control characters); fix the entry"
+        )
 
 
 class LoginThrottled(Exception):
@@ -129,6 +140,7 @@ class SubscriberChecker:
             raise LoginRefused(subject, "certificate is not stored for any subscriber")
         if subscriber.disabled:
             raise LoginRefused(subject, "subscriber is disabled")
+        _refuse_unsafe_uid(subscriber)
         return subscriber
 
     def _check_password(self, credentials: IUsernamePassword) -> "Deferred[Subscriber]":
@@ -185,6 +197,7 @@ class SubscriberChecker:
         if subscriber.disabled:
             self._cache.pop(key, None)
             raise LoginRefused(login, "subscriber is disabled")
+        _refuse_unsafe_uid(subscriber)
         if self.cache_ttl > 0:
             self._remember(key, _CacheEntry(digest, subscriber, self.clock.seconds() + self.cache_ttl))
         return subscriber

@@ -130,3 +130,15 @@ def test_identical_logins_in_flight_share_one_check_and_each_counts_for_the_thro
     assert directory.calls == 3  # a finished check is not reused (TTL 0: no cache)
     directory.answer_all()
     assert later == [ALICE]
+
+
+@pytest.mark.parametrize("uid", ["../escape", ".dot", "", "a/b"])
+def test_a_subscriber_whose_uid_cannot_name_a_maildir_is_a_temporary_failure_naming_the_entry(uid: str) -> None:
+    """Right password, broken entry: a temporary failure that names the entry, never a login."""
+    directory = CountingDirectory()
+    directory.passwords["eve"] = ("eve-password", Subscriber(dn="uid=eve,ou=people,dc=x", uid=uid, mail="e@x.org"))
+    checker = SubscriberChecker(directory, cache_ttl=60, clock=Clock())
+    result = login(checker, "eve", "eve-password")
+    assert result.check(DirectoryUnavailable) and not result.check(LoginRefused)
+    assert "uid=eve,ou=people,dc=x" in str(result.value) and "unsafe uid" in str(result.value)
+    assert checker._cache == {}

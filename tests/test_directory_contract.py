@@ -302,3 +302,24 @@ def test_ldap_store_is_shared_by_threads(ldap_store: LdapStore) -> None:
         assert all(pool.map(check, range(120)))
         ldap_store.close()  # unbinds every worker's connection ...
         assert all(pool.map(check, range(30)))  # ... and the store reconnects on demand
+
+
+def test_verify_unknown_always_refuses(store: Any, alice: Any) -> None:
+    """The stand-in check for a login that finds nobody never says yes, even to a real password."""
+    assert store.verify_unknown("alice-password") is False
+    assert store.verify_unknown("") is False
+
+
+@pytest.mark.parametrize("name", ["Mallory\x1cmailLocalAddress: alice@example.org", "a\nmail: x@example.org",
+                                  "x" * 129])
+def test_display_names_are_validated(store: Any, name: str) -> None:
+    """A display name with a control character (or too long) is refused by both backends."""
+    with pytest.raises(InvalidAddress):
+        store.add_subscriber("mallory", "mallory@example.org", None, name)
+    assert store.find_by_login("mallory") is None
+
+
+def test_non_ascii_display_name_round_trips(store: Any) -> None:
+    """A printable non-ASCII name is kept exactly (LDIF writes it base64)."""
+    store.add_subscriber("zoe", "zoe@example.org", None, "Zoë Ünal: <ceo> ")
+    assert store.find_by_login("zoe").display_name == "Zoë Ünal: <ceo>"

@@ -96,7 +96,13 @@ class DirectoryStore(Protocol):
         """The subscriber whose ``mail`` or a ``mailLocalAddress`` is ``address``."""
 
     def verify_password(self, subscriber: Subscriber, password: str) -> bool:
-        """True if ``password`` is the subscriber's password."""
+        """True if ``password`` is the subscriber's password.  A refusal costs
+        at least what :meth:`verify_unknown` costs (no fast path for an entry
+        without a usable hash)."""
+
+    def verify_unknown(self, password: str) -> bool:
+        """Always False, at the cost of a refused :meth:`verify_password`: for a
+        login that finds no subscriber, so timing does not enumerate logins."""
 
     def find_by_certificate(self, der: bytes) -> Subscriber | None:
         """The subscriber whose ``userCertificate;binary`` is exactly ``der``."""

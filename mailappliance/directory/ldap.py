@@ -12,7 +12,8 @@
   that refuse the TCP connection, and a receive timeout is not one.
 - Passwords are verified by binding as the subscriber on a short-lived
   connection, so slapd checks the hash and its own policy; the service
-  account never reads ``userPassword``.
+  account never reads ``userPassword``.  A login that finds no subscriber
+  costs the same: a bind to a DN that does not exist, refused by slapd.
 - Admin changes bind as ``admin_bind_dn``; passwords are set with the
   Password Modify extended operation (RFC 3062) so the server hashes them.
 - Every value put into a filter is escaped.
@@ -21,6 +22,7 @@
 from __future__ import annotations
 
 import math
+import os
 import threading
 from typing import Any, Callable, Sequence, TypeVar
 
@@ -30,7 +32,7 @@ from ldap3.core.exceptions import LDAPException, LDAPResponseTimeoutError
 from ldap3.utils.conv import escape_filter_chars
 from twisted.logger import Logger
 
-from mailappliance.addresses import normalize_address, validate_uid
+from mailappliance.addresses import normalize_address, validate_display_name, validate_uid
 from mailappliance.config import LdapSettings
 from mailappliance.directory import (
     DISABLED_ATTRIBUTE,
@@ -43,6 +45,7 @@ from mailappliance.directory import (
     Subscriber,
     parse_limits,
 )
+from mailappliance.directory.passwords import prepare_password
 from mailappliance.metrics import METRICS
 
 log = Logger(namespace="mailappliance.directory")
@@ -171,6 +174,8 @@ class LdapStore:
         self._open_lock = threading.Lock()
         # ldap3 packs this into SO_RCVTIMEO with struct: it must be a whole number
         self._receive_timeout = max(1, math.ceil(settings.timeout))
+        # where a login that finds nobody binds (random: no entry can have it)
+        self._nobody_dn = f"uid=nobody-{os.urandom(12).hex()},{settings.base_dn}"
 
     def current_server(self) -> str:
         """The URL new calls go to ("" while every server is marked down)."""
@@ -254,7 +259,7 @@ class LdapStore:
 
     # -- connections ---------------------------------------------------------
 
-    def _connect(self, url: str, user: str, password: str) -> ldap3.Connection:
+    def _connect(self, url: str, user: str, password: str | bytes) -> ldap3.Connection:
         server = self._servers[url]
         # ldap3 otherwise skips an address for 5 s after one failure; we want
         # the first call after slapd comes back to work.
@@ -359,7 +364,7 @@ class LdapStore:
             return None
         return self._first(self.settings.address_filter.format(address=escape_filter_chars(address)))
 
-    def _bound(self, user: str, password: str, job: Callable[[ldap3.Connection, bool], T]) -> T:
+    def _bound(self, user: str, password: str | bytes, job: Callable[[ldap3.Connection, bool], T]) -> T:
         """``job(conn, bound)`` on a connection of its own (user bind, admin change), on the
         first server that answers the bind (yes or no); the connection is closed afterwards."""
 
@@ -382,9 +387,27 @@ class LdapStore:
         return self._on_servers(attempt)
 
     def verify_password(self, subscriber: Subscriber, password: str) -> bool:
+        return self._bind_as(subscriber.dn, password)
+
+    def verify_unknown(self, password: str) -> bool:
+        """A login with no subscriber: cost what a refused password costs (a
+        fresh connection and a bind that slapd refuses), then refuse.
+
+        A bind, not a local Argon2 hash: with slapd's usual {SSHA} a refused
+        bind takes a few milliseconds, and an Argon2 here would make unknown
+        logins the slow ones, telling them apart as well as before.
+        """
+        self._bind_as(self._nobody_dn, password)
+        return False
+
+    def _bind_as(self, dn: str, password: str) -> bool:
+        """Bind with exactly ``password`` (as UTF-8 bytes: ldap3 would SASLprep a str,
+        which makes the as-typed retry of password_candidates useless and raises
+        for a client's control characters, which must be a plain refusal)."""
         if not password:
             return False  # an empty password would be an unauthenticated bind: always "success"
-        return self._bound(subscriber.dn, password, lambda conn, bound: bound)
+        secret = password.encode("utf-8", "surrogateescape")
+        return self._bound(dn, secret, lambda conn, bound: bound)
 
     def find_by_certificate(self, der: bytes) -> Subscriber | None:
         """Search by serial and issuer (certificateExactMatch), then compare the DER bytes.
@@ -464,6 +487,9 @@ class LdapStore:
     ) -> Subscriber:
         uid = validate_uid(uid)
         mail = normalize_address(mail)
+        display_name = validate_display_name(display_name)
+        if password:
+            password = prepare_password(password)  # ldap3 applies the same SASLprep again: no change
         if self.find_by_login(uid):
             raise DuplicateEntry(f"login {uid!r} is already taken")
         self._refuse_taken_address(mail)
@@ -485,6 +511,7 @@ class LdapStore:
         return self._require(uid)
 
     def set_password(self, login: str, password: str) -> None:
+        password = prepare_password(password)
         dn = self._require(login).dn
 
         def change(conn: ldap3.Connection) -> None:

@@ -5,18 +5,28 @@ each lookup), so an admin's edit or a ``mailappliance-admin`` change takes
 effect without a restart.  Writes replace the file atomically (temp file,
 fsync, rename) under an exclusive lock, keeping the leading comment block and
 every entry the store does not manage (base entries, groups, ...).
+
+The file holds password hashes, so it is private: every write makes it 0600
+(0640 if the admin had made it readable for a group only), keeping its owner
+and group, and opening the store tightens a file its owner left readable for
+everyone (see :func:`tighten_file_mode`).
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import stat
+import tempfile
 import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from mailappliance.addresses import normalize_address, validate_uid
+from ldap3.utils.dn import escape_rdn
+from twisted.logger import Logger
+
+from mailappliance.addresses import normalize_address, validate_display_name, validate_uid
 from mailappliance.directory import (
     DISABLED_ATTRIBUTE,
     DISABLED_VALUE,
@@ -27,9 +37,12 @@ from mailappliance.directory import (
     Subscriber,
     parse_limits,
 )
-from mailappliance.directory.ldif_format import Entry, LdifSyntaxError, format_ldif, parse_ldif
-from mailappliance.directory.passwords import hash_password, verify_password
+from mailappliance.directory.ldif_format import Entry, LdifSyntaxError, format_ldif, parse_ldif, physical_lines
+from mailappliance.directory.passwords import hash_password, spend_a_check, verify_stored
 
+log = Logger()
+
+PRIVATE_MODE = 0o600
 DEFAULT_PARENT_DN = "ou=people,dc=example,dc=org"
 CERTIFICATE_ATTRIBUTE = "userCertificate;binary"
 SUBSCRIBER_CLASSES = ("top", "person", "organizationalPerson", "inetOrgPerson", "inetLocalMailRecipient")
@@ -82,11 +95,62 @@ class _Snapshot:
 
 def _leading_comments(text: str) -> str:
     lines = []
-    for line in text.splitlines():
+    for line in physical_lines(text):
         if not line.startswith("#"):
             break
         lines.append(line)
     return "\n".join(lines)
+
+
+def written_mode(old_mode: int | None) -> int:
+    """The mode a rewrite of the file gets: 0600, or 0640 when the old file was
+    readable by its group but not by everyone (an admin's deliberate choice,
+    e.g. root:mailappliance 0640).  Never readable or writable by others."""
+    if old_mode is not None and old_mode & stat.S_IRGRP and not old_mode & stat.S_IROTH:
+        return 0o640
+    return PRIVATE_MODE
+
+
+def mode_problem(path: Path) -> str | None:
+    """What is wrong with who may read ``path`` (it holds password hashes), or None."""
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return None
+    if mode & 0o007:
+        return (f"{path} is readable or writable by every user (mode {mode:04o}) and holds password hashes: "
+                f"give it to the daemon's user and make it private (chown mailappliance {path}; chmod 600 {path})")
+    if mode & 0o070:
+        return (f"{path} is {'writable' if mode & 0o020 else 'readable'} by its group (mode {mode:04o}); "
+                "fine only if that group is the daemon's own")
+    return None
+
+
+def tighten_file_mode(path: Path) -> str | None:
+    """Take away every user's access to ``path`` (and a group's write), if we may.
+
+    The owner keeps its access, so the file's owner does it, or root for a
+    file another user owns.  A file root owns is left alone (with a note):
+    root may be starting a daemon that drops to another user (twistd --uid)
+    and reads the file through exactly those bits.  Returns a note for the
+    admin (what was done, or what to do), or None when all is well.
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    mode = stat.S_IMODE(st.st_mode)
+    if not mode & 0o027:
+        return None
+    wanted = written_mode(mode)
+    euid = os.geteuid()
+    if st.st_uid != 0 and euid in (0, st.st_uid):
+        try:
+            os.chmod(path, wanted)
+        except OSError as e:  # a read-only mount (systemd ReadOnlyPaths): say what to do
+            return f"could not make {path} private ({e.strerror}): {mode_problem(path)}"
+        return f"{path} holds password hashes: its mode was {mode:04o}, now {wanted:04o}"
+    return mode_problem(path)
 
 
 class LdifStore:
@@ -97,6 +161,9 @@ class LdifStore:
         self._lock = threading.Lock()
         self._stamp: tuple[int, int, int] | None = None
         self._snapshot = _Snapshot("", [])
+        self.mode_note = tighten_file_mode(self.path)
+        if self.mode_note:
+            log.warn("directory file: {note}", note=self.mode_note)
 
     # -- reading -----------------------------------------------------------
 
@@ -140,8 +207,12 @@ class LdifStore:
     def verify_password(self, subscriber: Subscriber, password: str) -> bool:
         entry = self._current().by_login.get(subscriber.uid.lower())
         if entry is None or entry.dn != subscriber.dn:
-            return False
-        return any(verify_password(stored, password) for stored in entry.texts("userPassword"))
+            return spend_a_check(password)
+        return verify_stored(entry.texts("userPassword"), password)
+
+    def verify_unknown(self, password: str) -> bool:
+        """A login with no subscriber: cost what a refused password costs, then refuse."""
+        return spend_a_check(password)
 
     def find_by_certificate(self, der: bytes) -> Subscriber | None:
         entry = self._current().by_certificate.get(der)
@@ -172,16 +243,39 @@ class LdifStore:
                 fcntl.flock(lock_file, fcntl.LOCK_UN)
 
     def _write(self, snapshot: _Snapshot) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        """Replace the file: a new private temp file (mkstemp: 0600, a fresh name),
+        the old file's owner and group when we may set them, fsync, rename."""
         data = format_ldif(snapshot.entries, snapshot.header).encode("utf-8")
-        mode = self.path.stat().st_mode & 0o777 if self.path.exists() else 0o600
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
         try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
+            old: os.stat_result | None = os.stat(self.path)
+        except FileNotFoundError:
+            old = None
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        try:
+            try:
+                if old is not None and os.geteuid() == 0:
+                    os.fchown(fd, old.st_uid, old.st_gid)
+                old_mode = stat.S_IMODE(old.st_mode) if old else None
+                mode = written_mode(old_mode)
+                os.fchmod(fd, mode)
+                if old is not None and old_mode is not None and old_mode & 0o077 & ~mode:
+                    self.mode_note = (
+                        f"{self.path} holds password hashes: its mode was {old_mode:04o}, now {mode:04o}; "
+                        f"if the daemon runs as another user than uid {old.st_uid}, give it the file "
+                        f"(chown mailappliance {self.path})")
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
         dir_fd = os.open(self.path.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
@@ -210,12 +304,13 @@ class LdifStore:
     ) -> Subscriber:
         uid = validate_uid(uid)
         mail = normalize_address(mail)
+        display_name = validate_display_name(display_name)
         with self._editing() as snapshot:
             if uid.lower() in snapshot.by_login:
                 raise DuplicateEntry(f"login {uid!r} is already taken")
             if mail in snapshot.by_address or mail in snapshot.by_login:
                 raise DuplicateEntry(f"address {mail!r} already belongs to a subscriber")
-            entry = Entry(dn=f"uid={uid},{self._parent_dn(snapshot)}")
+            entry = Entry(dn=f"uid={escape_rdn(uid)},{self._parent_dn(snapshot)}")
             for object_class in SUBSCRIBER_CLASSES:
                 entry.add("objectClass", object_class)
             entry.add("uid", uid)

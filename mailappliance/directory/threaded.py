@@ -16,6 +16,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from mailappliance.directory import DirectoryStore, DirectoryUnavailable, Subscriber
+from mailappliance.directory.passwords import password_candidates
 from mailappliance.metrics import METRICS
 
 T = TypeVar("T")
@@ -120,7 +121,13 @@ class Directory:
         return self._run(self._authenticate, login, password)
 
     def _authenticate(self, login: str, password: str) -> Subscriber | None:
+        """The password in its normal form, then as typed if that differs (hashes
+        stored before normalisation).  A login that finds nobody costs the same
+        checks, so the time of a refusal does not tell whether the login exists."""
         subscriber = self.store.find_by_login(login)
-        if subscriber is None or not self.store.verify_password(subscriber, password):
-            return None
-        return subscriber
+        for candidate in password_candidates(password):
+            if subscriber is None:
+                self.store.verify_unknown(candidate)
+            elif self.store.verify_password(subscriber, candidate):
+                return subscriber
+        return None
