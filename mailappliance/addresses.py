@@ -8,6 +8,7 @@ subscriber entry may hold.
 from __future__ import annotations
 
 import re
+import unicodedata
 
 from mailappliance.directory import InvalidAddress
 
@@ -16,6 +17,8 @@ _LOCAL_PART = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*")
 _LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _UID = re.compile(r"[A-Za-z0-9_@+][A-Za-z0-9._@+-]{0,63}")
 _ROUTING = set("%!")
+MAX_DISPLAY_NAME = 128
+MAX_MAILBOX_NAME_BYTES = 255  # NAME_MAX of Linux filesystems
 
 
 def normalize_domain(text: str) -> str:
@@ -43,11 +46,42 @@ def normalize_address(text: str) -> str:
     return f"{local.lower()}@{normalize_domain(domain)}"
 
 
+def is_safe_mailbox_name(uid: str) -> bool:
+    """True if ``uid`` can name a Maildir directly under ``maildir_root``.
+
+    One path component that is not hidden: non-empty, no '/', no leading '.',
+    no '..', no NUL or other control character, at most 255 bytes.  The
+    directory may hold entries made with other tools than ours, so this is
+    checked again wherever a uid becomes a path (RCPT, POP3 login), not only
+    when an admin adds a subscriber.
+    """
+    if not uid or "/" in uid or uid.startswith(".") or ".." in uid:
+        return False
+    if any(unicodedata.category(ch) in ("Cc", "Cs") for ch in uid):
+        return False
+    return len(uid.encode("utf-8", "surrogatepass")) <= MAX_MAILBOX_NAME_BYTES
+
+
 def validate_uid(text: str) -> str:
     """A login name that is also a safe Maildir directory name."""
-    if not _UID.fullmatch(text):
+    if not _UID.fullmatch(text) or not is_safe_mailbox_name(text):
         raise InvalidAddress(
             f"{text!r} is not a valid uid (1-64 of letters, digits, '.', '_', '@', '+', '-'; "
-            "not starting with '.' or '-')"
+            "not starting with '.' or '-', no '..')"
         )
     return text
+
+
+def validate_display_name(text: str) -> str:
+    """A display name (``cn``) an admin may set: printable, at most 128 characters.
+
+    Refuses control characters and line or paragraph separators outright, so a
+    name can never carry a line break into the directory file or a log line.
+    """
+    name = text.strip()
+    if len(name) > MAX_DISPLAY_NAME:
+        raise InvalidAddress(f"a display name has at most {MAX_DISPLAY_NAME} characters, got {len(name)}")
+    if not name.isprintable():
+        bad = next(ch for ch in name if not ch.isprintable())
+        raise InvalidAddress(f"the display name contains the unprintable character U+{ord(bad):04X}")
+    return name
