@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from mailappliance.addresses import normalize_address, validate_display_name, validate_uid
+from mailappliance.addresses import is_safe_mailbox_name, normalize_address, validate_display_name, validate_uid
 from mailappliance.admin_ops import add_parsers
 from mailappliance.config import ConfigError, Settings, load_config
 from mailappliance.directory.backends import build_store
@@ -228,6 +228,13 @@ def _spool(ctx: CommandContext) -> Any:
     return OutboundSpool(ctx.settings.spool_dir)
 
 
+def _queue_id(text: str) -> str:
+    """A queue id from the command line: one file name in the queue, never a path."""
+    if not is_safe_mailbox_name(text):
+        raise NoSuchSubscriber(f"no queued message {text!r}")
+    return text
+
+
 def _age(seconds: float) -> str:
     """``3d04h``, ``2h05m``, ``4m09s`` or ``7s``."""
     minutes, secs = divmod(max(0, int(seconds)), 60)
@@ -275,7 +282,7 @@ def cmd_queue_show(ctx: CommandContext, args: argparse.Namespace) -> None:
 
     spool = _spool(ctx)
     try:
-        envelope = spool.envelope(args.id)
+        envelope = spool.envelope(_queue_id(args.id))
     except QueueEntryGone:
         raise NoSuchSubscriber(f"no queued message {args.id!r}") from None
     if ctx.as_json:
@@ -295,7 +302,7 @@ def cmd_queue_retry(ctx: CommandContext, args: argparse.Namespace) -> None:
     from mailappliance.queue.spool import QueueEntryGone
 
     spool = _spool(ctx)
-    ids = [args.id] if args.id else spool.queued_ids()
+    ids = [_queue_id(args.id)] if args.id else spool.queued_ids()
     for queue_id in ids:
         try:
             spool.update(queue_id, lambda e: setattr(e, "next_attempt", 0.0))
@@ -309,7 +316,7 @@ def cmd_queue_delete(ctx: CommandContext, args: argparse.Namespace) -> None:
     from mailappliance.queue.spool import QueueEntryGone
 
     try:
-        _spool(ctx).remove(args.id)
+        _spool(ctx).remove(_queue_id(args.id))
     except QueueEntryGone:
         raise NoSuchSubscriber(f"no queued message {args.id!r}") from None
     ctx.done(f"deleted {args.id} from the queue (no report is sent)")

@@ -81,3 +81,15 @@ def test_cli_refuses_a_password_with_control_characters(appliance: Callable[...,
     instance = appliance(start=False)
     refused = instance.admin("user", "add", "alice@example.org", password="alice\x1cpassword")
     assert refused.returncode == 1 and "control character" in refused.stderr, refused.stderr
+
+
+@pytest.mark.parametrize("action", ["show", "retry", "delete"])
+def test_cli_queue_ids_are_file_names_not_paths(appliance: Callable[..., Appliance], action: str) -> None:
+    """`queue show|retry|delete ../x` is an unknown message, never a path outside the queue."""
+    instance = appliance(start=False)
+    (instance.root / "spool" / "queue").mkdir(parents=True)
+    (instance.root / "victim.json").write_text("{}")
+    (instance.root / "victim.eml").write_text("x")
+    refused = instance.admin("queue", action, "../../victim")
+    assert refused.returncode == 1 and "no queued message" in refused.stderr, refused.stderr
+    assert (instance.root / "victim.json").exists() and (instance.root / "victim.eml").exists()
