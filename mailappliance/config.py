@@ -53,6 +53,9 @@ class ListenerSettings:
     # always have one after parsing (their share of limits.max_connections, see
     # _connection_shares); HTTP listeners: 0 unless set (their own default applies).
     max_connections: int = 0
+    # SMTP AUTH on this listener; None: the role's default (submission yes, MX no:
+    # port 25 is no door for password guessing unless the admin opens it).
+    auth: bool | None = None
 
     @property
     def is_smtp(self) -> bool:
@@ -62,6 +65,11 @@ class ListenerSettings:
     def implicit_tls(self) -> bool:
         """465 and 995 style: TLS from the first byte (RFC 8314)."""
         return self.role in ("submissions", "pop3s", "autoconfigs")
+
+    @property
+    def offers_auth(self) -> bool:
+        """SMTP AUTH is offered here (inside TLS, or in clear where allowed)."""
+        return self.auth if self.auth is not None else self.role != "mx"
 
     @property
     def requires_auth(self) -> bool:
@@ -304,6 +312,7 @@ def _listener(file: Path, index: int, table: Any) -> ListenerSettings:
         port=reader.integer("port", _REQUIRED, 1, 65535),
         allow_plaintext_auth=reader.boolean("allow_plaintext_auth", False),
         max_connections=reader.integer("max_connections", 1, 1, 10_000_000) if "max_connections" in table else 0,
+        auth=reader.boolean("auth", False) if "auth" in table else None,
     )
     reader.reject_unknown()
     return listener

@@ -122,8 +122,9 @@ class LineSession(Protocol, TimeoutMixin):
                 return
             self._counted = True
         self.setTimeout(self.settings.idle_timeout)
-        if self.settings.session_lifetime > 0:
-            self._lifetime_call = self.clock.callLater(self.settings.session_lifetime, self._lifetime_over)
+        lifetime = self.lifetime
+        if lifetime > 0:
+            self._lifetime_call = self.clock.callLater(lifetime, self._lifetime_over)
         self.greet()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -175,9 +176,15 @@ class LineSession(Protocol, TimeoutMixin):
         if not self._busy:
             self._end_expired()
 
+    @property
+    def lifetime(self) -> float:
+        """Seconds a session may last: the shared limits' live value (SIGHUP changes it)."""
+        if self.limits is not None:
+            return float(getattr(self.limits.settings, "session_lifetime", self.settings.session_lifetime))
+        return self.settings.session_lifetime
+
     def _end_expired(self) -> None:
-        self.log_event(self.log.info, "session lifetime of {seconds:.0f} s reached",
-                       seconds=self.settings.session_lifetime)
+        self.log_event(self.log.info, "session lifetime of {seconds:.0f} s reached", seconds=self.lifetime)
         if self._output_paused:
             self.abort()
             return

@@ -274,7 +274,7 @@ def _smtp_factory(
         command_time_limit=settings.smtp.command_time_limit,
         data_time_limit=settings.smtp.data_time_limit,
         session_lifetime=settings.limits.session_lifetime,
-        offer_auth=listener.role != "mx",
+        offer_auth=listener.offers_auth,
     )
     return SMTPFactory(config, directory.find_by_address, commit, portal=portal, spool=spool,
                        peer_certificate=client_certificate, on_queued=on_queued)

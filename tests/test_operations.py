@@ -235,4 +235,4 @@ def test_json_log_lines_carry_the_session(appliance: Callable[..., Appliance], t
     assert len(refused) == 1
     assert refused[0]["rcpt"] == "victim@elsewhere.example" and refused[0]["reason"] == "relay denied"
     session = refused[0]["session"]
-    assert any(e.get("session") == session and "} connect to " in e["log_format"] for e in lines)
+    assert any(e.get("session") == session and "] connect to " in e["log_format"] for e in lines)

@@ -154,7 +154,7 @@ def test_clients_are_screened_at_connect(screened: Appliance, source: str, expec
 def test_refusals_name_no_internals_but_the_log_does(screened: Appliance) -> None:
     line = greeting(screened, "127.0.0.26")
     assert line == b"554 5.7.1 mx.test.example Access denied\r\n"
-    assert "screened at client: refuse rule=block.networks value='127.0.0.26/31' client=[127.0.0.26]" \
+    assert "client=[127.0.0.26] screened at client: refuse rule=block.networks value='127.0.0.26/31'" \
         in screened.log()
 
 

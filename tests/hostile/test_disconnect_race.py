@@ -87,3 +87,47 @@ def whole(path: Path) -> bool:
     data = path.read_bytes()
     size = int(path.name.split(",S=")[1].split(":")[0])
     return len(data) == size and data.endswith(BODY)
+
+
+def test_a_disconnect_during_the_commit_does_not_touch_the_message(tmp_path: Path) -> None:
+    """At the depth where it lives: the session hands the message over at the dot;
+    connectionLost while the commit is pending leaves the bytes to the commit."""
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.defer import Deferred
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from mailappliance.delivery import CommitJob, commit_now
+    from mailappliance.directory import Subscriber
+    from mailappliance.smtp.server import SMTPConfig, SMTPFactory
+
+    alice = Subscriber(dn="uid=alice,dc=x", uid="alice", mail="alice@example.org")
+    pending: list[tuple[CommitJob, Deferred]] = []
+
+    def commit(job: CommitJob) -> Deferred:
+        d: Deferred = Deferred()
+        pending.append((job, d))
+        return d
+
+    config = SMTPConfig(hostname="mx.example.org", role="mx", local_domains=frozenset({"example.org"}),
+                        maildir_root=tmp_path / "mail", incoming_dir=tmp_path / "incoming", max_message_size=10**6)
+    config.incoming_dir.mkdir()
+    factory = SMTPFactory(config, lambda address: _found(alice), commit,
+                          clock=Clock())
+    session = factory.buildProtocol(None)
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 40000))
+    session.makeConnection(transport)
+    session.dataReceived(b"EHLO x\r\nMAIL FROM:<s@example.net>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n"
+                         + BODY + b".\r\n")
+    assert len(pending) == 1
+    session.connectionLost(None)  # the client reset after its dot
+    job, d = pending[0]
+    [path] = commit_now(job)
+    d.callback([path])
+    assert path.read_bytes().endswith(BODY)
+
+
+def _found(subscriber: object) -> object:
+    from twisted.internet.defer import succeed
+
+    return succeed(subscriber)
