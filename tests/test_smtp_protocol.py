@@ -6,20 +6,15 @@ from pathlib import Path
 
 import pytest
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from mailappliance.directory import DirectoryUnavailable, Subscriber
 from mailappliance.delivery import commit_now
+from mailappliance.smtp import replies
 from mailappliance.smtp.server import SMTPConfig, SMTPFactory
-
-ALICE = Subscriber(dn="uid=alice,ou=people,dc=example,dc=org", uid="alice", mail="alice@example.org",
-                   aliases=("postmaster@example.org",))
-BOB = Subscriber(dn="uid=bob,ou=people,dc=example,dc=org", uid="bob", mail="bob@example.org")
-CAROL = Subscriber(dn="uid=carol,ou=people,dc=example,dc=org", uid="carol", mail="carol@example.org",
-                   disabled=True)
-DIRECTORY = {a: s for s in (ALICE, BOB, CAROL) for a in s.addresses}
+from tests.replies import answered
+from tests.subscribers import InMemoryDirectory
 
 
 class Harness:
@@ -35,17 +30,14 @@ class Harness:
         )
         self.clock = Clock()
         self.config.incoming_dir.mkdir()
-        self.directory_up = directory_up
+        self.directory = InMemoryDirectory()  # alice (alias postmaster@), bob, carol (disabled)
+        self.directory.up = directory_up
         self.pending: list[Deferred] = []
-        factory = SMTPFactory(self.config, self.find, lambda job: maybeDeferred(commit_now, job), clock=self.clock)
+        factory = SMTPFactory(self.config, self.directory.find_by_address, lambda job: maybeDeferred(commit_now, job),
+                              clock=self.clock)
         self.protocol = factory.buildProtocol(None)
         self.transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 40000))
         self.protocol.makeConnection(self.transport)
-
-    def find(self, address: str) -> Deferred:
-        if not self.directory_up:
-            return fail(DirectoryUnavailable("ldap down"))
-        return succeed(DIRECTORY.get(address))
 
     def send(self, data: bytes) -> list[str]:
         """Send raw bytes; return the reply lines they produced."""
@@ -80,6 +72,7 @@ def body_of(stored: bytes) -> bytes:
 
 
 def test_greeting_and_ehlo_extensions(tmp_path: Path) -> None:
+    """The MX greets with 220 and offers SIZE, 8BITMIME, PIPELINING, ENHANCEDSTATUSCODES, but no AUTH or STARTTLS."""
     h = Harness(tmp_path)
     assert h.transport.value().startswith(b"220 mx.example.org ESMTP")
     lines = h.send(b"EHLO client.example.net\r\n")
@@ -90,6 +83,7 @@ def test_greeting_and_ehlo_extensions(tmp_path: Path) -> None:
 
 
 def test_delivers_to_local_user_and_alias(smtp: Harness) -> None:
+    """One message to a user, their alias and another user is stored once per mailbox, with our trace headers."""
     codes = smtp.codes(
         b"MAIL FROM:<sender@example.net>\r\nRCPT TO:<alice@example.org>\r\n"
         b"RCPT TO:<Postmaster@Example.ORG>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n"
@@ -107,6 +101,7 @@ def test_delivers_to_local_user_and_alias(smtp: Harness) -> None:
 
 
 def test_received_header_names_single_recipient(smtp: Harness) -> None:
+    """The Received header names the client's HELO and address and, for one recipient, that recipient."""
     smtp.send(b"MAIL FROM:<s@example.net>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\nx\r\n.\r\n")
     [stored] = smtp.messages("bob")
     assert b"for <bob@example.org>;" in stored
@@ -114,28 +109,34 @@ def test_received_header_names_single_recipient(smtp: Harness) -> None:
 
 
 def test_unknown_user_and_disabled_user(smtp: Harness) -> None:
+    """RCPT for an unknown user gets 550 5.1.1, for a disabled one 550 5.2.1."""
     smtp.send(b"MAIL FROM:<s@example.net>\r\n")
-    assert smtp.send(b"RCPT TO:<nobody@example.org>\r\n")[0].startswith("550 5.1.1 ")
-    assert smtp.send(b"RCPT TO:<carol@example.org>\r\n")[0].startswith("550 5.2.1 ")
+    assert answered(smtp.send(b"RCPT TO:<nobody@example.org>\r\n")[0], replies.UNKNOWN_USER)
+    assert answered(smtp.send(b"RCPT TO:<carol@example.org>\r\n")[0], replies.MAILBOX_DISABLED)
 
 
 def test_relay_refused(smtp: Harness) -> None:
+    """A remote recipient is relay denied; percent hack, source route, literal, quoted and bang paths are rejected."""
     smtp.send(b"MAIL FROM:<s@example.net>\r\n")
-    for rcpt in (b"<victim@remote.example>", b"<user%remote.example@example.org>",
-                 b"<@example.org:victim@remote.example>", b"<victim@[192.0.2.1]>",
-                 b'<"victim@remote.example"@example.org>', b"<remote.example!victim@example.org>"):
+    assert answered(smtp.send(b"RCPT TO:<victim@remote.example>\r\n")[0], replies.RELAY_DENIED)
+    for rcpt in (b"<user%remote.example@example.org>", b"<@example.org:victim@remote.example>",
+                 b"<victim@[192.0.2.1]>", b'<"victim@remote.example"@example.org>',
+                 b"<remote.example!victim@example.org>"):
         reply = smtp.send(b"RCPT TO:" + rcpt + b"\r\n")[0]
-        assert reply.startswith("554 5.7.1 "), (rcpt, reply)
-    assert smtp.codes(b"DATA\r\n") == [554]
+        assert answered(reply, replies.RECIPIENT_REJECTED), (rcpt, reply)
+    assert answered(smtp.send(b"DATA\r\n")[0], replies.NO_VALID_RECIPIENTS)
 
 
 def test_directory_down_is_temporary(tmp_path: Path) -> None:
+    """With the directory down, RCPT for a local user gets 451 4.3.0, never a 5xx."""
     h = Harness(tmp_path, directory_up=False)
     h.send(b"EHLO c\r\n")
-    assert h.codes(b"MAIL FROM:<s@example.net>\r\nRCPT TO:<alice@example.org>\r\n") == [250, 451]
+    mail, rcpt = h.send(b"MAIL FROM:<s@example.net>\r\nRCPT TO:<alice@example.org>\r\n")
+    assert answered(mail, replies.SENDER_OK) and answered(rcpt, replies.TEMP_LOOKUP_FAILURE)
 
 
 def test_pipelined_commands_answered_in_order(smtp: Harness) -> None:
+    """A pipelined transaction is answered command by command, in order, and the message stored."""
     codes = smtp.codes(
         b"RSET\r\nMAIL FROM:<s@example.net>\r\nRCPT TO:<nobody@example.org>\r\n"
         b"RCPT TO:<alice@example.org>\r\nDATA\r\nline\r\n.\r\nNOOP\r\nQUIT\r\n"
@@ -147,33 +148,39 @@ def test_pipelined_commands_answered_in_order(smtp: Harness) -> None:
 @pytest.mark.parametrize(
     "commands, expected",
     [
-        (b"RCPT TO:<alice@example.org>\r\n", "503 5.5.1"),
-        (b"DATA\r\n", "503 5.5.1"),
-        (b"MAIL FROM:<s@example.net>\r\nMAIL FROM:<s@example.net>\r\n", "503 5.5.1"),
-        (b"MAIL FROM:<s@example.net>\r\nDATA\r\n", "554 5.5.1"),
-        (b"MAIL FROM:s@example.net\r\n", "501 5.1.7"),
-        (b"MAIL FROM:<s@example.net> FOO=BAR\r\n", "555 5.5.4"),
-        (b"MAIL FROM:<s@example.net> SIZE=999999\r\n", "552 5.3.4"),
-        (b"MAIL FROM:<s@example.net>\r\nRCPT TO:<alice@example.org.>\r\n", "501 5.1.3"),
-        (b"BDAT 10\r\n", "502 5.5.1"),
-        (b"XYZZY\r\n", "500 5.5.2"),
-        (b"EHLO\r\n", "501 5.5.4"),
+        (b"RCPT TO:<alice@example.org>\r\n", replies.NEED_MAIL),
+        (b"DATA\r\n", replies.NEED_MAIL),
+        (b"MAIL FROM:<s@example.net>\r\nMAIL FROM:<s@example.net>\r\n", replies.NESTED_MAIL),
+        (b"MAIL FROM:<s@example.net>\r\nDATA\r\n", replies.NO_VALID_RECIPIENTS),
+        (b"MAIL FROM:s@example.net\r\n",
+         replies.Reply(501, "5.1.7", "Bad sender address syntax: address must be enclosed in <>")),
+        (b"MAIL FROM:<s@example.net> FOO=BAR\r\n", replies.Reply(555, "5.5.4", "Error: unsupported MAIL parameter")),
+        (b"MAIL FROM:<s@example.net> SIZE=999999\r\n", replies.MESSAGE_TOO_BIG),
+        (b"MAIL FROM:<s@example.net>\r\nRCPT TO:<alice@example.org.>\r\n",
+         replies.Reply(501, "5.1.3", "Bad recipient address syntax: malformed address")),
+        (b"BDAT 10\r\n", replies.CHUNKING_UNSUPPORTED),
+        (b"XYZZY\r\n", replies.NOT_RECOGNIZED),
+        (b"EHLO\r\n", replies.Reply(501, "5.5.4", "Syntax: EHLO hostname")),
     ],
 )
-def test_bad_sequences_and_syntax(smtp: Harness, commands: bytes, expected: str) -> None:
-    assert smtp.send(commands)[-1].startswith(expected)
+def test_bad_sequences_and_syntax(smtp: Harness, commands: bytes, expected: replies.Reply) -> None:
+    """Commands out of sequence or malformed get their exact reply code and enhanced status."""
+    assert answered(smtp.send(commands)[-1], expected)
 
 
 def test_mail_before_helo(tmp_path: Path) -> None:
+    """MAIL before HELO/EHLO gets 503 5.5.1."""
     h = Harness(tmp_path)
-    assert h.send(b"MAIL FROM:<s@example.net>\r\n")[0].startswith("503 5.5.1")
+    assert answered(h.send(b"MAIL FROM:<s@example.net>\r\n")[0], replies.NEED_HELO)
 
 
 def test_null_sender_and_size_parameter_accepted(smtp: Harness) -> None:
+    """MAIL FROM:<> with SIZE and BODY=8BITMIME is accepted."""
     assert smtp.codes(b"MAIL FROM:<> SIZE=100 BODY=8BITMIME\r\n") == [250]
 
 
 def test_dot_stuffing_is_undone(smtp: Harness) -> None:
+    """Dot-stuffed lines are stored with one leading dot removed."""
     smtp.send(b"MAIL FROM:<s@example.net>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n")
     smtp.send(b"..leading dot\r\n..\r\n...\r\nlast\r\n.\r\n")
     [stored] = smtp.messages("alice")
@@ -181,37 +188,42 @@ def test_dot_stuffing_is_undone(smtp: Harness) -> None:
 
 
 def test_data_split_across_many_writes(smtp: Harness) -> None:
+    """A message arriving one byte per write is answered once and stored whole."""
     smtp.send(b"MAIL FROM:<s@example.net>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n")
     payload = b"Subject: split\r\n\r\n" + b"".join(b"line %d\r\n" % i for i in range(200)) + b"\r\n.\r\n"
-    replies = [line for b in payload for line in smtp.send(bytes([b]))]
-    assert len(replies) == 1 and replies[0].startswith("250 ")
+    lines = [line for b in payload for line in smtp.send(bytes([b]))]
+    assert len(lines) == 1 and lines[0].startswith("250 ")
     [stored] = smtp.messages("alice")
     assert body_of(stored) == payload[:-3]
 
 
 def test_oversize_message_refused_and_nothing_stored(smtp: Harness) -> None:
+    """A message over the size limit gets 552 5.3.4, nothing is stored and the session goes on."""
     smtp.send(b"MAIL FROM:<s@example.net>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n")
     reply = smtp.send(b"x" * 900 + b"\r\n" * 20 + (b"y" * 900 + b"\r\n") * 20 + b".\r\n")
-    assert reply[0].startswith("552 5.3.4")
+    assert answered(reply[0], replies.MESSAGE_TOO_BIG)
     assert smtp.messages("alice") == []
     assert smtp.codes(b"NOOP\r\n") == [250]  # the session survives
 
 
 def test_overlong_command_line(smtp: Harness) -> None:
-    assert smtp.send(b"NOOP " + b"a" * 10_000 + b"\r\n")[0].startswith("500 5.5.2")
+    """A command line over the limit gets 500 5.5.2 and the session goes on."""
+    assert answered(smtp.send(b"NOOP " + b"a" * 10_000 + b"\r\n")[0], replies.LINE_TOO_LONG)
     assert smtp.codes(b"NOOP\r\n") == [250]
 
 
 def test_overlong_command_line_in_pieces_is_not_buffered_forever(smtp: Harness) -> None:
+    """An endless command line arriving in pieces is not buffered past the limit, then gets 500 5.5.2."""
     for _ in range(100):
         smtp.send(b"a" * 1000)
     assert len(smtp.protocol.input) <= 5000
-    assert smtp.send(b"\r\n")[0].startswith("500 5.5.2")
+    assert answered(smtp.send(b"\r\n")[0], replies.LINE_TOO_LONG)
 
 
 def test_overlong_data_line_refused(smtp: Harness) -> None:
+    """A message line over 998 octets gets 550 5.6.0 and nothing is stored."""
     smtp.send(b"MAIL FROM:<s@example.net>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n")
-    assert smtp.send(b"z" * 999 + b"\r\n.\r\n")[0].startswith("550 5.6.0")
+    assert smtp.send(b"z" * 999 + b"\r\n.\r\n")[0].startswith("550 5.6.0 Error: message has a line longer than ")
     assert smtp.messages("alice") == []
 
 
@@ -220,61 +232,69 @@ def test_overlong_data_line_refused(smtp: Harness) -> None:
     [b"\n.\n", b"\n.\r\n", b"\r.\r\n", b"\r\n.\r", b"\r\n.\n", b"\r.\r"],
 )
 def test_smtp_smuggling_never_ends_message_early(smtp: Harness, smuggle: bytes) -> None:
+    """A bare CR or LF around a dot never ends DATA: the message is refused whole and no smuggled one is stored."""
     smtp.send(b"MAIL FROM:<s@example.net>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n")
     injected = b"MAIL FROM:<evil@example.net>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\nevil\r\n"
-    replies = smtp.send(b"Subject: a\r\n\r\nbody" + smuggle + injected + b".\r\n")
-    assert len(replies) == 1 and replies[0].startswith("550 5.6.0"), replies
+    lines = smtp.send(b"Subject: a\r\n\r\nbody" + smuggle + injected + b".\r\n")
+    assert len(lines) == 1 and answered(lines[0], replies.BARE_LINE_ENDING), lines
     assert smtp.messages("alice") == [] and smtp.messages("bob") == []
 
 
 def test_postmaster_without_domain_is_accepted(smtp: Harness) -> None:
+    """RCPT TO:<Postmaster> without a domain is accepted (RFC 5321 4.5.1)."""
     assert smtp.codes(b"MAIL FROM:<s@example.net>\r\nRCPT TO:<Postmaster>\r\n") == [250, 250]
 
 
 def test_too_many_errors_closes(tmp_path: Path) -> None:
+    """More bad commands than max_errors end the session with 421 4.7.0."""
     h = Harness(tmp_path)
     h.send(b"BAD\r\n" * 60)
     assert h.transport.disconnecting
-    assert b"421 4.7.0" in h.transport.value()
+    assert answered(h.transport.value().decode().splitlines()[-1], replies.TOO_MANY_ERRORS)
 
 
 def test_storage_failure_is_temporary(smtp: Harness, tmp_path: Path) -> None:
+    """A Maildir that cannot be written gets 451 4.3.0 and leaves nothing in incoming/."""
     (tmp_path / "mail").mkdir()
     (tmp_path / "mail" / "alice").write_text("not a directory")
     smtp.send(b"MAIL FROM:<s@example.net>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n")
-    assert smtp.send(b"hello\r\n.\r\n")[0].startswith("451 4.3.0")
+    assert answered(smtp.send(b"hello\r\n.\r\n")[0], replies.DELIVERY_FAILED)
     assert not list(smtp.config.incoming_dir.iterdir())
 
 
 def test_quit(smtp: Harness) -> None:
+    """QUIT gets 221 2.0.0 and closes the connection."""
     assert smtp.send(b"QUIT\r\n") == ["221 2.0.0 Bye"]
     assert smtp.transport.disconnecting
 
 
 def test_normalize_option_turns_bare_line_endings_into_crlf(tmp_path: Path) -> None:
+    """With normalize_line_endings, bare CR and LF become CRLF, and LF dot LF does not end the message."""
     h = Harness(tmp_path, normalize=True)
     h.send(b"EHLO c\r\nMAIL FROM:<s@example.net>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n")
-    replies = h.send(b"Subject: a\r\n\r\none\ntwo\rthree\n.\nfour\r\n..five\r\n.\r\n")
-    assert len(replies) == 1 and replies[0].startswith("250 ")  # "\n.\n" did not end the message
+    lines = h.send(b"Subject: a\r\n\r\none\ntwo\rthree\n.\nfour\r\n..five\r\n.\r\n")
+    assert len(lines) == 1 and lines[0].startswith("250 ")  # "\n.\n" did not end the message
     [stored] = h.messages("alice")
     assert body_of(stored) == b"Subject: a\r\n\r\none\r\ntwo\r\nthree\r\n.\r\nfour\r\n.five\r\n"
 
 
 def test_slow_drip_command_is_cut_off(smtp: Harness) -> None:
-    replies = []
+    """A command dripped a byte at a time past the command time limit gets 421 4.4.2, and never runs."""
+    lines = []
     for byte in b"NOOP\r\n":
         smtp.clock.advance(25)  # always well inside the idle timeout
-        replies += smtp.send(bytes([byte]))
-    assert replies == ["421 4.4.2 mx.example.org Error: timeout exceeded"]  # the NOOP never ran
+        lines += smtp.send(bytes([byte]))
+    assert lines == ["421 4.4.2 mx.example.org Error: timeout exceeded"]  # the NOOP never ran
     assert smtp.transport.disconnecting
 
 
 def test_slow_drip_data_is_cut_off(smtp: Harness) -> None:
+    """DATA dripped past the data time limit gets 421 4.4.2 and nothing is stored."""
     smtp.send(b"MAIL FROM:<s@example.net>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n")
-    replies = []
+    lines = []
     for _ in range(30):
         smtp.clock.advance(25)
-        replies += smtp.send(b"line\r\n")
-    assert replies == ["421 4.4.2 mx.example.org Error: timeout exceeded"]
+        lines += smtp.send(b"line\r\n")
+    assert lines == ["421 4.4.2 mx.example.org Error: timeout exceeded"]
     assert smtp.transport.disconnecting
     assert smtp.messages("alice") == []
