@@ -14,35 +14,18 @@ import attrs
 import pytest
 from twisted.cred.portal import Portal
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import fail, maybeDeferred, succeed
-from twisted.internet.task import Clock
+from twisted.internet.defer import maybeDeferred
 from twisted.internet.testing import StringTransport
 
-from mailappliance.credentials import SubscriberChecker, SubscriberRealm
-from mailappliance.directory import DirectoryUnavailable, Subscriber
-from mailappliance.queue.spool import OutboundSpool
+from mailappliance.credentials import SubscriberRealm
 from mailappliance.delivery import commit_now
+from mailappliance.queue.spool import OutboundSpool
+from mailappliance.smtp import replies
 from mailappliance.smtp.server import SMTPConfig, SMTPFactory
+from tests.replies import answered
+from tests.subscribers import ALICE_CERTIFICATE, PASSWORDS, InMemoryDirectory, subscriber_checker
 
-ALICE = Subscriber(dn="uid=alice,dc=x", uid="alice", mail="alice@example.org",
-                   aliases=("a.liddell@example.org",), certificates=(b"alice-der",))
-DIRECTORY = {a: ALICE for a in ALICE.addresses}
-
-
-class FakeDirectory:
-    """What the checker needs of a Directory; passwords from a dict."""
-
-    def __init__(self) -> None:
-        self.up = True
-
-    def authenticate(self, login: str, password: str):
-        if not self.up:
-            return fail(DirectoryUnavailable("down"))
-        ok = login in ("alice", "alice@example.org") and password == "alice-password"
-        return succeed(ALICE if ok else None)
-
-    def find_by_certificate(self, der: bytes):
-        return succeed(ALICE if der in ALICE.certificates else None)
+ALICE_PASSWORD = PASSWORDS["alice"]
 
 
 class TLSStringTransport(StringTransport):
@@ -65,8 +48,8 @@ class FakeCertificate:
 class Session:
     def __init__(self, tmp_path: Path, role: str = "submission", certificate: FakeCertificate | None = None,
                  implicit_tls: bool = False) -> None:
-        self.directory = FakeDirectory()
-        checker = SubscriberChecker(self.directory, 60, Clock())  # type: ignore[arg-type]
+        self.directory = InMemoryDirectory()  # alice (alias a.liddell@, a certificate), bob, carol (disabled)
+        checker = subscriber_checker(self.directory)
         self.spool_dir = tmp_path / "spool"
         self.config = SMTPConfig(
             hostname="mx.example.org", role=role, local_domains=frozenset({"example.org"}),
@@ -75,7 +58,7 @@ class Session:
         )
         self.config.incoming_dir.mkdir(exist_ok=True)
         factory = SMTPFactory(
-            self.config, lambda a: succeed(DIRECTORY.get(a)), lambda job: maybeDeferred(commit_now, job),
+            self.config, self.directory.find_by_address, lambda job: maybeDeferred(commit_now, job),
             portal=Portal(SubscriberRealm(), [checker]), spool=OutboundSpool(self.spool_dir),
             peer_certificate=lambda transport: certificate,
         )
@@ -110,71 +93,81 @@ def plain(login: str, password: str) -> bytes:
 
 
 def test_no_auth_before_tls(tmp_path: Path) -> None:
+    """Before STARTTLS submission offers no AUTH, refuses AUTH with 530 5.7.0 and MAIL with 530 5.7.0."""
     s = Session(tmp_path)
     lines = s.send(b"EHLO client\r\n")
     assert "250 STARTTLS" in lines and not any("AUTH" in line for line in lines)
-    assert s.last(b"AUTH PLAIN " + plain("alice", "alice-password") + b"\r\n").startswith("530 5.7.0")
-    assert s.last(b"MAIL FROM:<alice@example.org>\r\n").startswith("530 5.7.0")
+    assert answered(s.last(b"AUTH PLAIN " + plain("alice", ALICE_PASSWORD) + b"\r\n"), replies.TLS_FIRST)
+    assert answered(s.last(b"MAIL FROM:<alice@example.org>\r\n"), replies.AUTH_REQUIRED)
 
 
 def test_auth_plain_inside_tls(tmp_path: Path) -> None:
+    """Inside TLS AUTH PLAIN LOGIN is offered, STARTTLS no more; PLAIN logs in with 235, a second AUTH gets 503."""
     s = Session(tmp_path)
     s.starttls()
     assert s.transport.tls_context is s.config.tls
     lines = s.send(b"EHLO client\r\n")
     assert "250 AUTH PLAIN LOGIN" in lines and not any("STARTTLS" in line for line in lines)
-    assert s.last(b"AUTH PLAIN " + plain("alice", "alice-password") + b"\r\n") == \
+    assert s.last(b"AUTH PLAIN " + plain("alice", ALICE_PASSWORD) + b"\r\n") == \
         "235 2.7.0 Authentication successful"
-    assert s.last(b"AUTH PLAIN " + plain("alice", "alice-password") + b"\r\n").startswith("503 5.5.1")
+    assert answered(s.last(b"AUTH PLAIN " + plain("alice", ALICE_PASSWORD) + b"\r\n"), replies.ALREADY_AUTHENTICATED)
 
 
 def test_auth_plain_with_continuation_and_login_mechanism(tmp_path: Path) -> None:
+    """PLAIN with an empty initial response and the two-step LOGIN both work; a wrong password gets 535 5.7.8."""
     s = Session(tmp_path)
     s.starttls()
     assert s.last(b"AUTH PLAIN\r\n") == "334 "
-    assert s.last(plain("alice", "wrong") + b"\r\n").startswith("535 5.7.8")
+    assert answered(s.last(plain("alice", "wrong") + b"\r\n"), replies.AUTH_INVALID)
     assert s.last(b"AUTH LOGIN\r\n") == "334 VXNlcm5hbWU6"
     assert s.last(base64.b64encode(b"alice") + b"\r\n") == "334 UGFzc3dvcmQ6"
-    assert s.last(base64.b64encode(b"alice-password") + b"\r\n").startswith("235 2.7.0")
+    assert answered(s.last(base64.b64encode(ALICE_PASSWORD.encode()) + b"\r\n"), replies.AUTH_OK)
 
 
 def test_auth_cancel_bad_base64_and_unknown_mechanism(tmp_path: Path) -> None:
+    """A cancelled exchange, bad base64 and an unknown mechanism get 501 and 504 and the session goes on."""
     s = Session(tmp_path)
     s.starttls()
     s.send(b"AUTH LOGIN\r\n")
     assert s.last(b"*\r\n").startswith("501 5.0.0")
     assert s.last(b"AUTH PLAIN !!!notbase64\r\n").startswith("501 5.5.2")
     assert s.last(b"AUTH CRAM-MD5\r\n").startswith("504 5.5.4")
-    assert s.last(b"NOOP\r\n").startswith("250")
+    assert answered(s.last(b"NOOP\r\n"), replies.OK)
 
 
 def test_directory_down_gives_454(tmp_path: Path) -> None:
+    """AUTH while the directory is down gets 454 4.7.0 (try again), not 535."""
     s = Session(tmp_path)
     s.starttls()
     s.directory.up = False
-    assert s.last(b"AUTH PLAIN " + plain("alice", "alice-password") + b"\r\n").startswith("454 4.7.0")
+    assert answered(s.last(b"AUTH PLAIN " + plain("alice", ALICE_PASSWORD) + b"\r\n"), replies.AUTH_TEMPORARY)
 
 
 def test_starttls_discards_pipelined_commands(tmp_path: Path) -> None:
+    """Commands pipelined after STARTTLS are discarded, and the session state is reset by the TLS switch."""
     s = Session(tmp_path, role="mx")
     s.send(b"EHLO client\r\n")
-    replies = s.send(b"STARTTLS\r\nMAIL FROM:<evil@example.net>\r\nRCPT TO:<alice@example.org>\r\n")
-    assert replies == ["220 2.0.0 Ready to start TLS"]
+    lines = s.send(b"STARTTLS\r\nMAIL FROM:<evil@example.net>\r\nRCPT TO:<alice@example.org>\r\n")
+    assert lines == ["220 2.0.0 Ready to start TLS"]
     s.handshake()
     assert s.transport.value() == b""
     # state was reset: the injected MAIL did not survive, and EHLO is needed again
-    assert s.last(b"RCPT TO:<alice@example.org>\r\n").startswith("503 5.5.1")
-    assert s.last(b"MAIL FROM:<x@example.net>\r\n").startswith("503 5.5.1")
-    assert s.last(b"STARTTLS\r\n").startswith("503 5.5.1")
+    assert answered(s.last(b"RCPT TO:<alice@example.org>\r\n"), replies.NEED_MAIL)
+    assert answered(s.last(b"MAIL FROM:<x@example.net>\r\n"), replies.NEED_HELO)
+    assert answered(s.last(b"STARTTLS\r\n"), replies.TLS_ACTIVE)
 
 
 def test_submission_relays_for_subscriber_into_spool(tmp_path: Path) -> None:
+    """An authenticated subscriber's remote recipient is spooled with their uid, the local one delivered."""
     s = Session(tmp_path)
     s.starttls()
-    s.send(b"AUTH PLAIN " + plain("alice@example.org", "alice-password") + b"\r\n")
-    replies = s.send(b"MAIL FROM:<a.liddell@example.org>\r\nRCPT TO:<bob@remote.example>\r\n"
-                     b"RCPT TO:<alice@example.org>\r\nDATA\r\nSubject: out\r\n\r\nhi\r\n.\r\n")
-    assert [r[:3] for r in replies] == ["250", "250", "250", "354", "250"]
+    s.send(b"AUTH PLAIN " + plain("alice@example.org", ALICE_PASSWORD) + b"\r\n")
+    mail, remote, local, data, queued = s.send(
+        b"MAIL FROM:<a.liddell@example.org>\r\nRCPT TO:<bob@remote.example>\r\n"
+        b"RCPT TO:<alice@example.org>\r\nDATA\r\nSubject: out\r\n\r\nhi\r\n.\r\n")
+    assert answered(mail, replies.SENDER_OK) and answered(remote, replies.RECIPIENT_OK)
+    assert answered(local, replies.RECIPIENT_OK) and answered(data, replies.START_DATA)
+    assert queued.startswith("250 2.0.0 Ok: queued as ")
     [queue_id] = s.spooled()
     envelope = OutboundSpool(s.spool_dir).envelope(queue_id)
     assert [r.address for r in envelope.recipients] == ["bob@remote.example"]
@@ -187,42 +180,47 @@ def test_submission_relays_for_subscriber_into_spool(tmp_path: Path) -> None:
 @pytest.mark.parametrize("sender", [b"<bob@example.org>", b"<alice@remote.example>", b"<@x.org:alice@example.org>",
                                     b'<"alice"@example.org>'])
 def test_subscriber_cannot_forge_sender(tmp_path: Path, sender: bytes) -> None:
+    """An authenticated subscriber gets 553 5.7.1 for a sender address the directory does not give them."""
     s = Session(tmp_path)
     s.starttls()
-    s.send(b"AUTH PLAIN " + plain("alice", "alice-password") + b"\r\n")
-    assert s.last(b"MAIL FROM:" + sender + b"\r\n").startswith("553 5.7.1")
+    s.send(b"AUTH PLAIN " + plain("alice", ALICE_PASSWORD) + b"\r\n")
+    assert answered(s.last(b"MAIL FROM:" + sender + b"\r\n"), replies.SENDER_NOT_OWNED)
 
 
 def test_null_sender_allowed_for_subscriber(tmp_path: Path) -> None:
+    """An authenticated subscriber may send with the null sender."""
     s = Session(tmp_path)
     s.starttls()
-    s.send(b"AUTH PLAIN " + plain("alice", "alice-password") + b"\r\n")
-    assert s.last(b"MAIL FROM:<>\r\n").startswith("250 2.1.0")
+    s.send(b"AUTH PLAIN " + plain("alice", ALICE_PASSWORD) + b"\r\n")
+    assert answered(s.last(b"MAIL FROM:<>\r\n"), replies.SENDER_OK)
 
 
 def test_client_certificate_authenticates_without_password(tmp_path: Path) -> None:
-    s = Session(tmp_path, role="submissions", implicit_tls=True, certificate=FakeCertificate(b"alice-der", True))
+    """A verified client certificate stored for alice logs her in on 465: no AUTH offered, relaying allowed."""
+    s = Session(tmp_path, role="submissions", implicit_tls=True, certificate=FakeCertificate(ALICE_CERTIFICATE, True))
     s.handshake()
     lines = s.send(b"EHLO client\r\n")
     assert not any("AUTH" in line or "STARTTLS" in line for line in lines)
-    assert s.last(b"MAIL FROM:<alice@example.org>\r\n").startswith("250")
-    assert s.last(b"RCPT TO:<bob@remote.example>\r\n").startswith("250")
+    assert answered(s.last(b"MAIL FROM:<alice@example.org>\r\n"), replies.SENDER_OK)
+    assert answered(s.last(b"RCPT TO:<bob@remote.example>\r\n"), replies.RECIPIENT_OK)
     s.send(b"DATA\r\nSubject: c\r\n\r\nx\r\n.\r\n")
     [queue_id] = s.spooled()
     assert b"(authenticated as alice via certificate)" in (s.spool_dir / "queue" / f"{queue_id}.eml").read_bytes()
 
 
-@pytest.mark.parametrize("certificate", [FakeCertificate(b"alice-der", False, reason="expired"),
+@pytest.mark.parametrize("certificate", [FakeCertificate(ALICE_CERTIFICATE, False, reason="expired"),
                                          FakeCertificate(b"stranger-der", True)])
 def test_untrusted_or_unknown_certificate_grants_nothing(tmp_path: Path, certificate: FakeCertificate) -> None:
+    """An unverified or unknown certificate grants nothing: 530 at MAIL, AUTH still offered and working."""
     s = Session(tmp_path, role="submissions", implicit_tls=True, certificate=certificate)
     s.handshake()
     assert "250 AUTH PLAIN LOGIN" in s.send(b"EHLO client\r\n")
-    assert s.last(b"MAIL FROM:<alice@example.org>\r\n").startswith("530 5.7.0")
-    assert s.last(b"AUTH PLAIN " + plain("alice", "alice-password") + b"\r\n").startswith("235")
+    assert answered(s.last(b"MAIL FROM:<alice@example.org>\r\n"), replies.AUTH_REQUIRED)
+    assert answered(s.last(b"AUTH PLAIN " + plain("alice", ALICE_PASSWORD) + b"\r\n"), replies.AUTH_OK)
 
 
 def test_implicit_tls_reads_nothing_before_handshake(tmp_path: Path) -> None:
+    """On 465 nothing the client sends before the handshake is read as a command."""
     s = Session(tmp_path, role="submissions", implicit_tls=True)
     assert s.send(b"EHLO early\r\n") == []
     s.handshake()
@@ -230,8 +228,9 @@ def test_implicit_tls_reads_nothing_before_handshake(tmp_path: Path) -> None:
 
 
 def test_mx_refuses_relay_even_after_ehlo_in_tls(tmp_path: Path) -> None:
+    """TLS on the MX grants nothing: a remote recipient is still relay denied."""
     s = Session(tmp_path, role="mx")
     s.starttls()
     s.send(b"MAIL FROM:<x@example.net>\r\n")
-    assert s.last(b"RCPT TO:<bob@remote.example>\r\n").startswith("554 5.7.1")
+    assert answered(s.last(b"RCPT TO:<bob@remote.example>\r\n"), replies.RELAY_DENIED)
     assert s.spooled() == []
