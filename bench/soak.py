@@ -49,6 +49,7 @@ import resource
 import shutil
 import smtplib
 import socket
+import select
 import ssl
 import struct
 import subprocess
@@ -425,8 +426,9 @@ class Attack:
         self.plan = plan
         self.tally = Tally()
         self.loop = asyncio.get_running_loop()
-        self.deadline = self.loop.time() + plan["seconds"]
+        self.deadline = self.loop.time()  # set when the attack is due (``soak`` sends it)
         self.context = unverified_context()
+        self.payloads = {l["role"]: self.slowloris_payload(l["role"]) for l in plan["listeners"]}
 
     def left(self) -> float:
         return max(0.0, self.deadline - self.loop.time())
@@ -516,10 +518,10 @@ class Attack:
             return b"USER " + b"u" * 4000
         return b"EHLO " + b"h" * 4000
 
-    async def slowloris(self, name: str, role: str, port: int, index: int) -> None:
-        key, payload, drip = f"slowloris:{name}", self.slowloris_payload(role), self.plan["drip_seconds"]
+    async def slowloris(self, name: str, role: str, port: int, index: int, delay: float) -> None:
+        key, payload, drip = f"slowloris:{name}", self.payloads[role], self.plan["drip_seconds"]
         source = source_address(SLOWLORIS_BLOCK, index, self.plan["per_address"], self.plan["networks"])
-        await self.pause(index / self.plan["ramp_per_second"])
+        await self.pause(delay)  # connections open at the ramp's rate, not all at once
         for _ in range(10_000):
             if not self.left():
                 return
@@ -565,10 +567,10 @@ class Attack:
 
     # idle holders: a NOOP (POP3: CAPA) every minute ----------------------------
 
-    async def idle_holder(self, name: str, role: str, port: int, index: int) -> None:
+    async def idle_holder(self, name: str, role: str, port: int, index: int, delay: float) -> None:
         key, pop3 = f"idle:{name}", role in POP3_ROLES
         source = source_address(IDLE_BLOCK, index, self.plan["per_address"], self.plan["networks"])
-        await self.pause(index / self.plan["ramp_per_second"])
+        await self.pause(delay)  # connections open at the ramp's rate, not all at once
         for _ in range(1000):
             if not self.left():
                 return
@@ -774,12 +776,14 @@ async def attack_main(plan: dict[str, Any]) -> dict[str, Any]:
     n = 0
     for listener in listeners:
         for _ in range(plan["slowloris"]):
-            jobs.append(attack.slowloris(listener["name"], listener["role"], listener["port"], n))
+            jobs.append(attack.slowloris(listener["name"], listener["role"], listener["port"], n,
+                                         n / plan["ramp_per_second"]))
             n += 1
     holders = [l for l in listeners if l["role"] in SMTP_ROLES | POP3_ROLES]
     for i in range(plan["idle"] if holders else 0):
         listener = holders[i % len(holders)]
-        jobs.append(attack.idle_holder(listener["name"], listener["role"], listener["port"], i))
+        jobs.append(attack.idle_holder(listener["name"], listener["role"], listener["port"], i,
+                                       (n + i) / plan["ramp_per_second"]))
     if "mx" in port_of:
         mx = port_of["mx"]
         jobs += [attack.smtp_non_reader("mx", mx, i) for i in range(plan["smtp_nonreaders"])]
@@ -789,15 +793,22 @@ async def attack_main(plan: dict[str, Any]) -> dict[str, Any]:
     if pop3 is not None:
         jobs += [attack.pop3_non_reader(pop3["name"], pop3["role"], pop3["port"], uid, i)
                  for i, uid in enumerate(users.bulk)]
+    print("ready", flush=True)
+    times = json.loads(sys.stdin.readline())  # blocking is fine: nothing runs yet
+    attack.deadline = times["end_at"]  # loop.time() is time.monotonic(): one clock for both processes
+    await asyncio.sleep(max(0.0, times["attack_at"] - attack.loop.time()))
     await attack.run(jobs)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    attack.tally.count("attackers' process", "cpu_ms", round((usage.ru_utime + usage.ru_stime) * 1000))
     return attack.tally.report()
 
 
 def attack_worker() -> None:
-    """``soak.py _attack``: the plan as JSON on stdin, the tally as JSON on stdout."""
+    """``soak.py _attack``: the plan as a JSON line on stdin, "ready" on stdout, then the
+    attack's start and end (monotonic) as a JSON line on stdin, the tally as JSON on stdout."""
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # our side of thousands of connections
-    plan = json.load(sys.stdin)
+    plan = json.loads(sys.stdin.readline())
     print(json.dumps(asyncio.run(attack_main(plan))), flush=True)
 
 
@@ -810,6 +821,8 @@ TOKEN_HEADER = re.compile(rb"^X-Soak: (\S+)\r?$", re.MULTILINE)
 
 @dataclasses.dataclass
 class Audit:
+    """What the Maildirs hold: bad files by kind, and the whole ones by the token they carry."""
+
     files: int = 0
     bad: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     bad_examples: list[str] = dataclasses.field(default_factory=list)
@@ -866,14 +879,18 @@ def check_file(path: Path, name: str) -> tuple[str, str]:
 # -- the run ------------------------------------------------------------------
 
 
-def latency_figures(attempts: list[Attempt]) -> dict[str, Any]:
+def latency_figures(attempts: list[Attempt], started: float) -> dict[str, Any]:
+    """Percentiles of the 250s, and the slowest few (``at``: seconds into the run) to find in the log."""
     ok = [a.seconds for a in attempts if a.outcome == "250"]
     counted = [a.seconds if a.outcome == "250" else math.inf for a in attempts]  # a failure: slower than any
     outcomes = collections.Counter(a.outcome for a in attempts)
+    slowest = sorted(attempts, key=lambda a: a.seconds, reverse=True)[:5]
     return {"transactions": len(attempts), "outcomes": dict(outcomes),
-            "p50_s": rounded(percentile(ok, 50)), "p99_s": rounded(percentile(ok, 99)),
-            "max_s": rounded(max(ok) if ok else None),
-            "p99_failures_as_slowest_s": rounded(percentile(counted, 99))}
+            "p50_s": rounded(percentile(ok, 50)), "p90_s": rounded(percentile(ok, 90)),
+            "p99_s": rounded(percentile(ok, 99)), "max_s": rounded(max(ok) if ok else None),
+            "p99_failures_as_slowest_s": rounded(percentile(counted, 99)),
+            "slowest": [{"at": round(a.started - started, 1), "seconds": round(a.seconds, 3), "outcome": a.outcome,
+                         "queue_id": a.queue_id} for a in slowest]}
 
 
 def pop3_figures(sessions: list[tuple[float, float, str, int]]) -> dict[str, Any]:
@@ -944,49 +961,57 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     pid = appliance.process.pid
     sampler = Sampler(pid)
     sampler.start()
+    plan = {"users": dataclasses.asdict(users),
+            "listeners": [{"name": l["name"], "role": l["role"], "port": l["port"]} for l in listeners],
+            "slowloris": args.slowloris, "idle": args.idle, "smtp_nonreaders": args.smtp_nonreaders,
+            "resetters": args.resetters, "oversize": args.oversize,
+            "drip_seconds": args.drip_seconds, "idle_interval": args.idle_interval,
+            "per_address": args.per_address, "networks": args.attack_networks, "ramp_per_second": args.ramp,
+            "nonreader_octets": int(args.nonreader_mib * 1024 * 1024), "nonreader_hold": args.nonreader_hold,
+            "uidl_commands": args.uidl_commands, "reset_rate": args.reset_rate,
+            "oversize_rate": args.oversize_mib_per_second * 1024 * 1024,
+            "max_message_size": int(sections.get("smtp", {}).get("max_message_size", 25 * 1024 * 1024))}
+    # The attackers' process starts (and gets ready) before the baseline, so that its start-up
+    # costs no CPU in either phase; it waits for the attack on the shared monotonic clock.
+    attacker = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "_attack"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert attacker.stdin is not None and attacker.stdout is not None
     recorder, stopping = Recorder(), threading.Event()
-    started = time.monotonic()
-    attack_at, end_at = started + baseline_seconds, started + total
-    threads = [threading.Thread(target=normal_sender, daemon=True, name=f"sender{i}",
-                                args=(i, by_role["mx"]["port"], users, args.rate / args.senders, args.size, end_at,
-                                      recorder, stopping, args.client_timeout))
-               for i in range(args.senders)]
-    reader_uids = [users.normal[i::args.readers] for i in range(args.readers)]
-    threads += [threading.Thread(target=pop3_reader, daemon=True, name=f"reader{i}",
-                                 args=(i, by_role["pop3s"]["port"], reader_uids[i], args.read_interval, end_at,
-                                       recorder, stopping, args.client_timeout))
-                for i in range(args.readers) if reader_uids[i]]
-    for thread in threads:
-        thread.start()
-    attacker: subprocess.Popen[str] | None = None
+    threads: list[threading.Thread] = []
     tally: dict[str, Any] = {}
     try:
+        attacker.stdin.write(json.dumps(plan) + "\n")
+        attacker.stdin.flush()
+        if not select.select([attacker.stdout], [], [], 60)[0] or attacker.stdout.readline().strip() != "ready":
+            raise RuntimeError("the attackers' process did not get ready")
+        started = time.monotonic()
+        attack_at, end_at = started + baseline_seconds, started + total
+        attacker.stdin.write(json.dumps({"attack_at": attack_at, "end_at": end_at}) + "\n")
+        attacker.stdin.close()
+        threads = [threading.Thread(target=normal_sender, daemon=True, name=f"sender{i}",
+                                    args=(i, by_role["mx"]["port"], users, args.rate / args.senders, args.size,
+                                          end_at, recorder, stopping, args.client_timeout))
+                   for i in range(args.senders)]
+        reader_uids = [users.normal[i::args.readers] for i in range(args.readers)]
+        threads += [threading.Thread(target=pop3_reader, daemon=True, name=f"reader{i}",
+                                     args=(i, by_role["pop3s"]["port"], reader_uids[i], args.read_interval, end_at,
+                                           recorder, stopping, args.client_timeout))
+                    for i in range(args.readers) if reader_uids[i]]
+        for thread in threads:
+            thread.start()
         print(f"soak: baseline for {baseline_seconds:.0f} s", flush=True)
-        if stopping.wait(max(0.0, attack_at - time.monotonic())):
-            raise KeyboardInterrupt
-        plan = {"seconds": max(1.0, end_at - time.monotonic()), "users": dataclasses.asdict(users),
-                "listeners": [{"name": l["name"], "role": l["role"], "port": l["port"]} for l in listeners],
-                "slowloris": args.slowloris, "idle": args.idle, "smtp_nonreaders": args.smtp_nonreaders,
-                "resetters": args.resetters, "oversize": args.oversize,
-                "drip_seconds": args.drip_seconds, "idle_interval": args.idle_interval,
-                "per_address": args.per_address, "networks": args.attack_networks, "ramp_per_second": 100,
-                "nonreader_octets": int(args.nonreader_mib * 1024 * 1024), "nonreader_hold": args.nonreader_hold,
-                "uidl_commands": args.uidl_commands, "reset_rate": args.reset_rate,
-                "oversize_rate": args.oversize_mib_per_second * 1024 * 1024,
-                "max_message_size": int(sections.get("smtp", {}).get("max_message_size", 25 * 1024 * 1024))}
-        print(f"soak: attack for {plan['seconds']:.0f} s", flush=True)
-        attacker = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "_attack"],
-                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        time.sleep(max(0.0, attack_at - time.monotonic()))
+        print(f"soak: attack for {end_at - attack_at:.0f} s", flush=True)
         try:
-            output, _ = attacker.communicate(json.dumps(plan), timeout=plan["seconds"] + 60)
+            attacker.wait(max(1.0, end_at - time.monotonic()) + 60)
+            output = attacker.stdout.read()
             tally = json.loads(output) if output.strip() else {"attacker": {"exit": attacker.returncode}}
         except subprocess.TimeoutExpired:
             attacker.kill()
-            attacker.communicate()
             tally = {"attacker": {"killed_after_deadline": 1}}
     finally:
         stopping.set()
-        if attacker is not None and attacker.poll() is None:
+        if attacker.poll() is None:
             attacker.kill()
             attacker.wait()
         join_until = time.monotonic() + args.client_timeout * 2
@@ -1009,6 +1034,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result["daemon"] = {"alive_at_end": daemon_alive, "exit_code": appliance.process.returncode,
                         "log": daemon_log_figures(appliance.log_path)}
     result["client_threads_hung"] = hung
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    result["normal_clients_cpu_s"] = round(usage.ru_utime + usage.ru_stime, 1)  # this process: clients and audit
     if args.keep:
         result["kept"] = str(root)
     else:
@@ -1036,7 +1063,7 @@ def report(attempts: list[Attempt], sessions: list[tuple[float, float, str, int]
     samples = sampler.samples
     rss_peak_mib = round(max((s[1] for s in samples), default=0) / 1024, 1)
     fds_peak = max((s[2] for s in samples), default=0)
-    base_fig, attack_fig = latency_figures(baseline), latency_figures(attacked)
+    base_fig, attack_fig = latency_figures(baseline, started), latency_figures(attacked, started)
     b99, a99 = percentile([a.seconds if a.outcome == "250" else math.inf for a in baseline], 99), \
         percentile([a.seconds if a.outcome == "250" else math.inf for a in attacked], 99)
     ratio = (a99 / b99 if b99 and a99 is not None and not math.isinf(b99) else None)
@@ -1093,11 +1120,15 @@ def print_report(result: dict[str, Any]) -> None:
         f, p = lat[phase], pop[phase]
         print(f"| {phase} | {f['transactions']} | {f['outcomes']} | {f['p50_s']} | {f['p99_s']} | "
               f"{f['p99_failures_as_slowest_s']} | {p['sessions']} {p['outcomes']} | {p['p99_s']} |")
+    for phase in ("baseline", "attack"):
+        slowest = ", ".join(f"{a['seconds']} s ({a['outcome']}) at {a['at']} s" for a in lat[phase]["slowest"])
+        print(f"slowest normal transactions, {phase}: {slowest}")
     print(f"p99 attack / baseline: {lat['p99_ratio_attack_over_baseline']}; POP3 logins ok "
           f"{pop['logins_ok']}, failed {pop['logins_failed']}")
     print("attackers:")
     for key, counts in result["attackers"].items():
         print(f"  {key}: {counts}")
+    print(f"CPU of this process (normal clients, audit): {result['normal_clients_cpu_s']} s")
     if result["client_threads_hung"]:
         print(f"client threads still hung at the end: {result['client_threads_hung']}")
     for name, verdict in result["targets"].items():
@@ -1134,6 +1165,8 @@ def main() -> None:
     hostile.add_argument("--drip-seconds", type=float, default=5.0, help="seconds between a slowloris' bytes")
     hostile.add_argument("--idle", type=int, default=150, help="idle holders over the SMTP and POP3 listeners")
     hostile.add_argument("--idle-interval", type=float, default=60.0, help="seconds between an idle holder's NOOPs")
+    hostile.add_argument("--ramp", type=float, default=100.0,
+                         help="slowloris and idle connections opened per second at the attack's start")
     hostile.add_argument("--per-address", type=int, default=10, help="slowloris/idle connections per address")
     hostile.add_argument("--attack-networks", type=int, default=4, help="/24s each kind of attacker comes from")
     hostile.add_argument("--smtp-nonreaders", type=int, default=2, help="MX clients pipelining EHLO x, never reading")
