@@ -923,6 +923,7 @@ def drain(stream: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Prepare, start the daemon, baseline, attack, stop, audit: the figures as a dict."""
     sys.path.insert(0, str(HERE.parent))
     from tests.daemon import Appliance
 
