@@ -4,8 +4,8 @@ It turns credentials into a :class:`Subscriber` (the avatar id), so SMTP and
 POP3 follow the same rules and share one cache.  The positive cache keeps an
 HMAC of the password under a per-process random key, never the password, and
 expires after ``cache_ttl`` seconds, so a deleted or disabled subscriber stops
-working within that time.  Certificate credentials will plug in here as a
-second credential interface.
+working within that time.  TLS client certificates are the second
+credential interface (``IClientCertificate``).
 """
 
 from __future__ import annotations
@@ -78,10 +78,13 @@ class LoginThrottled(Exception):
 
 @implementer(IUsernamePassword)
 class ClientPassword(UsernamePassword):
-    """A login and password plus the client address they came from (for throttling)."""
+    """A login and password plus the client address they came from (for throttling).
 
-    def __init__(self, username: bytes, password: bytes, client_address: str) -> None:
-        super().__init__(username, password)
+    The protocols decode the wire bytes once (SASL: UTF-8) and pass text;
+    bytes are accepted too and decoded by the checker."""
+
+    def __init__(self, username: str | bytes, password: str | bytes, client_address: str) -> None:
+        super().__init__(username, password)  # type: ignore[arg-type]
         self.client_address = client_address
 
 
@@ -146,8 +149,9 @@ class SubscriberChecker:
     def _check_password(self, credentials: IUsernamePassword) -> "Deferred[Subscriber]":
         address = getattr(credentials, "client_address", "")
         try:
-            login = credentials.username.decode("utf-8").strip()
-            password = credentials.password.decode("utf-8")
+            username, secret = credentials.username, credentials.password
+            login = (username if isinstance(username, str) else username.decode("utf-8")).strip()
+            password = secret if isinstance(secret, str) else secret.decode("utf-8")
         except UnicodeDecodeError:
             return self._refuse(LoginRefused("?", "login or password is not UTF-8"), address, "?")
         key = login.lower()
@@ -209,13 +213,6 @@ class SubscriberChecker:
             while len(self._cache) >= MAX_CACHE_ENTRIES:
                 self._cache.pop(next(iter(self._cache)))
         self._cache[key] = entry
-
-    def forget(self, login: str | None = None) -> None:
-        """Drop one login's cache entry, or all of them (e.g. on SIGHUP)."""
-        if login is None:
-            self._cache.clear()
-        else:
-            self._cache.pop(login.lower(), None)
 
 
 class ISubscriberIdentity(Interface):

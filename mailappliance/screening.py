@@ -116,11 +116,6 @@ def screen_client(facts: ClientFacts, lists: ScreeningLists) -> Verdict:
     return refusal
 
 
-def client_is_allowed(facts: ClientFacts, lists: ScreeningLists) -> bool:
-    """Allow-listed clients skip the HELO and sender checks too."""
-    return screen_client(facts, lists).rule.startswith("allow.")
-
-
 def screen_helo(helo: str, lists: ScreeningLists) -> Verdict:
     if (pattern := _first_domain_match(helo, lists.block_helo)) is not None:
         return Verdict("refuse", "block.helo", pattern)

@@ -1,14 +1,17 @@
-"""POP3 protocol unit tests: in-memory transports, a real Portal and real Maildirs.
+"""POP3 protocol unit tests: in-memory transports, the production Portal, checker
+(with its cache and throttle) and realm, and real Maildirs; only the directory
+behind the checker is in memory (tests/subscribers.py).
 
-Mailbox disk work runs synchronously (``run_blocking=sync_run``) unless a test
-wants to control when it finishes (``ManualRunner``).  The STLS tests run real
-TLS (pyOpenSSL via ``TLSMemoryBIOProtocol``) over in-memory transports.
+Sessions are set up as on the pop3s listener (TLS already there) unless a test
+is about the plaintext listener and says so.  Mailbox disk work runs
+synchronously (``run_blocking=sync_run``) unless a test wants to control when
+it finishes (``ManualRunner``).  The STLS tests run real TLS (pyOpenSSL via
+``TLSMemoryBIOProtocol``) over in-memory transports, with the test PKI.
 """
 
 from __future__ import annotations
 
 import base64
-import datetime
 import functools
 import os
 from pathlib import Path
@@ -16,35 +19,26 @@ from typing import Any, Callable
 
 import attrs
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-from twisted.cred.checkers import ICredentialsChecker
-from twisted.cred.credentials import IUsernamePassword
-from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
 from twisted.internet import _newtls
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.protocol import Protocol
-from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.protocols.tls import TLSMemoryBIOProtocol
-from zope.interface import implementer
 
-from mailappliance.directory import DirectoryUnavailable, Subscriber
+from mailappliance.credentials import SubscriberChecker
 from mailappliance.pop3 import server as pop3_server
 from mailappliance.pop3 import transfer as pop3_transfer
 from mailappliance.pop3.mailbox import MailboxLocks, MaildirRealm, uidl_for
 from mailappliance.pop3.server import POP3Factory, POP3Session
+from mailappliance.throttle import ThrottleSettings
+from tests.subscribers import PASSWORDS, InMemoryDirectory, subscriber_checker
 
 HOSTNAME = "pop.example.test"
 
-ALICE = Subscriber(dn="uid=alice,ou=people,dc=example,dc=org", uid="alice", mail="alice@example.org")
-BOB = Subscriber(dn="uid=bob,ou=people,dc=example,dc=org", uid="bob", mail="bob@example.org")
-PASSWORDS = {"alice": "secret", "bob": "correct horse battery"}
+ALICE_PASSWORD = PASSWORDS["alice"]
 
 MESSAGE_1 = b"From: carol@example.net\r\nSubject: one\r\n\r\nHello Alice.\r\n"
 MESSAGE_2 = (
@@ -53,32 +47,7 @@ MESSAGE_2 = (
 )
 
 
-# -- directory stand-ins ------------------------------------------------------
-
-
-@implementer(ICredentialsChecker)
-class DictChecker:
-    """Answers like the shared checker: the Subscriber record is the avatar id."""
-
-    credentialInterfaces = (IUsernamePassword,)
-
-    def requestAvatarId(self, credentials: Any) -> Deferred:
-        login = credentials.username.decode()
-        for subscriber in (ALICE, BOB):
-            if login in (subscriber.uid, subscriber.mail):
-                if credentials.checkPassword(PASSWORDS[subscriber.uid].encode()):
-                    return succeed(subscriber)
-        return fail(UnauthorizedLogin(f"login {login!r} refused"))
-
-
-@implementer(ICredentialsChecker)
-class BrokenChecker:
-    """The directory is down."""
-
-    credentialInterfaces = (IUsernamePassword,)
-
-    def requestAvatarId(self, credentials: Any) -> Deferred:
-        return fail(DirectoryUnavailable("ldap://127.0.0.1:389 timed out"))
+# -- harness ---------------------------------------------------------------------
 
 
 def sync_run(function: Callable[..., Any], *args: Any) -> Deferred:
@@ -99,9 +68,6 @@ class ManualRunner:
     def run_one(self) -> None:
         d, function, args = self.pending.pop(0)
         d.callback(function(*args))
-
-
-# -- harness ---------------------------------------------------------------------
 
 
 @attrs.define
@@ -134,14 +100,21 @@ class Client:
 
 @attrs.define
 class Env:
+    """Maildirs, locks and clock of one test, and the one checker every session shares."""
+
     root: Path
     locks: MailboxLocks
     clock: Clock
+    directory: InMemoryDirectory
+    checker: SubscriberChecker
     counter: int = 0
 
-    def factory(self, checker: Any = None, **kwargs: Any) -> POP3Factory:
-        portal = Portal(MaildirRealm(self.root, self.locks), [checker or DictChecker()])
-        kwargs.setdefault("allow_plaintext_auth", True)
+    def factory(self, **kwargs: Any) -> POP3Factory:
+        """A listener like pop3s (TLS from the start, no plaintext logins) unless ``kwargs`` say otherwise."""
+        portal = Portal(MaildirRealm(self.root, self.locks), [self.checker])
+        kwargs.setdefault("allow_plaintext_auth", False)
+        kwargs.setdefault("implicit_tls", True)
+        kwargs.setdefault("tls_context_factory", object())  # a stand-in: no handshake on a StringTransport
         kwargs.setdefault("run_blocking", sync_run)
         kwargs.setdefault("reactor", self.clock)
         return POP3Factory(portal, HOSTNAME, **kwargs)
@@ -171,9 +144,14 @@ class Env:
         return sorted(os.listdir(self.root / uid / "cur")) + sorted(os.listdir(self.root / uid / "new"))
 
 
+def make_env(root: Path, throttle: ThrottleSettings | None = None) -> Env:
+    clock, directory = Clock(), InMemoryDirectory()
+    return Env(root, MailboxLocks(), clock, directory, subscriber_checker(directory, clock, throttle=throttle))
+
+
 @pytest.fixture
 def env(tmp_path: Path) -> Env:
-    return Env(tmp_path / "maildirs", MailboxLocks(), Clock())
+    return make_env(tmp_path / "maildirs")
 
 
 def multiline(reply: str) -> list[str]:
@@ -199,13 +177,15 @@ def unstuff(reply: str) -> bytes:
 
 
 def test_greeting_and_quit_before_login(env: Env) -> None:
+    """The server greets with +OK and its name; QUIT before login says goodbye and closes."""
     client = env.connect()
     assert client.send("QUIT\r\n") == f"+OK {HOSTNAME} closing connection\r\n"
     assert client.transport.disconnecting
 
 
 def test_capa_without_plaintext_auth_hides_user_and_sasl(env: Env) -> None:
-    client = env.connect(allow_plaintext_auth=False, tls_context_factory=object())
+    """On the STLS listener without plaintext logins, CAPA offers STLS but neither USER nor SASL PLAIN."""
+    client = env.connect(allow_plaintext_auth=False, implicit_tls=False, tls_context_factory=object())
     caps = multiline(client.send("CAPA\r\n"))
     assert caps == [
         "TOP", "UIDL", "RESP-CODES", "PIPELINING", "AUTH-RESP-CODE", "STLS", "IMPLEMENTATION mailappliance",
@@ -213,13 +193,15 @@ def test_capa_without_plaintext_auth_hides_user_and_sasl(env: Env) -> None:
 
 
 def test_capa_without_tls_context_has_no_stls(env: Env) -> None:
-    client = env.connect(allow_plaintext_auth=False)
+    """Without a TLS context CAPA offers no STLS, and with plaintext refused no login method either."""
+    client = env.connect(allow_plaintext_auth=False, implicit_tls=False, tls_context_factory=None)
     caps = multiline(client.send("capa\r\n"))
     assert "STLS" not in caps and "USER" not in caps and "SASL PLAIN" not in caps
 
 
 def test_capa_with_plaintext_allowed_before_and_after_login(env: Env) -> None:
-    client = env.connect(allow_plaintext_auth=True)
+    """Plaintext login allowed (admin's explicit choice): CAPA offers USER and SASL PLAIN, the same after login."""
+    client = env.connect(allow_plaintext_auth=True, implicit_tls=False, tls_context_factory=None)
     before = multiline(client.send("CAPA\r\n"))
     assert "USER" in before and "SASL PLAIN" in before and "STLS" not in before
     client.login()
@@ -228,6 +210,7 @@ def test_capa_with_plaintext_allowed_before_and_after_login(env: Env) -> None:
 
 
 def test_capa_with_implicit_tls_offers_login_but_not_stls(env: Env) -> None:
+    """On the pop3s listener CAPA offers USER and SASL PLAIN, and no STLS."""
     client = env.connect(allow_plaintext_auth=False, implicit_tls=True, tls_context_factory=object())
     caps = multiline(client.send("CAPA\r\n"))
     assert "USER" in caps and "SASL PLAIN" in caps and "STLS" not in caps
@@ -237,13 +220,15 @@ def test_capa_with_implicit_tls_offers_login_but_not_stls(env: Env) -> None:
 
 
 def test_user_pass_good(env: Env) -> None:
+    """USER/PASS with the right password logs in and reports the message count and octets."""
     env.deliver("alice", MESSAGE_1)
     client = env.connect()
     assert client.send("USER alice\r\n") == "+OK Send your password\r\n"
-    assert client.send("PASS secret\r\n") == f"+OK Logged in, 1 messages ({len(MESSAGE_1)} octets)\r\n"
+    assert client.send("PASS alice-password\r\n") == f"+OK Logged in, 1 messages ({len(MESSAGE_1)} octets)\r\n"
 
 
 def test_user_pass_by_address_and_password_with_spaces(env: Env) -> None:
+    """The full address logs in too, a password may contain spaces, and a new Maildir is made private (0700)."""
     client = env.connect()
     client.send("USER bob@example.org\r\n")
     assert client.send("PASS correct horse battery\r\n") == "+OK Logged in, 0 messages (0 octets)\r\n"
@@ -252,23 +237,54 @@ def test_user_pass_by_address_and_password_with_spaces(env: Env) -> None:
 
 
 def test_user_pass_bad(env: Env) -> None:
+    """A wrong password gets -ERR [AUTH]; PASS without a new USER gets -ERR; a later right login works."""
     client = env.connect()
     client.send("USER alice\r\n")
     assert client.send("PASS wrong\r\n") == "-ERR [AUTH] Authentication failed\r\n"
-    assert client.send("PASS secret\r\n") == "-ERR Send USER first\r\n"
+    assert client.send("PASS alice-password\r\n") == "-ERR Send USER first\r\n"
     client.login()
 
 
 def test_directory_unavailable_is_temporary(env: Env) -> None:
-    client = env.connect(checker=BrokenChecker())
+    """With the directory down a login gets -ERR [SYS/TEMP] and the session stays open."""
+    env.directory.up = False
+    client = env.connect()
     client.send("USER alice\r\n")
-    assert client.send("PASS secret\r\n") == "-ERR [SYS/TEMP] Directory unavailable, try again later\r\n"
+    assert client.send("PASS alice-password\r\n") == "-ERR [SYS/TEMP] Directory unavailable, try again later\r\n"
     assert not client.transport.disconnecting
 
 
+def test_failures_past_the_free_ones_are_answered_late(tmp_path: Path) -> None:
+    """The shared checker's throttle: three wrong passwords are answered at once, the fourth after 1 s."""
+    env = make_env(tmp_path / "maildirs")
+    client = env.connect()
+    for _ in range(3):
+        client.send("USER alice\r\n")
+        assert client.send("PASS wrong\r\n") == "-ERR [AUTH] Authentication failed\r\n"
+    client.send("USER alice\r\n")
+    assert client.send("PASS wrong\r\n") == ""
+    env.clock.advance(0.9)
+    assert client.take() == ""
+    env.clock.advance(0.1)
+    assert client.take() == "-ERR [AUTH] Authentication failed\r\n"
+
+
+def test_a_locked_address_gets_login_delay_even_with_the_right_password(tmp_path: Path) -> None:
+    """After address_lock_after failures the address gets [LOGIN-DELAY], right password or not, from any session."""
+    env = make_env(tmp_path / "maildirs", ThrottleSettings(free_failures=100, address_lock_after=3))
+    for _ in range(3):
+        client = env.connect()
+        client.send("USER alice\r\n")
+        assert client.send("PASS wrong\r\n") == "-ERR [AUTH] Authentication failed\r\n"
+    client = env.connect()
+    client.send("USER alice\r\n")
+    assert client.send("PASS alice-password\r\n") == "-ERR [LOGIN-DELAY] Too many failed logins, try again later\r\n"
+    assert client.send(f"AUTH PLAIN {plain('', 'bob', PASSWORDS['bob'])}\r\n") == \
+        "-ERR [LOGIN-DELAY] Too many failed logins, try again later\r\n"
+
+
 def test_a_newer_login_ends_the_older_session_without_its_deletions(env: Env) -> None:
-    """A client that vanished without QUIT (no FIN) must not lock its owner out:
-    the next login takes the mailbox over and the old DELEs are discarded."""
+    """A newer login takes the mailbox from a session that vanished without QUIT, discarding its DELEs."""
     env.deliver("alice", MESSAGE_1)
     first = env.connect()
     first.login()
@@ -289,20 +305,21 @@ def test_a_session_committing_its_quit_keeps_the_mailbox(env: Env) -> None:
     runner = ManualRunner()
     env.deliver("alice", MESSAGE_1)
     first = env.connect(run_blocking=runner)
-    first.send("USER alice\r\nPASS secret\r\n")
+    first.send("USER alice\r\nPASS alice-password\r\n")
     runner.run_one()
     first.send("DELE 1\r\nQUIT\r\n")
     second = env.connect()
     second.send("USER alice\r\n")
-    assert second.send("PASS secret\r\n") == "-ERR [IN-USE] Mailbox is locked by another session\r\n"
+    assert second.send("PASS alice-password\r\n") == "-ERR [IN-USE] Mailbox is locked by another session\r\n"
     runner.run_one()
     second.login()
 
 
 def test_plaintext_login_refused_outside_tls(env: Env) -> None:
-    client = env.connect(allow_plaintext_auth=False, tls_context_factory=object())
+    """Before STLS, USER, PASS and AUTH PLAIN get -ERR [AUTH] TLS required; bare AUTH lists no mechanism."""
+    client = env.connect(allow_plaintext_auth=False, implicit_tls=False, tls_context_factory=object())
     assert client.send("USER alice\r\n") == "-ERR [AUTH] TLS required, use STLS first\r\n"
-    assert client.send("PASS secret\r\n") == "-ERR [AUTH] TLS required, use STLS first\r\n"
+    assert client.send("PASS alice-password\r\n") == "-ERR [AUTH] TLS required, use STLS first\r\n"
     assert client.send("AUTH PLAIN\r\n") == "-ERR [AUTH] TLS required, use STLS first\r\n"
     assert client.send("AUTH\r\n") == "+OK\r\n.\r\n"
 
@@ -315,26 +332,30 @@ def plain(authzid: str, authcid: str, password: str) -> str:
 
 
 def test_auth_lists_mechanisms(env: Env) -> None:
+    """AUTH without an argument lists PLAIN."""
     client = env.connect()
     assert client.send("AUTH\r\n") == "+OK\r\nPLAIN\r\n.\r\n"
 
 
 def test_auth_plain_initial_response(env: Env) -> None:
+    """AUTH PLAIN with an initial response logs in."""
     client = env.connect()
-    reply = client.send(f"AUTH PLAIN {plain('', 'alice', 'secret')}\r\n")
+    reply = client.send(f"AUTH PLAIN {plain('', 'alice', ALICE_PASSWORD)}\r\n")
     assert reply.startswith("+OK Logged in")
 
 
 def test_auth_plain_continuation(env: Env) -> None:
+    """AUTH PLAIN with the response on the next line logs in."""
     client = env.connect()
     assert client.send("auth plain\r\n") == "+ \r\n"
     assert client.send(plain("bob", "bob", PASSWORDS["bob"]) + "\r\n").startswith("+OK Logged in")
 
 
 def test_auth_plain_failures(env: Env) -> None:
+    """Wrong password, foreign authzid, bad base64, empty response, unknown mechanism and cancel each get their -ERR."""
     client = env.connect()
     assert client.send(f"AUTH PLAIN {plain('', 'alice', 'nope')}\r\n") == "-ERR [AUTH] Authentication failed\r\n"
-    assert client.send(f"AUTH PLAIN {plain('bob', 'alice', 'secret')}\r\n") == "-ERR [AUTH] Authentication failed\r\n"
+    assert client.send(f"AUTH PLAIN {plain('bob', 'alice', ALICE_PASSWORD)}\r\n") == "-ERR [AUTH] Authentication failed\r\n"
     assert client.send("AUTH PLAIN !!!notbase64\r\n") == "-ERR Invalid base64 data\r\n"
     assert client.send("AUTH PLAIN =\r\n") == "-ERR [AUTH] Authentication failed\r\n"
     assert client.send("AUTH CRAM-MD5\r\n") == "-ERR Unsupported authentication mechanism\r\n"
@@ -344,6 +365,7 @@ def test_auth_plain_failures(env: Env) -> None:
 
 
 def test_auth_plain_continuation_may_exceed_command_line_limit(env: Env) -> None:
+    """An AUTH PLAIN response longer than a command line is read whole and judged, not cut."""
     client = env.connect()
     client.send("AUTH PLAIN\r\n")
     response = plain("", "alice", "x" * 400)
@@ -355,6 +377,7 @@ def test_auth_plain_continuation_may_exceed_command_line_limit(env: Env) -> None
 
 
 def test_stat_list_uidl(env: Env) -> None:
+    """STAT, LIST and UIDL report every message, single or all, and bad message numbers get -ERR."""
     p1 = env.deliver("alice", MESSAGE_1)
     p2 = env.deliver("alice", MESSAGE_2)
     client = env.connect()
@@ -375,6 +398,7 @@ def test_stat_list_uidl(env: Env) -> None:
 
 
 def test_new_mail_moves_to_cur_with_info_suffix(env: Env) -> None:
+    """Logging in moves new mail to cur/ with the ":2," info suffix."""
     path = env.deliver("alice", MESSAGE_1)
     client = env.connect()
     client.login()
@@ -382,6 +406,7 @@ def test_new_mail_moves_to_cur_with_info_suffix(env: Env) -> None:
 
 
 def test_uidl_stable_across_sessions_and_restarts(env: Env) -> None:
+    """UIDLs stay the same in a later session and after a restart, new mail added at the end."""
     env.deliver("alice", MESSAGE_1)
     env.deliver("alice", MESSAGE_2)
     first = env.connect()
@@ -397,6 +422,7 @@ def test_uidl_stable_across_sessions_and_restarts(env: Env) -> None:
 
 
 def test_uidl_for_long_or_odd_names_is_a_stable_hash() -> None:
+    """A UIDL is the Maildir unique name, or a stable hash of it when that is too long."""
     assert uidl_for("123.abc,S=10:2,S") == "123.abc"
     long_name = "1700000000.M1P2Q3R4." + "h" * 80
     assert uidl_for(long_name) == uidl_for(long_name + ",S=5:2,") != long_name
@@ -404,6 +430,7 @@ def test_uidl_for_long_or_odd_names_is_a_stable_hash() -> None:
 
 
 def test_retr_dot_stuffing(env: Env) -> None:
+    """RETR dot-stuffs lines that start with a dot and ends with a lone dot."""
     env.deliver("alice", MESSAGE_2)
     client = env.connect()
     client.login()
@@ -418,6 +445,7 @@ def test_retr_dot_stuffing(env: Env) -> None:
 def test_retr_dot_stuffing_across_block_boundaries(
     env: Env, monkeypatch: pytest.MonkeyPatch, chunk_size: int
 ) -> None:
+    """Dot-stuffing is right wherever the file's read blocks split lines, and a missing final CRLF is added."""
     monkeypatch.setattr(pop3_transfer, "CHUNK_SIZE", chunk_size)
     message = b".first\r\n" + MESSAGE_2 + b".\r\n..\r\n.last"
     env.deliver("alice", message)
@@ -429,6 +457,7 @@ def test_retr_dot_stuffing_across_block_boundaries(
 
 
 def test_retr_status_and_first_block_in_one_write(env: Env) -> None:
+    """RETR's status line and the first block go out in one write (no delayed-ACK stall), the terminator after."""
     env.deliver("alice", MESSAGE_1)
     client = env.connect()
     client.login()
@@ -441,6 +470,7 @@ def test_retr_status_and_first_block_in_one_write(env: Env) -> None:
 
 
 def test_retr_empty_message(env: Env) -> None:
+    """RETR of an empty message is the status line and the terminator."""
     env.deliver("alice", b"")
     client = env.connect()
     client.login()
@@ -448,6 +478,7 @@ def test_retr_empty_message(env: Env) -> None:
 
 
 def test_top(env: Env) -> None:
+    """TOP gives the header and the asked number of body lines; bad arguments get -ERR."""
     env.deliver("alice", MESSAGE_2)
     client = env.connect()
     client.login()
@@ -460,6 +491,7 @@ def test_top(env: Env) -> None:
 
 
 def test_dele_rset_quit_keeps_messages(env: Env) -> None:
+    """RSET undoes DELE: QUIT then deletes nothing."""
     env.deliver("alice", MESSAGE_1)
     env.deliver("alice", MESSAGE_2)
     client = env.connect()
@@ -472,6 +504,7 @@ def test_dele_rset_quit_keeps_messages(env: Env) -> None:
 
 
 def test_dele_quit_removes_and_deleted_messages_are_invisible(env: Env) -> None:
+    """A deleted message is gone for every command at once, removed from disk at QUIT, and the lock released."""
     env.deliver("alice", MESSAGE_1)
     env.deliver("alice", MESSAGE_2)
     client = env.connect()
@@ -492,6 +525,7 @@ def test_dele_quit_removes_and_deleted_messages_are_invisible(env: Env) -> None:
 
 
 def test_dele_then_connection_lost_keeps_everything(env: Env) -> None:
+    """A session lost after DELE deletes nothing and releases the mailbox lock."""
     env.deliver("alice", MESSAGE_1)
     client = env.connect()
     client.login()
@@ -502,6 +536,7 @@ def test_dele_then_connection_lost_keeps_everything(env: Env) -> None:
 
 
 def test_idle_timeout_closes_without_deleting(env: Env) -> None:
+    """After 600 s idle the session is closed with -ERR, deleting nothing and releasing the lock."""
     env.deliver("alice", MESSAGE_1)
     client = env.connect()
     client.login()
@@ -520,9 +555,10 @@ def test_idle_timeout_closes_without_deleting(env: Env) -> None:
 
 
 def test_pipelined_commands_answered_in_order(env: Env) -> None:
+    """A pipelined login-to-QUIT sequence is answered in order and its deletion committed."""
     env.deliver("alice", MESSAGE_1)
     client = env.connect()
-    reply = client.send("USER alice\r\nPASS secret\r\nSTAT\r\nUIDL 1\r\nRETR 1\r\nDELE 1\r\nQUIT\r\n")
+    reply = client.send("USER alice\r\nPASS alice-password\r\nSTAT\r\nUIDL 1\r\nRETR 1\r\nDELE 1\r\nQUIT\r\n")
     statuses = [line for line in reply.split("\r\n") if line.startswith(("+OK", "-ERR"))]
     assert statuses[0] == "+OK Send your password"
     assert statuses[1].startswith("+OK Logged in, 1 messages")
@@ -535,10 +571,11 @@ def test_pipelined_commands_answered_in_order(env: Env) -> None:
 
 
 def test_pipelined_commands_wait_for_asynchronous_work(env: Env) -> None:
+    """Pipelined commands wait for the mailbox scan and QUIT's commit; nothing after QUIT is answered."""
     env.deliver("alice", MESSAGE_1)
     runner = ManualRunner()
     client = env.connect(run_blocking=runner)
-    reply = client.send("USER alice\r\nPASS secret\r\nSTAT\r\nDELE 1\r\nQUIT\r\nNOOP\r\n")
+    reply = client.send("USER alice\r\nPASS alice-password\r\nSTAT\r\nDELE 1\r\nQUIT\r\nNOOP\r\n")
     assert reply == "+OK Send your password\r\n"  # the mailbox scan is still running
     runner.run_one()
     reply = client.take()
@@ -566,6 +603,7 @@ class PausingTransport(StringTransport):
 
 
 def test_retr_is_paced_by_the_transport_and_later_commands_wait(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slow reader paces RETR's writes, and a pipelined NOOP is answered only after the terminator."""
     monkeypatch.setattr(pop3_transfer, "CHUNK_SIZE", 16)
     env.deliver("alice", MESSAGE_2)
     session = env.factory().buildProtocol(IPv4Address("TCP", "192.0.2.7", 40000))
@@ -589,9 +627,10 @@ def test_retr_is_paced_by_the_transport_and_later_commands_wait(env: Env, monkey
 
 
 def test_pipelined_input_is_bounded_while_a_command_runs(env: Env) -> None:
+    """A flood of pipelined commands during a login pauses reading, then every command is answered."""
     runner = ManualRunner()
     client = env.connect(run_blocking=runner)
-    client.send("USER alice\r\nPASS secret\r\n")
+    client.send("USER alice\r\nPASS alice-password\r\n")
     client.send("NOOP\r\n" * 20_000)
     assert client.transport.producerState == "paused"  # stop reading until we catch up
     runner.run_one()
@@ -601,9 +640,10 @@ def test_pipelined_input_is_bounded_while_a_command_runs(env: Env) -> None:
 
 
 def test_connection_lost_during_mailbox_scan_releases_lock_afterwards(env: Env) -> None:
+    """A client gone during the mailbox scan leaves the lock held until the scan ends, then released."""
     runner = ManualRunner()
     client = env.connect(run_blocking=runner)
-    client.send("USER alice\r\nPASS secret\r\n")
+    client.send("USER alice\r\nPASS alice-password\r\n")
     client.drop()
     assert env.locks.is_locked("alice")  # the scan still owns the mailbox
     runner.run_one()
@@ -612,6 +652,7 @@ def test_connection_lost_during_mailbox_scan_releases_lock_afterwards(env: Env) 
 
 
 def test_overlong_line(env: Env) -> None:
+    """A command line over 255 octets gets -ERR Line too long; one of exactly 255 is accepted."""
     client = env.connect()
     assert client.send("NOOP " + "x" * 300 + "\r\n") == "-ERR Line too long\r\n"
     assert client.send("USER " + "a" * 248 + "\r\n") == "+OK Send your password\r\n"  # 255 octets with CRLF
@@ -619,6 +660,7 @@ def test_overlong_line(env: Env) -> None:
 
 
 def test_overlong_line_in_pieces_keeps_buffer_bounded(env: Env) -> None:
+    """An endless line arriving in pieces is never buffered past the limit and the session goes on."""
     client = env.connect()
     for _ in range(100):
         assert client.send("y" * 10_000) == ""
@@ -627,13 +669,15 @@ def test_overlong_line_in_pieces_keeps_buffer_bounded(env: Env) -> None:
 
 
 def test_bare_lf_and_case_insensitive_commands(env: Env) -> None:
+    """Commands end with bare LF too and are case-insensitive."""
     client = env.connect()
     client.send("user alice\n")
-    assert client.send("pAsS secret\n").startswith("+OK Logged in")
+    assert client.send("pAsS alice-password\n").startswith("+OK Logged in")
     assert client.send("stat\n") == "+OK 0 0\r\n"
 
 
 def test_unknown_command(env: Env) -> None:
+    """Unknown commands, empty lines and APOP get -ERR Unknown command."""
     client = env.connect()
     assert client.send("XYZZY\r\n") == "-ERR Unknown command\r\n"
     assert client.send("\r\n") == "-ERR Unknown command\r\n"
@@ -641,22 +685,25 @@ def test_unknown_command(env: Env) -> None:
 
 
 def test_commands_in_the_wrong_state(env: Env) -> None:
-    client = env.connect(tls_context_factory=object())
+    """Transaction commands before login and login commands after it get -ERR (STLS listener, plaintext allowed)."""
+    client = env.connect(allow_plaintext_auth=True, implicit_tls=False, tls_context_factory=object())
     for command in ("STAT", "LIST", "UIDL", "RETR 1", "TOP 1 1", "DELE 1", "RSET", "NOOP"):
         assert client.send(command + "\r\n") == "-ERR Not logged in\r\n", command
-    assert client.send("PASS secret\r\n") == "-ERR Send USER first\r\n"
+    assert client.send("PASS alice-password\r\n") == "-ERR Send USER first\r\n"
     client.login()
-    for command in ("USER alice", "PASS secret", "AUTH PLAIN", "STLS"):
+    for command in ("USER alice", "PASS alice-password", "AUTH PLAIN", "STLS"):
         assert client.send(command + "\r\n") == "-ERR Command not valid after login\r\n", command
     assert client.send("STAT 1\r\n") == "-ERR STAT takes no argument\r\n"
 
 
 def test_stls_without_tls_context(env: Env) -> None:
-    client = env.connect()
+    """STLS without a TLS context gets -ERR TLS is not available."""
+    client = env.connect(implicit_tls=False, tls_context_factory=None)
     assert client.send("STLS\r\n") == "-ERR TLS is not available\r\n"
 
 
 def test_stls_when_already_in_tls(env: Env) -> None:
+    """STLS on the pop3s listener gets -ERR Already using TLS."""
     client = env.connect(implicit_tls=True, tls_context_factory=object())
     assert client.send("STLS\r\n") == "-ERR Already using TLS\r\n"
 
@@ -739,37 +786,16 @@ def pump(a: MemoryTLSTransport, b: MemoryTLSTransport) -> None:
 
 
 @pytest.fixture(scope="module")
-def tls_contexts() -> tuple[Any, Any]:
-    """(server options, client options) from a fresh self-signed certificate."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HOSTNAME)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(HOSTNAME)]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    server = PrivateCertificate.loadPEM(cert_pem + key_pem).options()
-    client = optionsForClientTLS(HOSTNAME, trustRoot=Certificate.loadPEM(cert_pem))
-    return server, client
+def tls_contexts(pki: Any) -> tuple[Any, Any]:
+    """(server options, client options) from the test PKI: the localhost certificate and its CA."""
+    return pki.twisted_contexts()
 
 
 def tls_pair(
     env: Env, server_context: Any, **kwargs: Any
 ) -> tuple[POP3Session, Collector, MemoryTLSTransport, MemoryTLSTransport]:
     """A server session and a client, connected in clear, greeting already read."""
-    factory = env.factory(tls_context_factory=server_context, **kwargs)
+    factory = env.factory(tls_context_factory=server_context, implicit_tls=False, **kwargs)
     session = factory.buildProtocol(IPv4Address("TCP", "192.0.2.8", 40001))
     server_transport = MemoryTLSTransport(is_client=False)
     server_transport.protocol = session
@@ -785,6 +811,7 @@ def tls_pair(
 
 @pytest.mark.filterwarnings("ignore:Passing pyOpenSSL:DeprecationWarning")  # inside Twisted's TLS setup
 def test_stls_discards_pipelined_command_and_logs_in_over_tls(env: Env, tls_contexts: tuple[Any, Any]) -> None:
+    """A USER pipelined after STLS is discarded, not run inside TLS; login and RETR then work over real TLS."""
     server_context, client_context = tls_contexts
     env.deliver("alice", MESSAGE_2)
     # Plaintext login is allowed here so that a smuggled USER would visibly count.
@@ -795,14 +822,14 @@ def test_stls_discards_pipelined_command_and_logs_in_over_tls(env: Env, tls_cont
     ct.startTLS(client_context)
     pump(st, ct)
     assert client.take() == ""
-    ct.write(b"PASS secret\r\n")
+    ct.write(b"PASS alice-password\r\n")
     pump(st, ct)
     assert client.take() == "-ERR Send USER first\r\n"  # the pipelined USER was never executed
     ct.write(b"CAPA\r\n")
     pump(st, ct)
     caps = multiline(client.take())
     assert "STLS" not in caps and "USER" in caps
-    ct.write(b"USER alice\r\nPASS secret\r\nRETR 1\r\nQUIT\r\n")
+    ct.write(b"USER alice\r\nPASS alice-password\r\nRETR 1\r\nQUIT\r\n")
     pump(st, ct)
     reply = client.take()
     assert reply.startswith("+OK Send your password\r\n+OK Logged in, 1 messages")
@@ -814,6 +841,7 @@ def test_stls_discards_pipelined_command_and_logs_in_over_tls(env: Env, tls_cont
 
 @pytest.mark.filterwarnings("ignore:Passing pyOpenSSL:DeprecationWarning")
 def test_stls_enables_login_when_plaintext_is_refused(env: Env, tls_contexts: tuple[Any, Any]) -> None:
+    """Plaintext refused: USER is offered only after STLS, a pipelined CAPA is discarded, AUTH PLAIN works in TLS."""
     server_context, client_context = tls_contexts
     session, client, st, ct = tls_pair(env, server_context, allow_plaintext_auth=False)
     ct.write(b"CAPA\r\n")
@@ -826,6 +854,6 @@ def test_stls_enables_login_when_plaintext_is_refused(env: Env, tls_contexts: tu
     pump(st, ct)
     assert client.take() == ""  # the pipelined CAPA was discarded
     assert session.in_tls
-    ct.write(f"AUTH PLAIN {plain('', 'alice', 'secret')}\r\nSTLS\r\n".encode())
+    ct.write(f"AUTH PLAIN {plain('', 'alice', ALICE_PASSWORD)}\r\nSTLS\r\n".encode())
     pump(st, ct)
     assert client.take() == "+OK Logged in, 0 messages (0 octets)\r\n-ERR Command not valid after login\r\n"

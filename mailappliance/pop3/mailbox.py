@@ -22,15 +22,12 @@ import attrs
 from twisted.cred.portal import IRealm
 from zope.interface import Attribute, Interface, implementer
 
+from mailappliance.authenticator import MailboxInUse
 from mailappliance.directory import Subscriber
 from mailappliance.maildir import ensure_maildir, maildir_for
 
 MAX_UIDL_LENGTH = 70  # RFC 1939 section 7: 1 to 70 characters in 0x21..0x7E
 INFO_SUFFIX = ":2,"  # Maildir "info" for a seen-by-the-MUA message without flags
-
-
-class MailboxInUse(Exception):
-    """Another POP3 session holds this mailbox (answered ``-ERR [IN-USE]``)."""
 
 
 class NoSuchMessage(LookupError):

@@ -21,12 +21,9 @@ context with escaping) and keeps only POP3's grammar and state.  Rules kept here
 
 from __future__ import annotations
 
-import base64
-import binascii
 import enum
 from typing import Any, BinaryIO, Callable, Iterator
 
-from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory
@@ -34,17 +31,11 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mailappliance.credentials import ClientPassword, LoginThrottled
-from mailappliance.directory import DirectoryUnavailable
+from mailappliance.authenticator import Authenticator, LoginOutcome, LoginResult
 from mailappliance.linesession import LINE_TOO_LONG, LineSession, SessionSettings
 from mailappliance.metrics import METRICS
-from mailappliance.pop3.mailbox import (
-    CommitResult,
-    IMaildirAccess,
-    MailboxInUse,
-    MessageDeleted,
-    NoSuchMessage,
-)
+from mailappliance.pop3.mailbox import CommitResult, IMaildirAccess, MessageDeleted, NoSuchMessage
+from mailappliance.sasl import Collected, FailureKind, SaslExchange, SaslFailure
 from mailappliance.pop3.transfer import listing, message_answer, read_blocks, read_top
 
 log = Logger(namespace="mailappliance.pop3")
@@ -53,6 +44,28 @@ MAX_COMMAND_LINE = 255  # RFC 2449 section 4: including the CRLF
 MAX_SASL_LINE = 2048  # RFC 5034 section 4: SASL responses may exceed 255 (PLAIN: up to ~1 KiB)
 
 RunBlocking = Callable[..., Deferred]
+
+
+SASL_FAILURE_REPLIES = {
+    FailureKind.CANCELLED: "Authentication cancelled",
+    FailureKind.BAD_ENCODING: "Invalid base64 data",
+    FailureKind.MALFORMED: "[AUTH] Authentication failed",
+    FailureKind.UNSUPPORTED: "Unsupported authentication mechanism",
+}
+LOGIN_REPLIES = {
+    LoginResult.REFUSED: "[AUTH] Authentication failed",
+    LoginResult.THROTTLED: "[LOGIN-DELAY] Too many failed logins, try again later",
+    LoginResult.IN_USE: "[IN-USE] Mailbox is locked by another session",
+    LoginResult.TEMPORARY: "[SYS/TEMP] Directory unavailable, try again later",
+}
+
+
+def _text(wire: bytes) -> str | bytes:
+    """UTF-8 text, or the bytes themselves when they are not (the checker refuses those)."""
+    try:
+        return wire.decode("utf-8")
+    except UnicodeDecodeError:
+        return wire
 
 
 class State(enum.Enum):
@@ -240,7 +253,7 @@ class POP3Session(LineSession):
             self._err("Send USER first")
             return
         login, self._pending_user = self._pending_user, None
-        self._login(login, argument, "USER")  # the whole rest of the line: spaces allowed
+        self._login(_text(login), _text(argument), "USER")  # the whole rest of the line: spaces allowed
 
     def _cmd_auth(self, argument: bytes) -> None:
         if not self._require_authorization():
@@ -264,30 +277,17 @@ class POP3Session(LineSession):
         self._auth_plain_response(b"" if parts[1] == b"=" else parts[1])
 
     def _auth_plain_response(self, response: bytes) -> None:
-        """RFC 4616 message: authzid NUL authcid NUL password, base64 encoded."""
-        if response.strip() == b"*":
-            self._err("Authentication cancelled")
+        """RFC 4616 message: authzid NUL authcid NUL password, base64 encoded (the shared SASL parser)."""
+        exchange = SaslExchange("PLAIN", ("PLAIN",))
+        step = exchange.respond(response.decode("ascii", "replace"))
+        if isinstance(step, SaslFailure):
+            if step.kind is FailureKind.MALFORMED:
+                self.log_event(log.info, "login failed: login={login} mechanism=PLAIN reason={why}",
+                               login=step.login or "?", why=step.reason)
+            self._err(SASL_FAILURE_REPLIES[step.kind])
             return
-        try:
-            message = base64.b64decode(response.strip(), validate=True)
-        except (binascii.Error, ValueError):
-            self._err("Invalid base64 data")
-            return
-        fields = message.split(b"\0")
-        if len(fields) != 3 or not fields[1] or not fields[2]:
-            self.log_event(log.info, "login failed: mechanism=PLAIN reason=malformed PLAIN message")
-            self._err("[AUTH] Authentication failed")
-            return
-        authzid, authcid, password = fields
-        if authzid and authzid != authcid:
-            self.log_event(
-                log.info,
-                "login failed: login={login} mechanism=PLAIN reason=authorization identity {authzid} not supported",
-                login=authcid.decode("utf-8", "replace"), authzid=authzid.decode("utf-8", "replace"),
-            )
-            self._err("[AUTH] Authentication failed")
-            return
-        self._login(authcid, password, "PLAIN")
+        assert isinstance(step, Collected)
+        self._login(step.login, step.password, "PLAIN")
 
     def _cmd_stls(self, argument: bytes) -> None:
         if not self._require_authorization():
@@ -308,15 +308,20 @@ class POP3Session(LineSession):
 
     # -- login ------------------------------------------------------------------------
 
-    def _login(self, login: bytes, password: bytes, mechanism: str) -> None:
-        self._login_name = login.decode("utf-8", "replace")
-        credentials = ClientPassword(login, password, self.client_ip)
-        d = self.factory.portal.login(credentials, self, IMaildirAccess)
-        d.addCallbacks(self._logged_in, self._login_failed, callbackArgs=(mechanism,), errbackArgs=(mechanism,))
+    def _login(self, login: str | bytes, password: str | bytes, mechanism: str) -> None:
+        """Log in through the shared front door; text from SASL, bytes from USER/PASS
+        when they are not UTF-8 (the checker then refuses them, counting the failure)."""
+        self._login_name = login if isinstance(login, str) else login.decode("utf-8", "replace")
+        d = self.factory.authenticator.password(login, password, self.client_ip, mechanism,  # type: ignore[arg-type]
+                                                IMaildirAccess, mind=self)
+        d.addCallback(self._login_outcome, mechanism)
         self.run(d)
 
-    def _logged_in(self, avatar: tuple[Any, Any, Callable[[], None]], mechanism: str) -> Deferred | None:
-        _, mailbox, logout = avatar
+    def _login_outcome(self, outcome: LoginOutcome, mechanism: str) -> Deferred | None:
+        if not outcome.ok:
+            self._login_failed(outcome, mechanism)
+            return None
+        mailbox, logout = outcome.avatar, outcome.logout
         if self.closed:
             logout()
             return None
@@ -330,7 +335,6 @@ class POP3Session(LineSession):
             self._release_mailbox()
             return
         count, octets = self._mailbox.stat()
-        METRICS.count("mailappliance_auth_total", protocol="pop3", mechanism=mechanism, result="ok")
         self.state = State.TRANSACTION
         self.log_event(
             log.info if self.in_tls else log.warn,
@@ -347,37 +351,17 @@ class POP3Session(LineSession):
         self._release_mailbox()
         self._err("[SYS/TEMP] Unable to open the mailbox, try again later")
 
-    def _login_failed(self, failure: Failure, mechanism: str) -> None:
-        fields = dict(login=self._login_name, mechanism=mechanism)
-        result = "failed" if failure.check(UnauthorizedLogin) else (
-            "throttled" if failure.check(LoginThrottled) else "temporary")
-        METRICS.count("mailappliance_auth_total", protocol="pop3", mechanism=mechanism, result=result)
-        if failure.check(UnauthorizedLogin):
-            reason = getattr(failure.value, "reason", None) or "unauthorized"
-            self.log_event(
-                log.info, "login failed: login={login} mechanism={mechanism} reason={reason}", reason=reason, **fields
-            )
-            self._err("[AUTH] Authentication failed")
-        elif failure.check(LoginThrottled):
-            self.log_event(
-                log.info, "login failed: login={login} mechanism={mechanism} reason=throttled: {why}",
-                why=failure.value.reason, **fields,
-            )
-            self._err("[LOGIN-DELAY] Too many failed logins, try again later")
-        elif failure.check(MailboxInUse):
-            self.log_event(log.info, "login refused: login={login} mechanism={mechanism} mailbox in use", **fields)
-            self._err("[IN-USE] Mailbox is locked by another session")
-        elif failure.check(DirectoryUnavailable):
-            self.log_event(
-                log.warn, "login deferred: login={login} mechanism={mechanism} directory unavailable: {why}",
-                why=failure.getErrorMessage(), **fields,
-            )
-            self._err("[SYS/TEMP] Directory unavailable, try again later")
-        else:
-            self.log_event(
-                log.failure, "login error: login={login} mechanism={mechanism}", failure=failure, **fields
-            )
+    def _login_failed(self, outcome: LoginOutcome, mechanism: str) -> None:
+        if outcome.unexpected is not None:
+            self.log_event(log.failure, "login error: login={login} mechanism={mechanism}",
+                           failure=outcome.unexpected, login=self._login_name, mechanism=mechanism)
+        level = log.warn if outcome.result is LoginResult.TEMPORARY else log.info
+        self.log_event(level, "login failed: login={login} mechanism={mechanism} reason={reason}",
+                       login=self._login_name, mechanism=mechanism, reason=outcome.reason)
+        if outcome.result is LoginResult.TEMPORARY and outcome.unexpected is not None:
             self._err("[SYS/TEMP] Internal error, try again later")
+        else:
+            self._err(LOGIN_REPLIES[outcome.result])
 
     # -- TRANSACTION ----------------------------------------------------------------
 
@@ -571,6 +555,7 @@ class POP3Factory(Factory):
 
             reactor = default_reactor
         self.portal = portal
+        self.authenticator = Authenticator(portal, "pop3")
         self.hostname = hostname
         self.allow_plaintext_auth = allow_plaintext_auth
         self.tls_context_factory = tls_context_factory

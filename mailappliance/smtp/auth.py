@@ -3,26 +3,20 @@
 A mixin of :class:`~mailappliance.smtp.server.SMTPSession`.  Secrets only
 inside TLS: AUTH is refused (and not advertised) before TLS unless the admin
 allowed plaintext on the listener, and on the MX it is off unless the
-listener enables it.  Both ways in end at the one shared credential checker.
+listener enables it.  Both ways in go through the one
+:class:`~mailappliance.authenticator.Authenticator`; this module only maps
+its outcomes to replies.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from twisted.cred.error import UnauthorizedLogin
-from twisted.python.failure import Failure
-
-from mailappliance.credentials import (
-    ClientCertificateCredentials,
-    ClientPassword,
-    ISubscriberIdentity,
-    LoginThrottled,
-)
-from mailappliance.directory import DirectoryUnavailable, Subscriber
-from mailappliance.metrics import METRICS
+from mailappliance.authenticator import LoginOutcome, LoginResult
+from mailappliance.credentials import ISubscriberIdentity
+from mailappliance.directory import Subscriber
+from mailappliance.sasl import Challenge, FailureKind, SaslExchange, SaslFailure, Step
 from mailappliance.smtp import replies
-from mailappliance.smtp.sasl import Challenge, Collected, SaslExchange, SaslFailure, Step
 
 if TYPE_CHECKING:
     from mailappliance.smtp.server import SMTPSession
@@ -30,6 +24,19 @@ if TYPE_CHECKING:
     _Base = SMTPSession
 else:
     _Base = object
+
+SASL_FAILURE_REPLIES = {
+    FailureKind.CANCELLED: replies.Reply(501, "5.0.0", "Authentication cancelled"),
+    FailureKind.BAD_ENCODING: replies.Reply(501, "5.5.2", "Cannot decode response"),
+    FailureKind.MALFORMED: replies.AUTH_INVALID,
+    FailureKind.UNSUPPORTED: replies.Reply(504, "5.5.4", "Unrecognized authentication type"),
+}
+LOGIN_REPLIES = {
+    LoginResult.REFUSED: replies.AUTH_INVALID,
+    LoginResult.THROTTLED: replies.AUTH_THROTTLED,
+    LoginResult.TEMPORARY: replies.AUTH_TEMPORARY,
+    LoginResult.IN_USE: replies.AUTH_TEMPORARY,
+}
 
 
 class AuthCommands(_Base):
@@ -39,41 +46,35 @@ class AuthCommands(_Base):
     def may_authenticate(self) -> bool:
         """AUTH is offered only inside TLS (unless the admin allowed it, loudly)
         and only on listeners that take logins."""
-        return (self.factory.portal is not None and self.config.offer_auth
+        return (self.factory.authenticator is not None and self.config.offer_auth
                 and (self.secure or self.config.allow_plaintext_auth))
 
     def check_client_certificate(self) -> None:
         """After a TLS handshake: a mapped client certificate logs the subscriber in."""
         certificate = self.factory.peer_certificate(self.transport)
-        if certificate is None:
+        if certificate is None or self.factory.authenticator is None:
             return
-        credentials = ClientCertificateCredentials(
-            certificate.der, certificate.verified, certificate.subject
-        )
-        d = self.factory.portal.login(credentials, None, ISubscriberIdentity)
-        d.addCallbacks(self._certificate_accepted, self._certificate_refused,
-                       (certificate.subject,), None, (certificate,))
+        d = self.factory.authenticator.certificate(certificate.der, certificate.verified, certificate.subject,
+                                                   ISubscriberIdentity)
+        d.addCallback(self._certificate_outcome, certificate)
         self.run(d)
 
-    def _certificate_accepted(self, result: tuple[Any, Subscriber, Any], subject: str) -> None:
-        self.authenticated(result[1], "certificate", subject)
-
-    def _certificate_refused(self, failure: Failure, certificate: Any) -> None:
-        METRICS.count("mailappliance_auth_total", protocol="smtp", mechanism="certificate", result="failed")
-        why = certificate.reason if not certificate.verified else failure.getErrorMessage()
-        self.log_event(self.log.info, "auth failed: mechanism=certificate subject='{subject}' listener={listener} "
-                       "reason={why}", subject=certificate.subject, listener=self.config.listener, why=why)
+    def _certificate_outcome(self, outcome: LoginOutcome, certificate: Any) -> None:
+        if outcome.ok:
+            self.authenticated(outcome.avatar, "certificate", certificate.subject)
+            return
+        why = certificate.reason if not certificate.verified else outcome.reason
+        self._log_failure("certificate", certificate.subject, why, outcome)
 
     def authenticated(self, subscriber: Subscriber, method: str, login: str) -> None:
-        METRICS.count("mailappliance_auth_total", protocol="smtp", mechanism=method, result="ok")
         self.subscriber, self.auth_method = subscriber, method
         self.log_event(self.log.info, "auth ok: uid={uid} login='{login}' mechanism={method} listener={listener}",
                        uid=subscriber.uid, login=login, method=method, listener=self.config.listener)
 
     def smtp_AUTH(self, argument: str) -> None:
         if not self.may_authenticate:
-            self.error(replies.TLS_FIRST if self.config.offer_auth and self.factory.portal is not None
-                       else replies.NOT_IMPLEMENTED)
+            offered_here = self.config.offer_auth and self.factory.authenticator is not None
+            self.error(replies.TLS_FIRST if offered_here else replies.NOT_IMPLEMENTED)
             return
         if not self.esmtp:
             self.error(replies.NEED_EHLO)
@@ -100,7 +101,7 @@ class AuthCommands(_Base):
     def sasl_line_too_long(self) -> None:
         """RFC 4954: an overlong response cancels the exchange (500 5.5.6)."""
         exchange, self.sasl = self.sasl, None
-        self.auth_failed(exchange.mechanism if exchange else "?", "?", "response line too long")
+        self._log_failure(exchange.mechanism if exchange else "?", "?", "response line too long")
         self.error(replies.AUTH_LINE_TOO_LONG)
 
     def _sasl_step(self, exchange: SaslExchange, step: Step) -> None:
@@ -110,39 +111,35 @@ class AuthCommands(_Base):
             self.send(f"334 {step.text}\r\n".encode())
             return
         if isinstance(step, SaslFailure):
-            self.auth_failed(exchange.mechanism, "?", step.text)
-            self.error(replies.Reply(step.code, step.status, step.text))
+            self._log_failure(exchange.mechanism, step.login or "?", step.reason)
+            self.error(SASL_FAILURE_REPLIES[step.kind])
             return
-        self._check_password(exchange.mechanism, step)
-
-    def _check_password(self, mechanism: str, collected: Collected) -> None:
-        credentials = ClientPassword(collected.login.encode(), collected.password.encode(), self.client_ip)
-        d = self.factory.portal.login(credentials, None, ISubscriberIdentity)
-        d.addCallbacks(self._password_accepted, self._password_refused,
-                       (mechanism, collected.login), None, (mechanism, collected.login))
+        d = self.factory.authenticator.password(step.login, step.password, self.client_ip, exchange.mechanism,
+                                                ISubscriberIdentity)
+        d.addCallback(self._password_outcome, exchange.mechanism, step.login)
         self.run(d)
 
-    def _password_accepted(self, result: tuple[Any, Subscriber, Any], mechanism: str, login: str) -> None:
-        self.authenticated(result[1], mechanism, login)
-        self.respond(replies.AUTH_OK)
-
-    def _password_refused(self, failure: Failure, mechanism: str, login: str) -> None:
-        if failure.check(UnauthorizedLogin):
-            self.auth_failed(mechanism, login, getattr(failure.value, "reason", "refused"))
-            self.error(replies.AUTH_INVALID)
+    def _password_outcome(self, outcome: LoginOutcome, mechanism: str, login: str) -> None:
+        if outcome.ok:
+            self.authenticated(outcome.avatar, mechanism, login)
+            self.respond(replies.AUTH_OK)
             return
-        if failure.check(LoginThrottled):
-            self.auth_failed(mechanism, login, f"throttled: {failure.value.reason}")
-            self.error(replies.AUTH_THROTTLED)
+        self._log_failure(mechanism, login, outcome.reason, outcome)
+        reply = LOGIN_REPLIES[outcome.result]
+        if reply.permanent:
+            self.error(reply)
+        else:
+            self.respond(reply)
+
+    def _log_failure(self, mechanism: str, login: str, why: str, outcome: LoginOutcome | None = None) -> None:
+        if outcome is not None and outcome.unexpected is not None:
+            self.log_event(self.log.failure, "auth error", failure=outcome.unexpected)
+        result = outcome.result.value if outcome is not None else "failed"
+        if mechanism == "certificate":
+            self.log_event(self.log.info, "auth failed: mechanism=certificate subject='{subject}' result={result} "
+                           "listener={listener} reason={why}", subject=login, result=result,
+                           listener=self.config.listener, why=why)
             return
-        if not failure.check(DirectoryUnavailable):
-            self.log_event(self.log.failure, "auth error", failure=failure)
-        self.auth_failed(mechanism, login, f"temporary: {failure.getErrorMessage()}")
-        self.respond(replies.AUTH_TEMPORARY)
-
-    def auth_failed(self, mechanism: str, login: str, why: str) -> None:
-        METRICS.count("mailappliance_auth_total", protocol="smtp", mechanism=mechanism,
-                      result=why.split(":")[0] if why.startswith(("throttled", "temporary")) else "failed")
-        self.log_event(self.log.info, "auth failed: login='{login}' mechanism={mechanism} listener={listener} "
-                       "reason={why}", login=login, mechanism=mechanism, listener=self.config.listener, why=why)
-
+        self.log_event(self.log.info, "auth failed: login='{login}' mechanism={mechanism} result={result} "
+                       "listener={listener} reason={why}", login=login, mechanism=mechanism, result=result,
+                       listener=self.config.listener, why=why)

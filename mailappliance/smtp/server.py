@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailappliance.authenticator import Authenticator
 from mailappliance.delivery import Committer, Delivery
 from mailappliance.directory import Subscriber
 from mailappliance.linesession import LINE_TOO_LONG, LineSession, SessionSettings
@@ -31,9 +32,9 @@ from mailappliance.metrics import METRICS
 from mailappliance.queue.spool import OutboundSpool
 from mailappliance.screening import ClientFacts, screen_client, screen_helo
 from mailappliance.smtp import replies
+from mailappliance.sasl import SaslExchange
 from mailappliance.smtp.auth import AuthCommands
 from mailappliance.smtp.data import DataReader
-from mailappliance.smtp.sasl import SaslExchange
 from mailappliance.smtp.transaction import MailTransaction, Transaction
 
 MAX_COMMAND_LINE = 4096  # RFC 5321 says 512; AUTH (RFC 4954) needs more
@@ -371,6 +372,7 @@ class SMTPFactory(protocol.ServerFactory):
         self.find_recipient = find_recipient
         self.commit = commit  # makes a message durable: BatchCommitter.commit
         self.portal = portal
+        self.authenticator = Authenticator(portal, "smtp") if portal is not None else None
         self.spool = spool
         self.peer_certificate = peer_certificate
 
