@@ -7,7 +7,8 @@ clients lives here once, so the two protocols cannot drift apart:
   is discarded as it streams in and reported once (:data:`LINE_TOO_LONG`).
 * **Ordered work**: input is consumed strictly in order; while a command waits
   for the directory, the disk or a streamed answer (``run``/``stream``), later
-  pipelined input stays in the buffer.
+  pipelined input stays in the buffer.  At most ``units_per_turn`` commands
+  run per reactor turn, so one long pipeline cannot delay other sessions.
 * **Bounded input and output**: the session is a streaming producer of its
   transport.  When the transport holds more unsent output than its buffer size
   (Twisted pauses producers at 64 KiB), the session stops executing commands
@@ -68,6 +69,7 @@ class SessionSettings:
     command_time_limit: float = 120  # one command line, however slowly it drips in
     session_lifetime: float = 0  # seconds; 0: no limit
     max_pending_input: int = 64 * 1024  # held while a command runs: more stops reading
+    units_per_turn: int = 100  # commands (or DATA chunks) per reactor turn: fairness between sessions
     hard_input_limit: int = 1024 * 1024  # a client that ignores that is disconnected
 
 
@@ -98,6 +100,7 @@ class LineSession(Protocol, TimeoutMixin):
         self._stream: Iterator[bytes] | None = None
         self._stream_done: Callable[[bool], None] | None = None
         self._stream_call: Any = None
+        self._pump_call: Any = None  # the rest of a long pipeline, in the next reactor turn
         self._lifetime_call: Any = None
         self._expired = False
         self._counted = False
@@ -130,10 +133,10 @@ class LineSession(Protocol, TimeoutMixin):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.closed = True
         self.setTimeout(None)
-        for call in (self._lifetime_call, self._stream_call):
+        for call in (self._lifetime_call, self._stream_call, self._pump_call):
             if call is not None and call.active():
                 call.cancel()
-        self._lifetime_call = self._stream_call = None
+        self._lifetime_call = self._stream_call = self._pump_call = None
         if self._stream is not None:
             self._end_stream(False)
         if self._counted:
@@ -251,20 +254,28 @@ class LineSession(Protocol, TimeoutMixin):
     @property
     def held(self) -> bool:
         """True while input must wait (a command in progress, or unread output)."""
-        return bool(self._busy) or self._output_paused or self.closing or self.closed
+        return (bool(self._busy) or self._output_paused or self._pump_call is not None
+                or self.closing or self.closed)
 
     def pump(self) -> None:
         """Consume input in order until it runs out or something must be waited for."""
         if self._pumping:
             return  # an outer call up the stack continues the loop
         self._pumping = True
+        budget = self.settings.units_per_turn
         try:
             while not self.held:
                 if self._expired:
                     self._end_expired()
                     break
-                if not self.input or not self.consume_input():
+                if not self.input:
                     break
+                if budget <= 0:  # a long pipeline must not hold the reactor: the rest next turn
+                    self._pump_call = self.clock.callLater(0, self._next_turn)
+                    break
+                if not self.consume_input():
+                    break
+                budget -= 1
         except Exception:
             self._unexpected(Failure())
         finally:
@@ -275,6 +286,10 @@ class LineSession(Protocol, TimeoutMixin):
         else:
             self._partial_since = None
         self._update_reading()
+
+    def _next_turn(self) -> None:
+        self._pump_call = None
+        self.pump()
 
     def _update_reading(self) -> None:
         if self.closed:
