@@ -635,12 +635,9 @@ def test_pipelined_input_is_bounded_while_a_command_runs(env: Env) -> None:
     assert client.transport.producerState == "paused"  # stop reading until we catch up
     runner.run_one()
     reply = client.take()
-    turns = 0
-    while reply.count("+OK\r\n") < 20_000 and turns < 1000:  # a long pipeline runs over several turns
-        env.clock.advance(0)
-        reply += client.take()
-        turns += 1
-    assert turns >= 20_000 // 100 - 1
+    assert reply.count("+OK\r\n") <= 101  # a long pipeline yields the reactor between slices
+    env.clock.advance(0)  # (Clock runs the slices it schedules for now in one advance)
+    reply += client.take()
     assert reply.count("+OK\r\n") == 20_000
     assert client.transport.producerState == "producing"
 
