@@ -28,3 +28,17 @@ def process_rss(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def paced(condition: Callable[[], T], interval: float) -> Callable[[], T | None]:
+    """``condition``, asked at most once every ``interval`` seconds (None in between):
+    for conditions that cost the server a connection, which its rate limits count."""
+    last = [float("-inf")]
+
+    def ask() -> T | None:
+        if time.monotonic() - last[0] < interval:
+            return None
+        last[0] = time.monotonic()
+        return condition()
+
+    return ask

@@ -9,16 +9,19 @@ installed, which ``make test`` does), and waits until every listener answers.
 from __future__ import annotations
 
 import os
+import poplib
 import random
 import signal
 import socket
+import ssl
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable, Collection, Iterable, Iterator
 
 import pytest
+
+from tests.conditions import wait_until
 
 BIN = Path(sys.executable).parent
 
@@ -81,8 +84,11 @@ def toml_table(header: str, values: dict[str, Any]) -> str:
 class Appliance:
     """One daemon instance with its own directory tree and ports."""
 
-    def __init__(self, root: Path, sections: dict[str, dict[str, Any]], listeners: list[dict[str, Any]]) -> None:
+    def __init__(self, root: Path, sections: dict[str, dict[str, Any]], listeners: list[dict[str, Any]],
+                 pki: Any = None, slapd: Any = None) -> None:
         self.root = root
+        self.pki = pki  # the test PKI whose certificates the daemon serves, or None (self-signed)
+        self.slapd = slapd  # the slapd of the "ldap" backend, or None
         self.config_path = root / "mailappliance.toml"
         self.log_path = root / "twistd.log"
         self.ports = {listener["name"]: listener["port"] for listener in listeners}
@@ -100,19 +106,45 @@ class Appliance:
                    "mailappliance", "--config", str(self.config_path)]
         self.process = subprocess.Popen(command, cwd=self.root, stdin=subprocess.DEVNULL,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
         pending = set(self.ports.values())
-        while pending:
+
+        def every_listener_answers() -> bool:
+            assert self.process is not None
             if self.process.poll() is not None:
                 output = self.process.stdout.read().decode() if self.process.stdout else ""
                 raise RuntimeError(f"mailappliance exited with {self.process.returncode}:\n{output}\n{self.log()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"mailappliance did not open its ports:\n{self.log()}")
             for port in list(pending):
                 with socket.socket() as s:
                     if s.connect_ex(("127.0.0.1", port)) == 0:
                         pending.discard(port)
-            time.sleep(0.05)
+            return not pending
+
+        try:
+            wait_until(every_listener_answers, timeout, what="every listener answering")
+        except AssertionError:
+            raise RuntimeError(f"mailappliance did not open its ports:\n{self.log()}") from None
+
+    def client_context(self, certificate: str | None = None) -> ssl.SSLContext:
+        """A client's TLS context that trusts this daemon's certificate (and presents
+        the test PKI's ``certificate``, if named); without the test PKI it trusts the
+        generated self-signed certificate, whose name is not ours to check."""
+        if self.pki is not None:
+            return self.pki.client_context(certificate)
+        context = ssl.create_default_context(cafile=str(self.root / "tls" / "server.pem"))
+        context.check_hostname = False
+        return context
+
+    def pop3(self, login: str, password: str) -> poplib.POP3_SSL:
+        """A POP3 session over implicit TLS (the pop3s listener), logged in; a refused
+        login raises poplib.error_proto with the server's reply."""
+        client = poplib.POP3_SSL("127.0.0.1", self.ports["pop3s"], timeout=10, context=self.client_context())
+        try:
+            client.user(login)
+            client.pass_(password)
+        except BaseException:
+            client.close()
+            raise
+        return client
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -145,11 +177,12 @@ def appliance(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callab
     started: list[Appliance] = []
 
     def make(backend: str = "ldif", slapd: Any = None, cache_ttl: float = 60, pki: Any = None,
-             plaintext_pop3: bool = True, extra: dict[str, dict[str, Any]] | None = None,
+             plaintext_pop3: bool = False, extra: dict[str, dict[str, Any]] | None = None,
              start: bool = True) -> Appliance:
-        """A daemon with all five listeners; ``pki`` gives it the test CA's certificates
-        (otherwise it generates a self-signed one); ``plaintext_pop3`` allows POP3
-        logins without TLS on the ``pop3`` listener (the issue-2 tests use it)."""
+        """A daemon with every listener; ``pki`` gives it the test CA's certificates
+        (otherwise it generates a self-signed one).  POP3 logins need TLS, as in
+        production; ``plaintext_pop3=True`` allows them in clear on the ``pop3``
+        listener, for tests about plaintext login itself."""
         root = tmp_path / f"appliance{len(started)}"
         root.mkdir()
         directory: dict[str, Any] = {"backend": backend, "ldif_file": str(root / "users.ldif")}
@@ -176,8 +209,10 @@ def appliance(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callab
             {"name": role, "role": role, "address": "127.0.0.1", "port": free_port()}
             for role in ("mx", "submission", "submissions", "pop3", "pop3s", "autoconfig", "metrics")
         ]
-        listeners[3]["allow_plaintext_auth"] = plaintext_pop3
-        instance = Appliance(root, sections, listeners)
+        for listener in listeners:
+            if listener["role"] == "pop3":
+                listener["allow_plaintext_auth"] = plaintext_pop3
+        instance = Appliance(root, sections, listeners, pki=pki, slapd=slapd)
         started.append(instance)
         if start:
             instance.start()

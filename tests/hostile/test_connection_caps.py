@@ -34,7 +34,7 @@ def first_lines(instance: Appliance, listener: str, sources: list[str]) -> tuple
 
 def test_strangers_who_fill_the_mx_leave_room_for_subscribers(appliance: Callable[..., Appliance], pki: Any) -> None:
     """With limits.max_connections = 50, the MX holds 10 (its share), refuses the 11th with 421 4.7.0, and submission and POP3 still serve."""
-    instance = appliance(pki=pki, start=False, extra={"limits": {
+    instance = appliance(pki=pki, start=False, plaintext_pop3=True, extra={"limits": {
         "max_connections": 50, "concurrent_per_network": 1000, "connections_per_minute": 1000}})
     assert instance.admin("user", "add", "alice@example.org", password="alice-password").returncode == 0
     instance.start()

@@ -66,7 +66,8 @@ def failover(appliance: Callable[..., Appliance], slapd: Slapd, hung_server: str
     for uid in USERS:
         store.add_subscriber(uid, f"{uid}@example.org", f"{uid}-password")
     store.close()
-    return appliance(backend="ldap", slapd=slapd, extra={"directory.ldap": {"urls": [hung_server, slapd.url]}})
+    return appliance(backend="ldap", slapd=slapd, plaintext_pop3=True,  # USER/PASS in clear: a short client
+                     extra={"directory.ldap": {"urls": [hung_server, slapd.url]}})
 
 
 def test_hung_first_server_costs_one_timeout_then_the_next_serves(failover: Appliance, slapd: Slapd,

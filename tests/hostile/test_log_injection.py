@@ -18,7 +18,7 @@ LINE_BREAK = re.compile("[\n" + "".join(BREAKS) + "]")
 def test_crafted_pop3_and_smtp_input_cannot_plant_log_lines(appliance: Callable[..., Appliance]) -> None:
     """Logins and addresses full of line-break characters are logged escaped:
     no line of the log, however it is split, starts with the planted text."""
-    instance = appliance(extra={"auth": {  # no login delays: this test is about the log
+    instance = appliance(plaintext_pop3=True, extra={"auth": {  # logins in clear, no delays: it is about the log
         "failures_before_delay": 1000, "address_lock_after": 1000, "account_lock_after": 1000}})
     with socket.create_connection(("127.0.0.1", instance.ports["pop3"]), timeout=10) as pop3:
         pop3.recv(1024)

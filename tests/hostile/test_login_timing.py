@@ -65,7 +65,7 @@ def test_unknown_disabled_and_passwordless_logins_cost_what_a_known_one_costs(
         appliance: Callable[..., Appliance]) -> None:
     """Through the real daemon (POP3, LDIF): a wrong password for alice, an unknown login, a disabled
     subscriber and one without a password are refused after comparable times."""
-    instance = appliance(extra={"auth": {"cache_ttl": 0, **NO_THROTTLE}})
+    instance = appliance(plaintext_pop3=True, extra={"auth": {"cache_ttl": 0, **NO_THROTTLE}})  # raw POP3 client
     assert instance.admin("user", "add", "alice@example.org", password="alice-password").returncode == 0
     assert instance.admin("user", "add", "dora@example.org", password="dora-password").returncode == 0
     assert instance.admin("user", "disable", "dora").returncode == 0
