@@ -99,7 +99,8 @@ class Router:
         via_smarthost = relay is not None and relay is self.smarthost
         verify = domain in self.verify_domains or via_smarthost
         if relay is not None:
-            names = await self._mx_hosts(relay.host) if relay.use_mx else [relay.host]
+            use_mx = relay.use_mx and ip_literal(relay.host) is None  # "127.0.0.1:25" has no MX to ask for
+            names = await self._mx_hosts(relay.host) if use_mx else [relay.host]
             port = relay.port
         else:
             names = await self._mx_hosts(domain)
@@ -129,6 +130,9 @@ class Router:
         return list(dict.fromkeys(name for _, name in records))
 
     async def _addresses(self, host: str) -> list[str]:
+        literal = ip_literal(host)
+        if literal is not None:  # [192.0.2.1], [::1], [IPv6:2001:db8::1]: never a DNS question
+            return [literal]
         addresses: list[str] = []
         for lookup, record_type in ((self.resolver.lookupAddress, dns.A),
                                     (self.resolver.lookupIPV6Address, dns.AAAA)):
@@ -141,10 +145,15 @@ class Router:
                     addresses.append(rr.payload.dottedQuad())
                 elif rr.type == dns.AAAA and record_type == dns.AAAA:
                     addresses.append(socket.inet_ntop(socket.AF_INET6, rr.payload.address))
-        if not addresses:
-            try:
-                socket.inet_pton(socket.AF_INET, host)
-                addresses.append(host)  # a literal address given in the transport map
-            except OSError:
-                pass
         return addresses
+
+
+def ip_literal(host: str) -> str | None:
+    """The address if ``host`` is an IPv4 or IPv6 literal (RFC 5321 "IPv6:" tag allowed), else None."""
+    text = host[5:] if host.lower().startswith("ipv6:") else host
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            return socket.inet_ntop(family, socket.inet_pton(family, text))
+        except OSError:
+            continue
+    return None
