@@ -18,7 +18,8 @@ clients lives here once, so the two protocols cannot drift apart:
   ``hard_input_limit`` (the session ends).
 * **Time**: idle timeout, slow-drip guard (a command line must complete within
   ``command_time_limit`` however slowly its bytes arrive) and a session
-  lifetime, all on the injected clock.  A session whose client does not read
+  lifetime (checked as input arrives: a silent session meets its idle
+  timeout first, so no timer per session is needed), all on the injected clock.  A session whose client does not read
   is aborted at its timeout instead of waiting for a flush that never comes.
 * **TLS upgrade**: bytes pipelined before the handshake are discarded and the
   protocol is told to forget what it knew (CVE-2011-0411 class).
@@ -101,7 +102,7 @@ class LineSession(Protocol, TimeoutMixin):
         self._stream_done: Callable[[bool], None] | None = None
         self._stream_call: Any = None
         self._pump_call: Any = None  # the rest of a long pipeline, in the next reactor turn
-        self._lifetime_call: Any = None
+        self._started = 0.0
         self._expired = False
         self._counted = False
         self.closing = False
@@ -125,18 +126,16 @@ class LineSession(Protocol, TimeoutMixin):
                 return
             self._counted = True
         self.setTimeout(self.settings.idle_timeout)
-        lifetime = self.lifetime
-        if lifetime > 0:
-            self._lifetime_call = self.clock.callLater(lifetime, self._lifetime_over)
+        self._started = self.clock.seconds()  # the lifetime is checked as input arrives: no timer per session
         self.greet()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.closed = True
         self.setTimeout(None)
-        for call in (self._lifetime_call, self._stream_call, self._pump_call):
+        for call in (self._stream_call, self._pump_call):
             if call is not None and call.active():
                 call.cancel()
-        self._lifetime_call = self._stream_call = self._pump_call = None
+        self._stream_call = self._pump_call = None
         if self._stream is not None:
             self._end_stream(False)
         if self._counted:
@@ -172,12 +171,6 @@ class LineSession(Protocol, TimeoutMixin):
             return
         self.say_timeout("idle timeout")
         self.close()
-
-    def _lifetime_over(self) -> None:
-        self._lifetime_call = None
-        self._expired = True
-        if not self._busy:
-            self._end_expired()
 
     @property
     def lifetime(self) -> float:
@@ -229,6 +222,9 @@ class LineSession(Protocol, TimeoutMixin):
         self.resetTimeout()
         if self._too_slow():
             return
+        lifetime = self.lifetime
+        if lifetime > 0 and self.clock.seconds() - self._started > lifetime:
+            self._expired = True  # ends at the next command boundary (after a running command)
         self.input += data
         if len(self.input) > self.settings.hard_input_limit:
             self.log_event(self.log.warn, "too much unprocessed input ({n} octets), disconnecting",
