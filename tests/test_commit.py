@@ -42,6 +42,7 @@ def new_files(box: Path) -> dict[str, bytes]:
 
 
 def test_a_batch_delivers_every_message_whole_and_leaves_no_incoming_file(tmp_path: Path) -> None:
+    """Twenty messages committed together are each in new/ whole, named by queue id and size; incoming/ is empty."""
     incoming, box = tmp_path / "incoming", tmp_path / "mail" / "alice"
     bodies = [f"Subject: {n}\r\n\r\nbody {n}\r\n".encode() for n in range(20)]
     jobs = [CommitJob(message(incoming, b), (box,)) for b in bodies]
@@ -53,6 +54,7 @@ def test_a_batch_delivers_every_message_whole_and_leaves_no_incoming_file(tmp_pa
 
 
 def test_one_message_for_two_mailboxes_is_in_both(tmp_path: Path) -> None:
+    """One message for two mailboxes (one named twice) lands once in each."""
     incoming, alice, bob = tmp_path / "incoming", tmp_path / "alice", tmp_path / "bob"
     [outcome] = commit_batch([CommitJob(message(incoming, b"hello\r\n"), (alice, bob, alice))])
     assert isinstance(outcome, list) and [p.parent.parent for p in outcome] == [alice, bob]
@@ -61,6 +63,7 @@ def test_one_message_for_two_mailboxes_is_in_both(tmp_path: Path) -> None:
 
 
 def test_the_outbound_spool_gets_the_file_before_it_leaves_incoming(tmp_path: Path) -> None:
+    """The outbound spool links the whole file before it leaves incoming/, also with no local recipient."""
     incoming, box, spooled = tmp_path / "incoming", tmp_path / "alice", tmp_path / "spooled"
     seen: list[bytes] = []
 
@@ -76,6 +79,7 @@ def test_the_outbound_spool_gets_the_file_before_it_leaves_incoming(tmp_path: Pa
 
 
 def test_a_failing_mailbox_fails_only_its_own_message(tmp_path: Path) -> None:
+    """A Maildir that cannot be written fails its own message only; the others in the batch are delivered."""
     incoming, good, bad = tmp_path / "incoming", tmp_path / "good", tmp_path / "bad"
     bad.write_text("a file where a Maildir should be")
     jobs = [CommitJob(message(incoming, b"1\r\n"), (good,)), CommitJob(message(incoming, b"2\r\n"), (bad,)),
@@ -89,6 +93,7 @@ def test_a_failing_mailbox_fails_only_its_own_message(tmp_path: Path) -> None:
 
 def test_a_failed_directory_fsync_fails_every_message_linked_into_that_directory(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed fsync of one new/ directory fails every message linked into it, and no other."""
     incoming, alice, bob = tmp_path / "incoming", tmp_path / "alice", tmp_path / "bob"
     real = maildir.fsync_directory
 
@@ -107,6 +112,7 @@ def test_a_failed_directory_fsync_fails_every_message_linked_into_that_directory
 
 @pytest.mark.skipif(not maildir.syncfs_available(), reason="syncfs needs Linux 5.8")
 def test_one_syncfs_for_the_batch_delivers_every_message(tmp_path: Path) -> None:
+    """With storage.sync = "syncfs" a batch, a spilled message among them, is delivered whole."""
     incoming, box = tmp_path / "incoming", tmp_path / "alice"
     incoming.mkdir()
     spilled = IncomingMessage(incoming)
@@ -120,6 +126,7 @@ def test_one_syncfs_for_the_batch_delivers_every_message(tmp_path: Path) -> None
 
 def test_a_failed_syncfs_fails_the_whole_batch_and_places_nothing(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed syncfs fails every message of the batch and places none in new/."""
     incoming, box = tmp_path / "incoming", tmp_path / "alice"
 
     def failing(fd: int) -> None:
@@ -134,6 +141,7 @@ def test_a_failed_syncfs_fails_the_whole_batch_and_places_nothing(
 
 
 def test_a_large_message_spills_to_disk_while_it_arrives_and_commits_whole(tmp_path: Path) -> None:
+    """A message past the memory limit is spilled to incoming/ while it arrives and committed whole."""
     incoming, box = tmp_path / "incoming", tmp_path / "alice"
     incoming.mkdir()
     m = IncomingMessage(incoming)
@@ -147,6 +155,7 @@ def test_a_large_message_spills_to_disk_while_it_arrives_and_commits_whole(tmp_p
 
 
 def test_a_mailbox_removed_while_remembered_is_made_again(tmp_path: Path) -> None:
+    """A Maildir removed after a delivery is made again for the next one."""
     incoming, box = tmp_path / "incoming", tmp_path / "alice"
     commit_now(CommitJob(message(incoming, b"1\r\n"), (box,)))
     for sub in ("new", "cur", "tmp"):
@@ -159,6 +168,7 @@ def test_a_mailbox_removed_while_remembered_is_made_again(tmp_path: Path) -> Non
 
 
 def test_a_refused_message_leaves_nothing(tmp_path: Path) -> None:
+    """A discarded message leaves nothing in incoming/."""
     incoming = tmp_path / "incoming"
     m = message(incoming, b"x" * (maildir.MEMORY_LIMIT + 10))
     m.discard()
@@ -190,6 +200,7 @@ class CollectingReactor:
 
 
 def test_messages_waiting_together_are_committed_in_one_batch(tmp_path: Path) -> None:
+    """Messages that wait while the commit thread is busy go in its next batch; results fire in the reactor thread."""
     incoming, box = tmp_path / "incoming", tmp_path / "alice"
     reactor = CollectingReactor()
     committer = BatchCommitter(reactor)
@@ -216,6 +227,7 @@ def test_messages_waiting_together_are_committed_in_one_batch(tmp_path: Path) ->
 
 
 def test_a_failure_reaches_the_session_as_a_failed_deferred(tmp_path: Path) -> None:
+    """A failed commit reaches the session as a failed Deferred (the session answers 451)."""
     incoming, bad = tmp_path / "incoming", tmp_path / "bad"
     bad.write_text("not a directory")
     reactor = CollectingReactor()
@@ -230,6 +242,7 @@ def test_a_failure_reaches_the_session_as_a_failed_deferred(tmp_path: Path) -> N
 
 
 def test_stop_finishes_what_is_waiting_and_later_commits_fail_temporarily(tmp_path: Path) -> None:
+    """stop() commits everything waiting, in batches of max_batch; a commit after stop fails with OSError."""
     incoming, box = tmp_path / "incoming", tmp_path / "alice"
     reactor = CollectingReactor()
     committer = BatchCommitter(reactor, max_batch=3)

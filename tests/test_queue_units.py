@@ -26,16 +26,19 @@ from mailappliance.queue.spool import DELIVERED, FAILED, PENDING, Envelope
     (b"", b".\r\n"),
 ])
 def test_to_wire_is_canonical_crlf_and_dot_stuffed(stored: bytes, wire: bytes) -> None:
+    """Stored text goes out with CRLF line ends, dot-stuffed, a final CRLF added and the terminator after."""
     assert to_wire(stored) == wire
 
 
 def test_outcomes() -> None:
+    """2xx is delivered, 4xx and no answer (0) retry, 5xx is a permanent failure."""
     assert [outcome_of(c) for c in (250, 251, 451, 421, 0, 550, 554)] == [
         Outcome.DELIVERED, Outcome.DELIVERED, Outcome.RETRY, Outcome.RETRY, Outcome.RETRY,
         Outcome.FAILED, Outcome.FAILED]
 
 
 def test_schedule_repeats_last_step_and_stops_at_max_age() -> None:
+    """Retries follow the schedule, repeat its last step, get one last try at max_age, then stop."""
     schedule = (60.0, 300.0)
     assert next_attempt_at(1, 0, 10, schedule, 1000) == 70
     assert next_attempt_at(2, 0, 10, schedule, 1000) == 310
@@ -45,6 +48,7 @@ def test_schedule_repeats_last_step_and_stops_at_max_age() -> None:
 
 
 def test_apply_answers() -> None:
+    """Answers update each recipient's state and the next attempt; past max_age the pending ones fail."""
     envelope = Envelope.new("q1", "alice@example.org", ["a@x.example", "b@x.example", "c@y.example"],
                             received_at=0)
     settings = QueueSettings(retry_schedule=(60,), max_age=600)
@@ -59,11 +63,13 @@ def test_apply_answers() -> None:
 
 
 def test_envelope_json_round_trip() -> None:
+    """An envelope survives its JSON form unchanged."""
     envelope = Envelope.new("q1", "", ["a@x.example"], authenticated_as="alice")
     assert Envelope.from_json(envelope.to_json()) == envelope
 
 
 def test_dsn_is_a_valid_multipart_report() -> None:
+    """A DSN is an RFC 3464 multipart/report with the failed recipient's status and only the original headers."""
     original = b"From: alice@example.org\r\nSubject: hello\r\n\r\nsecret body\r\n"
     report = build_dsn(reporting_host="mx.example.org", original_sender="alice@example.org", queue_id="q1",
                        arrival_date=0, original_message=original,
@@ -89,11 +95,13 @@ def test_dsn_is_a_valid_multipart_report() -> None:
     ("[127.0.0.1]", Relay("127.0.0.1", 25, False)),
 ])
 def test_relay_syntax(text: str, relay: Relay) -> None:
+    """Smarthost syntax: brackets turn off MX lookup, a port may follow, the default port is 25."""
     assert Relay.parse(text) == relay
 
 
 @pytest.mark.parametrize("text", ["[host", "host:0", "host:x", ":25", "[]"])
 def test_relay_syntax_errors(text: str) -> None:
+    """Malformed smarthost values (open bracket, port 0 or not a number, no host) are refused."""
     with pytest.raises(ValueError):
         Relay.parse(text)
 
@@ -117,6 +125,7 @@ class ScriptedServer:
 
 
 def test_client_transaction_with_one_refused_recipient() -> None:
+    """The client sends one transaction; a refused recipient keeps its 550, the others get DATA's 250."""
     s = ScriptedServer(("a@x.example", "b@x.example"))
     assert s.say(b"220 hi\r\n") == b"EHLO mx.example.org\r\n"
     assert s.say(b"250-x.example\r\n250-SIZE 1000\r\n250 PIPELINING\r\n").startswith(
@@ -131,12 +140,14 @@ def test_client_transaction_with_one_refused_recipient() -> None:
 
 
 def test_client_greeting_refusal_applies_to_everyone() -> None:
+    """A 554 greeting is every recipient's answer."""
     s = ScriptedServer(("a@x.example",))
     s.say(b"554 go away\r\n")
     assert s.results[0].replies == {"a@x.example": (554, "go away")}
 
 
 def test_client_connection_lost_is_temporary() -> None:
+    """A connection lost mid-session is a 451 for every recipient (retry)."""
     s = ScriptedServer(("a@x.example",))
     s.say(b"220 hi\r\n")
     s.protocol.connectionLost()
@@ -146,6 +157,7 @@ def test_client_connection_lost_is_temporary() -> None:
 
 
 def test_client_uses_helo_when_ehlo_is_refused() -> None:
+    """When EHLO is refused the client falls back to HELO and sends no ESMTP parameters."""
     s = ScriptedServer(("a@x.example",))
     s.say(b"220 hi\r\n")
     assert s.say(b"502 no ehlo\r\n") == b"HELO mx.example.org\r\n"

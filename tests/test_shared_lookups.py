@@ -24,6 +24,7 @@ class Calls:
 
 
 def test_lookups_in_flight_together_share_one_call_and_its_answer() -> None:
+    """Lookups of one address in flight together share one call and get its answer; other addresses get their own."""
     calls = Calls()
     lookups = calls.lookup
     results: list[Any] = []
@@ -38,6 +39,7 @@ def test_lookups_in_flight_together_share_one_call_and_its_answer() -> None:
 
 
 def test_a_lookup_after_the_shared_one_finished_asks_again() -> None:
+    """A lookup after the shared call finished makes a new call: nothing is cached."""
     calls = Calls()
     lookups = calls.lookup
     lookups("alice@example.org")
@@ -50,6 +52,7 @@ def test_a_lookup_after_the_shared_one_finished_asks_again() -> None:
 
 
 def test_a_failure_reaches_every_waiting_lookup() -> None:
+    """A failed shared call fails every lookup waiting on it."""
     calls = Calls()
     lookups = calls.lookup
     failures: list[Any] = []
@@ -60,6 +63,7 @@ def test_a_failure_reaches_every_waiting_lookup() -> None:
 
 
 def test_a_call_that_answers_at_once_still_answers_the_caller() -> None:
+    """A call whose Deferred has already fired still answers each caller."""
     lookups = SharedLookups()
     results: list[Any] = []
     lookups("a", lambda: succeed("A")).addCallback(results.append)
@@ -68,6 +72,7 @@ def test_a_call_that_answers_at_once_still_answers_the_caller() -> None:
 
 
 def test_a_call_that_raises_fails_its_callers_and_frees_the_key() -> None:
+    """A call that raises fails its callers and does not block later lookups of the key."""
     lookups = SharedLookups()
     failures: list[Any] = []
 

@@ -11,6 +11,7 @@ SETTINGS = ThrottleSettings(window=600, free_failures=2, max_delay=8, address_lo
 
 
 def test_delays_grow_then_the_address_is_locked() -> None:
+    """Failures past the free ones are delayed 1, 2, 4, 8 s, then the address is locked for lock_time."""
     clock = Clock()
     throttle = AuthThrottle(SETTINGS, clock)
     delays = [throttle.failed("192.0.2.1", f"user{i}") for i in range(6)]
@@ -23,6 +24,7 @@ def test_delays_grow_then_the_address_is_locked() -> None:
 
 
 def test_failures_expire_after_the_window() -> None:
+    """Failures older than the window no longer count."""
     clock = Clock()
     throttle = AuthThrottle(SETTINGS, clock)
     for _ in range(5):
@@ -32,6 +34,7 @@ def test_failures_expire_after_the_window() -> None:
 
 
 def test_account_lock_spares_addresses_that_logged_in_before() -> None:
+    """An account locked by failures from many addresses stays open to an address that logged in before."""
     clock = Clock()
     throttle = AuthThrottle(SETTINGS, clock)
     throttle.succeeded("198.51.100.7", "alice")  # alice's usual address
@@ -43,6 +46,7 @@ def test_account_lock_spares_addresses_that_logged_in_before() -> None:
 
 
 def test_success_forgives_the_address() -> None:
+    """A good login clears the address's failures."""
     clock = Clock()
     throttle = AuthThrottle(SETTINGS, clock)
     for _ in range(4):

@@ -38,6 +38,7 @@ def received(peer: socket.socket) -> bytes:
 
 
 def test_with_nothing_buffered_the_reply_is_on_the_wire_without_the_reactor(connection) -> None:
+    """With nothing buffered, write_now puts the reply on the socket at once, leaving no write interest."""
     transport, peer, reactor = connection
     write_now(transport, b"250 2.0.0 Ok\r\n")
     assert received(peer) == b"250 2.0.0 Ok\r\n"
@@ -46,6 +47,7 @@ def test_with_nothing_buffered_the_reply_is_on_the_wire_without_the_reactor(conn
 
 
 def test_behind_buffered_data_a_reply_waits_its_turn(connection) -> None:
+    """Behind buffered data a reply is buffered too and goes out after it, in order."""
     transport, peer, reactor = connection
     transport.write(b"first\r\n")  # buffered until the reactor writes
     write_now(transport, b"second\r\n")
@@ -55,6 +57,7 @@ def test_behind_buffered_data_a_reply_waits_its_turn(connection) -> None:
 
 
 def test_what_the_socket_does_not_take_is_buffered_in_order(connection) -> None:
+    """What the socket does not take at once is buffered, and later replies follow it in order."""
     transport, peer, reactor = connection
     transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     big = bytes(range(256)) * 8192  # 2 MiB: more than the socket takes at once
@@ -69,12 +72,14 @@ def test_what_the_socket_does_not_take_is_buffered_in_order(connection) -> None:
 
 
 def test_other_transports_get_an_ordinary_write() -> None:
+    """A transport that is not a TCP socket gets an ordinary write."""
     transport = StringTransport()
     write_now(transport, b"+OK\r\n")
     assert transport.value() == b"+OK\r\n"
 
 
 def test_a_closing_connection_is_left_to_twisted(connection) -> None:
+    """On a closing connection write_now leaves the bytes to Twisted instead of the socket."""
     transport, peer, reactor = connection
     transport.loseConnection()
     write_now(transport, b"421 bye\r\n")
