@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -13,6 +14,52 @@ from typing import Any, Callable
 from mailappliance.directory import DirectoryUnavailable
 
 EXIT_OK, EXIT_REFUSED, EXIT_TEMPFAIL = 0, 1, 75
+
+
+# Where the daemon may write under the shipped systemd unit (ProtectSystem=strict + ReadWritePaths=).
+UNIT_WRITABLE = (Path("/var/lib/mailappliance"), Path("/var/log/mailappliance"))
+# Read-only for the daemon under the unit, and never a place for state.
+SYSTEM_DIRECTORIES = (Path("/etc"), Path("/usr"), Path("/boot"), Path("/proc"), Path("/sys"))
+
+
+def written_paths(settings: Any) -> list[tuple[str, Path]]:
+    """(config key, directory) of everything the daemon writes: storage, a generated
+    certificate, the JSON log."""
+    paths = [("storage.maildir_root", settings.maildir_root), ("storage.spool_dir", settings.spool_dir)]
+    if settings.tls.generate_self_signed and not settings.tls.certificate.exists():
+        paths.append(("tls.certificate", settings.tls.certificate.parent))
+    if settings.json_log is not None:
+        paths.append(("logging.json_file", settings.json_log.parent))
+    return paths
+
+
+def path_problem(path: Path, access: Callable[[Path], bool] = lambda p: os.access(p, os.W_OK),
+                 read_only: Callable[[Path], bool] | None = None) -> tuple[str, str] | None:
+    """("fail" or "warn", why) when the daemon cannot (or, under the shipped unit, will
+    not be allowed to) create and write ``path``; None when it can."""
+    if read_only is None:
+        read_only = _on_read_only_filesystem
+    for system in SYSTEM_DIRECTORIES:
+        if path == system or system in path.parents:
+            return ("fail", f"{path} is under {system}: state never belongs there (read-only for the daemon "
+                            "under the systemd unit); use a path under /var/lib/mailappliance")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return ("fail", f"{path}: {existing} is not a directory")
+    if read_only(existing):
+        return ("fail", f"{path}: {existing} is on a read-only file system")
+    if not access(existing):
+        return ("fail", f"{path}: {existing} is not writable" + ("" if existing == path else " (to create it)"))
+    if not any(path == allowed or allowed in path.parents for allowed in UNIT_WRITABLE):
+        return ("warn", f"{path} is outside /var/lib/mailappliance and /var/log/mailappliance: under the "
+                        "shipped systemd unit (ProtectSystem=strict) add it to ReadWritePaths=")
+    return None
+
+
+def _on_read_only_filesystem(path: Path) -> bool:
+    return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
 
 
 def _check(name: str, probe: Callable[[], str]) -> dict[str, Any]:
@@ -55,8 +102,15 @@ def cmd_check_config(ctx: Any, args: argparse.Namespace) -> int:
                 f"{len(lists.block_client_domains)} blocked client domains, {len(lists.dnsbl_zones)} DNSBL zones")
 
     results = [{"check": "config", "ok": True, "detail": f"{s.source} is valid"}]
-    results += [_check(name, probe) for name, probe in
-                (("directory", directory), ("tls", tls), ("storage", storage), ("screening", screening))]
+    paths_ok = True
+    for key, path in written_paths(s):
+        problem = path_problem(path)
+        if problem is not None:
+            paths_ok = paths_ok and problem[0] != "fail"
+            results.append({"check": "paths", "ok": problem[0] != "fail", "warn": problem[0] == "warn",
+                            "detail": f"{key}: {problem[1]}"})
+    probes = [("directory", directory), ("tls", tls), ("storage", storage), ("screening", screening)]
+    results += [_check(name, probe) for name, probe in probes if paths_ok or name not in ("tls", "storage")]
     if s.directory.backend == "ldif":
         from mailappliance.directory.ldif import mode_problem
 

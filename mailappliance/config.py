@@ -2,7 +2,15 @@
 
 Every error names the file, the key and what would be valid, in one line, so
 the daemon can stop with that line instead of a traceback.  Relative paths are
-resolved against the directory that holds the config file.
+resolved against the directory that holds the config file; the state the
+daemon writes (Maildirs, spool, a generated certificate) defaults to
+``/var/lib/mailappliance`` (the systemd unit's ``StateDirectory=``).
+
+Secrets: ``*_file`` keys are read when the config is loaded (as root, before
+twistd drops privileges); a reload after the drop that cannot read an
+unchanged file keeps the value read before (``SecretFiles``).  The LDAP
+admin password is read only when it is used (the admin tool): the daemon
+never needs it.
 """
 
 from __future__ import annotations
@@ -27,6 +35,18 @@ SMTP_ROLES = ("mx", "submission", "submissions")
 POP3_ROLES = ("pop3", "pop3s")
 WEB_ROLES = ("autoconfig", "autoconfigs", "metrics")
 
+STATE_DIR = Path("/var/lib/mailappliance")  # systemd: StateDirectory=mailappliance
+LOG_DIR = Path("/var/log/mailappliance")  # systemd: LogsDirectory=mailappliance
+DEFAULT_CONFIG = Path("/etc/mailappliance/mailappliance.toml")
+CONFIG_ENVIRONMENT = "MAILAPPLIANCE_CONFIG"
+
+
+def default_config_path() -> str:
+    """The config file when none is named: $MAILAPPLIANCE_CONFIG, else /etc/mailappliance/mailappliance.toml."""
+    import os
+
+    return os.environ.get(CONFIG_ENVIRONMENT) or str(DEFAULT_CONFIG)
+
 T = TypeVar("T")
 
 
@@ -38,6 +58,11 @@ class ConfigError(Exception):
         self.file = str(file)
         self.key = key
         self.problem = problem
+
+
+class StartupError(ConfigError):
+    """What the config names cannot be used at start (a path not writable, a file not
+    readable): the same one line, naming the file and key."""
 
 
 @attrs.frozen
@@ -91,15 +116,28 @@ class LdapSettings:
     )
     timeout: float = 5.0
     admin_bind_dn: str = ""
-    admin_bind_password: str = ""
+    admin_bind_password: str = ""  # given inline; see admin_password()
+    # Read only when the admin tool needs it, never by the daemon (it may be root-only 0600).
+    admin_bind_password_file: Path | None = None
+
+    def admin_password(self) -> str:
+        """The admin bind password: inline, or read from its file now (ConfigError naming the key)."""
+        if self.admin_bind_password_file is None:
+            return self.admin_bind_password
+        path = self.admin_bind_password_file
+        try:
+            return path.read_text(encoding="utf-8").strip()
+        except OSError as e:
+            raise ConfigError(path, "directory.ldap.admin_bind_password_file",
+                              f"cannot read {path}: {e.strerror}") from None
 
 
 @attrs.frozen
 class TLSSettings:
     """Server certificate for every listener, and the CA for client certificates."""
 
-    certificate: Path
-    private_key: Path
+    certificate: Path = STATE_DIR / "tls" / "server.pem"
+    private_key: Path = STATE_DIR / "tls" / "server.key"
     generate_self_signed: bool = True
     client_ca: Path | None = None
     client_ca_key: Path | None = None
@@ -184,16 +222,56 @@ class Settings:
     log_level: str = "info"
     mailbox_quota: int = DEFAULT_MAILBOX_QUOTA  # bytes per subscriber, 0 = unlimited (mailappliance.quota)
     mx_bytes_per_hour_per_network: int = DEFAULT_BYTES_PER_HOUR  # 0 = off (mailappliance.budget)
+    # The secret files read for this config (and their values): a reload that
+    # cannot read an unchanged one keeps the value. Not a setting: never compared.
+    secrets: "SecretFiles | None" = attrs.field(default=None, eq=False, repr=False)
+
+
+class SecretFiles:
+    """Secrets read from ``*_file`` keys, by path, with the file's identity when read.
+
+    The daemon reads them as root at start; after twistd's --uid/--gid a
+    SIGHUP may no longer be allowed to read a root-only file.  Such a file
+    keeps the value read before as long as it is unchanged (same inode, size
+    and modification time, as far as the daemon can still see); a file that
+    changed but cannot be read is an error, so a new password is never
+    silently ignored.
+    """
+
+    def __init__(self) -> None:
+        self._known: dict[Path, tuple[tuple[int, int, int] | None, str]] = {}
+
+    @staticmethod
+    def _identity(path: Path) -> tuple[int, int, int] | None:
+        try:
+            info = path.stat()
+        except OSError:
+            return None  # cannot even be looked at: nothing says it changed
+        return (info.st_ino, info.st_size, info.st_mtime_ns)
+
+    def read(self, path: Path) -> str:
+        """The secret in ``path`` (stripped); OSError when it cannot be read and is not known unchanged."""
+        try:
+            value = path.read_text(encoding="utf-8").strip()
+        except PermissionError:
+            known = self._known.get(path)
+            if known is None or (known[0] is not None and self._identity(path) not in (None, known[0])):
+                raise
+            return known[1]
+        self._known[path] = (self._identity(path), value)
+        return value
 
 
 class _Reader:
     """Typed access to one TOML table, producing ConfigErrors with full key paths."""
 
-    def __init__(self, file: Path, table: dict[str, Any], prefix: str = "") -> None:
+    def __init__(self, file: Path, table: dict[str, Any], prefix: str = "",
+                 secrets: SecretFiles | None = None) -> None:
         self.file = file
         self.table = table
         self.prefix = prefix
         self.used: set[str] = set()
+        self.secrets = secrets if secrets is not None else SecretFiles()
 
     def key(self, name: str) -> str:
         return f"{self.prefix}{name}"
@@ -257,21 +335,27 @@ class _Reader:
 
     def table_of(self, name: str) -> "_Reader":
         value = self._get(name, {}, dict, "a table")
-        return _Reader(self.file, value, f"{self.prefix}{name}.")
+        return _Reader(self.file, value, f"{self.prefix}{name}.", self.secrets)
 
-    def secret(self, name: str) -> str:
-        """``name`` inline, or ``name_file`` pointing to a file that holds it."""
-        inline = self.string(name, "")
+    def secret_file(self, name: str) -> Path | None:
+        """The path of ``name_file`` (not read), None when ``name`` is given inline or not at all."""
         file_key = f"{name}_file"
         if file_key not in self.table:
-            return inline
-        if inline:
+            self.used.add(name)
+            return None
+        if self.string(name, ""):
             raise self.error(file_key, f"give either {self.key(name)} or {self.key(file_key)}, not both")
-        path = self.path(file_key)
+        return self.path(file_key)
+
+    def secret(self, name: str) -> str:
+        """``name`` inline, or ``name_file`` pointing to a file that holds it (read now)."""
+        path = self.secret_file(name)
+        if path is None:
+            return self.string(name, "")
         try:
-            return path.read_text(encoding="utf-8").strip()
+            return self.secrets.read(path)
         except OSError as e:
-            raise self.error(file_key, f"cannot read {path}: {e.strerror}") from None
+            raise self.error(f"{name}_file", f"cannot read {path}: {e.strerror}") from None
 
     def reject_unknown(self, nested: tuple[str, ...] = ()) -> None:
         for name in self.table:
@@ -369,7 +453,8 @@ def _ldap(reader: _Reader) -> LdapSettings:
         address_filter=_filter(reader, "address_filter", defaults.address_filter, "{address}"),
         timeout=reader.number("timeout", defaults.timeout, 0.1, 120),
         admin_bind_dn=reader.string("admin_bind_dn", ""),
-        admin_bind_password=reader.secret("admin_bind_password"),
+        admin_bind_password=reader.string("admin_bind_password", ""),
+        admin_bind_password_file=reader.secret_file("admin_bind_password"),  # never read here
     )
     reader.reject_unknown()
     return settings
@@ -436,8 +521,8 @@ def _throttle(reader: _Reader) -> ThrottleSettings:
 
 
 def _tls(reader: _Reader) -> TLSSettings:
-    certificate = reader.path("certificate", "var/tls/server.pem")
-    private_key = reader.path("private_key", "var/tls/server.key")
+    certificate = reader.path("certificate", str(STATE_DIR / "tls" / "server.pem"))
+    private_key = reader.path("private_key", str(STATE_DIR / "tls" / "server.key"))
     generate = reader.boolean("generate_self_signed", True)
     client_ca = reader.path("client_ca") if "client_ca" in reader.table else None
     client_ca_key = reader.path("client_ca_key") if "client_ca_key" in reader.table else None
@@ -510,9 +595,9 @@ def _queue(reader: _Reader) -> QueueSettings:
     return settings
 
 
-def parse_config(file: Path, data: dict[str, Any]) -> Settings:
-    """Validate an already-parsed TOML document."""
-    top = _Reader(file, data)
+def parse_config(file: Path, data: dict[str, Any], secrets: SecretFiles | None = None) -> Settings:
+    """Validate an already-parsed TOML document (``secrets``: those read before, for a reload)."""
+    top = _Reader(file, data, secrets=secrets)
     server = top.table_of("server")
     hostname = server.string("hostname", socket.getfqdn() or "localhost")
     domains = tuple(
@@ -522,8 +607,8 @@ def parse_config(file: Path, data: dict[str, Any]) -> Settings:
     server.reject_unknown()
 
     storage = top.table_of("storage")
-    maildir_root = storage.path("maildir_root", "var/mail")
-    spool_dir = storage.path("spool_dir", "var/spool")
+    maildir_root = storage.path("maildir_root", str(STATE_DIR / "mail"))
+    spool_dir = storage.path("spool_dir", str(STATE_DIR / "spool"))
     storage_threads = storage.integer("threads", 8, 1, 256)
     commit_threads = storage.integer("commit_threads", 1, 1, 64)
     sync = storage.choice("sync", "fsync", SYNC_METHODS)
@@ -598,6 +683,7 @@ def parse_config(file: Path, data: dict[str, Any]) -> Settings:
         listeners=listeners,
         tls=tls,
         queue=queue,
+        secrets=top.secrets,
     )
 
 
@@ -613,8 +699,9 @@ def _check_unique_sockets(file: Path, listeners: tuple[ListenerSettings, ...]) -
         seen[key] = i
 
 
-def load_config(path: Path | str) -> Settings:
-    """Read and validate the config file at ``path``."""
+def load_config(path: Path | str, secrets: SecretFiles | None = None) -> Settings:
+    """Read and validate the config file at ``path``; a reload passes the running
+    config's ``secrets`` so unchanged secret files the daemon can no longer read keep their values."""
     file = Path(path).expanduser().resolve()
     try:
         with file.open("rb") as f:
@@ -625,4 +712,4 @@ def load_config(path: Path | str) -> Settings:
         raise ConfigError(file, "(file)", f"cannot be read: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(file, "(syntax)", f"not valid TOML: {e}") from None
-    return parse_config(file, data)
+    return parse_config(file, data, secrets)

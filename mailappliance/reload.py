@@ -5,6 +5,11 @@ screening file's location), rate limits (with the SMTP and POP3 listeners'
 connection caps) and login-throttling settings.
 Everything else in the config file is compared with what is running, and
 the log names each changed section that needs a restart.
+
+The daemon reads only what it uses: secret files it read as root at start
+(the service bind password, the smarthost password) keep their values when
+the unprivileged daemon cannot read them again and they have not changed;
+the LDAP admin password is never read here (only the admin tool uses it).
 """
 
 from __future__ import annotations
@@ -61,12 +66,14 @@ class Reloader(service.Service):
 
     def _reload_settings(self) -> None:
         try:
-            new = load_config(self.settings.source)
+            new = load_config(self.settings.source, self.settings.secrets)
         except ConfigError as e:
             log.error("SIGHUP: configuration NOT reloaded, keeping the running one: {why}", why=str(e))
             return
         applied, restart = [], []
         for field in attrs.fields(Settings):
+            if field.name == "secrets":
+                continue
             old_value, new_value = getattr(self.settings, field.name), getattr(new, field.name)
             if old_value == new_value:
                 continue
@@ -86,7 +93,7 @@ class Reloader(service.Service):
                 restart.append(field.name)
                 continue
             self.settings = attrs.evolve(self.settings, **{field.name: new_value})
-        log.warn("SIGHUP: configuration re-read; applied: {applied}; changed but needing a restart: {restart}",
+        log.warn("SIGHUP: configuration reloaded; applied: {applied}; changed but needing a restart: {restart}",
                  applied=", ".join(applied) or "nothing", restart=", ".join(restart) or "nothing")
 
     def _apply_listener_caps(self, old: tuple[ListenerSettings, ...], new: tuple[ListenerSettings, ...],

@@ -7,9 +7,11 @@ other disk work, and a listener per ``[[listeners]]`` table.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 from twisted.application import internet, service
 from twisted.cred.portal import Portal
@@ -26,7 +28,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from mailappliance.config import WEB_ROLES, ListenerSettings, Settings
+from mailappliance.config import WEB_ROLES, ListenerSettings, Settings, StartupError
 from mailappliance.credentials import SubscriberChecker, SubscriberRealm
 from mailappliance.directory.backends import build_store
 from mailappliance.directory.threaded import Directory
@@ -83,16 +85,20 @@ class _StartupService(service.Service):
         super().privilegedStartService()
         if self.owner is None or os.geteuid() != 0:
             return
-        for path in (self.settings.maildir_root, self.settings.spool_dir):
-            path.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.chown(path, *self.owner)
+        for key, path in (("storage.maildir_root", self.settings.maildir_root),
+                          ("storage.spool_dir", self.settings.spool_dir)):
+            with _names_key(self.settings, key, path):
+                path.mkdir(mode=0o700, parents=True, exist_ok=True)
+                os.chown(path, *self.owner)
 
     def startService(self) -> None:
         super().startService()
         s = self.settings
-        s.maildir_root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        OutboundSpool(s.spool_dir).prepare()
-        removed = clean_incoming(s.spool_dir / "incoming")
+        with _names_key(s, "storage.maildir_root", s.maildir_root):
+            s.maildir_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with _names_key(s, "storage.spool_dir", s.spool_dir):
+            OutboundSpool(s.spool_dir).prepare()
+            removed = clean_incoming(s.spool_dir / "incoming")
         if removed:
             log.info("removed {n} partial message(s) left by an earlier crash", n=removed)
         for listener in s.listeners:
@@ -106,6 +112,16 @@ class _StartupService(service.Service):
         )
 
 
+@contextlib.contextmanager
+def _names_key(settings: Settings, key: str, path: Path) -> Iterator[None]:
+    """An OSError preparing ``path`` becomes the one-line start-up error naming the config key."""
+    try:
+        yield
+    except OSError as e:
+        where = f"{e.filename}" if e.filename else str(path)
+        raise StartupError(settings.source, key, f"cannot use {where}: {e.strerror or e}") from None
+
+
 def build_service(settings: Settings, reactor: Any = None,
                   owner: tuple[int, int] | None = None) -> service.MultiService:
     """Everything the daemon runs, wired together; ``owner`` is twistd's --uid/--gid."""
@@ -117,7 +133,7 @@ def build_service(settings: Settings, reactor: Any = None,
     log_level = LogLevelService(settings.log_level)
     log_level.setServiceParent(top)
     if settings.json_log is not None:
-        JsonLogService(settings.json_log).setServiceParent(top)
+        JsonLogService(settings.json_log, owner, settings.source, log_level).setServiceParent(top)
     _StartupService(settings, owner).setServiceParent(top)
 
     directory = Directory(build_store(settings.directory), reactor, settings.directory.threads)
@@ -193,8 +209,10 @@ def _server_tls(settings: Settings, owner: tuple[int, int] | None) -> ServerTLS:
     """The one TLS context factory of every listener; a self-signed certificate on first start."""
     tls = settings.tls
     handover = owner if owner is not None and os.geteuid() == 0 else None  # SIGHUP re-reads them after --uid
-    if tls.generate_self_signed and ensure_self_signed(tls.certificate, tls.private_key, settings.hostname,
-                                                       owner=handover):
+    with _names_key(settings, "tls.certificate", tls.certificate.parent):
+        generated = tls.generate_self_signed and ensure_self_signed(tls.certificate, tls.private_key,
+                                                                    settings.hostname, owner=handover)
+    if generated:
         log.warn(
             "generated a self-signed certificate for {host} in {path}; SHA-256 fingerprint {fp} "
             "(replace it with a real one and send SIGHUP)",

@@ -36,7 +36,9 @@ def test_example_config_is_valid() -> None:
 
 def test_minimal_config_defaults(tmp_path: Path) -> None:
     settings = load_config(write(tmp_path, MINIMAL))
-    assert settings.maildir_root == tmp_path / "var" / "mail"
+    assert settings.maildir_root == Path("/var/lib/mailappliance/mail")  # never beside the config (/etc/var)
+    assert settings.spool_dir == Path("/var/lib/mailappliance/spool")
+    assert settings.tls.certificate == Path("/var/lib/mailappliance/tls/server.pem")
     assert settings.max_message_size == 25 * 1024 * 1024
     assert settings.listeners[0].address == "127.0.0.1"
     assert (settings.commit_threads, settings.sync) == (1, "fsync")

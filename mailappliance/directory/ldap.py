@@ -457,7 +457,7 @@ class LdapStore:
                 raise DirectoryAdminError(f"admin bind as {self.settings.admin_bind_dn!r} refused")
             return operation(conn)
 
-        return self._bound(self.settings.admin_bind_dn, self.settings.admin_bind_password, job)
+        return self._bound(self.settings.admin_bind_dn, self.settings.admin_password(), job)
 
     @staticmethod
     def _check(conn: ldap3.Connection, what: str) -> None:
