@@ -1,0 +1,45 @@
+"""The state store the config asks for, and the service that connects it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from twisted.application import service
+
+from mailappliance.state import StateSettings, StateStore
+from mailappliance.state.failover import FailoverStore
+from mailappliance.state.memory import MemoryStore
+from mailappliance.state.redis import RedisStore
+from mailappliance.state.resp import RedisClient, parse_url
+
+
+class _StoreService(service.Service):
+    def __init__(self, store: FailoverStore) -> None:
+        self.store = store
+
+    def startService(self) -> None:
+        super().startService()
+        self.store.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.store.stop()
+
+
+def build_state_store(settings: StateSettings, reactor: Any) -> tuple[StateStore, service.Service | None]:
+    """MemoryStore without ``[state] redis``; else Redis with the memory fallback, and
+    the service that connects it at start and closes it at stop."""
+    local = MemoryStore(reactor)
+    if not settings.redis:
+        return local, None
+    address = parse_url(settings.redis)
+    if settings.username:
+        address = attrs.evolve(address, username=settings.username)
+    if settings.password:
+        address = attrs.evolve(address, password=settings.password)
+    client = RedisClient(address, reactor, settings.timeout, settings.ca_file)
+    shared = RedisStore(client, reactor, settings.key_prefix)
+    store = FailoverStore(shared, local, reactor, settings.probe_interval, address.describe())
+    return store, _StoreService(store)
