@@ -4,6 +4,11 @@ Works on the directory named in the config file.  For LDAP it binds as
 ``directory.ldap.admin_bind_dn`` and sets passwords with the Password Modify
 extended operation, so slapd hashes them with its own policy.
 
+The config file is ``-c FILE``, else ``$MAILAPPLIANCE_CONFIG``, else
+``/etc/mailappliance/mailappliance.toml``; errors about it say which one was
+used and how it was chosen.  Global options (``-c``, ``--json``) may stand
+anywhere on the command line.
+
 Exit codes: 0 done, 1 refused (duplicate, unknown user, bad address),
 2 usage or configuration error, 75 directory temporarily unavailable.
 """
@@ -11,7 +16,6 @@ Exit codes: 0 done, 1 refused (duplicate, unknown user, bad address),
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
 import os
 import sys
@@ -19,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mailappliance.addresses import is_safe_mailbox_name, normalize_address, validate_display_name, validate_uid
-from mailappliance.admin_ops import add_parsers
+from mailappliance.admin_ops import UsageError, add_parsers, ask_password
 from mailappliance.config import ConfigError, Settings, load_config
 from mailappliance.directory.backends import build_store
 from mailappliance.directory.passwords import validate_new_password
@@ -36,14 +40,34 @@ from mailappliance.directory import (
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_TEMPFAIL = 0, 1, 2, 75
 
+DEFAULT_CONFIG = Path("/etc/mailappliance/mailappliance.toml")
+CONFIG_ENVIRONMENT = "MAILAPPLIANCE_CONFIG"
+
+
+def config_location(given: str | None) -> tuple[Path, str]:
+    """The config file to use and how it was chosen (for error messages):
+    ``-c``, then ``$MAILAPPLIANCE_CONFIG``, then the system default."""
+    if given:
+        return Path(given), "given with -c"
+    from_environment = os.environ.get(CONFIG_ENVIRONMENT, "")
+    if from_environment:
+        return Path(from_environment), f"from {CONFIG_ENVIRONMENT}"
+    return DEFAULT_CONFIG, "the default"
+
 
 class CommandContext:
-    """What a subcommand gets: settings, the store, and how to print."""
+    """What a subcommand gets: settings, the store, and how to print.
 
-    def __init__(self, settings: Settings, store: DirectoryStore, as_json: bool) -> None:
-        self.settings = settings
-        self.store = store
+    Commands that manage the directory get both; ``backup`` gets settings
+    only, ``directory setup`` and ``restore`` neither (they load what they need)."""
+
+    def __init__(self, settings: Settings | None, store: DirectoryStore | None, as_json: bool,
+                 config_path: Path | None = None, config_how: str = "") -> None:
+        self.settings = settings  # type: ignore[assignment]
+        self.store = store  # type: ignore[assignment]
         self.as_json = as_json
+        self.config_path = config_path
+        self.config_how = config_how
 
     def local_address(self, text: str) -> str:
         """A valid address in one of our local domains."""
@@ -76,8 +100,8 @@ def _read_password(args: argparse.Namespace) -> str:
         if args.password_stdin:
             password = sys.stdin.readline().rstrip("\r\n")
         else:
-            password = getpass.getpass("New password: ")
-            if getpass.getpass("Repeat password: ") != password:
+            password = ask_password("New password: ")
+            if ask_password("Repeat password: ") != password:
                 raise InvalidAddress("the two passwords differ")
     except UnicodeDecodeError:
         raise InvalidAddress("the password is not valid UTF-8") from None
@@ -326,9 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mailappliance-admin", description="Manage mailappliance subscribers and aliases."
     )
-    parser.add_argument("-c", "--config", default="etc/mailappliance.toml", help="TOML config file")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
-    groups = parser.add_subparsers(dest="group", required=True, metavar="{user,alias,cert,queue,screening,check-config,test-login}")
+    _add_global_options(parser, None)
+    groups = parser.add_subparsers(
+        dest="group", required=True,
+        metavar="{user,alias,cert,queue,screening,check-config,test-login,directory,backup,restore}")
 
     user = groups.add_parser("user", help="subscribers").add_subparsers(dest="action", required=True)
     add = user.add_parser("add", help="add a subscriber")
@@ -395,32 +420,98 @@ def build_parser() -> argparse.ArgumentParser:
     delete.add_argument("id")
     delete.set_defaults(run=cmd_queue_delete)
     add_parsers(groups)
+    _add_operations_parsers(groups)
+    _global_options_everywhere(parser)
     return parser
+
+
+def _add_operations_parsers(groups: Any) -> None:
+    """``directory setup``, ``backup`` and ``restore``: the machine, not single subscribers."""
+    from mailappliance.backup import cmd_backup, cmd_restore
+    from mailappliance.directory_setup import DEBIAN_LDAPI, cmd_directory_setup
+
+    directory = groups.add_parser("directory", help="the LDAP server").add_subparsers(dest="action", required=True)
+    setup = directory.add_parser(
+        "setup", help="make the local slapd ready: schema, tree, accounts, ACLs, indexes (as root, idempotent)")
+    setup.add_argument("--ldapi", default="ldapi:///", metavar="URL",
+                       help=f"slapd's local socket (default ldapi:///, which is {DEBIAN_LDAPI})")
+    setup.add_argument("--group", default="mailappliance",
+                       help="the daemon's group: may read the service password file (default mailappliance)")
+    setup.add_argument("--schema-dir", default="/etc/ldap/schema", help="where slapd's schema LDIF files are")
+    setup.add_argument("--replace-acls", action="store_true",
+                       help="replace ACLs of the database that this command did not write")
+    setup.add_argument("--create-database", action="store_true",
+                       help="if slapd has no database for base_dn's suffix, create one (next to the existing one)")
+    setup.set_defaults(run=cmd_directory_setup, needs="path")
+
+    backup = groups.add_parser(
+        "backup", help="copy the directory, Maildirs, queue, config and keys into DIR (safe while running)")
+    backup.add_argument("dir", help="a new or empty directory")
+    backup.add_argument("--slapd-config", default="/etc/ldap/slapd.d", metavar="DIR",
+                        help="the local slapd's cn=config directory, dumped with slapcat (default /etc/ldap/slapd.d)")
+    backup.set_defaults(run=cmd_backup, needs="settings")
+    restore = groups.add_parser(
+        "restore", help="put a backup back where it came from (only into an empty layout unless --force)")
+    restore.add_argument("dir", help="a directory made by backup")
+    restore.add_argument("--force", action="store_true", help="overwrite files and merge into non-empty directories")
+    restore.set_defaults(run=cmd_restore, needs="nothing")
+
+
+def _add_global_options(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument("-c", "--config", default=default, metavar="FILE",
+                        help=f"TOML config file (default: ${CONFIG_ENVIRONMENT}, else {DEFAULT_CONFIG})")
+    parser.add_argument("--json", action="store_true", default=default if default is argparse.SUPPRESS else False,
+                        help="machine-readable output")
+
+
+def _global_options_everywhere(parser: argparse.ArgumentParser) -> None:
+    """Accept ``-c`` and ``--json`` after the subcommand too (``user list --json``).
+    Below the top level they default to SUPPRESS, so they only override when given."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                if not any(a.dest == "config" for a in sub._actions):
+                    _add_global_options(sub, argparse.SUPPRESS)
+                _global_options_everywhere(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     run: Callable[[CommandContext, argparse.Namespace], int | None] = args.run
+    as_json: bool = args.json
+    config_path, how = config_location(args.config)
+    needs = getattr(args, "needs", "store")
+    store: DirectoryStore | None = None
     try:
-        settings = load_config(args.config)
+        settings = load_config(config_path) if needs in ("store", "settings") else None
+        if settings is not None and needs == "store":
+            store = build_store(settings.directory)
+        code = run(CommandContext(settings, store, as_json, config_path, how), args)
     except ConfigError as e:
-        print(f"mailappliance-admin: configuration error: {e}", file=sys.stderr)
+        print(f"mailappliance-admin: configuration error: {e} ({_config_note(config_path, how)})",
+              file=sys.stderr)
         return EXIT_USAGE
-    store = build_store(settings.directory)
-    try:
-        code = run(CommandContext(settings, store, args.json), args)
+    except UsageError as e:
+        _fail(as_json, str(e))
+        return EXIT_USAGE
     except DirectoryAdminError as e:
-        _fail(args.json, str(e))
+        _fail(as_json, str(e))
         return EXIT_REFUSED
     except DirectoryUnavailable as e:
-        _fail(args.json, f"directory unavailable: {e}")
+        _fail(as_json, f"directory unavailable: {e} (directory of {config_path})")
         return EXIT_TEMPFAIL
     finally:
-        store.close()
-        note = getattr(store, "mode_note", None)  # LDIF: the file's mode was (or must be) tightened
-        if note:
-            print(f"mailappliance-admin: note: {note}", file=sys.stderr)
+        if store is not None:
+            store.close()
+            note = getattr(store, "mode_note", None)  # LDIF: the file's mode was (or must be) tightened
+            if note:
+                print(f"mailappliance-admin: note: {note}", file=sys.stderr)
     return code or EXIT_OK
+
+
+def _config_note(path: Path, how: str) -> str:
+    """Which config file was used and how to pick another."""
+    return (f"config file {path}, {how}; choose another with -c FILE or {CONFIG_ENVIRONMENT}=FILE")
 
 
 def _fail(as_json: bool, message: str) -> None:

@@ -16,6 +16,21 @@ from mailappliance.directory import DirectoryUnavailable
 EXIT_OK, EXIT_REFUSED, EXIT_TEMPFAIL = 0, 1, 75
 
 
+class UsageError(Exception):
+    """The command cannot run as called (exit 2): the message says what to do instead."""
+
+
+def ask_password(prompt: str) -> str:
+    """A password typed at the terminal; without one (a script, a pipe, cron) a
+    clear refusal instead of getpass reading stdin with an echo warning or EOFError."""
+    if not sys.stdin.isatty():
+        raise UsageError("no terminal: use --password-stdin")
+    try:
+        return getpass.getpass(prompt)
+    except EOFError:
+        raise UsageError("no password given (end of input): use --password-stdin") from None
+
+
 # Where the daemon may write under the shipped systemd unit (ProtectSystem=strict + ReadWritePaths=).
 UNIT_WRITABLE = (Path("/var/lib/mailappliance"), Path("/var/log/mailappliance"))
 # Read-only for the daemon under the unit, and never a place for state.
@@ -132,7 +147,7 @@ def cmd_test_login(ctx: Any, args: argparse.Namespace) -> int:
     from mailappliance.directory.threaded import Directory
     from mailappliance.throttle import AuthThrottle
 
-    password = sys.stdin.readline().rstrip("\r\n") if args.password_stdin else getpass.getpass("Password: ")
+    password = sys.stdin.readline().rstrip("\r\n") if args.password_stdin else ask_password("Password: ")
     outcome: dict[str, Any] = {}
 
     async def attempt(reactor: Any) -> None:

@@ -8,6 +8,12 @@ account that cannot read passwords, and ``ou=people``.  The function-scoped
 tests are independent and may stop and restart it.  The service account
 gets ``olcLimits ... size=unlimited``: without it OpenLDAP answers at most
 500 entries (paged searches too), and listing a real ISP's subscribers fails.
+
+``debian_slapd`` makes another kind: a slapd configured exactly as Debian's
+package configures a fresh one (its slapd.init.ldif and base entry, as its
+postinst does; rootDN password unknown), with a private ``ldapi://`` socket
+on which root (SASL EXTERNAL) manages cn=config: what ``mailappliance-admin
+directory setup`` meets on a fresh Debian.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
+from urllib.parse import quote
 
 from tests.daemon import free_port
 
@@ -33,6 +40,7 @@ from mailappliance.directory.passwords import make_ssha
 SLAPD = shutil.which("slapd") or "/usr/sbin/slapd"
 SLAPADD = shutil.which("slapadd") or "/usr/sbin/slapadd"
 SCHEMA_DIR = Path("/etc/ldap/schema")
+DEBIAN_INIT_LDIF = Path("/usr/share/slapd/slapd.init.ldif")  # what Debian's postinst slapadds
 MODULE_DIR = Path("/usr/lib/ldap")
 SUFFIX = "dc=example,dc=org"
 
@@ -114,12 +122,14 @@ class Slapd:
     bind_dn = f"cn=mailappliance,{SUFFIX}"
     bind_password = "service-secret"
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, build: bool = True, port: int | None = None) -> None:
+        """``build=False``: use the cn=config and database already in ``root`` (a restored one)."""
         self.root = root
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"ldap://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
-        self._build()
+        if build:
+            self._build()
 
     def _build(self) -> None:
         config_dir, data_dir = self.root / "slapd.d", self.root / "data"
@@ -145,7 +155,7 @@ class Slapd:
             return
         log = open(self.root / "slapd.log", "ab")  # noqa: SIM115
         self.process = subprocess.Popen(
-            [SLAPD, "-d", "0", "-h", f"{self.url}/", "-F", str(self.root / "slapd.d")],
+            [SLAPD, "-d", "0", "-h", " ".join(self.listen_urls()), "-F", str(self.root / "slapd.d")],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + timeout
@@ -153,11 +163,19 @@ class Slapd:
             if self.process.poll() is not None:
                 raise RuntimeError(f"slapd exited: {(self.root / 'slapd.log').read_text()}")
             try:
-                with self.admin_connection():
-                    return
+                self.probe()
+                return
             except ldap3.core.exceptions.LDAPException:
                 time.sleep(0.05)
         raise RuntimeError("slapd did not answer in time")
+
+    def listen_urls(self) -> list[str]:
+        return [f"{self.url}/"]
+
+    def probe(self) -> None:
+        """Returns when slapd answers (raises an LDAPException while it does not)."""
+        with self.admin_connection():
+            return
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -207,6 +225,77 @@ class Slapd:
             urls=(self.url,), base_dn=self.base_dn, bind_dn=self.bind_dn, bind_password=self.bind_password,
             timeout=timeout, admin_bind_dn=self.admin_dn, admin_bind_password=self.admin_password,
         )
+
+
+class DebianSlapd(Slapd):
+    """A fresh Debian slapd in a temp dir: cn=config from the package's own
+    slapd.init.ldif and the base entry its postinst adds, for ``domain``
+    (Debian takes the host's domain; ``nodomain`` without one).  The rootDN
+    password is random and unknown, as after a noninteractive install.  It
+    listens on ldap://127.0.0.1:<port> and on ``ldapi_url``, a private socket
+    where the local root user (SASL EXTERNAL) manages cn=config."""
+
+    def __init__(self, root: Path, domain: str = "example.org") -> None:
+        self.domain = domain
+        self.suffix = "dc=" + domain.replace(".", ",dc=")
+        self.socket = root / "ldapi"
+        self.ldapi_url = "ldapi://" + quote(str(self.socket), safe="")
+        super().__init__(root)
+
+    def _build(self) -> None:
+        if not DEBIAN_INIT_LDIF.exists():
+            pytest.fail(f"{DEBIAN_INIT_LDIF} is missing: Debian's slapd package is not installed")
+        config_dir, data_dir = self.root / "slapd.d", self.root / "data"
+        config_dir.mkdir()
+        data_dir.mkdir()
+        config = (DEBIAN_INIT_LDIF.read_text()
+                  .replace("@SUFFIX@", self.suffix)
+                  .replace("@PASSWORD@", make_ssha(os.urandom(16).hex()))
+                  .replace("/var/run/slapd", str(self.root))
+                  .replace("/var/lib/ldap", str(data_dir)))
+        dc = self.domain.split(".")[0]
+        base = (f"dn: {self.suffix}\nobjectClass: top\nobjectClass: dcObject\nobjectClass: organization\n"
+                f"o: {self.domain}\ndc: {dc}\n\n")
+        (self.root / "config.ldif").write_text(config)
+        (self.root / "data.ldif").write_text(base)
+        for base_dn, ldif in (("cn=config", "config.ldif"), (self.suffix, "data.ldif")):
+            result = subprocess.run([SLAPADD, "-F", str(config_dir), "-b", base_dn, "-l", str(self.root / ldif)],
+                                    capture_output=True, text=True)
+            if result.returncode != 0:
+                raise RuntimeError(f"slapadd -b {base_dn} failed:\n{result.stdout}{result.stderr}")
+
+    def listen_urls(self) -> list[str]:
+        return [f"{self.url}/", f"{self.ldapi_url}/"]
+
+    def probe(self) -> None:
+        server = ldap3.Server(self.url, get_info=ldap3.NONE, connect_timeout=2)
+        with ldap3.Connection(server, auto_bind=True, receive_timeout=5):
+            return
+
+    def root_connection(self) -> ldap3.Connection:
+        """Bound as the local root user over the private ldapi socket (SASL EXTERNAL)."""
+        server = ldap3.Server(self.ldapi_url, get_info=ldap3.NONE, connect_timeout=2)
+        return ldap3.Connection(server, authentication=ldap3.SASL, sasl_mechanism=ldap3.EXTERNAL,
+                                sasl_credentials="", auto_bind=True, receive_timeout=5, raise_exceptions=False)
+
+
+@pytest.fixture
+def debian_slapd() -> Iterator[Callable[..., DebianSlapd]]:
+    """A factory of fresh, running Debian-configured slapds (``debian_slapd(domain=...)``),
+    stopped and removed after the test."""
+    made: list[DebianSlapd] = []
+
+    def make(domain: str = "example.org") -> DebianSlapd:
+        root = Path(tempfile.mkdtemp(prefix="ma-debslapd-"))  # short: a socket path has <= 107 bytes
+        server = DebianSlapd(root, domain)
+        made.append(server)
+        server.start()
+        return server
+
+    yield make
+    for server in made:
+        server.stop()
+        shutil.rmtree(server.root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,659 @@
+"""``mailappliance-admin backup DIR`` and ``restore DIR``: the whole appliance, no rsync.
+
+A backup holds everything a new machine needs: the config file and every
+file it names (keys, certificates, password files, screening lists, the
+LDIF directory), the Maildirs, the outbound queue and, for a local slapd,
+``slapcat`` of its config database (``-n0``) and of each of its databases.
+Safe while the daemon runs: Maildir files never change once in new/ or cur/
+(a message that moves from new/ to cur/ meanwhile is copied once, from where
+it is found), queue envelopes are read under the spool's lock, slapcat reads
+an MDB database consistently while slapd runs.
+
+Layout (the directory 0700, every file 0600, whatever the umask)::
+
+    manifest.json          format, origin, every file: original path, size, SHA-256, owner, group, mode
+    files/<original path>  e.g. files/etc/mailappliance/mailappliance.toml
+    slapd/config.ldif      slapcat -n0
+    slapd/db<N>.ldif       slapcat -n<N>
+
+``restore`` checks every size and hash first, then puts each file back at
+its original path with its owner and mode, the queue's envelopes last (an
+envelope is a queue entry's commit point); slapd's databases are loaded with
+slapadd.  It refuses a target that is not empty (a file that exists, a
+Maildir root or queue with something in it, a slapd with a config) unless
+``--force``.  Where the daemon's user can write (Maildirs, the queue),
+symbolic links are never followed, in a backup or a restore: that user must
+not be able to make root copy /etc/shadow into a mailbox, or overwrite it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import errno
+import grp
+import hashlib
+import json
+import os
+import pwd
+import re
+import shutil
+import socket
+import stat
+import subprocess
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from mailappliance.directory import DirectoryAdminError
+
+FORMAT, VERSION = "mailappliance-backup", 1
+MANIFEST = "manifest.json"
+SLAPCAT = shutil.which("slapcat") or "/usr/sbin/slapcat"
+SLAPADD = shutil.which("slapadd") or "/usr/sbin/slapadd"
+CHUNK = 1 << 20
+
+
+class BackupError(DirectoryAdminError):
+    """A backup or restore cannot go on; the message says why (exit 1)."""
+
+
+@attrs.define
+class FileRecord:
+    """One file of a backup: where it came from and what it was."""
+
+    path: str  # the original absolute path
+    size: int
+    sha256: str
+    mode: int
+    owner: str
+    group: str
+    area: str  # config | mail | queue
+
+    @property
+    def stored(self) -> str:
+        return "files" + self.path
+
+
+@attrs.define
+class DirectoryRecord:
+    path: str
+    mode: int
+    owner: str
+    group: str
+    area: str
+
+
+def _owner_names(info: os.stat_result) -> tuple[str, str]:
+    try:
+        owner = pwd.getpwuid(info.st_uid).pw_name
+    except KeyError:
+        owner = str(info.st_uid)
+    try:
+        group = grp.getgrgid(info.st_gid).gr_name
+    except KeyError:
+        group = str(info.st_gid)
+    return owner, group
+
+
+# -- backup -----------------------------------------------------------------------
+
+
+class BackupWriter:
+    """Copies files into a new backup directory, hashing as it goes."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+        self.files: list[FileRecord] = []
+        self.directories: list[DirectoryRecord] = []
+        self.skipped: list[str] = []
+        self._seen: set[str] = set()
+
+    def add_directory(self, path: Path, area: str) -> None:
+        if str(path) in self._seen:
+            return
+        info = os.lstat(path)
+        owner, group = _owner_names(info)
+        self.directories.append(DirectoryRecord(str(path), stat.S_IMODE(info.st_mode), owner, group, area))
+        self._seen.add(str(path))
+
+    def add_parent(self, path: Path) -> None:
+        """The directory holding ``path``, if it was made for the appliance (its owner,
+        group or mode differ from root:root 0755: /etc/mailappliance root:mailappliance
+        0750, /var/lib/mailappliance): a restore must give it back as it was."""
+        parent = path.parent
+        try:
+            info = os.stat(parent)
+        except OSError:
+            return
+        if (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) != (0, 0, 0o755) and parent != Path("/"):
+            self.add_directory(parent, "config")
+
+    def add_file(self, path: Path, area: str, follow: bool = False, as_path: Path | None = None) -> bool:
+        """Copy ``path`` (a regular file; a symbolic link only when ``follow``), recorded
+        as ``as_path`` (default: itself); False if it vanished meanwhile."""
+        recorded = str(as_path or path)
+        if recorded in self._seen:
+            return True
+        flags = os.O_RDONLY | os.O_NONBLOCK | (0 if follow else os.O_NOFOLLOW)
+        try:
+            source = os.open(path, flags)
+        except FileNotFoundError:
+            return False
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                self.skipped.append(f"{path}: a symbolic link where only files belong (not copied)")
+                return True
+            raise BackupError(f"cannot read {path}: {e.strerror}") from None
+        try:
+            info = os.fstat(source)
+            if not stat.S_ISREG(info.st_mode):
+                self.skipped.append(f"{path}: not a regular file (not copied)")
+                return True
+            stored = self.target / ("files" + recorded)
+            stored.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            digest, size = hashlib.sha256(), 0
+            out = os.open(stored, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            try:
+                while chunk := os.read(source, CHUNK):
+                    digest.update(chunk)
+                    size += len(chunk)
+                    os.write(out, chunk)
+            finally:
+                os.close(out)
+        finally:
+            os.close(source)
+        owner, group = _owner_names(info)
+        self.files.append(FileRecord(recorded, size, digest.hexdigest(), stat.S_IMODE(info.st_mode),
+                                     owner, group, area))
+        self._seen.add(recorded)
+        return True
+
+    def add_tree(self, root: Path, area: str) -> None:
+        """Every directory and regular file below ``root`` (links not followed); a
+        Maildir's new/ and cur/ by ``add_maildir`` rules, its tmp/ empty."""
+        self.add_directory(root, area)
+        try:
+            entries = sorted(os.scandir(root), key=lambda e: e.name)
+        except OSError as e:
+            raise BackupError(f"cannot list {root}: {e.strerror}") from None
+        names = {e.name for e in entries if e.is_dir(follow_symlinks=False)}
+        maildir = {"new", "cur"} <= names
+        if maildir:
+            self.add_maildir(root, area)
+        for entry in entries:
+            path = Path(entry.path)
+            if maildir and entry.name in ("new", "cur", "tmp"):
+                if entry.name == "tmp" and entry.is_dir(follow_symlinks=False):
+                    self.add_directory(path, area)  # messages being delivered are not mail yet
+                continue
+            if entry.is_symlink():
+                self.skipped.append(f"{path}: a symbolic link where only files belong (not copied)")
+            elif entry.is_dir(follow_symlinks=False):
+                self.add_tree(path, area)
+            elif entry.is_file(follow_symlinks=False):
+                self.add_file(path, area)
+
+    def add_maildir(self, maildir: Path, area: str) -> None:
+        """new/ then cur/: a message a POP3 login moves from new/ to cur/ while we copy
+        is copied once, from wherever it is found (a Maildir name keeps its unique
+        part before ':' when it moves)."""
+        new, cur = maildir / "new", maildir / "cur"
+        self.add_directory(new, area)
+        self.add_directory(cur, area)
+        done: set[str] = set()
+        for name in sorted(os.listdir(new)):
+            unique = name.split(":", 1)[0]
+            if self.add_file(new / name, area):
+                done.add(unique)
+                continue
+            moved = [n for n in os.listdir(cur) if n.split(":", 1)[0] == unique]
+            if moved and self.add_file(cur / moved[0], area):
+                done.add(unique)
+        for name in sorted(os.listdir(cur)):
+            if name.split(":", 1)[0] not in done:
+                self.add_file(cur / name, area)
+
+    def add_queue(self, spool_dir: Path) -> int:
+        """Every committed queue entry: its envelope read under the spool's lock
+        (the runner rewrites envelopes under it), the message file opened then."""
+        from mailappliance.queue.spool import OutboundSpool
+
+        spool = OutboundSpool(spool_dir)
+        if not spool.queue_dir.is_dir() or spool.queue_dir.is_symlink():
+            return 0
+        self.add_directory(spool_dir, "queue")  # the daemon writes incoming/ there too
+        self.add_directory(spool.queue_dir, "queue")
+        count = 0
+        for queue_id in spool.queued_ids():
+            with spool._locked():
+                envelope = spool.queue_dir / f"{queue_id}.json"
+                message = spool.queue_dir / f"{queue_id}.eml"
+                if not envelope.exists():
+                    continue  # delivered meanwhile
+                self.add_file(message, "queue")
+                self.add_file(envelope, "queue")
+            count += 1
+        return count
+
+    def run_slapcat(self, config_dir: Path) -> dict[str, Any]:
+        """slapcat -n0 (slapd's own config) and -n<N> for each database into slapd/."""
+        out = self.target / "slapd"
+        out.mkdir(mode=0o700)
+        config_file = out / "config.ldif"
+        _run([SLAPCAT, "-F", str(config_dir), "-n", "0", "-l", str(config_file)], "slapcat -n0")
+        info = os.stat(config_dir)
+        owner, group = _owner_names(info)
+        slapd: dict[str, Any] = {"config_dir": str(config_dir), "mode": stat.S_IMODE(info.st_mode),
+                                 "owner": owner, "group": group, "config": _stored_record(config_file, "slapd/config.ldif"),
+                                 "databases": []}
+        for number, suffix, directory in databases_in(config_file.read_text(encoding="utf-8")):
+            dump = out / f"db{number}.ldif"
+            _run([SLAPCAT, "-F", str(config_dir), "-n", str(number), "-l", str(dump)], f"slapcat -n{number}")
+            record = _stored_record(dump, f"slapd/db{number}.ldif")
+            dir_info = os.stat(directory) if directory and os.path.isdir(directory) else info
+            db_owner, db_group = _owner_names(dir_info)
+            slapd["databases"].append({"number": number, "suffix": suffix, "directory": directory,
+                                       "mode": stat.S_IMODE(dir_info.st_mode), "owner": db_owner,
+                                       "group": db_group, **record})
+        return slapd
+
+
+def _stored_record(path: Path, name: str) -> dict[str, Any]:
+    os.chmod(path, 0o600)
+    return {"file": name, "size": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _run(command: list[str], what: str) -> None:
+    result = subprocess.run(command, capture_output=True, text=True, timeout=3600)
+    if result.returncode != 0:
+        raise BackupError(f"{what} failed ({' '.join(command)}): {result.stderr.strip() or result.stdout.strip()}")
+
+
+def databases_in(config_ldif: str) -> list[tuple[int, str, str]]:
+    """(number, suffix, olcDbDirectory) of each database in a ``slapcat -n0`` dump."""
+    from mailappliance.directory.ldif_format import parse_ldif
+
+    found = []
+    for entry in parse_ldif(config_ldif):
+        match = re.match(r"olcDatabase=\{(\d+)\}", entry.dn)
+        suffix = entry.first("olcSuffix")
+        if match and suffix and int(match.group(1)) > 0:
+            found.append((int(match.group(1)), suffix, entry.first("olcDbDirectory")))
+    return found
+
+
+def config_files(settings: Any) -> list[Path]:
+    """The config file and every existing file (or key directory) it names, except
+    the state it points at (Maildirs, spool, logs) and what the directory backend
+    does not use."""
+    state = [settings.maildir_root, settings.spool_dir]
+    skip = {id(settings.json_log)}
+    if settings.directory.backend != "ldif":
+        skip.add(id(settings.directory.ldif_file))
+    found: list[Path] = [settings.source]
+
+    def walk(value: Any) -> None:
+        if id(value) in skip:
+            return
+        if isinstance(value, Path):
+            if not value.is_absolute() or value in found or not value.exists():
+                return
+            if any(value == s or s in value.parents or value in s.parents for s in state):
+                return
+            found.append(value)
+        elif attrs.has(type(value)):
+            for field in attrs.fields(type(value)):
+                walk(getattr(value, field.name))
+        elif isinstance(value, (tuple, list)):
+            for item in value:
+                walk(item)
+
+    for field in attrs.fields(type(settings)):
+        if field.name not in ("source", "maildir_root", "spool_dir", "json_log"):
+            walk(getattr(settings, field.name))
+    for path in _secret_files(settings.source):  # *_file keys: their paths are not all kept in Settings
+        if path not in found and path.exists():
+            found.append(path)
+    return found
+
+
+def _secret_files(config_file: Path) -> list[Path]:
+    with open(config_file, "rb") as f:
+        data = tomllib.load(f)
+    paths = []
+
+    def walk(table: dict[str, Any]) -> None:
+        for key, value in table.items():
+            if isinstance(value, dict):
+                walk(value)
+            elif key.endswith("_file") and isinstance(value, str) and value:
+                path = Path(value).expanduser()
+                paths.append(path if path.is_absolute() else (config_file.parent / path).resolve())
+
+    walk(data)
+    return paths
+
+
+def make_backup(settings: Any, target: Path, slapd_config: Path) -> dict[str, Any]:
+    """Write a backup of everything ``settings`` names into ``target`` (new or empty)."""
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise BackupError(f"{target} exists and is not an empty directory: give a new one")
+    old_umask = os.umask(0o077)
+    try:
+        target.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(target, 0o700)
+        writer = BackupWriter(target)
+        notes: list[str] = []
+        for path in config_files(settings):
+            writer.add_parent(path)
+            if path.is_dir():
+                writer.add_tree(path, "config")
+            else:
+                writer.add_file(path, "config", follow=True)
+        writer.add_parent(settings.maildir_root)
+        writer.add_parent(settings.spool_dir)
+        if settings.maildir_root.is_dir():
+            writer.add_tree(settings.maildir_root, "mail")
+        queued = writer.add_queue(settings.spool_dir)
+        slapd = None
+        if settings.directory.backend == "ldap":
+            if os.geteuid() == 0 and slapd_config.is_dir() and os.path.exists(SLAPCAT):
+                slapd = writer.run_slapcat(slapd_config)
+            else:
+                notes.append(f"the LDAP directory ({', '.join(settings.directory.ldap.urls)}) is not in this backup: "
+                             f"no local slapd config at {slapd_config} (or not root); back it up on its server "
+                             "(slapcat -n0 and -n1, as root, private files)")
+        manifest = {
+            "format": FORMAT, "version": VERSION, "host": socket.getfqdn(),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "config": str(settings.source),
+            "areas": {"mail": str(settings.maildir_root), "queue": str(settings.spool_dir / "queue")},
+            "files": [attrs.asdict(f) for f in writer.files],
+            "directories": [attrs.asdict(d) for d in writer.directories],
+            "slapd": slapd, "queued": queued, "skipped": writer.skipped, "notes": notes,
+        }
+        staged = target / f".{MANIFEST}.tmp"
+        staged.write_text(json.dumps(manifest, indent=1) + "\n")
+        os.chmod(staged, 0o600)
+        staged.rename(target / MANIFEST)
+        os.sync()
+        return manifest
+    finally:
+        os.umask(old_umask)
+
+
+def cmd_backup(ctx: Any, args: argparse.Namespace) -> int:
+    manifest = make_backup(ctx.settings, Path(args.dir).absolute(), Path(args.slapd_config))
+    files = manifest["files"]
+    size = sum(f["size"] for f in files)
+    mail = sum(1 for f in files if f["area"] == "mail" and re.search(r"/(new|cur)/[^/]+$", f["path"]))
+    summary = (f"backup in {Path(args.dir).absolute()}: {len(files)} files, {size / 1048576:.1f} MiB "
+               f"({sum(1 for f in files if f['area'] == 'config')} config and key files, {mail} messages in "
+               f"Maildirs, {manifest['queued']} queued)"
+               + (f", slapd config and {len(manifest['slapd']['databases'])} database(s)" if manifest["slapd"] else ""))
+    if ctx.as_json:
+        print(json.dumps({"ok": True, "dir": str(Path(args.dir).absolute()), "files": len(files), "bytes": size,
+                          "messages": mail, "queued": manifest["queued"], "slapd": bool(manifest["slapd"]),
+                          "skipped": manifest["skipped"], "notes": manifest["notes"]}))
+    else:
+        for line in manifest["skipped"] + manifest["notes"]:
+            print(f"note: {line}")
+        print(summary)
+    return 0
+
+
+# -- restore ----------------------------------------------------------------------
+
+
+def read_manifest(source: Path) -> dict[str, Any]:
+    """The manifest of a backup, its paths checked: absolute, normal, no '..'."""
+    try:
+        manifest = json.loads((source / MANIFEST).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BackupError(f"{source} has no {MANIFEST}: not a backup made by mailappliance-admin backup") from None
+    except (OSError, ValueError) as e:
+        raise BackupError(f"{source / MANIFEST}: cannot be read: {e}") from None
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise BackupError(f"{source / MANIFEST}: not a {FORMAT} version {VERSION}")
+    for record in manifest["files"] + manifest["directories"]:
+        _check_path(record["path"])
+    for name in ("mail", "queue"):
+        _check_path(manifest["areas"][name])
+    slapd = manifest.get("slapd")
+    if slapd:
+        _check_path(slapd["config_dir"])
+        for db in slapd["databases"]:
+            _check_path(db["directory"])
+            if not re.fullmatch(r"slapd/db\d+\.ldif", db["file"]):
+                raise BackupError(f"{MANIFEST}: bad slapd file name {db['file']!r}")
+    return manifest
+
+
+def _check_path(text: Any) -> None:
+    if not isinstance(text, str) or not text.startswith("/") or os.path.normpath(text) != text \
+            or "/../" in text + "/" or "\0" in text or text == "/":
+        raise BackupError(f"{MANIFEST}: refusing the path {text!r} (absolute, normal paths only)")
+
+
+def verify(source: Path, manifest: dict[str, Any]) -> None:
+    """Every file there, with its size and SHA-256: a damaged backup restores nothing."""
+    records = [(source / ("files" + f["path"]), f["size"], f["sha256"]) for f in manifest["files"]]
+    if manifest.get("slapd"):
+        slapd = manifest["slapd"]
+        records += [(source / r["file"], r["size"], r["sha256"]) for r in [slapd["config"], *slapd["databases"]]]
+    for path, size, digest in records:
+        if path.is_symlink() or not path.is_file():
+            raise BackupError(f"backup damaged: {path} is missing")
+        if path.stat().st_size != size or _sha256(path) != digest:
+            raise BackupError(f"backup damaged: {path} differs from the manifest (size or SHA-256)")
+
+
+def _ids(owner: str, group: str, missing: set[str]) -> tuple[int, int]:
+    try:
+        uid = pwd.getpwnam(owner).pw_uid
+    except KeyError:
+        uid = int(owner) if owner.isdigit() else -1
+        if uid < 0:
+            missing.add(f"user {owner}")
+    try:
+        gid = grp.getgrnam(group).gr_gid
+    except KeyError:
+        gid = int(group) if group.isdigit() else -1
+        if gid < 0:
+            missing.add(f"group {group}")
+    return uid, gid
+
+
+def _not_empty(path: Path) -> bool:
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+
+
+def conflicts(manifest: dict[str, Any]) -> list[str]:
+    """What the restore would overwrite."""
+    found = [f"{f['path']} exists" for f in manifest["files"] if os.path.lexists(f["path"])]
+    for name in ("mail", "queue"):
+        area = Path(manifest["areas"][name])
+        if _not_empty(area) and not any(c.startswith(f"{area}/") for c in found):
+            found.append(f"{area} is not empty")
+    slapd = manifest.get("slapd")
+    if slapd:
+        if _not_empty(Path(slapd["config_dir"])):
+            found.append(f"{slapd['config_dir']} holds a slapd config")
+        for db in slapd["databases"]:
+            if (Path(db["directory"]) / "data.mdb").exists():
+                found.append(f"{db['directory']} holds a slapd database")
+    return found
+
+
+def _safe_parent(path: Path, areas: list[Path]) -> None:
+    """Inside a Maildir root or the queue (which the daemon's user can write), no
+    component below the area may be a symbolic link."""
+    for area in areas:
+        if area in path.parents:
+            current = area
+            for part in path.relative_to(area).parts[:-1]:
+                current = current / part
+                if current.is_symlink():
+                    raise BackupError(f"{current} is a symbolic link: refusing to restore through it")
+
+
+def _make_directories(path: Path) -> None:
+    """mkdir -p: directories the backup does not describe get root's usual 0755."""
+    for parent in reversed([path, *path.parents]):
+        if not parent.exists():
+            parent.mkdir(mode=0o755)
+            os.chmod(parent, 0o755)
+
+
+def _make_directory(record: dict[str, Any], uid: int, gid: int, areas: list[Path]) -> None:
+    path = Path(record["path"])
+    _safe_parent(path, areas)
+    if path.is_symlink() and any(area in path.parents for area in areas):
+        raise BackupError(f"{path} is a symbolic link: refusing to restore through it")
+    _make_directories(path)
+    os.chown(path, uid, gid)
+    os.chmod(path, record["mode"])
+
+
+def _put_file(stored: Path, record: dict[str, Any], uid: int, gid: int, areas: list[Path]) -> None:
+    """Write next to the target and rename over it: a link planted at the target is
+    replaced, never followed."""
+    target = Path(record["path"])
+    _safe_parent(target, areas)
+    _make_directories(target.parent)
+    staged = target.parent / f".{target.name}.restore-{os.getpid()}"
+    out = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with open(stored, "rb") as source:
+            while chunk := source.read(CHUNK):
+                os.write(out, chunk)
+        os.fchown(out, uid, gid)
+        os.fchmod(out, record["mode"])
+    except BaseException:
+        os.close(out)
+        staged.unlink(missing_ok=True)
+        raise
+    os.close(out)
+    os.rename(staged, target)
+
+
+def _slapd_running(config_dir: Path) -> int | None:
+    """The pid of a slapd that runs with ``config_dir`` (its olcPidFile), if any."""
+    config = config_dir / "cn=config.ldif"
+    try:
+        text = config.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    match = re.search(r"^olcPidFile: (.+)$", text, re.MULTILINE)
+    try:
+        pid = int(Path(match.group(1).strip()).read_text().strip()) if match else 0
+    except (OSError, ValueError):
+        return None
+    return pid if pid and Path(f"/proc/{pid}").exists() else None
+
+
+def _move_aside(path: Path, stamp: str) -> Path:
+    aside = path.with_name(f"{path.name}.before-restore-{stamp}")
+    path.rename(aside)
+    return aside
+
+
+def restore_slapd(source: Path, slapd: dict[str, Any], force: bool, missing: set[str]) -> list[str]:
+    config_dir = Path(slapd["config_dir"])
+    pid = _slapd_running(config_dir)
+    if pid:
+        raise BackupError(f"slapd (pid {pid}) runs with {config_dir}: stop it first (systemctl stop slapd)")
+    uid, gid = _ids(slapd["owner"], slapd["group"], missing)
+    databases = [(db, *_ids(db["owner"], db["group"], missing)) for db in slapd["databases"]]
+    if missing:
+        raise BackupError(f"missing here: {', '.join(sorted(missing))} (install slapd first: apt-get install slapd)")
+    done = []
+    stamp = time.strftime("%Y%m%d%H%M%S")
+    if _not_empty(config_dir):
+        done.append(f"moved the existing slapd config to {_move_aside(config_dir, stamp)}")
+    elif config_dir.exists():
+        config_dir.rmdir()
+    for db, _, _ in databases:  # slapadd -n0 checks that each olcDbDirectory exists
+        directory = Path(db["directory"])
+        data = [directory / name for name in ("data.mdb", "lock.mdb") if (directory / name).exists()]
+        if data:
+            aside = directory.with_name(f"{directory.name}.before-restore-{stamp}")
+            aside.mkdir(mode=0o700)
+            for path in data:
+                path.rename(aside / path.name)
+            done.append(f"moved the existing database files of {directory} to {aside}")
+        _make_directories(directory.parent)
+        directory.mkdir(mode=db["mode"], exist_ok=True)
+    _make_directories(config_dir.parent)
+    config_dir.mkdir(mode=slapd["mode"])
+    _run([SLAPADD, "-F", str(config_dir), "-n", "0", "-l", str(source / slapd["config"]["file"])], "slapadd -n0")
+    for db, db_uid, db_gid in databases:
+        _run([SLAPADD, "-F", str(config_dir), "-n", str(db["number"]), "-l", str(source / db["file"])],
+             f"slapadd -n{db['number']}")
+        _chown_tree(Path(db["directory"]), db_uid, db_gid)
+        done.append(f"loaded {db['suffix']} into {db['directory']}")
+    _chown_tree(config_dir, uid, gid)
+    done.append(f"loaded slapd's config into {config_dir}: start slapd now (systemctl start slapd)")
+    return done
+
+
+def _chown_tree(root: Path, uid: int, gid: int) -> None:
+    os.chown(root, uid, gid)
+    for path, dirs, files in os.walk(root):
+        for name in dirs + files:
+            os.lchown(os.path.join(path, name), uid, gid)
+
+
+def restore(source: Path, force: bool) -> list[str]:
+    """Put the backup in ``source`` back; the lines to print."""
+    manifest = read_manifest(source)
+    verify(source, manifest)
+    clashes = conflicts(manifest)
+    if clashes and not force:
+        shown = "; ".join(clashes[:10]) + (f"; and {len(clashes) - 10} more" if len(clashes) > 10 else "")
+        raise BackupError(f"refusing to overwrite: {shown}. Restore into an empty machine, or give --force "
+                          "to overwrite files and merge into the directories")
+    missing: set[str] = set()
+    owners = {(r["owner"], r["group"]): _ids(r["owner"], r["group"], missing)
+              for r in manifest["files"] + manifest["directories"]}
+    if missing:
+        raise BackupError(f"missing here: {', '.join(sorted(missing))}: create them first (docs/admin.md, "
+                          "section 1: adduser --system --group --home /var/lib/mailappliance mailappliance)")
+    if os.geteuid() != 0 and any(uid != os.geteuid() for uid, _ in owners.values()):
+        raise BackupError("the files belong to other users: run restore as root")
+    areas = [Path(manifest["areas"]["mail"]), Path(manifest["areas"]["queue"])]
+    lines = []
+    if manifest.get("slapd"):
+        lines += restore_slapd(source, manifest["slapd"], force, missing)
+    for record in sorted(manifest["directories"], key=lambda r: r["path"].count("/")):
+        _make_directory(record, *owners[(record["owner"], record["group"])], areas)
+    # a queue entry's envelope is its commit point: every message file before any envelope
+    ordered = sorted(manifest["files"], key=lambda r: r["area"] == "queue" and r["path"].endswith(".json"))
+    for record in ordered:
+        _put_file(source / ("files" + record["path"]), record, *owners[(record["owner"], record["group"])], areas)
+    os.sync()
+    lines.append(f"restored {len(manifest['files'])} files from {source} (made {manifest['created']} on "
+                 f"{manifest['host']}); config: {manifest['config']}")
+    return lines
+
+
+def cmd_restore(ctx: Any, args: argparse.Namespace) -> int:
+    lines = restore(Path(args.dir).absolute(), args.force)
+    if ctx.as_json:
+        print(json.dumps({"ok": True, "done": lines}))
+    else:
+        print("\n".join(lines))
+    return 0
+
