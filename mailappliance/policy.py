@@ -1,7 +1,8 @@
 """Relay and sender decisions: pure functions from facts to verdicts, no I/O.
 
 The rule is short on purpose: a recipient is *local* only when its domain is
-exactly one of our domains and its local part is a plain dot-atom without
+exactly one of our domains (local domains and alias domains alike: callers pass
+``Addressing.accepted_domains``) and its local part is a plain dot-atom without
 routing characters; it is *remote* only for an authenticated subscriber;
 everything else is refused.  Address forms that once made servers relay
 (percent hack, bang paths, source routes, quoted local parts hiding '@',
@@ -14,6 +15,7 @@ import enum
 
 import attrs
 
+from mailappliance.addressing import Addressing, sender_forms
 from mailappliance.directory import Subscriber
 from mailappliance.smtp.paths import MailPath
 
@@ -72,15 +74,17 @@ def decide_recipient(
     return _refuse("relay denied")
 
 
-def decide_sender(sender: MailPath, subscriber: Subscriber) -> str | None:
+def decide_sender(sender: MailPath, subscriber: Subscriber, addressing: Addressing | None = None) -> str | None:
     """Why an authenticated subscriber may not use ``sender`` (None: they may).
 
     Only the addresses the directory gives them (``mail``, ``mailLocalAddress``)
-    and the null sender are theirs to use; anything else is a forgery, which
-    is exactly what a stolen account is used for.
+    and the null sender are theirs to use, in any alias-domain form and with
+    or without a sub-address (``addressing``); anything else is a forgery,
+    which is exactly what a stolen account is used for.
     """
     if sender.is_null:
         return None
-    if not (sender.source_route or sender.quoted) and subscriber.owns_address(sender.address):
+    forms = sender_forms(addressing, sender.address) if addressing is not None else (sender.address,)
+    if not (sender.source_route or sender.quoted) and any(subscriber.owns_address(f) for f in forms):
         return None
     return f"not owned by user {subscriber.uid}"

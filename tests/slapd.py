@@ -1,7 +1,8 @@
 """A private, real OpenLDAP slapd for the tests (Debian's slapd, no mocks).
 
 One slapd per test session, in a temp dir, on a free loopback port: cn=config
-built with ``slapadd -n0`` (schemas core, cosine, inetorgperson, misc; an mdb
+built with ``slapadd -n0`` (schemas core, cosine, inetorgperson, misc and our
+etc/slapd/forwarding.ldif; an mdb
 database for dc=example,dc=org), an admin (rootdn), a read-only service
 account that cannot read passwords, and ``ou=people``.  The function-scoped
 ``slapd`` fixture empties ``ou=people`` and makes sure the server runs, so
@@ -42,6 +43,7 @@ SLAPADD = shutil.which("slapadd") or "/usr/sbin/slapadd"
 SCHEMA_DIR = Path("/etc/ldap/schema")
 DEBIAN_INIT_LDIF = Path("/usr/share/slapd/slapd.init.ldif")  # what Debian's postinst slapadds
 MODULE_DIR = Path("/usr/lib/ldap")
+FORWARDING_SCHEMA = Path(__file__).resolve().parent.parent / "etc" / "slapd" / "forwarding.ldif"
 SUFFIX = "dc=example,dc=org"
 
 CONFIG_LDIF = """\
@@ -67,6 +69,8 @@ include: file://{schemas}/cosine.ldif
 include: file://{schemas}/inetorgperson.ldif
 
 include: file://{schemas}/misc.ldif
+
+include: file://{forwarding}
 
 dn: olcDatabase={{-1}}frontend,cn=config
 objectClass: olcDatabaseConfig
@@ -136,7 +140,7 @@ class Slapd:
         config_dir.mkdir()
         data_dir.mkdir()
         config = CONFIG_LDIF.format(
-            root=self.root, modules=MODULE_DIR, schemas=SCHEMA_DIR, suffix=SUFFIX,
+            root=self.root, modules=MODULE_DIR, schemas=SCHEMA_DIR, suffix=SUFFIX, forwarding=FORWARDING_SCHEMA,
             admin_hash=make_ssha(self.admin_password),
         )
         data = DATA_LDIF.format(suffix=SUFFIX, service_hash=make_ssha(self.bind_password))

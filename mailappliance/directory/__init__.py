@@ -16,6 +16,7 @@ import attrs
 DISABLED_ATTRIBUTE = "employeeType"
 DISABLED_VALUE = "disabled"
 LIMIT_ATTRIBUTE = "description"  # values like "limit:messages_per_hour=500"
+FORWARD_ATTRIBUTE = "mailForwardingAddress"  # qmail-ldap's attribute (etc/slapd/forwarding.ldif)
 _LIMIT_VALUE = re.compile(r"^limit:([a-z_]+)=([0-9]{1,9})$")
 
 
@@ -58,7 +59,10 @@ class Subscriber:
 
     ``uid`` is the stable login and names the Maildir; ``mail`` is the primary
     address; ``aliases`` are the ``mailLocalAddress`` values, which deliver to
-    the same mailbox and which the subscriber may use as sender.
+    the same mailbox and which the subscriber may use as sender.  ``forwards``
+    are the ``mailForwardingAddress`` values: mail is forwarded there, and kept
+    here too only if one of them is the subscriber's own address
+    (:mod:`mailappliance.addressing`).
     """
 
     dn: str
@@ -69,6 +73,7 @@ class Subscriber:
     disabled: bool = False
     certificates: tuple[bytes, ...] = attrs.field(default=(), repr=False)
     limits: tuple[tuple[str, int], ...] = ()
+    forwards: tuple[str, ...] = ()
 
     @property
     def addresses(self) -> tuple[str, ...]:

@@ -37,6 +37,7 @@ from mailappliance.config import LdapSettings
 from mailappliance.directory import (
     DISABLED_ATTRIBUTE,
     DISABLED_VALUE,
+    FORWARD_ATTRIBUTE,
     LIMIT_ATTRIBUTE,
     DirectoryAdminError,
     DirectoryUnavailable,
@@ -54,7 +55,8 @@ T = TypeVar("T")
 PROBE_INTERVAL = 10.0  # seconds between probes of a server marked down
 
 CERTIFICATE_ATTRIBUTE = "userCertificate;binary"
-ATTRIBUTES = ["uid", "mail", "mailLocalAddress", "cn", DISABLED_ATTRIBUTE, CERTIFICATE_ATTRIBUTE, LIMIT_ATTRIBUTE]
+ATTRIBUTES = ["uid", "mail", "mailLocalAddress", "cn", DISABLED_ATTRIBUTE, CERTIFICATE_ATTRIBUTE, LIMIT_ATTRIBUTE,
+              FORWARD_ATTRIBUTE]
 OBJECT_CLASSES = ["top", "person", "organizationalPerson", "inetOrgPerson", "inetLocalMailRecipient"]
 INVALID_CREDENTIALS = 49
 REFUSED_BIND_RESULTS = {48, 49, 50, 53}  # inappropriateAuth, invalidCredentials, insufficientAccess, unwilling
@@ -88,6 +90,7 @@ def subscriber_from_ldap(dn: str, raw: dict[str, list[bytes]]) -> Subscriber | N
         disabled=any(v.lower() == DISABLED_VALUE for v in _texts(raw, DISABLED_ATTRIBUTE)),
         certificates=tuple(certificates),
         limits=parse_limits(_texts(raw, LIMIT_ATTRIBUTE)),
+        forwards=tuple(_texts(raw, FORWARD_ATTRIBUTE)),
     )
 
 

@@ -30,6 +30,7 @@ from mailappliance.addresses import normalize_address, validate_display_name, va
 from mailappliance.directory import (
     DISABLED_ATTRIBUTE,
     DISABLED_VALUE,
+    FORWARD_ATTRIBUTE,
     LIMIT_ATTRIBUTE,
     DirectoryUnavailable,
     DuplicateEntry,
@@ -69,6 +70,7 @@ def subscriber_from_entry(entry: Entry) -> Subscriber:
         disabled=any(v.lower() == DISABLED_VALUE for v in entry.texts(DISABLED_ATTRIBUTE)),
         certificates=certificates,
         limits=parse_limits(entry.texts(LIMIT_ATTRIBUTE)),
+        forwards=tuple(entry.texts(FORWARD_ATTRIBUTE)),
     )
 
 

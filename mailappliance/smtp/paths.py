@@ -25,6 +25,9 @@ _MAILBOX = re.compile(
 _PARAM = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*(=[\x21-\x3c\x3e-\x7e]+)?")
 
 MAX_LOCAL_PART = 64
+# SRS addresses (mailappliance.srs) carry a whole address in their local part, so
+# they may be longer (within MAX_PATH), as Postfix and others accept them.
+_SRS_LOCAL = re.compile(r"srs[01][=+-]", re.IGNORECASE)
 MAX_DOMAIN = 255
 MAX_PATH = 256
 
@@ -73,7 +76,7 @@ def parse_path(text: str, allow_null: bool) -> MailPath:
     if match is None:
         raise PathSyntaxError("malformed address")
     local, domain = match["local"], (match["domain"] or "").lower()
-    if len(local) > MAX_LOCAL_PART or len(domain) > MAX_DOMAIN:
+    if (len(local) > MAX_LOCAL_PART and not _SRS_LOCAL.match(local)) or len(domain) > MAX_DOMAIN:
         raise PathSyntaxError("address too long")
     route = tuple(r.lstrip("@").lower() for r in (match["route"] or "").rstrip(":").split(",") if r)
     return MailPath(local_part=local, domain=domain, source_route=route, quoted=local.startswith('"'))
