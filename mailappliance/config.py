@@ -22,6 +22,7 @@ from typing import Any, Callable, TypeVar
 
 import attrs
 
+from mailappliance.address_settings import AddressSettings, ForwardingSettings, parse_addresses, parse_forwarding
 from mailappliance.addresses import normalize_domain
 from mailappliance.directory import InvalidAddress
 from mailappliance.limits import LimitSettings
@@ -184,6 +185,9 @@ class ScreeningSettings:
     file: Path | None = None
     apply_to: tuple[str, ...] = ("mx",)
     dns_timeout: float = 3.0
+    # "rcpt": a screened client is refused at RCPT, except for postmaster@ and abuse@
+    # (RFC 5321 4.5.1); "connect": refused in the greeting (cheaper, but it cannot complain)
+    refuse_at: str = "rcpt"
 
 
 @attrs.frozen
@@ -222,6 +226,8 @@ class Settings:
     log_level: str = "info"
     mailbox_quota: int = DEFAULT_MAILBOX_QUOTA  # bytes per subscriber, 0 = unlimited (mailappliance.quota)
     mx_bytes_per_hour_per_network: int = DEFAULT_BYTES_PER_HOUR  # 0 = off (mailappliance.budget)
+    addresses: AddressSettings = AddressSettings()  # [server] alias domains, delimiter, catch-all, postmaster
+    forwarding: ForwardingSettings = ForwardingSettings()  # [forwarding] SRS
     # The secret files read for this config (and their values): a reload that
     # cannot read an unchanged one keeps the value. Not a setting: never compared.
     secrets: "SecretFiles | None" = attrs.field(default=None, eq=False, repr=False)
@@ -485,7 +491,8 @@ def _screening(reader: _Reader) -> ScreeningSettings:
     for role in apply_to:
         if role not in SMTP_ROLES:
             raise reader.error("apply_to", f"roles must be among {', '.join(SMTP_ROLES)}, got {role!r}")
-    settings = ScreeningSettings(file, apply_to, reader.number("dns_timeout", 3.0, 0.1, 30))
+    settings = ScreeningSettings(file, apply_to, reader.number("dns_timeout", 3.0, 0.1, 30),
+                                 reader.choice("refuse_at", "rcpt", ("rcpt", "connect")))
     reader.reject_unknown()
     if file is not None:
         try:
@@ -604,6 +611,7 @@ def parse_config(file: Path, data: dict[str, Any], secrets: SecretFiles | None =
         _validated(server, "local_domains", d, normalize_domain).lower().rstrip(".")
         for d in server.strings("local_domains")
     )
+    addresses = parse_addresses(server, domains)
     server.reject_unknown()
 
     storage = top.table_of("storage")
@@ -612,6 +620,7 @@ def parse_config(file: Path, data: dict[str, Any], secrets: SecretFiles | None =
     storage_threads = storage.integer("threads", 8, 1, 256)
     commit_threads = storage.integer("commit_threads", 1, 1, 64)
     sync = storage.choice("sync", "fsync", SYNC_METHODS)
+    forwarding = parse_forwarding(top.table_of("forwarding"), domains, addresses, spool_dir)
     if sync == "syncfs" and not syncfs_available():
         raise storage.error("sync", "\"syncfs\" needs Linux 5.8 or newer (where syncfs reports write errors); "
                                     "use \"fsync\"")
@@ -683,6 +692,8 @@ def parse_config(file: Path, data: dict[str, Any], secrets: SecretFiles | None =
         listeners=listeners,
         tls=tls,
         queue=queue,
+        addresses=addresses,
+        forwarding=forwarding,
         secrets=top.secrets,
     )
 

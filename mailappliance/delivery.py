@@ -26,6 +26,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from mailappliance.maildir import IncomingMessage, fsync_directory, syncfs
+from mailappliance.folders import FolderTarget, filing_path
 from mailappliance.queue.spool import Envelope, OutboundSpool
 
 log = Logger(namespace="mailappliance.storage")
@@ -44,7 +45,7 @@ class CommitJob:
     """One received message and where it must be made durable."""
 
     message: IncomingMessage
-    maildirs: tuple[Path, ...] = ()
+    maildirs: tuple[Path | FolderTarget, ...] = ()
     spool_entries: tuple[SpoolEntry, ...] = ()
 
 
@@ -131,7 +132,7 @@ def commit_batch(jobs: Sequence[CommitJob], sync: str = "fsync") -> list[CommitO
         job = jobs[i]
         for entry in job.spool_entries:
             entry.spool.enqueue(job.message.path, entry.envelope)
-        maildirs = list(dict.fromkeys(job.maildirs))
+        maildirs = list(dict.fromkeys(filing_path(m) for m in job.maildirs))  # a +tag folder, if it exists
         delivered[i] = [job.message.place(maildir, last=n == len(maildirs) - 1) for n, maildir in enumerate(maildirs)]
 
     each(lambda i: jobs[i].message.write_out())

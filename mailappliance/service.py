@@ -28,6 +28,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from mailappliance.address_settings import build_addressing
 from mailappliance.config import WEB_ROLES, ListenerSettings, Settings, StartupError
 from mailappliance.credentials import SubscriberChecker, SubscriberRealm
 from mailappliance.directory.backends import build_store
@@ -148,6 +149,7 @@ def build_service(settings: Settings, reactor: Any = None,
         return deferToThreadPool(reactor, storage_pool, function, *args)
 
     server_tls = _server_tls(settings, owner)
+    addressing = build_addressing(settings, owner if owner is not None and os.geteuid() == 0 else None)
     screening = ScreeningSource(settings.screening.file, reactor)
     resolver = make_resolver(settings.queue.resolver)  # every DNS lookup: MX, reverse names, DNSBL
     client_lookup = ClientLookup(resolver, reactor, settings.screening.dns_timeout)
@@ -164,7 +166,8 @@ def build_service(settings: Settings, reactor: Any = None,
     Reloader(settings, server_tls, screening, {"limits": limits, "throttle": throttle, "log_level": log_level,
                                                   "mailbox_quota": quotas, "mx_bytes_per_hour_per_network": network_budget}, reactor).setServiceParent(top)
     spool = OutboundSpool(settings.spool_dir)
-    runner = _queue_runner(settings, spool, directory, committer.commit, run_blocking, reactor, resolver)
+    runner = _queue_runner(settings, spool, directory, committer.commit, run_blocking, reactor, resolver,
+                           addressing)
     runner.setServiceParent(top)
 
     _queue_gauges(spool)
@@ -176,7 +179,7 @@ def build_service(settings: Settings, reactor: Any = None,
             factory: Any = metrics_site(health) if listener.role == "metrics" else autoconfig_site(settings)
         elif listener.is_smtp:
             factory = _smtp_factory(settings, listener, directory, committer.commit, smtp_portal, spool,
-                                    server_tls, runner.kick)
+                                    server_tls, runner.kick, addressing)
             factory.screening, factory.client_lookup = screening, client_lookup
             factory.quotas, factory.network_budget = quotas, network_budget
         else:
@@ -225,7 +228,8 @@ def _server_tls(settings: Settings, owner: tuple[int, int] | None) -> ServerTLS:
 
 
 def _queue_runner(settings: Settings, spool: OutboundSpool, directory: Directory, commit: Committer,
-                  run_blocking: Callable[..., Deferred], reactor: Any, resolver: Any) -> QueueRunner:
+                  run_blocking: Callable[..., Deferred], reactor: Any, resolver: Any,
+                  addressing: Any = None) -> QueueRunner:
     """The outbound queue: routing from [queue], reports through ReportDelivery."""
     q = settings.queue
     router = Router(
@@ -249,7 +253,7 @@ def _queue_runner(settings: Settings, spool: OutboundSpool, directory: Directory
         runner.kick()
 
     reports = ReportDelivery(frozenset(settings.local_domains), directory, settings.maildir_root,
-                             settings.spool_dir / "incoming", spool, commit, queued)
+                             settings.spool_dir / "incoming", spool, commit, queued, addressing=addressing)
     runner = QueueRunner(spool, router, q, settings.hostname, run_blocking, reports, tls_context_for, reactor,
                          smarthost_login=smarthost_login)
     return runner
@@ -268,7 +272,7 @@ def _trust_root(ca_file: Any) -> Any:
 def _smtp_factory(
     settings: Settings, listener: ListenerSettings, directory: Directory,
     commit: Callable[..., Deferred], portal: Portal, spool: OutboundSpool, server_tls: ServerTLS,
-    on_queued: Callable[[], None],
+    on_queued: Callable[[], None], addressing: Any = None,
 ) -> SMTPFactory:
     _warn_if_plaintext(listener)
     config = SMTPConfig(
@@ -293,6 +297,8 @@ def _smtp_factory(
         data_time_limit=settings.smtp.data_time_limit,
         session_lifetime=settings.limits.session_lifetime,
         offer_auth=listener.offers_auth,
+        addressing=addressing,
+        screen_refuse_at=settings.screening.refuse_at,
     )
     return SMTPFactory(config, directory.find_by_address, commit, portal=portal, spool=spool,
                        peer_certificate=client_certificate, on_queued=on_queued)

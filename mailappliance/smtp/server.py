@@ -67,6 +67,8 @@ class SMTPConfig:
     command_time_limit: float = 120  # seconds for one command line to arrive completely
     data_time_limit: float = 1800  # seconds for a whole DATA phase
     session_lifetime: float = 0  # seconds a session may last at most (0: no limit)
+    addressing: Any = None  # addressing.Addressing: alias domains, sub-addresses, SRS (None: local_domains only)
+    screen_refuse_at: str = "rcpt"  # a screened client: refused at RCPT (postmaster@/abuse@ open) or "connect"
 
     @property
     def session(self) -> SessionSettings:
@@ -104,6 +106,7 @@ class SMTPSession(AuthCommands, MailTransaction, LineSession):
         self.sasl: SaslExchange | None = None
         self.client_facts: ClientFacts | None = None
         self.client_allowed = False
+        self.held_refusals: dict[str, Any] = {}  # screening refusals waiting for RCPT (recipients.py)
         self._handshake: Deferred | None = None
 
     # -- kernel hooks -----------------------------------------------------------------
@@ -197,7 +200,10 @@ class SMTPSession(AuthCommands, MailTransaction, LineSession):
             return
         if not verdict.accepted:
             self.screened(verdict, "client")
-            if verdict.action == "refuse":
+            held = replies.CLIENT_REFUSED if verdict.action == "refuse" else replies.CLIENT_DEFERRED
+            if self.hold_screening("client", verdict, held):
+                self._banner()  # refused at RCPT, where postmaster@ and abuse@ stay open
+            elif verdict.action == "refuse":
                 self.close_with(replies.ACCESS_DENIED.with_text(f"{self.config.hostname} Access denied"))
             else:
                 self.close_with(replies.SERVICE_BUSY.with_text(f"{self.config.hostname} Try again later"))
@@ -294,10 +300,14 @@ class SMTPSession(AuthCommands, MailTransaction, LineSession):
     def _helo_refused(self, helo: str) -> bool:
         if not self.screening_applies():
             return False
+        self.held_refusals.pop("helo", None)
         verdict = screen_helo(helo, self.factory.screening.current())
         if verdict.accepted:
             return False
         self.screened(verdict, "helo")
+        if self.hold_screening("helo", verdict, replies.ACCESS_DENIED.with_text(
+                f"<{helo}>: Helo command rejected: Access denied")):
+            return False
         self.error(replies.ACCESS_DENIED.with_text(f"<{helo}>: Helo command rejected: Access denied"))
         return True
 

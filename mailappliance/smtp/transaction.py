@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from mailappliance.budget import network_of
 from mailappliance.budget import record_refusal as record_budget_refusal
 from mailappliance.delivery import Delivery, SpoolEntry
+from mailappliance.folders import delivery_target
 from mailappliance.directory import DirectoryUnavailable, Subscriber
 from mailappliance.limits import subscriber_limits
 from mailappliance.maildir import maildir_for
@@ -33,6 +34,7 @@ from mailappliance.smtp import replies
 from mailappliance.smtp.data import DataReader
 from mailappliance.smtp.paths import MailPath, PathSyntaxError, parse_path, split_command_argument
 from mailappliance.smtp.received import received_header, return_path_header
+from mailappliance.smtp.recipients import ForwardedRecipient, LocalRecipients, RcptOutcome
 
 if TYPE_CHECKING:
     from mailappliance.smtp.server import SMTPSession
@@ -44,9 +46,10 @@ else:
 
 @attrs.define
 class LocalRecipient:
-    address: str
+    address: str  # as received (a sub-address kept: Delivered-To shows it)
     subscriber: Subscriber
     maildir: Path
+    folder: str = ""  # Maildir++ folder of a sub-address (".lists"), used if it exists
 
 
 @attrs.define
@@ -58,10 +61,11 @@ class Transaction:
     reservation: Any = None  # limits.Reservation of an authenticated sender
     local_recipients: list[LocalRecipient] = attrs.Factory(list)
     remote_recipients: list[str] = attrs.Factory(list)
+    forwarded: list[ForwardedRecipient] = attrs.Factory(list)  # copies out with an SRS sender
 
     @property
     def recipient_count(self) -> int:
-        return len(self.local_recipients) + len(self.remote_recipients)
+        return len(self.local_recipients) + len(self.remote_recipients) + len(self.forwarded)
 
     def release(self) -> None:
         """The transaction ends without a 250: give back what it reserved."""
@@ -70,11 +74,12 @@ class Transaction:
             self.reservation = None
 
 
-class MailTransaction(_Base):
+class MailTransaction(LocalRecipients):
     """MAIL FROM, RCPT TO, DATA, and the hand-over to the commit."""
 
     def reset_transaction(self) -> None:
         """RSET, EHLO, STARTTLS, a refused message, a lost connection."""
+        self.held_refusals.pop("sender", None)
         if self.transaction is not None:
             self.transaction.release()
             self.transaction = None
@@ -113,7 +118,7 @@ class MailTransaction(_Base):
             self.transaction = Transaction(sender=sender, declared_size=declared_size)
             self.respond(replies.SENDER_OK)
             return
-        why = decide_sender(sender, self.subscriber)
+        why = decide_sender(sender, self.subscriber, self.addressing)
         if why:
             METRICS.count("mailappliance_messages_refused_total", reason="sender_not_owned")
             self.log_event(self.log.info, "sender refused: uid={uid} from=<{sender}> reason={why}",
@@ -138,7 +143,9 @@ class MailTransaction(_Base):
             verdict = screen_sender(sender.address, self.factory.screening.current())
             if not verdict.accepted:
                 self.screened(verdict, "mail")
-                return replies.ACCESS_DENIED.with_text(f"<{sender.address}>: Sender address rejected: Access denied")
+                reply = replies.ACCESS_DENIED.with_text(f"<{sender.address}>: Sender address rejected: Access denied")
+                if not self.hold_screening("sender", verdict, reply):
+                    return reply
         budget = self.factory.network_budget
         if budget is not None and self.config.role == "mx" and not budget.may_receive(self.client_ip, declared_size):
             record_budget_refusal()
@@ -186,9 +193,13 @@ class MailTransaction(_Base):
         if transaction.recipient_count >= self.config.max_recipients:
             self.respond(replies.TOO_MANY_RECIPIENTS)
             return
+        held = self.held_refusal(recipient)
+        if held is not None:
+            self.error(held.with_text(f"<{recipient.address}>: {held.text}"))
+            return
         if recipient.local_part.lower() == "postmaster" and not recipient.domain:
-            recipient = attrs.evolve(recipient, domain=sorted(self.config.local_domains)[0])
-        verdict = decide_recipient(recipient, self.config.local_domains, self.subscriber is not None)
+            recipient = attrs.evolve(recipient, domain=self.addressing.default_domain)
+        verdict = decide_recipient(recipient, self.addressing.accepted_domains, self.subscriber is not None)
         if verdict.refused:
             METRICS.count("mailappliance_messages_refused_total", reason=verdict.reason.replace(" ", "_"))
             self.log_event(self.log.info, "relay refused rcpt=<{rcpt}> reason={reason}",
@@ -205,8 +216,8 @@ class MailTransaction(_Base):
             self._accept_remote(transaction, recipient)
             return
         address = recipient.address.lower()
-        d = maybeDeferred(self.factory.find_recipient, address)
-        d.addCallback(self._check_local_recipient, address)
+        d = Deferred.fromCoroutine(self.resolve_local(recipient))
+        d.addCallback(self._rcpt_decided, address)
         d.addErrback(self._rcpt_lookup_failed, address)
         self.run(d)
 
@@ -250,12 +261,7 @@ class MailTransaction(_Base):
                 return replies.MAILBOX_FULL
         return LocalRecipient(address, subscriber, maildir)
 
-    def _check_local_recipient(self, subscriber: Subscriber | None, address: str) -> Deferred:
-        d = Deferred.fromCoroutine(self._local_recipient(subscriber, address))
-        d.addCallback(self._rcpt_decided, address)
-        return d
-
-    def _rcpt_decided(self, outcome: replies.Reply | LocalRecipient, address: str) -> None:
+    def _rcpt_decided(self, outcome: replies.Reply | RcptOutcome, address: str) -> None:
         transaction = self.transaction
         if isinstance(outcome, replies.Reply):
             if outcome.permanent:
@@ -267,7 +273,7 @@ class MailTransaction(_Base):
             return
         if not self._reserve_recipient(transaction):
             return
-        transaction.local_recipients.append(outcome)
+        self.add_outcome(transaction, outcome)
         self.respond(replies.RECIPIENT_OK)
 
     def _rcpt_lookup_failed(self, failure: Failure, address: str) -> None:
@@ -343,7 +349,9 @@ class MailTransaction(_Base):
             hostname=self.config.hostname,
             protocol=protocol_name,
             message_id=message_id,
-            recipients=[r.address for r in transaction.local_recipients] + transaction.remote_recipients,
+            recipients=list(dict.fromkeys([r.address for r in transaction.local_recipients]
+                                          + transaction.remote_recipients
+                                          + [f.address for f in transaction.forwarded])),
             authenticated_as=identity,
         )
 
@@ -398,7 +406,8 @@ class MailTransaction(_Base):
                 session_id=self.session_id,
                 body_offset=self.return_path_length,
             )))
-        maildirs = [r.maildir for r in transaction.local_recipients]
+        entries.extend(self.forward_entries(delivery, transaction))
+        maildirs = [delivery_target(r.maildir, r.folder) for r in transaction.local_recipients]
         try:
             await delivery.commit(self.factory.commit, maildirs, entries)
         except Exception:
