@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mailappliance.addresses import is_safe_mailbox_name, normalize_address, validate_display_name, validate_uid
+from mailappliance import dkim_admin
 from mailappliance.admin_ops import UsageError, add_parsers, ask_password
 from mailappliance.config import ConfigError, Settings, load_config
 from mailappliance.directory.backends import build_store
@@ -129,7 +130,8 @@ def cmd_user_disable(ctx: CommandContext, args: argparse.Namespace) -> None:
 
 def cmd_user_enable(ctx: CommandContext, args: argparse.Namespace) -> None:
     ctx.store.set_disabled(args.login, False)
-    ctx.done(f"enabled {args.login}")
+    lifted = dkim_admin.lift_suspension(ctx.settings, _subscriber(ctx, args.login).uid)  # outgoing-spam suspension
+    ctx.done(f"enabled {args.login}" + ("; submission suspension lifted" if lifted else ""))
 
 
 def cmd_user_delete(ctx: CommandContext, args: argparse.Namespace) -> None:
@@ -154,11 +156,15 @@ def cmd_user_show(ctx: CommandContext, args: argparse.Namespace) -> None:
     fields = _subscriber_fields(subscriber)
     usage = mailbox_usage(ctx.settings.maildir_root, subscriber, ctx.settings.mailbox_quota)
     if ctx.as_json:
-        print(json.dumps({**fields, "quota_used": usage.used, "quota_limit": usage.limit}))
+        print(json.dumps({**fields, "quota_used": usage.used, "quota_limit": usage.limit,
+                          **dkim_admin.suspension_fields(ctx.settings, subscriber.uid)}))
     else:
         for key, value in fields.items():
             print(f"{key + ':':<14} {', '.join(value) if isinstance(value, list) else value}")
         print(f"{'quota:':<14} {usage.describe()}")
+        suspended = dkim_admin.describe_suspension(ctx.settings, subscriber.uid)
+        if suspended:
+            print(f"{'submission:':<14} {suspended}")
 
 
 def cmd_alias_add(ctx: CommandContext, args: argparse.Namespace) -> None:
@@ -353,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_global_options(parser, None)
     groups = parser.add_subparsers(
         dest="group", required=True,
-        metavar="{user,alias,cert,queue,screening,check-config,test-login,directory,backup,restore}")
+        metavar="{user,alias,cert,queue,screening,check-config,test-login,directory,backup,restore,dkim,dns}")
 
     user = groups.add_parser("user", help="subscribers").add_subparsers(dest="action", required=True)
     add = user.add_parser("add", help="add a subscriber")
@@ -420,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     delete.add_argument("id")
     delete.set_defaults(run=cmd_queue_delete)
     add_parsers(groups)
+    dkim_admin.add_parsers(groups)  # dkim keygen|list|check, dns DOMAIN
     _add_operations_parsers(groups)
     _global_options_everywhere(parser)
     return parser

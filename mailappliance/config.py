@@ -27,6 +27,8 @@ from mailappliance.addresses import normalize_domain
 from mailappliance.directory import InvalidAddress
 from mailappliance.limits import LimitSettings
 from mailappliance.maildir import SYNC_METHODS, syncfs_available
+from mailappliance.msgauth.settings import (DkimSettings, FilterSettings, MsgAuthSettings, parse_dkim,
+                                            parse_filter, parse_msgauth)
 from mailappliance.budget import DEFAULT_BYTES_PER_HOUR
 from mailappliance.quota import DEFAULT_MAILBOX_QUOTA, parse_size
 from mailappliance.throttle import ThrottleSettings
@@ -228,6 +230,9 @@ class Settings:
     mx_bytes_per_hour_per_network: int = DEFAULT_BYTES_PER_HOUR  # 0 = off (mailappliance.budget)
     addresses: AddressSettings = AddressSettings()  # [server] alias domains, delimiter, catch-all, postmaster
     forwarding: ForwardingSettings = ForwardingSettings()  # [forwarding] SRS
+    msgauth: MsgAuthSettings = MsgAuthSettings()  # [msgauth] SPF/DKIM/DMARC/ARC on the MX (mailappliance.msgauth)
+    dkim: DkimSettings = DkimSettings()  # [dkim] signing of submitted mail
+    filter: FilterSettings = FilterSettings()  # [filter] rspamd
     # The secret files read for this config (and their values): a reload that
     # cannot read an unchanged one keeps the value. Not a setting: never compared.
     secrets: "SecretFiles | None" = attrs.field(default=None, eq=False, repr=False)
@@ -660,6 +665,9 @@ def parse_config(file: Path, data: dict[str, Any], secrets: SecretFiles | None =
     logging.reject_unknown()
     tls = _tls(top.table_of("tls"))
     queue = _queue(top.table_of("queue"))
+    msgauth = parse_msgauth(top.table_of("msgauth"), domains)
+    dkim = parse_dkim(top.table_of("dkim"), domains)
+    content_filter = parse_filter(top.table_of("filter"), _size)
 
     raw_listeners = top._get("listeners", _REQUIRED, list, "a list of [[listeners]] tables")
     listeners = tuple(_listener(file, i, t) for i, t in enumerate(raw_listeners))
@@ -694,6 +702,9 @@ def parse_config(file: Path, data: dict[str, Any], secrets: SecretFiles | None =
         queue=queue,
         addresses=addresses,
         forwarding=forwarding,
+        msgauth=msgauth,
+        dkim=dkim,
+        filter=content_filter,
         secrets=top.secrets,
     )
 

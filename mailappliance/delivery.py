@@ -74,6 +74,25 @@ class Delivery:
             raise RuntimeError("message already handed to the commit")
         self.message.write(data)
 
+    @property
+    def spilled(self) -> bool:
+        """Larger than memory: the bytes are in a file (read them in a worker thread)."""
+        return self.message.spilled
+
+    def read(self, start: int = 0, limit: int | None = None) -> bytes:
+        """The staged bytes from ``start`` (at most ``limit``): message
+        authentication and the content filter read the message before commit."""
+        if self._handed_over:
+            raise RuntimeError("message already handed to the commit")
+        return self.message.read(start, limit)
+
+    def edit(self, start: int, end: int, replacement: bytes) -> None:
+        """Replace staged bytes ``start`` .. ``end`` (header fields added after our
+        Received header, forged ones removed); once, before commit."""
+        if self._handed_over:
+            raise RuntimeError("message already handed to the commit")
+        self.message.edit(start, end, replacement)
+
     def commit(self, committer: Committer, maildirs: Sequence[Path] = (),
                spool_entries: Sequence[SpoolEntry] = ()) -> Deferred:
         """Hand the message to ``committer``; the Deferred fires with the Maildir

@@ -13,6 +13,7 @@ recipients sharing one inode is safe (Dovecot does the same).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import itertools
@@ -41,12 +42,29 @@ def maildir_for(root: Path, uid: str) -> Path:
     return root / uid
 
 
+JUNK_FOLDER = ".Junk"
+
+
+def junk_folder(maildir: Path) -> Path:
+    """The subscriber's Junk folder: a Maildir++ folder inside their Maildir
+    (what Dovecot and most IMAP servers show as "Junk")."""
+    return maildir / JUNK_FOLDER
+
+
 def ensure_maildir(path: Path) -> None:
-    """Create ``path`` with tmp/new/cur, private to the daemon's user."""
+    """Create ``path`` with tmp/new/cur, private to the daemon's user (a Maildir++
+    folder such as ``.Junk`` also gets its ``maildirfolder`` marker)."""
+    folder = path.name.startswith(".")  # a uid never starts with "." (is_safe_mailbox_name)
+    if folder:
+        ensure_maildir(path.parent)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     path.mkdir(mode=0o700, exist_ok=True)
     for sub in MAILDIR_SUBDIRS:
         (path / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+    if folder:
+        (path / "maildirfolder").touch(mode=0o600, exist_ok=True)
+
+
 
 
 def _process_tag() -> str:
@@ -144,6 +162,7 @@ class IncomingMessage:
         self._file: BinaryIO | None = None  # a spilled (large) message
         self._fd: int | None = None  # the written file, between write_out and sync
         self._moved = False  # renamed into a Maildir: the incoming name is gone
+        self._edit: tuple[int, int, bytes] | None = None  # a spilled message's pending head edit
 
     def write(self, data: bytes) -> None:
         """Append bytes (nothing is durable until it is committed)."""
@@ -160,9 +179,71 @@ class IncomingMessage:
     def _create(self) -> int:
         return os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
 
+    @property
+    def spilled(self) -> bool:
+        return self._file is not None
+
+    def read(self, start: int = 0, limit: int | None = None) -> bytes:
+        """Bytes ``start`` .. ``start + limit`` of the message as received so far
+        (before any pending edit).  A spilled message is read from its file:
+        cheap for a header section, meant for a worker thread for the whole."""
+        end = self.size if limit is None else min(self.size, start + limit)
+        if self._file is None:
+            if len(self._chunks) > 1:
+                self._chunks = [b"".join(self._chunks)]
+            return self._chunks[0][start:end] if self._chunks else b""
+        self._file.flush()
+        return os.pread(self._file.fileno(), max(0, end - start), start)
+
+    def edit(self, start: int, end: int, replacement: bytes) -> None:
+        """Replace bytes ``start`` .. ``end`` by ``replacement`` (message
+        authentication's header fields, just after our Received header).  In
+        memory at once; a spilled message's file is rewritten by ``write_out``
+        in the commit thread, so the reactor never copies a big file."""
+        if self._edit is not None:
+            raise RuntimeError("one edit per message")
+        if self._file is None:
+            whole = self.read()
+            self._chunks = [whole[:start] + replacement + whole[end:]]
+        else:
+            self._edit = (start, end, replacement)
+        self.size += len(replacement) - (end - start)
+
+    def _apply_edit(self) -> None:
+        """The pending edit of a spilled file: a new file beside it, renamed over it."""
+        assert self._file is not None and self._edit is not None
+        start, end, replacement = self._edit
+        self._file.flush()
+        old = self._file.fileno()
+        staged = self.path.with_name(self.path.name + ".edit")
+        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            new = os.fdopen(fd, "wb", buffering=256 * 1024)
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            new.write(os.pread(old, start, 0))
+            new.write(replacement)
+            offset = end
+            while chunk := os.pread(old, 1024 * 1024, offset):
+                new.write(chunk)
+                offset += len(chunk)
+            new.flush()
+            os.rename(staged, self.path)
+        except BaseException:
+            new.close()
+            with contextlib.suppress(OSError):
+                os.unlink(staged)
+            raise
+        self._file.close()
+        self._file, self._edit = new, None
+
     def write_out(self) -> None:
         """Put every byte into the incoming file (not yet durable)."""
         if self._file is not None:
+            if self._edit is not None:
+                self._apply_edit()
             self._file.flush()
             self._fd = self._file.fileno()
             return

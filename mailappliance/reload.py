@@ -54,6 +54,11 @@ class Reloader(service.Service):
 
     def reload(self) -> None:
         self._reload_settings()
+        for hook in self.live.get("sighup", ()):  # re-read on every SIGHUP, changed config or not (DKIM keys)
+            try:
+                hook()
+            except Exception:
+                log.failure("SIGHUP: a reload step failed")
         try:
             log.info("SIGHUP: TLS certificate reloaded, SHA-256 fingerprint {fp}", fp=self.server_tls.reload())
         except Exception as e:  # keep serving with the old certificate

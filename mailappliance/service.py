@@ -53,6 +53,7 @@ from mailappliance.metrics import METRICS
 from mailappliance.reload import Reloader
 from mailappliance.screening import ScreeningSource
 from mailappliance.throttle import AuthThrottle
+from mailappliance.msgauth.wiring import build_inspector
 from mailappliance.web import HealthResource, autoconfig_site, metrics_site, spool_probe
 from mailappliance.tls import ServerTLS, client_certificate, ensure_self_signed, fingerprint
 
@@ -153,6 +154,7 @@ def build_service(settings: Settings, reactor: Any = None,
     screening = ScreeningSource(settings.screening.file, reactor)
     resolver = make_resolver(settings.queue.resolver)  # every DNS lookup: MX, reverse names, DNSBL
     client_lookup = ClientLookup(resolver, reactor, settings.screening.dns_timeout)
+    inspector, inspector_live = build_inspector(settings, resolver, reactor, run_blocking)  # DKIM, SPF, rspamd
 
     # THE shared checker: every portal below uses this one object.
     throttle = AuthThrottle(settings.throttle, reactor)
@@ -164,7 +166,8 @@ def build_service(settings: Settings, reactor: Any = None,
     limits = RateLimits(settings.limits, reactor)  # shared by every listener
     limits.set_listener_caps({l.name: l.max_connections for l in settings.listeners if l.max_connections})
     Reloader(settings, server_tls, screening, {"limits": limits, "throttle": throttle, "log_level": log_level,
-                                                  "mailbox_quota": quotas, "mx_bytes_per_hour_per_network": network_budget}, reactor).setServiceParent(top)
+                                                  "mailbox_quota": quotas, "mx_bytes_per_hour_per_network": network_budget, **inspector_live},
+             reactor).setServiceParent(top)
     spool = OutboundSpool(settings.spool_dir)
     runner = _queue_runner(settings, spool, directory, committer.commit, run_blocking, reactor, resolver,
                            addressing)
@@ -182,6 +185,7 @@ def build_service(settings: Settings, reactor: Any = None,
                                     server_tls, runner.kick, addressing)
             factory.screening, factory.client_lookup = screening, client_lookup
             factory.quotas, factory.network_budget = quotas, network_budget
+            factory.inspector = inspector
         else:
             factory = _pop3_factory(settings, listener, pop3_portal, run_blocking, reactor, server_tls)
             factory.quotas = quotas

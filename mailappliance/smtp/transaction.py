@@ -24,7 +24,7 @@ from mailappliance.delivery import Delivery, SpoolEntry
 from mailappliance.folders import delivery_target
 from mailappliance.directory import DirectoryUnavailable, Subscriber
 from mailappliance.limits import subscriber_limits
-from mailappliance.maildir import maildir_for
+from mailappliance.maildir import junk_folder, maildir_for
 from mailappliance.metrics import METRICS
 from mailappliance.policy import Route, decide_recipient, decide_sender
 from mailappliance.quota import record_refusal as record_quota_refusal
@@ -32,6 +32,7 @@ from mailappliance.queue.spool import Envelope
 from mailappliance.screening import screen_sender
 from mailappliance.smtp import replies
 from mailappliance.smtp.data import DataReader
+from mailappliance.smtp.inspection import inspect_message, suspension_refusal
 from mailappliance.smtp.paths import MailPath, PathSyntaxError, parse_path, split_command_argument
 from mailappliance.smtp.received import received_header, return_path_header
 from mailappliance.smtp.recipients import ForwardedRecipient, LocalRecipients, RcptOutcome
@@ -61,6 +62,7 @@ class Transaction:
     reservation: Any = None  # limits.Reservation of an authenticated sender
     local_recipients: list[LocalRecipient] = attrs.Factory(list)
     remote_recipients: list[str] = attrs.Factory(list)
+    trace_length: int = 0  # our Return-Path and Received fields: the client's message starts here
     forwarded: list[ForwardedRecipient] = attrs.Factory(list)  # copies out with an SRS sender
 
     @property
@@ -125,6 +127,10 @@ class MailTransaction(LocalRecipients):
                            uid=self.subscriber.uid, sender=sender.address, why=why)
             self.error(replies.SENDER_NOT_OWNED.with_text(
                 f"<{sender.address}>: Sender address rejected: not owned by user"))
+            return
+        suspended = suspension_refusal(self)  # outgoing spam suspended this subscriber (msgauth)
+        if suspended is not None:
+            self.error(suspended)
             return
         reservation = None
         if self.factory.limits is not None:
@@ -313,6 +319,7 @@ class MailTransaction(LocalRecipients):
             delivery.write(return_path_header(transaction.sender.address))
             self.return_path_length = delivery.size
             delivery.write(self._received_header(transaction, delivery.name))
+            transaction.trace_length = delivery.size
         except OSError as e:
             self.log_event(self.log.error, "cannot start message: {why}", why=str(e))
             self.reset_transaction()
@@ -372,6 +379,12 @@ class MailTransaction(LocalRecipients):
         self.run(d)
 
     async def _commit(self, delivery: Delivery, transaction: Transaction) -> None:
+        checked = await inspect_message(self, delivery, transaction)  # authentication, content filter, DKIM
+        if checked.reply is not None:
+            delivery.abort()
+            transaction.release()
+            self.respond(checked.reply)
+            return
         admission = None
         if self.factory.quotas is not None and transaction.local_recipients:
             try:
@@ -407,7 +420,8 @@ class MailTransaction(LocalRecipients):
                 body_offset=self.return_path_length,
             )))
         entries.extend(self.forward_entries(delivery, transaction))
-        maildirs = [delivery_target(r.maildir, r.folder) for r in transaction.local_recipients]
+        maildirs = [junk_folder(r.maildir) if r.address in checked.junk else delivery_target(r.maildir, r.folder)
+                    for r in transaction.local_recipients]
         try:
             await delivery.commit(self.factory.commit, maildirs, entries)
         except Exception:

@@ -1,0 +1,1 @@
+"""Content filtering: the rspamd client and what its verdicts lead to."""

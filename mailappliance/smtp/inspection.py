@@ -1,0 +1,108 @@
+"""The SMTP session's side of message authentication and content filtering:
+build the envelope facts, call the inspector once at the end of DATA, map its
+verdict to a reply, and apply its header edit to the staged message."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+from twisted.python.failure import Failure
+
+from mailappliance.metrics import METRICS
+from mailappliance.msgauth.inspect import Envelope, Inspection, MessageSource
+from mailappliance.smtp import replies
+
+
+@attrs.frozen
+class Checked:
+    """``reply``: refuse the message with it (None: go on); ``junk``: recipient
+    addresses whose copy goes into their .Junk folder."""
+
+    reply: replies.Reply | None = None
+    junk: frozenset[str] = frozenset()
+
+
+def suspension_refusal(session: Any) -> replies.Reply | None:
+    """MAIL from a subscriber whose submission is suspended (outgoing spam)."""
+    inspector = getattr(session.factory, "inspector", None)
+    if inspector is None or session.subscriber is None or not inspector.suspended(session.subscriber.uid):
+        return None
+    METRICS.count("mailappliance_messages_refused_total", reason="submission_suspended")
+    session.log_event(session.log.warn, "submission suspended: uid={uid} (outgoing spam; "
+                      "mailappliance-admin user enable lifts it)", uid=session.subscriber.uid)
+    return replies.SUBMISSION_SUSPENDED
+
+
+async def inspect_message(session: Any, delivery: Any, transaction: Any) -> Checked:
+    inspector = getattr(session.factory, "inspector", None)
+    if inspector is None:
+        return Checked()
+    recipients = tuple([r.address for r in transaction.local_recipients] + list(transaction.remote_recipients))
+    envelope = Envelope(
+        client_ip=session.client_ip, helo=session.helo or "", sender=transaction.sender.address,
+        recipients=recipients, queue_id=delivery.name,
+        client_name=(session.client_facts.name or "") if session.client_facts else "",
+        user=session.subscriber.uid if session.subscriber is not None else "",
+    )
+    source = MessageSource(delivery, transaction.trace_length, inspector.run_blocking)
+    try:
+        if session.subscriber is None:
+            if session.config.role != "mx":
+                return Checked()
+            inspection = await inspector.inbound(envelope, source)
+        else:
+            inspection = await inspector.outbound(envelope, source, bool(transaction.remote_recipients))
+    except Exception:
+        session.log_event(session.log.failure, "message inspection failed", failure=Failure())
+        return Checked(replies.INTERNAL_ERROR)
+    _log(session, inspection, delivery.name)
+    reply = _reply(inspection)
+    if reply is not None:
+        return Checked(reply)
+    if inspection.changes:
+        start = transaction.trace_length
+        delivery.edit(start, start + inspection.head_end, inspection.replacement)
+    return Checked(None, inspection.outcome.junk)
+
+
+def _reply(inspection: Inspection) -> replies.Reply | None:
+    outcome = inspection.outcome
+    if outcome.action == "reject":
+        METRICS.count("mailappliance_messages_refused_total", reason=f"policy_{outcome.kind}")
+        if outcome.kind == "dmarc":
+            return replies.DMARC_REJECTED
+        if outcome.kind == "spf":
+            return replies.SPF_REJECTED
+        reply = replies.SPAM_REJECTED
+        return reply.with_text(inspection.message) if inspection.message else reply
+    if outcome.action == "tempfail":
+        METRICS.count("mailappliance_messages_deferred_total", reason=f"policy_{outcome.kind}")
+        if outcome.kind == "dns":
+            return replies.AUTH_DNS_TEMPFAIL
+        if outcome.kind == "filter":
+            return replies.FILTER_UNAVAILABLE
+        reply = replies.SPAM_DEFERRED
+        return reply.with_text(inspection.message) if inspection.message else reply
+    return None
+
+
+def _log(session: Any, inspection: Inspection, queue_id: str) -> None:
+    outcome, facts = inspection.outcome, inspection.facts
+    summary = []
+    if facts is not None:
+        if facts.spf is not None:
+            summary.append(f"spf={facts.spf.result}")
+        summary += [f"dkim={d.result}:{d.domain}" for d in facts.dkim] or (["dkim=none"] if facts.dkim_none else [])
+        if facts.dmarc is not None:
+            summary.append(f"dmarc={facts.dmarc.result}:{facts.dmarc.from_domain or '-'}")
+        if facts.arc is not None and facts.arc.result != "none":
+            summary.append(f"arc={facts.arc.result}:{facts.arc.sealer or '-'}")
+    spam = inspection.spam
+    if spam is not None:
+        summary.append(f"spam={getattr(spam, 'action', spam)}" + (f":{spam.score:.2f}" if hasattr(spam, "score") else ""))
+    if not summary and outcome.action == "accept" and not outcome.junk:
+        return
+    session.log_event(session.log.info, "inspected id={id} {summary} -> {action}{junk} {reason}", id=queue_id,
+                      summary=" ".join(summary), action=outcome.action,
+                      junk=f" junk={len(outcome.junk)}" if outcome.junk else "", reason=outcome.reason)
