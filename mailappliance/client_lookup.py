@@ -17,6 +17,9 @@ from mailappliance.screening import ClientFacts, ScreeningLists
 MAX_CACHED = 50_000
 
 
+FAILED_NAME_TTL = 60.0  # a reverse lookup that failed is tried again after this long
+
+
 class ClientLookup:
     def __init__(self, resolver: Any, clock: Any, timeout: float = 3.0, cache_ttl: float = 600.0) -> None:
         self.resolver = resolver
@@ -24,6 +27,23 @@ class ClientLookup:
         self.timeout = timeout
         self.cache_ttl = cache_ttl
         self._cache: dict[tuple[str, bool, tuple[str, ...]], tuple[float, ClientFacts]] = {}
+        self._names: dict[str, tuple[float, str | None]] = {}
+
+    async def trace_name(self, address: str) -> str | None:
+        """The client's forward-confirmed reverse name for the Received header, None when it
+        has none or the lookup failed (cached; failures for a minute only).  A loopback
+        client is "localhost" without asking DNS."""
+        if ipaddress.ip_address(address).is_loopback:
+            return "localhost"
+        now = self.clock.seconds()
+        cached = self._names.get(address)
+        if cached and cached[0] > now:
+            return cached[1]
+        name, failed = await self._confirmed_name(address)
+        if len(self._names) >= MAX_CACHED:
+            self._names.clear()
+        self._names[address] = (now + (FAILED_NAME_TTL if failed else self.cache_ttl), name)
+        return name
 
     async def facts(self, address: str, lists: ScreeningLists) -> ClientFacts:
         key = (address, lists.needs_client_name, lists.dnsbl_zones)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import threading
+import time
 from collections import deque
 from typing import Any
 
@@ -23,6 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailappliance.delivery import CommitJob, CommitOutcome, commit_batch
+from mailappliance.metrics import METRICS
 
 log = Logger(namespace="mailappliance.storage")
 
@@ -63,6 +65,7 @@ class BatchCommitter:
         """Deferred of the delivered Maildir paths, once they are durable (an
         OSError when not: the session answers 451 and the client retries)."""
         d: Deferred = Deferred()
+        d.addBoth(_timed_commit, time.monotonic())
         with self._condition:
             if self._stopping or not self._threads:
                 job.message.discard()
@@ -85,6 +88,12 @@ class BatchCommitter:
                 log.failure("commit of {n} message(s) failed", Failure(), n=len(batch))
                 outcomes = [e] * len(batch)
             self._reactor.callFromThread(_report, [(d, outcome) for (_, d), outcome in zip(batch, outcomes)])
+
+
+def _timed_commit(result: Any, started: float) -> Any:
+    """A message's commit latency, hand-over to durable (or failed), for /metrics."""
+    METRICS.observe("mailappliance_commit_seconds", time.monotonic() - started)
+    return result
 
 
 def _report(results: list[tuple[Deferred, CommitOutcome]]) -> None:

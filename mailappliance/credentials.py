@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import time
 from typing import Any
 
 import attrs
@@ -28,6 +29,7 @@ from zope.interface import Attribute, Interface, implementer
 from mailappliance.addresses import is_safe_mailbox_name
 from mailappliance.directory import DirectoryUnavailable, Subscriber
 from mailappliance.directory.threaded import Directory, SharedLookups
+from mailappliance.metrics import METRICS
 from mailappliance.throttle import AuthThrottle, ThrottleSettings
 
 MAX_CACHE_ENTRIES = 50_000
@@ -104,6 +106,22 @@ class _CacheEntry:
     expires: float
 
 
+def _timed_login(result: Any, started: float) -> Any:
+    """Record a login's latency (cache, throttle delay, directory) by result, for /metrics."""
+    if not isinstance(result, Failure):
+        kind = "ok"
+    elif result.check(LoginRefused):
+        kind = "refused"
+    elif result.check(LoginThrottled):
+        kind = "throttled"
+    elif result.check(DirectoryUnavailable):
+        kind = "unavailable"
+    else:
+        kind = "error"
+    METRICS.observe("mailappliance_login_seconds", time.monotonic() - started, result=kind)
+    return result
+
+
 @implementer(ICredentialsChecker)
 class SubscriberChecker:
     """Checks logins against the directory, with a short positive cache."""
@@ -125,9 +143,12 @@ class SubscriberChecker:
         return hmac.new(self._key, message, hashlib.sha256).digest()
 
     def requestAvatarId(self, credentials: Any) -> "Deferred[Subscriber]":
+        started = time.monotonic()
         if IClientCertificate.providedBy(credentials):
-            return self._check_certificate(credentials)
-        return self._check_password(credentials)
+            d = self._check_certificate(credentials)
+        else:
+            d = self._check_password(credentials)
+        return d.addBoth(_timed_login, started)
 
     def _check_certificate(self, credentials: IClientCertificate) -> "Deferred[Subscriber]":
         """A certificate counts only if it verified AND a subscriber holds exactly it."""

@@ -25,6 +25,7 @@ import attrs
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from mailappliance.delivered_to import RecipientCopy, plan_copies
 from mailappliance.maildir import IncomingMessage, fsync_directory, syncfs
 from mailappliance.folders import FolderTarget, filing_path
 from mailappliance.queue.spool import Envelope, OutboundSpool
@@ -47,6 +48,10 @@ class CommitJob:
     message: IncomingMessage
     maildirs: tuple[Path | FolderTarget, ...] = ()
     spool_entries: tuple[SpoolEntry, ...] = ()
+    # Delivered-To per Maildir (same order as maildirs; empty: none), and where the
+    # first one's field is in the message: other recipients get their own copy (delivered_to.py)
+    delivered_to: tuple[bytes, ...] = ()
+    delivered_to_span: tuple[int, int] = (0, 0)
 
 
 CommitOutcome = Union[list[Path], BaseException]
@@ -94,13 +99,15 @@ class Delivery:
         self.message.edit(start, end, replacement)
 
     def commit(self, committer: Committer, maildirs: Sequence[Path] = (),
-               spool_entries: Sequence[SpoolEntry] = ()) -> Deferred:
+               spool_entries: Sequence[SpoolEntry] = (), delivered_to: Sequence[bytes] = (),
+               delivered_to_span: tuple[int, int] = (0, 0)) -> Deferred:
         """Hand the message to ``committer``; the Deferred fires with the Maildir
         paths once everything is durable (OSError: nothing was kept)."""
         if self._handed_over:
             raise RuntimeError("message already handed to the commit")
         self._handed_over = True
-        return committer(CommitJob(self.message, tuple(maildirs), tuple(spool_entries)))
+        return committer(CommitJob(self.message, tuple(maildirs), tuple(spool_entries), tuple(delivered_to),
+                                   delivered_to_span))
 
     def abort(self) -> None:
         """Forget a message that was not committed; after commit this does nothing."""
@@ -118,7 +125,10 @@ def commit_batch(jobs: Sequence[CommitJob], sync: str = "fsync") -> list[CommitO
     ``"syncfs"`` one syncfs(2) flushes the whole filesystem once for the batch
     (for a mail filesystem of its own).  Then come the outbound spool entries,
     the links into each ``new/``, and one fsync per distinct ``new/`` directory
-    for the whole batch.  A job's outcome is its Maildir paths only after its
+    for the whole batch.  A recipient whose Delivered-To differs from the one
+    in the received file gets a copy of its own, written and synced with the
+    received files and renamed into its ``new/`` (delivered_to.py).
+    A job's outcome is its Maildir paths only after its
     file and every ``new/`` it was linked into were synced.  A failure fails
     that job alone (any exception: a bug in one job must not take the others
     down), or every job that a failed syncfs or directory fsync covered;
@@ -126,6 +136,8 @@ def commit_batch(jobs: Sequence[CommitJob], sync: str = "fsync") -> list[CommitO
     """
     outcomes: list[CommitOutcome | None] = [None] * len(jobs)
     delivered: dict[int, list[Path]] = {}
+    targets: dict[int, list[Path]] = {}
+    copies: dict[int, dict[Path, RecipientCopy]] = {}
 
     def live() -> list[int]:
         return [i for i, outcome in enumerate(outcomes) if outcome is None]
@@ -134,6 +146,8 @@ def commit_batch(jobs: Sequence[CommitJob], sync: str = "fsync") -> list[CommitO
         outcomes[i] = error
         try:
             jobs[i].message.discard()
+            for copy in copies.get(i, {}).values():
+                copy.discard()
         except Exception:
             log.failure("discarding a failed message")
 
@@ -147,21 +161,40 @@ def commit_batch(jobs: Sequence[CommitJob], sync: str = "fsync") -> list[CommitO
                 log.failure("commit step failed for one message")
                 fail(i, OSError(errno.EIO, f"internal error: {e!r}"))
 
+    def plan(i: int) -> None:
+        """Where the job goes; Maildirs with their own Delivered-To get their own copy, written now."""
+        job = jobs[i]
+        pairs: dict[Path, bytes] = {}
+        for maildir, header in zip(job.maildirs, job.delivered_to or (b"",) * len(job.maildirs)):
+            pairs.setdefault(filing_path(maildir), header)  # a +tag folder, if it exists
+        targets[i] = list(pairs)
+        copies[i] = plan_copies(job.message, list(pairs.items()), job.delivered_to_span)
+        for copy in copies[i].values():
+            copy.write()
+
+    def sync_job(i: int) -> None:
+        jobs[i].message.sync(fsync=sync == "fsync")
+        for copy in copies[i].values():
+            copy.sync(fsync=sync == "fsync")
+
     def place(i: int) -> None:
         job = jobs[i]
         for entry in job.spool_entries:
             entry.spool.enqueue(job.message.path, entry.envelope)
-        maildirs = list(dict.fromkeys(filing_path(m) for m in job.maildirs))  # a +tag folder, if it exists
-        delivered[i] = [job.message.place(maildir, last=n == len(maildirs) - 1) for n, maildir in enumerate(maildirs)]
+        own = copies[i]
+        shared = [maildir for maildir in targets[i] if maildir not in own]
+        delivered[i] = [job.message.place(maildir, last=n == len(shared) - 1) for n, maildir in enumerate(shared)]
+        delivered[i] += [own[maildir].place(maildir) for maildir in targets[i] if maildir in own]
 
     each(lambda i: jobs[i].message.write_out())
+    each(plan)
     if sync == "syncfs" and live():
         try:
             syncfs(jobs[live()[0]].message.fileno())
         except OSError as e:
             for i in live():
                 fail(i, e)
-    each(lambda i: jobs[i].message.sync(fsync=sync == "fsync"))
+    each(sync_job)
     each(place)
     for new_dir in dict.fromkeys(p.parent for i in live() for p in delivered[i]):
         try:

@@ -377,7 +377,7 @@ def ensure_secret_file(secret: SecretFile) -> tuple[str, list[str]]:
     except FileNotFoundError:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        os.write(fd, (secrets.token_urlsafe(24) + "\n").encode())
+        os.write(fd, secrets.token_urlsafe(24).encode())  # no newline: ldapadd -y uses every byte
         os.fsync(fd)
         os.lseek(fd, 0, os.SEEK_SET)
         created = True
@@ -496,6 +496,33 @@ def loaded_schemas(conn: ldap3.Connection) -> set[str]:
             for name in _texts(e["raw_attributes"], "cn")}
 
 
+FRONTEND = "olcDatabase={-1}frontend,cn=config"
+
+
+def plan_argon2(conn: ldap3.Connection) -> tuple[str, bool] | None:
+    """(module list DN to add ``argon2`` to, or "" if loaded; whether olcPasswordHash is
+    unset) when slapd's argon2 module exists; None without it (hashes stay slapd's default)."""
+    conn.search("cn=config", "(objectClass=olcModuleList)", ldap3.LEVEL,
+                attributes=["olcModuleLoad", "olcModulePath"])
+    _check(conn, "reading slapd's module lists")
+    lists = [e for e in conn.response if e.get("type") == "searchResEntry"]
+    loaded = any(re.sub(r"\.(so|la)$", "", strip_ordinal(v)).endswith("argon2")
+                 for e in lists for v in _texts(e["raw_attributes"], "olcModuleLoad"))
+    target = ""
+    if not loaded:
+        with_path = [e for e in lists if _texts(e["raw_attributes"], "olcModulePath")]
+        if not with_path:
+            return None
+        directory = _texts(with_path[0]["raw_attributes"], "olcModulePath")[0]
+        if not (Path(directory) / "argon2.so").exists():
+            return None
+        target = with_path[0]["dn"]
+    conn.search(FRONTEND, "(objectClass=*)", ldap3.BASE, attributes=["olcPasswordHash"])
+    _check(conn, f"reading {FRONTEND}")
+    unset = not _texts(conn.response[0]["raw_attributes"], "olcPasswordHash")
+    return (target, unset) if target or unset else None
+
+
 def _exists(conn: ldap3.Connection, dn: str) -> bool:
     conn.search(dn, "(objectClass=*)", ldap3.BASE, attributes=["1.1"])
     code = conn.result.get("result")
@@ -575,6 +602,7 @@ def _apply(conn: ldap3.Connection, url: str, target: SetupTarget, options: Setup
         if not (options.schema_dir / f"{name}.ldif").is_file():
             raise SetupError(f"schema {name} is not loaded and {options.schema_dir / f'{name}.ldif'} does not "
                              "exist (Debian's slapd ships it; or give --schema-dir)")
+    argon2 = plan_argon2(conn)
 
     # -- then the changes, each printed
     service_password, admin_password = target.service_password, target.admin_password
@@ -595,6 +623,18 @@ def _apply(conn: ldap3.Connection, url: str, target: SetupTarget, options: Setup
             conn.add(entry.dn, attributes=attributes)
             _check(conn, f"loading schema {name} from {path}")
         changes.append(f"loaded schema {name} ({path})")
+
+    if argon2 is not None:
+        module_dn, hash_missing = argon2
+        if module_dn:
+            conn.modify(module_dn, {"olcModuleLoad": [(ldap3.MODIFY_ADD, ["argon2"])]})
+            _check(conn, f"loading the argon2 module into {module_dn}")
+            changes.append(f"loaded slapd's argon2 module ({module_dn}): {{ARGON2}} hashes, as the LDIF "
+                           "directory writes them, now work for binds")
+        if hash_missing:
+            conn.modify(FRONTEND, {"olcPasswordHash": [(ldap3.MODIFY_ADD, ["{ARGON2}"])]})
+            _check(conn, f"setting olcPasswordHash of {FRONTEND}")
+            changes.append(f"olcPasswordHash: {{ARGON2}} ({FRONTEND}): passwords set from now on are Argon2id")
 
     if new_database is not None:
         database = _create_database(conn, new_database)

@@ -1,15 +1,27 @@
-"""Counters and gauges, exposed in the Prometheus text format.
+"""Counters, gauges and latency histograms, exposed in the Prometheus text format.
 
-One registry per process (``METRICS``): the protocols count what happens,
-the HTTP listener renders it.  Deliberately tiny: labelled counters, and
-gauges computed at scrape time by callables.
+One registry per process (``METRICS``), kept by ``prometheus_client``: the
+protocols count and time what happens (``count``, ``observe``), gauges are
+read at scrape time from callables (``gauge``, ``labelled_gauge``), and the
+metrics listener renders it all (``render``).  The process collector adds
+``process_*`` (memory, open files, CPU).  Counters not declared below are
+created on first use with the label names of that use, so a new counter needs
+no change here (a HELP line is nicer, though).
 """
 
 from __future__ import annotations
 
 import threading
-from collections import defaultdict
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
+from prometheus_client import disable_created_metrics
+from prometheus_client.core import GaugeMetricFamily, Metric
+from twisted.logger import Logger
+
+disable_created_metrics()  # no *_created series: they double every counter for little use
+
+log = Logger(namespace="mailappliance.metrics")
 
 HELP = {
     "mailappliance_sessions_total": "Connections accepted, by listener role.",
@@ -19,66 +31,127 @@ HELP = {
     "mailappliance_delivery_attempts_total": "Outbound delivery results per recipient, by outcome.",
     "mailappliance_quota_refusals_total": "Recipients (stage rcpt) and messages (stage data) refused: mailbox full.",
     "mailappliance_directory_requests_total": "Directory calls, by operation and result.",
-    "mailappliance_directory_seconds_sum": "Total time spent in directory calls, by operation.",
     "mailappliance_directory_failovers_total": "Times a directory server was marked down, by server.",
+    "mailappliance_http_refused_total": "HTTP connections or requests refused by a listener's bounds, by reason.",
 }
 
+# Latency buckets in seconds: a local fsync is milliseconds, an LDAP call or an Argon2 check
+# tens of them, a remote SMTP transaction seconds.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+QUEUE_AGE_BUCKETS = (1, 10, 60, 300, 900, 3600, 4 * 3600, 12 * 3600, 86400, 2 * 86400, 5 * 86400)
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+HISTOGRAMS: dict[str, tuple[str, tuple[str, ...], tuple[float, ...]]] = {
+    "mailappliance_smtp_transaction_seconds": (
+        "SMTP transactions from MAIL to the 250 after DATA, by role.", ("role",), LATENCY_BUCKETS),
+    "mailappliance_commit_seconds": (
+        "Received messages from the final dot's hand-over to durable (waiting for and in the commit thread).",
+        (), LATENCY_BUCKETS),
+    "mailappliance_login_seconds": (
+        "Logins through the shared checker (cache, throttle delay, directory), by result.", ("result",),
+        LATENCY_BUCKETS),
+    "mailappliance_directory_seconds": (
+        "Directory calls in the directory thread pool, by operation.", ("operation",), LATENCY_BUCKETS),
+    "mailappliance_delivery_attempt_seconds": (
+        "Outbound delivery attempts (one connection and transaction to one host), by outcome.", ("outcome",),
+        LATENCY_BUCKETS),
+    "mailappliance_queue_age_seconds": (
+        "Age of outbound messages when a recipient got a final answer, by status (sent, bounced).",
+        ("status",), QUEUE_AGE_BUCKETS),
+}
+
+GaugeReader = Callable[[], float]
+LabelledReader = Callable[[], Iterable[tuple[dict[str, str], float]]]
+
+
+class _ScrapeTimeGauges:
+    """A collector for gauges computed by callables when /metrics is scraped."""
+
+    def __init__(self) -> None:
+        self.plain: dict[str, tuple[str, GaugeReader]] = {}
+        self.labelled: dict[str, tuple[str, LabelledReader]] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        for name, (help_text, read) in sorted(self.plain.items()):
+            try:
+                value = float(read())
+            except Exception:
+                continue
+            yield GaugeMetricFamily(name, help_text, value=value)
+        for name, (help_text, read_series) in sorted(self.labelled.items()):
+            try:
+                series = [(sorted(labels.items()), float(value)) for labels, value in read_series()]
+            except Exception:
+                continue
+            names = sorted({key for labels, _ in series for key, _ in labels})
+            family = GaugeMetricFamily(name, help_text, labels=names)
+            for labels, value in series:
+                given = dict(labels)
+                family.add_metric([given.get(key, "") for key in names], value)
+            yield family
 
 
 class Metrics:
+    """The process's metrics; thread-safe (directory timings come from worker threads)."""
+
     def __init__(self) -> None:
-        self._lock = threading.Lock()  # directory timings are recorded from worker threads
-        self._values: dict[str, dict[tuple[tuple[str, str], ...], float]] = defaultdict(dict)
-        self._gauges: dict[str, tuple[str, Callable[[], float]]] = {}
-        self._labelled_gauges: dict[str, tuple[str, Callable[[], Iterable[tuple[dict[str, str], float]]]]] = {}
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        self._lock = threading.Lock()
+        self._counters: dict[str, tuple[Counter, tuple[str, ...]]] = {}
+        self._histograms = {name: (Histogram(name, help_text, labels, registry=self.registry, buckets=buckets),
+                                   labels)
+                            for name, (help_text, labels, buckets) in HISTOGRAMS.items()}
+        self._gauges = _ScrapeTimeGauges()
+        self.registry.register(self._gauges)  # type: ignore[arg-type]
+        self._complained: set[str] = set()
+
+    def _counter(self, name: str, labels: tuple[str, ...]) -> tuple[Counter, tuple[str, ...]]:
+        with self._lock:
+            known = self._counters.get(name)
+            if known is None:
+                known = (Counter(name, HELP.get(name, name), labels, registry=self.registry), labels)
+                self._counters[name] = known
+            return known
+
+    def _complain(self, name: str, problem: str) -> None:
+        if name not in self._complained:
+            self._complained.add(name)
+            log.error("metric {name}: {problem} (later samples of it are dropped)", name=name, problem=problem)
 
     def count(self, name: str, amount: float = 1, **labels: str) -> None:
-        key = tuple(sorted(labels.items()))
-        with self._lock:
-            series = self._values[name]
-            series[key] = series.get(key, 0) + amount
+        """Add ``amount`` to counter ``name`` (ending in ``_total``) with these labels."""
+        counter, names = self._counter(name, tuple(sorted(labels)))
+        if set(names) != set(labels):
+            self._complain(name, f"labels {sorted(labels)} instead of {list(names)}")
+            return
+        (counter.labels(**labels) if names else counter).inc(amount)
 
-    def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
-        self._gauges[name] = (help_text, read)
+    def observe(self, name: str, seconds: float, **labels: str) -> None:
+        """Record one duration (or age) in histogram ``name`` (declared in HISTOGRAMS)."""
+        known = self._histograms.get(name)
+        if known is None or set(known[1]) != set(labels):
+            self._complain(name, "not a declared histogram with these labels")
+            return
+        histogram, names = known
+        (histogram.labels(**labels) if names else histogram).observe(max(0.0, seconds))
 
-    def labelled_gauge(self, name: str, help_text: str,
-                       read: Callable[[], Iterable[tuple[dict[str, str], float]]]) -> None:
+    def gauge(self, name: str, help_text: str, read: GaugeReader) -> None:
+        """A gauge read at scrape time (a failing ``read`` leaves it out of that scrape)."""
+        self._gauges.plain[name] = (help_text, read)
+
+    def labelled_gauge(self, name: str, help_text: str, read: LabelledReader) -> None:
         """A gauge with one series per label set, all read at scrape time: ``read()``
         gives (labels, value) pairs, e.g. ``({"server": url}, 1)`` per directory server."""
-        self._labelled_gauges[name] = (help_text, read)
+        self._gauges.labelled[name] = (help_text, read)
 
     def value(self, name: str, **labels: str) -> float:
-        return self._values.get(name, {}).get(tuple(sorted(labels.items())), 0)
+        """The current value of one series (0 when it does not exist yet): for tests and the CLI."""
+        found = self.registry.get_sample_value(name, labels)
+        return found if found is not None else 0.0
 
     def render(self) -> str:
-        lines: list[str] = []
-        with self._lock:
-            snapshot = {name: dict(series) for name, series in self._values.items()}
-        for name in sorted(set(HELP) | set(snapshot)):
-            kind = "counter" if name.endswith("_total") else "gauge"
-            lines += [f"# HELP {name} {HELP.get(name, name)}", f"# TYPE {name} {kind}"]
-            for labels, value in sorted(snapshot.get(name, {}).items()):
-                rendered = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
-                lines.append(f"{name}{{{rendered}}} {value:g}" if rendered else f"{name} {value:g}")
-        for name, (help_text, read) in sorted(self._gauges.items()):
-            try:
-                value = read()
-            except Exception:
-                continue
-            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {value:g}"]
-        for name, (help_text, read_series) in sorted(self._labelled_gauges.items()):
-            try:
-                series = [(sorted(labels.items()), value) for labels, value in read_series()]
-            except Exception:
-                continue
-            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
-            for labels, value in series:
-                rendered = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
-                lines.append(f"{name}{{{rendered}}} {value:g}")
-        return "\n".join(lines) + "\n"
+        """Everything, in the Prometheus text format (0.0.4)."""
+        return generate_latest(self.registry).decode("utf-8")
 
 
 METRICS = Metrics()

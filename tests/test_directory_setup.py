@@ -6,6 +6,7 @@ from __future__ import annotations
 import grp
 import os
 import stat
+import subprocess
 from pathlib import Path
 from typing import Any, Callable
 
@@ -69,7 +70,8 @@ def test_setup_readies_a_fresh_debian_slapd_and_the_daemon_logs_a_subscriber_in(
     assert first.returncode == 0, first.stderr
     for line in ("loaded schema misc", f"added {PEOPLE}", f"added {SERVICE}", f"added {ADMIN}",
                  "olcDbIndex: mail,mailLocalAddress eq", f'olcLimits: dn.exact="{SERVICE}" size=unlimited',
-                 "set the ACLs of olcDatabase={1}mdb,cn=config", "wrote a new password into"):
+                 "set the ACLs of olcDatabase={1}mdb,cn=config", "wrote a new password into",
+                 "loaded slapd's argon2 module", "olcPasswordHash: {ARGON2}"):
         assert line in first.stdout, first.stdout
     second = setup(instance, slapd)
     assert second.returncode == 0, second.stderr
@@ -121,6 +123,30 @@ def test_the_acls_keep_passwords_and_other_subscribers_private(
     assert not conn.modify(f"uid=bob,{PEOPLE}", {"mail": [(ldap3.MODIFY_REPLACE, ["bob2@example.org"])]})
     assert conn.result["description"] == "insufficientAccessRights"
     assert any("uid" in v and "eq" in v for v in config_of(slapd, "olcDbIndex"))
+    with slapd.root_connection() as root:
+        root.search(f"uid=alice,{PEOPLE}", "(objectClass=*)", ldap3.BASE, attributes=["userPassword"])
+        assert root.response[0]["raw_attributes"]["userPassword"][0].startswith(b"{ARGON2}$argon2")  # slapd 2.5: argon2i, t=3, 4 MiB
+
+
+def test_subscribers_moved_from_the_ldif_directory_keep_their_passwords(
+        debian_slapd: Callable[..., DebianSlapd], appliance: Callable[..., Appliance], tmp_path: Path) -> None:
+    """The LDIF directory's {ARGON2} hashes load into slapd as they are (docs/admin.md:
+    ldapadd -Y EXTERNAL after setup) and log in through slapd's argon2 module."""
+    slapd = debian_slapd()
+    ldif_made = appliance(start=False)
+    assert ldif_made.admin("user", "add", "carol@example.org", password="carol-password").returncode == 0
+    instance = appliance(start=False, extra=ldap_config(slapd, tmp_path))
+    assert setup(instance, slapd).returncode == 0
+    entries = "".join(line for line in (ldif_made.root / "users.ldif").read_text().splitlines(True)
+                      if not line.startswith("version:"))
+    loaded = subprocess.run(["ldapadd", "-Y", "EXTERNAL", "-H", slapd.ldapi_url, "-c", "-Q"],
+                            input=entries, capture_output=True, text=True, timeout=30)
+    assert "adding new entry \"uid=carol,ou=people,dc=example,dc=org\"" in loaded.stdout, loaded.stderr
+    login = instance.admin("test-login", "carol", password="carol-password")
+    assert login.returncode == 0, login.stdout + login.stderr
+    admin_bind = subprocess.run(["ldapwhoami", "-x", "-H", slapd.url, "-D", ADMIN,
+                                 "-y", str(tmp_path / "ldap-admin-password")], capture_output=True, text=True)
+    assert admin_bind.stdout.strip() == f"dn:{ADMIN}", admin_bind.stderr  # -y reads the file as written
 
 
 def test_another_suffix_is_explained_and_nothing_changes_until_the_admin_chooses(

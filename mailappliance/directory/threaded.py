@@ -36,7 +36,7 @@ def _timed(function: Callable[..., T], *args: Any) -> T:
         raise
     finally:
         METRICS.count("mailappliance_directory_requests_total", operation=operation, result=result)
-        METRICS.count("mailappliance_directory_seconds_sum", time.monotonic() - started, operation=operation)
+        METRICS.observe("mailappliance_directory_seconds", time.monotonic() - started, operation=operation)
 
 
 class SharedLookups:

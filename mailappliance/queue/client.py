@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import re
+import time
 from typing import Any
 
 import attrs
@@ -225,11 +226,15 @@ class OutboundJob:
 class OutboundFactory(protocol.ClientFactory):
     """Connects once; ``finished`` fires with the TransactionResult (never errbacks)."""
 
+    noisy = False  # no "Starting factory" line per delivery attempt
+
     def __init__(self, job: OutboundJob) -> None:
         self.job = job
         self.finished: Deferred[TransactionResult] = Deferred()
+        self.connected_at: float | None = None  # time.monotonic() when the TCP connection was made
 
     def buildProtocol(self, addr: Any) -> OutboundSession:
+        self.connected_at = time.monotonic()
         session = OutboundSession(self.job)
         session.finished.chainDeferred(self.finished)
         return session

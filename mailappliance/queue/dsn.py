@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email.utils
 import os
+import re
 from typing import Iterable
 
 import attrs
@@ -22,16 +23,28 @@ class RecipientStatus:
     remote_host: str = ""
 
 
-def _enhanced_status(diagnostic: str, action: str) -> str:
-    parts = diagnostic.split()
-    if len(parts) > 1 and parts[1].count(".") == 2 and parts[1][0] in "245":
-        return parts[1]
+_ENHANCED = re.compile(r"(?<![\w.])([245])\.(\d{1,3})\.(\d{1,3})(?![\w.])")
+EXPIRED = "4.4.7"  # RFC 3463: delivery time expired
+
+
+def enhanced_status(code: int, text: str, action: str) -> str:
+    """The RFC 3463 status of one recipient's outcome: the enhanced code the remote server
+    (or our own reason, "5.1.10 ... null MX", "4.4.1 connection failed") gave, the last
+    attempt's when we gave up, "4.4.7" for a give-up without one, else the reply code's
+    class with .0.0 (a server that sends no enhanced codes)."""
+    found = _ENHANCED.search(text)
+    if found:
+        return found.group(0)
+    if not code and text.startswith("gave up"):
+        return EXPIRED
+    if 200 <= code < 600:
+        return f"{code // 100}.0.0"
     return "5.0.0" if action == "failed" else "4.0.0"
 
 
 def recipient_status(address: str, action: str, code: int, text: str, remote_host: str = "") -> RecipientStatus:
     diagnostic = (f"{code} {text}".strip() if code else text).replace("\r", " ").replace("\n", " ")
-    return RecipientStatus(address, action, _enhanced_status(diagnostic, action), diagnostic, remote_host)
+    return RecipientStatus(address, action, enhanced_status(code, text, action), diagnostic, remote_host)
 
 
 def _headers_of(message: bytes) -> bytes:

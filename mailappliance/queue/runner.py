@@ -10,6 +10,11 @@ DSN to the envelope sender (never for the null sender), stored durably
 but never lose one.  The envelope is rewritten after every attempt; a crash
 between a remote 250 and that rewrite re-sends to that one destination on
 restart (at most the messages in flight are duplicated, none is lost).
+
+Every round logs one line per recipient, Postfix-style, so "did mail for X
+leave, and where to" is one grep: ``to=<> orig_to=<> relay=host[ip]:port
+delay=<message age> delays=<in queue>/<connecting>/<transaction> tls= dsn=
+status=sent|deferred|bounced (reply)``.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from twisted.logger import Logger
 from mailappliance.config import QueueSettings
 from mailappliance.metrics import METRICS
 from mailappliance.queue.client import OutboundFactory, OutboundJob, TransactionResult
-from mailappliance.queue.dsn import build_dsn, recipient_status
+from mailappliance.queue.dsn import build_dsn, enhanced_status, recipient_status
 from mailappliance.queue.routing import NextHop, Router, RoutingError
 from mailappliance.queue.schedule import Outcome, next_attempt_at, outcome_of
 from mailappliance.queue.spool import DELIVERED, FAILED, Envelope, OutboundSpool, QueueEntryGone, RecipientState
@@ -37,11 +42,23 @@ log = Logger(namespace="mailappliance.queue")
 
 @attrs.frozen
 class Answer:
-    """A recipient's answer in this round."""
+    """A recipient's answer in this round, and how it was got."""
 
     code: int
     text: str
     host: str = ""
+    relay: str = "none"  # host[address]:port of the attempt that answered; "none": no next hop
+    tls: bool = False
+    delays: tuple[float, float, float] = (0.0, 0.0, 0.0)  # in the queue, connecting, the transaction
+
+
+@attrs.frozen
+class Attempt:
+    """One connection to one next hop: its answers and its timing."""
+
+    result: TransactionResult
+    relay: str
+    delays: tuple[float, float, float]
 
 
 def apply_answers(
@@ -173,6 +190,7 @@ class QueueRunner(service.Service):
                 log.failure("queue: {id} unexpected delivery error", result, id=queue_id)
         now = self.reactor.seconds()
         failed_now = apply_answers(envelope, answers, now, self.settings)
+        self._log_round(envelope, answers, now)
         await self._report(envelope, failed_now, data, now)
         try:
             await self.run_blocking(self.spool.update, queue_id, lambda stored: _copy_state(envelope, stored))
@@ -187,6 +205,27 @@ class QueueRunner(service.Service):
         else:
             log.info("queue: {id} deferred: {n} recipient(s) pending, next attempt in {wait:.0f} s",
                      id=queue_id, n=len(envelope.pending()), wait=envelope.next_attempt - now)
+
+    def _log_round(self, envelope: Envelope, answers: dict[str, Answer], now: float) -> None:
+        """One line per recipient answered this round, with where it went and its final word."""
+        age = max(0.0, time.time() - envelope.received_at)
+        for recipient in envelope.recipients:
+            answer = answers.get(recipient.address)
+            if answer is None:
+                continue
+            status = {DELIVERED: "sent", FAILED: "bounced"}.get(recipient.state, "deferred")
+            reply = f"{answer.code} {answer.text}" if recipient.state != FAILED or recipient.last_code else \
+                recipient.last_text  # gave up: says so, with the last answer
+            if status != "deferred":
+                METRICS.observe("mailappliance_queue_age_seconds", age, status=status)
+            a, b, c = answer.delays
+            log.info(
+                "queue: {id} to=<{rcpt}> orig_to=<{rcpt}> relay={relay} delay={delay:.2f} "
+                "delays={a:.2f}/{b:.2f}/{c:.2f} tls={tls} dsn={dsn} status={status} ({reply})",
+                id=envelope.queue_id, rcpt=recipient.address, relay=answer.relay, delay=age, a=a, b=b, c=c,
+                tls=answer.tls, dsn=enhanced_status(answer.code, reply, "failed" if status == "bounced" else ""),
+                status=status, reply=reply,
+            )
 
     async def _report(self, envelope: Envelope, failed_now: list[RecipientState], data: bytes,
                       now: float) -> None:
@@ -218,22 +257,23 @@ class QueueRunner(service.Service):
             hops = await self.router.next_hops(domain)
         except RoutingError as e:
             log.info("queue: {id} {domain}: {why}", id=envelope.queue_id, domain=domain, why=str(e))
-            return {a: Answer(e.code, e.text) for a in addresses}
+            waited = max(0.0, time.time() - envelope.received_at)
+            return {a: Answer(e.code, e.text, delays=(waited, 0.0, 0.0)) for a in addresses}
         answers: dict[str, Answer] = {}
         remaining = list(addresses)
         for hop in hops:
             if not remaining:
                 break
-            result = await self._attempt(hop, remaining, envelope, data)
+            attempt = await self._attempt(hop, remaining, envelope, data)
             for address in list(remaining):
-                code, text = result.replies.get(address, (451, "4.4.2 no answer"))
-                answers[address] = Answer(code, text, hop.hostname)
+                code, text = attempt.result.replies.get(address, (451, "4.4.2 no answer"))
+                answers[address] = Answer(code, text, hop.hostname, attempt.relay, attempt.result.tls, attempt.delays)
                 if outcome_of(code) is not Outcome.RETRY:
                     remaining.remove(address)
         return answers
 
     async def _attempt(self, hop: NextHop, recipients: list[str], envelope: Envelope,
-                       data: bytes) -> TransactionResult:
+                       data: bytes) -> Attempt:
         job = OutboundJob(
             helo=self.hostname, sender=envelope.sender, recipients=tuple(recipients), data=data,
             tls_context=self.tls_context_for(hop), require_tls=hop.verify_tls,
@@ -243,25 +283,24 @@ class QueueRunner(service.Service):
         destination = self._per_destination[hop.hostname]
         await self._global.acquire()
         await destination.acquire()
+        waited = max(0.0, time.time() - envelope.received_at)
         try:
             factory = OutboundFactory(job)
-            self.reactor.connectTCP(hop.address, hop.port, factory, timeout=self.settings.connect_timeout)
             started = time.monotonic()
+            self.reactor.connectTCP(hop.address, hop.port, factory, timeout=self.settings.connect_timeout)
             result = await factory.finished
+            ended = time.monotonic()
         finally:
             destination.release()
             self._global.release()
+        connected = factory.connected_at if factory.connected_at is not None else ended
+        outcome = outcome_of(min((result.replies.get(a, (451, ""))[0] for a in recipients), default=451))
+        METRICS.observe("mailappliance_delivery_attempt_seconds", ended - started, outcome=outcome.value)
         for address in recipients:
-            code, text = result.replies.get(address, (451, "no answer"))
+            code, _ = result.replies.get(address, (451, "no answer"))
             METRICS.count("mailappliance_delivery_attempts_total", outcome=outcome_of(code).value)
-            log.info(
-                "queue: {id} to=<{rcpt}> relay={host}[{address}]:{port} tls={tls} delay={delay:.2f} "
-                "status={status} ({code} {text})",
-                id=envelope.queue_id, rcpt=address, host=hop.hostname, address=hop.address, port=hop.port,
-                tls=result.tls, delay=time.monotonic() - started, status=outcome_of(code).value,
-                code=code, text=text,
-            )
-        return result
+        return Attempt(result, f"{hop.hostname}[{hop.address}]:{hop.port}",
+                       (waited, connected - started, ended - connected))
 
 
 def _copy_state(source: Envelope, target: Envelope) -> None:

@@ -7,6 +7,7 @@ import re
 
 _UNSAFE = re.compile(r"[^\x21-\x7e]|[()\\]")
 _UNSAFE_IN_COMMENT = re.compile(r"[^\x20-\x7e]|[()\\]")
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]|\\")
 
 
 def _clean(text: str, pattern: re.Pattern[str] = _UNSAFE) -> str:
@@ -24,13 +25,23 @@ def received_header(
     recipients: list[str],
     authenticated_as: str | None = None,
     timestamp: float | None = None,
+    client_name: str | None = None,
+    tls: str | None = None,
 ) -> bytes:
-    """A folded ``Received:`` header ending with CRLF.
+    """A folded ``Received:`` header ending with CRLF, as admins read them when tracing::
 
-    ``for <rcpt>`` is added only for a single recipient, so one message does
-    not disclose its whole recipient list.
+        Received: from helo.example (mail.example.net [192.0.2.7])
+        \t(using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits))
+        \tby mx.example.org (mailappliance) with ESMTPS id 1795...
+
+    ``client_name`` is the client's forward-confirmed reverse name ("unknown"
+    when it has none or the lookup did not answer in time); ``tls`` the
+    ``tls_description`` of the connection.  ``for <rcpt>`` is added only for a
+    single recipient, so one message does not disclose its whole recipient list.
     """
-    lines = [f"Received: from {_clean(helo)} ([{client_ip}])"]
+    lines = [f"Received: from {_clean(helo)} ({_clean(client_name or 'unknown')} [{client_ip}])"]
+    if tls:
+        lines.append(f"\t({_clean(tls, _UNPRINTABLE)})")  # our own words: balanced parentheses
     by = f"\tby {hostname} (mailappliance) with {protocol} id {message_id}"
     if authenticated_as:
         by += f"\r\n\t(authenticated as {_clean(authenticated_as, _UNSAFE_IN_COMMENT)})"
@@ -46,3 +57,19 @@ def received_header(
 
 def return_path_header(sender: str) -> bytes:
     return f"Return-Path: <{sender}>\r\n".encode("ascii", "replace")
+
+
+def tls_description(transport: object) -> str | None:
+    """"using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits)" for a TLS
+    transport (Postfix's wording), None without TLS."""
+    handle = getattr(transport, "getHandle", None)
+    connection = handle() if handle is not None else None
+    try:
+        version = connection.get_protocol_version_name()  # type: ignore[union-attr]
+        cipher = connection.get_cipher_name()  # type: ignore[union-attr]
+        bits = connection.get_cipher_bits()  # type: ignore[union-attr]
+    except Exception:  # not an OpenSSL connection (plain TCP, a test transport)
+        return None
+    if not cipher:
+        return None
+    return f"using {version} with cipher {cipher}" + (f" ({bits}/{bits} bits)" if bits else "")

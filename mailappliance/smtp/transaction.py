@@ -11,6 +11,7 @@ cannot overrun them.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,7 @@ from twisted.python.failure import Failure
 
 from mailappliance.budget import network_of
 from mailappliance.budget import record_refusal as record_budget_refusal
+from mailappliance.delivered_to import delivered_to_header
 from mailappliance.delivery import Delivery, SpoolEntry
 from mailappliance.folders import delivery_target
 from mailappliance.directory import DirectoryUnavailable, Subscriber
@@ -34,7 +36,7 @@ from mailappliance.smtp import replies
 from mailappliance.smtp.data import DataReader
 from mailappliance.smtp.inspection import inspect_message, suspension_refusal
 from mailappliance.smtp.paths import MailPath, PathSyntaxError, parse_path, split_command_argument
-from mailappliance.smtp.received import received_header, return_path_header
+from mailappliance.smtp.received import received_header, return_path_header, tls_description
 from mailappliance.smtp.recipients import ForwardedRecipient, LocalRecipients, RcptOutcome
 
 if TYPE_CHECKING:
@@ -63,6 +65,9 @@ class Transaction:
     local_recipients: list[LocalRecipient] = attrs.Factory(list)
     remote_recipients: list[str] = attrs.Factory(list)
     trace_length: int = 0  # our Return-Path and Received fields: the client's message starts here
+    started: float = attrs.Factory(time.time)  # MAIL: the message's age and the transaction time count from here
+    data_ended: float = 0.0  # the final dot
+    delivered_to_span: tuple[int, int] = (0, 0)  # the first local recipient's Delivered-To in the file
     forwarded: list[ForwardedRecipient] = attrs.Factory(list)  # copies out with an SRS sender
 
     @property
@@ -96,6 +101,7 @@ class MailTransaction(LocalRecipients):
         if self.helo is None:
             self.error(replies.NEED_HELO)
             return
+        self.note_client_name()
         if self.transaction is not None:
             self.error(replies.NESTED_MAIL)
             return
@@ -317,7 +323,11 @@ class MailTransaction(LocalRecipients):
             delivery = Delivery(self.config.incoming_dir)
             # Return-Path belongs to final delivery only: the spool copy skips it (body_offset)
             delivery.write(return_path_header(transaction.sender.address))
-            self.return_path_length = delivery.size
+            if transaction.local_recipients:  # RFC 9228; the others' copies get their own (delivered_to.py)
+                start = delivery.size
+                delivery.write(delivered_to_header(transaction.local_recipients[0].address))
+                transaction.delivered_to_span = (start, delivery.size)
+            self.return_path_length = delivery.size  # the spool's copy starts after Return-Path and Delivered-To
             delivery.write(self._received_header(transaction, delivery.name))
             transaction.trace_length = delivery.size
         except OSError as e:
@@ -360,7 +370,28 @@ class MailTransaction(LocalRecipients):
                                           + transaction.remote_recipients
                                           + [f.address for f in transaction.forwarded])),
             authenticated_as=identity,
+            client_name=self.trace_name or (self.client_facts.name if self.client_facts else None),
+            tls=tls_description(self.transport) if self.secure else None,
         )
+
+    trace_name: str | None = None  # the client's confirmed reverse name, once looked up (note_client_name)
+
+    def note_client_name(self) -> None:
+        """Start looking up the client's forward-confirmed reverse name for the Received
+        header, once per session and without waiting: screening's answer when it has
+        one; a lookup that has not answered by DATA leaves "unknown"."""
+        if self.trace_name is not None or getattr(self.factory, "client_lookup", None) is None:
+            return
+        if self.client_facts is not None and self.client_facts.name:
+            self.trace_name = self.client_facts.name
+            return
+        self.trace_name = ""
+
+        def found(name: str | None) -> None:
+            self.trace_name = name or ""
+
+        d = Deferred.fromCoroutine(self.factory.client_lookup.trace_name(self.client_ip))
+        d.addCallbacks(found, lambda failure: None)
 
     def end_of_data(self) -> None:
         """The final dot: refuse, or hand the message to the commit (it is not ours after that)."""
@@ -379,6 +410,7 @@ class MailTransaction(LocalRecipients):
         self.run(d)
 
     async def _commit(self, delivery: Delivery, transaction: Transaction) -> None:
+        transaction.data_ended = time.time()
         checked = await inspect_message(self, delivery, transaction)  # authentication, content filter, DKIM
         if checked.reply is not None:
             delivery.abort()
@@ -423,7 +455,9 @@ class MailTransaction(LocalRecipients):
         maildirs = [junk_folder(r.maildir) if r.address in checked.junk else delivery_target(r.maildir, r.folder)
                     for r in transaction.local_recipients]
         try:
-            await delivery.commit(self.factory.commit, maildirs, entries)
+            paths = await delivery.commit(self.factory.commit, maildirs, entries,
+                                          [delivered_to_header(r.address) for r in transaction.local_recipients],
+                                          transaction.delivered_to_span)
         except Exception:
             transaction.release()
             if admission is not None:
@@ -433,7 +467,7 @@ class MailTransaction(LocalRecipients):
             return
         if admission is not None:
             admission.delivered()
-        self._stored(delivery, transaction)
+        self._stored(delivery, transaction, paths)
 
     def _data_refusal(self, reader: DataReader) -> replies.Reply | None:
         problems = reader.problems
@@ -446,8 +480,10 @@ class MailTransaction(LocalRecipients):
                                                f"{self.config.max_line_length} octets (RFC 5321 4.5.3.1.6)")
         return None
 
-    def _stored(self, delivery: Delivery, transaction: Transaction) -> None:
+    def _stored(self, delivery: Delivery, transaction: Transaction, paths: list[Path] | None = None) -> None:
         METRICS.count("mailappliance_messages_accepted_total", role=self.config.role)
+        METRICS.observe("mailappliance_smtp_transaction_seconds", time.time() - transaction.started,
+                        role=self.config.role)
         if transaction.reservation is not None:
             transaction.reservation.commit()
         if self.subscriber is None and self.factory.network_budget is not None and self.config.role == "mx":
@@ -459,6 +495,24 @@ class MailTransaction(LocalRecipients):
             remote=len(transaction.remote_recipients), size=delivery.size,
             uid=self.subscriber.uid if self.subscriber else "-",
         )
+        self._log_local_deliveries(delivery, transaction, paths or [])
         self.respond(replies.Reply(250, "2.0.0", f"Ok: queued as {delivery.name}"))
         if transaction.remote_recipients:
             self.factory.on_queued()
+
+    def _log_local_deliveries(self, delivery: Delivery, transaction: Transaction, paths: list[Path]) -> None:
+        """One line per local recipient, Postfix-style: did mail for X arrive, and where is it
+        (the file under maildir_root). delays=a/b/c: receiving / connecting (none) / storing."""
+        now = time.time()
+        receiving = max(0.0, transaction.data_ended - transaction.started)
+        storing = max(0.0, now - transaction.data_ended)
+        for recipient in transaction.local_recipients:
+            stored = [p for p in paths if recipient.maildir in p.parents]
+            where = str(stored[0].relative_to(self.config.maildir_root)) if stored else str(recipient.maildir)
+            self.log_event(
+                self.log.info,
+                "delivered id={id} to=<{to}> orig_to=<{orig_to}> relay=local delay={delay:.2f} "
+                "delays={receiving:.2f}/0/{storing:.2f} dsn=2.0.0 status=sent (delivered to maildir {where})",
+                id=delivery.name, to=recipient.subscriber.mail or recipient.address, orig_to=recipient.address,
+                delay=now - transaction.started, receiving=receiving, storing=storing, where=where,
+            )

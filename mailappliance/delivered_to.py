@@ -1,0 +1,121 @@
+"""Delivered-To (RFC 9228): each local recipient's copy names the address it came in for.
+
+A message with one local recipient carries the field in its one file (the
+session writes it after Return-Path, so it costs nothing).  With several
+local recipients that file goes to the first one's Maildir, and every other
+Maildir gets a :class:`RecipientCopy`: the same bytes with its own
+Delivered-To in place of the first one's, written beside the received file,
+fsynced with it and renamed into ``new/`` (the durability rules of
+``delivery.commit_batch``: nothing is in ``new/`` before its bytes are on
+disk, one ``new/`` fsync per directory per batch).  The outbound spool's copy
+skips the field (its ``body_offset`` starts after it): Delivered-To belongs
+to final delivery, like Return-Path.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from pathlib import Path
+
+from mailappliance.maildir import IncomingMessage, ensure_maildir_once
+
+COPY_BLOCK = 1024 * 1024
+
+
+def delivered_to_header(address: str) -> bytes:
+    """The field for one recipient address (as received: an alias or sub-address stays visible)."""
+    safe = "".join(c if 0x20 < ord(c) < 0x7F else "?" for c in address)[:998]
+    return f"Delivered-To: {safe}\r\n".encode("ascii")
+
+
+class RecipientCopy:
+    """One recipient's own file: ``message`` with bytes ``span`` replaced by ``header``."""
+
+    def __init__(self, message: IncomingMessage, span: tuple[int, int], header: bytes, index: int) -> None:
+        self.message = message
+        self.span = span
+        self.header = header
+        self.path = message.path.with_name(f"{message.name}.r{index}")
+        self.size = message.size - (span[1] - span[0]) + len(header)
+        self._fd: int | None = None
+        self._moved = False
+
+    def write(self) -> None:
+        """Write the copy from the received file (after its ``write_out``)."""
+        source = os.open(self.message.path, os.O_RDONLY)  # just written: read from the page cache
+        try:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            start, end = self.span
+            self._copy(source, 0, start)
+            _write_all(self._fd, self.header)
+            self._copy(source, end, self.message.size)
+        finally:
+            os.close(source)
+
+    def _copy(self, source: int, start: int, end: int) -> None:
+        assert self._fd is not None
+        while start < end:
+            block = os.pread(source, min(COPY_BLOCK, end - start), start)
+            if not block:
+                raise OSError(errno.EIO, f"{self.message.path}: shorter than {end} bytes")
+            _write_all(self._fd, block)
+            start += len(block)
+
+    def sync(self, fsync: bool = True) -> None:
+        """fsync (unless a syncfs covered it) and close."""
+        if self._fd is None:
+            return
+        try:
+            if fsync:
+                os.fsync(self._fd)
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+    def place(self, maildir: Path) -> Path:
+        """Rename the synced copy into ``maildir``'s ``new/`` (copy via ``tmp/`` across filesystems)."""
+        ensure_maildir_once(maildir)
+        target = maildir / "new" / f"{self.message.name},S={self.size}"
+        try:
+            os.rename(self.path, target)
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise
+            staged = maildir / "tmp" / target.name
+            with open(self.path, "rb") as src, open(staged, "xb") as dst:
+                shutil.copyfileobj(src, dst, COPY_BLOCK)
+                dst.flush()
+                os.fsync(dst.fileno())
+            os.rename(staged, target)
+            os.unlink(self.path)
+        self._moved = True
+        return target
+
+    def discard(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if not self._moved:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def plan_copies(message: IncomingMessage, targets: list[tuple[Path, bytes]],
+                span: tuple[int, int]) -> dict[Path, RecipientCopy]:
+    """The Maildirs (after the first) that need their own file: their Delivered-To differs
+    from the one in the received file. ``targets``: (Maildir, header), duplicates removed."""
+    if span == (0, 0) or len(targets) < 2:
+        return {}
+    shared = targets[0][1]
+    return {maildir: RecipientCopy(message, span, header, n)
+            for n, (maildir, header) in enumerate(targets[1:], start=1) if header and header != shared}
