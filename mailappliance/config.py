@@ -31,6 +31,7 @@ from mailappliance.msgauth.settings import (DkimSettings, FilterSettings, MsgAut
                                             parse_filter, parse_msgauth)
 from mailappliance.budget import DEFAULT_BYTES_PER_HOUR
 from mailappliance.quota import DEFAULT_MAILBOX_QUOTA, parse_size
+from mailappliance.state import StateSettings
 from mailappliance.throttle import ThrottleSettings
 
 ROLES = ("mx", "submission", "submissions", "pop3", "pop3s", "autoconfig", "autoconfigs", "metrics")
@@ -228,6 +229,7 @@ class Settings:
     log_level: str = "info"
     mailbox_quota: int = DEFAULT_MAILBOX_QUOTA  # bytes per subscriber, 0 = unlimited (mailappliance.quota)
     mx_bytes_per_hour_per_network: int = DEFAULT_BYTES_PER_HOUR  # 0 = off (mailappliance.budget)
+    state: StateSettings = StateSettings()  # where limits, login throttling and mailbox locks live
     addresses: AddressSettings = AddressSettings()  # [server] alias domains, delimiter, catch-all, postmaster
     forwarding: ForwardingSettings = ForwardingSettings()  # [forwarding] SRS
     msgauth: MsgAuthSettings = MsgAuthSettings()  # [msgauth] SPF/DKIM/DMARC/ARC on the MX (mailappliance.msgauth)
@@ -532,6 +534,40 @@ def _throttle(reader: _Reader) -> ThrottleSettings:
     )
 
 
+def _state(reader: _Reader) -> StateSettings:
+    """``[state]``: Redis shared by several appliances, or this process's memory (docs/admin.md)."""
+    from mailappliance.state.resp import parse_url
+
+    d = StateSettings()
+    url = reader.string("redis", "")
+    if url:
+        try:
+            address = parse_url(url)
+        except ValueError as e:
+            raise reader.error("redis", str(e)) from None
+    prefix = reader.string("key_prefix", d.key_prefix)
+    if not prefix.isascii() or not prefix.isprintable() or " " in prefix or len(prefix) > 64:
+        raise reader.error("key_prefix",
+                           f"must be up to 64 printable ASCII characters without spaces, got {prefix!r}")
+    ca_file = reader.path("ca_file") if "ca_file" in reader.table else None
+    if ca_file is not None and not (url and address.tls):
+        raise reader.error("ca_file", "is only for a rediss:// (TLS) state.redis")
+    if ca_file is not None and not ca_file.is_file():
+        raise reader.error("ca_file", f"{ca_file} does not exist")
+    settings = StateSettings(
+        redis=url,
+        username=reader.string("username", ""),
+        password=reader.secret("password"),
+        key_prefix=prefix,
+        timeout=reader.number("timeout", d.timeout, 0.01, 30),
+        probe_interval=reader.number("probe_interval", d.probe_interval, 0.1, 3600),
+        lock_ttl=reader.number("lock_ttl", d.lock_ttl, 2, 3600),
+        ca_file=ca_file,
+    )
+    reader.reject_unknown()
+    return settings
+
+
 def _tls(reader: _Reader) -> TLSSettings:
     certificate = reader.path("certificate", str(STATE_DIR / "tls" / "server.pem"))
     private_key = reader.path("private_key", str(STATE_DIR / "tls" / "server.key"))
@@ -665,6 +701,7 @@ def parse_config(file: Path, data: dict[str, Any], secrets: SecretFiles | None =
     logging.reject_unknown()
     tls = _tls(top.table_of("tls"))
     queue = _queue(top.table_of("queue"))
+    state = _state(top.table_of("state"))
     msgauth = parse_msgauth(top.table_of("msgauth"), domains)
     dkim = parse_dkim(top.table_of("dkim"), domains)
     content_filter = parse_filter(top.table_of("filter"), _size)
@@ -693,6 +730,7 @@ def parse_config(file: Path, data: dict[str, Any], secrets: SecretFiles | None =
         log_level=log_level,
         mailbox_quota=mailbox_quota,
         mx_bytes_per_hour_per_network=mx_byte_budget,
+        state=state,
         smtp_idle_timeout=smtp_idle,
         smtp=smtp_options,
         pop3_idle_timeout=pop3_idle,

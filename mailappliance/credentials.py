@@ -20,8 +20,9 @@ import attrs
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import ICredentials, IUsernamePassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import deferLater
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.cred.portal import IRealm
 from zope.interface import Attribute, Interface, implementer
@@ -33,6 +34,7 @@ from mailappliance.metrics import METRICS
 from mailappliance.throttle import AuthThrottle, ThrottleSettings
 
 MAX_CACHE_ENTRIES = 50_000
+_log = Logger(namespace="mailappliance.auth")
 
 
 class IClientCertificate(ICredentials):
@@ -176,20 +178,30 @@ class SubscriberChecker:
         except UnicodeDecodeError:
             return self._refuse(LoginRefused("?", "login or password is not UTF-8"), address, "?")
         key = login.lower()
-        throttling = self.throttle.check(address, key)
+        d = self.throttle.check(address, key)  # the state store may be Redis: a Deferred
+        d.addCallback(self._throttle_checked, login, password, key, address)
+        return d
+
+    def _throttle_checked(self, throttling: Any, login: str, password: str, key: str,
+                          address: str) -> "Subscriber | Deferred[Subscriber]":
         if throttling.locked:
-            return fail(LoginThrottled(login, throttling.reason, throttling.retry_after))
+            raise LoginThrottled(login, throttling.reason, throttling.retry_after)
         if not login or not password:
             return self._refuse(LoginRefused(login, "empty login or password"), address, key)
         digest = self._digest(key, password)
         cached = self._cache.get(key)
         now = self.clock.seconds()
         if cached and cached.expires > now and hmac.compare_digest(cached.digest, digest):
-            self.throttle.succeeded(address, key)
-            return succeed(cached.subscriber)
+            self._trust(address, key)
+            return cached.subscriber
         d = self._verifications((key, digest), lambda: self._verify(login, password, key, digest))
         d.addCallbacks(self._succeeded, self._failed, (address, key), None, (address, key))
         return d
+
+    def _trust(self, address: str, key: str) -> None:
+        """Tell the throttle about a good login; the answer does not wait for it."""
+        self.throttle.succeeded(address, key).addErrback(
+            lambda failure: _log.failure("recording a good login for {login}", failure, login=key))
 
     def _verify(self, login: str, password: str, key: str, digest: bytes) -> "Deferred[Subscriber]":
         """One directory check (a password hash or an LDAP bind), shared by
@@ -200,7 +212,7 @@ class SubscriberChecker:
         return d
 
     def _succeeded(self, subscriber: Subscriber, address: str, key: str) -> Subscriber:
-        self.throttle.succeeded(address, key)
+        self._trust(address, key)
         return subscriber
 
     def _failed(self, failure: Failure, address: str, key: str) -> "Deferred[Subscriber]":
@@ -210,7 +222,11 @@ class SubscriberChecker:
 
     def _refuse(self, error: LoginRefused, address: str, key: str) -> "Deferred[Subscriber]":
         """Count the failure; answer only after the throttle's delay."""
-        delay = self.throttle.failed(address, key)
+        d = self.throttle.failed(address, key)
+        d.addCallback(self._refusal_after, error)
+        return d
+
+    def _refusal_after(self, delay: float, error: LoginRefused) -> "Deferred[Subscriber]":
         if delay <= 0:
             return fail(error)
         return deferLater(self.clock, delay, _raise, error)

@@ -13,20 +13,28 @@ picks addresses from it at will), and the /64 is its network too.
 Hourly allowances are reserved, not merely checked: a session reserves a
 message at MAIL and each recipient at RCPT (:class:`Reservation`), so
 parallel sessions of one subscriber see each other's reservations at once;
-what a transaction never sends is given back.
+what a transaction never sends is given back.  The allowances live in the
+state store (:mod:`mailappliance.state`): this process's memory, or Redis
+shared by several appliances, so the reservation calls return Deferreds.
+Connection caps and connection rates stay in each process.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections import deque
-from typing import Any, Iterator
+from typing import Any
 
 import attrs
+from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.logger import Logger
+
+from mailappliance.state import StateStore
+from mailappliance.state.memory import MemoryStore, Window
+
+log = Logger(namespace="mailappliance.limits")
 
 HOUR = 3600.0
 MINUTE = 60.0
-MAX_TRACKED = 100_000
 LIMIT_NAMES = ("messages_per_hour", "recipients_per_hour", "recipients_per_message")
 IPV4_NETWORK_BITS = 24
 IPV6_NETWORK_BITS = 64
@@ -77,93 +85,6 @@ def client_keys(address: str) -> tuple[str, str | None]:
     return prefix, prefix
 
 
-class _Event:
-    """An amount recorded at a time; ``amount`` drops to 0 once it no longer
-    counts (expired, given back, or forgotten with its key)."""
-
-    __slots__ = ("at", "amount")
-
-    def __init__(self, at: float, amount: int) -> None:
-        self.at = at
-        self.amount = amount
-
-
-class _Window:
-    """Amounts recorded in a sliding window, per key, with a running total per
-    key so that a check costs the same however busy the key is.
-
-    An event can be taken back (:meth:`remove`) until it expires: its amount
-    leaves the total at once, and the emptied event is dropped from memory
-    soon after (never kept as a negative amount that would expire later).
-    """
-
-    def __init__(self, span: float) -> None:
-        self.span = span
-        self._events: dict[str, deque[_Event]] = {}
-        self._totals: dict[str, int] = {}
-        self._removed: dict[str, int] = {}  # emptied events still in the key's deque
-
-    def total(self, key: str, now: float) -> int:
-        events = self._events.get(key)
-        if not events:
-            return 0
-        expired = 0
-        while events and events[0].at <= now - self.span:
-            event = events.popleft()
-            if event.amount:
-                expired += event.amount
-                event.amount = 0
-            else:
-                self._removed[key] = self._removed.get(key, 1) - 1
-        if not events:
-            self._forget(key)
-            return 0
-        self._totals[key] -= expired
-        return self._totals[key]
-
-    def add(self, key: str, now: float, amount: int = 1) -> _Event:
-        if amount <= 0:
-            return _Event(now, 0)  # nothing to count (a message without recipients)
-        if key not in self._events and len(self._events) >= MAX_TRACKED:
-            self._forget(next(iter(self._events)))
-        event = _Event(now, amount)
-        self._events.setdefault(key, deque()).append(event)
-        self._totals[key] = self._totals.get(key, 0) + amount
-        return event
-
-    def remove(self, key: str, event: _Event) -> None:
-        """Take back an event recorded under ``key``; nothing if it no longer counts."""
-        if not event.amount:
-            return
-        events = self._events[key]  # an event that still counts is always there
-        self._totals[key] -= event.amount
-        event.amount = 0
-        removed = self._removed.get(key, 0) + 1
-        while events and not events[-1].amount:  # the usual case: the newest events
-            events.pop()
-            removed -= 1
-        if removed * 2 > len(events) + 16:  # mostly emptied: rebuild, so memory stays bounded
-            events = self._events[key] = deque(e for e in events if e.amount)
-            removed = 0
-        if not events:
-            self._forget(key)
-        else:
-            self._removed[key] = removed
-
-    def _forget(self, key: str) -> None:
-        for event in self._events.pop(key, ()):
-            event.amount = 0  # a reservation that still holds it must not take it back
-        self._totals.pop(key, None)
-        self._removed.pop(key, None)
-
-    def __len__(self) -> int:
-        return len(self._events)
-
-    def stored_events(self) -> Iterator[int]:
-        """How many events each key keeps in memory (for tests of the memory bound)."""
-        return (len(events) for events in self._events.values())
-
-
 def subscriber_limits(defaults: LimitSettings, overrides: tuple[tuple[str, int], ...]) -> LimitSettings:
     """The defaults with a subscriber's overrides from the directory applied."""
     known = {name: value for name, value in overrides if name in LIMIT_NAMES}
@@ -187,15 +108,15 @@ class RateLimits:
     hold a :class:`Reservation` per subscriber session for MAIL and RCPT.
 
     ``settings`` may be replaced at any time (SIGHUP); listener caps are set
-    apart with :meth:`set_listener_caps`.
+    apart with :meth:`set_listener_caps`.  ``store`` keeps the subscribers'
+    hourly allowances (default: this process's memory).
     """
 
-    def __init__(self, settings: LimitSettings, clock: Any) -> None:
+    def __init__(self, settings: LimitSettings, clock: Any, store: StateStore | None = None) -> None:
         self.settings = settings
         self.clock = clock
-        self._connections = _Window(MINUTE)
-        self._messages = _Window(HOUR)
-        self._recipients = _Window(HOUR)
+        self.store: StateStore = store if store is not None else MemoryStore(clock)
+        self._connections = Window(MINUTE)
         self._listener_caps: dict[str, int] = {}
         self._open: dict[str, int] = {}  # by address key
         self._open_networks: dict[str, int] = {}
@@ -256,26 +177,11 @@ class RateLimits:
         subscriber's own, see :func:`subscriber_limits`)."""
         return Reservation(self, uid, limits)
 
-    # The check-then-count calls below predate reservations: a check at MAIL and
-    # RCPT, the count after DATA. Parallel sessions do not see each other's
-    # transactions with them; use reservation() instead (never both for one message).
-
-    def may_start_message(self, uid: str, limits: LimitSettings) -> LimitHit | None:
-        if self._messages.total(uid, self.clock.seconds()) >= limits.messages_per_hour:
-            return _messages_hit(uid)
-        return None
-
-    def may_add_recipient(self, uid: str, in_message: int, limits: LimitSettings) -> LimitHit | None:
-        if in_message >= limits.recipients_per_message:
-            return _per_message_hit(uid)
-        if self._recipients.total(uid, self.clock.seconds()) + in_message >= limits.recipients_per_hour:
-            return _recipients_hit(uid)
-        return None
-
-    def message_sent(self, uid: str, recipients: int) -> None:
-        now = self.clock.seconds()
-        self._messages.add(uid, now)
-        self._recipients.add(uid, now, recipients)
+    def held(self, uid: str) -> "Deferred[tuple[int, int]]":
+        """Messages and recipients counted against ``uid`` this hour (for tests and the admin)."""
+        d = gatherResults([self.store.total(("messages", uid), HOUR), self.store.total(("recipients", uid), HOUR)])
+        d.addCallback(tuple)
+        return d
 
 
 def _messages_hit(uid: str) -> LimitHit:
@@ -295,49 +201,82 @@ class Reservation:
     """One session's transaction against a subscriber's hourly allowance.
 
     ``start_message`` (MAIL) and ``add_recipient`` (RCPT) count at once, so a
-    parallel session of the same subscriber sees them; ``commit`` (after the
-    250 to the message) keeps them counted, ``release`` (RSET, a refused or
-    failed message, disconnect) gives back whatever was not committed. One
-    object may serve a whole session: each ``start_message`` begins a new
-    transaction (giving back an unfinished one). Reserved amounts are dated
-    when reserved and leave the hourly window an hour after that.
+    parallel session of the same subscriber (on any appliance sharing the
+    store) sees them; ``commit`` (after the 250 to the message) keeps them
+    counted, ``release`` (RSET, a refused or failed message, disconnect)
+    gives back whatever was not committed. One object may serve a whole
+    session: each ``start_message`` begins a new transaction (giving back an
+    unfinished one). Reserved amounts are dated when reserved and leave the
+    hourly window an hour after that.
+
+    ``start_message`` and ``add_recipient`` return Deferreds (None, or the
+    LimitHit to answer); the session waits for each before the next command.
+    A reservation that arrives after ``release`` (the client left while the
+    store answered) is given back at once.
     """
 
     def __init__(self, owner: RateLimits, uid: str, limits: LimitSettings) -> None:
         self.uid = uid
         self.limits = limits
-        self._owner = owner
-        self._message: _Event | None = None
-        self._recipients: list[_Event] = []
+        self._store = owner.store
+        self._message: Any = None
+        self._recipients: list[Any] = []
+        self._generation = 0  # bumped by release: late answers of an older transaction are given back
         self.recipients = 0  # in the current message
 
-    def start_message(self) -> LimitHit | None:
+    @property
+    def _message_key(self) -> tuple[str, str]:
+        return ("messages", self.uid)
+
+    @property
+    def _recipient_key(self) -> tuple[str, str]:
+        return ("recipients", self.uid)
+
+    def start_message(self) -> "Deferred[LimitHit | None]":
         """MAIL: reserve one message against messages_per_hour."""
         self.release()
-        owner = self._owner
-        now = owner.clock.seconds()
-        if owner._messages.total(self.uid, now) >= self.limits.messages_per_hour:
-            return _messages_hit(self.uid)
-        self._message = owner._messages.add(self.uid, now)
-        return None
+        generation = self._generation
+        d = self._store.reserve(self._message_key, HOUR, self.limits.messages_per_hour)
 
-    def add_recipient(self) -> LimitHit | None:
+        def reserved(token: Any) -> LimitHit | None:
+            if token is None:
+                return _messages_hit(self.uid)
+            if generation != self._generation:
+                self._give_back(self._message_key, token)
+                return None
+            self._message = token
+            return None
+
+        d.addCallback(reserved)
+        return d
+
+    def add_recipient(self) -> "Deferred[LimitHit | None]":
         """RCPT: reserve one recipient against recipients_per_hour, within recipients_per_message."""
-        owner = self._owner
         if self.recipients >= self.limits.recipients_per_message:
-            return _per_message_hit(self.uid)
-        now = owner.clock.seconds()
-        if owner._recipients.total(self.uid, now) >= self.limits.recipients_per_hour:
-            return _recipients_hit(self.uid)
-        self._recipients.append(owner._recipients.add(self.uid, now))
-        self.recipients += 1
-        return None
+            return succeed(_per_message_hit(self.uid))
+        generation = self._generation
+        self.recipients += 1  # counted at once: the per-message limit holds while the store answers
+        d = self._store.reserve(self._recipient_key, HOUR, self.limits.recipients_per_hour)
+
+        def reserved(token: Any) -> LimitHit | None:
+            if generation != self._generation:
+                if token is not None:
+                    self._give_back(self._recipient_key, token)
+                return None
+            if token is None:
+                self.recipients -= 1
+                return _recipients_hit(self.uid)
+            self._recipients.append(token)
+            return None
+
+        d.addCallback(reserved)
+        return d
 
     def withdraw_recipient(self) -> None:
         """The recipient reserved last was refused after all (e.g. unknown
         address): give it back, keep the rest of the transaction."""
         if self._recipients:
-            self._owner._recipients.remove(self.uid, self._recipients.pop())
+            self._give_back(self._recipient_key, self._recipients.pop())
             self.recipients -= 1
 
     def commit(self) -> None:
@@ -349,11 +288,15 @@ class Reservation:
 
     def release(self) -> None:
         """Give back everything not committed; harmless to call again."""
-        owner = self._owner
+        self._generation += 1
         if self._message is not None:
-            owner._messages.remove(self.uid, self._message)
+            self._give_back(self._message_key, self._message)
             self._message = None
-        for event in reversed(self._recipients):
-            owner._recipients.remove(self.uid, event)
+        for token in reversed(self._recipients):
+            self._give_back(self._recipient_key, token)
         self._recipients.clear()
         self.recipients = 0
+
+    def _give_back(self, key: tuple[str, str], token: Any) -> None:
+        d = self._store.release(key, token)
+        d.addErrback(lambda failure: log.failure("giving back a reservation of {uid}", failure, uid=self.uid))

@@ -52,6 +52,7 @@ from mailappliance.logs import JsonLogService, LogLevelService
 from mailappliance.metrics import METRICS
 from mailappliance.reload import Reloader
 from mailappliance.screening import ScreeningSource
+from mailappliance.state.build import build_state_store
 from mailappliance.throttle import AuthThrottle
 from mailappliance.msgauth.wiring import build_inspector
 from mailappliance.web import HealthResource, autoconfig_site, metrics_site, spool_probe
@@ -156,14 +157,19 @@ def build_service(settings: Settings, reactor: Any = None,
     client_lookup = ClientLookup(resolver, reactor, settings.screening.dns_timeout)
     inspector, inspector_live = build_inspector(settings, resolver, reactor, run_blocking)  # DKIM, SPF, rspamd
 
+    # Limits, login throttling and mailbox locks: this process's memory, or Redis shared by appliances.
+    state_store, state_service = build_state_store(settings.state, reactor)
+    if state_service is not None:
+        state_service.setServiceParent(top)
+
     # THE shared checker: every portal below uses this one object.
-    throttle = AuthThrottle(settings.throttle, reactor)
+    throttle = AuthThrottle(settings.throttle, reactor, state_store)
     checker = SubscriberChecker(directory, settings.auth_cache_ttl, reactor, throttle)
     smtp_portal = Portal(SubscriberRealm(), [checker])
-    pop3_portal = Portal(MaildirRealm(settings.maildir_root, MailboxLocks()), [checker])
+    pop3_portal = Portal(MaildirRealm(settings.maildir_root, MailboxLocks(state_store, reactor, settings.state.lock_ttl)), [checker])
     quotas = MailboxQuotas(settings.mailbox_quota, run_blocking, reactor)
     network_budget = NetworkByteBudget(settings.mx_bytes_per_hour_per_network, reactor)
-    limits = RateLimits(settings.limits, reactor)  # shared by every listener
+    limits = RateLimits(settings.limits, reactor, state_store)  # shared by every listener
     limits.set_listener_caps({l.name: l.max_connections for l in settings.listeners if l.max_connections})
     Reloader(settings, server_tls, screening, {"limits": limits, "throttle": throttle, "log_level": log_level,
                                                   "mailbox_quota": quotas, "mx_bytes_per_hour_per_network": network_budget, **inspector_live},
@@ -176,7 +182,7 @@ def build_service(settings: Settings, reactor: Any = None,
     _queue_gauges(spool)
     health = HealthResource(lambda: directory.find_by_login("health-check.invalid"),
                             lambda: run_blocking(spool_probe, settings.spool_dir),
-                            current_server=directory.current_server)
+                            current_server=directory.current_server, state_store=state_store.describe)
     for listener in settings.listeners:
         if listener.role in WEB_ROLES:
             factory: Any = metrics_site(health) if listener.role == "metrics" else autoconfig_site(settings)

@@ -12,17 +12,24 @@ Two counters, with different jobs:
   password-guessing botnet can thus lock the account against strangers, but
   not lock its real subscriber out from the places they use.
 
-Everything is kept in memory with a clock the tests control, and bounded.
+The counters, locks and "trusted" marks live in the state store
+(:mod:`mailappliance.state`): this process's memory, or Redis shared by
+several appliances, so a guesser spreading attempts over them meets one
+count.  While Redis is away each process counts on its own (never
+unlimited).  The calls return Deferreds; the clock is the caller's.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Any
 
 import attrs
+from twisted.internet.defer import Deferred
 
-MAX_TRACKED = 100_000
+from mailappliance.state import MarkRule, StateStore
+from mailappliance.state.memory import MemoryStore
+
+KEEP_FACTOR = 4  # failures remembered per key: this many times the lock threshold
 
 
 @attrs.frozen
@@ -45,61 +52,69 @@ class Throttling:
     reason: str = ""
 
 
+def _address_lock(address: str) -> tuple[str, str]:
+    return ("login-address-locked", address)
+
+
+def _account_lock(account: str) -> tuple[str, str]:
+    return ("login-account-locked", account)
+
+
+def _trusted(address: str, account: str) -> tuple[str, str, str]:
+    return ("login-trusted", account, address)
+
+
 class AuthThrottle:
     """Counts failures per address and per account; see the module docstring."""
 
-    def __init__(self, settings: ThrottleSettings, clock: Any) -> None:
+    def __init__(self, settings: ThrottleSettings, clock: Any, store: StateStore | None = None) -> None:
         self.settings = settings
         self.clock = clock
-        self._by_address: dict[str, deque[float]] = {}
-        self._by_account: dict[str, deque[float]] = {}
-        self._address_locked: dict[str, float] = {}
-        self._account_locked: dict[str, float] = {}
-        self._trusted: dict[tuple[str, str], float] = {}
+        self.store: StateStore = store if store is not None else MemoryStore(clock)
 
-    def _recent(self, table: dict[str, deque[float]], key: str, now: float) -> deque[float]:
-        times = table.get(key)
-        if times is None:
-            if len(table) >= MAX_TRACKED:
-                table.pop(next(iter(table)))
-            times = table[key] = deque(maxlen=self.settings.address_lock_after * 4)
-        while times and times[0] <= now - self.settings.window:
-            times.popleft()
-        return times
-
-    def check(self, address: str, account: str) -> Throttling:
+    def check(self, address: str, account: str) -> "Deferred[Throttling]":
         """May this address try to log in to this account now?"""
-        now = self.clock.seconds()
-        until = self._address_locked.get(address, 0)
-        if until > now:
-            return Throttling(True, until - now, f"address {address} locked after repeated failures")
-        until = self._account_locked.get(account, 0)
-        if until > now and not self._is_trusted(address, account, now):
-            return Throttling(True, until - now, f"account {account} locked for new addresses")
-        return Throttling()
+        d = self.store.marks([_address_lock(address), _account_lock(account), _trusted(address, account)])
 
-    def _is_trusted(self, address: str, account: str, now: float) -> bool:
-        return self._trusted.get((account, address), 0) > now
+        def verdict(left: list[float]) -> Throttling:
+            address_locked, account_locked, trusted = left
+            if address_locked > 0:
+                return Throttling(True, address_locked, f"address {address} locked after repeated failures")
+            if account_locked > 0 and not trusted:
+                return Throttling(True, account_locked, f"account {account} locked for new addresses")
+            return Throttling()
 
-    def failed(self, address: str, account: str) -> float:
-        """Record a failure; returns how long to wait before answering it."""
-        now = self.clock.seconds()
-        by_address = self._recent(self._by_address, address, now)
-        by_address.append(now)
-        if len(by_address) >= self.settings.address_lock_after:
-            self._address_locked[address] = now + self.settings.lock_time
-        if not self._is_trusted(address, account, now):
-            by_account = self._recent(self._by_account, account, now)
-            by_account.append(now)
-            if len(by_account) >= self.settings.account_lock_after:
-                self._account_locked[account] = now + self.settings.lock_time
-        excess = len(by_address) - self.settings.free_failures
+        d.addCallback(verdict)
+        return d
+
+    def failed(self, address: str, account: str) -> "Deferred[float]":
+        """Record a failure; Deferred of how long to wait before answering it."""
+        s = self.settings
+        by_address = self.store.count(("login-failures-address", address), s.window, s.address_lock_after * KEEP_FACTOR,
+                                      MarkRule(_address_lock(address), s.address_lock_after, s.lock_time))
+        d = self.store.marks([_trusted(address, account)])
+
+        def count_account(left: list[float]) -> Deferred:
+            if left[0] > 0:  # a failure from an address the account's owner uses does not lock it
+                return by_address
+            d = self.store.count(("login-failures-account", account), s.window, s.account_lock_after * KEEP_FACTOR,
+                                 MarkRule(_account_lock(account), s.account_lock_after, s.lock_time))
+            d.addCallback(lambda _: by_address)
+            return d
+
+        d.addCallback(count_account)
+        d.addCallback(self._delay)
+        return d
+
+    def _delay(self, failures: int) -> float:
+        excess = failures - self.settings.free_failures
         return 0.0 if excess <= 0 else min(2.0 ** (excess - 1), self.settings.max_delay)
 
-    def succeeded(self, address: str, account: str) -> None:
+    def succeeded(self, address: str, account: str) -> "Deferred[None]":
         """A good login: the address is trusted for this account and its failures forgiven."""
-        now = self.clock.seconds()
-        if len(self._trusted) >= MAX_TRACKED:
-            self._trusted.pop(next(iter(self._trusted)))
-        self._trusted[(account, address)] = now + self.settings.trusted_for
-        self._by_address.pop(address, None)
+        self.store.mark(_trusted(address, account), self.settings.trusted_for)
+        return self.store.forget(("login-failures-address", address))
+
+    def failures(self, address: str) -> "Deferred[int]":
+        """Failures counted against ``address`` in the window (for tests and the admin)."""
+        return self.store.total(("login-failures-address", address), self.settings.window)

@@ -175,14 +175,18 @@ class MetricsResource(_Leaf):
 
 
 class HealthResource(_Leaf):
-    """200 when the directory answers and the spool is writable; 503 with the reasons otherwise."""
+    """200 when the directory answers and the spool is writable; 503 with the reasons otherwise.
+    ``state_store`` says whether limits and locks are shared ("ok"), per process while
+    Redis is away ("degraded"), or per process by configuration ("memory")."""
 
     def __init__(self, check_directory: Callable[[], Deferred], check_spool: Callable[[], Deferred],
-                 current_server: Callable[[], str] = lambda: "") -> None:
+                 current_server: Callable[[], str] = lambda: "",
+                 state_store: Callable[[], str] = lambda: "memory") -> None:
         super().__init__()
         self.check_directory = check_directory
         self.check_spool = check_spool
         self.current_server = current_server  # the LDAP server lookups go to ("" for LDIF)
+        self.state_store = state_store  # "memory", "ok" (shared in Redis) or "degraded" (per process)
 
     def render_GET(self, request: Any) -> Any:
         Deferred.fromCoroutine(self._report(request))
@@ -198,6 +202,7 @@ class HealthResource(_Leaf):
                 status[name] = f"error: {e}"
         healthy = all(v == "ok" for v in status.values())
         status["directory_server"] = self.current_server() or "none"  # a fact, not a check
+        status["state_store"] = self.state_store()  # degraded is not down: it does not make us unhealthy
         request.setResponseCode(200 if healthy else 503)
         request.setHeader(b"content-type", b"application/json")
         request.write(json.dumps({"healthy": healthy, **status}).encode() + b"\n")

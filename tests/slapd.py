@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 from urllib.parse import quote
 
+from tests.conditions import wait_until
 from tests.daemon import free_port
 
 import ldap3
@@ -57,7 +58,7 @@ objectClass: olcModuleList
 cn: module{{0}}
 olcModulePath: {modules}
 olcModuleLoad: back_mdb
-
+{modules_extra}
 dn: cn=schema,cn=config
 objectClass: olcSchemaConfig
 cn: schema
@@ -96,6 +97,23 @@ olcDbIndex: uid,mail,mailLocalAddress eq
 olcAccess: {{0}}to attrs=userPassword by self =w by anonymous auth by * none
 olcAccess: {{1}}to * by dn.exact="cn=mailappliance,{suffix}" read by self read by * none
 olcLimits: dn.exact="cn=mailappliance,{suffix}" size=unlimited
+{database_extra}{overlay}"""
+
+# A syncrepl provider: the syncprov overlay on the database (replication pointers in design.md).
+PROVIDER_MODULES = "olcModuleLoad: syncprov\n"
+PROVIDER_DATABASE = "olcDbIndex: entryCSN,entryUUID eq\n"
+PROVIDER_OVERLAY = """
+dn: olcOverlay=syncprov,olcDatabase={1}mdb,cn=config
+objectClass: olcOverlayConfig
+objectClass: olcSyncProvConfig
+olcOverlay: syncprov
+olcSpCheckpoint: 100 10
+"""
+# A consumer: refreshAndPersist from the provider as its rootdn; writes are referred to the provider.
+CONSUMER_DATABASE = """olcDbIndex: entryCSN,entryUUID eq
+olcSyncrepl: rid=001 provider={provider} bindmethod=simple binddn="cn=admin,{suffix}"
+  credentials={password} searchbase="{suffix}" type=refreshAndPersist retry="1 +" timeout=3
+olcUpdateRef: {provider}
 """
 
 DATA_LDIF = """\
@@ -126,9 +144,13 @@ class Slapd:
     bind_dn = f"cn=mailappliance,{SUFFIX}"
     bind_password = "service-secret"
 
-    def __init__(self, root: Path, build: bool = True, port: int | None = None) -> None:
-        """``build=False``: use the cn=config and database already in ``root`` (a restored one)."""
+    def __init__(self, root: Path, build: bool = True, port: int | None = None, role: str = "standalone",
+                 provider: "Slapd | None" = None) -> None:
+        """``build=False``: use the cn=config and database already in ``root`` (a restored one).
+        ``role``: "standalone", "provider" (syncprov) or "consumer" (of ``provider``, starting empty)."""
         self.root = root
+        self.role = role
+        self.provider = provider
         self.port = port or free_port()
         self.url = f"ldap://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
@@ -139,14 +161,23 @@ class Slapd:
         config_dir, data_dir = self.root / "slapd.d", self.root / "data"
         config_dir.mkdir()
         data_dir.mkdir()
+        extra = {"modules_extra": "", "database_extra": "", "overlay": ""}
+        if self.role == "provider":
+            extra = {"modules_extra": PROVIDER_MODULES, "database_extra": PROVIDER_DATABASE,
+                     "overlay": PROVIDER_OVERLAY}
+        elif self.role == "consumer":
+            assert self.provider is not None
+            extra["database_extra"] = CONSUMER_DATABASE.format(provider=self.provider.url, suffix=SUFFIX,
+                                                               password=self.provider.admin_password)
         config = CONFIG_LDIF.format(
             root=self.root, modules=MODULE_DIR, schemas=SCHEMA_DIR, suffix=SUFFIX, forwarding=FORWARDING_SCHEMA,
-            admin_hash=make_ssha(self.admin_password),
+            admin_hash=make_ssha(self.admin_password), **extra,
         )
         data = DATA_LDIF.format(suffix=SUFFIX, service_hash=make_ssha(self.bind_password))
         (self.root / "config.ldif").write_text(config)
         (self.root / "data.ldif").write_text(data)
-        for number, ldif in (("0", "config.ldif"), ("1", "data.ldif")):
+        loads = [("0", "config.ldif")] + ([("1", "data.ldif")] if self.role != "consumer" else [])
+        for number, ldif in loads:
             result = subprocess.run(
                 [SLAPADD, "-n", number, "-F", str(config_dir), "-l", str(self.root / ldif)],
                 capture_output=True, text=True,
@@ -312,6 +343,38 @@ def slapd_server() -> Iterator[Slapd]:
     yield server
     server.stop()
     shutil.rmtree(root, ignore_errors=True)
+
+
+def has_entry(server: Slapd, dn: str) -> bool:
+    """Does ``server`` hold the entry ``dn`` (asked as its rootdn)?"""
+    try:
+        with server.admin_connection() as conn:
+            return bool(conn.search(dn, "(objectClass=*)", ldap3.BASE, attributes=[]))
+    except ldap3.core.exceptions.LDAPException:
+        return False
+
+
+@pytest.fixture(scope="session")
+def replicated_slapds() -> Iterator[tuple[Slapd, Slapd]]:
+    """A syncrepl pair of private slapds: (provider, consumer); the consumer holds a copy
+    of everything (the service account included) before this returns."""
+    if not Path(SLAPD).exists():
+        pytest.fail("slapd is not installed: run `make test` (it installs Debian's slapd and ldap-utils)")
+    root = Path(tempfile.mkdtemp(prefix="mailappliance-syncrepl-"))
+    (root / "provider").mkdir()
+    (root / "consumer").mkdir()
+    provider = Slapd(root / "provider", role="provider")
+    consumer = Slapd(root / "consumer", role="consumer", provider=provider)
+    try:
+        provider.start()
+        consumer.start()
+        wait_until(lambda: has_entry(consumer, Slapd.bind_dn) and has_entry(consumer, Slapd.base_dn), 30,
+                   what="the consumer's first copy of the provider")
+        yield provider, consumer
+    finally:
+        consumer.stop()
+        provider.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture

@@ -124,7 +124,7 @@ def test_identical_logins_in_flight_share_one_check_and_each_counts_for_the_thro
     directory.answer_all()
     assert results[:3] == [ALICE] * 3
     assert all(r.check(LoginRefused) for r in results[3:])
-    assert len(checker.throttle._by_address[""]) == 2  # each refused attempt counted on its own
+    assert checker.throttle.failures("").result == 2  # each refused attempt counted on its own
     later: list = []
     checker.requestAvatarId(UsernamePassword(b"alice", b"s3cret-pass")).addBoth(later.append)
     assert directory.calls == 3  # a finished check is not reused (TTL 0: no cache)

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 from twisted.logger import capturedLogs
 
-import mailappliance.limits as limits_module
+import mailappliance.state.memory as memory_module
 from mailappliance.config import load_config
-from mailappliance.limits import LimitHit, LimitSettings, RateLimits, _Window, client_keys, subscriber_limits
+from mailappliance.limits import LimitHit, LimitSettings, RateLimits, client_keys, subscriber_limits
+from mailappliance.state.memory import Window
 from mailappliance.reload import Reloader
 from tests.daemon import Appliance
 
@@ -42,7 +43,7 @@ def test_connection_limits() -> None:
 
 
 def test_the_sliding_window_keeps_a_running_total_that_expires_in_order() -> None:
-    window = _Window(60)
+    window = Window(60)
     for second in range(100):
         window.add("alice", float(second), 2)
     assert window.total("alice", 99.0) == 2 * 60  # seconds 40..99 are inside
@@ -53,20 +54,32 @@ def test_the_sliding_window_keeps_a_running_total_that_expires_in_order() -> Non
     assert window.total("alice", 500.0) == 1 and window.total("bob", 100.0) == 5
 
 
+def now(d: Any) -> Any:
+    """The result of a Deferred that has fired already (the memory store answers at once)."""
+    assert d.called
+    return d.result
+
+
 def test_subscriber_limits_and_overrides() -> None:
+    """Hourly messages and recipients per subscriber, with the directory's overrides; an hour later, room again."""
     clock = Clock()
     limits = RateLimits(SMALL, clock)
-    assert limits.may_add_recipient("alice", 3, SMALL).limit == "recipients_per_message"
-    limits.message_sent("alice", 3)
-    assert limits.may_add_recipient("alice", 2, SMALL).limit == "recipients_per_hour"
-    limits.message_sent("alice", 1)
-    hit = limits.may_start_message("alice", SMALL)
+    session = limits.reservation("alice", SMALL)
+    assert now(session.start_message()) is None
+    assert [now(session.add_recipient()) for _ in range(3)] == [None] * 3
+    assert now(session.add_recipient()).limit == "recipients_per_message"
+    session.commit()
+    assert now(session.start_message()) is None
+    assert now(session.add_recipient()) is None and now(session.add_recipient()) is None
+    assert now(session.add_recipient()).limit == "recipients_per_hour"
+    session.commit()
+    hit = now(limits.reservation("alice", SMALL).start_message())
     assert (hit.limit, hit.code, hit.status) == ("messages_per_hour", 450, "4.7.1")
-    assert limits.may_start_message("bob", SMALL) is None
+    assert now(limits.reservation("bob", SMALL).start_message()) is None
     generous = subscriber_limits(SMALL, (("messages_per_hour", 10), ("bogus", 1)))
-    assert generous.messages_per_hour == 10 and limits.may_start_message("alice", generous) is None
+    assert generous.messages_per_hour == 10 and now(limits.reservation("alice", generous).start_message()) is None
     clock.advance(3601)
-    assert limits.may_start_message("alice", SMALL) is None
+    assert now(limits.reservation("alice", SMALL).start_message()) is None
 
 
 def test_limits_against_the_daemon(appliance: Callable[..., Appliance], pki: Any) -> None:
@@ -182,15 +195,14 @@ RESERVE = LimitSettings(messages_per_hour=3, recipients_per_hour=20, recipients_
 
 
 def _held(limits: RateLimits, uid: str) -> tuple[int, int]:
-    now = limits.clock.seconds()
-    return limits._messages.total(uid, now), limits._recipients.total(uid, now)
+    return now(limits.held(uid))
 
 
 def test_parallel_sessions_see_each_others_reservations() -> None:
     """Ten sessions of one subscriber adding recipients in turn get exactly the hourly allowance."""
     limits = RateLimits(RESERVE, Clock())
     sessions = [limits.reservation("alice", RESERVE) for _ in range(10)]
-    started = [session.start_message() for session in sessions]
+    started = [now(session.start_message()) for session in sessions]
     assert started.count(None) == 3
     assert {(hit.limit, hit.code, hit.status) for hit in started if hit is not None} == {
         ("messages_per_hour", 450, "4.7.1")}
@@ -198,43 +210,43 @@ def test_parallel_sessions_see_each_others_reservations() -> None:
     accepted = 0
     for _ in range(5):
         for session in sessions:
-            hit = session.add_recipient()
+            hit = now(session.add_recipient())
             if hit is None:
                 accepted += 1
             else:
                 refused.add((hit.limit, hit.key, hit.code, hit.status))
     assert accepted == 20 and refused == {("recipients_per_hour", "alice", 452, "4.7.1")}
-    assert limits.may_add_recipient("alice", 0, RESERVE).limit == "recipients_per_hour"  # the old check sees them
-    assert limits.reservation("bob", RESERVE).add_recipient() is None
+    assert _held(limits, "alice") == (3, 20)
+    assert now(limits.reservation("bob", RESERVE).add_recipient()) is None
 
 
 def test_release_gives_back_what_was_not_committed() -> None:
     """RSET, a failed message or a disconnect releases; commit keeps; release is idempotent."""
     limits = RateLimits(RESERVE, Clock())
     first, second = limits.reservation("alice", RESERVE), limits.reservation("alice", RESERVE)
-    assert first.start_message() is None
+    assert now(first.start_message()) is None
     for _ in range(8):
-        assert first.add_recipient() is None
-    hit = first.add_recipient()
+        assert now(first.add_recipient()) is None
+    hit = now(first.add_recipient())
     assert (hit.limit, hit.code, hit.status) == ("recipients_per_message", 452, "4.5.3")
     first.commit()
     first.release()  # after the commit: nothing left to give back
     assert _held(limits, "alice") == (1, 8)
-    assert first.start_message() is None  # the next transaction starts from zero recipients
+    assert now(first.start_message()) is None  # the next transaction starts from zero recipients
     for _ in range(8):
-        assert first.add_recipient() is None
-    assert second.start_message() is None
+        assert now(first.add_recipient()) is None
+    assert now(second.start_message()) is None
     for _ in range(4):
-        assert second.add_recipient() is None
-    assert second.add_recipient().limit == "recipients_per_hour"
-    assert limits.reservation("alice", RESERVE).start_message().limit == "messages_per_hour"
+        assert now(second.add_recipient()) is None
+    assert now(second.add_recipient()).limit == "recipients_per_hour"
+    assert now(limits.reservation("alice", RESERVE).start_message()).limit == "messages_per_hour"
     first.release()  # RSET
     assert _held(limits, "alice") == (2, 12)
     first.release()
     assert _held(limits, "alice") == (2, 12)
     second.withdraw_recipient()  # refused after all (unknown address)
     assert second.recipients == 3 and _held(limits, "alice") == (2, 11)
-    assert second.start_message() is None  # a new MAIL gives back the unfinished transaction
+    assert now(second.start_message()) is None  # a new MAIL gives back the unfinished transaction
     assert _held(limits, "alice") == (2, 8)
     second.release()
     assert _held(limits, "alice") == (1, 8)
@@ -245,19 +257,19 @@ def test_a_release_after_expiry_leaves_the_window_right() -> None:
     clock = Clock()
     limits = RateLimits(RESERVE, clock)
     early, late = limits.reservation("alice", RESERVE), limits.reservation("alice", RESERVE)
-    assert early.start_message() is None and early.add_recipient() is None
+    assert now(early.start_message()) is None and now(early.add_recipient()) is None
     clock.advance(1800)
-    assert late.start_message() is None and late.add_recipient() is None
+    assert now(late.start_message()) is None and now(late.add_recipient()) is None
     clock.advance(1800.5)
     assert _held(limits, "alice") == (1, 1)
     early.release()
     assert _held(limits, "alice") == (1, 1)
     late.release()
     assert _held(limits, "alice") == (0, 0)
-    assert (len(limits._messages), len(limits._recipients)) == (0, 0)
+    assert len(limits.store.windows) == 0
     fresh = limits.reservation("alice", RESERVE)
-    assert fresh.start_message() is None
-    assert [fresh.add_recipient() for _ in range(8)] == [None] * 8
+    assert now(fresh.start_message()) is None
+    assert [now(fresh.add_recipient()) for _ in range(8)] == [None] * 8
     assert _held(limits, "alice") == (1, 8)
 
 
@@ -269,24 +281,24 @@ def test_reserve_and_release_without_end_keeps_memory_bounded() -> None:
     one, other = limits.reservation("alice", generous), limits.reservation("alice", generous)
     for _ in range(10_000):
         for session in (one, other):  # each start gives back the session's previous, older transaction
-            assert session.start_message() is None
-            assert session.add_recipient() is None and session.add_recipient() is None
+            assert now(session.start_message()) is None
+            assert now(session.add_recipient()) is None and now(session.add_recipient()) is None
         clock.advance(0.1)
     assert _held(limits, "alice") == (2, 4)
-    assert max(limits._messages.stored_events()) <= 24 and max(limits._recipients.stored_events()) <= 30
+    assert max(limits.store.windows.stored_events()) <= 30
 
 
 def test_a_forgotten_subscriber_cannot_be_released_twice(monkeypatch: pytest.MonkeyPatch) -> None:
     """When MAX_TRACKED forgets a subscriber, that subscriber's open reservation releases nothing."""
-    monkeypatch.setattr(limits_module, "MAX_TRACKED", 2)
+    monkeypatch.setattr(memory_module, "MAX_TRACKED", 4)  # two subscribers' message and recipient windows
     limits = RateLimits(RESERVE, Clock())
     alice = limits.reservation("alice", RESERVE)
-    assert alice.start_message() is None and alice.add_recipient() is None
+    assert now(alice.start_message()) is None and now(alice.add_recipient()) is None
     for uid in ("bob", "carol"):
         session = limits.reservation(uid, RESERVE)
-        assert session.start_message() is None and session.add_recipient() is None
-    assert len(limits._recipients) == 2 and _held(limits, "alice") == (0, 0)
-    assert alice.add_recipient() is None  # alice is tracked again, from this recipient
+        assert now(session.start_message()) is None and now(session.add_recipient()) is None
+    assert len(limits.store.windows) == 4 and _held(limits, "alice") == (0, 0)
+    assert now(alice.add_recipient()) is None  # alice is tracked again, from this recipient
     alice.release()
     assert _held(limits, "alice") == (0, 0) and _held(limits, "carol") == (1, 1)
 

@@ -6,25 +6,34 @@ lists ``cur/`` once; mail that arrives later shows up in the next session
 marked until ``commit`` (QUIT), so a dropped connection loses nothing.
 
 ``load``, ``commit`` and ``open_message`` touch the disk and block: the
-protocol runs ``load`` and ``commit`` in a thread pool.  Nothing here knows
-about Twisted's reactor.
+protocol runs ``load`` and ``commit`` in a thread pool.  The session lock
+(:class:`MailboxLocks`) answers with Deferreds: with several appliances it
+is a lease in the shared state store.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import stat
 from pathlib import Path
-from typing import BinaryIO, Callable, Sequence
+from typing import Any, BinaryIO, Callable, Sequence
 
 import attrs
 from twisted.cred.portal import IRealm
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
 from mailappliance.authenticator import MailboxInUse
+from mailappliance.state import StateStore
 from mailappliance.directory import Subscriber
 from mailappliance.maildir import ensure_maildir, maildir_for
+
+log = Logger(namespace="mailappliance.pop3")
 
 MAX_UIDL_LENGTH = 70  # RFC 1939 section 7: 1 to 70 characters in 0x21..0x7E
 INFO_SUFFIX = ":2,"  # Maildir "info" for a seen-by-the-MUA message without flags
@@ -112,6 +121,7 @@ class MaildirMailbox:
         self.subscriber = subscriber
         self._messages: list[MessageInfo] = []
         self._deleted: set[int] = set()
+        self.held: HeldMailbox | None = None  # the session's lock (MaildirRealm sets it)
 
     @property
     def messages(self) -> Sequence[MessageInfo]:
@@ -203,40 +213,162 @@ class MaildirMailbox:
         self._deleted.clear()
 
 
-class MailboxLocks:
-    """At most one POP3 session per mailbox (keyed by uid), within this process.
+LOCK_KIND = "pop3-mailbox"
 
-    A newer login takes the mailbox over: the holder is asked to ``evict()``
-    itself (end without committing deletions) and the lock passes on.  Only
-    a holder that cannot stop now (it is committing its QUIT) keeps it, and
-    the newcomer gets ``MailboxInUse``.
+
+class MailboxLockLost(Exception):
+    """The shared lock on a mailbox passed to another session (its lease expired): do not commit."""
+
+
+class HeldMailbox:
+    """A session's hold on a mailbox: call it to release (idempotent); ``confirm()``
+    is the fencing check before QUIT deletes anything."""
+
+    def __init__(self, locks: "MailboxLocks", lease: "_Lease") -> None:
+        self._locks = locks
+        self.lease = lease
+        self._released = False
+
+    def __call__(self) -> None:
+        if not self._released:
+            self._released = True
+            self._locks._release(self.lease)
+
+    def confirm(self) -> "Deferred[bool]":
+        """Deferred True while this session still holds the mailbox (here, and in the
+        state store when one is shared)."""
+        return self._locks._confirm(self.lease, self._released)
+
+
+class _Lease:
+    """One mailbox lock this process holds: its session, and its owner name in the store."""
+
+    __slots__ = ("key", "holder", "owner", "fence", "handing_over")
+
+    def __init__(self, key: str, holder: object, owner: str) -> None:
+        self.key = key
+        self.holder = holder
+        self.owner = owner
+        self.fence: int | None = None  # None while the store is asked
+        self.handing_over = False
+
+
+class MailboxLocks:
+    """At most one POP3 session per mailbox (keyed by uid).
+
+    Within this process a newer login takes the mailbox over: the holder is
+    asked to ``evict()`` itself (end without committing deletions) and the
+    lock passes on.  Only a holder that cannot stop now (it is committing its
+    QUIT) keeps it, and the newcomer gets ``MailboxInUse``.
+
+    With a state ``store`` shared by several appliances the lock is also a
+    lease there (``ttl`` seconds, refreshed every third of it while the
+    session lives, with a fencing token): a login on another appliance gets
+    ``MailboxInUse`` (``[IN-USE]``) until the session ends or, if its host
+    died, until the lease expires.  A session whose lease was lost (another
+    appliance took the mailbox after it expired) is ended, and its QUIT
+    deletes nothing (:meth:`HeldMailbox.confirm`).
     """
 
-    def __init__(self) -> None:
-        self._held: dict[str, object] = {}
+    def __init__(self, store: StateStore | None = None, clock: Any = None, ttl: float = 60.0) -> None:
+        self.store = store
+        self.clock = clock
+        self.ttl = ttl
+        self._held: dict[str, _Lease] = {}
+        self._owner_base = os.urandom(8).hex()
+        self._serial = itertools.count()
+        self._refresher: LoopingCall | None = None
 
-    def acquire(self, key: str, holder: object = None) -> Callable[[], None]:
-        """Take the lock or raise MailboxInUse; returns an idempotent release function."""
-        if key in self._held:
-            current = self._held[key]
-            evict = getattr(current, "evict", None)
-            if evict is None or not evict() or key in self._held:
-                raise MailboxInUse(key)
-        token = object()
-        self._held[key] = holder if holder is not None else token
-        released = False
+    def acquire(self, key: str, holder: object = None) -> "Deferred[HeldMailbox]":
+        """Deferred HeldMailbox, or a failure with MailboxInUse."""
+        lease = self._held.get(key)
+        if lease is not None:
+            if lease.fence is None:  # its login is still asking the store
+                return fail(MailboxInUse(key))
+            evict = getattr(lease.holder, "evict", None)
+            lease.handing_over = True  # the lease in the store passes on with the mailbox
+            try:
+                evicted = evict is not None and evict()
+            finally:
+                lease.handing_over = False
+            if not evicted or key in self._held:
+                return fail(MailboxInUse(key))
+            successor = _Lease(key, holder, lease.owner)
+            successor.fence = lease.fence
+            self._held[key] = successor
+            return succeed(HeldMailbox(self, successor))
+        lease = _Lease(key, holder, f"{self._owner_base}-{next(self._serial)}")
+        self._held[key] = lease
+        if self.store is None:
+            lease.fence = 0
+            return succeed(HeldMailbox(self, lease))
+        d = self.store.lock((LOCK_KIND, key), lease.owner, self.ttl)
+        d.addCallbacks(self._granted, self._not_granted, (lease,), None, (lease,))
+        return d
 
-        def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                if self._held.get(key) is (holder if holder is not None else token):
-                    del self._held[key]
+    def _granted(self, fence: int | None, lease: _Lease) -> HeldMailbox:
+        if fence is None:  # a session on another appliance holds it
+            self._forget(lease)
+            raise MailboxInUse(lease.key)
+        lease.fence = fence
+        self._keep_refreshing()
+        return HeldMailbox(self, lease)
 
-        return release
+    def _not_granted(self, failure: Failure, lease: _Lease) -> Failure:
+        self._forget(lease)
+        return failure
+
+    def _forget(self, lease: _Lease) -> None:
+        if self._held.get(lease.key) is lease:
+            del self._held[lease.key]
+
+    def _release(self, lease: _Lease) -> None:
+        self._forget(lease)
+        if self.store is not None and not lease.handing_over and lease.fence is not None:
+            d = self.store.unlock((LOCK_KIND, lease.key), lease.owner)
+            d.addErrback(lambda failure: log.failure("releasing the lock of mailbox {uid}", failure, uid=lease.key))
+        if not self._held and self._refresher is not None and self._refresher.running:
+            self._refresher.stop()
+
+    def _confirm(self, lease: _Lease, released: bool) -> "Deferred[bool]":
+        if released or self._held.get(lease.key) is not lease:
+            return succeed(False)
+        if self.store is None:
+            return succeed(True)
+        return self.store.holds((LOCK_KIND, lease.key), lease.owner)
+
+    def _keep_refreshing(self) -> None:
+        if self._refresher is None:
+            self._refresher = LoopingCall(self._refresh_all)
+            if self.clock is not None:
+                self._refresher.clock = self.clock
+        if not self._refresher.running:
+            self._refresher.start(self.ttl / 3, now=False)
+
+    def _refresh_all(self) -> None:
+        for lease in list(self._held.values()):
+            if lease.fence is None:
+                continue
+            d = self.store.refresh((LOCK_KIND, lease.key), lease.owner, self.ttl)  # type: ignore[union-attr]
+            d.addCallbacks(self._refreshed, lambda failure: log.failure("refreshing a mailbox lock", failure),
+                           (lease,))
+
+    def _refreshed(self, ours: bool, lease: _Lease) -> None:
+        if ours or self._held.get(lease.key) is not lease:
+            return
+        log.warn("lock of mailbox {uid} lost to a session on another appliance: ending ours", uid=lease.key)
+        evict = getattr(lease.holder, "evict", None)
+        if evict is None or not evict():
+            self._forget(lease)  # committing its QUIT: the fencing check stops the deletions
 
     def is_locked(self, key: str) -> bool:
         return key in self._held
+
+
+def confirm_lock(mailbox: object) -> "Deferred[bool]":
+    """Does the session of ``mailbox`` still hold it?  (True for a mailbox without a lock.)"""
+    held = getattr(mailbox, "held", None)
+    return held.confirm() if held is not None else succeed(True)
 
 
 @implementer(IRealm)
@@ -249,11 +381,17 @@ class MaildirRealm:
 
     def requestAvatar(
         self, avatarId: Subscriber, mind: object, *interfaces: type[Interface]
-    ) -> tuple[type[Interface], MaildirMailbox, Callable[[], None]]:
+    ) -> "Deferred[tuple[type[Interface], MaildirMailbox, Callable[[], None]]]":
         if IMaildirAccess not in interfaces:
             raise NotImplementedError("MaildirRealm only provides IMaildirAccess")
         if not isinstance(avatarId, Subscriber):
             raise TypeError(f"avatar id must be a Subscriber, not {type(avatarId).__name__}")
-        path = maildir_for(self.maildir_root, avatarId.uid)
-        release = self.locks.acquire(avatarId.uid, mind)  # mind: the POP3 session, which a newer login may end
-        return IMaildirAccess, MaildirMailbox(path, avatarId), release
+        mailbox = MaildirMailbox(maildir_for(self.maildir_root, avatarId.uid), avatarId)
+        d = self.locks.acquire(avatarId.uid, mind)  # mind: the POP3 session, which a newer login may end
+
+        def locked(held: HeldMailbox) -> tuple[type[Interface], MaildirMailbox, Callable[[], None]]:
+            mailbox.held = held
+            return IMaildirAccess, mailbox, held
+
+        d.addCallback(locked)
+        return d  # type: ignore[return-value]

@@ -34,7 +34,8 @@ from twisted.python.failure import Failure
 from mailappliance.authenticator import Authenticator, LoginOutcome, LoginResult
 from mailappliance.linesession import LINE_TOO_LONG, LineSession, SessionSettings
 from mailappliance.metrics import METRICS
-from mailappliance.pop3.mailbox import CommitResult, IMaildirAccess, MessageDeleted, NoSuchMessage
+from mailappliance.pop3.mailbox import (CommitResult, IMaildirAccess, MailboxLockLost, MessageDeleted,
+                                        NoSuchMessage, confirm_lock)
 from mailappliance.sasl import Collected, FailureKind, SaslExchange, SaslFailure
 from mailappliance.pop3.transfer import listing, message_answer, read_blocks, read_top
 
@@ -482,9 +483,15 @@ class POP3Session(LineSession):
         if not self._require_transaction():
             return
         self.state = State.UPDATE
-        d = self._run_blocking(self._mailbox.commit)
+        d = confirm_lock(self._mailbox)  # fencing: another appliance may have taken the mailbox over
+        d.addCallback(self._commit_if_locked)
         d.addCallbacks(self._committed, self._commit_failed)
         self.run(d)
+
+    def _commit_if_locked(self, ours: bool) -> Deferred:
+        if not ours or self._mailbox is None:
+            raise MailboxLockLost(self._login_name)
+        return self._run_blocking(self._mailbox.commit)
 
     def _committed(self, result: CommitResult) -> None:
         if result.deleted and self.factory.quotas is not None and self._mailbox is not None:
@@ -501,6 +508,13 @@ class POP3Session(LineSession):
         self.close()
 
     def _commit_failed(self, failure: Failure) -> None:
+        if failure.check(MailboxLockLost):
+            self.log_event(log.warn, "quit: the mailbox lock passed to another session, nothing deleted: "
+                           "login={login}", login=self._login_name)
+            self._release_mailbox()
+            self._err("[IN-USE] Mailbox taken over by another session, nothing deleted")
+            self.close()
+            return
         self.log_event(log.failure, "commit failed for login={login}", failure=failure, login=self._login_name)
         self._release_mailbox()
         self._err("[SYS/TEMP] Deleted messages not removed, try again later")

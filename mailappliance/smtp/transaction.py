@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
 
 from mailappliance.budget import network_of
@@ -138,15 +138,22 @@ class MailTransaction(LocalRecipients):
         if suspended is not None:
             self.error(suspended)
             return
-        reservation = None
-        if self.factory.limits is not None:
-            reservation = self.factory.limits.reservation(
-                self.subscriber.uid, subscriber_limits(self.factory.limits.settings, self.subscriber.limits))
-            hit = reservation.start_message()
+        if self.factory.limits is None:
+            self.transaction = Transaction(sender=sender, declared_size=declared_size)
+            self.respond(replies.SENDER_OK)
+            return
+        reservation = self.factory.limits.reservation(
+            self.subscriber.uid, subscriber_limits(self.factory.limits.settings, self.subscriber.limits))
+        d = reservation.start_message()  # the state store may be Redis: later commands wait for it
+        d.addCallback(self._message_reserved, reservation, sender, declared_size)
+        self.run(d)
+
+    def _message_reserved(self, hit: Any, reservation: Any, sender: MailPath, declared_size: int) -> None:
+        if hit is not None or self.closed:
+            reservation.release()
             if hit is not None:
-                reservation.release()
                 self.limit_hit(hit)
-                return
+            return
         self.transaction = Transaction(sender=sender, declared_size=declared_size, reservation=reservation)
         self.respond(replies.SENDER_OK)
 
@@ -233,16 +240,23 @@ class MailTransaction(LocalRecipients):
         d.addErrback(self._rcpt_lookup_failed, address)
         self.run(d)
 
-    def _reserve_recipient(self, transaction: Transaction) -> bool:
+    def _reserve_recipient(self, transaction: Transaction, accept: Callable[[], None]) -> Deferred:
         """Count an accepted recipient against the sender's hourly limit, at once
-        (parallel sessions see it); False after answering that the limit is reached."""
+        (parallel sessions see it; the state store may be Redis), then ``accept``
+        it and answer; or answer that the limit is reached."""
         if transaction.reservation is None:
-            return True
-        hit = transaction.reservation.add_recipient()
-        if hit is None:
-            return True
-        self.limit_hit(hit)
-        return False
+            d = succeed(None)
+        else:
+            d = transaction.reservation.add_recipient()
+        d.addCallback(self._recipient_reserved, accept)
+        return d
+
+    def _recipient_reserved(self, hit: Any, accept: Callable[[], None]) -> None:
+        if hit is not None:
+            self.limit_hit(hit)
+            return
+        accept()
+        self.respond(replies.RECIPIENT_OK)
 
     async def _local_recipient(self, subscriber: Subscriber | None, address: str) -> replies.Reply | LocalRecipient:
         if subscriber is None:
@@ -273,20 +287,17 @@ class MailTransaction(LocalRecipients):
                 return replies.MAILBOX_FULL
         return LocalRecipient(address, subscriber, maildir)
 
-    def _rcpt_decided(self, outcome: replies.Reply | RcptOutcome, address: str) -> None:
+    def _rcpt_decided(self, outcome: replies.Reply | RcptOutcome, address: str) -> Deferred | None:
         transaction = self.transaction
         if isinstance(outcome, replies.Reply):
             if outcome.permanent:
                 self.error(outcome.with_text(f"<{address}>: {outcome.text}"))
             else:
                 self.respond(outcome.with_text(f"<{address}>: {outcome.text}"))
-            return
+            return None
         if transaction is None:  # the connection ended meanwhile
-            return
-        if not self._reserve_recipient(transaction):
-            return
-        self.add_outcome(transaction, outcome)
-        self.respond(replies.RECIPIENT_OK)
+            return None
+        return self._reserve_recipient(transaction, lambda: self.add_outcome(transaction, outcome))
 
     def _rcpt_lookup_failed(self, failure: Failure, address: str) -> None:
         if not failure.check(DirectoryUnavailable):
@@ -301,10 +312,7 @@ class MailTransaction(LocalRecipients):
         if self.factory.spool is None:
             self.error(replies.RELAY_DENIED.with_text(f"<{recipient.address}>: Relay access denied"))
             return
-        if not self._reserve_recipient(transaction):
-            return
-        transaction.remote_recipients.append(recipient.address)
-        self.respond(replies.RECIPIENT_OK)
+        self.run(self._reserve_recipient(transaction, lambda: transaction.remote_recipients.append(recipient.address)))
 
     # -- DATA -------------------------------------------------------------------
 

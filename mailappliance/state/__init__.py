@@ -74,7 +74,7 @@ class StateStore(Protocol):
         """Take back what :meth:`reserve` counted; nothing if it already left the window."""
 
     def total(self, key: Key, span: float) -> "Deferred[int]":
-        """What the window holds now."""
+        """What the window (of reserve or of count) holds now."""
 
     def count(self, key: Key, span: float, keep: int, mark: MarkRule | None = None) -> "Deferred[int]":
         """Record one event (no limit), remember at most ``keep`` of them, return how many
