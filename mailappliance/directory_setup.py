@@ -244,7 +244,8 @@ def suffix_of(base_dn: str) -> str:
     return ",".join(f"{n}={v}" for n, v, _ in parts[1:]) or base_dn
 
 
-def explain_no_database(base_dn: str, config_file: Path, suffixes: list[str]) -> str:
+def explain_no_database(base_dn: str, config_file: Path, suffixes: list[str],
+                        command: str = "mailappliance-admin directory setup") -> str:
     """What to do when slapd serves other suffixes (Debian's package names its
     database after the host's domain, dc=nodomain without one)."""
     wanted = suffix_of(base_dn)
@@ -255,7 +256,7 @@ def explain_no_database(base_dn: str, config_file: Path, suffixes: list[str]) ->
         f"it serves: {', '.join(suffixes) or 'nothing'}.",
         "Debian's slapd package names its database after this host's domain. Choose one:",
         f"  1. let this command add a database for {wanted} next to the existing one:",
-        "       mailappliance-admin directory setup --create-database",
+        f"       {command} --create-database",
     ]
     if domain:
         lines += [
@@ -263,7 +264,7 @@ def explain_no_database(base_dn: str, config_file: Path, suffixes: list[str]) ->
             "/var/backups and drops schemas loaded since; this command loads them again):",
             f"       echo 'slapd slapd/domain string {domain}' | debconf-set-selections",
             "       dpkg-reconfigure -f noninteractive slapd",
-            "       mailappliance-admin directory setup",
+            f"       {command}",
         ]
     if have:
         lines += [
@@ -574,8 +575,11 @@ def _apply(conn: ldap3.Connection, url: str, target: SetupTarget, options: Setup
     new_database = None
     if database is None:
         if not options.create_database:
+            command = "mailappliance-admin directory setup"
+            if target.config_file != Path("/etc/mailappliance/mailappliance.toml"):
+                command += f" -c {target.config_file}"
             raise SetupError(explain_no_database(target.base_dn, target.config_file,
-                                                 [d.suffix for d in databases]))
+                                                 [d.suffix for d in databases], command))
         new_database = _new_database_plan(databases, suffix_of(target.base_dn))
     suffix = database.suffix if database else suffix_of(target.base_dn)
     root_dn = database.root_dn if database else ""
