@@ -1,4 +1,4 @@
-"""Issue 3 from outside: TLS everywhere, AUTH only inside TLS, client certificates,
+"""Submission from outside: TLS everywhere, AUTH only inside TLS, client certificates,
 no open relay in any address form - the real daemon, the real slapd, real clients."""
 
 from __future__ import annotations
@@ -12,7 +12,20 @@ from typing import Any, Callable
 
 import pytest
 
+from mailappliance.smtp.replies import (
+    AUTH_INVALID,
+    AUTH_REQUIRED,
+    NEED_MAIL,
+    NO_VALID_RECIPIENTS,
+    READY_FOR_TLS,
+    RECIPIENT_REJECTED,
+    RELAY_DENIED,
+    SENDER_NOT_OWNED,
+    TLS_FIRST,
+    Reply,
+)
 from tests.daemon import Appliance
+from tests.replies import answered
 
 ALICE_PASSWORD = "alice-password"
 MESSAGE = b"From: alice@example.org\r\nTo: someone@remote.example\r\nSubject: hi\r\n\r\nhello\r\n"
@@ -21,14 +34,13 @@ MESSAGE = b"From: alice@example.org\r\nTo: someone@remote.example\r\nSubject: hi
 @pytest.fixture
 def secured(appliance: Callable[..., Appliance], slapd: Any, pki: Any) -> Appliance:
     """LDAP backend, the test CA's certificates, no plaintext logins anywhere."""
-    instance = appliance(backend="ldap", slapd=slapd, pki=pki, plaintext_pop3=False, start=False)
+    instance = appliance(backend="ldap", slapd=slapd, pki=pki, start=False)
     assert instance.admin("user", "add", "alice@example.org", password=ALICE_PASSWORD).returncode == 0
     assert instance.admin("user", "add", "bob@example.org", password="bob-password").returncode == 0
     assert instance.admin("alias", "add", "alice", "alice.l@example.org").returncode == 0
     added = instance.admin("cert", "add", "alice", str(pki.cert_path("alice")))
     assert added.returncode == 0, added.stderr
     instance.start()
-    instance.pki = pki  # type: ignore[attr-defined]
     return instance
 
 
@@ -37,8 +49,8 @@ def spooled(instance: Appliance) -> list[str]:
     return sorted(p.name for p in queue.glob("*.json")) if queue.exists() else []
 
 
-def tls_context(instance: Any, client: str | None = None) -> ssl.SSLContext:
-    return instance.pki.client_context(client)
+def tls_context(instance: Appliance, client: str | None = None) -> ssl.SSLContext:
+    return instance.client_context(client)
 
 
 def submission(instance: Appliance, client: str | None = None) -> smtplib.SMTP:
@@ -51,6 +63,7 @@ def submission(instance: Appliance, client: str | None = None) -> smtplib.SMTP:
 
 @pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
 def test_starttls_auth_and_relay_on_587(secured: Appliance, mechanism: str) -> None:
+    """On 587 after STARTTLS, PLAIN and LOGIN log in; remote mail is queued naming alice, local mail delivered."""
     with submission(secured) as smtp:
         assert "auth" in smtp.esmtp_features and "starttls" not in smtp.esmtp_features
         smtp.user, smtp.password = "alice", ALICE_PASSWORD
@@ -65,6 +78,7 @@ def test_starttls_auth_and_relay_on_587(secured: Appliance, mechanism: str) -> N
 
 
 def test_implicit_tls_on_465(secured: Appliance) -> None:
+    """On 465 (implicit TLS) alice logs in with her address and her remote mail is queued."""
     with smtplib.SMTP_SSL("127.0.0.1", secured.ports["submissions"], timeout=10,
                           context=tls_context(secured)) as smtp:
         smtp.login("alice@example.org", ALICE_PASSWORD)
@@ -73,6 +87,7 @@ def test_implicit_tls_on_465(secured: Appliance) -> None:
 
 
 def test_client_certificate_without_password(secured: Appliance) -> None:
+    """alice's stored client certificate logs her in on 465 without a password; the Received header says so."""
     with smtplib.SMTP_SSL("127.0.0.1", secured.ports["submissions"], timeout=10,
                           context=tls_context(secured, "alice")) as smtp:
         smtp.ehlo("client.example.net")
@@ -85,44 +100,46 @@ def test_client_certificate_without_password(secured: Appliance) -> None:
 
 @pytest.mark.parametrize("certificate", ["stranger", "other_ca", "expired"])
 def test_other_certificates_grant_nothing_but_password_still_works(secured: Appliance, certificate: str) -> None:
+    """A stranger's, another CA's or an expired certificate grants nothing (530); the password still works."""
     with submission(secured, certificate) as smtp:
-        code, text = smtp.mail("alice@example.org")
-        assert (code, text[:5]) == (530, b"5.7.0")
+        assert answered(smtp.mail("alice@example.org"), AUTH_REQUIRED)
         smtp.rset()
         smtp.login("alice", ALICE_PASSWORD)
         assert smtp.sendmail("alice@example.org", ["someone@remote.example"], MESSAGE) == {}
 
 
 def test_revoked_certificate_stops_working(secured: Appliance) -> None:
+    """After cert revoke, alice's certificate no longer authenticates (530 at MAIL)."""
     assert secured.admin("cert", "revoke", "alice", str(secured.pki.cert_path("alice"))).returncode == 0
     with smtplib.SMTP_SSL("127.0.0.1", secured.ports["submissions"], timeout=10,
                           context=tls_context(secured, "alice")) as smtp:
         smtp.ehlo("x")
-        assert smtp.mail("alice@example.org")[0] == 530
+        assert answered(smtp.mail("alice@example.org"), AUTH_REQUIRED)
 
 
 def test_no_auth_before_tls(secured: Appliance) -> None:
+    """Before STARTTLS on 587: no AUTH offered, AUTH gets 530 5.7.0 (STARTTLS first), MAIL 530 5.7.0."""
     with smtplib.SMTP("127.0.0.1", secured.ports["submission"], timeout=10) as smtp:
         smtp.ehlo("client.example.net")
         assert "starttls" in smtp.esmtp_features and "auth" not in smtp.esmtp_features
-        code, text = smtp.docmd("AUTH", "PLAIN AGFsaWNlAGFsaWNlLXBhc3N3b3Jk")
-        assert (code, text[:5]) == (530, b"5.7.0")
-        assert smtp.mail("alice@example.org")[0] == 530
+        assert answered(smtp.docmd("AUTH", "PLAIN AGFsaWNlAGFsaWNlLXBhc3N3b3Jk"), TLS_FIRST)
+        assert answered(smtp.mail("alice@example.org"), AUTH_REQUIRED)
 
 
 def test_wrong_password_and_spoofed_sender(secured: Appliance) -> None:
+    """A wrong password gets 535 5.7.8 and is logged; after login another's address as sender gets 553 5.7.1."""
     with submission(secured) as smtp:
         with pytest.raises(smtplib.SMTPAuthenticationError) as failed:
             smtp.login("alice", "wrong-password")
-        assert failed.value.smtp_code == 535 and failed.value.smtp_error.startswith(b"5.7.8")
+        assert answered((failed.value.smtp_code, failed.value.smtp_error), AUTH_INVALID)
         smtp.login("alice", ALICE_PASSWORD)
-        code, text = smtp.mail("bob@example.org")
-        assert (code, text[:5]) == (553, b"5.7.1")
+        assert answered(smtp.mail("bob@example.org"), SENDER_NOT_OWNED)
     assert spooled(secured) == []
     assert "auth failed: login='alice' mechanism=PLAIN" in secured.log()
 
 
 def test_swaks_full_submission(secured: Appliance) -> None:
+    """swaks with STARTTLS and AUTH LOGIN submits a message that is queued."""
     result = subprocess.run(
         ["swaks", "--server", f"127.0.0.1:{secured.ports['submission']}", "--tls",
          "--auth", "LOGIN", "--auth-user", "alice", "--auth-password", ALICE_PASSWORD,
@@ -134,54 +151,71 @@ def test_swaks_full_submission(secured: Appliance) -> None:
     assert len(spooled(secured)) == 1
 
 
-RELAY_PROBES = [
-    "<victim@remote.example>",
-    "<victim%remote.example@example.org>",
-    "<victim%remote.example>",
-    "<victim%remote.example%example.org@example.org>",
-    "<remote.example!victim@example.org>",
-    "<remote.example!victim>",
-    "<example.org!remote.example!victim@example.org>",
-    "<@example.org:victim@remote.example>",
-    "<@example.org,@example.net:victim@remote.example>",
-    '<"victim@remote.example"@example.org>',
-    '<"victim%remote.example"@example.org>',
-    '<"victim"@remote.example>',
-    "<victim@remote.example@example.org>",
-    "<victim@[192.0.2.1]>",
-    "<victim@[127.0.0.1]>",
-    "<victim@[IPv6:::1]>",
-    "<victim@example.org.>",
-    "<victim@remote.example.>",
-    "<victim@EXAMPLE.ORG.remote.example>",
-    "<victim@example.org.remote.example>",
-    "<victim@sub.example.org>",
-    "<victim@localhost>",
-    "<victim@remote.example%example.org>",
-    "victim@remote.example",
-    "<victim@remote_example.org>",
-    "<victim@remote.example> NOTIFY=NEVER",
+MALFORMED = Reply(501, "5.1.3", "Bad recipient address syntax: malformed address")
+UNBRACKETED = Reply(501, "5.1.3", "Bad recipient address syntax: address must be enclosed in <>")
+UNSUPPORTED_PARAMETER = Reply(555, "5.5.4", "Error: unsupported RCPT parameter")
+
+RELAY_PROBES = [  # (RCPT argument, the MX's answer to a stranger)
+    ("<victim@remote.example>", RELAY_DENIED),
+    ("<victim%remote.example@example.org>", RECIPIENT_REJECTED),
+    ("<victim%remote.example>", RECIPIENT_REJECTED),
+    ("<victim%remote.example%example.org@example.org>", RECIPIENT_REJECTED),
+    ("<remote.example!victim@example.org>", RECIPIENT_REJECTED),
+    ("<remote.example!victim>", RECIPIENT_REJECTED),
+    ("<example.org!remote.example!victim@example.org>", RECIPIENT_REJECTED),
+    ("<@example.org:victim@remote.example>", RECIPIENT_REJECTED),
+    ("<@example.org,@example.net:victim@remote.example>", RECIPIENT_REJECTED),
+    ('<"victim@remote.example"@example.org>', RECIPIENT_REJECTED),
+    ('<"victim%remote.example"@example.org>', RECIPIENT_REJECTED),
+    ('<"victim"@remote.example>', RECIPIENT_REJECTED),
+    ("<victim@remote.example@example.org>", MALFORMED),
+    ("<victim@[192.0.2.1]>", RECIPIENT_REJECTED),
+    ("<victim@[127.0.0.1]>", RECIPIENT_REJECTED),
+    ("<victim@[IPv6:::1]>", RECIPIENT_REJECTED),
+    ("<victim@example.org.>", MALFORMED),
+    ("<victim@remote.example.>", MALFORMED),
+    ("<victim@EXAMPLE.ORG.remote.example>", RELAY_DENIED),
+    ("<victim@example.org.remote.example>", RELAY_DENIED),
+    ("<victim@sub.example.org>", RELAY_DENIED),
+    ("<victim@localhost>", RELAY_DENIED),
+    ("<victim@remote.example%example.org>", MALFORMED),
+    ("victim@remote.example", UNBRACKETED),
+    ("<victim@remote_example.org>", MALFORMED),
+    ("<victim@remote.example> NOTIFY=NEVER", UNSUPPORTED_PARAMETER),
 ]
 
 
 @pytest.mark.parametrize("sender", ["<stranger@remote.example>", "<>", "<postmaster@example.org>"])
 def test_relay_battery_on_mx(secured: Appliance, sender: str) -> None:
-    for probe in RELAY_PROBES:  # one session each: the server ends sessions with too many errors
+    """Every relay trick gets its exact refusal at RCPT on the MX, DATA finds no recipient, nothing is queued."""
+    for probe, refusal in RELAY_PROBES:  # one session each: the server ends sessions with too many errors
         with smtplib.SMTP("127.0.0.1", secured.ports["mx"], timeout=10) as smtp:
             smtp.ehlo("probe.example.net")
             assert smtp.docmd("MAIL", f"FROM:{sender}")[0] == 250
-            code, text = smtp.docmd("RCPT", f"TO:{probe}")
-            assert 500 <= code < 600, (probe, code, text)
-            assert smtp.docmd("DATA")[0] == 554, probe
+            answer = smtp.docmd("RCPT", f"TO:{probe}")
+            assert answered(answer, refusal), (probe, answer)
+            assert answered(smtp.docmd("DATA"), NO_VALID_RECIPIENTS), probe
     assert spooled(secured) == []
     assert not list(secured.maildir_root.glob("*/new/*"))
 
 
-def test_relay_battery_on_submission_without_auth(secured: Appliance) -> None:
+def test_submission_without_auth_refuses_the_transaction_before_any_recipient(secured: Appliance) -> None:
+    """Without AUTH, submission refuses MAIL (530 5.7.0), so no RCPT reaches the relay decision (503 5.5.1)."""
     with submission(secured) as smtp:
-        assert smtp.mail("alice@example.org")[0] == 530
-        for probe in RELAY_PROBES[:5]:
-            assert smtp.docmd("RCPT", f"TO:{probe}")[0] >= 500
+        assert answered(smtp.mail("alice@example.org"), AUTH_REQUIRED)
+        for probe, _ in RELAY_PROBES[:5]:
+            assert answered(smtp.docmd("RCPT", f"TO:{probe}"), NEED_MAIL), probe
+    assert spooled(secured) == []
+
+
+@pytest.mark.parametrize("probe", [probe for probe, refusal in RELAY_PROBES if refusal is RECIPIENT_REJECTED])
+def test_relay_tricks_refused_for_an_authenticated_subscriber(secured: Appliance, probe: str) -> None:
+    """Percent hack, bang path, source route, quoted part and literal are rejected for alice too, after login."""
+    with submission(secured) as smtp:
+        smtp.login("alice", ALICE_PASSWORD)
+        assert smtp.mail("alice@example.org")[0] == 250
+        answer = smtp.docmd("RCPT", f"TO:{probe}")
+        assert answered(answer, RECIPIENT_REJECTED), answer
     assert spooled(secured) == []
 
 
@@ -196,21 +230,23 @@ def read_reply(sock: Any) -> bytes:
 
 
 def test_starttls_injection_is_discarded(secured: Appliance) -> None:
+    """Commands pipelined after STARTTLS on the MX are discarded: inside TLS, RCPT finds no MAIL."""
     raw = socket.create_connection(("127.0.0.1", secured.ports["mx"]), timeout=10)
     read_reply(raw)
     raw.sendall(b"EHLO probe.example.net\r\n")
     read_reply(raw)
     raw.sendall(b"STARTTLS\r\nMAIL FROM:<evil@remote.example>\r\nRCPT TO:<alice@example.org>\r\n")
-    assert read_reply(raw).startswith(b"220 2.0.0")
+    assert answered(read_reply(raw).decode(), READY_FOR_TLS)
     tls = tls_context(secured).wrap_socket(raw, server_hostname="localhost")
     tls.sendall(b"NOOP\r\n")
     assert read_reply(tls) == b"250 2.0.0 Ok\r\n"  # nothing else came first
     tls.sendall(b"RCPT TO:<alice@example.org>\r\n")
-    assert read_reply(tls).startswith(b"503 5.5.1")  # the injected MAIL never happened
+    assert answered(read_reply(tls).decode(), NEED_MAIL)  # the injected MAIL never happened
     tls.close()
 
 
 def test_stls_injection_is_discarded(secured: Appliance) -> None:
+    """A NOOP pipelined after STLS is discarded: the first answer inside TLS is QUIT's."""
     raw = socket.create_connection(("127.0.0.1", secured.ports["pop3"]), timeout=10)
     assert raw.recv(4096).startswith(b"+OK")
     raw.sendall(b"STLS\r\nNOOP\r\n")
@@ -222,12 +258,13 @@ def test_stls_injection_is_discarded(secured: Appliance) -> None:
 
 
 def test_pop3_over_stls_and_995(secured: Appliance) -> None:
+    """POP3 on 110 offers only STLS and refuses USER before it; after STLS, and on 995, alice reads her mail."""
     with smtplib.SMTP("127.0.0.1", secured.ports["mx"], timeout=10) as smtp:
         smtp.sendmail("friend@remote.example", ["alice@example.org"], MESSAGE)
     plain = poplib.POP3("127.0.0.1", secured.ports["pop3"], timeout=10)
     capabilities = plain.capa()
     assert "STLS" in capabilities and "USER" not in capabilities
-    with pytest.raises(poplib.error_proto):
+    with pytest.raises(poplib.error_proto, match=r"^b'-ERR \[AUTH\] TLS required, use STLS first'$"):
         plain.user("alice")
     plain.stls(context=tls_context(secured))
     assert "USER" in plain.capa() and "STLS" not in plain.capa()
