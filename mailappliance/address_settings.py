@@ -171,3 +171,50 @@ def addressing_of(settings: Any, srs: Any = None) -> Any:
         delimiter=a.recipient_delimiter, catch_all=dict(a.catch_all), postmaster=a.postmaster,
         abuse=a.abuse, srs=srs, first_domain=settings.local_domains[0] if settings.local_domains else "",
     )
+
+
+def address_checks(settings: Any, store: Any) -> list[dict[str, Any]]:
+    """check-config's findings on the address settings: catch-alls (a warning: they take
+    spam for made-up addresses), role mailboxes and catch-all targets that no entry has,
+    and the SRS key files."""
+    from mailappliance.srs import read_key
+
+    addressing = addressing_of(settings)
+    results: list[dict[str, Any]] = []
+
+    def warn(check: str, detail: str) -> None:
+        results.append({"check": check, "ok": True, "warn": True, "detail": detail})
+
+    def missing(address: str) -> bool:
+        try:
+            return store.find_by_address(address) is None
+        except Exception:  # the directory check reports a directory that does not answer
+            return False
+
+    for domain, address in settings.addresses.catch_all:
+        warn("catch-all", f"{domain}: mail for every unknown address is accepted for {address}: spam to made-up "
+                          "addresses is accepted too, and senders never learn of their typos")
+        if missing(addressing.canonical_address(address)):
+            warn("catch-all", f"{domain}: the catch-all {address} is no subscriber's address: unknown addresses "
+                              "will get 550 until it is")
+    for role in ("postmaster", "abuse"):
+        mailbox = addressing.role_mailbox(role)
+        if missing(mailbox):
+            warn(role, f"{role}@ of every domain goes to {mailbox} ([server] {role}), which is no subscriber's "
+                       f"address: RCPT to {role}@ gets 451 until it is")
+    forwarding = settings.forwarding
+    if forwarding.srs_domain:
+        for key, path in [("forwarding.srs_secret_file", forwarding.srs_secret_file),
+                          *(("forwarding.srs_old_secret_files", p) for p in forwarding.srs_old_secret_files)]:
+            if key == "forwarding.srs_secret_file" and not path.exists():
+                results.append({"check": "srs", "ok": True, "detail": f"{path} will be created at the first start"})
+                continue
+            try:
+                read_key(path)
+            except (OSError, ValueError) as e:
+                results.append({"check": "srs", "ok": False, "detail": f"{key}: {e}"})
+            else:
+                results.append({"check": "srs", "ok": True,
+                                "detail": f"{path} holds an SRS key (forwarded mail leaves as SRS0=...@"
+                                          f"{forwarding.srs_domain}: its SPF record must name this server)"})
+    return results

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from mailappliance.address_settings import address_checks
 from mailappliance.directory import DirectoryUnavailable
 
 EXIT_OK, EXIT_REFUSED, EXIT_TEMPFAIL = 0, 1, 75
@@ -132,6 +133,7 @@ def cmd_check_config(ctx: Any, args: argparse.Namespace) -> int:
         problem = mode_problem(s.directory.ldif_file)  # a warning: the daemon still works
         if problem:
             results.append({"check": "ldif-mode", "ok": True, "warn": True, "detail": problem})
+    results += address_checks(s, ctx.store)  # catch-alls, postmaster@/abuse@ mailboxes, SRS keys
     if ctx.as_json:
         print(json.dumps(results))
     else:

@@ -86,7 +86,7 @@ def test_delivered_byte_for_byte_over_starttls(outbound: Appliance, world: dict[
     assert received.data.startswith(b"Received: from ") and received.data.endswith(MESSAGE)
     assert b"(authenticated as alice via PLAIN)" in received.data
     wait_until(lambda: queue_size(outbound) == 0)
-    assert "status=delivered" in outbound.log() and "tls=True" in outbound.log()
+    assert "status=sent" in outbound.log() and "tls=True" in outbound.log()
 
 
 def test_temporary_failures_are_retried_and_delivered_once(outbound: Appliance, world: dict[str, Any]) -> None:
@@ -96,7 +96,7 @@ def test_temporary_failures_are_retried_and_delivered_once(outbound: Appliance, 
     wait_until(lambda: queue_size(outbound) == 0)
     time.sleep(1)
     assert len(world["remote"].messages) == 1 and world["remote"].sessions == 3
-    assert outbound.log().count("status=retry") == 2
+    assert outbound.log().count("status=deferred") == 2
 
 
 def test_permanent_failure_of_one_recipient_reports_to_sender(outbound: Appliance, world: dict[str, Any]) -> None:
@@ -136,7 +136,7 @@ def test_certificate_failure_for_a_verify_domain_is_temporary(outbound: Applianc
 def test_queue_admin_show_retry_delete(outbound: Appliance, world: dict[str, Any]) -> None:
     world["remote"].data_replies = ["451 4.3.0 later"] * 1000
     submit(outbound, ["friend@remote.example"])
-    wait_until(lambda: "status=retry" in outbound.log())
+    wait_until(lambda: "status=deferred" in outbound.log())
     [queue_id] = [p.stem for p in (outbound.root / "spool" / "queue").glob("*.json")]
     shown = outbound.admin("queue", "show", queue_id)
     assert shown.returncode == 0 and "<friend@remote.example>  pending" in shown.stdout
@@ -153,7 +153,7 @@ def test_kill_9_with_a_full_queue_loses_nothing(outbound: Appliance, world: dict
     tokens = [f"token-{i}" for i in range(10)]
     for token in tokens:
         submit(outbound, ["friend@remote.example"], MESSAGE + token.encode() + b"\r\n")
-    wait_until(lambda: outbound.log().count("status=retry") >= 5)
+    wait_until(lambda: outbound.log().count("status=deferred") >= 5)
     outbound.kill9()
     receiver.data_replies = []
     outbound.start()

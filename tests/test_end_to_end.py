@@ -77,7 +77,11 @@ def test_delivery_to_user_and_alias_retrieved_byte_for_byte(running: Appliance) 
     assert len(alice) == 3 and len(bob) == 1
     for stored in alice + bob:
         assert stored.endswith(MESSAGE)
-        assert stored.startswith(b"Return-Path: <friend@example.net>\r\nReceived: from client.example.net")
+        assert stored.startswith(b"Return-Path: <friend@example.net>\r\nDelivered-To: ")
+        assert b"\r\nReceived: from client.example.net (localhost [127.0.0.1])\r\n" in stored
+    delivered_to = [stored.split(b"\r\n")[1] for stored in alice + bob]  # each the address it came in for
+    assert sorted(delivered_to) == sorted([b"Delivered-To: alice@example.org", b"Delivered-To: alice.l@example.org",
+                                           b"Delivered-To: alice@example.org", b"Delivered-To: bob@example.org"])
 
 
 def test_unknown_user_and_relay_refused(running: Appliance) -> None:

@@ -160,7 +160,7 @@ def test_check_config_and_test_login(appliance: Callable[..., Appliance], slapd:
 def test_screening_commands_change_the_running_daemon(appliance: Callable[..., Appliance], tmp_path: Any) -> None:
     lists = tmp_path / "screening.toml"
     lists.write_text("[block]\nnetworks = []\n")
-    instance = appliance(extra={"screening": {"file": str(lists)}})
+    instance = appliance(extra={"screening": {"file": str(lists), "refuse_at": "connect"}})
     added = instance.admin("screening", "add", "block.networks", "127.0.0.77/32")
     assert added.returncode == 0, added.stderr
     assert instance.admin("screening", "add", "block.networks", "127.0.0.77/32").returncode == 1

@@ -73,3 +73,57 @@ def test_split_command_argument() -> None:
     assert split_command_argument('TO:<"a>b"@c.d>', "TO") == ('<"a>b"@c.d>', [])
     with pytest.raises(PathSyntaxError):
         split_command_argument("FROM:<a@b.c>SIZE=1", "FROM")
+
+
+# -- every local and alias domain (issue 14): the same tricks, the same verdicts ------------
+
+from mailappliance.addressing import Addressing, SrsRefusal, plan_recipient  # noqa: E402
+from mailappliance.srs import Srs, SrsKeys  # noqa: E402
+
+ADDRESSING = Addressing(local_domains=LOCAL,
+                        alias_domains={"example.com": "example.org", "alias.example": "example.net"},
+                        delimiter="+", catch_all={"example.net": "info@example.net"},
+                        srs=Srs(SrsKeys(b"0123456789abcdef0123456789abcdef"), "example.org"))
+ALL_DOMAINS = sorted(ADDRESSING.accepted_domains)
+
+
+@pytest.mark.parametrize("domain", ALL_DOMAINS)
+@pytest.mark.parametrize("authenticated", [False, True])
+@pytest.mark.parametrize("form, reason", [
+    ("<user%remote.example@{d}>", "routing character in local part"),
+    ("<user+tag%remote.example@{d}>", "routing character in local part"),
+    ("<remote.example!user@{d}>", "routing character in local part"),
+    ("<postmaster%remote.example@{d}>", "routing character in local part"),
+    ("<SRS0=AAAAAAAA=AA=remote.example=user%other.example@{d}>", "routing character in local part"),
+    ("<@{d}:user@remote.example>", "source route"),
+    ('<"user@remote.example"@{d}>', "quoted local part"),
+    ('<"postmaster"@{d}>', "quoted local part"),
+])
+def test_relay_tricks_refused_at_every_local_and_alias_domain(form: str, reason: str, authenticated: bool,
+                                                              domain: str) -> None:
+    """Each relay trick is refused 554 5.7.1 at every local and alias domain, logged in or not."""
+    path = parse_path(form.format(d=domain), allow_null=False)
+    assert decide_recipient(path, ADDRESSING.accepted_domains, authenticated) == RelayVerdict(
+        Route.REFUSED, reason, 554, "5.7.1")
+
+
+@pytest.mark.parametrize("domain", ALL_DOMAINS)
+@pytest.mark.parametrize("form", ["<user@{d}.remote.example>", "<user@sub.{d}>", "<user@{d}.evil>"])
+def test_lookalikes_of_every_domain_are_remote(form: str, domain: str) -> None:
+    """Subdomains and lookalikes of local and alias domains are other domains: relay denied unless logged in."""
+    path = parse_path(form.format(d=domain), allow_null=False)
+    assert decide_recipient(path, ADDRESSING.accepted_domains, False) == RelayVerdict(
+        Route.REFUSED, "relay denied", 554, "5.7.1")
+    assert decide_recipient(path, ADDRESSING.accepted_domains, True).route is Route.REMOTE
+
+
+@pytest.mark.parametrize("domain", ALL_DOMAINS)
+@pytest.mark.parametrize("local", ["SRS0=AAAAAAAA=AA=remote.example=user", "srs0=aaaaaaaa=aa=remote.example=user",
+                                   "SRS1=AAAAAAAA=remote.example==AAAAAAAA=AA=remote.example=user",
+                                   "SRS0+AAAAAAAA=AA=remote.example=user", "SRS1=x", "SRS0="])
+def test_srs_looking_addresses_are_local_then_refused(local: str, domain: str) -> None:
+    """An SRS-looking address at any of our domains is ours to judge (LOCAL), and a forged one is refused,
+    never looked up (so a catch-all cannot swallow it either)."""
+    path = parse_path(f"<{local}@{domain}>", allow_null=False)
+    assert decide_recipient(path, ADDRESSING.accepted_domains, False).route is Route.LOCAL
+    assert isinstance(plan_recipient(ADDRESSING, path, 1_700_000_000.0), SrsRefusal)

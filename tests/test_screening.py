@@ -130,7 +130,8 @@ def screened(appliance: Callable[..., Appliance], dns_server: Any, tmp_path: Pat
     lists = tmp_path / "screening.toml"
     lists.write_text(SCREENING_FILE)
     instance = appliance(start=False, extra={"queue": {"resolver": dns_server.address},
-                                             "screening": {"file": str(lists), "dns_timeout": 1},
+                                             "screening": {"file": str(lists), "dns_timeout": 1,
+                                                           "refuse_at": "connect"},
                                              "limits": {"connections_per_minute": 10_000}})
     assert instance.admin("user", "add", "alice@example.org", password="alice-password").returncode == 0
     instance.start()

@@ -115,10 +115,11 @@ class LocalRecipients(_Base):
             if subscriber is not None:
                 break
         else:
-            if any(lookup.kind == "postmaster" for lookup in plan):
+            if addressing.is_role_account(recipient):
                 self.log_event(self.log.error, "no mailbox for <{rcpt}>: no directory entry has it, nor "
                                "{mailbox} ([server] postmaster/abuse): answering 451",
-                               rcpt=received_as, mailbox=plan[-1].address)
+                               rcpt=received_as, mailbox=addressing.role_mailbox(addressing.split_tag(
+                                   recipient.local_part)[0].lower()))
                 return replies.MAILBOX_MISCONFIGURED
             return await self._local_recipient(None, received_as)
         if subscriber.disabled:

@@ -201,6 +201,7 @@ class SMTPSession(AuthCommands, MailTransaction, LineSession):
         if not verdict.accepted:
             self.screened(verdict, "client")
             held = replies.CLIENT_REFUSED if verdict.action == "refuse" else replies.CLIENT_DEFERRED
+            held = held.with_text(f"<{self.client_ip}>: {held.text}")
             if self.hold_screening("client", verdict, held):
                 self._banner()  # refused at RCPT, where postmaster@ and abuse@ stay open
             elif verdict.action == "refuse":

@@ -214,7 +214,7 @@ class MailTransaction(LocalRecipients):
             return
         held = self.held_refusal(recipient)
         if held is not None:
-            self.error(held.with_text(f"<{recipient.address}>: {held.text}"))
+            self.error(held)
             return
         if recipient.local_part.lower() == "postmaster" and not recipient.domain:
             recipient = attrs.evolve(recipient, domain=self.addressing.default_domain)

@@ -99,10 +99,10 @@ def test_metrics_name_the_server_in_use(failover: Appliance, slapd: Slapd, hung_
     url = f"http://127.0.0.1:{failover.ports['metrics']}/metrics"
     with urllib.request.urlopen(url, timeout=10) as response:
         metrics = response.read().decode()
-    assert f'mailappliance_directory_server_up{{server="{hung_server}"}} 0' in metrics
-    assert f'mailappliance_directory_server_up{{server="{slapd.url}"}} 1' in metrics
-    assert f'mailappliance_directory_server_in_use{{server="{slapd.url}"}} 1' in metrics
-    assert f'mailappliance_directory_failovers_total{{server="{hung_server}"}} 1' in metrics
+    assert f'mailappliance_directory_server_up{{server="{hung_server}"}} 0.0' in metrics
+    assert f'mailappliance_directory_server_up{{server="{slapd.url}"}} 1.0' in metrics
+    assert f'mailappliance_directory_server_in_use{{server="{slapd.url}"}} 1.0' in metrics
+    assert f'mailappliance_directory_failovers_total{{server="{hung_server}"}} 1.0' in metrics
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 30) -> None:
