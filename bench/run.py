@@ -14,6 +14,11 @@ Servers (each on loopback, storage in a fresh temp dir):
   its queue before 250, Maildir delivery after it; needs root and the packages).
 A variant of ours is named ``ours@SECTION.KEY=VALUE[,...]``, e.g.
 ``--servers ours ours@storage.commit_threads=2``, to measure a setting A B A B.
+``ours+redis`` is ours with its state (limits, throttling, mailbox locks) in a
+private redis-server that the run starts (issue 17):
+
+    .venv/bin/python bench/run.py submission --servers ours ours+redis --concurrency 50
+    .venv/bin/python bench/run.py state-logins --concurrency 50
 Each result line is JSON; a table of ratios (ours / peer, higher is better for
 us) closes the run.
 """
@@ -73,6 +78,9 @@ class Server:
     def __init__(self, kind: str) -> None:
         self.kind, _, tuning = kind.partition("@")  # "ours@storage.commit_threads=2,smtp.x=y"
         self.tuning = dict(item.split("=", 1) for item in tuning.split(",") if item)
+        if self.kind == "ours+redis":  # the shared state store in the run's private redis-server
+            self.kind = "ours"
+            self.tuning["state.redis"] = f'"{private_redis().url}"'
         self.root = Path(tempfile.mkdtemp(prefix=f"bench-{kind}-"))
         self.smtp_port, self.pop3_port, self.submission_port = free_port(), free_port(), free_port()
         self.process: subprocess.Popen[bytes] | None = None
@@ -137,6 +145,7 @@ messages_per_hour = 10000000
 recipients_per_hour = 10000000
 [logging]
 level = "warn"
+[state]
 [tls]
 certificate = "tls/server.pem"
 private_key = "tls/server.key"
@@ -432,9 +441,94 @@ def bench_logins(args: argparse.Namespace) -> None:
     print(f"warm / cold: {warm / cold:.1f}x")
 
 
+_redis: list[Any] = []
+
+
+def private_redis() -> Any:
+    """The run's private redis-server (tests/redis_server.py), started on first use."""
+    if not _redis:
+        sys.path.insert(0, str(HERE.parent))
+        from tests.redis_server import RedisServer
+
+        server = RedisServer(Path(tempfile.mkdtemp(prefix="bench-redis-")))
+        server.start()
+        _redis.append(server)
+    return _redis[0]
+
+
+def bench_state_logins(args: argparse.Namespace) -> None:
+    """Logins per second through the shared checker, ``--concurrency`` in flight, with the
+    throttle's state in this process vs in Redis (A B A B), cache cold (one LDAP bind per
+    login) and warm; the ratio redis / memory closes the run."""
+    sys.path.insert(0, str(HERE.parent))
+    from twisted.internet import reactor
+    from twisted.internet.defer import Deferred, gatherResults
+
+    from mailappliance.credentials import ClientPassword, SubscriberChecker
+    from mailappliance.directory.ldap import LdapStore
+    from mailappliance.directory.threaded import Directory
+    from mailappliance.state import StateSettings
+    from mailappliance.state.build import build_state_store
+    from mailappliance.state.memory import MemoryStore
+    from mailappliance.throttle import AuthThrottle, ThrottleSettings
+    from tests.slapd import Slapd
+
+    in_flight = max(args.concurrency)
+    root = Path(tempfile.mkdtemp(prefix="bench-slapd-"))
+    slapd = Slapd(root)
+    slapd.start()
+    store = LdapStore(slapd.settings())
+    for n in range(in_flight):  # all different: identical logins in flight would share one check
+        store.add_subscriber(f"user{n}", f"user{n}@example.org", f"password-{n}")
+    logins = [ClientPassword(f"user{n}", f"password-{n}", f"192.0.2.{n % 250}") for n in range(in_flight)]
+    redis_url = private_redis().url
+    results: list[dict[str, Any]] = []
+
+    async def measure(kind: str, ttl: float, rounds: int) -> float:
+        if kind == "redis":
+            state, service = build_state_store(StateSettings(redis=redis_url), reactor)
+            service.startService()
+        else:
+            state, service = MemoryStore(reactor), None
+        directory = Directory(store, reactor, 8)
+        directory.start()
+        checker = SubscriberChecker(directory, ttl, reactor, AuthThrottle(ThrottleSettings(), reactor, state))
+        await gatherResults([checker.requestAvatarId(c) for c in logins])  # warms the cache when ttl > 0
+        started = time.perf_counter()
+        for _ in range(rounds):
+            await gatherResults([checker.requestAvatarId(c) for c in logins])
+        seconds = time.perf_counter() - started
+        directory.stop()
+        if service is not None:
+            assert state.describe() == "ok", "Redis degraded during the run"
+            service.stopService()
+        return rounds * len(logins) / seconds
+
+    async def run() -> None:
+        for cache, ttl, rounds in (("cold", 0, max(1, args.logins // in_flight)),
+                                   ("warm", 60, max(1, 20 * args.logins // in_flight))):
+            for kind in alternate(["memory", "redis"], args.rounds):
+                rate = await measure(kind, ttl, rounds)
+                result = {"scenario": f"logins {cache} c={in_flight}", "server": kind,
+                          "logins_per_second": round(rate, 1)}
+                print(json.dumps(result), flush=True)
+                results.append(result)
+
+    reactor.callWhenRunning(lambda: Deferred.fromCoroutine(run()).addBoth(lambda r: (reactor.stop(), r)[1]))
+    reactor.run()
+    slapd.stop()
+    shutil.rmtree(root, ignore_errors=True)
+    for scenario in dict.fromkeys(r["scenario"] for r in results):
+        rates = {kind: statistics.median(r["logins_per_second"] for r in results
+                                         if r["scenario"] == scenario and r["server"] == kind)
+                 for kind in ("memory", "redis")}
+        print(f"{scenario}: redis / memory = {rates['redis'] / rates['memory']:.2f}x "
+              f"({rates['redis']:.0f} vs {rates['memory']:.0f} logins/s)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("benchmark", choices=("inbound", "submission", "pop3", "idle", "logins"))
+    parser.add_argument("benchmark", choices=("inbound", "submission", "pop3", "idle", "logins", "state-logins"))
     parser.add_argument("--servers", nargs="+", default=["ours", "twisted", "aiosmtpd"])
     parser.add_argument("--sizes", nargs="+", type=int, default=[1024, 10240, 1048576])
     parser.add_argument("--size", type=int, default=10240)
@@ -450,10 +544,13 @@ def main() -> None:
     args = parser.parse_args()
     try:
         benchmarks = {"inbound": bench_inbound, "submission": bench_submission, "pop3": bench_pop3,
-                      "idle": bench_idle, "logins": bench_logins}
+                      "idle": bench_idle, "logins": bench_logins, "state-logins": bench_state_logins}
         benchmarks[args.benchmark](args)
     finally:
         remove_finished_roots()
+        for server in _redis:
+            server.stop()
+            shutil.rmtree(server.root, ignore_errors=True)
     os._exit(0)
 
 

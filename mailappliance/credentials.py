@@ -192,15 +192,15 @@ class SubscriberChecker:
         cached = self._cache.get(key)
         now = self.clock.seconds()
         if cached and cached.expires > now and hmac.compare_digest(cached.digest, digest):
-            self._trust(address, key)
+            self._trust(address, key, throttling)
             return cached.subscriber
         d = self._verifications((key, digest), lambda: self._verify(login, password, key, digest))
-        d.addCallbacks(self._succeeded, self._failed, (address, key), None, (address, key))
+        d.addCallbacks(self._succeeded, self._failed, (address, key, throttling), None, (address, key))
         return d
 
-    def _trust(self, address: str, key: str) -> None:
+    def _trust(self, address: str, key: str, throttling: Any = None) -> None:
         """Tell the throttle about a good login; the answer does not wait for it."""
-        self.throttle.succeeded(address, key).addErrback(
+        self.throttle.succeeded(address, key, throttling).addErrback(
             lambda failure: _log.failure("recording a good login for {login}", failure, login=key))
 
     def _verify(self, login: str, password: str, key: str, digest: bytes) -> "Deferred[Subscriber]":
@@ -211,8 +211,8 @@ class SubscriberChecker:
         d.addCallback(self._verdict, login, key, digest)
         return d
 
-    def _succeeded(self, subscriber: Subscriber, address: str, key: str) -> Subscriber:
-        self._trust(address, key)
+    def _succeeded(self, subscriber: Subscriber, address: str, key: str, throttling: Any = None) -> Subscriber:
+        self._trust(address, key, throttling)
         return subscriber
 
     def _failed(self, failure: Failure, address: str, key: str) -> "Deferred[Subscriber]":

@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 
 from mailappliance.state import MarkRule, StateStore
 from mailappliance.state.memory import MemoryStore
@@ -50,6 +50,11 @@ class Throttling:
     locked: bool = False
     retry_after: float = 0
     reason: str = ""
+    trusted_left: float = 0  # seconds this address stays trusted for the account
+    failures: int = 0  # recent failures from this address
+
+
+REMARK_AFTER = 3600.0  # a good login renews the "trusted" mark once it is this old (one write per hour, not per login)
 
 
 def _address_lock(address: str) -> tuple[str, str]:
@@ -58,6 +63,10 @@ def _address_lock(address: str) -> tuple[str, str]:
 
 def _account_lock(account: str) -> tuple[str, str]:
     return ("login-account-locked", account)
+
+
+def _address_failures(address: str) -> tuple[str, str]:
+    return ("login-failures-address", address)
 
 
 def _trusted(address: str, account: str) -> tuple[str, str, str]:
@@ -74,15 +83,17 @@ class AuthThrottle:
 
     def check(self, address: str, account: str) -> "Deferred[Throttling]":
         """May this address try to log in to this account now?"""
-        d = self.store.marks([_address_lock(address), _account_lock(account), _trusted(address, account)])
+        d = gatherResults([  # sent together: one round trip to Redis
+            self.store.marks([_address_lock(address), _account_lock(account), _trusted(address, account)]),
+            self.store.total(_address_failures(address), self.settings.window)])
 
-        def verdict(left: list[float]) -> Throttling:
-            address_locked, account_locked, trusted = left
+        def verdict(found: list[Any]) -> Throttling:
+            (address_locked, account_locked, trusted), failures = found
             if address_locked > 0:
                 return Throttling(True, address_locked, f"address {address} locked after repeated failures")
             if account_locked > 0 and not trusted:
                 return Throttling(True, account_locked, f"account {account} locked for new addresses")
-            return Throttling()
+            return Throttling(trusted_left=trusted, failures=failures)
 
         d.addCallback(verdict)
         return d
@@ -90,7 +101,7 @@ class AuthThrottle:
     def failed(self, address: str, account: str) -> "Deferred[float]":
         """Record a failure; Deferred of how long to wait before answering it."""
         s = self.settings
-        by_address = self.store.count(("login-failures-address", address), s.window, s.address_lock_after * KEEP_FACTOR,
+        by_address = self.store.count(_address_failures(address), s.window, s.address_lock_after * KEEP_FACTOR,
                                       MarkRule(_address_lock(address), s.address_lock_after, s.lock_time))
         d = self.store.marks([_trusted(address, account)])
 
@@ -110,11 +121,18 @@ class AuthThrottle:
         excess = failures - self.settings.free_failures
         return 0.0 if excess <= 0 else min(2.0 ** (excess - 1), self.settings.max_delay)
 
-    def succeeded(self, address: str, account: str) -> "Deferred[None]":
-        """A good login: the address is trusted for this account and its failures forgiven."""
-        self.store.mark(_trusted(address, account), self.settings.trusted_for)
-        return self.store.forget(("login-failures-address", address))
+    def succeeded(self, address: str, account: str, checked: Throttling | None = None) -> "Deferred[None]":
+        """A good login: the address is trusted for this account and its failures forgiven.
+        With the verdict of :meth:`check` for this login, only what changes is written."""
+        writes = []
+        if checked is None or checked.trusted_left < self.settings.trusted_for - REMARK_AFTER:
+            writes.append(self.store.mark(_trusted(address, account), self.settings.trusted_for))
+        if checked is None or checked.failures:
+            writes.append(self.store.forget(_address_failures(address)))
+        d = gatherResults(writes, consumeErrors=True)
+        d.addCallback(lambda _: None)
+        return d
 
     def failures(self, address: str) -> "Deferred[int]":
         """Failures counted against ``address`` in the window (for tests and the admin)."""
-        return self.store.total(("login-failures-address", address), self.settings.window)
+        return self.store.total(_address_failures(address), self.settings.window)

@@ -255,6 +255,8 @@ class RedisClient:
         self._connecting: list[tuple[Sequence[Any], Deferred]] | None = None
         self._attempt: Deferred | None = None
         self._handshaking: RespProtocol | None = None
+        self._deadlines: deque[tuple[float, Deferred]] = deque()  # commands in the order sent
+        self._watchdog: Any = None
 
     def _endpoint(self) -> Any:
         a = self.address
@@ -286,15 +288,30 @@ class RedisClient:
         return self._with_deadline(d)
 
     def _with_deadline(self, d: Deferred) -> Deferred:
-        timer = self.reactor.callLater(self.timeout, self._expired, d)
-
-        def settled(result: Any) -> Any:
-            if timer.active():
-                timer.cancel()
-            return result
-
-        d.addBoth(settled)
+        """Watch ``d``'s deadline.  Commands are answered in order, so one timer for the
+        oldest unanswered command is enough (a timer per command costs more than the command)."""
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][1].called:
+            deadlines.popleft()
+        deadlines.append((self.reactor.seconds() + self.timeout, d))
+        if self._watchdog is None:
+            self._watchdog = self.reactor.callLater(self.timeout, self._watch)
         return d
+
+    def _watch(self) -> None:
+        self._watchdog = None
+        deadlines = self._deadlines
+        while deadlines:
+            deadline, d = deadlines[0]
+            if d.called:
+                deadlines.popleft()
+                continue
+            now = self.reactor.seconds()
+            if deadline > now:
+                self._watchdog = self.reactor.callLater(deadline - now, self._watch)
+                return
+            deadlines.popleft()
+            self._expired(d)  # the connection is dropped: what waited on it has failed too
 
     def _expired(self, d: Deferred) -> None:
         if d.called:
@@ -375,6 +392,9 @@ class RedisClient:
         return d
 
     def close(self) -> None:
+        if self._watchdog is not None and self._watchdog.active():
+            self._watchdog.cancel()
+        self._watchdog = None
         protocol, self._protocol = self._protocol, None
         if protocol is not None:
             protocol.drop("closed")
