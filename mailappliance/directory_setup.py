@@ -31,6 +31,7 @@ import os
 import re
 import secrets
 import stat
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any, Iterable
@@ -48,6 +49,9 @@ from mailappliance.directory.passwords import make_ssha
 DEBIAN_LDAPI = "/var/run/slapd/ldapi"  # Debian's slapd: SLAPD_SERVICES="... ldapi:///"
 ROOT_IDENTITY = "gidNumber=0+uidNumber=0,cn=peercred,cn=external,cn=auth"
 SCHEMAS = ("cosine", "inetorgperson", "misc")  # in load order; core is always loaded
+# Ours: (cn, file in etc/slapd, its attribute): not loaded where another schema
+# defines the attribute already (qmail.schema has mailForwardingAddress).
+OWN_SCHEMAS = (("mailforwarding", "forwarding.ldif", "mailForwardingAddress"),)
 # What the daemon searches by: login (uid, mail), recipient (mail, mailLocalAddress).
 WANTED_INDEXES = {"objectclass": "objectClass", "uid": "uid", "mail": "mail",
                   "maillocaladdress": "mailLocalAddress"}
@@ -490,11 +494,24 @@ def _ordinal(value: str) -> int:
     return int(match.group(1)) if match else 0
 
 
-def loaded_schemas(conn: ldap3.Connection) -> set[str]:
-    conn.search("cn=schema,cn=config", "(objectClass=olcSchemaConfig)", ldap3.LEVEL, attributes=["cn"])
+def loaded_schemas(conn: ldap3.Connection) -> tuple[set[str], str]:
+    """The names of the loaded schemas, and all their attribute type definitions as one text."""
+    conn.search("cn=schema,cn=config", "(objectClass=olcSchemaConfig)", ldap3.LEVEL,
+                attributes=["cn", "olcAttributeTypes"])
     _check(conn, "reading cn=schema,cn=config")
-    return {strip_ordinal(name).lower() for e in conn.response if e.get("type") == "searchResEntry"
-            for name in _texts(e["raw_attributes"], "cn")}
+    entries = [e["raw_attributes"] for e in conn.response if e.get("type") == "searchResEntry"]
+    names = {strip_ordinal(name).lower() for raw in entries for name in _texts(raw, "cn")}
+    return names, "\n".join(t for raw in entries for t in _texts(raw, "olcAttributeTypes"))
+
+
+def own_schema_file(filename: str) -> Path | None:
+    """One of our schema files (etc/slapd/): installed with the package under
+    <prefix>/share/mailappliance/slapd, or next to the package in a checkout."""
+    for directory in (Path(sys.prefix) / "share" / "mailappliance" / "slapd",
+                      Path(__file__).resolve().parent.parent / "etc" / "slapd"):
+        if (directory / filename).is_file():
+            return directory / filename
+    return None
 
 
 FRONTEND = "olcDatabase={-1}frontend,cn=config"
@@ -601,11 +618,16 @@ def _apply(conn: ldap3.Connection, url: str, target: SetupTarget, options: Setup
             + "They are kept. Run again with --replace-acls to use the appliance's instead "
             "(save the lines above if you need them), or add these yourself:\n"
             + "".join(f"  olcAccess: {{{i}}}{a}\n" for i, a in enumerate(acls)).rstrip())
-    missing = [name for name in SCHEMAS if name not in loaded_schemas(conn)]
-    for name in missing:
-        if not (options.schema_dir / f"{name}.ldif").is_file():
-            raise SetupError(f"schema {name} is not loaded and {options.schema_dir / f'{name}.ldif'} does not "
-                             "exist (Debian's slapd ships it; or give --schema-dir)")
+    loaded, attribute_types = loaded_schemas(conn)
+    missing = [(name, options.schema_dir / f"{name}.ldif") for name in SCHEMAS if name not in loaded]
+    for name, path in missing:
+        if not path.is_file():
+            raise SetupError(f"schema {name} is not loaded and {path} does not exist "
+                             "(Debian's slapd ships it; or give --schema-dir)")
+    for name, filename, attribute in OWN_SCHEMAS:  # optional features: loaded when we have the file
+        path = own_schema_file(filename)
+        if path and name not in loaded and f"'{attribute.lower()}'" not in attribute_types.lower():
+            missing.append((name, path))
     argon2 = plan_argon2(conn)
 
     # -- then the changes, each printed
@@ -618,8 +640,7 @@ def _apply(conn: ldap3.Connection, url: str, target: SetupTarget, options: Setup
         changes += written
     assert service_password is not None and admin_password is not None
 
-    for name in missing:
-        path = options.schema_dir / f"{name}.ldif"
+    for name, path in missing:
         for entry in parse_ldif(path.read_text(encoding="utf-8")):
             attributes: dict[str, list[Any]] = {}
             for attribute, value in entry.attributes:

@@ -71,7 +71,7 @@ def test_setup_readies_a_fresh_debian_slapd_and_the_daemon_logs_a_subscriber_in(
     for line in ("loaded schema misc", f"added {PEOPLE}", f"added {SERVICE}", f"added {ADMIN}",
                  "olcDbIndex: mail,mailLocalAddress eq", f'olcLimits: dn.exact="{SERVICE}" size=unlimited',
                  "set the ACLs of olcDatabase={1}mdb,cn=config", "wrote a new password into",
-                 "loaded slapd's argon2 module", "olcPasswordHash: {ARGON2}"):
+                 "loaded slapd's argon2 module", "olcPasswordHash: {ARGON2}", "loaded schema mailforwarding"):
         assert line in first.stdout, first.stdout
     second = setup(instance, slapd)
     assert second.returncode == 0, second.stderr
