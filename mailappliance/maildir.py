@@ -177,7 +177,8 @@ class IncomingMessage:
             self._chunks = []
 
     def _create(self) -> int:
-        return os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        # read-write: message authentication reads a spilled message back (read()) before commit
+        return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
 
     @property
     def spilled(self) -> bool:
