@@ -1,0 +1,159 @@
+"""Message authentication's pure parts and small mechanisms, without sockets: DMARC records and
+alignment, the verdict across recipient domains, header parsing and quoting, the DNS cache, the
+staged message's edit (in memory and spilled), key selection, outgoing-spam strikes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet import defer, task
+from twisted.names import dns, error
+
+from mailappliance.filter.suspension import Suspensions, clear_suspension, read_suspension
+from mailappliance.maildir import MEMORY_LIMIT, IncomingMessage
+from mailappliance.msgauth import dmarc, headers, keys
+from mailappliance.msgauth.dkim_check import ArcResult
+from mailappliance.msgauth.dns import FAILURE_TTL, DnsCache
+from mailappliance.msgauth.results import claims, quote
+from mailappliance.msgauth.settings import DomainPolicy, FilterSettings
+from mailappliance.msgauth.spf_check import SpfResult
+from mailappliance.msgauth.verdict import AuthFacts, decide
+
+
+def test_dmarc_record_parsing() -> None:
+    """v=DMARC1 must come first; p= is required unless rua= is there (then none); sp defaults to p."""
+    assert dmarc.parse_record("v=DMARC1; p=reject; sp=none; pct=50; adkim=s") == \
+        dmarc.DmarcRecord("reject", "none", "s", "r", 50)
+    assert dmarc.parse_record("p=reject; v=DMARC1") is None
+    assert dmarc.parse_record("v=DMARC1; p=bogus") is None
+    assert dmarc.parse_record("v=DMARC1; rua=mailto:x@example.org").policy == "none"
+
+
+def test_dmarc_alignment_relaxed_and_strict() -> None:
+    """Relaxed alignment compares organizational domains (the PSL), strict the exact domain."""
+    record = dmarc.DmarcRecord("reject", "reject")
+    assert dmarc.evaluate("example.co.uk", record, False, "bounce.example.co.uk", []).result == "pass"
+    strict = dmarc.DmarcRecord("reject", "reject", adkim="s", aspf="s")
+    assert dmarc.evaluate("example.co.uk", strict, False, "bounce.example.co.uk", ["mail.example.co.uk"]).result \
+        == "fail"
+    assert dmarc.evaluate("other.co.uk", record, False, "example.co.uk", []).policy == "reject"
+    sub = dmarc.DmarcRecord("reject", "quarantine")
+    assert dmarc.evaluate("a.example.org", sub, True, None, []).policy == "quarantine"
+    sampled = dmarc.evaluate("x.example", dmarc.DmarcRecord("reject", "reject", pct=10), False, None, [], 0.5)
+    assert sampled.policy == "quarantine" and sampled.sampled_out
+
+
+def _facts(dmarc_policy: str = "reject", spf: str = "pass", arc: ArcResult | None = None) -> AuthFacts:
+    return AuthFacts(spf=SpfResult(spf, "mailfrom", "bad.example"), arc=arc,
+                     dmarc=dmarc.DmarcResult("fail", "bank.example", dmarc_policy, "no aligned pass"))
+
+
+def test_verdict_across_recipient_domains() -> None:
+    """Reject only when every recipient's domain says so; else the rejecting domains' copies go to
+    .Junk; a DNS doubt tempfails where the policy says so; a trusted ARC sealer lifts DMARC."""
+    strict, lenient = DomainPolicy(verify=True), DomainPolicy(verify=True, dmarc_reject="none")
+    f = FilterSettings()
+    assert decide([("a@x", strict), ("b@y", strict)], _facts(), None, f).action == "reject"
+    mixed = decide([("a@x", strict), ("b@y", lenient)], _facts(), None, f)
+    assert mixed.action == "accept" and mixed.junk == {"a@x"} and mixed.flag
+    doubt = AuthFacts(spf=SpfResult("temperror", "mailfrom", "bad.example"),
+                      dmarc=dmarc.DmarcResult("fail", "bank.example", "reject"))
+    assert decide([("a@x", DomainPolicy(verify=True, dns_failure="tempfail"))], doubt, None, f).action == "tempfail"
+    arc = ArcResult("pass", "lists.example", 1)
+    assert decide([("a@x", strict)], _facts(arc=arc), None, f, ("lists.example",)).action == "accept"
+    assert decide([("a@x", DomainPolicy(verify=False))], _facts(), None, f).action == "accept"
+
+
+def test_authserv_id_and_quoting_of_hostile_values() -> None:
+    """Comments, quotes, case and a trailing dot do not hide our authserv-id; values from the message
+    never end our field early."""
+    for value in ("mx.test.example; spf=pass", "(x (y)) MX.Test.Example. 1; none", '"mx.test.example"; dkim=pass'):
+        assert claims(value, "mx.test.example")
+    assert not claims("mx.test.example.evil; spf=pass", "mx.test.example")
+    assert quote('bad"; dmarc=pass\r\n') == '"bad\\"; dmarc=pass??"'
+    assert quote("example.org") == "example.org"
+    fields = headers.parse_fields(b"Subject: a\r\n b\r\nnot a field\r\nFrom: x@y\r\n\r\n")
+    assert [f.name for f in fields] == ["subject", "", "from"] and fields[0].value == b"a b"
+
+
+class FakeResolver:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.pending: dict[str, defer.Deferred] = {}
+
+    def lookupText(self, name: str, timeout: Any = None) -> defer.Deferred:
+        self.calls.append(name)
+        d = self.pending[name] = defer.Deferred()
+        return d
+
+
+def _txt(name: str, text: bytes, ttl: int) -> Any:
+    return dns.RRHeader(name, dns.TXT, ttl=ttl, payload=dns.Record_TXT(text, ttl=ttl))
+
+
+def test_dns_cache_ttl_shared_queries_and_failures() -> None:
+    """Lookups in flight together share one query; answers live for their TTL; a failure is kept
+    only briefly; a lookup that outlives its time budget comes back failed, not late."""
+    clock, resolver = task.Clock(), FakeResolver()
+    cache = DnsCache(resolver, clock)
+    first = defer.Deferred.fromCoroutine(cache.fetch("a.example", "TXT", 5))
+    second = defer.Deferred.fromCoroutine(cache.fetch("a.example", "TXT", 5))
+    resolver.pending["a.example"].callback(([_txt("a.example", b"v=spf1 -all", 60)], [], []))
+    assert first.result.values("TXT") == [b"v=spf1 -all"] and second.result is first.result
+    assert resolver.calls == ["a.example"]
+    clock.advance(61)
+    assert cache.get("a.example", "TXT") is None
+    late = defer.Deferred.fromCoroutine(cache.fetch("slow.example", "TXT", 2))
+    clock.advance(2)
+    assert late.result.failed
+    resolver.pending["slow.example"].errback(error.DNSServerError())
+    assert cache.get("slow.example", "TXT").failed
+    clock.advance(FAILURE_TTL + 1)
+    assert cache.get("slow.example", "TXT") is None
+
+
+@pytest.mark.parametrize("size", [1000, MEMORY_LIMIT + 5000])
+def test_staged_message_edit_in_memory_and_spilled(tmp_path: Path, size: int) -> None:
+    """An edit replaces a range of the staged message at once (memory) or when written out (spilled
+    file, in the commit thread); read() sees the bytes as received."""
+    message = IncomingMessage(tmp_path)
+    message.write(b"Return-Path: <a@b>\r\nReceived: x\r\n")
+    start = message.size
+    message.write(b"X-Old: forged\r\nSubject: s\r\n\r\n" + b"b" * size)
+    assert message.read(start, 15) == b"X-Old: forged\r\n"
+    message.edit(start, start + 15, b"Authentication-Results: mx; none\r\n")
+    message.write_out()
+    message.sync()
+    data = message.path.read_bytes()
+    assert data.startswith(b"Return-Path: <a@b>\r\nReceived: x\r\nAuthentication-Results: mx; none\r\nSubject: s")
+    assert len(data) == message.size and data.endswith(b"b" * 100)
+    assert not list(tmp_path.glob("*.edit"))
+
+
+def test_active_keys_newest_per_type_or_configured(tmp_path: Path) -> None:
+    """Without [dkim] selectors the newest key of each type signs; with them, exactly those."""
+    for selector, kind, when in (("old", "rsa", 1000), ("new", "rsa", 2000), ("ed", "ed25519", 1500)):
+        path = keys.write_key(tmp_path, "example.org", selector, keys.generate(kind), None)
+        os.utime(path, (when, when))
+    found, problems = keys.scan(tmp_path, ("example.org",))
+    assert not problems
+    assert sorted(k.selector for k in keys.active(found, {})["example.org"]) == ["ed", "new"]
+    assert [k.selector for k in keys.active(found, {"example.org": ("old",)})["example.org"]] == ["old"]
+    assert not keys.is_selector("../x") and not keys.is_selector(".hidden") and keys.is_selector("m202612e")
+
+
+def test_outgoing_spam_strikes_suspend_and_enable_lifts(tmp_path: Path) -> None:
+    """suspend_after strikes within the window suspend (a file says why); older strikes expire;
+    removing the file (user enable) lifts it."""
+    clock = task.Clock()
+    suspensions = Suspensions(tmp_path, FilterSettings(suspend_after=2, suspend_window=60), clock)
+    assert not suspensions.strike("alice", "spam 1")
+    clock.advance(61)
+    assert not suspensions.strike("alice", "spam 2")
+    assert suspensions.strike("alice", "spam 3") and suspensions.is_suspended("alice")
+    assert "spam 3" in read_suspension(tmp_path, "alice")["reason"]
+    assert clear_suspension(tmp_path, "alice") and not suspensions.is_suspended("alice")
+    assert not suspensions.strike("../etc", "x") and read_suspension(tmp_path, "../etc") is None
