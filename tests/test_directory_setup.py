@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import grp
 import os
+import poplib
+import signal
+import ssl
 import stat
 import subprocess
 from pathlib import Path
@@ -19,10 +22,13 @@ from mailappliance.directory_setup import (
     plan_limits,
     wanted_acls,
 )
-from tests.daemon import Appliance
+from tests.conditions import wait_until
+from tests.daemon import BIN, Appliance, free_port, toml_table
 from tests.slapd import DebianSlapd
+from tests.test_privileges import DEBIAN_PYTHON, NOBODY, NOGROUP, wait_for_listener
+from tests.test_reload_secrets import readable_site, world_readable_root  # noqa: F401 (a fixture)
 
-GROUP = "nogroup"  # stands for the daemon's group (mailappliance) on a test machine
+GROUP = "nogroup"  # stands for the daemon's group (mailappliance) on a test machine: NOGROUP
 PEOPLE, SERVICE, ADMIN = ("ou=people,dc=example,dc=org", "cn=mailappliance,dc=example,dc=org",
                           "cn=mailappliance-admin,dc=example,dc=org")
 
@@ -87,6 +93,57 @@ def test_setup_readies_a_fresh_debian_slapd_and_the_daemon_logs_a_subscriber_in(
     client = instance.pop3("alice", "alice-password")
     assert client.stat() == (0, 0)
     client.quit()
+
+
+def test_after_setup_the_unprivileged_daemon_reloads_and_logs_a_subscriber_in(
+        debian_slapd: Callable[..., DebianSlapd], world_readable_root: Path) -> None:
+    """Issue 12's end-to-end check: setup on a fresh Debian slapd writes the password files
+    (service 0640 root:<the daemon's group>, admin 0600 root); the daemon started as root
+    with --uid/--gid reloads on SIGHUP without the admin password and logs in a subscriber
+    that mailappliance-admin added."""
+    slapd = debian_slapd()
+    root = world_readable_root
+    site = readable_site(root)
+    pop3s = free_port()
+    config = root / "mailappliance.toml"
+    config.write_text(
+        toml_table("[server]", {"hostname": "mx.test.example", "local_domains": ["example.org"]})
+        + toml_table("[storage]", {"maildir_root": str(root / "data" / "mail"),
+                                   "spool_dir": str(root / "data" / "spool")})
+        + toml_table("[tls]", {"certificate": str(root / "data" / "tls" / "server.pem"),
+                               "private_key": str(root / "data" / "tls" / "server.key")})
+        + "".join(toml_table(f"[{name}]", values) for name, values in ldap_config(slapd, root / "etc").items())
+        + toml_table("[[listeners]]", {"name": "pop3s", "role": "pop3s", "port": pop3s})
+    )
+
+    def admin(*args: str, password: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(BIN / "mailappliance-admin"), "-c", str(config), *args],
+                              input=password, capture_output=True, text=True, timeout=60)
+
+    assert admin("directory", "setup", "--ldapi", slapd.ldapi_url, "--group", GROUP).returncode == 0
+    assert stat.S_IMODE(os.stat(root / "etc" / "ldap-admin-password").st_mode) == 0o600
+    added = admin("user", "add", "alice@example.org", "--password-stdin", password="alice-password\n")
+    assert added.returncode == 0, added.stderr
+    log = root / "twistd.log"
+    process = subprocess.Popen(
+        [DEBIAN_PYTHON, "-c", "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()",
+         "-n", "--pidfile=", "--logfile", str(log), f"--uid={NOBODY}", f"--gid={NOGROUP}",
+         "mailappliance", "--config", str(config)],
+        cwd=root, env={**os.environ, "PYTHONPATH": str(site)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_for_listener(process, pop3s, log)
+        process.send_signal(signal.SIGHUP)
+        wait_until(lambda: "SIGHUP: configuration reloaded" in log.read_text(), 20, what="the reload")
+        assert "NOT reloaded" not in log.read_text(), log.read_text()
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        client = poplib.POP3_SSL("127.0.0.1", pop3s, timeout=10, context=context)
+        client.user("alice")
+        assert client.pass_("alice-password").startswith(b"+OK")
+        client.quit()
+    finally:
+        process.terminate()
+        process.wait(10)
 
 
 def test_the_acls_keep_passwords_and_other_subscribers_private(
