@@ -3,27 +3,25 @@ client certificates - against the real daemon."""
 
 from __future__ import annotations
 
-import datetime
 import re
 import signal
 import smtplib
 import ssl
 import subprocess
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 
 from mailappliance.tls import fingerprint
+from tests.conditions import wait_until
 from tests.daemon import Appliance
 
 
 def test_first_start_generates_a_certificate_and_logs_its_fingerprint(
     appliance: Callable[..., Appliance],
 ) -> None:
+    """A first start generates a self-signed certificate (key 0600), logs its fingerprint, and keeps it on restart."""
     instance = appliance()
     certificate = instance.root / "tls" / "server.pem"
     key = instance.root / "tls" / "server.key"
@@ -33,9 +31,7 @@ def test_first_start_generates_a_certificate_and_logs_its_fingerprint(
     assert openssl.strip().endswith(fingerprint(certificate))
     assert f"SHA-256 fingerprint {fingerprint(certificate)}" in instance.log()
     with smtplib.SMTP("127.0.0.1", instance.ports["submission"], timeout=10) as smtp:
-        context = ssl.create_default_context(cafile=str(certificate))
-        context.check_hostname = False  # the self-signed certificate names mx.test.example
-        smtp.starttls(context=context)
+        smtp.starttls(context=instance.client_context())  # trusts exactly the generated certificate
         assert smtp.noop()[0] == 250
     instance.stop()
     instance.start()  # a second start keeps the same certificate
@@ -47,6 +43,7 @@ def test_first_start_generates_a_certificate_and_logs_its_fingerprint(
     (ssl.TLSVersion.TLSv1_1, False), (ssl.TLSVersion.TLSv1_2, True), (ssl.TLSVersion.TLSv1_3, True)])
 def test_tls_1_2_is_the_floor(appliance: Callable[..., Appliance], pki: Any, version: ssl.TLSVersion,
                               accepted: bool) -> None:
+    """A client limited to TLS 1.1 is refused; TLS 1.2 and 1.3 connect."""
     instance = appliance(pki=pki)
     context = pki.client_context()
     context.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
@@ -60,25 +57,10 @@ def test_tls_1_2_is_the_floor(appliance: Callable[..., Appliance], pki: Any, ver
             smtplib.SMTP_SSL("127.0.0.1", instance.ports["submissions"], timeout=10, context=context)
 
 
-def _new_server_certificate(pki: Any, path: Path) -> bytes:
-    """Re-sign the server key's certificate with a new serial; returns its DER."""
-    old = x509.load_pem_x509_certificate(pki.server_cert.read_bytes())
-    ca_key = serialization.load_pem_private_key(pki.key_path("server-ca").read_bytes(), None)
-    now = datetime.datetime.now(datetime.timezone.utc)
-    builder = (x509.CertificateBuilder().subject_name(old.subject).issuer_name(old.issuer)
-               .public_key(old.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(hours=1))
-               .not_valid_after(now + datetime.timedelta(days=30)))
-    for extension in old.extensions:
-        builder = builder.add_extension(extension.value, extension.critical)
-    new = builder.sign(ca_key, hashes.SHA256())
-    path.write_bytes(new.public_bytes(serialization.Encoding.PEM))
-    return new.public_bytes(serialization.Encoding.DER)
-
-
 def test_sighup_reloads_the_certificate_without_dropping_sessions(
     appliance: Callable[..., Appliance], pki: Any, tmp_path: Path,
 ) -> None:
+    """SIGHUP serves a new certificate to new sessions, keeps open ones; a broken file keeps the old one."""
     certificate = tmp_path / "server.pem"
     certificate.write_bytes(pki.server_cert.read_bytes())
     instance = appliance(pki=pki, extra={"tls": {"certificate": str(certificate)}})
@@ -86,12 +68,10 @@ def test_sighup_reloads_the_certificate_without_dropping_sessions(
     old_session.starttls(context=pki.client_context())
     first = old_session.sock.getpeercert(binary_form=True)
 
-    new_der = _new_server_certificate(pki, certificate)
+    new_der = pki.reissue_server_certificate(certificate)
     assert instance.process is not None
     instance.process.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + 10
-    while "TLS certificate reloaded" not in instance.log() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: "TLS certificate reloaded" in instance.log(), what="the reload logged")
     assert f"TLS certificate reloaded, SHA-256 fingerprint {fingerprint(certificate)}" in instance.log()
 
     with smtplib.SMTP_SSL("127.0.0.1", instance.ports["submissions"], timeout=10,
@@ -102,10 +82,7 @@ def test_sighup_reloads_the_certificate_without_dropping_sessions(
 
     certificate.write_text("garbage")  # a broken file keeps the old certificate in service
     instance.process.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + 10
-    while "NOT reloaded" not in instance.log() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert "TLS certificate NOT reloaded" in instance.log()
+    wait_until(lambda: "TLS certificate NOT reloaded" in instance.log(), what="the refused reload logged")
     with smtplib.SMTP_SSL("127.0.0.1", instance.ports["submissions"], timeout=10,
                           context=pki.client_context()) as session:
         assert session.sock.getpeercert(binary_form=True) == new_der
@@ -114,6 +91,7 @@ def test_sighup_reloads_the_certificate_without_dropping_sessions(
 def test_cert_issue_gives_a_working_certificate(
     appliance: Callable[..., Appliance], pki: Any, tmp_path: Path,
 ) -> None:
+    """cert issue writes a key (0600) and certificate that log the subscriber in on 465; a second issue is refused."""
     instance = appliance(pki=pki, start=False)
     assert instance.admin("user", "add", "carol@example.org", password="carol-password").returncode == 0
     issued = instance.admin("cert", "issue", "carol", "--out", str(tmp_path / "out"))
@@ -133,6 +111,7 @@ def test_cert_issue_gives_a_working_certificate(
 
 
 def test_cert_issue_without_ca_key_is_a_clear_error(appliance: Callable[..., Appliance]) -> None:
+    """cert issue without tls.client_ca_key fails naming that key."""
     instance = appliance(start=False)
     instance.admin("user", "add", "carol@example.org", password="carol-password")
     result = instance.admin("cert", "issue", "carol")
