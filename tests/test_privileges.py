@@ -11,12 +11,12 @@ import stat
 import subprocess
 import sysconfig
 import tempfile
-import time
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
+from tests.conditions import wait_until
 from tests.daemon import BIN, first_bindable, toml_table
 
 DEBIAN_PYTHON = "/usr/bin/python3.11"  # readable by everyone, unlike a Python under /root
@@ -41,17 +41,17 @@ def wait_for_listener(process: subprocess.Popen[bytes], port: int, log: Path, ti
     """Until the daemon accepts connections and has started its services (which
     happens after twistd dropped privileges; the port is bound before that);
     its output and log explain a failure to start."""
-    deadline = time.monotonic() + timeout
-    while True:
+    def ready() -> bool:
         if process.poll() is not None:
             output = process.stdout.read() if process.stdout else b""
             raise RuntimeError(f"daemon exited: {output.decode()}\n{log.read_text() if log.exists() else ''}")
         with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0 and log.exists() and "mailappliance ready" in log.read_text():
-                return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"daemon did not open port {port}:\n{log.read_text() if log.exists() else ''}")
-        time.sleep(0.1)
+            return s.connect_ex(("127.0.0.1", port)) == 0 and log.exists() and "mailappliance ready" in log.read_text()
+
+    try:
+        wait_until(ready, timeout, what=f"the daemon ready on port {port}")
+    except AssertionError:
+        raise RuntimeError(f"daemon did not open port {port}:\n{log.read_text() if log.exists() else ''}") from None
 
 
 @pytest.fixture
@@ -65,6 +65,7 @@ def world_readable_root() -> Iterator[Path]:
 
 
 def test_root_on_low_ports_then_runs_as_nobody(world_readable_root: Path) -> None:
+    """Started as root on ports below 1024 it runs as nobody, delivers, and keeps mail, spool and key private."""
     root = world_readable_root
     site = root / "site-packages"  # the installed packages, where the unprivileged user can read them
     shutil.copytree(sysconfig.get_paths()["purelib"], site, copy_function=_link_or_copy, symlinks=True)
