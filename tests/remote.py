@@ -9,13 +9,13 @@ import ssl
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import attrs
 import pytest
 
+from tests.conditions import wait_until
 from tests.daemon import free_port
 
 BIN = Path(sys.executable).parent
@@ -49,15 +49,18 @@ class DNSServer:
              "--interface", "127.0.0.1", "--port", str(self.port), *arguments],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"twistd dns exited with {self.process.returncode} (bad zone syntax?)")
+        process = self.process
+
+        def answering() -> bool:
+            if process.poll() is not None:
+                raise RuntimeError(f"twistd dns exited with {process.returncode} (bad zone syntax?)")
             with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            time.sleep(0.05)
-        raise RuntimeError(f"twistd dns did not start: {(self.root / 'dns.log').read_text()}")
+                return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+        try:
+            wait_until(answering, 15, what="twistd dns answering")
+        except AssertionError:
+            raise RuntimeError(f"twistd dns did not start: {(self.root / 'dns.log').read_text()}") from None
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
