@@ -15,6 +15,7 @@ from typing import Callable
 import attrs
 
 END_OF_DATA = b"\r\n.\r\n"
+MAX_HOPS = 50  # Received fields a message may carry in (Postfix's hopcount_limit): forwarding loops end here
 _LINE_ENDINGS = re.compile(rb"\r\n|\r|\n")
 
 
@@ -25,6 +26,11 @@ class DataProblems:
     bare_line_ending: bool = False
     line_too_long: bool = False
     too_big: bool = False
+    hops: int = 0  # Received fields in the message header: more than MAX_HOPS is a mail loop
+
+    @property
+    def too_many_hops(self) -> bool:
+        return self.hops > MAX_HOPS
 
 
 class DataReader:
@@ -41,6 +47,7 @@ class DataReader:
         self._max_size = max_size
         self._max_line_length = max_line_length
         self._pending = b""  # the unterminated tail; always starts at a line start
+        self._in_header = True
         self.size = 0
         self.problems = DataProblems()
 
@@ -84,8 +91,19 @@ class DataReader:
         segment = segment.replace(b"\r\n.", b"\r\n")
         if bare and self._normalize:  # after unstuffing: only CRLF lines were dot-stuffed
             segment = _LINE_ENDINGS.sub(b"\r\n", segment)
+        if self._in_header:
+            self._count_hops(segment)
         self.size += len(segment)
         if self.size > self._max_size:
             self.problems.too_big = True
         if not (self.problems.too_big or self.problems.bare_line_ending or self.problems.line_too_long):
             self._sink(segment)
+
+    def _count_hops(self, segment: bytes) -> None:
+        """Count Received fields until the header ends (the first empty line)."""
+        for line in segment.split(b"\r\n")[:-1]:
+            if not line:
+                self._in_header = False
+                return
+            if line[:9].lower() == b"received:":
+                self.problems.hops += 1

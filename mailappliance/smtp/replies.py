@@ -76,6 +76,7 @@ SUBMISSION_SUSPENDED = Reply(550, "5.7.1", "Sending suspended: mail from this ac
 BARE_LINE_ENDING = Reply(550, "5.6.0", "Error: bare CR or LF in message; lines must end with CRLF")
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Error: message size exceeds fixed limit")
 MAILBOX_FULL_DATA = Reply(552, "5.2.2", "Mailbox full")
+TOO_MANY_HOPS = Reply(554, "5.4.6", "Error: too many hops (a mail loop?)")
 SENDER_NOT_OWNED = Reply(553, "5.7.1", "Sender address rejected: not owned by user")
 RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
 RECIPIENT_REJECTED = Reply(554, "5.7.1", "Recipient address rejected")

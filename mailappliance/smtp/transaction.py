@@ -483,6 +483,8 @@ class MailTransaction(LocalRecipients):
             return replies.MESSAGE_TOO_BIG
         if problems.bare_line_ending:
             return replies.BARE_LINE_ENDING
+        if problems.too_many_hops:  # a forwarding loop (ours or someone else's) ends here
+            return replies.TOO_MANY_HOPS
         if problems.line_too_long:
             return replies.Reply(550, "5.6.0", f"Error: message has a line longer than "
                                                f"{self.config.max_line_length} octets (RFC 5321 4.5.3.1.6)")
