@@ -43,7 +43,7 @@ from typing import Any, Iterator
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
-FSYNC = {"ours": True, "aiosmtpd": True, "twisted": False, "postfix": True}
+FSYNC = {"ours": True, "ours+redis": True, "aiosmtpd": True, "twisted": False, "postfix": True}
 
 
 def free_port() -> int:
