@@ -10,6 +10,12 @@ fsynced with it and renamed into ``new/`` (the durability rules of
 disk, one ``new/`` fsync per directory per batch).  The outbound spool's copy
 skips the field (its ``body_offset`` starts after it): Delivered-To belongs
 to final delivery, like Return-Path.
+
+Copies cost disk and commit-thread time that hard links did not, so they
+are bounded: at most ``COPY_BUDGET`` bytes of copies per message.  Past that
+(one big message to many mailboxes: a cheap way to fill a disk and stall the
+commit thread) the remaining recipients share one copy without Delivered-To,
+hard-linked into each of their Maildirs, as before this field existed.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from pathlib import Path
 from mailappliance.maildir import IncomingMessage, ensure_maildir_once
 
 COPY_BLOCK = 1024 * 1024
+COPY_BUDGET = 64 * 1024 * 1024  # bytes of per-recipient copies one message may cost
 
 
 def delivered_to_header(address: str) -> bytes:
@@ -33,17 +40,24 @@ def delivered_to_header(address: str) -> bytes:
 class RecipientCopy:
     """One recipient's own file: ``message`` with bytes ``span`` replaced by ``header``."""
 
-    def __init__(self, message: IncomingMessage, span: tuple[int, int], header: bytes, index: int) -> None:
+    def __init__(self, message: IncomingMessage, span: tuple[int, int], header: bytes, index: int,
+                 shared: bool = False) -> None:
         self.message = message
         self.span = span
         self.header = header
+        self.shared = shared  # linked into several Maildirs (no Delivered-To): the budget ran out
         self.path = message.path.with_name(f"{message.name}.r{index}")
         self.size = message.size - (span[1] - span[0]) + len(header)
         self._fd: int | None = None
+        self._written = False
         self._moved = False
 
     def write(self) -> None:
-        """Write the copy from the received file (after its ``write_out``)."""
+        """Write the copy from the received file (after its ``write_out``); once, however
+        many Maildirs share it."""
+        if self._written:
+            return
+        self._written = True
         source = os.open(self.message.path, os.O_RDONLY)  # just written: read from the page cache
         try:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -79,9 +93,9 @@ class RecipientCopy:
         ensure_maildir_once(maildir)
         target = maildir / "new" / f"{self.message.name},S={self.size}"
         try:
-            os.rename(self.path, target)
+            (os.link if self.shared else os.rename)(self.path, target)
         except OSError as e:
-            if e.errno != errno.EXDEV:
+            if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
                 raise
             staged = maildir / "tmp" / target.name
             with open(self.path, "rb") as src, open(staged, "xb") as dst:
@@ -89,8 +103,9 @@ class RecipientCopy:
                 dst.flush()
                 os.fsync(dst.fileno())
             os.rename(staged, target)
-            os.unlink(self.path)
-        self._moved = True
+            if not self.shared:
+                os.unlink(self.path)
+        self._moved = not self.shared  # a shared copy's incoming name goes at discard()
         return target
 
     def discard(self) -> None:
@@ -111,11 +126,25 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def plan_copies(message: IncomingMessage, targets: list[tuple[Path, bytes]],
-                span: tuple[int, int]) -> dict[Path, RecipientCopy]:
-    """The Maildirs (after the first) that need their own file: their Delivered-To differs
-    from the one in the received file. ``targets``: (Maildir, header), duplicates removed."""
+                span: tuple[int, int], budget: int | None = None) -> dict[Path, RecipientCopy]:
+    """The Maildirs (after the first) that need a file of their own: their Delivered-To differs
+    from the one in the received file.  ``targets``: (Maildir, header), duplicates removed.
+    Past ``budget`` bytes of copies the rest share one copy without Delivered-To."""
     if span == (0, 0) or len(targets) < 2:
         return {}
-    shared = targets[0][1]
-    return {maildir: RecipientCopy(message, span, header, n)
-            for n, (maildir, header) in enumerate(targets[1:], start=1) if header and header != shared}
+    left = COPY_BUDGET if budget is None else budget
+    first = targets[0][1]
+    copies: dict[Path, RecipientCopy] = {}
+    generic: RecipientCopy | None = None
+    for n, (maildir, header) in enumerate(targets[1:], start=1):
+        if not header or header == first:
+            continue
+        copy = RecipientCopy(message, span, header, n)
+        if copy.size <= left:
+            left -= copy.size
+            copies[maildir] = copy
+            continue
+        if generic is None:
+            generic = RecipientCopy(message, span, b"", 0, shared=True)
+        copies[maildir] = generic
+    return copies

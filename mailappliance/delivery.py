@@ -205,6 +205,8 @@ def commit_batch(jobs: Sequence[CommitJob], sync: str = "fsync") -> list[CommitO
                     fail(i, e)
     for i in live():
         jobs[i].message.discard()  # the incoming name only; the Maildir links keep the data
+        for copy in copies[i].values():
+            copy.discard()  # a copy shared by several Maildirs keeps its incoming name until now
         outcomes[i] = delivered[i]
     return outcomes  # type: ignore[return-value]
 
