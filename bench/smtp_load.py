@@ -52,6 +52,7 @@ class Plan:
     sender: str
     login: str  # "user:password" for submission, "" for plain MX sessions
     per_session: int  # messages per session (0: all of a client's messages in one)
+    message_file: str = ""  # send this file's bytes (CRLF, no line starting with ".") instead of a made-up message
 
 
 _context: ssl.SSLContext | None = None
@@ -93,7 +94,11 @@ async def close_session(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
 
 
 async def client(plan: Plan, count: int, errors: list[int], sessions: list[int]) -> None:
-    payload = make_message(plan.size, 0) + b".\r\n"
+    if plan.message_file:
+        with open(plan.message_file, "rb") as f:
+            payload = f.read() + b".\r\n"
+    else:
+        payload = make_message(plan.size, 0) + b".\r\n"
     envelope = (b"MAIL FROM:<" + plan.sender.encode() + b">\r\nRCPT TO:<" + plan.recipient.encode() +
                 b">\r\nDATA\r\n")
     per_session = plan.per_session or count
@@ -140,8 +145,10 @@ def main() -> None:
     parser.add_argument("--submission", default="", metavar="USER:PASSWORD",
                         help="STARTTLS and AUTH PLAIN at the start of every session")
     parser.add_argument("--per-session", type=int, default=0, help="messages per session (0: one session a client)")
+    parser.add_argument("--message-file", default="", help="send this message (e.g. a DKIM-signed one) every time")
     args = parser.parse_args()
-    plan = Plan(args.host, args.port, args.size, args.recipient, args.sender, args.submission, args.per_session)
+    plan = Plan(args.host, args.port, args.size, args.recipient, args.sender, args.submission, args.per_session,
+                args.message_file)
     processes = max(1, min(args.processes, args.concurrency))
     jobs = [(plan, args.messages // processes + (1 if i < args.messages % processes else 0),
              args.concurrency // processes + (1 if i < args.concurrency % processes else 0)) for i in range(processes)]

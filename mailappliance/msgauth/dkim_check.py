@@ -12,10 +12,10 @@ from typing import Any
 import attrs
 import dkim
 
-from mailappliance.msgauth import fastrsa
+from mailappliance.msgauth import speedups
 from mailappliance.msgauth.dns import DnsTempError, DnsView, _key
 
-fastrsa.install()
+speedups.install()
 
 MAX_SIGNATURES = 5  # verified per message; more are reported as not checked (policy)
 MAX_SIGNATURE_FIELD = 8192  # octets of one DKIM-Signature field; longer ones are a permerror

@@ -1,4 +1,8 @@
-"""RSA for dkimpy in C (``cryptography``) instead of Python integers.
+"""Speed-ups for dkimpy that change nothing it computes.
+
+RSA in C (``cryptography``) instead of Python integers, exact fast paths for
+relaxed canonicalisation, and parsed public keys remembered.
+
 
 dkimpy signs and verifies RSA with Python's ``pow`` and byte loops: 7.6 ms
 to sign and ~0.3 ms to verify with a 2048-bit key here, on whichever thread
@@ -14,6 +18,7 @@ import functools
 from typing import Any
 
 import dkim
+import dkim.canonicalization
 import dkim.crypto
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
@@ -65,7 +70,36 @@ def verify(hash_object: Any, signature: bytes, public_key: dict[str, int]) -> bo
         return _original_verify(hash_object, signature, public_key)
 
 
+_strip_trailing_whitespace = dkim.canonicalization.strip_trailing_whitespace
+_compress_whitespace = dkim.canonicalization.compress_whitespace
+_parse_public_key = dkim.crypto.parse_public_key
+
+
+def strip_trailing_whitespace(content: bytes) -> bytes:
+    """dkimpy's regex costs ~180 us on 10 KB even when there is nothing to strip;
+    two memchr-speed searches tell that first."""
+    if b" \r\n" not in content and b"\t\r\n" not in content:
+        return content
+    return _strip_trailing_whitespace(content)
+
+
+def compress_whitespace(content: bytes) -> bytes:
+    if b"\t" not in content and b"  " not in content:
+        return content
+    return _compress_whitespace(content)
+
+
+@functools.lru_cache(maxsize=4096)
+def parse_public_key(data: bytes) -> Any:
+    """A key record's key, parsed once per distinct key (dkimpy parses its ASN.1 in Python)."""
+    return _parse_public_key(data)
+
+
 def install() -> None:
-    """Idempotent; dkimpy looks both names up in its own module at call time."""
+    """Idempotent; dkimpy looks these names up in its own modules at call time.  (The
+    parsed key is a dict dkimpy only reads, so sharing it between messages is safe.)"""
     dkim.RSASSA_PKCS1_v1_5_sign = sign
     dkim.RSASSA_PKCS1_v1_5_verify = verify
+    dkim.canonicalization.strip_trailing_whitespace = strip_trailing_whitespace
+    dkim.canonicalization.compress_whitespace = compress_whitespace
+    dkim.parse_public_key = parse_public_key
