@@ -11,6 +11,7 @@ cannot overrun them.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -516,9 +517,14 @@ class MailTransaction(LocalRecipients):
         now = time.time()
         receiving = max(0.0, transaction.data_ended - transaction.started)
         storing = max(0.0, now - transaction.data_ended)
+        root = str(self.config.maildir_root) + os.sep
+        files = {}  # Maildir (or its folder's Maildir) -> the file delivered there
+        for path in paths:
+            folder = path.parent.parent
+            files.setdefault(folder, path)
+            files.setdefault(folder.parent, path)  # a Maildir++ folder (.Junk, +tag) of that Maildir
         for recipient in transaction.local_recipients:
-            stored = [p for p in paths if recipient.maildir in p.parents]
-            where = str(stored[0].relative_to(self.config.maildir_root)) if stored else str(recipient.maildir)
+            where = str(files.get(recipient.maildir, recipient.maildir)).removeprefix(root)
             self.log_event(
                 self.log.info,
                 "delivered id={id} to=<{to}> orig_to=<{orig_to}> relay=local delay={delay:.2f} "
