@@ -434,7 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_operations_parsers(groups: Any) -> None:
     """``directory setup``, ``backup`` and ``restore``: the machine, not single subscribers."""
-    from mailappliance.backup import cmd_backup, cmd_restore
+    from mailappliance.backup import cmd_backup
+    from mailappliance.restore import cmd_restore
     from mailappliance.directory_setup import DEBIAN_LDAPI, cmd_directory_setup
 
     directory = groups.add_parser("directory", help="the LDAP server").add_subparsers(dest="action", required=True)

@@ -46,6 +46,8 @@ def test_backup_of_a_running_daemon_restores_onto_an_empty_machine(
     instance = appliance(start=False, extra={"queue": {"retry_schedule": [3600]},
                                              "queue.transports": {'"remote.example"': f"[127.0.0.1]:{dead_end}"}})
     assert instance.admin("user", "add", "alice@example.org", password="alice-password").returncode == 0
+    keygen = instance.admin("dkim", "keygen", "example.org")
+    assert keygen.returncode == 0, keygen.stderr
     instance.start()
     send(instance, "friend@example.net", "alice@example.org", "first")
     assert len(mailbox(instance)) == 1  # the login moved it from new/ to cur/
@@ -64,7 +66,9 @@ def test_backup_of_a_running_daemon_restores_onto_an_empty_machine(
         assert stat.S_IMODE(path.stat().st_mode) == (0o700 if path.is_dir() else 0o600), path
     manifest = json.loads((backup / "manifest.json").read_text())
     stored = {Path(f["path"]).name: f for f in manifest["files"]}
-    assert {"mailappliance.toml", "users.ldif", "server.key", "server.pem"} <= set(stored)
+    assert {"mailappliance.toml", "users.ldif", "server.key", "server.pem", "srs.key"} <= set(stored)
+    dkim_keys = [Path(f["path"]) for f in manifest["files"] if "/example.org/" in f["path"]]
+    assert dkim_keys and all(path.suffix == ".key" for path in dkim_keys)  # the [dkim] key_dir
     assert all(len(f["sha256"]) == 64 for f in manifest["files"])
     instance.stop()
 
@@ -78,6 +82,8 @@ def test_backup_of_a_running_daemon_restores_onto_an_empty_machine(
     assert again.returncode == 1 and "refusing to overwrite" in again.stderr
     assert (instance.root / "server.key").exists() is False  # keys went back where they were
     assert (instance.root / "tls" / "server.key").read_bytes() == (moved / "tls" / "server.key").read_bytes()
+    for key in dkim_keys:
+        assert key.read_bytes() == (moved / key.relative_to(instance.root)).read_bytes()
 
     instance.start()
     assert mailbox(instance) == before

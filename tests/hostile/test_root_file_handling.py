@@ -20,7 +20,8 @@ from typing import Callable
 
 import pytest
 
-from mailappliance.backup import BackupError, make_backup, restore
+from mailappliance.backup import BackupError, make_backup
+from mailappliance.restore import restore
 from mailappliance.config import load_config
 from mailappliance.directory_setup import SecretFile, SetupError, ensure_secret_file
 from tests.daemon import Appliance
