@@ -33,6 +33,7 @@ from mailappliance.msgauth.verdict import TOO_LARGE, UNAVAILABLE, AuthFacts, Out
 
 log = Logger(namespace="mailappliance.msgauth")
 
+MAX_ARC_SETS = 12  # RFC 8617 allows 50; real chains have a handful
 SPAM_HEADERS = ("x-spam-status", "x-spam-score", "x-spam-flag", "x-spam-action")
 
 
@@ -170,8 +171,12 @@ class MessageInspector:
             lambda view: check_spf(view, envelope.client_ip, envelope.sender, envelope.helo, self.hostname)))]
         tasks.append(defer.Deferred.fromCoroutine(step(DkimVerifier(message, signatures), runner))
                      if signatures else defer.succeed([]))
-        arc = any(f.name == "arc-seal" for f in fields)
-        tasks.append(defer.Deferred.fromCoroutine(step(ArcVerifier(message), runner)) if arc else defer.succeed(None))
+        seals = sum(1 for f in fields if f.name == "arc-seal")
+        if seals > MAX_ARC_SETS:  # each set costs two signature checks and a body hash: a hostile chain is refused unread
+            tasks.append(defer.succeed(dkim_check.ArcResult("fail", reason=f"{seals} ARC sets (at most {MAX_ARC_SETS})")))
+        else:
+            tasks.append(defer.Deferred.fromCoroutine(step(ArcVerifier(message), runner)) if seals
+                         else defer.succeed(None))
         results = await defer.DeferredList(tasks, consumeErrors=True)
         (spf_ok, spf), (dkim_ok, dkim), (arc_ok, arc_result) = results
         if spf_ok:

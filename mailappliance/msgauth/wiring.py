@@ -10,6 +10,7 @@ from twisted.logger import Logger
 
 from mailappliance.filter.rspamd import RspamdClient
 from mailappliance.filter.suspension import Suspensions
+from mailappliance.msgauth.dmarc import organizational_domain
 from mailappliance.msgauth.dns import DnsCache
 from mailappliance.msgauth.inspect import MessageInspector
 from mailappliance.msgauth.keys import KeyStore
@@ -49,6 +50,8 @@ def log_keys(keys: KeyStore) -> None:
 def build_inspector(settings: Any, resolver: Any, reactor: Any,
                     run_blocking: Callable[..., Deferred]) -> tuple[MessageInspector, dict[str, Any]]:
     """The inspector, and the Reloader's live objects: {"msgauth", "dkim", "filter", "sighup"}."""
+    if settings.msgauth.any_verify:
+        organizational_domain("example.org")  # read the Public Suffix List now, not in the first message's check
     keys = KeyStore(settings.dkim, settings.local_domains)
     keys.reload()
     log_keys(keys)
