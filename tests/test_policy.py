@@ -75,7 +75,7 @@ def test_split_command_argument() -> None:
         split_command_argument("FROM:<a@b.c>SIZE=1", "FROM")
 
 
-# -- every local and alias domain (issue 14): the same tricks, the same verdicts ------------
+# -- every local and alias domain: the same tricks, the same verdicts -----------------------
 
 from mailappliance.addressing import Addressing, SrsRefusal, plan_recipient  # noqa: E402
 from mailappliance.srs import Srs, SrsKeys  # noqa: E402
@@ -122,8 +122,7 @@ def test_lookalikes_of_every_domain_are_remote(form: str, domain: str) -> None:
                                    "SRS1=AAAAAAAA=remote.example==AAAAAAAA=AA=remote.example=user",
                                    "SRS0+AAAAAAAA=AA=remote.example=user", "SRS1=x", "SRS0="])
 def test_srs_looking_addresses_are_local_then_refused(local: str, domain: str) -> None:
-    """An SRS-looking address at any of our domains is ours to judge (LOCAL), and a forged one is refused,
-    never looked up (so a catch-all cannot swallow it either)."""
+    """An SRS-looking address at any of our domains is judged as ours, and a forged one refused, never looked up."""
     path = parse_path(f"<{local}@{domain}>", allow_null=False)
     assert decide_recipient(path, ADDRESSING.accepted_domains, False).route is Route.LOCAL
     assert isinstance(plan_recipient(ADDRESSING, path, 1_700_000_000.0), SrsRefusal)
