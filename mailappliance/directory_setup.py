@@ -659,7 +659,7 @@ def _apply(conn: ldap3.Connection, url: str, target: SetupTarget, options: Setup
         if hash_missing:
             conn.modify(FRONTEND, {"olcPasswordHash": [(ldap3.MODIFY_ADD, ["{ARGON2}"])]})
             _check(conn, f"setting olcPasswordHash of {FRONTEND}")
-            changes.append(f"olcPasswordHash: {{ARGON2}} ({FRONTEND}): passwords set from now on are Argon2id")
+            changes.append(f"olcPasswordHash: {{ARGON2}} ({FRONTEND}): passwords set from now on are Argon2 hashes")
 
     if new_database is not None:
         database = _create_database(conn, new_database)

@@ -128,7 +128,8 @@ def test_the_guide_from_a_fresh_debian_to_a_subscriber_reading_mail(
         outputs.append(output)
     walked = "\n".join(outputs)
     for expected in ("loaded schema misc", "directory ready:", "nothing to do",
-                     "ok: alice is uid=alice <alice@example.org>", "backup in ", "3 subscriber(s)",
+                     "ok: alice is uid=alice <alice@example.org>", "alias postmaster@example.org now delivers to alice",
+                     "backup in ", "3 subscriber(s)",
                      "deleted bob"):
         assert expected in walked, f"{expected!r} not in:\n{walked}"
 
