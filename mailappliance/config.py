@@ -157,6 +157,8 @@ class SMTPOptions:
     max_errors: int = 20
     command_time_limit: float = 120
     data_time_limit: float = 1800
+    # NOTIFY=SUCCESS honoured for "authenticated" senders only, "all", or "none" (queue/notices.py)
+    dsn_success_notices: str = "authenticated"
 
 
 @attrs.frozen
@@ -179,6 +181,8 @@ class QueueSettings:
     scan_interval: float = 30
     connect_timeout: float = 30
     command_timeout: float = 300
+    mta_sts: bool = True  # RFC 8461 for delivery to MX hosts (queue/mta_sts.py)
+    mta_sts_port: int = 443  # of the policy host; another port only for tests
 
 
 @attrs.frozen
@@ -633,6 +637,8 @@ def _queue(reader: _Reader) -> QueueSettings:
         scan_interval=reader.number("scan_interval", defaults.scan_interval, 0.1, 3600),
         connect_timeout=reader.number("connect_timeout", defaults.connect_timeout, 1, 600),
         command_timeout=reader.number("command_timeout", defaults.command_timeout, 1, 3600),
+        mta_sts=reader.boolean("mta_sts", defaults.mta_sts),
+        mta_sts_port=reader.integer("mta_sts_port", defaults.mta_sts_port, 1, 65535),
     )
     reader.used.add("transports")
     reader.reject_unknown()
@@ -678,6 +684,7 @@ def parse_config(file: Path, data: dict[str, Any], secrets: SecretFiles | None =
         max_errors=smtp.integer("max_errors", 20, 1, 1000),
         command_time_limit=smtp.number("command_time_limit", 120, 1, 3600),
         data_time_limit=smtp.number("data_time_limit", 1800, 10, 86400),
+        dsn_success_notices=smtp.choice("dsn_success_notices", "authenticated", ("authenticated", "all", "none")),
     )
     smtp.reject_unknown()
 

@@ -36,6 +36,8 @@ from mailappliance.directory.threaded import Directory
 from mailappliance.maildir import clean_incoming
 from mailappliance.pop3.mailbox import MailboxLocks, MaildirRealm
 from mailappliance.pop3.server import POP3Factory
+from mailappliance.queue.mta_sts import HttpsPolicyFetcher, MtaSts
+from mailappliance.queue.notices import SuccessNotices
 from mailappliance.queue.reports import ReportDelivery
 from mailappliance.queue.routing import NextHop, Relay, Router, make_resolver
 from mailappliance.queue.runner import QueueRunner
@@ -178,6 +180,8 @@ def build_service(settings: Settings, reactor: Any = None,
     runner = _queue_runner(settings, spool, directory, committer.commit, run_blocking, reactor, resolver,
                            addressing)
     runner.setServiceParent(top)
+    success_notices = SuccessNotices(runner.send_report, run_blocking, settings.hostname,
+                                     settings.smtp.dsn_success_notices)  # NOTIFY=SUCCESS on local delivery
 
     _queue_gauges(spool)
     health = HealthResource(lambda: directory.find_by_login("health-check.invalid"),
@@ -192,6 +196,7 @@ def build_service(settings: Settings, reactor: Any = None,
             factory.screening, factory.client_lookup = screening, client_lookup
             factory.quotas, factory.network_budget = quotas, network_budget
             factory.inspector = inspector
+            factory.success_notices = success_notices
         else:
             factory = _pop3_factory(settings, listener, pop3_portal, run_blocking, reactor, server_tls)
             factory.quotas = quotas
@@ -264,8 +269,12 @@ def _queue_runner(settings: Settings, spool: OutboundSpool, directory: Directory
 
     reports = ReportDelivery(frozenset(settings.local_domains), directory, settings.maildir_root,
                              settings.spool_dir / "incoming", spool, commit, queued, addressing=addressing)
+    mta_sts = None
+    if q.mta_sts:  # RFC 8461: policies fetched over HTTPS with the same trust as verify_domains
+        fetcher = HttpsPolicyFetcher(reactor, router.addresses, trust_root, port=q.mta_sts_port)
+        mta_sts = MtaSts(resolver, fetcher, settings.spool_dir / "mta-sts.json", run_blocking)
     runner = QueueRunner(spool, router, q, settings.hostname, run_blocking, reports, tls_context_for, reactor,
-                         smarthost_login=smarthost_login)
+                         smarthost_login=smarthost_login, mta_sts=mta_sts)
     return runner
 
 

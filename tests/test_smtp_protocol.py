@@ -160,7 +160,7 @@ def test_pipelined_commands_answered_in_order(smtp: Harness) -> None:
         (b"MAIL FROM:<s@example.net> SIZE=999999\r\n", replies.MESSAGE_TOO_BIG),
         (b"MAIL FROM:<s@example.net>\r\nRCPT TO:<alice@example.org.>\r\n",
          replies.Reply(501, "5.1.3", "Bad recipient address syntax: malformed address")),
-        (b"BDAT 10\r\n", replies.CHUNKING_UNSUPPORTED),
+        (b"BDAT 10\r\n", replies.NEED_MAIL),
         (b"XYZZY\r\n", replies.NOT_RECOGNIZED),
         (b"EHLO\r\n", replies.Reply(501, "5.5.4", "Syntax: EHLO hostname")),
     ],

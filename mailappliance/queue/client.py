@@ -6,6 +6,13 @@ chunk boundaries.  This client sends canonical CRLF with correct
 dot-stuffing (:func:`to_wire`), uses STARTTLS whenever offered, and reports
 a reply for every recipient: the remote answer, or a synthetic 4xx when the
 session broke (connection refused, timeout, TLS failure).
+
+ESMTP it carries on: DSN (RET, ENVID on MAIL; NOTIFY, ORCPT on RCPT) when
+the next hop offers DSN (else the runner sends "relayed" notices itself);
+SMTPUTF8 when the message needs it (:func:`smtputf8_need`), and if the next
+hop does not offer it, a permanent refusal in our own words: 553 5.6.7 for
+UTF-8 addresses, 550 5.6.9 for a UTF-8 header (RFC 6531 3.2, no downgrade).
+A TLS failure is named the way TLS-RPT (RFC 8460) names it.
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ import time
 from typing import Any
 
 import attrs
+
+from mailappliance.smtp.dsn_params import Orcpt, xtext_encode
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IHandshakeListener
@@ -26,6 +35,31 @@ from zope.interface import implementer
 _LINE_ENDINGS = re.compile(rb"\r\n|\r|\n")
 MAX_REPLY_LINES = 100
 MAX_REPLY_BUFFER = 64 * 1024
+
+
+def smtputf8_need(flag: bool, sender: str, recipients: tuple[str, ...] | list[str], data: bytes) -> str:
+    """Why a transaction needs SMTPUTF8: "address" (a UTF-8 sender or recipient),
+    "header" (the client asked for SMTPUTF8 and the header is not ASCII), or ""."""
+    if not sender.isascii() or not all(r.isascii() for r in recipients):
+        return "address"
+    if flag:
+        end = data.find(b"\r\n\r\n")
+        if not (data if end < 0 else data[:end]).isascii():
+            return "header"
+    return ""
+
+
+def tls_failure_type(reason: str) -> str:
+    """The TLS-RPT (RFC 8460 4.3) result type of a failed handshake, from its error text."""
+    text = reason.lower()
+    if "mismatch" in text or "verificationerror" in text or "hostname" in text:
+        return "certificate-host-mismatch"
+    if "expired" in text:
+        return "certificate-expired"
+    if "certificate verify failed" in text or "unknown ca" in text or "self-signed" in text \
+            or "self signed" in text:
+        return "certificate-not-trusted"
+    return "validation-failure"
 
 
 def to_wire(message: bytes) -> bytes:
@@ -54,6 +88,8 @@ class TransactionResult:
 
     replies: dict[str, tuple[int, str]]
     tls: bool
+    dsn: bool = False  # the next hop offered DSN (it reports from here on)
+    tls_failure: str = ""  # TLS-RPT result type when TLS was wanted and failed
 
 
 class SessionBroken(Exception):
@@ -72,6 +108,8 @@ class OutboundSession(protocol.Protocol, TimeoutMixin):
         self._waiting: Deferred[Reply] | None = None
         self._handshake: Deferred[None] | None = None
         self._tls = False
+        self._dsn = False
+        self._tls_failure = ""
         self._lost: Failure | None = None
 
     # -- transport events ----------------------------------------------------
@@ -136,7 +174,8 @@ class OutboundSession(protocol.Protocol, TimeoutMixin):
         replies: dict[str, tuple[int, str]] = {}
 
         def everyone(reply: Reply) -> TransactionResult:
-            return TransactionResult({r: (reply.code, reply.text) for r in job.recipients}, self._tls)
+            return TransactionResult({r: (reply.code, reply.text) for r in job.recipients}, self._tls,
+                                     self._dsn, self._tls_failure)
 
         greeting = await self._reply()
         if greeting.code != 220:
@@ -153,15 +192,22 @@ class OutboundSession(protocol.Protocol, TimeoutMixin):
             if started.code == 220:
                 self._handshake = Deferred()
                 self.transport.startTLS(job.tls_context)
-                await self._handshake
+                try:
+                    await self._handshake
+                except SessionBroken as e:
+                    self._tls_failure = tls_failure_type(str(e))
+                    raise
                 ehlo = await self._command(f"EHLO {job.helo}")
                 if ehlo.code != 250:
                     return everyone(ehlo)
                 extensions = {line.split(" ", 1)[0].upper() for line in ehlo.lines[1:]}
             elif job.require_tls:
+                self._tls_failure = "starttls-not-supported"
                 return everyone(Reply(451, (f"4.7.5 STARTTLS refused by server: {started.text}",)))
         if job.require_tls and not self._tls:
-            return everyone(Reply(451, ("4.7.5 TLS is required for this destination but was not offered",)))
+            self._tls_failure = "starttls-not-supported"
+            why = f" ({job.tls_policy})" if job.tls_policy else ""
+            return everyone(Reply(451, (f"4.7.5 TLS is required for this destination{why} but was not offered",)))
 
         if job.auth is not None:
             if "AUTH" not in extensions and not any(e.startswith("AUTH=") for e in extensions):
@@ -173,13 +219,26 @@ class OutboundSession(protocol.Protocol, TimeoutMixin):
                 return everyone(Reply(451, (f"4.7.0 relay refused our login: {authenticated.code} "
                                             f"{authenticated.text}",)))
 
-        size = f" SIZE={len(job.data)}" if "SIZE" in extensions else ""
-        mail = await self._command(f"MAIL FROM:<{job.sender}>{size}")
+        self._dsn = "DSN" in extensions
+        utf8 = smtputf8_need(job.smtputf8, job.sender, job.recipients, job.data)
+        if utf8 and "SMTPUTF8" not in extensions:
+            if utf8 == "address":
+                return everyone(Reply(553, ("5.6.7 the next hop does not offer SMTPUTF8, needed for a "
+                                            "non-ASCII address (RFC 6531)",)))
+            return everyone(Reply(550, ("5.6.9 the next hop does not offer SMTPUTF8, needed for a "
+                                        "non-ASCII header (RFC 6531)",)))
+        mail_parameters = f" SIZE={len(job.data)}" if "SIZE" in extensions else ""
+        if (utf8 or job.smtputf8) and "SMTPUTF8" in extensions:
+            mail_parameters += " SMTPUTF8"
+        if self._dsn:
+            mail_parameters += f" RET={job.ret}" if job.ret else ""
+            mail_parameters += f" ENVID={xtext_encode(job.envid)}" if job.envid else ""
+        mail = await self._command(f"MAIL FROM:<{job.sender}>{mail_parameters}")
         if mail.code != 250:
             return everyone(mail)
         accepted = []
         for recipient in job.recipients:
-            rcpt = await self._command(f"RCPT TO:<{recipient}>")
+            rcpt = await self._command(f"RCPT TO:<{recipient}>{self._rcpt_parameters(recipient)}")
             replies[recipient] = (rcpt.code, rcpt.text)
             if 200 <= rcpt.code < 300:
                 accepted.append(recipient)
@@ -193,7 +252,16 @@ class OutboundSession(protocol.Protocol, TimeoutMixin):
             for recipient in accepted:
                 replies[recipient] = (final.code, final.text)
         self.transport.write(b"QUIT\r\n")
-        return TransactionResult(replies, self._tls)
+        return TransactionResult(replies, self._tls, self._dsn, self._tls_failure)
+
+    def _rcpt_parameters(self, recipient: str) -> str:
+        """NOTIFY and ORCPT as the client gave them, if the next hop takes DSN."""
+        if not self._dsn:
+            return ""
+        notify, orcpt = self.job.dsn.get(recipient, ("", ""))
+        text = f" NOTIFY={notify}" if notify else ""
+        original = Orcpt.from_stored(orcpt) if orcpt else None
+        return text + (f" ORCPT={original.parameter()}" if original else "")
 
     def _done(self, result: TransactionResult | Failure) -> None:
         self.setTimeout(None)
@@ -202,8 +270,8 @@ class OutboundSession(protocol.Protocol, TimeoutMixin):
         if isinstance(result, Failure):
             reason = result.getErrorMessage()
             result = TransactionResult(
-                {r: (451, f"4.4.2 {reason}") for r in self.job.recipients}, self._tls
-            )
+                {r: (451, f"4.4.2 {reason}") for r in self.job.recipients}, self._tls, self._dsn,
+                self._tls_failure)
             self.transport.loseConnection()
         if not self.finished.called:
             self.finished.callback(result)
@@ -221,6 +289,11 @@ class OutboundJob:
     require_tls: bool = False
     timeout: float = 300
     auth: tuple[str, str] | None = attrs.field(default=None, repr=False)  # smarthost login, inside TLS only
+    ret: str = ""  # DSN RET and ENVID of the message, NOTIFY and ORCPT ("rfc822;addr") per recipient
+    envid: str = ""
+    dsn: dict[str, tuple[str, str]] = attrs.field(factory=dict, hash=False)
+    smtputf8: bool = False  # the client sent SMTPUTF8
+    tls_policy: str = ""  # why TLS is required ("MTA-STS enforce"), for the deferral text
 
 
 class OutboundFactory(protocol.ClientFactory):

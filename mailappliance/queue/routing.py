@@ -13,6 +13,7 @@ import socket
 from typing import Any
 
 import attrs
+import idna
 from twisted.names import client, dns, error
 
 DNS_TIMEOUT = (2, 4, 8)
@@ -27,6 +28,7 @@ class NextHop:
     port: int
     verify_tls: bool = False
     is_smarthost: bool = False
+    tls_policy: str = ""  # why TLS is required and verified, e.g. "MTA-STS enforce" (for the deferral text)
 
 
 @attrs.frozen
@@ -93,8 +95,16 @@ class Router:
         self.transports = transports or {}
         self.verify_domains = verify_domains
 
+    def uses_relay(self, domain: str) -> bool:
+        """Mail for ``domain`` goes to a transport or the smarthost, not to its MX hosts."""
+        return domain.lower() in self.transports or self.smarthost is not None
+
+    async def addresses(self, host: str) -> list[str]:
+        """The A and AAAA addresses of ``host`` (a literal is itself)."""
+        return await self._addresses(host)
+
     async def next_hops(self, domain: str) -> list[NextHop]:
-        domain = domain.lower()
+        domain = ascii_domain(domain.lower())
         relay = self.transports.get(domain) or self.smarthost
         via_smarthost = relay is not None and relay is self.smarthost
         verify = domain in self.verify_domains or via_smarthost
@@ -146,6 +156,16 @@ class Router:
                 elif rr.type == dns.AAAA and record_type == dns.AAAA:
                     addresses.append(socket.inet_ntop(socket.AF_INET6, rr.payload.address))
         return addresses
+
+
+def ascii_domain(domain: str) -> str:
+    """The A-label form of an internationalised domain (DNS asks in ASCII); others unchanged."""
+    if domain.isascii():
+        return domain
+    try:
+        return idna.encode(domain).decode("ascii")
+    except (idna.IDNAError, UnicodeError, ValueError):
+        raise RoutingError(553, f"5.1.3 {domain!r} is not a valid internationalised domain name") from None
 
 
 def ip_literal(host: str) -> str | None:

@@ -33,6 +33,8 @@ from mailappliance.config import QueueSettings
 from mailappliance.metrics import METRICS
 from mailappliance.queue.client import OutboundFactory, OutboundJob, TransactionResult
 from mailappliance.queue.dsn import build_dsn, enhanced_status, recipient_status
+from mailappliance.queue.mta_sts import StsVerdict, count_session
+from mailappliance.smtp.dsn_params import Orcpt, notify_wants
 from mailappliance.queue.routing import NextHop, Router, RoutingError
 from mailappliance.queue.schedule import Outcome, next_attempt_at, outcome_of
 from mailappliance.queue.spool import DELIVERED, FAILED, Envelope, OutboundSpool, QueueEntryGone, RecipientState
@@ -50,6 +52,7 @@ class Answer:
     relay: str = "none"  # host[address]:port of the attempt that answered; "none": no next hop
     tls: bool = False
     delays: tuple[float, float, float] = (0.0, 0.0, 0.0)  # in the queue, connecting, the transaction
+    remote_dsn: bool = False  # the next hop offered DSN: success notices are its job from here
 
 
 @attrs.frozen
@@ -111,8 +114,10 @@ class QueueRunner(service.Service):
         tls_context_for: Callable[[NextHop], Any],
         reactor: Any,
         smarthost_login: tuple[str, str] | None = None,
+        mta_sts: Any = None,
     ) -> None:
         self.smarthost_login = smarthost_login
+        self.mta_sts = mta_sts  # mta_sts.MtaSts (None: MTA-STS off)
         self.spool = spool
         self.router = router
         self.settings = settings
@@ -180,6 +185,7 @@ class QueueRunner(service.Service):
         groups: dict[str, list[str]] = defaultdict(list)
         for recipient in envelope.pending():
             groups[recipient.address.rpartition("@")[2].lower()].append(recipient.address)
+        relayed_before = {r.address for r in envelope.recipients if r.state == DELIVERED}
         rounds = [Deferred.fromCoroutine(self._deliver_domain(domain, addresses, envelope, data))
                   for domain, addresses in groups.items()]
         answers: dict[str, Answer] = {}
@@ -192,6 +198,7 @@ class QueueRunner(service.Service):
         failed_now = apply_answers(envelope, answers, now, self.settings)
         self._log_round(envelope, answers, now)
         await self._report(envelope, failed_now, data, now)
+        await self._report_relayed(envelope, answers, relayed_before, data)
         try:
             await self.run_blocking(self.spool.update, queue_id, lambda stored: _copy_state(envelope, stored))
         except QueueEntryGone:
@@ -229,15 +236,21 @@ class QueueRunner(service.Service):
 
     async def _report(self, envelope: Envelope, failed_now: list[RecipientState], data: bytes,
                       now: float) -> None:
-        """DSNs go out (durably) before the envelope says the recipients failed."""
-        statuses = [recipient_status(r.address, "failed", r.last_code, r.last_text, r.remote_host)
-                    for r in failed_now]
+        """DSNs go out (durably) before the envelope says the recipients failed; NOTIFY
+        (RFC 3461) decides who is reported: FAILURE and DELAY unless the client said otherwise."""
+        reported = [r for r in failed_now if notify_wants(r.notify, "FAILURE")]
+        statuses = [recipient_status(r.address, "failed", r.last_code, r.last_text, r.remote_host,
+                                     _original_recipient(r.orcpt)) for r in reported]
         warn = (self.settings.delay_warning_after > 0 and not envelope.warned and envelope.pending()
                 and now - envelope.received_at >= self.settings.delay_warning_after)
         if warn:
-            statuses += [recipient_status(r.address, "delayed", r.last_code, r.last_text, r.remote_host)
-                         for r in envelope.pending()]
+            statuses += [recipient_status(r.address, "delayed", r.last_code, r.last_text, r.remote_host,
+                                          _original_recipient(r.orcpt))
+                         for r in envelope.pending() if notify_wants(r.notify, "DELAY")]
             envelope.warned = True
+        if len(reported) < len(failed_now):
+            log.info("queue: {id} no report for {n} failed recipient(s): NOTIFY says so", id=envelope.queue_id,
+                     n=len(failed_now) - len(reported))
         if not statuses:
             return
         if not envelope.sender:
@@ -246,10 +259,36 @@ class QueueRunner(service.Service):
             return
         report = build_dsn(reporting_host=self.hostname, original_sender=envelope.sender,
                            queue_id=envelope.queue_id, arrival_date=envelope.received_at,
-                           statuses=statuses, original_message=data)
+                           statuses=statuses, original_message=data, envid=envelope.envid,
+                           return_full=envelope.ret == "FULL")
         await self.send_report(envelope.sender, report)
         log.info("queue: {id} report to <{sender}>: {failed} failed, {delayed} delayed", id=envelope.queue_id,
-                 sender=envelope.sender, failed=len(failed_now), delayed=len(statuses) - len(failed_now))
+                 sender=envelope.sender, failed=len(reported), delayed=len(statuses) - len(reported))
+
+    async def _report_relayed(self, envelope: Envelope, answers: dict[str, Answer], before: set[str],
+                              data: bytes) -> None:
+        """NOTIFY=SUCCESS for a recipient handed to a next hop without DSN: we say "relayed"
+        (RFC 3461 5.2.2); a hop with DSN was given NOTIFY and reports delivery itself."""
+        if not envelope.sender:
+            return
+        statuses = [recipient_status(r.address, "relayed", answers[r.address].code, answers[r.address].text,
+                                     r.remote_host, _original_recipient(r.orcpt))
+                    for r in envelope.recipients
+                    if r.state == DELIVERED and r.address not in before and r.address in answers
+                    and not answers[r.address].remote_dsn and notify_wants(r.notify, "SUCCESS")]
+        if not statuses:
+            return
+        report = build_dsn(reporting_host=self.hostname, original_sender=envelope.sender,
+                           queue_id=envelope.queue_id, arrival_date=envelope.received_at, statuses=statuses,
+                           original_message=data, envid=envelope.envid, return_full=envelope.ret == "FULL")
+        try:
+            await self.send_report(envelope.sender, report)
+        except Exception:  # a success notice is not worth a repeated delivery
+            log.failure("queue: {id} relayed notice to <{sender}> failed", id=envelope.queue_id,
+                        sender=envelope.sender)
+            return
+        log.info("queue: {id} report to <{sender}>: {n} relayed (NOTIFY=SUCCESS, next hop without DSN)",
+                 id=envelope.queue_id, sender=envelope.sender, n=len(statuses))
 
     async def _deliver_domain(self, domain: str, addresses: list[str], envelope: Envelope,
                               data: bytes) -> dict[str, Answer]:
@@ -260,25 +299,48 @@ class QueueRunner(service.Service):
             waited = max(0.0, time.time() - envelope.received_at)
             return {a: Answer(e.code, e.text, delays=(waited, 0.0, 0.0)) for a in addresses}
         answers: dict[str, Answer] = {}
+        sts = await self._sts_verdict(domain, hops)
+        if sts is not None and sts.enforced:
+            hops = sts_hops(sts, hops)
+            if not hops:
+                count_session("sts", "validation-failure")
+                log.info("queue: {id} {domain}: no MX matches its MTA-STS policy (mx {mx}): deferred",
+                         id=envelope.queue_id, domain=domain, mx=",".join(sts.policy.mx))
+                waited = max(0.0, time.time() - envelope.received_at)
+                return {a: Answer(451, f"4.7.5 MTA-STS: no MX host of {domain} matches its policy",
+                                  delays=(waited, 0.0, 0.0)) for a in addresses}
         remaining = list(addresses)
         for hop in hops:
             if not remaining:
                 break
-            attempt = await self._attempt(hop, remaining, envelope, data)
+            attempt = await self._attempt(hop, remaining, envelope, data, sts)
             for address in list(remaining):
                 code, text = attempt.result.replies.get(address, (451, "4.4.2 no answer"))
-                answers[address] = Answer(code, text, hop.hostname, attempt.relay, attempt.result.tls, attempt.delays)
+                answers[address] = Answer(code, text, hop.hostname, attempt.relay, attempt.result.tls, attempt.delays,
+                                          attempt.result.dsn)
                 if outcome_of(code) is not Outcome.RETRY:
                     remaining.remove(address)
         return answers
 
+    async def _sts_verdict(self, domain: str, hops: list[NextHop]) -> StsVerdict | None:
+        """The MTA-STS policy for delivery to ``domain``'s MX hosts (None: not asked: MTA-STS
+        off, or the mail goes to a smarthost or transport)."""
+        if self.mta_sts is None or not hops or self.router.uses_relay(domain):
+            return None
+        return await self.mta_sts.verdict(domain)
+
     async def _attempt(self, hop: NextHop, recipients: list[str], envelope: Envelope,
-                       data: bytes) -> Attempt:
+                       data: bytes, sts: StsVerdict | None = None) -> Attempt:
+        by_address = {r.address: r for r in envelope.recipients}
         job = OutboundJob(
             helo=self.hostname, sender=envelope.sender, recipients=tuple(recipients), data=data,
             tls_context=self.tls_context_for(hop), require_tls=hop.verify_tls,
             timeout=self.settings.command_timeout,
             auth=self.smarthost_login if hop.is_smarthost else None,
+            ret=envelope.ret, envid=envelope.envid, smtputf8=envelope.smtputf8,
+            dsn={a: (by_address[a].notify, by_address[a].orcpt) for a in recipients
+                 if a in by_address and (by_address[a].notify or by_address[a].orcpt)},
+            tls_policy=hop.tls_policy,
         )
         destination = self._per_destination[hop.hostname]
         await self._global.acquire()
@@ -294,6 +356,11 @@ class QueueRunner(service.Service):
             destination.release()
             self._global.release()
         connected = factory.connected_at if factory.connected_at is not None else ended
+        if sts is not None and factory.connected_at is not None:  # TLS-RPT counts sessions with MX hosts
+            failure = result.tls_failure or ("" if result.tls else "starttls-not-supported")
+            if sts.policy is not None and sts.policy.mode == "testing" and not sts.policy.matches(hop.hostname):
+                failure = failure or "validation-failure"
+            count_session(sts.policy_type, failure)
         outcome = outcome_of(min((result.replies.get(a, (451, ""))[0] for a in recipients), default=451))
         METRICS.observe("mailappliance_delivery_attempt_seconds", ended - started, outcome=outcome.value)
         for address in recipients:
@@ -301,6 +368,19 @@ class QueueRunner(service.Service):
             METRICS.count("mailappliance_delivery_attempts_total", outcome=outcome_of(code).value)
         return Attempt(result, f"{hop.hostname}[{hop.address}]:{hop.port}",
                        (waited, connected - started, ended - connected))
+
+
+def sts_hops(sts: StsVerdict, hops: list[NextHop]) -> list[NextHop]:
+    """Under an enforced MTA-STS policy: only the MX hosts it names, each with TLS
+    required and its certificate verified for its name."""
+    assert sts.policy is not None
+    return [attrs.evolve(hop, verify_tls=True, tls_policy="MTA-STS enforce")
+            for hop in hops if sts.policy.matches(hop.hostname)]
+
+
+def _original_recipient(stored: str) -> str:
+    orcpt = Orcpt.from_stored(stored) if stored else None
+    return orcpt.field() if orcpt else ""
 
 
 def _copy_state(source: Envelope, target: Envelope) -> None:

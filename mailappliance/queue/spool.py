@@ -37,6 +37,8 @@ class RecipientState:
     last_code: int = 0
     last_text: str = ""
     remote_host: str = ""
+    notify: str = ""  # DSN NOTIFY as the client gave it ("SUCCESS,FAILURE", "NEVER"; "": not given)
+    orcpt: str = ""  # DSN ORCPT decoded, "rfc822;addr" or "utf-8;addr" ("": not given)
 
 
 @attrs.define
@@ -54,10 +56,18 @@ class Envelope:
     attempts: int = 0
     warned: bool = False
     body_offset: int = 0  # bytes at the start of the file that are not sent (our Return-Path)
+    ret: str = ""  # DSN RET: "FULL", "HDRS" or "" (not given)
+    envid: str = ""  # DSN ENVID, decoded
+    smtputf8: bool = False  # the client sent SMTPUTF8: UTF-8 addresses or header fields
 
     @classmethod
-    def new(cls, queue_id: str, sender: str, recipients: list[str] | tuple[str, ...], **kwargs: Any) -> "Envelope":
-        return cls(queue_id, sender, [RecipientState(r) for r in recipients], **kwargs)
+    def new(cls, queue_id: str, sender: str, recipients: list[str] | tuple[str, ...],
+            notify: dict[str, str] | None = None, orcpt: dict[str, str] | None = None,
+            **kwargs: Any) -> "Envelope":
+        """``notify`` and ``orcpt``: the DSN parameters per recipient address, where given."""
+        notify, orcpt = notify or {}, orcpt or {}
+        return cls(queue_id, sender, [RecipientState(r, notify=notify.get(r, ""), orcpt=orcpt.get(r, ""))
+                                      for r in recipients], **kwargs)
 
     def pending(self) -> list[RecipientState]:
         return [r for r in self.recipients if r.state == PENDING]
@@ -74,7 +84,8 @@ class Envelope:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Envelope":
-        recipients = [RecipientState(**r) for r in data.pop("recipients")]
+        fields = {f.name for f in attrs.fields(RecipientState)}
+        recipients = [RecipientState(**{k: v for k, v in r.items() if k in fields}) for r in data.pop("recipients")]
         known = {f.name for f in attrs.fields(cls)}
         return cls(recipients=recipients, **{k: v for k, v in data.items() if k in known})
 

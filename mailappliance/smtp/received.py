@@ -52,11 +52,12 @@ def received_header(
     else:
         lines[-1] += ";"
         lines.append(f"\t{date}")
-    return ("\r\n".join(lines) + "\r\n").encode("ascii", "replace")
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8")  # UTF-8 only in a recipient of an SMTPUTF8 message
 
 
 def return_path_header(sender: str) -> bytes:
-    return f"Return-Path: <{sender}>\r\n".encode("ascii", "replace")
+    """``sender`` is a parsed path: printable, UTF-8 only with SMTPUTF8 (RFC 6532)."""
+    return f"Return-Path: <{sender}>\r\n".encode("utf-8")
 
 
 def tls_description(transport: object) -> str | None:

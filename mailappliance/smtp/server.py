@@ -34,6 +34,7 @@ from mailappliance.screening import ClientFacts, screen_client, screen_helo
 from mailappliance.smtp import replies
 from mailappliance.sasl import SaslExchange
 from mailappliance.smtp.auth import AuthCommands
+from mailappliance.smtp.chunking import ChunkingCommands
 from mailappliance.smtp.data import DataReader
 from mailappliance.smtp.transaction import MailTransaction, Transaction
 
@@ -78,7 +79,7 @@ class SMTPConfig:
 
 
 @implementer(IHandshakeListener)
-class SMTPSession(AuthCommands, MailTransaction, LineSession):
+class SMTPSession(AuthCommands, ChunkingCommands, MailTransaction, LineSession):
     """One SMTP connection."""
 
     log = Logger(namespace="mailappliance.smtp")
@@ -98,6 +99,7 @@ class SMTPSession(AuthCommands, MailTransaction, LineSession):
         self.data_started = 0.0
         self.return_path_length = 0
         self.skip_octets = 0  # of a refused BDAT chunk
+        self.chunked = None  # a message arriving in BDAT chunks (chunking.py)
         self.errors = 0
         self.secure = False
         self.tls_started = False
@@ -142,7 +144,8 @@ class SMTPSession(AuthCommands, MailTransaction, LineSession):
         self.sasl = None
 
     def deadline_passed(self, now: float) -> str | None:
-        if self.data_reader is not None and now - self.data_started > self.config.data_time_limit:
+        receiving = self.data_reader is not None or self.chunked is not None
+        if receiving and now - self.data_started > self.config.data_time_limit:
             return "DATA"
         return None
 
@@ -151,6 +154,9 @@ class SMTPSession(AuthCommands, MailTransaction, LineSession):
             skipped = min(self.skip_octets, len(self.input))
             del self.input[:skipped]
             self.skip_octets -= skipped
+            return True
+        if self.chunks_in_progress():
+            self.take_chunk_octets()
             return True
         if self.data_reader is not None:
             data = bytes(self.input)
@@ -290,8 +296,8 @@ class SMTPSession(AuthCommands, MailTransaction, LineSession):
     # -- simple commands --------------------------------------------------------------
 
     def extensions(self) -> list[str]:
-        extensions = [f"SIZE {self.config.max_message_size}", "8BITMIME", "PIPELINING",
-                      "ENHANCEDSTATUSCODES"]
+        extensions = [f"SIZE {self.config.max_message_size}", "8BITMIME", "PIPELINING", "DSN", "SMTPUTF8",
+                      "CHUNKING", "ENHANCEDSTATUSCODES"]  # no BINARYMIME: chunking.py
         if self.config.tls is not None and not self.tls_started:
             extensions.append("STARTTLS")
         if self.may_authenticate and self.subscriber is None:

@@ -35,8 +35,10 @@ from mailappliance.queue.spool import Envelope
 from mailappliance.screening import screen_sender
 from mailappliance.smtp import replies
 from mailappliance.smtp.data import DataReader
+from mailappliance.smtp.dsn_notices import envelope_fields, notify_local_success
+from mailappliance.smtp.dsn_params import MailParameters, ParameterError, parse_mail_parameters, parse_rcpt_parameters
 from mailappliance.smtp.inspection import inspect_message, suspension_refusal
-from mailappliance.smtp.paths import MailPath, PathSyntaxError, parse_path, split_command_argument
+from mailappliance.smtp.paths import MailPath, NonAsciiAddress, PathSyntaxError, parse_path, split_command_argument
 from mailappliance.smtp.received import received_header, return_path_header, tls_description
 from mailappliance.smtp.recipients import ForwardedRecipient, LocalRecipients, RcptOutcome
 
@@ -70,6 +72,8 @@ class Transaction:
     data_ended: float = 0.0  # the final dot
     delivered_to_span: tuple[int, int] = (0, 0)  # the first local recipient's Delivered-To in the file
     forwarded: list[ForwardedRecipient] = attrs.Factory(list)  # copies out with an SRS sender
+    mail_parameters: MailParameters | None = None  # SIZE, BODY, SMTPUTF8, DSN's RET and ENVID (dsn_params)
+    recipient_parameters: dict[str, Any] = attrs.Factory(dict)  # accepted address -> NOTIFY, ORCPT
 
     @property
     def recipient_count(self) -> int:
@@ -95,6 +99,7 @@ class MailTransaction(LocalRecipients):
             self.delivery.abort()
             self.delivery = None
         self.data_reader = None
+        self.forget_chunks()  # a BDAT transfer (chunking.py)
 
     # -- MAIL -------------------------------------------------------------------
 
@@ -108,14 +113,22 @@ class MailTransaction(LocalRecipients):
             return
         try:
             path_text, parameters = split_command_argument(argument, "FROM")
-            sender = parse_path(path_text, allow_null=True)
         except PathSyntaxError as e:
             self.error(replies.Reply(501, "5.1.7", f"Bad sender address syntax: {e}"))
             return
-        problem, declared_size = self._mail_parameters(parameters)
+        problem, mail_parameters = self._mail_parameters(parameters)
         if problem:
             self.error(problem)
             return
+        try:
+            sender = parse_path(path_text, allow_null=True, utf8=mail_parameters.smtputf8)
+        except NonAsciiAddress:
+            self.error(replies.NON_ASCII_ADDRESS)
+            return
+        except PathSyntaxError as e:
+            self.error(replies.Reply(501, "5.1.7", f"Bad sender address syntax: {e}"))
+            return
+        declared_size = mail_parameters.size
         if self.config.require_auth and self.subscriber is None:
             self.error(replies.AUTH_REQUIRED)
             return
@@ -124,7 +137,8 @@ class MailTransaction(LocalRecipients):
             if refusal is not None:
                 self.error(refusal)
                 return
-            self.transaction = Transaction(sender=sender, declared_size=declared_size)
+            self.transaction = Transaction(sender=sender, declared_size=declared_size,
+                                           mail_parameters=mail_parameters)
             self.respond(replies.SENDER_OK)
             return
         why = decide_sender(sender, self.subscriber, self.addressing)
@@ -140,22 +154,24 @@ class MailTransaction(LocalRecipients):
             self.error(suspended)
             return
         if self.factory.limits is None:
-            self.transaction = Transaction(sender=sender, declared_size=declared_size)
+            self.transaction = Transaction(sender=sender, declared_size=declared_size,
+                                           mail_parameters=mail_parameters)
             self.respond(replies.SENDER_OK)
             return
         reservation = self.factory.limits.reservation(
             self.subscriber.uid, subscriber_limits(self.factory.limits.settings, self.subscriber.limits))
         d = reservation.start_message()  # the state store may be Redis: later commands wait for it
-        d.addCallback(self._message_reserved, reservation, sender, declared_size)
+        d.addCallback(self._message_reserved, reservation, sender, mail_parameters)
         self.run(d)
 
-    def _message_reserved(self, hit: Any, reservation: Any, sender: MailPath, declared_size: int) -> None:
+    def _message_reserved(self, hit: Any, reservation: Any, sender: MailPath, mail_parameters: MailParameters) -> None:
         if hit is not None or self.closed:
             reservation.release()
             if hit is not None:
                 self.limit_hit(hit)
             return
-        self.transaction = Transaction(sender=sender, declared_size=declared_size, reservation=reservation)
+        self.transaction = Transaction(sender=sender, declared_size=mail_parameters.size, reservation=reservation,
+                                       mail_parameters=mail_parameters)
         self.respond(replies.SENDER_OK)
 
     def _unauthenticated_sender_refusal(self, sender: MailPath, declared_size: int) -> replies.Reply | None:
@@ -174,25 +190,13 @@ class MailTransaction(LocalRecipients):
             return replies.NETWORK_BUDGET
         return None
 
-    def _mail_parameters(self, parameters: list[str]) -> tuple[replies.Reply | None, int]:
+    def _mail_parameters(self, parameters: list[str]) -> tuple[replies.Reply | None, MailParameters]:
         if parameters and not self.esmtp:
-            return replies.Reply(555, "5.5.4", "Error: MAIL parameters need EHLO"), 0
-        declared = 0
-        for parameter in parameters:
-            name, _, value = parameter.partition("=")
-            name = name.upper()
-            if name == "SIZE":
-                if not value.isdigit() or not value.isascii() or len(value) > 20:
-                    return replies.Reply(501, "5.5.4", "Error: bad SIZE parameter"), 0
-                declared = int(value)
-                if declared > self.config.max_message_size:
-                    return replies.MESSAGE_TOO_BIG, 0
-            elif name == "BODY":
-                if value.upper() not in ("7BIT", "8BITMIME"):
-                    return replies.Reply(501, "5.5.4", "Error: BODY must be 7BIT or 8BITMIME"), 0
-            else:
-                return replies.Reply(555, "5.5.4", "Error: unsupported MAIL parameter"), 0
-        return None, declared
+            return replies.Reply(555, "5.5.4", "Error: MAIL parameters need EHLO"), MailParameters()
+        try:
+            return None, parse_mail_parameters(parameters, self.config.max_message_size)
+        except ParameterError as e:
+            return e.reply, MailParameters()
 
     # -- RCPT -------------------------------------------------------------------
 
@@ -201,14 +205,21 @@ class MailTransaction(LocalRecipients):
         if transaction is None:
             self.error(replies.NEED_MAIL)
             return
+        if self.refuse_mixing():  # RCPT after BDAT (chunking.py)
+            return
+        smtputf8 = transaction.mail_parameters is not None and transaction.mail_parameters.smtputf8
         try:
             path_text, parameters = split_command_argument(argument, "TO")
-            recipient = parse_path(path_text, allow_null=False)
+            recipient = parse_path(path_text, allow_null=False, utf8=smtputf8)
+            rcpt_parameters = parse_rcpt_parameters(parameters) if parameters else None  # DSN
+        except NonAsciiAddress:
+            self.error(replies.NON_ASCII_ADDRESS)
+            return
         except PathSyntaxError as e:
             self.error(replies.Reply(501, "5.1.3", f"Bad recipient address syntax: {e}"))
             return
-        if parameters:
-            self.error(replies.Reply(555, "5.5.4", "Error: unsupported RCPT parameter"))
+        except ParameterError as e:
+            self.error(e.reply)
             return
         if transaction.recipient_count >= self.config.max_recipients:
             self.respond(replies.TOO_MANY_RECIPIENTS)
@@ -233,11 +244,11 @@ class MailTransaction(LocalRecipients):
             self.error(reply.with_text(f"<{recipient.address}>: {reply.text}"))
             return
         if verdict.route is Route.REMOTE:
-            self._accept_remote(transaction, recipient)
+            self._accept_remote(transaction, recipient, rcpt_parameters)
             return
         address = recipient.address.lower()
         d = Deferred.fromCoroutine(self.resolve_local(recipient))
-        d.addCallback(self._rcpt_decided, address)
+        d.addCallback(self._rcpt_decided, address, rcpt_parameters)
         d.addErrback(self._rcpt_lookup_failed, address)
         self.run(d)
 
@@ -288,7 +299,8 @@ class MailTransaction(LocalRecipients):
                 return replies.MAILBOX_FULL
         return LocalRecipient(address, subscriber, maildir)
 
-    def _rcpt_decided(self, outcome: replies.Reply | RcptOutcome, address: str) -> Deferred | None:
+    def _rcpt_decided(self, outcome: replies.Reply | RcptOutcome, address: str,
+                      rcpt_parameters: Any = None) -> Deferred | None:
         transaction = self.transaction
         if isinstance(outcome, replies.Reply):
             if outcome.permanent:
@@ -298,7 +310,12 @@ class MailTransaction(LocalRecipients):
             return None
         if transaction is None:  # the connection ended meanwhile
             return None
-        return self._reserve_recipient(transaction, lambda: self.add_outcome(transaction, outcome))
+        def accept() -> None:
+            self.add_outcome(transaction, outcome)
+            if rcpt_parameters:
+                transaction.recipient_parameters[outcome.address] = rcpt_parameters
+
+        return self._reserve_recipient(transaction, accept)
 
     def _rcpt_lookup_failed(self, failure: Failure, address: str) -> None:
         if not failure.check(DirectoryUnavailable):
@@ -308,12 +325,18 @@ class MailTransaction(LocalRecipients):
                            rcpt=address, why=failure.getErrorMessage())
         self.respond(replies.TEMP_LOOKUP_FAILURE.with_text(f"<{address}>: {replies.TEMP_LOOKUP_FAILURE.text}"))
 
-    def _accept_remote(self, transaction: Transaction, recipient: MailPath) -> None:
+    def _accept_remote(self, transaction: Transaction, recipient: MailPath, rcpt_parameters: Any = None) -> None:
         """An authenticated subscriber's mail for another domain: to the outbound spool."""
         if self.factory.spool is None:
             self.error(replies.RELAY_DENIED.with_text(f"<{recipient.address}>: Relay access denied"))
             return
-        self.run(self._reserve_recipient(transaction, lambda: transaction.remote_recipients.append(recipient.address)))
+
+        def accept() -> None:
+            transaction.remote_recipients.append(recipient.address)
+            if rcpt_parameters:
+                transaction.recipient_parameters[recipient.address] = rcpt_parameters
+
+        self.run(self._reserve_recipient(transaction, accept))
 
     # -- DATA -------------------------------------------------------------------
 
@@ -328,6 +351,19 @@ class MailTransaction(LocalRecipients):
         if argument:
             self.error(replies.Reply(501, "5.5.4", "Syntax: DATA"))
             return
+        if self.refuse_mixing():  # DATA after BDAT (chunking.py)
+            return
+        if not self.start_message(transaction):
+            return
+        assert self.delivery is not None
+        self.data_reader = DataReader(self.delivery.write, self.config.max_message_size, self.config.max_line_length,
+                                      normalize_line_endings=self.config.normalize_line_endings)
+        self.data_started = self.clock.seconds()
+        self.respond(replies.START_DATA)
+
+    def start_message(self, transaction: Transaction) -> bool:
+        """Stage the message with our trace fields (DATA and the first BDAT); False when
+        storage failed (answered 451, transaction ended)."""
         try:
             delivery = Delivery(self.config.incoming_dir)
             # Return-Path belongs to final delivery only: the spool copy skips it (body_offset)
@@ -343,27 +379,13 @@ class MailTransaction(LocalRecipients):
             self.log_event(self.log.error, "cannot start message: {why}", why=str(e))
             self.reset_transaction()
             self.respond(replies.STORAGE_UNAVAILABLE)
-            return
+            return False
         self.delivery = delivery
-        self.data_reader = DataReader(delivery.write, self.config.max_message_size, self.config.max_line_length,
-                                      normalize_line_endings=self.config.normalize_line_endings)
-        self.data_started = self.clock.seconds()
-        self.respond(replies.START_DATA)
-
-    def smtp_BDAT(self, argument: str) -> None:
-        """CHUNKING is not offered: skip the chunk's octets so that none of them
-        is read as a command, then refuse (a size we cannot read ends the session)."""
-        size, _, rest = argument.partition(" ")
-        if not size.isdigit() or not size.isascii() or len(size) > 20 or rest.strip().upper() not in ("", "LAST"):
-            self.log_event(self.log.info, "BDAT with an unreadable chunk size: closing")
-            self.close_with(replies.Reply(421, "4.5.0", f"{self.config.hostname} Error: cannot read BDAT size"))
-            return
-        self.skip_octets = int(size)
-        self.reset_transaction()
-        self.error(replies.CHUNKING_UNSUPPORTED)
+        return True
 
     def _received_header(self, transaction: Transaction, message_id: str) -> bytes:
-        protocol_name = "ESMTP" if self.esmtp else "SMTP"
+        utf8 = transaction.mail_parameters is not None and transaction.mail_parameters.smtputf8
+        protocol_name = "UTF8SMTP" if utf8 else "ESMTP" if self.esmtp else "SMTP"  # RFC 6531 3.7.3
         if self.esmtp and (self.secure or self.subscriber):  # RFC 3848
             protocol_name += ("S" if self.secure else "") + ("A" if self.subscriber else "")
         identity = None
@@ -459,6 +481,7 @@ class MailTransaction(LocalRecipients):
                 client_ip=self.client_ip,
                 session_id=self.session_id,
                 body_offset=self.return_path_length,
+                **envelope_fields(transaction, transaction.remote_recipients),
             )))
         entries.extend(self.forward_entries(delivery, transaction))
         maildirs = [junk_folder(r.maildir) if r.address in checked.junk else delivery_target(r.maildir, r.folder)
@@ -508,6 +531,7 @@ class MailTransaction(LocalRecipients):
         )
         self._log_local_deliveries(delivery, transaction, paths or [])
         self.respond(replies.Reply(250, "2.0.0", f"Ok: queued as {delivery.name}"))
+        notify_local_success(self, delivery.name, transaction, paths or [])  # NOTIFY=SUCCESS (RFC 3461)
         if transaction.remote_recipients:
             self.factory.on_queued()
 

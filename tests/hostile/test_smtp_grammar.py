@@ -1,6 +1,7 @@
 """Finding 12 (protocol parts): verbs are ASCII, AUTH exchanges cannot be
 confused by long lines, TLS forgets an earlier login, BDAT payloads are never
-commands, and the MX does not take passwords unless the admin says so."""
+commands (tests/hostile/test_chunking.py has the rest of BDAT), and the MX does not
+take passwords unless the admin says so."""
 
 from __future__ import annotations
 
@@ -51,17 +52,20 @@ def test_starttls_forgets_an_earlier_login(tmp_path: Path) -> None:
     assert session.last(b"MAIL FROM:<alice@example.org>\r\n").startswith(reply_of(replies.AUTH_REQUIRED))
 
 
-def test_a_bdat_chunk_is_skipped_not_executed(tmp_path: Path) -> None:
-    """BDAT is refused (502) and its octets are discarded: 'QUIT' inside the chunk does nothing."""
+def test_a_bdat_chunk_is_message_text_not_commands(tmp_path: Path) -> None:
+    """A BDAT chunk is the message: 'QUIT' lines inside it are stored, never executed (RFC 3030;
+    more in test_chunking.py)."""
     smtp = Harness(tmp_path)
     smtp.send(b"EHLO client.example.net\r\n")
     chunk = b"QUIT\r\nQUIT\r\nQUIT\r\n"
     lines = smtp.send(b"MAIL FROM:<s@example.net>\r\nRCPT TO:<alice@example.org>\r\n"
                       b"BDAT %d LAST\r\n" % len(chunk) + chunk + b"NOOP\r\n")
-    assert lines[-2].startswith(reply_of(replies.CHUNKING_UNSUPPORTED))
+    assert lines[-2].startswith("250 2.0.0 Ok: queued as ")
     assert lines[-1] == "250 2.0.0 Ok"
     assert not smtp.transport.disconnecting
-    assert smtp.send(b"DATA\r\n")[-1].startswith(reply_of(replies.NEED_MAIL))  # BDAT ended the transaction
+    [stored] = smtp.messages("alice")
+    assert stored.endswith(b"\r\n" + chunk)
+    assert smtp.send(b"DATA\r\n")[-1].startswith(reply_of(replies.NEED_MAIL))  # LAST ended the transaction
 
 
 def test_a_bdat_size_that_cannot_be_read_ends_the_session(tmp_path: Path) -> None:
