@@ -256,6 +256,13 @@ class BackupWriter:
         return slapd
 
 
+def _holds(slapd: dict[str, Any], base_dn: str) -> bool:
+    """One of the dumped databases is the directory's (its suffix holds base_dn)."""
+    from mailappliance.directory_setup import is_within
+
+    return any(is_within(base_dn, db["suffix"]) for db in slapd["databases"])
+
+
 def _stored_record(path: Path, name: str) -> dict[str, Any]:
     os.chmod(path, 0o600)
     return {"file": name, "size": path.stat().st_size, "sha256": _sha256(path)}
@@ -365,6 +372,12 @@ def make_backup(settings: Any, target: Path, slapd_config: Path) -> dict[str, An
         if settings.directory.backend == "ldap":
             if os.geteuid() == 0 and slapd_config.is_dir() and os.path.exists(SLAPCAT):
                 slapd = writer.run_slapcat(slapd_config)
+                if not _holds(slapd, settings.directory.ldap.base_dn):
+                    shutil.rmtree(target / "slapd")
+                    notes.append(f"the local slapd ({slapd_config}) does not hold {settings.directory.ldap.base_dn}: "
+                                 f"not in this backup; back up the LDAP server of {', '.join(settings.directory.ldap.urls)}"
+                                 " on its host")
+                    slapd = None
             else:
                 notes.append(f"the LDAP directory ({', '.join(settings.directory.ldap.urls)}) is not in this backup: "
                              f"no local slapd config at {slapd_config} (or not root); back it up on its server "

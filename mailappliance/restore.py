@@ -160,15 +160,13 @@ def _put_file(stored: Path, record: dict[str, Any], uid: int, gid: int, areas: l
 
 def _slapd_running(config_dir: Path) -> int | None:
     """The pid of a slapd that runs with ``config_dir`` (its olcPidFile), if any."""
-    config = config_dir / "cn=config.ldif"
-    try:
-        text = config.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return None
-    match = re.search(r"^olcPidFile: (.+)$", text, re.MULTILINE)
-    try:
-        pid = int(Path(match.group(1).strip()).read_text().strip()) if match else 0
-    except (OSError, ValueError):
+    from mailappliance.directory.ldif_format import LdifSyntaxError, parse_ldif
+
+    try:  # slapd folds long lines: read it as LDIF, not line by line
+        entries = parse_ldif((config_dir / "cn=config.ldif").read_text(encoding="utf-8", errors="replace"))
+        pid_file = next((e.first("olcPidFile") for e in entries if e.first("olcPidFile")), "")
+        pid = int(Path(pid_file).read_text().strip()) if pid_file else 0
+    except (OSError, ValueError, LdifSyntaxError):
         return None
     return pid if pid and Path(f"/proc/{pid}").exists() else None
 

@@ -91,6 +91,21 @@ def test_backup_of_a_running_daemon_restores_onto_an_empty_machine(
     assert [m["queue_id"] for m in after] == [m["queue_id"] for m in queued]
 
 
+def test_a_local_slapd_without_the_directory_is_left_out(
+        tmp_path: Path, appliance: Callable[..., Appliance], slapd: Slapd) -> None:
+    """A slapd on this host that does not hold base_dn (the directory is elsewhere) is
+    not dumped: a restore must not put an unrelated directory onto the new machine."""
+    other = tmp_path / "other-slapd"
+    other.mkdir()
+    unrelated = Slapd(other)  # holds dc=example,dc=org: the config below says dc=elsewhere
+    instance = appliance(backend="ldap", slapd=slapd, start=False,
+                         extra={"directory.ldap": {"base_dn": "ou=people,dc=elsewhere,dc=example"}})
+    made = instance.admin("backup", str(tmp_path / "backup"), "--slapd-config", str(unrelated.root / "slapd.d"))
+    assert made.returncode == 0, made.stderr
+    assert "does not hold ou=people,dc=elsewhere,dc=example" in made.stdout
+    assert not (tmp_path / "backup" / "slapd").exists()
+
+
 def test_a_damaged_backup_restores_nothing(appliance: Callable[..., Appliance], tmp_path: Path) -> None:
     """One changed byte: restore names the file and writes nothing."""
     instance = appliance(start=False)
@@ -123,6 +138,8 @@ def test_a_local_slapd_is_backed_up_with_slapcat_and_restored_with_slapadd(
         assert "slapd config and 1 database(s)" in made.stdout
         assert {p.name for p in (backup / "slapd").iterdir()} == {"config.ldif", "db1.ldif"}
         assert b"uid=alice" in (backup / "slapd" / "db1.ldif").read_bytes()
+        running = instance.admin("restore", str(backup), "--force")
+        assert running.returncode == 1 and "stop it first" in running.stderr, running.stdout + running.stderr
     finally:
         slapd.stop()
     root.rename(tmp_path / "old-ldap")
