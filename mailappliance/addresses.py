@@ -10,7 +10,10 @@ from __future__ import annotations
 import re
 import unicodedata
 
+import idna
+
 from mailappliance.directory import InvalidAddress
+from mailappliance.smtp.paths import PathSyntaxError, parse_path
 
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
 _LOCAL_PART = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*")
@@ -22,8 +25,15 @@ MAX_MAILBOX_NAME_BYTES = 255  # NAME_MAX of Linux filesystems
 
 
 def normalize_domain(text: str) -> str:
-    """A lower-case domain of LDH labels (no trailing dot); InvalidAddress otherwise."""
+    """A lower-case domain of LDH labels (no trailing dot); InvalidAddress otherwise.
+    An internationalised domain (U-labels) becomes its A-labels (IDNA 2008), the
+    form DNS and the SMTP side use."""
     domain = text.strip().lower()
+    if not domain.isascii():
+        try:
+            domain = idna.encode(unicodedata.normalize("NFC", domain)).decode("ascii")
+        except (idna.IDNAError, UnicodeError, ValueError):
+            raise InvalidAddress(f"{text!r} is not a valid internationalised domain name") from None
     if not domain or len(domain) > 253:
         raise InvalidAddress(f"{text!r} is not a domain name")
     if not all(_LABEL.fullmatch(label) for label in domain.split(".")):
@@ -41,6 +51,15 @@ def normalize_address(text: str) -> str:
     if address.count("@") != 1:
         raise InvalidAddress(f"{text!r} is not an address (expected exactly one '@')")
     local, domain = address.split("@")
+    if not local.isascii():  # SMTPUTF8 (RFC 6531): stored in UTF-8, NFC, as the SMTP side compares it
+        local = unicodedata.normalize("NFC", local)
+        try:
+            parsed = parse_path(f"<{local}@example.invalid>", allow_null=False, utf8=True)
+        except PathSyntaxError:
+            parsed = None
+        if parsed is None or parsed.quoted or _ROUTING & set(local):
+            raise InvalidAddress(f"{text!r}: the part before '@' is not a valid local part")
+        return f"{local.lower()}@{normalize_domain(domain)}"
     if not local or len(local) > 64 or not _LOCAL_PART.fullmatch(local) or _ROUTING & set(local):
         raise InvalidAddress(f"{text!r}: the part before '@' is not a valid local part")
     return f"{local.lower()}@{normalize_domain(domain)}"

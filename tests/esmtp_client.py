@@ -3,15 +3,20 @@
 
 from __future__ import annotations
 
+import base64
 import socket
+import ssl
 from typing import Any
 
 
 class RawSMTP:
     """One connection; ``command`` returns (code, reply lines without the code)."""
 
-    def __init__(self, host: str, port: int, timeout: float = 20) -> None:
+    def __init__(self, host: str, port: int, timeout: float = 20, tls: ssl.SSLContext | None = None) -> None:
+        """``tls``: implicit TLS (port 465) with this client context."""
         self.socket = socket.create_connection((host, port), timeout=timeout)
+        if tls is not None:
+            self.socket = tls.wrap_socket(self.socket, server_hostname="localhost")
         self.reader = self.socket.makefile("rb")
         self.greeting = self.reply()
 
@@ -51,6 +56,11 @@ class RawSMTP:
         code, lines = self.command(f"EHLO {name}")
         assert code == 250, lines
         return lines[1:]
+
+    def login(self, login: str, password: str) -> None:
+        token = base64.b64encode(f"\0{login}\0{password}".encode()).decode()
+        code, lines = self.command(f"AUTH PLAIN {token}")
+        assert code == 235, lines
 
     def bdat(self, chunk: bytes, last: bool = False) -> tuple[int, list[str]]:
         self.send(b"BDAT %d%s\r\n" % (len(chunk), b" LAST" if last else b"") + chunk)

@@ -33,9 +33,10 @@ def _name(common_name: str, email: str | None = None) -> x509.Name:
 
 def build_certificate(subject: x509.Name, public_key: Any, issuer: x509.Name, issuer_key: Any, *,
                       kind: str, not_before: datetime.datetime = NOW - DAY,
-                      not_after: datetime.datetime = NOW + 90 * DAY) -> x509.Certificate:
+                      not_after: datetime.datetime = NOW + 90 * DAY,
+                      dns_names: tuple[str, ...] = ("localhost",)) -> x509.Certificate:
     """One certificate, signed by ``issuer_key``; ``kind`` is "ca", "server"
-    (names localhost and 127.0.0.1) or "client"."""
+    (names ``dns_names``, by default localhost, and 127.0.0.1) or "client"."""
     builder = (
         x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(public_key)
         .serial_number(x509.random_serial_number()).not_valid_before(not_before).not_valid_after(not_after)
@@ -52,7 +53,8 @@ def build_certificate(subject: x509.Name, public_key: Any, issuer: x509.Name, is
         x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), critical=False)
     if kind == "server":
         builder = builder.add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            [*(x509.DNSName(n) for n in dns_names), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False)
         usage = ExtendedKeyUsageOID.SERVER_AUTH
     else:
         usage = ExtendedKeyUsageOID.CLIENT_AUTH
@@ -112,6 +114,15 @@ class TestPKI:
                                 kind="server", not_before=datetime.datetime.now(datetime.timezone.utc) - DAY)
         self._write_certificate(path, new)
         return new.public_bytes(serialization.Encoding.DER)
+
+    def server_certificate_for(self, name: str, *hosts: str) -> tuple[Path, Path]:
+        """A server certificate (and key) from the test server CA for ``hosts``, e.g. a remote
+        MX or an MTA-STS policy host; written as ``name``.pem and ``name``.key."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        authority = x509.load_pem_x509_certificate(self.server_ca.read_bytes())
+        certificate = build_certificate(_name(hosts[0]), key.public_key(), authority.subject,
+                                        self.server_ca_key_obj, kind="server", dns_names=hosts)
+        return self._write_certificate(self.root / f"{name}.pem", certificate), self._write_key(name, key)
 
     def cert_path(self, name: str) -> Path:
         return self.root / f"{name}.pem"

@@ -83,6 +83,8 @@ class Received:
     rcpt_tos: list[str]
     data: bytes
     tls: bool
+    mail_line: str = ""  # MAIL and RCPT as the client sent them (their parameters: DSN, SMTPUTF8)
+    rcpt_lines: list[str] = attrs.Factory(list)
 
 
 class SMTPReceiver:
@@ -93,6 +95,7 @@ class SMTPReceiver:
         self.messages: list[Received] = []
         self.rcpt_replies: dict[str, str] = {}
         self.data_replies: list[str] = []
+        self.extensions = ["PIPELINING", "SIZE 10000000", "8BITMIME"]  # a test may add DSN, SMTPUTF8
         self.sessions = 0
         self._condition = threading.Condition()
         self._tls_context: ssl.SSLContext | None = None
@@ -106,7 +109,13 @@ class SMTPReceiver:
                 receiver._session(self)
 
         socketserver.ThreadingTCPServer.allow_reuse_address = True
-        self._server = socketserver.ThreadingTCPServer((host, port), Handler)
+        server_class = socketserver.ThreadingTCPServer
+        if ":" in host:  # an IPv6 receiver, e.g. on ::1
+
+            class server_class(socketserver.ThreadingTCPServer):  # type: ignore[no-redef]
+                address_family = socket.AF_INET6
+
+        self._server = server_class((host, port), Handler)
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
@@ -120,7 +129,7 @@ class SMTPReceiver:
             connection.sendall(line.encode() + b"\r\n")
 
         send("220 receiver.test ESMTP")
-        mail_from, rcpts = "", []
+        mail_from, rcpts, mail_line, rcpt_lines = "", [], "", []
         while True:
             line = reader.readline()
             if not line:
@@ -128,7 +137,7 @@ class SMTPReceiver:
             command = line.decode(errors="replace").strip()
             verb = command[:4].upper()
             if verb == "EHLO":
-                offer = ["250-receiver.test", "250-PIPELINING", "250-SIZE 10000000", "250-8BITMIME"]
+                offer = ["250-receiver.test", *(f"250-{e}" for e in self.extensions)]
                 if self._tls_context is not None and not tls:
                     offer.append("250-STARTTLS")
                 send("\r\n".join(offer + ["250 ENHANCEDSTATUSCODES"]))
@@ -138,10 +147,12 @@ class SMTPReceiver:
                 reader, tls = connection.makefile("rb"), True
             elif verb == "MAIL":
                 mail_from, rcpts = command[10:].split(">")[0].lstrip("<"), []
+                mail_line, rcpt_lines = command, []
                 send("250 2.1.0 ok")
             elif verb == "RCPT":
                 address = command[8:].split(">")[0].lstrip("<").lower()
                 reply = self.rcpt_replies.get(address, "250 2.1.5 ok")
+                rcpt_lines.append(command)
                 if reply.startswith("2"):
                     rcpts.append(address)
                 send(reply)
@@ -153,7 +164,7 @@ class SMTPReceiver:
                 with self._condition:
                     reply = self.data_replies.pop(0) if self.data_replies else "250 2.0.0 queued"
                     if reply.startswith("2"):
-                        self.messages.append(Received(mail_from, rcpts, data, tls))
+                        self.messages.append(Received(mail_from, rcpts, data, tls, mail_line, rcpt_lines))
                     self._condition.notify_all()
                 send(reply)
             elif verb == "QUIT":
