@@ -236,19 +236,25 @@ class HttpsPolicyFetcher:
         agent = Agent.usingEndpointFactory(self.reactor, endpoints)
         response = await agent.request(b"GET", f"https://{host}/.well-known/mta-sts.txt".encode("ascii"),
                                        Headers({b"user-agent": [b"mailappliance MTA-STS"]}))
-        if response.code != 200:
-            response.deliverBody(_BoundedBody(0))  # nothing read; the connection is dropped
-            raise PolicyError("sts-policy-fetch-error", f"HTTP status {response.code}")
-        content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0].lower()
-        if not content_type.startswith(b"text/plain"):
-            response.deliverBody(_BoundedBody(0))
-            raise PolicyError("sts-policy-invalid", "content type is not text/plain")
-        if response.length is not None and response.length > MAX_POLICY_BYTES:  # type: ignore[operator]
-            response.deliverBody(_BoundedBody(0))
-            raise PolicyError("sts-policy-invalid", f"policy larger than {MAX_POLICY_BYTES} octets")
-        body = _BoundedBody(MAX_POLICY_BYTES)
-        response.deliverBody(body)
-        return await body.done
+        return await policy_body(response)
+
+
+async def policy_body(response: Any) -> bytes:
+    """The body of a policy response: status 200 only (a redirect is not followed, RFC 8461
+    3.3), text/plain, at most MAX_POLICY_BYTES (read as it arrives, never more)."""
+    refusal = None
+    if response.code != 200:
+        refusal = PolicyError("sts-policy-fetch-error", f"HTTP status {response.code}")
+    elif not (response.headers.getRawHeaders(b"content-type") or [b""])[0].lower().startswith(b"text/plain"):
+        refusal = PolicyError("sts-policy-invalid", "content type is not text/plain")
+    elif isinstance(response.length, int) and response.length > MAX_POLICY_BYTES:
+        refusal = PolicyError("sts-policy-invalid", f"policy larger than {MAX_POLICY_BYTES} octets")
+    body = _BoundedBody(0 if refusal else MAX_POLICY_BYTES)
+    response.deliverBody(body)  # a refused body is dropped at its first octet
+    if refusal is not None:
+        body.done.addErrback(lambda _: None)
+        raise refusal
+    return await body.done
 
 
 class MtaSts:
