@@ -61,18 +61,28 @@ def mx(instance: Appliance, source: str = "127.0.0.1") -> smtplib.SMTP:
     return smtp
 
 
-def test_alias_domain_delivers_to_the_local_mailbox(addressed: Appliance) -> None:
-    """alice@example.com and Alice.L@EXAMPLE.COM reach alice@example.org's mailbox; unknown users are still 550."""
+def test_alias_domains_and_sub_addresses(addressed: Appliance) -> None:
+    """alice@example.com and Alice.L@EXAMPLE.COM reach alice@example.org's mailbox (one copy); alice+lists@ is
+    filed into her existing .lists folder, alice+other@ into her inbox, the tag visible; unknown users stay 550;
+    alice may send as alice@example.com, alice.l@example.com and alice+x@example.com, never as bob."""
+    folder = addressed.maildir_root / "alice" / ".lists"
+    for sub in ("new", "cur", "tmp"):
+        (folder / sub).mkdir(parents=True, mode=0o700)
     with mx(addressed) as smtp:
         assert smtp.sendmail("friend@remote.example", ["alice@example.com", "Alice.L@EXAMPLE.COM"], MESSAGE) == {}
+        assert smtp.sendmail("friend@remote.example", ["alice+lists@example.com"], MESSAGE) == {}
+        assert smtp.sendmail("friend@remote.example", ["alice+other@example.org"], MESSAGE) == {}
         assert smtp.mail("friend@remote.example")[0] == 250
         assert answered(smtp.rcpt("nobody@example.com"), UNKNOWN_USER)
-    [stored] = mailbox(addressed, "alice")  # one message, one copy: both addresses are the same mailbox
-    assert stored.endswith(MESSAGE)
-
-
-def test_subscriber_sends_as_alias_domain_forms(addressed: Appliance) -> None:
-    """alice may use alice@example.com, alice.l@example.com and alice+x@example.com as sender, never bob's."""
+        assert answered(smtp.rcpt("nobody+lists@example.org"), UNKNOWN_USER)
+    [filed] = mailbox(addressed, "alice", ".lists")
+    first, other = mailbox(addressed, "alice")
+    assert first.endswith(MESSAGE) and b"for <alice+lists@example.com>" in filed
+    assert b"for <alice+other@example.org>" in other
+    assert not (addressed.maildir_root / "alice" / ".other").exists()
+    pop = addressed.pop3("alice", "a-password")
+    assert pop.stat()[0] == 2  # POP3 shows the inbox only
+    pop.quit()
     with smtplib.SMTP_SSL("127.0.0.1", addressed.ports["submissions"], timeout=10,
                           context=addressed.client_context()) as smtp:
         smtp.login("alice", "a-password")
@@ -82,47 +92,29 @@ def test_subscriber_sends_as_alias_domain_forms(addressed: Appliance) -> None:
         assert answered(smtp.mail("bob@example.com"), SENDER_NOT_OWNED)
 
 
-def test_sub_address_files_into_an_existing_folder(addressed: Appliance) -> None:
-    """alice+lists@ is filed into her existing .lists folder, alice+other@ into her inbox; the tag stays visible."""
-    folder = addressed.maildir_root / "alice" / ".lists"
-    for sub in ("new", "cur", "tmp"):
-        (folder / sub).mkdir(parents=True, mode=0o700)
-    with mx(addressed) as smtp:
-        assert smtp.sendmail("friend@remote.example", ["alice+lists@example.com"], MESSAGE) == {}
-        assert smtp.sendmail("friend@remote.example", ["alice+other@example.org"], MESSAGE) == {}
-        assert smtp.mail("friend@remote.example")[0] == 250
-        assert answered(smtp.rcpt("nobody+lists@example.org"), UNKNOWN_USER)
-    [filed] = mailbox(addressed, "alice", ".lists")
-    [inbox] = mailbox(addressed, "alice")
-    assert b"for <alice+lists@example.com>" in filed and b"for <alice+other@example.org>" in inbox
-    assert not (addressed.maildir_root / "alice" / ".other").exists()
-    pop = addressed.pop3("alice", "a-password")
-    assert pop.stat()[0] == 1  # POP3 shows the inbox only
-    pop.quit()
-
-
-def test_catch_all_takes_unknown_addresses_of_its_domain_only(addressed: Appliance) -> None:
-    """Unknown addresses at example.net reach info@example.net; at example.org they are refused 550 5.1.1."""
+def test_catch_all_and_role_accounts(addressed: Appliance) -> None:
+    """Unknown addresses at example.net reach the catch-all info@ (not at example.org: 550); postmaster@ and
+    abuse@ of every local and alias domain, and bare <postmaster>, reach the configured mailbox unless a
+    directory entry has the address (bob has postmaster@example.net); check-config warns about the catch-all."""
     with mx(addressed) as smtp:
         assert smtp.sendmail("friend@remote.example", ["whoever@example.net"], MESSAGE) == {}
         assert smtp.mail("friend@remote.example")[0] == 250
         assert answered(smtp.rcpt("whoever@example.org"), UNKNOWN_USER)
         assert answered(smtp.rcpt("whoever@example.net.remote.example"), RELAY_DENIED)
-    [stored] = mailbox(addressed, "info")
-    assert b"for <whoever@example.net>" in stored
-    assert "rcpt=<whoever@example.net> via catch-all: uid=info" in addressed.log()
-
-
-def test_postmaster_and_abuse_exist_for_every_domain(addressed: Appliance) -> None:
-    """postmaster@ and abuse@ of each local and alias domain (and bare <postmaster>) reach the configured
-    mailbox, unless a directory entry names the address (bob has postmaster@example.net)."""
-    with mx(addressed) as smtp:
+        smtp.rset()
         for address in ("postmaster@example.org", "abuse@example.com", "Abuse@example.net", "postmaster"):
             assert smtp.sendmail("friend@remote.example", [address], MESSAGE) == {}, address
         assert smtp.sendmail("friend@remote.example", ["postmaster@example.net"], MESSAGE) == {}
+    [caught] = mailbox(addressed, "info")  # the catch-all never swallows abuse@
+    assert b"for <whoever@example.net>" in caught
+    assert "rcpt=<whoever@example.net> via catch-all: uid=info" in addressed.log()
     assert len(mailbox(addressed, "hostmaster")) == 4
     assert len(mailbox(addressed, "bob")) == 1
-    assert mailbox(addressed, "info") == []  # the catch-all never swallows abuse@
+    checked = addressed.admin("check-config")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert re.search(r"^warn catch-all +example.net: mail for every unknown address is accepted for "
+                     r"info@example.net", checked.stdout, re.M)
+    assert "srs.key holds an SRS key" in checked.stdout and "warn postmaster" not in checked.stdout
 
 
 SCREENING = """
@@ -181,14 +173,8 @@ def test_postmaster_without_a_mailbox_is_a_temporary_error(appliance: Callable[.
     assert "no mailbox for <postmaster@example.org>" in instance.log()
 
 
-def test_check_config_warns_about_catch_alls_and_missing_role_mailboxes(addressed: Appliance,
-                                                                        appliance: Callable[..., Appliance]) -> None:
-    """check-config warns for each catch-all, names the SRS key, and warns when postmaster@ has no mailbox."""
-    checked = addressed.admin("check-config")
-    assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert re.search(r"^warn catch-all +example.net: mail for every unknown address is accepted for "
-                     r"info@example.net", checked.stdout, re.M)
-    assert "srs.key holds an SRS key" in checked.stdout and "warn postmaster" not in checked.stdout
+def test_check_config_without_catch_alls_or_a_postmaster_mailbox(appliance: Callable[..., Appliance]) -> None:
+    """Without catch-alls check-config has no catch-all warning, but warns that postmaster@ has no mailbox."""
     plain = appliance(start=False)
     checked = plain.admin("check-config")
     assert "catch-all" not in checked.stdout
