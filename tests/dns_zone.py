@@ -72,7 +72,8 @@ class ZoneServer:
         self.records.setdefault((name.lower().rstrip("."), rtype.upper()), []).extend(values)
 
     def txt(self, name: str, text: str) -> None:
-        self.add(name, "TXT", txt_strings(text))
+        """Set ``name``'s TXT record to ``text`` (replacing any earlier one)."""
+        self.records[(name.lower().rstrip("."), "TXT")] = [txt_strings(text)]
 
     def answer(self, wire: bytes, udp: bool) -> bytes | None:
         try:
