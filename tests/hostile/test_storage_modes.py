@@ -31,12 +31,13 @@ def permissive_umask() -> Iterator[None]:
 
 
 def test_daemon_creates_spool_and_tls_directories_0700(appliance: Callable[..., Appliance]) -> None:
-    """A first start creates spool_dir, its queue and the self-signed certificate's directory 0700, the key 0600."""
+    """A first start creates spool_dir, its queue and the self-signed certificate's directory 0700, the keys 0600."""
     instance = appliance()
     assert mode(instance.root / "spool") == 0o700
     assert mode(instance.root / "spool" / "queue") == 0o700
     assert mode(instance.root / "tls") == 0o700
     assert mode(instance.root / "tls" / "server.key") == 0o600
+    assert mode(instance.root / "srs.key") == 0o600  # the SRS secret, next to the spool (issue 14)
 
 
 def test_spool_prepare_makes_private_directories_with_missing_parents(
