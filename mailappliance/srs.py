@@ -178,7 +178,9 @@ def read_key(path: Path) -> bytes:
 def ensure_key(path: Path, owner: tuple[int, int] | None = None) -> bool:
     """Create a new random key file at ``path`` (0600, 32 random bytes as hex) unless
     one exists; ``owner`` (uid, gid) gets it when we run as root.  True if created."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # the file is private; its directory (the state directory, above the spool) keeps the
+    # default mode: the daemon's user must still reach the spool and Maildirs through it
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
