@@ -764,6 +764,28 @@ def _check_unique_sockets(file: Path, listeners: tuple[ListenerSettings, ...]) -
                 f"{listener.address}:{listener.port} is already used by listeners[{seen[key]}]",
             )
         seen[key] = i
+    for i, listener in enumerate(listeners):
+        for j, other in enumerate(listeners[:i]):
+            if other.port == listener.port and _overlap(other.address, listener.address):
+                wildcard = other.address if other.address in ("::", "0.0.0.0") else listener.address
+                raise ConfigError(
+                    file, f"listeners[{i}].address",
+                    f"{listener.address} and listeners[{j}]'s {other.address} cannot both listen on port "
+                    f"{listener.port}: {wildcard} takes that port for every "
+                    f"{'IPv6 and IPv4' if wildcard == '::' else 'IPv4'} address (a listener on \"::\" "
+                    "serves IPv4 clients too; use it alone, or name the addresses)",
+                )
+
+
+def _overlap(first: str, second: str) -> bool:
+    """Two different addresses whose listeners on one port collide: a wildcard takes the port
+    for its family, and "::" for IPv4 too (Linux dual-stack sockets, bindv6only = 0)."""
+    if first == second:
+        return False
+    for wildcard, other in ((first, second), (second, first)):
+        if wildcard == "::" or (wildcard == "0.0.0.0" and ":" not in other):
+            return True
+    return False
 
 
 def load_config(path: Path | str, secrets: SecretFiles | None = None) -> Settings:

@@ -44,7 +44,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailappliance.sessions import new_session_id, no_delay, write_now
+from mailappliance.sessions import client_host, new_session_id, no_delay, write_now
 
 LINE_TOO_LONG = object()  # handed to the protocol in place of an overlong line
 STREAM_BUDGET = 256 * 1024  # octets a streamed answer may write per reactor turn
@@ -114,7 +114,7 @@ class LineSession(Protocol, TimeoutMixin):
         return self.clock.callLater(period, func)
 
     def connectionMade(self) -> None:
-        self.client_ip = getattr(self.transport.getPeer(), "host", "unknown")
+        self.client_ip = client_host(self.transport.getPeer())  # IPv4-mapped IPv6 -> IPv4
         no_delay(self.transport)
         self.transport.registerProducer(self, True)
         if self.limits is not None:

@@ -3,6 +3,7 @@ replies that go out at once."""
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import os
 from typing import Any
@@ -16,6 +17,23 @@ _prefix = os.urandom(3).hex()
 def new_session_id() -> str:
     """A short id, unique within this process and unlikely to repeat across restarts."""
     return f"{_prefix}{next(_counter):06x}"
+
+
+def client_host(peer: Any, default: str = "unknown") -> str:
+    """The client's address as every policy sees it: an IPv4 client of a dual-stack
+    ("::") listener arrives as ``::ffff:192.0.2.7`` and is ``192.0.2.7`` here, so
+    screening networks, limits, budgets and Received fields treat it as IPv4."""
+    host = getattr(peer, "host", None)
+    if not isinstance(host, str) or not host:
+        return default
+    if host.startswith("::ffff:") and "." in host:
+        try:
+            mapped = ipaddress.IPv6Address(host.partition("%")[0]).ipv4_mapped
+        except ValueError:
+            return host
+        if mapped is not None:
+            return str(mapped)
+    return host
 
 
 def no_delay(transport: Any) -> None:

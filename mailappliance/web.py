@@ -49,7 +49,8 @@ def offers(settings: Settings) -> list[Offer]:
     table = {"pop3s": ("pop3", "SSL"), "pop3": ("pop3", "STARTTLS"),
              "submissions": ("smtp", "SSL"), "submission": ("smtp", "STARTTLS")}
     found = [Offer(table[l.role][0], l.port, table[l.role][1]) for l in settings.listeners if l.role in table]
-    return sorted(found, key=lambda o: (o.protocol, o.socket_type != "SSL"))
+    # one port on several addresses (127.0.0.1 and ::1, an IPv4 and an IPv6 address) is one offer
+    return sorted(dict.fromkeys(found), key=lambda o: (o.protocol, o.socket_type != "SSL"))
 
 
 def autoconfig_xml(settings: Settings, domain: str) -> bytes:

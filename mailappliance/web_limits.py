@@ -32,6 +32,7 @@ from twisted.python.failure import Failure
 from twisted.web import http, server
 
 from mailappliance.metrics import METRICS
+from mailappliance.sessions import client_host
 
 log = Logger()
 
@@ -123,7 +124,7 @@ class LimitedHTTPChannel(http.HTTPChannel):
 
     def connectionMade(self) -> None:
         self.abortTimeout = self.limits.abort_timeout
-        self._client = getattr(self.transport.getPeer(), "host", "-")
+        self._client = client_host(self.transport.getPeer(), "-")  # IPv4-mapped IPv6 -> IPv4
         refused = self.factory.connections.admit(self._client)
         if refused is not None:
             self.dropped = True

@@ -94,6 +94,9 @@ class Appliance:
         self.config_path = root / "mailappliance.toml"
         self.log_path = root / "twistd.log"
         self.ports = {listener["name"]: listener["port"] for listener in listeners}
+        # where a client reaches each listener: its address, loopback for a wildcard
+        self.addresses = {listener["name"]: {"0.0.0.0": "127.0.0.1", "::": "127.0.0.1"}.get(
+            listener["address"], listener["address"]) for listener in listeners}
         text = "".join(toml_table(f"[{name}]", values) for name, values in sections.items())
         text += "".join(toml_table("[[listeners]]", listener) for listener in listeners)
         self.config_path.write_text(text)
@@ -108,17 +111,17 @@ class Appliance:
                    "mailappliance", "--config", str(self.config_path)]
         self.process = subprocess.Popen(command, cwd=self.root, stdin=subprocess.DEVNULL,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        pending = set(self.ports.values())
+        pending = {(self.addresses[name], port) for name, port in self.ports.items()}
 
         def every_listener_answers() -> bool:
             assert self.process is not None
             if self.process.poll() is not None:
                 output = self.process.stdout.read().decode() if self.process.stdout else ""
                 raise RuntimeError(f"mailappliance exited with {self.process.returncode}:\n{output}\n{self.log()}")
-            for port in list(pending):
-                with socket.socket() as s:
-                    if s.connect_ex(("127.0.0.1", port)) == 0:
-                        pending.discard(port)
+            for address, port in list(pending):
+                with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as s:
+                    if s.connect_ex((address, port)) == 0:
+                        pending.discard((address, port))
             return not pending
 
         try:
@@ -180,7 +183,7 @@ def appliance(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callab
 
     def make(backend: str = "ldif", slapd: Any = None, cache_ttl: float = 60, pki: Any = None,
              plaintext_pop3: bool = False, extra: dict[str, dict[str, Any]] | None = None,
-             start: bool = True) -> Appliance:
+             start: bool = True, address: str = "127.0.0.1") -> Appliance:
         """A daemon with every listener; ``pki`` gives it the test CA's certificates
         (otherwise it generates a self-signed one).  POP3 logins need TLS, as in
         production; ``plaintext_pop3=True`` allows them in clear on the ``pop3``
@@ -207,8 +210,8 @@ def appliance(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callab
             }
         for name, values in (extra or {}).items():
             sections.setdefault(name, {}).update(values)
-        listeners = [
-            {"name": role, "role": role, "address": "127.0.0.1", "port": free_port()}
+        listeners = [  # ``address``: every listener's, e.g. "::1" or "::" (dual stack)
+            {"name": role, "role": role, "address": address, "port": free_port()}
             for role in ("mx", "submission", "submissions", "pop3", "pop3s", "autoconfig", "metrics")
         ]
         for listener in listeners:

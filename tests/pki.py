@@ -36,7 +36,7 @@ def build_certificate(subject: x509.Name, public_key: Any, issuer: x509.Name, is
                       not_after: datetime.datetime = NOW + 90 * DAY,
                       dns_names: tuple[str, ...] = ("localhost",)) -> x509.Certificate:
     """One certificate, signed by ``issuer_key``; ``kind`` is "ca", "server"
-    (names ``dns_names``, by default localhost, and 127.0.0.1) or "client"."""
+    (names ``dns_names``, by default localhost, and 127.0.0.1 and ::1) or "client"."""
     builder = (
         x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(public_key)
         .serial_number(x509.random_serial_number()).not_valid_before(not_before).not_valid_after(not_after)
@@ -53,7 +53,8 @@ def build_certificate(subject: x509.Name, public_key: Any, issuer: x509.Name, is
         x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), critical=False)
     if kind == "server":
         builder = builder.add_extension(x509.SubjectAlternativeName(
-            [*(x509.DNSName(n) for n in dns_names), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            [*(x509.DNSName(n) for n in dns_names), x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+             x509.IPAddress(ipaddress.ip_address("::1"))]),
             critical=False)
         usage = ExtendedKeyUsageOID.SERVER_AUTH
     else:

@@ -39,7 +39,8 @@ def received_header(
     ``tls_description`` of the connection.  ``for <rcpt>`` is added only for a
     single recipient, so one message does not disclose its whole recipient list.
     """
-    lines = [f"Received: from {_clean(helo)} ({_clean(client_name or 'unknown')} [{client_ip}])"]
+    literal = f"IPv6:{client_ip}" if ":" in client_ip else client_ip  # RFC 5321 4.1.3 address literal
+    lines = [f"Received: from {_clean(helo)} ({_clean(client_name or 'unknown')} [{_clean(literal)}])"]
     if tls:
         lines.append(f"\t({_clean(tls, _UNPRINTABLE)})")  # our own words: balanced parentheses
     by = f"\tby {hostname} (mailappliance) with {protocol} id {message_id}"
