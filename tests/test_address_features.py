@@ -78,6 +78,7 @@ def test_alias_domains_and_sub_addresses(addressed: Appliance) -> None:
     [filed] = mailbox(addressed, "alice", ".lists")
     first, other = mailbox(addressed, "alice")
     assert first.endswith(MESSAGE) and b"for <alice+lists@example.com>" in filed
+    assert b"\r\nDelivered-To: alice+lists@example.com\r\n" in filed  # the address as received, tag kept
     assert b"for <alice+other@example.org>" in other
     assert not (addressed.maildir_root / "alice" / ".other").exists()
     pop = addressed.pop3("alice", "a-password")
