@@ -44,6 +44,7 @@ class ReportDelivery:
             return sender
         if looks_like_srs(local):
             if a.srs is None:
+                log.warn("queue: report for <{sender}> dropped: SRS is off on this server", sender=sender)
                 return None
             try:
                 return a.srs.reverse(local, time.time(), check_age=False)
