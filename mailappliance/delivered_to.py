@@ -33,6 +33,8 @@ COPY_BUDGET = 64 * 1024 * 1024  # bytes of per-recipient copies one message may 
 
 def delivered_to_header(address: str) -> bytes:
     """The field for one recipient address (as received: an alias or sub-address stays visible)."""
+    if address.isascii() and address.isprintable() and " " not in address:  # the usual case: as it is
+        return f"Delivered-To: {address[:998]}\r\n".encode("ascii")
     safe = "".join(c if 0x20 < ord(c) < 0x7F or (ord(c) > 0x7F and c.isprintable() and not c.isspace())
                    else "?" for c in address)[:998]  # UTF-8 (SMTPUTF8, RFC 6532), never a line break
     return f"Delivered-To: {safe}\r\n".encode("utf-8")
