@@ -655,8 +655,8 @@ def parse_config(file: Path, data: dict[str, Any], secrets: SecretFiles | None =
     server = top.table_of("server")
     hostname = server.string("hostname", socket.getfqdn() or "localhost")
     domains = tuple(
-        _validated(server, "local_domains", d, normalize_domain).lower().rstrip(".")
-        for d in server.strings("local_domains")
+        normalize_domain(_validated(server, "local_domains", d, normalize_domain)).rstrip(".")
+        for d in server.strings("local_domains")  # an IDN as its A-label, the form SMTP and DNS use
     )
     addresses = parse_addresses(server, domains)
     server.reject_unknown()

@@ -51,7 +51,8 @@ ROOT_IDENTITY = "gidNumber=0+uidNumber=0,cn=peercred,cn=external,cn=auth"
 SCHEMAS = ("cosine", "inetorgperson", "misc")  # in load order; core is always loaded
 # Ours: (cn, file in etc/slapd, its attribute): not loaded where another schema
 # defines the attribute already (qmail.schema has mailForwardingAddress).
-OWN_SCHEMAS = (("mailforwarding", "forwarding.ldif", "mailForwardingAddress"),)
+OWN_SCHEMAS = (("mailforwarding", "forwarding.ldif", "mailForwardingAddress"),
+               ("mailutf8", "smtputf8.ldif", "mailUTF8Address"))  # SMTPUTF8 addresses (ldap.py)
 # What the daemon searches by: login (uid, mail), recipient (mail, mailLocalAddress).
 WANTED_INDEXES = {"objectclass": "objectClass", "uid": "uid", "mail": "mail",
                   "maillocaladdress": "mailLocalAddress"}

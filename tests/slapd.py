@@ -45,6 +45,7 @@ SCHEMA_DIR = Path("/etc/ldap/schema")
 DEBIAN_INIT_LDIF = Path("/usr/share/slapd/slapd.init.ldif")  # what Debian's postinst slapadds
 MODULE_DIR = Path("/usr/lib/ldap")
 FORWARDING_SCHEMA = Path(__file__).resolve().parent.parent / "etc" / "slapd" / "forwarding.ldif"
+UTF8_SCHEMA = FORWARDING_SCHEMA.with_name("smtputf8.ldif")  # mailUTF8Address (SMTPUTF8)
 SUFFIX = "dc=example,dc=org"
 
 CONFIG_LDIF = """\
@@ -73,6 +74,8 @@ include: file://{schemas}/misc.ldif
 
 include: file://{forwarding}
 
+include: file://{utf8}
+
 dn: olcDatabase={{-1}}frontend,cn=config
 objectClass: olcDatabaseConfig
 objectClass: olcFrontendConfig
@@ -93,7 +96,7 @@ olcRootPW: {admin_hash}
 olcDbDirectory: {root}/data
 olcDbMaxSize: 67108864
 olcDbIndex: objectClass eq
-olcDbIndex: uid,mail,mailLocalAddress eq
+olcDbIndex: uid,mail,mailLocalAddress,mailUTF8Address eq
 olcAccess: {{0}}to attrs=userPassword by self =w by anonymous auth by * none
 olcAccess: {{1}}to * by dn.exact="cn=mailappliance,{suffix}" read by self read by * none
 olcLimits: dn.exact="cn=mailappliance,{suffix}" size=unlimited
@@ -170,7 +173,7 @@ class Slapd:
             extra["database_extra"] = CONSUMER_DATABASE.format(provider=self.provider.url, suffix=SUFFIX,
                                                                password=self.provider.admin_password)
         config = CONFIG_LDIF.format(
-            root=self.root, modules=MODULE_DIR, schemas=SCHEMA_DIR, suffix=SUFFIX, forwarding=FORWARDING_SCHEMA,
+            root=self.root, modules=MODULE_DIR, schemas=SCHEMA_DIR, suffix=SUFFIX, forwarding=FORWARDING_SCHEMA, utf8=UTF8_SCHEMA,
             admin_hash=make_ssha(self.admin_password), **extra,
         )
         data = DATA_LDIF.format(suffix=SUFFIX, service_hash=make_ssha(self.bind_password))

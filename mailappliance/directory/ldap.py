@@ -55,8 +55,13 @@ T = TypeVar("T")
 PROBE_INTERVAL = 10.0  # seconds between probes of a server marked down
 
 CERTIFICATE_ATTRIBUTE = "userCertificate;binary"
+# SMTPUTF8 addresses: mail and mailLocalAddress are IA5String (ASCII only), so UTF-8 addresses
+# live in mailUTF8Address (etc/slapd/smtputf8.ldif) and are looked up by this filter alone
+UTF8_ADDRESS_ATTRIBUTE = "mailUTF8Address"
+UTF8_OBJECT_CLASS = "mailUTF8Recipient"
+UTF8_ADDRESS_FILTER = "(&(objectClass=inetOrgPerson)(mailUTF8Address={address}))"
 ATTRIBUTES = ["uid", "mail", "mailLocalAddress", "cn", DISABLED_ATTRIBUTE, CERTIFICATE_ATTRIBUTE, LIMIT_ATTRIBUTE,
-              FORWARD_ATTRIBUTE]
+              FORWARD_ATTRIBUTE, UTF8_ADDRESS_ATTRIBUTE]
 OBJECT_CLASSES = ["top", "person", "organizationalPerson", "inetOrgPerson", "inetLocalMailRecipient"]
 INVALID_CREDENTIALS = 49
 REFUSED_BIND_RESULTS = {48, 49, 50, 53}  # inappropriateAuth, invalidCredentials, insufficientAccess, unwilling
@@ -73,7 +78,7 @@ def _texts(raw: dict[str, list[bytes]], name: str) -> list[str]:
 
 def subscriber_from_ldap(dn: str, raw: dict[str, list[bytes]]) -> Subscriber | None:
     """The Subscriber for one search result, or None when it lacks uid or mail."""
-    uids, mails = _texts(raw, "uid"), _texts(raw, "mail")
+    uids, mails = _texts(raw, "uid"), _texts(raw, "mail") + _texts(raw, UTF8_ADDRESS_ATTRIBUTE)
     if not uids or not mails:
         return None
     mail = mails[0].lower()
@@ -85,7 +90,8 @@ def subscriber_from_ldap(dn: str, raw: dict[str, list[bytes]]) -> Subscriber | N
         dn=dn,
         uid=uids[0],
         mail=mail,
-        aliases=tuple(a.lower() for a in _texts(raw, "mailLocalAddress") if a.lower() != mail),
+        aliases=tuple(a.lower() for a in _texts(raw, "mailLocalAddress") + _texts(raw, UTF8_ADDRESS_ATTRIBUTE)
+                      if a.lower() != mail),
         display_name=(_texts(raw, "cn") or [""])[0],
         disabled=any(v.lower() == DISABLED_VALUE for v in _texts(raw, DISABLED_ATTRIBUTE)),
         certificates=tuple(certificates),
@@ -365,7 +371,8 @@ class LdapStore:
     def find_by_address(self, address: str) -> Subscriber | None:
         if not address:
             return None
-        return self._first(self.settings.address_filter.format(address=escape_filter_chars(address)))
+        template = self.settings.address_filter if address.isascii() else UTF8_ADDRESS_FILTER
+        return self._first(template.format(address=escape_filter_chars(address)))
 
     def _bound(self, user: str, password: str | bytes, job: Callable[[ldap3.Connection, bool], T]) -> T:
         """``job(conn, bound)`` on a connection of its own (user bind, admin change), on the
@@ -498,9 +505,13 @@ class LdapStore:
         self._refuse_taken_address(mail)
         dn = f"uid={ldap3.utils.dn.escape_rdn(uid)},{self.settings.base_dn}"
         attributes = {"uid": uid, "mail": mail, "cn": display_name or uid, "sn": display_name or uid}
+        classes = OBJECT_CLASSES
+        if not mail.isascii():  # a UTF-8 primary address (SMTPUTF8): mail is ASCII only
+            attributes[UTF8_ADDRESS_ATTRIBUTE] = attributes.pop("mail")
+            classes = [*OBJECT_CLASSES, UTF8_OBJECT_CLASS]
 
         def add(conn: ldap3.Connection) -> None:
-            conn.add(dn, OBJECT_CLASSES, attributes)
+            conn.add(dn, classes, attributes)
             self._check(conn, f"adding {dn}")
             if password:
                 conn.extend.standard.modify_password(user=dn, new_password=password)
@@ -553,7 +564,11 @@ class LdapStore:
         alias = normalize_address(alias)
         subscriber = self._require(login)
         self._refuse_taken_address(alias)
-        self._modify(subscriber.dn, {"mailLocalAddress": [(ldap3.MODIFY_ADD, [alias])]},
+        attribute = "mailLocalAddress" if alias.isascii() else UTF8_ADDRESS_ATTRIBUTE
+        if not alias.isascii():
+            self._modify(subscriber.dn, {"objectClass": [(ldap3.MODIFY_ADD, [UTF8_OBJECT_CLASS])]},
+                         f"allowing UTF-8 addresses for {login}", missing_ok=True)
+        self._modify(subscriber.dn, {attribute: [(ldap3.MODIFY_ADD, [alias])]},
                      f"adding alias {alias} to {login}")
 
     def delete_alias(self, alias: str) -> None:
@@ -561,7 +576,8 @@ class LdapStore:
         subscriber = self.find_by_address(alias)
         if subscriber is None or alias == subscriber.mail:
             raise NoSuchSubscriber(f"no subscriber has the alias {alias!r}")
-        self._modify(subscriber.dn, {"mailLocalAddress": [(ldap3.MODIFY_DELETE, [alias])]},
+        attribute = "mailLocalAddress" if alias.isascii() else UTF8_ADDRESS_ATTRIBUTE
+        self._modify(subscriber.dn, {attribute: [(ldap3.MODIFY_DELETE, [alias])]},
                      f"removing alias {alias}")
 
     def add_certificate(self, login: str, der: bytes) -> None:
