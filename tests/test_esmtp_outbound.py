@@ -240,3 +240,19 @@ def test_mta_sts_enforce(outbound: Appliance, world: dict[str, Any]) -> None:
     assert tlsrpt(outbound, "sts", "certificate-host-mismatch") >= 1
     assert "sts.example" in (outbound.root / "spool" / "mta-sts.json").read_text()
     assert sorted(world["policies"].requests) == [f"{d}/.well-known/mta-sts.txt" for d in sorted(POLICIES)]
+
+
+def test_a_chunked_submission_is_relayed_byte_for_byte(outbound: Appliance, world: dict[str, Any]) -> None:
+    """BDAT in, DATA out: chunk text with lines that are a lone dot or start with dots arrives at the
+    next hop unchanged (dot-stuffed on the wire by us, unstuffed by it)."""
+    body = b"Subject: chunks\r\n\r\n.\r\n..two dots\r\n.\r\nlast line\r\n"
+    with RawSMTP("127.0.0.1", outbound.ports["submissions"], tls=outbound.client_context()) as smtp:
+        assert "CHUNKING" in smtp.ehlo()
+        smtp.login("alice", "secret-password")
+        assert smtp.command("MAIL FROM:<alice@example.org>")[0] == 250
+        assert smtp.command("RCPT TO:<friend@plain.example>")[0] == 250
+        assert smtp.bdat(body[:20])[0] == 250
+        code, lines = smtp.bdat(body[20:], last=True)
+        assert code == 250 and lines[0].startswith("2.0.0 Ok: queued as "), lines
+    [received] = world["plain"].wait_for(1)
+    assert received.data.endswith(body) and received.data.startswith(b"Received: ")
