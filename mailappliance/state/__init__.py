@@ -26,12 +26,18 @@ clients; stores never let two different tuples share a key.
 
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
 
 import attrs
 from twisted.internet.defer import Deferred
 
 Key = tuple[str, ...]
+
+# What :meth:`StateStore.reserve` grants: opaque to callers, who only hand it
+# back to :meth:`StateStore.release` (each store has its own kind of token).
+Token = object
 
 
 class StateUnavailable(Exception):
@@ -59,56 +65,56 @@ class StateSettings:
     timeout: float = 0.5  # seconds a command may take before the appliance degrades to local state
     probe_interval: float = 5.0  # seconds between attempts to reach Redis again while degraded
     lock_ttl: float = 60.0  # POP3 mailbox locks expire this long after their host stops refreshing them
-    ca_file: Any = None  # rediss://: the CA that signed the Redis server's certificate (default: system)
+    ca_file: Path | None = None  # rediss://: the CA that signed the Redis server's certificate (default: system)
 
 
 class StateStore(Protocol):
     """What every store offers; all times are the caller's ``now`` (seconds)."""
 
-    def reserve(self, key: Key, span: float, limit: float, amount: int = 1) -> "Deferred[Any]":
+    def reserve(self, key: Key, span: float, limit: float, amount: int = 1) -> Deferred[Token | None]:
         """Count ``amount`` in the sliding window ``key`` (``span`` seconds) unless the
         window would then hold more than ``limit``; a token for :meth:`release`, or None
         (refused, nothing counted)."""
 
-    def release(self, key: Key, token: Any) -> "Deferred[None]":
+    def release(self, key: Key, token: Token) -> Deferred[None]:
         """Take back what :meth:`reserve` counted; nothing if it already left the window."""
 
-    def total(self, key: Key, span: float) -> "Deferred[int]":
+    def total(self, key: Key, span: float) -> Deferred[int]:
         """What the window (of reserve or of count) holds now."""
 
-    def count(self, key: Key, span: float, keep: int, mark: MarkRule | None = None) -> "Deferred[int]":
+    def count(self, key: Key, span: float, keep: int, mark: MarkRule | None = None) -> Deferred[int]:
         """Record one event (no limit), remember at most ``keep`` of them, return how many
         are in the window; with ``mark``, set that mark once the count reaches its threshold."""
 
-    def forget(self, key: Key) -> "Deferred[None]":
+    def forget(self, key: Key) -> Deferred[None]:
         """Empty the window ``key``."""
 
-    def mark(self, key: Key, ttl: float) -> "Deferred[None]":
+    def mark(self, key: Key, ttl: float) -> Deferred[None]:
         """Set the mark ``key`` for ``ttl`` seconds."""
 
-    def marks(self, keys: Sequence[Key]) -> "Deferred[list[float]]":
+    def marks(self, keys: Sequence[Key]) -> Deferred[list[float]]:
         """Seconds left on each mark (0: not set)."""
 
-    def lock(self, key: Key, owner: str, ttl: float) -> "Deferred[int | None]":
+    def lock(self, key: Key, owner: str, ttl: float) -> Deferred[int | None]:
         """Take the lock for ``owner`` for ``ttl`` seconds: a fencing token (a number that
         grows with every grant of this lock), or None while another owner holds it."""
 
-    def refresh(self, key: Key, owner: str, ttl: float) -> "Deferred[bool]":
+    def refresh(self, key: Key, owner: str, ttl: float) -> Deferred[bool]:
         """Extend ``owner``'s lock (taking it again if it is free); False: another owner has it."""
 
-    def holds(self, key: Key, owner: str) -> "Deferred[bool]":
+    def holds(self, key: Key, owner: str) -> Deferred[bool]:
         """Does ``owner`` hold the lock now (the fencing check before an irreversible step)?"""
 
-    def unlock(self, key: Key, owner: str) -> "Deferred[None]":
+    def unlock(self, key: Key, owner: str) -> Deferred[None]:
         """Give the lock up, if ``owner`` holds it."""
 
-    def get_value(self, key: Key) -> "Deferred[int | None]":
+    def get_value(self, key: Key) -> Deferred[int | None]:
         """A cached number, None when absent or expired."""
 
-    def set_value(self, key: Key, value: int, ttl: float) -> "Deferred[None]":
+    def set_value(self, key: Key, value: int, ttl: float) -> Deferred[None]:
         """Cache a number for ``ttl`` seconds."""
 
-    def add_value(self, key: Key, amount: int) -> "Deferred[None]":
+    def add_value(self, key: Key, amount: int) -> Deferred[None]:
         """Add to a cached number, if it is cached (its expiry unchanged)."""
 
     def describe(self) -> str:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import attrs
-
 from twisted.application import service
+from twisted.internet.interfaces import IReactorTime
 
 from mailappliance.state import StateSettings, StateStore
 from mailappliance.state.failover import FailoverStore
@@ -20,15 +18,15 @@ class _StoreService(service.Service):
         self.store = store
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Service is unannotated
         self.store.start()
 
     def stopService(self) -> None:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]  # Service is unannotated
         self.store.stop()
 
 
-def build_state_store(settings: StateSettings, reactor: Any) -> tuple[StateStore, service.Service | None]:
+def build_state_store(settings: StateSettings, reactor: IReactorTime) -> tuple[StateStore, service.Service | None]:
     """MemoryStore without ``[state] redis``; else Redis with the memory fallback, and
     the service that connects it at start and closes it at stop."""
     local = MemoryStore(reactor)

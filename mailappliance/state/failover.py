@@ -15,20 +15,25 @@ Counts made while degraded stay local (they are not merged into Redis).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailappliance.metrics import METRICS
-from mailappliance.state import Key, MarkRule, StateUnavailable
+from mailappliance.state import Key, MarkRule, StateUnavailable, Token
 from mailappliance.state.memory import MemoryStore
 from mailappliance.state.redis import RedisStore
 from mailappliance.state.resp import RedisError
 
 log = Logger(namespace="mailappliance.state")
+
+_T = TypeVar("_T")
+_Store = MemoryStore | RedisStore
 
 
 class _Granted:
@@ -36,7 +41,7 @@ class _Granted:
 
     __slots__ = ("store", "token")
 
-    def __init__(self, store: Any, token: Any) -> None:
+    def __init__(self, store: _Store, token: Token) -> None:
         self.store = store
         self.token = token
 
@@ -44,7 +49,7 @@ class _Granted:
 class FailoverStore:
     """:class:`~mailappliance.state.StateStore`: RedisStore, with MemoryStore while Redis is away."""
 
-    def __init__(self, shared: RedisStore, local: MemoryStore, reactor: Any, probe_interval: float,
+    def __init__(self, shared: RedisStore, local: MemoryStore, reactor: IReactorTime, probe_interval: float,
                  where: str) -> None:
         self.shared_store = shared
         self.local = local
@@ -55,7 +60,7 @@ class FailoverStore:
         self.reason = ""
         self._probe = LoopingCall(self._try_again)
         self._probe.clock = reactor
-        self._lock_homes: dict[tuple[Key, str], Any] = {}  # (key, owner) -> the store that granted the lock
+        self._lock_homes: dict[tuple[Key, str], _Store] = {}  # (key, owner) -> the store that granted the lock
         METRICS.gauge("mailappliance_state_store_shared",
                       "1 while limits, login throttling and mailbox locks are shared in Redis; "
                       "0 while degraded to this process's memory.", lambda: 0 if self.degraded else 1)
@@ -93,12 +98,10 @@ class FailoverStore:
         if not self._probe.running:
             self._probe.start(self.probe_interval, now=False)
 
-    def _try_again(self) -> Deferred:
-        d = self.shared_store.ping()
-        d.addCallbacks(self._recovered, lambda failure: None)
-        return d
+    def _try_again(self) -> Deferred[None]:
+        return self.shared_store.ping().addCallbacks(self._recovered, lambda failure: None)
 
-    def _recovered(self, _: Any) -> None:
+    def _recovered(self, _: object) -> None:
         if not self.degraded:
             return
         self.degraded = False
@@ -108,75 +111,75 @@ class FailoverStore:
         if self._probe.running:
             self._probe.stop()
 
-    def _call(self, method: str, *args: Any) -> Deferred:
-        """``method`` on Redis, or on memory while degraded or when this call fails."""
+    def _call(self, call: Callable[[_Store], Deferred[_T]]) -> Deferred[_T]:
+        """``call`` on Redis, or on memory while degraded or when this call fails."""
         if self.degraded:
-            return getattr(self.local, method)(*args)
-        d = getattr(self.shared_store, method)(*args)
-        d.addErrback(self._fall_back, method, args)
-        return d
+            return call(self.local)
+        return call(self.shared_store).addErrback(self._fall_back, call)
 
-    def _fall_back(self, failure: Failure, method: str, args: tuple[Any, ...]) -> Deferred:
-        if not failure.check(StateUnavailable, RedisError):
-            return failure  # type: ignore[return-value]  # our bug: let it show
+    def _fall_back(self, failure: Failure, call: Callable[[_Store], Deferred[_T]]) -> Deferred[_T]:
+        failure.trap(StateUnavailable, RedisError)  # anything else is our bug: let it show
         self._unavailable(failure)
-        return getattr(self.local, method)(*args)
+        return call(self.local)
+
+    def _lost(self, failure: Failure) -> None:
+        """Errback of a call not worth redoing locally (Redis's copy expires with time)."""
+        failure.trap(StateUnavailable, RedisError)
+        self._unavailable(failure)
 
     # -- windows --------------------------------------------------------------------
 
-    def reserve(self, key: Key, span: float, limit: float, amount: int = 1) -> "Deferred[Any]":
-        def granted(token: Any, store: Any) -> Any:
+    def reserve(self, key: Key, span: float, limit: float, amount: int = 1) -> Deferred[Token | None]:
+        def granted(token: Token | None, store: _Store) -> Token | None:
             return None if token is None else _Granted(store, token)
 
         if self.degraded:
             return self.local.reserve(key, span, limit, amount).addCallback(granted, self.local)
         d = self.shared_store.reserve(key, span, limit, amount)
-        d.addCallback(granted, self.shared_store)
-        d.addErrback(self._fall_back_reserve, key, span, limit, amount)
-        return d
+        return d.addCallback(granted, self.shared_store).addErrback(
+            self._fall_back_reserve, key, span, limit, amount)
 
-    def _fall_back_reserve(self, failure: Failure, *args: Any) -> Deferred:
-        d = self._fall_back(failure, "reserve", args)
-        d.addCallback(lambda token: None if token is None else _Granted(self.local, token))
-        return d
+    def _fall_back_reserve(self, failure: Failure, key: Key, span: float, limit: float,
+                           amount: int) -> Deferred[Token | None]:
+        failure.trap(StateUnavailable, RedisError)  # anything else is our bug: let it show
+        self._unavailable(failure)
+        d = self.local.reserve(key, span, limit, amount)
+        return d.addCallback(lambda token: None if token is None else _Granted(self.local, token))
 
-    def release(self, key: Key, token: Any) -> "Deferred[None]":
+    def release(self, key: Key, token: Token) -> Deferred[None]:
         if not isinstance(token, _Granted):
             return succeed(None)
         if token.store is self.local:
             return self.local.release(key, token.token)
-        if self.degraded:
+        if self.degraded or not isinstance(token.token, str):  # Redis's tokens are str
             return succeed(None)  # it leaves Redis's window with time
-        d = self.shared_store.release(key, token.token)
-        d.addErrback(lambda failure: self._unavailable(failure) if failure.check(StateUnavailable, RedisError)
-                     else failure)
-        return d
+        return self.shared_store.release(key, token.token).addErrback(self._lost)
 
-    def total(self, key: Key, span: float) -> "Deferred[int]":
-        return self._call("total", key, span)
+    def total(self, key: Key, span: float) -> Deferred[int]:
+        return self._call(lambda store: store.total(key, span))
 
-    def count(self, key: Key, span: float, keep: int, mark: MarkRule | None = None) -> "Deferred[int]":
-        return self._call("count", key, span, keep, mark)
+    def count(self, key: Key, span: float, keep: int, mark: MarkRule | None = None) -> Deferred[int]:
+        return self._call(lambda store: store.count(key, span, keep, mark))
 
-    def forget(self, key: Key) -> "Deferred[None]":
+    def forget(self, key: Key) -> Deferred[None]:
         self.local.forget(key)
-        return self._call("forget", key) if not self.degraded else succeed(None)
+        return self._call(lambda store: store.forget(key)) if not self.degraded else succeed(None)
 
     # -- marks ----------------------------------------------------------------------
 
-    def mark(self, key: Key, ttl: float) -> "Deferred[None]":
-        return self._call("mark", key, ttl)
+    def mark(self, key: Key, ttl: float) -> Deferred[None]:
+        return self._call(lambda store: store.mark(key, ttl))
 
-    def marks(self, keys: Sequence[Key]) -> "Deferred[list[float]]":
-        return self._call("marks", keys)
+    def marks(self, keys: Sequence[Key]) -> Deferred[list[float]]:
+        return self._call(lambda store: store.marks(keys))
 
     # -- locks ----------------------------------------------------------------------
 
-    def _current(self) -> Any:
+    def _current(self) -> _Store:
         return self.local if self.degraded else self.shared_store
 
-    def lock(self, key: Key, owner: str, ttl: float) -> "Deferred[int | None]":
-        d = self._call("lock", key, owner, ttl)
+    def lock(self, key: Key, owner: str, ttl: float) -> Deferred[int | None]:
+        d = self._call(lambda store: store.lock(key, owner, ttl))
 
         def granted(fence: int | None) -> int | None:
             if fence is not None:  # by Redis, unless this call (or an earlier one) found it away
@@ -186,11 +189,11 @@ class FailoverStore:
         d.addCallback(granted)
         return d
 
-    def refresh(self, key: Key, owner: str, ttl: float) -> "Deferred[bool]":
+    def refresh(self, key: Key, owner: str, ttl: float) -> Deferred[bool]:
         """Extend the lock where it is held now; a lock taken while degraded moves to
         Redis when Redis is back (False when another host took it meanwhile)."""
         home = self._lock_homes.get((key, owner))
-        d = self._call("refresh", key, owner, ttl)
+        d = self._call(lambda store: store.refresh(key, owner, ttl))
 
         def refreshed(ours: bool) -> bool:
             now_home = self._current()
@@ -203,7 +206,7 @@ class FailoverStore:
         d.addCallback(refreshed)
         return d
 
-    def holds(self, key: Key, owner: str) -> "Deferred[bool]":
+    def holds(self, key: Key, owner: str) -> Deferred[bool]:
         if self.degraded:
             return succeed(True)  # per process now: the caller's own lock table decides
         d = self.shared_store.holds(key, owner)
@@ -216,23 +219,20 @@ class FailoverStore:
         d.addErrback(unknown)
         return d
 
-    def unlock(self, key: Key, owner: str) -> "Deferred[None]":
+    def unlock(self, key: Key, owner: str) -> Deferred[None]:
         self._lock_homes.pop((key, owner), None)
         self.local.unlock(key, owner)
         if self.degraded:
             return succeed(None)  # Redis's copy, if any, expires
-        d = self.shared_store.unlock(key, owner)
-        d.addErrback(lambda failure: self._unavailable(failure) if failure.check(StateUnavailable, RedisError)
-                     else failure)
-        return d
+        return self.shared_store.unlock(key, owner).addErrback(self._lost)
 
     # -- cached numbers -----------------------------------------------------------------
 
-    def get_value(self, key: Key) -> "Deferred[int | None]":
-        return self._call("get_value", key)
+    def get_value(self, key: Key) -> Deferred[int | None]:
+        return self._call(lambda store: store.get_value(key))
 
-    def set_value(self, key: Key, value: int, ttl: float) -> "Deferred[None]":
-        return self._call("set_value", key, value, ttl)
+    def set_value(self, key: Key, value: int, ttl: float) -> Deferred[None]:
+        return self._call(lambda store: store.set_value(key, value, ttl))
 
-    def add_value(self, key: Key, amount: int) -> "Deferred[None]":
-        return self._call("add_value", key, amount)
+    def add_value(self, key: Key, amount: int) -> Deferred[None]:
+        return self._call(lambda store: store.add_value(key, amount))

@@ -8,14 +8,19 @@ first), and every Deferred it returns has already fired.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Hashable, Iterator, Sequence
 from itertools import count as counter
-from typing import Any, Iterator, Sequence
+from typing import TypeVar
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
 
-from mailappliance.state import Key, MarkRule
+from mailappliance.state import Key, MarkRule, Token
 
 MAX_TRACKED = 100_000
+
+_K = TypeVar("_K", bound=Hashable)
+_V = TypeVar("_V")
 
 
 class Event:
@@ -42,11 +47,11 @@ class Window:
     def __init__(self, span: float, max_tracked: int | None = None) -> None:
         self.span = span
         self.max_tracked = max_tracked
-        self._events: dict[Any, deque[Event]] = {}
-        self._totals: dict[Any, int] = {}
-        self._removed: dict[Any, int] = {}  # emptied events still in the key's deque
+        self._events: dict[Hashable, deque[Event]] = {}
+        self._totals: dict[Hashable, int] = {}
+        self._removed: dict[Hashable, int] = {}  # emptied events still in the key's deque
 
-    def total(self, key: Any, now: float, span: float | None = None) -> int:
+    def total(self, key: Hashable, now: float, span: float | None = None) -> int:
         events = self._events.get(key)
         if not events:
             return 0
@@ -65,7 +70,7 @@ class Window:
         self._totals[key] -= expired
         return self._totals[key]
 
-    def add(self, key: Any, now: float, amount: int = 1) -> Event:
+    def add(self, key: Hashable, now: float, amount: int = 1) -> Event:
         if amount <= 0:
             return Event(now, 0)  # nothing to count (a message without recipients)
         limit = MAX_TRACKED if self.max_tracked is None else self.max_tracked
@@ -76,7 +81,7 @@ class Window:
         self._totals[key] = self._totals.get(key, 0) + amount
         return event
 
-    def remove(self, key: Any, event: Event) -> None:
+    def remove(self, key: Hashable, event: Event) -> None:
         """Take back an event recorded under ``key``; nothing if it no longer counts."""
         if not event.amount:
             return
@@ -95,7 +100,7 @@ class Window:
         else:
             self._removed[key] = removed
 
-    def _forget(self, key: Any) -> None:
+    def _forget(self, key: Hashable) -> None:
         for event in self._events.pop(key, ()):
             event.amount = 0  # a reservation that still holds it must not take it back
         self._totals.pop(key, None)
@@ -111,7 +116,7 @@ class Window:
         return (len(events) for events in self._events.values())
 
 
-def _bounded_set(table: dict[Any, Any], key: Any, value: Any) -> None:
+def _bounded_set(table: dict[_K, _V], key: _K, value: _V) -> None:
     table.pop(key, None)
     if len(table) >= MAX_TRACKED:
         del table[next(iter(table))]
@@ -123,7 +128,7 @@ class MemoryStore:
 
     shared = False
 
-    def __init__(self, clock: Any) -> None:
+    def __init__(self, clock: IReactorTime) -> None:
         self.clock = clock
         self.windows = Window(0)  # spans are given per call
         self._counts: dict[Key, deque[float]] = {}
@@ -137,25 +142,25 @@ class MemoryStore:
 
     # -- windows --------------------------------------------------------------------
 
-    def reserve(self, key: Key, span: float, limit: float, amount: int = 1) -> "Deferred[Any]":
+    def reserve(self, key: Key, span: float, limit: float, amount: int = 1) -> Deferred[Token | None]:
         now = self.clock.seconds()
         if self.windows.total(key, now, span) + amount > limit:
             return succeed(None)
         return succeed(self.windows.add(key, now, amount))
 
-    def release(self, key: Key, token: Any) -> "Deferred[None]":
+    def release(self, key: Key, token: Token) -> Deferred[None]:
         if isinstance(token, Event) and token.amount:
             self.windows.remove(key, token)
         return succeed(None)
 
-    def total(self, key: Key, span: float) -> "Deferred[int]":
+    def total(self, key: Key, span: float) -> Deferred[int]:
         now = self.clock.seconds()
         times = self._counts.get(key)
         if times is not None:  # a window of count()
             return succeed(sum(1 for at in times if at > now - span))
         return succeed(self.windows.total(key, now, span))
 
-    def count(self, key: Key, span: float, keep: int, mark: MarkRule | None = None) -> "Deferred[int]":
+    def count(self, key: Key, span: float, keep: int, mark: MarkRule | None = None) -> Deferred[int]:
         now = self.clock.seconds()
         times = self._counts.get(key)
         if times is None or times.maxlen != keep:
@@ -169,18 +174,18 @@ class MemoryStore:
             _bounded_set(self._marks, mark.key, now + mark.ttl)
         return succeed(found)
 
-    def forget(self, key: Key) -> "Deferred[None]":
+    def forget(self, key: Key) -> Deferred[None]:
         self._counts.pop(key, None)
         self.windows.forget(key)
         return succeed(None)
 
     # -- marks ----------------------------------------------------------------------
 
-    def mark(self, key: Key, ttl: float) -> "Deferred[None]":
+    def mark(self, key: Key, ttl: float) -> Deferred[None]:
         _bounded_set(self._marks, key, self.clock.seconds() + ttl)
         return succeed(None)
 
-    def marks(self, keys: Sequence[Key]) -> "Deferred[list[float]]":
+    def marks(self, keys: Sequence[Key]) -> Deferred[list[float]]:
         now = self.clock.seconds()
         left = []
         for key in keys:
@@ -201,7 +206,7 @@ class MemoryStore:
             return None
         return held[0]
 
-    def lock(self, key: Key, owner: str, ttl: float) -> "Deferred[int | None]":
+    def lock(self, key: Key, owner: str, ttl: float) -> Deferred[int | None]:
         now = self.clock.seconds()
         holder = self._holder(key, now)
         if holder is not None and holder != owner:
@@ -209,7 +214,7 @@ class MemoryStore:
         _bounded_set(self._locks, key, (owner, now + ttl))
         return succeed(next(self._fences))
 
-    def refresh(self, key: Key, owner: str, ttl: float) -> "Deferred[bool]":
+    def refresh(self, key: Key, owner: str, ttl: float) -> Deferred[bool]:
         now = self.clock.seconds()
         holder = self._holder(key, now)
         if holder is not None and holder != owner:
@@ -217,17 +222,17 @@ class MemoryStore:
         _bounded_set(self._locks, key, (owner, now + ttl))
         return succeed(True)
 
-    def holds(self, key: Key, owner: str) -> "Deferred[bool]":
+    def holds(self, key: Key, owner: str) -> Deferred[bool]:
         return succeed(self._holder(key, self.clock.seconds()) == owner)
 
-    def unlock(self, key: Key, owner: str) -> "Deferred[None]":
+    def unlock(self, key: Key, owner: str) -> Deferred[None]:
         if self._holder(key, self.clock.seconds()) == owner:
             del self._locks[key]
         return succeed(None)
 
     # -- cached numbers -----------------------------------------------------------------
 
-    def get_value(self, key: Key) -> "Deferred[int | None]":
+    def get_value(self, key: Key) -> Deferred[int | None]:
         held = self._values.get(key)
         if held is None:
             return succeed(None)
@@ -236,11 +241,11 @@ class MemoryStore:
             return succeed(None)
         return succeed(held[0])
 
-    def set_value(self, key: Key, value: int, ttl: float) -> "Deferred[None]":
+    def set_value(self, key: Key, value: int, ttl: float) -> Deferred[None]:
         _bounded_set(self._values, key, (value, self.clock.seconds() + ttl))
         return succeed(None)
 
-    def add_value(self, key: Key, amount: int) -> "Deferred[None]":
+    def add_value(self, key: Key, amount: int) -> Deferred[None]:
         held = self._values.get(key)
         if held is not None and held[1] > self.clock.seconds():
             self._values[key] = (held[0] + amount, held[1])

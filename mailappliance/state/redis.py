@@ -17,13 +17,15 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+from collections.abc import Sequence
 from itertools import count as counter
-from typing import Any, Sequence
+from typing import cast
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 
 from mailappliance.state import Key, MarkRule
-from mailappliance.state.resp import RedisClient, Script
+from mailappliance.state.resp import RedisClient, Reply, Script
 
 FENCE_LIFETIME_MS = 7 * 86400 * 1000  # a lock's fencing counter outlives any lock on it
 
@@ -48,7 +50,7 @@ end
 """
 
 # KEYS: window, total; ARGV: now, span, limit ('' = none), amount, member
-RESERVE = Script(_TRIM + """
+RESERVE: Script[int] = Script(_TRIM + """
 local now, span, amount = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[4])
 local total = trim(KEYS[1], KEYS[2], now - span)
 if ARGV[3] ~= '' and total + amount > tonumber(ARGV[3]) then return 0 end
@@ -59,7 +61,7 @@ return 1
 """)
 
 # KEYS: window, total; ARGV: member
-RELEASE = Script("""
+RELEASE: Script[int] = Script("""
 if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
   redis.call('DECRBY', KEYS[2], tonumber(string.match(ARGV[1], '/(%d+)$')))
   if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('DEL', KEYS[2]) end
@@ -68,12 +70,12 @@ return 1
 """)
 
 # KEYS: window, total; ARGV: now, span
-TOTAL = Script(_TRIM + """
+TOTAL: Script[int] = Script(_TRIM + """
 return trim(KEYS[1], KEYS[2], tonumber(ARGV[1]) - tonumber(ARGV[2]))
 """)
 
 # KEYS: window, total, mark ('' unused); ARGV: now, span, keep, member, threshold, mark value, mark ms
-COUNT = Script(_TRIM + """
+COUNT: Script[int] = Script(_TRIM + """
 local now, span, keep = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 trim(KEYS[1], KEYS[2], now - span)
 redis.call('ZADD', KEYS[1], now, ARGV[4])
@@ -102,17 +104,17 @@ end
 """
 
 # KEYS: lock, fence; ARGV: owner, now, until, ms
-LOCK = Script(_HOLDER + """
+LOCK: Script[int | None] = Script(_HOLDER + f"""
 local current = holder(KEYS[1], tonumber(ARGV[2]))
 if current and current ~= ARGV[1] then return false end
 redis.call('SET', KEYS[1], ARGV[1] .. '|' .. ARGV[3], 'PX', ARGV[4])
 local fence = redis.call('INCR', KEYS[2])
-redis.call('PEXPIRE', KEYS[2], %d)
+redis.call('PEXPIRE', KEYS[2], {FENCE_LIFETIME_MS})
 return fence
-""" % FENCE_LIFETIME_MS)
+""")
 
 # KEYS: lock; ARGV: owner, now, until, ms
-REFRESH = Script(_HOLDER + """
+REFRESH: Script[int] = Script(_HOLDER + """
 local current = holder(KEYS[1], tonumber(ARGV[2]))
 if current and current ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[1] .. '|' .. ARGV[3], 'PX', ARGV[4])
@@ -120,19 +122,19 @@ return 1
 """)
 
 # KEYS: lock; ARGV: owner, now
-HOLDS = Script(_HOLDER + """
+HOLDS: Script[int] = Script(_HOLDER + """
 if holder(KEYS[1], tonumber(ARGV[2])) == ARGV[1] then return 1 end
 return 0
 """)
 
 # KEYS: lock; ARGV: owner, now
-UNLOCK = Script(_HOLDER + """
+UNLOCK: Script[int] = Script(_HOLDER + """
 if holder(KEYS[1], tonumber(ARGV[2])) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 1
 """)
 
 # KEYS: value; ARGV: now
-GET_VALUE = Script("""
+GET_VALUE: Script[int | None] = Script("""
 local value = redis.call('GET', KEYS[1])
 if not value then return false end
 local bar = string.find(value, '|', 1, true)
@@ -141,7 +143,7 @@ return tonumber(string.sub(value, 1, bar - 1))
 """)
 
 # KEYS: value; ARGV: amount
-ADD_VALUE = Script("""
+ADD_VALUE: Script[int] = Script("""
 local value = redis.call('GET', KEYS[1])
 if not value then return 0 end
 local bar = string.find(value, '|', 1, true)
@@ -172,12 +174,16 @@ def _number(value: float) -> str:
     return repr(float(value))
 
 
+def _nothing(_: object) -> None:
+    return None
+
+
 class RedisStore:
     """:class:`~mailappliance.state.StateStore` in Redis (see the module docstring)."""
 
     shared = True
 
-    def __init__(self, client: RedisClient, clock: Any, prefix: str = "mailappliance:") -> None:
+    def __init__(self, client: RedisClient, clock: IReactorTime, prefix: str = "mailappliance:") -> None:
         self.client = client
         self.clock = clock
         self.prefix = prefix
@@ -193,31 +199,29 @@ class RedisStore:
     def _token(self) -> str:
         return f"{self._token_base}{next(self._tokens):x}"
 
-    def ping(self) -> Deferred:
+    def ping(self) -> Deferred[Reply]:
         return self.client.execute("PING")
 
     # -- windows --------------------------------------------------------------------
 
-    def reserve(self, key: Key, span: float, limit: float, amount: int = 1) -> "Deferred[Any]":
+    def reserve(self, key: Key, span: float, limit: float, amount: int = 1) -> Deferred[str | None]:
+        """The token is the window's member: ``<token>/<amount>``."""
         window = self.key(key)
         member = f"{self._token()}/{int(amount)}"
         limit_text = "" if math.isinf(limit) else str(int(limit))
         d = self.client.evaluate(RESERVE, (window, window + ":t"),
                                  (_number(self.clock.seconds()), _number(span), limit_text, int(amount), member))
-        d.addCallback(lambda granted: member if granted == 1 else None)
-        return d
+        return d.addCallback(lambda granted: member if granted == 1 else None)
 
-    def release(self, key: Key, token: Any) -> "Deferred[None]":
+    def release(self, key: Key, token: str) -> Deferred[None]:
         window = self.key(key)
-        d = self.client.evaluate(RELEASE, (window, window + ":t"), (token,))
-        d.addCallback(lambda _: None)
-        return d
+        return self.client.evaluate(RELEASE, (window, window + ":t"), (token,)).addCallback(_nothing)
 
-    def total(self, key: Key, span: float) -> "Deferred[int]":
+    def total(self, key: Key, span: float) -> Deferred[int]:
         window = self.key(key)
         return self.client.evaluate(TOTAL, (window, window + ":t"), (_number(self.clock.seconds()), _number(span)))
 
-    def count(self, key: Key, span: float, keep: int, mark: MarkRule | None = None) -> "Deferred[int]":
+    def count(self, key: Key, span: float, keep: int, mark: MarkRule | None = None) -> Deferred[int]:
         window = self.key(key)
         now = self.clock.seconds()
         mark_key, threshold, value, ms = window + ":m", 0, "", 1
@@ -227,28 +231,25 @@ class RedisStore:
                                     (_number(now), _number(span), int(keep), f"{self._token()}/1",
                                      threshold, value, ms))
 
-    def forget(self, key: Key) -> "Deferred[None]":
+    def forget(self, key: Key) -> Deferred[None]:
         window = self.key(key)
-        d = self.client.execute("DEL", window, window + ":t")
-        d.addCallback(lambda _: None)
-        return d
+        return self.client.execute("DEL", window, window + ":t").addCallback(_nothing)
 
     # -- marks ----------------------------------------------------------------------
 
-    def mark(self, key: Key, ttl: float) -> "Deferred[None]":
+    def mark(self, key: Key, ttl: float) -> Deferred[None]:
         d = self.client.execute("SET", self.key(key), _number(self.clock.seconds() + ttl), "PX", _ms(ttl))
-        d.addCallback(lambda _: None)
-        return d
+        return d.addCallback(_nothing)
 
-    def marks(self, keys: Sequence[Key]) -> "Deferred[list[float]]":
+    def marks(self, keys: Sequence[Key]) -> Deferred[list[float]]:
         d = self.client.execute("MGET", *(self.key(key) for key in keys))
         now = self.clock.seconds()
 
-        def left(values: list[bytes | None]) -> list[float]:
+        def left(reply: Reply) -> list[float]:
+            values = cast(list[bytes | None], reply)  # MGET: an array of bulk strings or nil
             return [max(0.0, float(value) - now) if value else 0.0 for value in values]
 
-        d.addCallback(left)
-        return d
+        return d.addCallback(left)
 
     # -- locks ----------------------------------------------------------------------
 
@@ -256,37 +257,30 @@ class RedisStore:
         now = self.clock.seconds()
         return owner, _number(now), _number(now + ttl), _ms(ttl)
 
-    def lock(self, key: Key, owner: str, ttl: float) -> "Deferred[int | None]":
+    def lock(self, key: Key, owner: str, ttl: float) -> Deferred[int | None]:
         name = self.key(key)
         return self.client.evaluate(LOCK, (name, name + ":f"), self._lock_args(owner, ttl))
 
-    def refresh(self, key: Key, owner: str, ttl: float) -> "Deferred[bool]":
+    def refresh(self, key: Key, owner: str, ttl: float) -> Deferred[bool]:
         d = self.client.evaluate(REFRESH, (self.key(key),), self._lock_args(owner, ttl))
-        d.addCallback(lambda ours: ours == 1)
-        return d
+        return d.addCallback(lambda ours: ours == 1)
 
-    def holds(self, key: Key, owner: str) -> "Deferred[bool]":
+    def holds(self, key: Key, owner: str) -> Deferred[bool]:
         d = self.client.evaluate(HOLDS, (self.key(key),), (owner, _number(self.clock.seconds())))
-        d.addCallback(lambda ours: ours == 1)
-        return d
+        return d.addCallback(lambda ours: ours == 1)
 
-    def unlock(self, key: Key, owner: str) -> "Deferred[None]":
+    def unlock(self, key: Key, owner: str) -> Deferred[None]:
         d = self.client.evaluate(UNLOCK, (self.key(key),), (owner, _number(self.clock.seconds())))
-        d.addCallback(lambda _: None)
-        return d
+        return d.addCallback(_nothing)
 
     # -- cached numbers -----------------------------------------------------------------
 
-    def get_value(self, key: Key) -> "Deferred[int | None]":
+    def get_value(self, key: Key) -> Deferred[int | None]:
         return self.client.evaluate(GET_VALUE, (self.key(key),), (_number(self.clock.seconds()),))
 
-    def set_value(self, key: Key, value: int, ttl: float) -> "Deferred[None]":
+    def set_value(self, key: Key, value: int, ttl: float) -> Deferred[None]:
         text = f"{int(value)}|{_number(self.clock.seconds() + ttl)}"
-        d = self.client.execute("SET", self.key(key), text, "PX", _ms(ttl))
-        d.addCallback(lambda _: None)
-        return d
+        return self.client.execute("SET", self.key(key), text, "PX", _ms(ttl)).addCallback(_nothing)
 
-    def add_value(self, key: Key, amount: int) -> "Deferred[None]":
-        d = self.client.evaluate(ADD_VALUE, (self.key(key),), (int(amount),))
-        d.addCallback(lambda _: None)
-        return d
+    def add_value(self, key: Key, amount: int) -> Deferred[None]:
+        return self.client.evaluate(ADD_VALUE, (self.key(key),), (int(amount),)).addCallback(_nothing)

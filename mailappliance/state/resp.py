@@ -24,14 +24,16 @@ from __future__ import annotations
 
 import hashlib
 from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Generic, TypeAlias, TypeVar, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, fail, gatherResults, succeed
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, connectProtocol, wrapClientTLS
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint, ITCPTransport
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 
 from mailappliance.state import StateUnavailable
@@ -55,8 +57,15 @@ class _Incomplete(Exception):
 
 _INCOMPLETE = _Incomplete()
 
+# A reply: simple and bulk strings are bytes, integers int, nil None, error
+# replies RedisError instances (handed to the caller's errback), arrays lists.
+Reply: TypeAlias = "bytes | int | RedisError | list[Reply] | None"
+# A command's arguments; each is sent as a bulk string.
+Arg: TypeAlias = str | bytes | int | float
+_R = TypeVar("_R")
 
-def encode(args: Sequence[Any]) -> bytes:
+
+def encode(args: Sequence[Arg]) -> bytes:
     """A command as a RESP array of bulk strings (binary-safe: nothing in a key or
     value can end the command early)."""
     parts = [b"*%d\r\n" % len(args)]
@@ -69,7 +78,7 @@ def encode(args: Sequence[Any]) -> bytes:
     return b"".join(parts)
 
 
-def parse(buffer: bytes | bytearray, position: int = 0, depth: int = 0) -> tuple[Any, int]:
+def parse(buffer: bytes | bytearray, position: int = 0, depth: int = 0) -> tuple[Reply, int]:
     """One reply from ``buffer`` at ``position``: (value, position after it).
     Bulk strings are bytes, errors RedisError instances, nil None; raises
     _Incomplete when more bytes are needed, ReplyError on garbage."""
@@ -105,7 +114,7 @@ def parse(buffer: bytes | bytearray, position: int = 0, depth: int = 0) -> tuple
             return None, after
         if number > MAX_ITEMS or depth >= MAX_DEPTH:
             raise ReplyError("array reply too large or too deep")
-        items = []
+        items: list[Reply] = []
         for _ in range(number):
             item, after = parse(buffer, after, depth + 1)
             items.append(item)
@@ -118,14 +127,15 @@ class RespProtocol(Protocol):
 
     def __init__(self) -> None:
         self._buffer = bytearray()
-        self._waiting: deque[Deferred] = deque()
+        self._waiting: deque[Deferred[Reply]] = deque()
         self.lost = False
 
-    def send(self, args: Sequence[Any]) -> Deferred:
+    def send(self, args: Sequence[Arg]) -> Deferred[Reply]:
         if self.lost:
             return fail(StateUnavailable("connection lost"))
-        d: Deferred = Deferred()
+        d: Deferred[Reply] = Deferred()
         self._waiting.append(d)
+        assert self.transport is not None  # set before connectProtocol hands us out; not lost yet
         self.transport.write(encode(args))
         return d
 
@@ -164,12 +174,13 @@ class RespProtocol(Protocol):
         self.lost = True
         waiting, self._waiting = self._waiting, deque()
         if self.transport is not None:
-            self.transport.abortConnection()
+            # TCP, UNIX and TLS transports all abort; ITransport just does not declare it.
+            cast(ITCPTransport, self.transport).abortConnection()
         for d in waiting:
             if not d.called:
                 d.errback(StateUnavailable(why))
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.drop("connection lost")
 
 
@@ -224,8 +235,9 @@ def parse_url(url: str) -> RedisAddress:
 
 
 @attrs.frozen
-class Script:
-    """A Lua script, sent by its SHA-1 (EVALSHA)."""
+class Script(Generic[_R]):
+    """A Lua script, sent by its SHA-1 (EVALSHA); ``_R`` is what its Lua returns
+    (as a :data:`Reply`: a number is an int, false is None)."""
 
     source: str
 
@@ -234,7 +246,7 @@ class Script:
         return hashlib.sha1(self.source.encode()).hexdigest()
 
 
-def _pass_on(result: Any, d: Deferred) -> None:
+def _pass_on(result: Reply | Failure, d: Deferred[Reply]) -> None:
     """Hand a reply to the caller's Deferred, unless its deadline has failed it already."""
     if not d.called:
         if isinstance(result, Failure):
@@ -246,23 +258,24 @@ def _pass_on(result: Any, d: Deferred) -> None:
 class RedisClient:
     """Commands to one Redis server over one pipelined connection (see the module docstring)."""
 
-    def __init__(self, address: RedisAddress, reactor: Any, timeout: float, ca_file: Path | None = None) -> None:
+    def __init__(self, address: RedisAddress, reactor: IReactorTime, timeout: float,
+                 ca_file: Path | None = None) -> None:
         self.address = address
         self.reactor = reactor
         self.timeout = timeout
         self.ca_file = ca_file
         self._protocol: RespProtocol | None = None
-        self._connecting: list[tuple[Sequence[Any], Deferred]] | None = None
-        self._attempt: Deferred | None = None
+        self._connecting: list[tuple[Sequence[Arg], Deferred[Reply]]] | None = None
+        self._attempt: Deferred[RespProtocol] | None = None
         self._handshaking: RespProtocol | None = None
-        self._deadlines: deque[tuple[float, Deferred]] = deque()  # commands in the order sent
-        self._watchdog: Any = None
+        self._deadlines: deque[tuple[float, Deferred[Reply]]] = deque()  # commands in the order sent
+        self._watchdog: IDelayedCall | None = None
 
-    def _endpoint(self) -> Any:
+    def _endpoint(self) -> IStreamClientEndpoint:
         a = self.address
         if a.socket:
             return UNIXClientEndpoint(self.reactor, a.socket, timeout=self.timeout)
-        endpoint = HostnameEndpoint(self.reactor, a.host, a.port, timeout=self.timeout)
+        endpoint: IStreamClientEndpoint = HostnameEndpoint(self.reactor, a.host, a.port, timeout=self.timeout)
         if a.tls:
             from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
 
@@ -270,14 +283,14 @@ class RedisClient:
             endpoint = wrapClientTLS(optionsForClientTLS(a.host, trustRoot=trust), endpoint)
         return endpoint
 
-    def execute(self, *args: Any) -> Deferred:
+    def execute(self, *args: Arg) -> Deferred[Reply]:
         """Run one command: Deferred of its reply; StateUnavailable when the
         deadline passes or the connection fails, RedisError for an error reply."""
         protocol = self._protocol
         if protocol is not None and not protocol.lost:
             d = protocol.send(args)
         else:
-            d = Deferred()
+            d = Deferred[Reply]()
             if self._connecting is None:
                 try:
                     self._connect()
@@ -287,7 +300,7 @@ class RedisClient:
             self._connecting.append((args, d))
         return self._with_deadline(d)
 
-    def _with_deadline(self, d: Deferred) -> Deferred:
+    def _with_deadline(self, d: Deferred[Reply]) -> Deferred[Reply]:
         """Watch ``d``'s deadline.  Commands are answered in order, so one timer for the
         oldest unanswered command is enough (a timer per command costs more than the command)."""
         deadlines = self._deadlines
@@ -313,7 +326,7 @@ class RedisClient:
             deadlines.popleft()
             self._expired(d)  # the connection is dropped: what waited on it has failed too
 
-    def _expired(self, d: Deferred) -> None:
+    def _expired(self, d: Deferred[Reply]) -> None:
         if d.called:
             return
         protocol, self._protocol = self._protocol, None  # a caller's errback may send again: on a new connection
@@ -328,16 +341,16 @@ class RedisClient:
         except OSError as e:  # the CA file of rediss://
             self._connecting = None
             raise StateUnavailable(f"cannot set up TLS for Redis: {e}") from None
-        attempt = connectProtocol(endpoint, RespProtocol())
+        attempt: Deferred[RespProtocol] = connectProtocol(endpoint, RespProtocol())
         self._attempt = attempt
         attempt.addCallback(self._handshake)
         attempt.addTimeout(self.timeout, self.reactor)  # the set-up too: a server that never answers AUTH
         attempt.addCallbacks(self._connected, self._connect_failed)
 
-    def _handshake(self, protocol: RespProtocol) -> Deferred:
+    def _handshake(self, protocol: RespProtocol) -> Deferred[RespProtocol]:
         self._handshaking = protocol
         a = self.address
-        steps: list[Deferred] = []
+        steps: list[Deferred[Reply]] = []
         if a.password:
             steps.append(protocol.send(("AUTH", a.username, a.password) if a.username else ("AUTH", a.password)))
         if a.db:
@@ -351,8 +364,7 @@ class RedisClient:
             protocol.drop("handshake failed")
             return Failure(StateUnavailable(f"Redis refused the connection's set-up: {inner.getErrorMessage()}"))
 
-        d.addCallbacks(lambda _: protocol, refused)
-        return d
+        return d.addCallbacks(lambda _: protocol, refused)
 
     def _connected(self, protocol: RespProtocol) -> None:
         waiting, self._connecting, self._attempt = self._connecting or [], None, None
@@ -379,17 +391,18 @@ class RedisClient:
             if not d.called:
                 d.errback(why)
 
-    def evaluate(self, script: Script, keys: Sequence[Any], args: Sequence[Any]) -> Deferred:
+    def evaluate(self, script: Script[_R], keys: Sequence[str], args: Sequence[Arg]) -> Deferred[_R]:
         """EVALSHA, and EVAL when the server does not know the script yet."""
         d = self.execute("EVALSHA", script.sha, len(keys), *keys, *args)
 
-        def unknown(failure: Failure) -> Any:
+        def unknown(failure: Failure) -> Deferred[Reply] | Failure:
             if failure.check(RedisError) and str(failure.value).startswith("NOSCRIPT"):
                 return self.execute("EVAL", script.source, len(keys), *keys, *args)
             return failure
 
         d.addErrback(unknown)
-        return d
+        # The reply is what the script's Lua returns, which Script[_R] states.
+        return cast("Deferred[_R]", d)
 
     def close(self) -> None:
         if self._watchdog is not None and self._watchdog.active():
