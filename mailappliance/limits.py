@@ -2,8 +2,10 @@
 network, the whole server) and hourly allowances per subscriber.
 
 Counters are in memory with a clock the tests control, bounded in size.
-Each check returns None (go ahead) or a :class:`LimitHit` that names the
-limit, the key (address, network, listener or uid) and the reply to give.
+Each check returns None (go ahead) or a deferring
+:class:`~mailappliance.verdicts.Verdict` whose rule names the limit
+(``limit.<name>``) and whose value is the key (address, network, listener or
+uid); the protocols choose the reply (``smtp/replies.py``, ``pop3/replies.py``).
 
 Client addresses are grouped so that one host cannot pass for many: an IPv4
 address counts as itself and its /24 is its network; an IPv6 client counts
@@ -30,6 +32,7 @@ from twisted.logger import Logger
 
 from mailappliance.state import StateStore
 from mailappliance.state.memory import MemoryStore, Window
+from mailappliance.verdicts import Verdict, defer
 
 log = Logger(namespace="mailappliance.limits")
 
@@ -52,15 +55,12 @@ class LimitSettings:
     recipients_per_message: int = 100
 
 
-@attrs.frozen
-class LimitHit:
-    """A limit was reached: ``code``/``status``/``text`` is the reply."""
+LimitHit = Verdict  # a limit was reached: rule "limit.<name>", value the key (address, network, uid, listener)
 
-    limit: str
-    key: str
-    code: int
-    status: str
-    text: str
+
+def limit_hit(name: str, key: str) -> Verdict:
+    """The verdict for limit ``name`` reached for ``key``: always temporary (try later)."""
+    return defer(f"limit.{name}", key)
 
 
 def client_keys(address: str) -> tuple[str, str | None]:
@@ -142,17 +142,15 @@ class RateLimits:
         address_key, network_key = client_keys(address)
         cap = self._listener_caps.get(listener)
         if cap is not None and self._open_listeners.get(listener, 0) >= cap:
-            return LimitHit("max_connections", listener, 421, "4.7.0", "Server busy, try again later")
+            return limit_hit("max_connections", listener)
         if self.open_total >= s.max_connections:
-            return LimitHit("max_connections", "*", 421, "4.7.0", "Server busy, try again later")
+            return limit_hit("max_connections", "*")
         if self._open.get(address_key, 0) >= s.concurrent_per_address:
-            return LimitHit("concurrent_per_address", address_key, 421, "4.7.0",
-                            "Too many connections from your address")
+            return limit_hit("concurrent_per_address", address_key)
         if network_key is not None and self._open_networks.get(network_key, 0) >= s.concurrent_per_network:
-            return LimitHit("concurrent_per_network", network_key, 421, "4.7.0",
-                            "Too many connections from your network")
+            return limit_hit("concurrent_per_network", network_key)
         if self._connections.total(address_key, now) >= s.connections_per_minute:
-            return LimitHit("connections_per_minute", address_key, 421, "4.7.0", "Too many connections, slow down")
+            return limit_hit("connections_per_minute", address_key)
         self._connections.add(address_key, now)
         _up(self._open, address_key)
         if network_key is not None:
@@ -185,16 +183,15 @@ class RateLimits:
 
 
 def _messages_hit(uid: str) -> LimitHit:
-    return LimitHit("messages_per_hour", uid, 450, "4.7.1", "Sending limit reached (messages per hour), try again later")
+    return limit_hit("messages_per_hour", uid)
 
 
 def _recipients_hit(uid: str) -> LimitHit:
-    return LimitHit("recipients_per_hour", uid, 452, "4.7.1",
-                    "Sending limit reached (recipients per hour), try again later")
+    return limit_hit("recipients_per_hour", uid)
 
 
 def _per_message_hit(uid: str) -> LimitHit:
-    return LimitHit("recipients_per_message", uid, 452, "4.5.3", "Too many recipients for one message")
+    return limit_hit("recipients_per_message", uid)
 
 
 class Reservation:

@@ -120,7 +120,8 @@ class LineSession(Protocol, TimeoutMixin):
         if self.limits is not None:
             hit = self.limits.connection_opened(self.client_ip, self.settings.listener)
             if hit is not None:
-                self.log_event(self.log.info, "limit {limit} reached for {key}", limit=hit.limit, key=hit.key)
+                self.log_event(self.log.info, "limit {limit} reached for {key}",
+                           limit=hit.rule.removeprefix("limit."), key=hit.value)
                 self.refuse_connection(hit)
                 self.close()
                 return

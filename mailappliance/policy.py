@@ -18,6 +18,7 @@ import attrs
 from mailappliance.addressing import Addressing, sender_forms
 from mailappliance.directory import Subscriber
 from mailappliance.smtp.paths import MailPath
+from mailappliance.verdicts import ACCEPT, Verdict, refuse
 
 ROUTING_CHARACTERS = frozenset("%!@:")
 
@@ -30,20 +31,22 @@ class Route(enum.Enum):
 
 @attrs.frozen
 class RelayVerdict:
-    """Where a recipient goes; ``code``/``status``/``text`` are set when refused."""
+    """Where a recipient goes; when refused, ``verdict`` says by which rule (``relay.*``)."""
 
     route: Route
-    reason: str = ""
-    code: int = 0
-    status: str = ""
+    verdict: Verdict = ACCEPT
 
     @property
     def refused(self) -> bool:
         return self.route is Route.REFUSED
 
+    @property
+    def reason(self) -> str:
+        return self.verdict.reason
 
-def _refuse(reason: str, code: int = 554, status: str = "5.7.1") -> RelayVerdict:
-    return RelayVerdict(Route.REFUSED, reason, code, status)
+
+def _refuse(rule: str, reason: str) -> RelayVerdict:
+    return RelayVerdict(Route.REFUSED, refuse(f"relay.{rule}", reason=reason))
 
 
 def is_local_domain(domain: str, local_domains: frozenset[str] | tuple[str, ...]) -> bool:
@@ -56,22 +59,22 @@ def decide_recipient(
 ) -> RelayVerdict:
     """Decide whether ``recipient`` may be accepted, and how it will be routed."""
     if recipient.is_null:
-        return _refuse("null recipient", 501, "5.1.3")
+        return _refuse("null_recipient", "null recipient")
     if recipient.source_route:
-        return _refuse("source route")
+        return _refuse("source_route", "source route")
     if recipient.quoted:
-        return _refuse("quoted local part")
+        return _refuse("quoted", "quoted local part")
     if ROUTING_CHARACTERS & set(recipient.local_part):
-        return _refuse("routing character in local part")
+        return _refuse("routing_character", "routing character in local part")
     if not recipient.domain:
-        return _refuse("no domain")
+        return _refuse("no_domain", "no domain")
     if recipient.is_address_literal:
-        return _refuse("address literal")
+        return _refuse("address_literal", "address literal")
     if is_local_domain(recipient.domain, local_domains):
         return RelayVerdict(Route.LOCAL)
     if authenticated:
         return RelayVerdict(Route.REMOTE)
-    return _refuse("relay denied")
+    return _refuse("denied", "relay denied")
 
 
 def decide_sender(sender: MailPath, subscriber: Subscriber, addressing: Addressing | None = None) -> str | None:

@@ -25,6 +25,8 @@ from typing import Any, Iterable
 import attrs
 from twisted.logger import Logger
 
+from mailappliance.verdicts import ACCEPT, Action, Verdict
+
 log = Logger(namespace="mailappliance.screening")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -60,18 +62,6 @@ class ClientFacts:
     dnsbl_listed_in: str | None = None
 
 
-@attrs.frozen
-class Verdict:
-    action: str  # "accept", "refuse" (554 5.7.1) or "defer" (421/450 4.7.x)
-    rule: str = ""
-    value: str = ""
-
-    @property
-    def accepted(self) -> bool:
-        return self.action == "accept"
-
-
-ACCEPT = Verdict("accept")
 
 
 def domain_matches(name: str, pattern: str) -> bool:
@@ -98,27 +88,27 @@ def _network_match(address: str, networks: Iterable[Network]) -> Network | None:
 def screen_client(facts: ClientFacts, lists: ScreeningLists) -> Verdict:
     """Decide at connect time."""
     if (network := _network_match(facts.address, lists.allow_networks)) is not None:
-        return Verdict("accept", "allow.networks", str(network))
+        return Verdict(Action.ACCEPT, "allow.networks", str(network))
     if (pattern := _first_domain_match(facts.name, lists.allow_client_domains)) is not None:
-        return Verdict("accept", "allow.client_domains", pattern)
+        return Verdict(Action.ACCEPT, "allow.client_domains", pattern)
     could_be_allowed = facts.name_lookup_failed and bool(lists.allow_client_domains)
     refusal: Verdict | None = None
     if (network := _network_match(facts.address, lists.block_networks)) is not None:
-        refusal = Verdict("refuse", "block.networks", str(network))
+        refusal = Verdict(Action.REFUSE, "block.networks", str(network))
     elif (pattern := _first_domain_match(facts.name, lists.block_client_domains)) is not None:
-        refusal = Verdict("refuse", "block.client_domains", f"{pattern} ({facts.name})")
+        refusal = Verdict(Action.REFUSE, "block.client_domains", f"{pattern} ({facts.name})")
     elif facts.dnsbl_listed_in is not None:
-        refusal = Verdict("refuse", "dnsbl", facts.dnsbl_listed_in)
+        refusal = Verdict(Action.REFUSE, "dnsbl", facts.dnsbl_listed_in)
     if refusal is None:
         return ACCEPT
     if could_be_allowed:
-        return Verdict("defer", refusal.rule, f"{refusal.value}; reverse DNS lookup failed")
+        return Verdict(Action.DEFER, refusal.rule, f"{refusal.value}; reverse DNS lookup failed")
     return refusal
 
 
 def screen_helo(helo: str, lists: ScreeningLists) -> Verdict:
     if (pattern := _first_domain_match(helo, lists.block_helo)) is not None:
-        return Verdict("refuse", "block.helo", pattern)
+        return Verdict(Action.REFUSE, "block.helo", pattern)
     return ACCEPT
 
 
@@ -139,7 +129,7 @@ def screen_sender(address: str, lists: ScreeningLists) -> Verdict:
     if not address or _sender_match(address, lists.allow_senders):
         return ACCEPT
     if (pattern := _sender_match(address, lists.block_senders)) is not None:
-        return Verdict("refuse", "block.senders", pattern)
+        return Verdict(Action.REFUSE, "block.senders", pattern)
     return ACCEPT
 
 

@@ -111,21 +111,19 @@ class Appliance:
                    "mailappliance", "--config", str(self.config_path)]
         self.process = subprocess.Popen(command, cwd=self.root, stdin=subprocess.DEVNULL,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        pending = {(self.addresses[name], port) for name, port in self.ports.items()}
 
-        def every_listener_answers() -> bool:
+        def ready() -> bool:
+            """twistd binds every port (privilegedStartService) before the "ready" line is
+            logged; waiting for the line instead of probing the ports leaves no probe
+            connections behind to count against the per-address limits."""
             assert self.process is not None
             if self.process.poll() is not None:
                 output = self.process.stdout.read().decode() if self.process.stdout else ""
                 raise RuntimeError(f"mailappliance exited with {self.process.returncode}:\n{output}\n{self.log()}")
-            for address, port in list(pending):
-                with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as s:
-                    if s.connect_ex((address, port)) == 0:
-                        pending.discard((address, port))
-            return not pending
+            return "mailappliance ready" in self.log()
 
         try:
-            wait_until(every_listener_answers, timeout, what="every listener answering")
+            wait_until(ready, timeout, what="mailappliance ready")
         except AssertionError:
             raise RuntimeError(f"mailappliance did not open its ports:\n{self.log()}") from None
 

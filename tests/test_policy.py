@@ -5,10 +5,17 @@ from __future__ import annotations
 import pytest
 
 from mailappliance.policy import RelayVerdict, Route, decide_recipient
+from mailappliance.smtp import replies
 from mailappliance.smtp.paths import PathSyntaxError, parse_path, split_command_argument
 
 LOCAL = frozenset({"example.org", "example.net"})
 
+
+
+def refused(result: RelayVerdict) -> tuple[Route, int, str, str]:
+    """Route, the SMTP reply the session gives for it, and the logged reason."""
+    reply = replies.for_relay(result.verdict)
+    return result.route, reply.code, reply.status, result.reason
 
 def verdict(path: str, authenticated: bool = False):
     return decide_recipient(parse_path(path, allow_null=False), LOCAL, authenticated)
@@ -37,14 +44,14 @@ def test_local_recipients(path: str) -> None:
 )
 def test_relay_tricks_refused_for_everyone(path: str, reason: str, authenticated: bool) -> None:
     """Percent hack, bang path, source route, quoted local part and address literal: 554 5.7.1 for everyone."""
-    assert verdict(path, authenticated) == RelayVerdict(Route.REFUSED, reason, 554, "5.7.1")
+    assert refused(verdict(path, authenticated)) == (Route.REFUSED, 554, "5.7.1", reason)
 
 
 @pytest.mark.parametrize("path", ["<user@remote.example>", "<user@example.org.remote.example>",
                                   "<user@sub.example.org>", "<user@example.org.evil>"])
 def test_remote_only_when_authenticated(path: str) -> None:
     """A remote domain (lookalikes and subdomains included) is relay denied, unless the client is authenticated."""
-    assert verdict(path) == RelayVerdict(Route.REFUSED, "relay denied", 554, "5.7.1")
+    assert refused(verdict(path)) == (Route.REFUSED, 554, "5.7.1", "relay denied")
     assert verdict(path, authenticated=True).route is Route.REMOTE
 
 
@@ -103,8 +110,8 @@ def test_relay_tricks_refused_at_every_local_and_alias_domain(form: str, reason:
                                                               domain: str) -> None:
     """Each relay trick is refused 554 5.7.1 at every local and alias domain, logged in or not."""
     path = parse_path(form.format(d=domain), allow_null=False)
-    assert decide_recipient(path, ADDRESSING.accepted_domains, authenticated) == RelayVerdict(
-        Route.REFUSED, reason, 554, "5.7.1")
+    assert refused(decide_recipient(path, ADDRESSING.accepted_domains, authenticated)) == (
+        Route.REFUSED, 554, "5.7.1", reason)
 
 
 @pytest.mark.parametrize("domain", ALL_DOMAINS)
@@ -112,8 +119,8 @@ def test_relay_tricks_refused_at_every_local_and_alias_domain(form: str, reason:
 def test_lookalikes_of_every_domain_are_remote(form: str, domain: str) -> None:
     """Subdomains and lookalikes of local and alias domains are other domains: relay denied unless logged in."""
     path = parse_path(form.format(d=domain), allow_null=False)
-    assert decide_recipient(path, ADDRESSING.accepted_domains, False) == RelayVerdict(
-        Route.REFUSED, "relay denied", 554, "5.7.1")
+    assert refused(decide_recipient(path, ADDRESSING.accepted_domains, False)) == (
+        Route.REFUSED, 554, "5.7.1", "relay denied")
     assert decide_recipient(path, ADDRESSING.accepted_domains, True).route is Route.REMOTE
 
 

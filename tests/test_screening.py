@@ -61,16 +61,16 @@ def test_domain_patterns(name: str, pattern: str, matches: bool) -> None:
 def test_screen_client(facts: ClientFacts, action: str, rule: str) -> None:
     """Client screening: allow beats block, a confirmed name allows a blocked network, DNS trouble defers only that."""
     verdict = screen_client(facts, LISTS)
-    assert (verdict.action, verdict.rule) == (action, rule)
+    assert (verdict.action.value, verdict.rule) == (action, rule)
 
 
 def test_screen_helo_and_sender() -> None:
     """HELO and sender screening refuse listed names and domains; an allow-listed sender and <> pass."""
-    assert screen_helo("localhost", LISTS).action == "refuse"
-    assert screen_helo("mx.bad-helo.example", LISTS).action == "refuse"
+    assert screen_helo("localhost", LISTS).refused
+    assert screen_helo("mx.bad-helo.example", LISTS).refused
     assert screen_helo("mx.good.example", LISTS).accepted
     assert screen_sender("anyone@spam.example", LISTS).rule == "block.senders"
-    assert screen_sender("forger@example.net", LISTS).action == "refuse"
+    assert screen_sender("forger@example.net", LISTS).refused
     assert screen_sender("other@example.net", LISTS).accepted
     assert screen_sender("friend@spam.example", LISTS).accepted  # allow beats block
     assert screen_sender("", LISTS).accepted

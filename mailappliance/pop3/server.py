@@ -34,6 +34,7 @@ from twisted.python.failure import Failure
 from mailappliance.authenticator import Authenticator, LoginOutcome, LoginResult
 from mailappliance.linesession import LINE_TOO_LONG, LineSession, SessionSettings
 from mailappliance.metrics import METRICS
+from mailappliance.pop3 import replies
 from mailappliance.pop3.mailbox import (CommitResult, IMaildirAccess, MailboxLockLost, MessageDeleted,
                                         NoSuchMessage, confirm_lock)
 from mailappliance.sasl import Collected, FailureKind, SaslExchange, SaslFailure
@@ -45,20 +46,6 @@ MAX_COMMAND_LINE = 255  # RFC 2449 section 4: including the CRLF
 MAX_SASL_LINE = 2048  # RFC 5034 section 4: SASL responses may exceed 255 (PLAIN: up to ~1 KiB)
 
 RunBlocking = Callable[..., Deferred]
-
-
-SASL_FAILURE_REPLIES = {
-    FailureKind.CANCELLED: "Authentication cancelled",
-    FailureKind.BAD_ENCODING: "Invalid base64 data",
-    FailureKind.MALFORMED: "[AUTH] Authentication failed",
-    FailureKind.UNSUPPORTED: "Unsupported authentication mechanism",
-}
-LOGIN_REPLIES = {
-    LoginResult.REFUSED: "[AUTH] Authentication failed",
-    LoginResult.THROTTLED: "[LOGIN-DELAY] Too many failed logins, try again later",
-    LoginResult.IN_USE: "[IN-USE] Mailbox is locked by another session",
-    LoginResult.TEMPORARY: "[SYS/TEMP] Directory unavailable, try again later",
-}
 
 
 def _text(wire: bytes) -> str | bytes:
@@ -110,14 +97,14 @@ class POP3Session(LineSession):
         self._ok(f"{self.factory.hostname} POP3 server ready")
 
     def refuse_connection(self, hit: Any) -> None:
-        self._err(f"[SYS/TEMP] {hit.text}")
+        self._err(replies.for_limit(hit))
 
     def say_timeout(self, why: str) -> None:
         self.log_event(log.info, "{why} in state {state}, nothing deleted", why=why, state=self.state.value)
         self._err("Idle timeout, closing connection" if why == "idle timeout" else f"{why.capitalize()}, closing connection")
 
     def internal_error(self, failure: Failure) -> None:
-        self._err("[SYS/TEMP] Internal error, try again later")
+        self._err(replies.INTERNAL_ERROR)
         self._release_mailbox()
         self.close()
 
@@ -190,7 +177,7 @@ class POP3Session(LineSession):
                        login=self._login_name)
         self._release_mailbox()
         self.state = State.UPDATE
-        self._err("[IN-USE] Mailbox opened by a newer session, closing")
+        self._err(replies.TAKEN_OVER)
         self.abort()
         return True
 
@@ -285,7 +272,7 @@ class POP3Session(LineSession):
             if step.kind is FailureKind.MALFORMED:
                 self.log_event(log.info, "login failed: login={login} mechanism=PLAIN reason={why}",
                                login=step.login or "?", why=step.reason)
-            self._err(SASL_FAILURE_REPLIES[step.kind])
+            self._err(replies.SASL_FAILURES[step.kind])
             return
         assert isinstance(step, Collected)
         self._login(step.login, step.password, "PLAIN")
@@ -360,9 +347,9 @@ class POP3Session(LineSession):
         self.log_event(level, "login failed: login={login} mechanism={mechanism} reason={reason}",
                        login=self._login_name, mechanism=mechanism, reason=outcome.reason)
         if outcome.result is LoginResult.TEMPORARY and outcome.unexpected is not None:
-            self._err("[SYS/TEMP] Internal error, try again later")
+            self._err(replies.INTERNAL_ERROR)
         else:
-            self._err(LOGIN_REPLIES[outcome.result])
+            self._err(replies.LOGIN_FAILURES[outcome.result])
 
     # -- TRANSACTION ----------------------------------------------------------------
 

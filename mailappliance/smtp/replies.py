@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import attrs
 
+from mailappliance.verdicts import Verdict
+
 
 @attrs.frozen
 class Reply:
@@ -83,3 +85,29 @@ RECIPIENT_REJECTED = Reply(554, "5.7.1", "Recipient address rejected")
 ACCESS_DENIED = Reply(554, "5.7.1", "Access denied")
 CLIENT_REFUSED = Reply(554, "5.7.1", "Client host rejected: Access denied")
 NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "Error: no valid recipients")
+
+# -- verdicts of the pure decision modules, by rule ------------------------------
+
+LIMIT_REPLIES = {
+    "limit.max_connections": Reply(421, "4.7.0", "Server busy, try again later"),
+    "limit.concurrent_per_address": Reply(421, "4.7.0", "Too many connections from your address"),
+    "limit.concurrent_per_network": Reply(421, "4.7.0", "Too many connections from your network"),
+    "limit.connections_per_minute": Reply(421, "4.7.0", "Too many connections, slow down"),
+    "limit.messages_per_hour": Reply(450, "4.7.1", "Sending limit reached (messages per hour), try again later"),
+    "limit.recipients_per_hour": Reply(452, "4.7.1", "Sending limit reached (recipients per hour), try again later"),
+    "limit.recipients_per_message": Reply(452, "4.5.3", "Too many recipients for one message"),
+}
+RELAY_REPLIES = {
+    "relay.denied": RELAY_DENIED,
+    "relay.null_recipient": Reply(501, "5.1.3", "Bad recipient address syntax"),
+}
+
+
+def for_limit(verdict: Verdict) -> Reply:
+    """The reply to a reached limit (a temporary one for a rule we do not know)."""
+    return LIMIT_REPLIES.get(verdict.rule, Reply(451, "4.7.0", "Try again later"))
+
+
+def for_relay(verdict: Verdict) -> Reply:
+    """The reply to a refused recipient; the logged reason never goes to the client."""
+    return RELAY_REPLIES.get(verdict.rule, RECIPIENT_REJECTED)

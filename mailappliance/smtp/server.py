@@ -36,6 +36,7 @@ from mailappliance.sasl import SaslExchange
 from mailappliance.smtp.auth import AuthCommands
 from mailappliance.smtp.chunking import ChunkingCommands
 from mailappliance.smtp.data import DataReader
+from mailappliance.verdicts import Verdict
 from mailappliance.smtp.transaction import MailTransaction, Transaction
 
 MAX_COMMAND_LINE = 4096  # RFC 5321 says 512; AUTH (RFC 4954) needs more
@@ -127,9 +128,10 @@ class SMTPSession(AuthCommands, ChunkingCommands, MailTransaction, LineSession):
     def _banner(self) -> None:
         self.respond(replies.Reply(220, "", f"{self.config.hostname} ESMTP mailappliance"))
 
-    def refuse_connection(self, hit: Any) -> None:
-        METRICS.count("mailappliance_messages_refused_total", reason=f"limit_{hit.limit}")
-        self.respond(replies.Reply(hit.code, hit.status, f"{self.config.hostname} {hit.text}"))
+    def refuse_connection(self, hit: Verdict) -> None:
+        METRICS.count("mailappliance_messages_refused_total", reason=hit.rule.replace(".", "_"))
+        reply = replies.for_limit(hit)
+        self.respond(reply.with_text(f"{self.config.hostname} {reply.text}"))
 
     def say_timeout(self, why: str) -> None:
         self.respond(replies.TIMEOUT.with_text(f"{self.config.hostname} {replies.TIMEOUT.text}"))
@@ -206,11 +208,11 @@ class SMTPSession(AuthCommands, ChunkingCommands, MailTransaction, LineSession):
             return
         if not verdict.accepted:
             self.screened(verdict, "client")
-            held = replies.CLIENT_REFUSED if verdict.action == "refuse" else replies.CLIENT_DEFERRED
+            held = replies.CLIENT_REFUSED if verdict.refused else replies.CLIENT_DEFERRED
             held = held.with_text(f"<{self.client_ip}>: {held.text}")
             if self.hold_screening("client", verdict, held):
                 self._banner()  # refused at RCPT, where postmaster@ and abuse@ stay open
-            elif verdict.action == "refuse":
+            elif verdict.refused:
                 self.close_with(replies.ACCESS_DENIED.with_text(f"{self.config.hostname} Access denied"))
             else:
                 self.close_with(replies.SERVICE_BUSY.with_text(f"{self.config.hostname} Try again later"))
@@ -222,16 +224,17 @@ class SMTPSession(AuthCommands, ChunkingCommands, MailTransaction, LineSession):
         METRICS.count("mailappliance_messages_refused_total", reason=f"screened_{stage}")
         name = self.client_facts.name if self.client_facts else None
         self.log_event(self.log.info, "screened at {stage}: {action} rule={rule} value='{value}' name={name}",
-                       stage=stage, action=verdict.action, rule=verdict.rule, value=verdict.value,
+                       stage=stage, action=verdict.action.value, rule=verdict.rule, value=verdict.value,
                        name=name or "-")
 
     def screening_applies(self) -> bool:
         return self.factory.screening is not None and self.config.screen and not self.client_allowed
 
-    def limit_hit(self, hit: Any) -> None:
-        METRICS.count("mailappliance_messages_refused_total", reason=f"limit_{hit.limit}")
-        self.log_event(self.log.info, "limit {limit} reached for {key}", limit=hit.limit, key=hit.key)
-        self.respond(replies.Reply(hit.code, hit.status, hit.text))
+    def limit_hit(self, hit: Verdict) -> None:
+        METRICS.count("mailappliance_messages_refused_total", reason=hit.rule.replace(".", "_"))
+        self.log_event(self.log.info, "limit {limit} reached for {key}",
+                           limit=hit.rule.removeprefix("limit."), key=hit.value)
+        self.respond(replies.for_limit(hit))
 
     # -- replies ----------------------------------------------------------------------
 

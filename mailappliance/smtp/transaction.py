@@ -67,10 +67,10 @@ class Transaction:
     reservation: Any = None  # limits.Reservation of an authenticated sender
     local_recipients: list[LocalRecipient] = attrs.Factory(list)
     remote_recipients: list[str] = attrs.Factory(list)
-    trace_length: int = 0  # our Return-Path and Received fields: the client's message starts here
     started: float = attrs.Factory(time.time)  # MAIL: the message's age and the transaction time count from here
     data_ended: float = 0.0  # the final dot
     delivered_to_span: tuple[int, int] = (0, 0)  # the first local recipient's Delivered-To in the file
+    trace_length: int = 0  # our Return-Path and Received fields: the client's message starts here
     forwarded: list[ForwardedRecipient] = attrs.Factory(list)  # copies out with an SRS sender
     mail_parameters: MailParameters | None = None  # SIZE, BODY, SMTPUTF8, DSN's RET and ENVID (dsn_params)
     recipient_parameters: dict[str, Any] = attrs.Factory(dict)  # accepted address -> NOTIFY, ORCPT
@@ -235,12 +235,7 @@ class MailTransaction(LocalRecipients):
             METRICS.count("mailappliance_messages_refused_total", reason=verdict.reason.replace(" ", "_"))
             self.log_event(self.log.info, "relay refused rcpt=<{rcpt}> reason={reason}",
                            rcpt=recipient.address, reason=verdict.reason)
-            if verdict.reason == "relay denied":
-                reply = replies.RELAY_DENIED
-            elif verdict.code == 501:
-                reply = replies.Reply(501, "5.1.3", "Bad recipient address syntax")
-            else:
-                reply = replies.RECIPIENT_REJECTED
+            reply = replies.for_relay(verdict.verdict)
             self.error(reply.with_text(f"<{recipient.address}>: {reply.text}"))
             return
         if verdict.route is Route.REMOTE:
