@@ -35,7 +35,7 @@ from mailappliance.queue.client import OutboundFactory, OutboundJob, Transaction
 from mailappliance.queue.dsn import build_dsn, enhanced_status, recipient_status
 from mailappliance.queue.mta_sts import StsVerdict, count_session
 from mailappliance.smtp.dsn_params import Orcpt, notify_wants
-from mailappliance.queue.routing import NextHop, Router, RoutingError
+from mailappliance.queue.routing import NextHop, Router, RoutingError, ascii_domain
 from mailappliance.queue.schedule import Outcome, next_attempt_at, outcome_of
 from mailappliance.queue.spool import DELIVERED, FAILED, Envelope, OutboundSpool, QueueEntryGone, RecipientState
 
@@ -327,7 +327,7 @@ class QueueRunner(service.Service):
         off, or the mail goes to a smarthost or transport)."""
         if self.mta_sts is None or not hops or self.router.uses_relay(domain):
             return None
-        return await self.mta_sts.verdict(domain)
+        return await self.mta_sts.verdict(ascii_domain(domain))  # next_hops has checked it
 
     async def _attempt(self, hop: NextHop, recipients: list[str], envelope: Envelope,
                        data: bytes, sts: StsVerdict | None = None) -> Attempt:

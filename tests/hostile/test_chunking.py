@@ -194,3 +194,20 @@ def test_a_chunked_message_over_the_mailbox_quota_gets_552_5_2_2(appliance: Call
         code, lines = smtp.bdat(body, last=True)
         assert (code, lines[-1][:5]) == (552, "5.2.2")
     assert not list(instance.maildir_root.glob("alice/new/*"))
+
+
+def test_a_big_chunk_streams_to_disk_and_holds_no_input(tmp_path: Path) -> None:
+    """A 3 MiB chunk arriving in 64 KiB pieces: each piece goes to the message at once (the session's
+    input buffer stays empty), the message spills to disk past 1 MiB, and it is stored whole."""
+    h = Harness(tmp_path, max_size=5 * 1024 * 1024)
+    h.send(b"EHLO client.example.net\r\n" + MAIL)
+    line = b"x" * 78 + b"\r\n"
+    chunk = b"Subject: big\r\n\r\n" + line * (3 * 1024 * 1024 // len(line))
+    h.send(b"BDAT %d LAST\r\n" % len(chunk))
+    for start in range(0, len(chunk) - 65536, 65536):
+        assert not h.send(chunk[start:start + 65536])
+        assert not h.protocol.input
+    assert h.protocol.delivery.spilled
+    assert h.send(chunk[start + 65536:])[-1].startswith("250 2.0.0 Ok: queued as ")
+    [stored] = h.messages("alice")
+    assert stored.endswith(chunk)
