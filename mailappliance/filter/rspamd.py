@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import json
 from io import BytesIO
-from typing import Any
+from typing import cast
 
 import attrs
 from twisted.internet import defer, protocol
+from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.python.failure import Failure
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import IResponse
 
 MAX_ANSWER = 1024 * 1024
 ACTIONS = ("reject", "soft reject", "rewrite subject", "add header", "greylist", "no action")
@@ -61,19 +64,21 @@ def parse_answer(data: bytes) -> SpamVerdict:
 
 
 class _BoundedBody(protocol.Protocol):
-    def __init__(self, finished: defer.Deferred, limit: int) -> None:
-        self.finished, self.limit, self.parts, self.size = finished, limit, [], 0
+    def __init__(self, finished: defer.Deferred[bytes], limit: int) -> None:
+        self.finished, self.limit, self.size = finished, limit, 0
+        self.parts: list[bytes] = []
 
     def dataReceived(self, data: bytes) -> None:
         self.size += len(data)
         if self.size > self.limit:
-            self.transport.stopProducing()
+            # deliverBody's transport is the response's producer; Protocol declares it an ITransport
+            cast(IPushProducer, self.transport).stopProducing()
             if not self.finished.called:
                 self.finished.errback(FilterUnavailable("rspamd answer too long"))
             return
         self.parts.append(data)
 
-    def connectionLost(self, reason: Any = None) -> None:
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         if not self.finished.called:
             self.finished.callback(b"".join(self.parts))
 
@@ -84,7 +89,8 @@ def _clean_header(value: str) -> bytes:
 
 
 class RspamdClient:
-    def __init__(self, url: str, reactor: Any, timeout: float = 10.0) -> None:
+    def __init__(self, url: str, reactor: IReactorTime, timeout: float = 10.0) -> None:
+        """``reactor`` also connects (IReactorTCP) for the Agent."""
         self.url = url.rstrip("/").encode("ascii") + b"/checkv2"
         self.reactor = reactor
         self.timeout = timeout
@@ -105,10 +111,10 @@ class RspamdClient:
         request = self.agent.request(b"POST", self.url, headers, FileBodyProducer(BytesIO(message)))
         request.addTimeout(self.timeout, self.reactor)
         try:
-            response = await request
+            response: IResponse = await request
             if response.code != 200:
                 raise FilterUnavailable(f"rspamd answered HTTP {response.code}")
-            finished: defer.Deferred = defer.Deferred()
+            finished: defer.Deferred[bytes] = defer.Deferred()
             response.deliverBody(_BoundedBody(finished, MAX_ANSWER))
             finished.addTimeout(self.timeout, self.reactor)
             body = await finished

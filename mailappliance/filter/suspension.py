@@ -15,9 +15,11 @@ import os
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
 
 from mailappliance.addresses import is_safe_mailbox_name
+from mailappliance.msgauth.settings import FilterSettings
 
 MAX_TRACKED = 100_000
 
@@ -26,8 +28,9 @@ def suspension_dir(spool_dir: Path) -> Path:
     return spool_dir / "suspended"
 
 
-def read_suspension(spool_dir: Path, uid: str) -> dict[str, Any] | None:
-    """The suspension record of ``uid`` (for the CLI), or None."""
+def read_suspension(spool_dir: Path, uid: str) -> dict[str, object] | None:
+    """The suspension record of ``uid`` (for the CLI), or None.  Written by :meth:`Suspensions.strike`
+    ("since", "strikes", "window_seconds", "reason"); a record read back is only known to be a JSON object."""
     if not is_safe_mailbox_name(uid):
         return None
     try:
@@ -52,7 +55,7 @@ def clear_suspension(spool_dir: Path, uid: str) -> bool:
 
 
 class Suspensions:
-    def __init__(self, spool_dir: Path, settings: Any, clock: Any) -> None:
+    def __init__(self, spool_dir: Path, settings: FilterSettings, clock: IReactorTime) -> None:
         self.folder = suspension_dir(spool_dir)
         self.settings = settings  # FilterSettings (suspend_after, suspend_window), swapped on SIGHUP
         self.clock = clock

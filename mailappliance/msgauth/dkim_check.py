@@ -7,13 +7,14 @@ dkimpy gets a ``dnsfunc`` that reads the message's
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
 
 import attrs
 import dkim
 
 from mailappliance.msgauth import speedups
 from mailappliance.msgauth.dns import DnsTempError, DnsView, _key
+from mailappliance.msgauth.headers import Field
 
 speedups.install()
 
@@ -33,20 +34,20 @@ class DkimResult:
     reason: str = ""
 
 
-def _ascii(value: Any) -> str:
+def _ascii(value: object) -> str:
     return value.decode("ascii", "replace") if isinstance(value, bytes) else str(value or "")
 
 
-def make_dnsfunc(view: DnsView) -> Any:
+def make_dnsfunc(view: DnsView) -> Callable[..., bytes | None]:
     """dkimpy's ``dnsfunc``: the key record at ``name`` or None."""
 
-    def dnsfunc(name: Any, timeout: float = 5) -> bytes | None:
+    def dnsfunc(name: bytes | str, timeout: float = 5) -> bytes | None:
         try:
             records = view.txt(_ascii(name))
         except DnsTempError as e:
             raise dkim.DnsTimeoutError(str(e)) from None
-        keys = [r for r in records if b"p=" in r]
-        return (keys or records or [None])[0]
+        found = [r for r in records if b"p=" in r] or records
+        return found[0] if found else None
 
     return dnsfunc
 
@@ -58,26 +59,26 @@ class DkimVerifier:
     def __init__(self, message: bytes, signature_sizes: list[int]) -> None:
         self.message = message
         self.sizes = signature_sizes  # raw size of each DKIM-Signature field, top to bottom
-        self._parsed: Any = None
+        self._parsed: dkim.DKIM | None = None
         self.results: dict[int, DkimResult] = {}
 
     def __call__(self, view: DnsView) -> list[DkimResult]:
-        if self._parsed is None:
-            self._parsed = dkim.DKIM(self.message, minkey=MIN_KEY_BITS)
+        parsed = self._parsed
+        if parsed is None:
+            parsed = self._parsed = dkim.DKIM(self.message, minkey=MIN_KEY_BITS)
         for index, size in enumerate(self.sizes[:MAX_SIGNATURES]):
             if index in self.results:
                 continue
             if size > MAX_SIGNATURE_FIELD:
                 self.results[index] = DkimResult("permerror", reason="signature field too long")
             else:
-                self.results[index] = self._verify(index, view)
+                self.results[index] = self._verify(parsed, index, view)
         found = [self.results[i] for i in range(min(len(self.sizes), MAX_SIGNATURES))]
         if len(self.sizes) > MAX_SIGNATURES:
             found.append(DkimResult("policy", reason=f"{len(self.sizes) - MAX_SIGNATURES} more signatures not checked"))
         return found
 
-    def _verify(self, index: int, view: DnsView) -> DkimResult:
-        d = self._parsed
+    def _verify(self, d: dkim.DKIM, index: int, view: DnsView) -> DkimResult:
         d.signature_fields = {}
         broken = False  # the signature cannot be evaluated at all (RFC 8601: permerror)
         try:
@@ -138,7 +139,7 @@ class SigningKey:
     private: bytes  # PEM (RSA) or base64 seed (Ed25519), as dkimpy takes them
 
 
-def signing_headers(fields: list[Any]) -> list[bytes]:
+def signing_headers(fields: list[Field]) -> list[bytes]:
     """RFC 6376 5.4's recommended fields that the message has, plus From, To,
     Subject and Date once more (oversigning: none of them can be added later)."""
     present = [field.name.encode("ascii") for field in fields if field.name.encode("ascii") in dkim.DKIM.SHOULD]

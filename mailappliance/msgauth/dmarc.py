@@ -12,10 +12,14 @@ from __future__ import annotations
 import functools
 import importlib.resources
 import random
+from collections.abc import Iterable
 from email.utils import getaddresses
-from typing import Any, Iterable
+from typing import TYPE_CHECKING
 
 import attrs
+
+if TYPE_CHECKING:  # imported when first needed (reading the list takes a moment)
+    from publicsuffix2 import PublicSuffixList
 
 from mailappliance.msgauth.dns import DnsTempError, DnsView
 
@@ -67,7 +71,7 @@ def parse_record(text: str) -> DmarcRecord | None:
 
 
 @functools.lru_cache(maxsize=1)
-def _suffix_list() -> Any:
+def _suffix_list() -> PublicSuffixList:
     from publicsuffix2 import PublicSuffixList
 
     ref = importlib.resources.files("authheaders") / "public_suffix_list.txt"

@@ -14,11 +14,16 @@ pays for each name once per TTL.
 from __future__ import annotations
 
 import socket
-from typing import Any
+from collections.abc import Callable
+from typing import Final, TypeVar
 
 import attrs
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime, IResolver
 from twisted.names import dns, error
+from twisted.python.failure import Failure
+
+from mailappliance.blocking import RunBlocking
 
 LOOKUPS = {"A": "lookupAddress", "AAAA": "lookupIPV6Address", "MX": "lookupMailExchange",
            "TXT": "lookupText", "PTR": "lookupPointer"}
@@ -28,6 +33,11 @@ MAX_TXT = 8192  # octets of one TXT record (an RSA-4096 DKIM key needs ~800)
 MIN_TTL, MAX_TTL = 1, 86_400
 NEGATIVE_TTL = 300  # "no such name / no such record" (RFC 2308 allows the SOA minimum; we cap it)
 FAILURE_TTL = 10  # SERVFAIL, timeout: remembered briefly so a dead server costs one timeout, not one per message
+
+# A record's value: bytes for TXT, text for A/AAAA/PTR/CNAME, (preference, name) for MX.
+RecordValue = bytes | str | tuple[int, str]
+Record = tuple[str, str, RecordValue]  # (owner name, type, value)
+_T = TypeVar("_T")
 
 
 class NotCached(BaseException):
@@ -55,10 +65,10 @@ class Answer:
     TXT, text for A/AAAA/PTR/CNAME, (preference, name) for MX.  ``failed``: a
     temporary failure, not an answer."""
 
-    records: tuple[tuple[str, str, Any], ...] = ()
+    records: tuple[Record, ...] = ()
     failed: bool = False
 
-    def values(self, qtype: str) -> list[Any]:
+    def values(self, qtype: str) -> list[RecordValue]:
         return [value for _, kind, value in self.records if kind == qtype]
 
 
@@ -66,21 +76,21 @@ def _key(name: str, qtype: str) -> tuple[str, str]:
     return name.lower().rstrip("."), qtype
 
 
-def _convert(rr: Any) -> tuple[str, str, Any] | None:
+def _convert(rr: dns.RRHeader) -> Record | None:
     owner = str(rr.name).lower().rstrip(".")
-    payload = rr.payload
-    if rr.type == dns.TXT:
+    payload = rr.payload  # the class twisted.names decodes each type into (isinstance: for the type checker)
+    if rr.type == dns.TXT and isinstance(payload, dns.Record_TXT):
         data = b"".join(payload.data)
         return (owner, "TXT", data) if len(data) <= MAX_TXT else None
-    if rr.type == dns.A:
+    if rr.type == dns.A and isinstance(payload, dns.Record_A):
         return owner, "A", payload.dottedQuad()
-    if rr.type == dns.AAAA:
+    if rr.type == dns.AAAA and isinstance(payload, dns.Record_AAAA):
         return owner, "AAAA", socket.inet_ntop(socket.AF_INET6, payload.address)
-    if rr.type == dns.MX:
+    if rr.type == dns.MX and isinstance(payload, dns.Record_MX):
         return owner, "MX", (payload.preference, str(payload.name).rstrip("."))
-    if rr.type == dns.PTR:
+    if rr.type == dns.PTR and isinstance(payload, dns.Record_PTR):
         return owner, "PTR", str(payload.name).rstrip(".")
-    if rr.type == dns.CNAME:
+    if rr.type == dns.CNAME and isinstance(payload, dns.Record_CNAME):
         return owner, "CNAME", str(payload.name).rstrip(".")
     return None
 
@@ -92,12 +102,12 @@ class DnsCache:
     thread fetches and stores; ``get`` is a plain dict read.
     """
 
-    def __init__(self, resolver: Any, clock: Any, timeout: float = 5.0) -> None:
+    def __init__(self, resolver: IResolver, clock: IReactorTime, timeout: float = 5.0) -> None:
         self.resolver = resolver
         self.clock = clock
         self.timeout = timeout
         self._entries: dict[tuple[str, str], tuple[float, Answer]] = {}
-        self._pending: dict[tuple[str, str], defer.Deferred] = {}
+        self._pending: dict[tuple[str, str], defer.Deferred[Answer]] = {}
         self.queries = 0  # sent to the resolver (for tests and the benchmark)
 
     def get(self, name: str, qtype: str) -> Answer | None:
@@ -126,18 +136,31 @@ class DnsCache:
         if pending is None:
             pending = self._pending[key] = defer.Deferred.fromCoroutine(self._query(*key))
             pending.addBoth(self._done, key)
-        waiter: defer.Deferred = defer.Deferred()
-        pending.addBoth(lambda result: (waiter.callback(result) if not waiter.called else None, result)[1])
+        waiter: defer.Deferred[Answer] = defer.Deferred()
+
+        def hand_over(result: Answer | Failure) -> Answer | Failure:
+            if not waiter.called:
+                if isinstance(result, Failure):
+                    waiter.errback(result)
+                else:
+                    waiter.callback(result)
+            return result
+
+        def give_up() -> None:
+            if not waiter.called:
+                waiter.callback(Answer(failed=True))
+
+        pending.addBoth(hand_over)
         if within <= 0:
             return Answer(failed=True)
-        timer = self.clock.callLater(within, lambda: waiter.called or waiter.callback(Answer(failed=True)))
+        timer = self.clock.callLater(within, give_up)
         try:
             return await waiter
         finally:
             if timer.active():
                 timer.cancel()
 
-    def _done(self, result: Any, key: tuple[str, str]) -> Any:
+    def _done(self, result: Answer | Failure, key: tuple[str, str]) -> Answer | Failure:
         self._pending.pop(key, None)
         return result
 
@@ -191,7 +214,7 @@ class DnsView:
 
     def txt(self, name: str) -> list[bytes]:
         """TXT records at ``name`` (exactly there; a CNAME's target's records too)."""
-        return self.lookup(name, "TXT").values("TXT")
+        return [value for value in self.lookup(name, "TXT").values("TXT") if isinstance(value, bytes)]
 
     def take_misses(self) -> list[tuple[str, str]]:
         misses, self.misses = list(dict.fromkeys(self.misses)), []
@@ -202,8 +225,8 @@ class StepFailed(Exception):
     """A check still missed names after every allowed round of lookups."""
 
 
-async def run_with_lookups(step: Any, view: DnsView, deadline: float, clock: Any,
-                           run: Any = None, max_rounds: int = 40) -> Any:
+async def run_with_lookups(step: Callable[[DnsView], _T], view: DnsView, deadline: float, clock: IReactorTime,
+                           run: RunBlocking | None = None, max_rounds: int = 40) -> _T:
     """Run ``step(view)`` until it finishes without a cache miss, fetching each
     missed name (all misses of a round in parallel) within ``deadline``.
 
@@ -213,6 +236,7 @@ async def run_with_lookups(step: Any, view: DnsView, deadline: float, clock: Any
     temporary DNS error instead of a miss: the step always ends.
     """
     for _ in range(max_rounds):
+        result: _T | _Missed
         try:
             if run is None:
                 result = step(view)
@@ -221,21 +245,25 @@ async def run_with_lookups(step: Any, view: DnsView, deadline: float, clock: Any
         except NotCached:
             result = _MISSED
         misses = view.take_misses()
-        if not misses and result is not _MISSED:
+        if not misses and not isinstance(result, _Missed):
             return result
         remaining = deadline - clock.seconds()
         answers = await defer.gatherResults(
             [defer.Deferred.fromCoroutine(view.cache.fetch(name, qtype, remaining)) for name, qtype in misses])
-        for key, answer in zip(misses, answers):
+        for key, answer in zip(misses, answers, strict=True):
             if answer.failed:
                 view.failed.add(key)
     raise StepFailed(f"more than {max_rounds} rounds of DNS lookups")
 
 
-_MISSED = object()
+class _Missed:
+    """A step that a cache miss stopped (the view recorded the miss)."""
 
 
-def _catching_miss(step: Any, view: DnsView) -> Any:
+_MISSED: Final = _Missed()
+
+
+def _catching_miss(step: Callable[[DnsView], _T], view: DnsView) -> _T | _Missed:
     """In a worker thread: a miss comes back as a value (the view recorded it)."""
     try:
         return step(view)

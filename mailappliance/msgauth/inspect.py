@@ -12,12 +12,16 @@ message: whatever breaks becomes "accept" or "tempfail" by configuration.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Protocol, TypeVar, cast
 
 import attrs
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
+from mailappliance.blocking import RunBlocking
 from mailappliance.filter.rspamd import FilterUnavailable, RspamdClient, SpamVerdict
 from mailappliance.filter.suspension import Suspensions
 from mailappliance.metrics import METRICS
@@ -29,12 +33,15 @@ from mailappliance.msgauth.keys import KeyStore
 from mailappliance.msgauth.results import authentication_results, claims
 from mailappliance.msgauth.settings import DkimSettings, FilterSettings, MsgAuthSettings
 from mailappliance.msgauth.spf_check import check_spf
-from mailappliance.msgauth.verdict import TOO_LARGE, UNAVAILABLE, AuthFacts, Outcome, decide
+from mailappliance.msgauth.verdict import TOO_LARGE, UNAVAILABLE, AuthFacts, Outcome, SpamResult, decide
 
 log = Logger(namespace="mailappliance.msgauth")
 
 MAX_ARC_SETS = 12  # RFC 8617 allows 50; real chains have a handful
 SPAM_HEADERS = ("x-spam-status", "x-spam-score", "x-spam-flag", "x-spam-action")
+_T = TypeVar("_T")
+_A = TypeVar("_A")
+_B = TypeVar("_B")
 
 
 @attrs.frozen
@@ -56,7 +63,7 @@ class Inspection:
     head_end: int = 0  # bytes of the original message (from its start) that ``replacement`` replaces
     replacement: bytes = b""  # our fields, then the original header section minus removed fields
     facts: AuthFacts | None = None
-    spam: Any = None  # SpamVerdict, UNAVAILABLE, TOO_LARGE or None
+    spam: SpamResult = None
     message: str = ""  # text for the SMTP reply (rspamd's, cleaned)
     suspended: bool = False  # this message's strike suspended the subscriber
 
@@ -65,10 +72,22 @@ class Inspection:
         return bool(self.replacement) or self.head_end > 0
 
 
+class StagedMessage(Protocol):
+    """What the inspector reads: the SMTP session's staged message (delivery.Delivery)."""
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def spilled(self) -> bool: ...  # on disk (read it in a worker thread), not in memory
+
+    def read(self, start: int = 0, limit: int | None = None) -> bytes: ...
+
+
 class MessageSource:
     """How the inspector reads the staged message (after our trace fields)."""
 
-    def __init__(self, delivery: Any, offset: int, run_blocking: Callable[..., defer.Deferred]) -> None:
+    def __init__(self, delivery: StagedMessage, offset: int, run_blocking: RunBlocking) -> None:
         self.delivery = delivery
         self.offset = offset
         self.run_blocking = run_blocking
@@ -86,7 +105,7 @@ class MessageSource:
 class MessageInspector:
     def __init__(self, *, hostname: str, msgauth: MsgAuthSettings, dkim: DkimSettings, filter: FilterSettings,
                  dns: DnsCache, keys: KeyStore, rspamd: RspamdClient | None, suspensions: Suspensions | None,
-                 clock: Any, run_blocking: Callable[..., defer.Deferred]) -> None:
+                 clock: IReactorTime, run_blocking: RunBlocking) -> None:
         self.hostname = hostname
         self.msgauth = msgauth
         self.dkim = dkim
@@ -122,10 +141,12 @@ class MessageInspector:
         verify = any(policy.verify for _, policy in policies)
         scan = self.rspamd is not None and self.filter.inbound
         message = await source.whole() if (verify or scan) else b""
-        checks = defer.Deferred.fromCoroutine(self._authenticate(envelope, message, fields)) if verify \
+        checks: defer.Deferred[AuthFacts | None] = \
+            defer.Deferred.fromCoroutine(self._authenticate(envelope, message, fields)) if verify \
             else defer.succeed(None)
-        scanning = defer.Deferred.fromCoroutine(self._scan(envelope, message)) if scan else defer.succeed(None)
-        facts, spam = await defer.gatherResults([checks, scanning], consumeErrors=True)
+        scanning: defer.Deferred[SpamResult] = \
+            defer.Deferred.fromCoroutine(self._scan(envelope, message)) if scan else defer.succeed(None)
+        facts, spam = await _gather_two(checks, scanning)
         outcome = decide(policies, facts, spam, self.filter, self.msgauth.trusted_arc_sealers)
         if facts is not None:
             facts.disposition = outcome.disposition
@@ -161,31 +182,33 @@ class MessageInspector:
         deadline = self.clock.seconds() + self.msgauth.dns_timeout
         facts = AuthFacts(client_ip=envelope.client_ip)
 
-        async def step(function: Any, runner: Any = None) -> Any:
+        async def step(function: Callable[[DnsView], _T], runner: RunBlocking | None = None) -> _T:
             return await run_with_lookups(function, DnsView(self.dns), deadline, self.clock, run=runner)
 
         signatures = [len(f.raw) for f in fields if f.name == "dkim-signature"]
         big = len(message) > 256 * 1024  # hashing a big body belongs in a worker thread
         runner = self.run_blocking if big else None
-        tasks = [defer.Deferred.fromCoroutine(step(
-            lambda view: check_spf(view, envelope.client_ip, envelope.sender, envelope.helo, self.hostname)))]
-        tasks.append(defer.Deferred.fromCoroutine(step(DkimVerifier(message, signatures), runner))
-                     if signatures else defer.succeed([]))
+        spf_task = defer.Deferred.fromCoroutine(step(
+            lambda view: check_spf(view, envelope.client_ip, envelope.sender, envelope.helo, self.hostname)))
+        dkim_task: defer.Deferred[list[dkim_check.DkimResult]] = \
+            defer.Deferred.fromCoroutine(step(DkimVerifier(message, signatures), runner)) if signatures \
+            else defer.succeed([])
         seals = sum(1 for f in fields if f.name == "arc-seal")
-        if seals > MAX_ARC_SETS:  # each set costs two signature checks and a body hash: a hostile chain is refused unread
-            tasks.append(defer.succeed(dkim_check.ArcResult("fail", reason=f"{seals} ARC sets (at most {MAX_ARC_SETS})")))
+        arc_task: defer.Deferred[dkim_check.ArcResult | None]
+        if seals > MAX_ARC_SETS:  # each set costs two signature checks and a body hash: refused unread
+            arc_task = defer.succeed(dkim_check.ArcResult("fail", reason=f"{seals} ARC sets (at most {MAX_ARC_SETS})"))
         else:
-            tasks.append(defer.Deferred.fromCoroutine(step(ArcVerifier(message), runner)) if seals
-                         else defer.succeed(None))
-        results = await defer.DeferredList(tasks, consumeErrors=True)
-        (spf_ok, spf), (dkim_ok, dkim), (arc_ok, arc_result) = results
-        if spf_ok:
-            facts.spf, facts.helo_spf = spf
-        else:
+            arc_task = defer.Deferred.fromCoroutine(step(ArcVerifier(message), runner)) if seals \
+                else defer.succeed(None)
+        spf, dkim, arc_result = await _settled(spf_task), await _settled(dkim_task), await _settled(arc_task)
+        if isinstance(spf, Failure):
             _log_failure("SPF", spf)
-        facts.dkim = dkim if dkim_ok else []
-        facts.dkim_none = dkim_ok and not dkim
-        facts.arc = arc_result if arc_ok else dkim_check.ArcResult("fail", reason="check failed")
+        else:
+            facts.spf, facts.helo_spf = spf
+        facts.dkim = [] if isinstance(dkim, Failure) else dkim
+        facts.dkim_none = not isinstance(dkim, Failure) and not dkim
+        facts.arc = dkim_check.ArcResult("fail", reason="check failed") if isinstance(arc_result, Failure) \
+            else arc_result
         spf_pass = facts.spf.domain if facts.spf and facts.spf.result == "pass" and \
             facts.spf.identity == "mailfrom" else None
         if spf_pass is None and facts.spf and facts.spf.identity == "helo" and facts.spf.result == "pass":
@@ -197,7 +220,7 @@ class MessageInspector:
             log.warn("DMARC check gave up: {why}", why=str(e))
         return facts
 
-    async def _scan(self, envelope: Envelope, message: bytes) -> Any:
+    async def _scan(self, envelope: Envelope, message: bytes) -> SpamResult:
         if len(message) > self.filter.max_size:
             return TOO_LARGE
         assert self.rspamd is not None
@@ -265,6 +288,22 @@ class MessageInspector:
         return []
 
 
+def _gather_two(first: defer.Deferred[_A], second: defer.Deferred[_B]) -> defer.Deferred[tuple[_A, _B]]:
+    """``gatherResults(consumeErrors=True)`` of two Deferreds with different result
+    types (Twisted types gatherResults for a single result type)."""
+    both = defer.gatherResults([cast(defer.Deferred[object], first), cast(defer.Deferred[object], second)],
+                               consumeErrors=True)
+    return both.addCallback(lambda results: cast(tuple[_A, _B], tuple(results)))
+
+
+async def _settled(d: defer.Deferred[_T]) -> _T | Failure:
+    """``d``'s result, or its failure as a value (handled here, never raised)."""
+    try:
+        return await d
+    except Exception:
+        return Failure()
+
+
 def _rewrite_subject(fields: list[headers.Field], subject: str) -> list[headers.Field]:
     line = headers.header_line("Subject", "".join(c if c >= " " else " " for c in subject)[:900])
     out, done = [], False
@@ -277,7 +316,7 @@ def _rewrite_subject(fields: list[headers.Field], subject: str) -> list[headers.
     return out if done else out + [headers.Field("subject", line)]
 
 
-def _spam_fields(spam: Any) -> list[bytes]:
+def _spam_fields(spam: SpamResult) -> list[bytes]:
     if spam == UNAVAILABLE:
         return [b"X-Spam-Status: Unchecked (content filter unavailable)\r\n"]
     if spam == TOO_LARGE:
@@ -305,5 +344,5 @@ def _count_results(facts: AuthFacts) -> None:
         METRICS.count("mailappliance_msgauth_results_total", method="arc", result=facts.arc.result)
 
 
-def _log_failure(what: str, failure: Any) -> None:
+def _log_failure(what: str, failure: Failure) -> None:
     log.failure("{what} check failed", failure=failure, what=what)

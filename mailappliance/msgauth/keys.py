@@ -12,13 +12,15 @@ from __future__ import annotations
 import base64
 import os
 from pathlib import Path
-from typing import Any
 
 import attrs
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from mailappliance.msgauth.dkim_check import SigningKey
+from mailappliance.msgauth.settings import DkimSettings
+
+DkimKey = ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey  # the private keys DKIM signs with
 
 KEY_TYPES = ("ed25519", "rsa")
 ALGORITHMS = {"ed25519": "ed25519-sha256", "rsa": "rsa-sha256"}
@@ -37,7 +39,7 @@ class KeyInfo:
     signing: SigningKey
 
 
-def dns_record(key: Any) -> tuple[str, str]:
+def dns_record(key: DkimKey) -> tuple[str, str]:
     """(type, TXT text) for a private key object."""
     if isinstance(key, ed25519.Ed25519PrivateKey):
         raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
@@ -56,10 +58,12 @@ def load_key(path: Path, domain: str, selector: str) -> KeyInfo:
     if len(data) > MAX_KEY_FILE:
         raise ValueError("file too large for a key")
     key = serialization.load_pem_private_key(data, password=None)
+    if not isinstance(key, (ed25519.Ed25519PrivateKey, rsa.RSAPrivateKey)):
+        raise ValueError(f"unsupported key type {type(key).__name__}")
     key_type, record = dns_record(key)
-    if key_type == "rsa" and key.key_size < 1024:  # RFC 8301: never sign with less
+    if isinstance(key, rsa.RSAPrivateKey) and key.key_size < 1024:  # RFC 8301: never sign with less
         raise ValueError(f"RSA key of {key.key_size} bits (at least 1024, better 2048)")
-    if key_type == "ed25519":
+    if isinstance(key, ed25519.Ed25519PrivateKey):
         seed = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
                                  serialization.NoEncryption())
         private = base64.b64encode(seed)
@@ -105,18 +109,18 @@ def active(keys: list[KeyInfo], selectors: dict[str, tuple[str, ...]]) -> dict[s
 class KeyStore:
     """The signing keys in use; ``reload()`` at start and on SIGHUP."""
 
-    def __init__(self, settings: Any, domains: tuple[str, ...]) -> None:
+    def __init__(self, settings: DkimSettings, domains: tuple[str, ...]) -> None:
         self._settings = settings
         self.domains = domains
         self.signing: dict[str, list[KeyInfo]] = {}
         self.problems: list[str] = []
 
     @property
-    def settings(self) -> Any:
+    def settings(self) -> DkimSettings:
         return self._settings
 
     @settings.setter
-    def settings(self, value: Any) -> None:  # the Reloader swaps [dkim] on SIGHUP
+    def settings(self, value: DkimSettings) -> None:  # the Reloader swaps [dkim] on SIGHUP
         self._settings = value
         self.reload()
 
@@ -137,13 +141,13 @@ def is_selector(name: str) -> bool:
                                                                    for c in label) for label in labels)
 
 
-def generate(key_type: str) -> Any:
+def generate(key_type: str) -> DkimKey:
     if key_type == "ed25519":
         return ed25519.Ed25519PrivateKey.generate()
     return rsa.generate_private_key(public_exponent=65537, key_size=RSA_BITS)
 
 
-def write_key(key_dir: Path, domain: str, selector: str, key: Any, owner: tuple[int, int] | None) -> Path:
+def write_key(key_dir: Path, domain: str, selector: str, key: DkimKey, owner: tuple[int, int] | None) -> Path:
     """Write a new key file (never over an existing one), 0600, in a 0700 folder."""
     folder = key_dir / domain
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import re
-from typing import Any
 
 from mailappliance.msgauth.headers import authserv_id
+from mailappliance.msgauth.verdict import AuthFacts
 
 _TOKEN = re.compile(r"^[A-Za-z0-9._@+\-]{1,255}$")
 
@@ -25,7 +25,7 @@ def _comment(text: str) -> str:
     return f" ({safe})" if safe else ""
 
 
-def authentication_results(authserv: str, facts: Any) -> str:
+def authentication_results(authserv: str, facts: AuthFacts) -> str:
     """The field's value: ``authserv; method=result props; ...`` (``none`` when nothing was checked)."""
     parts: list[str] = []
     if facts.spf is not None:

@@ -10,10 +10,14 @@ Authentication-Results header tells).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import attrs
+
+if TYPE_CHECKING:  # config.py imports this module
+    from mailappliance.config import _Reader as ConfigReader
 
 ACTIONS = ("reject", "junk", "flag", "none")
 DNS_FAILURE = ("accept", "tempfail")
@@ -69,7 +73,7 @@ class FilterSettings:
         return bool(self.rspamd)
 
 
-def _policy(reader: Any, base: DomainPolicy) -> DomainPolicy:
+def _policy(reader: ConfigReader, base: DomainPolicy) -> DomainPolicy:
     return DomainPolicy(
         verify=reader.boolean("verify", base.verify),
         dmarc_reject=reader.choice("dmarc_reject", base.dmarc_reject, ACTIONS),
@@ -79,7 +83,7 @@ def _policy(reader: Any, base: DomainPolicy) -> DomainPolicy:
     )
 
 
-def parse_msgauth(reader: Any, local_domains: tuple[str, ...]) -> MsgAuthSettings:
+def parse_msgauth(reader: ConfigReader, local_domains: tuple[str, ...]) -> MsgAuthSettings:
     default = _policy(reader, DomainPolicy())
     domains_reader = reader.table_of("domains")
     domains = []
@@ -101,7 +105,7 @@ def parse_msgauth(reader: Any, local_domains: tuple[str, ...]) -> MsgAuthSetting
     return settings
 
 
-def parse_dkim(reader: Any, local_domains: tuple[str, ...]) -> DkimSettings:
+def parse_dkim(reader: ConfigReader, local_domains: tuple[str, ...]) -> DkimSettings:
     selectors_reader = reader.table_of("selectors")
     selectors = []
     for domain in selectors_reader.table:
@@ -122,10 +126,11 @@ def parse_dkim(reader: Any, local_domains: tuple[str, ...]) -> DkimSettings:
     return settings
 
 
-def parse_filter(reader: Any, size_parser: Any) -> FilterSettings:
+def parse_filter(reader: ConfigReader, size_parser: Callable[[ConfigReader, str, int], int]) -> FilterSettings:
     url = reader.string("rspamd", "")
     if url and not (url.startswith("http://") and url.count(":") >= 2):
-        raise reader.error("rspamd", f"must be an http:// URL with a port, like \"http://127.0.0.1:11333\", got {url!r}")
+        raise reader.error("rspamd",
+                           f"must be an http:// URL with a port, like \"http://127.0.0.1:11333\", got {url!r}")
     settings = FilterSettings(
         rspamd=url,
         inbound=reader.boolean("inbound", True),

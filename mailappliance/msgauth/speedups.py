@@ -15,7 +15,8 @@ input ``cryptography`` will not take falls back to dkimpy's own code.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from collections.abc import Callable
+from typing import Protocol
 
 import dkim
 import dkim.canonicalization
@@ -25,22 +26,34 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
+
+class HashObject(Protocol):
+    """What dkimpy hands its RSA functions: a hashlib object."""
+
+    @property
+    def name(self) -> str: ...
+
+    def digest(self) -> bytes: ...
+
+
+# dkimpy is untyped: these state the types of the functions we replace and call.
+RSAKey = dict[str, int]  # dkimpy's parsed key: "modulus", "publicExponent", ...
+_original_sign: Callable[[HashObject, RSAKey], bytes] = dkim.crypto.RSASSA_PKCS1_v1_5_sign
+_original_verify: Callable[[HashObject, bytes, RSAKey], bool] = dkim.crypto.RSASSA_PKCS1_v1_5_verify
 _HASHES = {"sha256": hashes.SHA256, "sha1": hashes.SHA1}
-_original_sign = dkim.crypto.RSASSA_PKCS1_v1_5_sign
-_original_verify = dkim.crypto.RSASSA_PKCS1_v1_5_verify
 
 
 @functools.lru_cache(maxsize=64)
-def _private_key(n: int, e: int, d: int, p: int, q: int, dp: int, dq: int, qinv: int) -> Any:
+def _private_key(n: int, e: int, d: int, p: int, q: int, dp: int, dq: int, qinv: int) -> rsa.RSAPrivateKey:
     return rsa.RSAPrivateNumbers(p, q, d, dp, dq, qinv, rsa.RSAPublicNumbers(e, n)).private_key()
 
 
 @functools.lru_cache(maxsize=4096)
-def _public_key(n: int, e: int) -> Any:
+def _public_key(n: int, e: int) -> rsa.RSAPublicKey:
     return rsa.RSAPublicNumbers(e, n).public_key()
 
 
-def sign(hash_object: Any, private_key: dict[str, int]) -> bytes:
+def sign(hash_object: HashObject, private_key: RSAKey) -> bytes:
     algorithm = _HASHES.get(hash_object.name)
     if algorithm is None:
         return _original_sign(hash_object, private_key)
@@ -53,7 +66,7 @@ def sign(hash_object: Any, private_key: dict[str, int]) -> bytes:
     return key.sign(hash_object.digest(), padding.PKCS1v15(), Prehashed(algorithm()))
 
 
-def verify(hash_object: Any, signature: bytes, public_key: dict[str, int]) -> bool:
+def verify(hash_object: HashObject, signature: bytes, public_key: RSAKey) -> bool:
     algorithm = _HASHES.get(hash_object.name)
     if algorithm is None:
         return _original_verify(hash_object, signature, public_key)
@@ -70,9 +83,9 @@ def verify(hash_object: Any, signature: bytes, public_key: dict[str, int]) -> bo
         return _original_verify(hash_object, signature, public_key)
 
 
-_strip_trailing_whitespace = dkim.canonicalization.strip_trailing_whitespace
-_compress_whitespace = dkim.canonicalization.compress_whitespace
-_parse_public_key = dkim.crypto.parse_public_key
+_strip_trailing_whitespace: Callable[[bytes], bytes] = dkim.canonicalization.strip_trailing_whitespace
+_compress_whitespace: Callable[[bytes], bytes] = dkim.canonicalization.compress_whitespace
+_parse_public_key: Callable[[bytes], RSAKey] = dkim.crypto.parse_public_key
 
 
 def strip_trailing_whitespace(content: bytes) -> bytes:
@@ -90,7 +103,7 @@ def compress_whitespace(content: bytes) -> bytes:
 
 
 @functools.lru_cache(maxsize=4096)
-def parse_public_key(data: bytes) -> Any:
+def parse_public_key(data: bytes) -> RSAKey:
     """A key record's key, parsed once per distinct key (dkimpy parses its ASN.1 in Python)."""
     return _parse_public_key(data)
 

@@ -9,17 +9,20 @@ this thread, so it never queries the system resolver.  pyspf keeps RFC
 from __future__ import annotations
 
 import threading
-from typing import Any
 
 import attrs
 import spf
 
-from mailappliance.msgauth.dns import DnsTempError, DnsView
+from mailappliance.msgauth.dns import DnsTempError, DnsView, RecordValue
 
 _current = threading.local()
 
 
-def _lookup(name: str, qtype: str, strict: Any = True, timeout: Any = None) -> list[tuple[tuple[str, str], Any]]:
+# pyspf's DNSLookup answer: ((owner, type), value), a TXT record's value as its list of strings.
+SpfAnswer = list[tuple[tuple[str, str], RecordValue | list[bytes]]]
+
+
+def _lookup(name: str, qtype: str, strict: bool = True, timeout: float | None = None) -> SpfAnswer:
     view: DnsView | None = getattr(_current, "view", None)
     if view is None:
         raise spf.TempError("DNS: no resolver for this check")  # never dnspython against resolv.conf
@@ -29,11 +32,12 @@ def _lookup(name: str, qtype: str, strict: Any = True, timeout: Any = None) -> l
         answer = view.lookup(name, qtype)
     except DnsTempError as e:
         raise spf.TempError(f"DNS {e}") from None
-    results: list[tuple[tuple[str, str], Any]] = []
+    results: SpfAnswer = []
     for owner, kind, value in answer.records:
-        if kind == "TXT":
-            value = [value]  # pyspf joins a record's strings itself
-        results.append(((owner, kind), value))
+        if kind == "TXT" and isinstance(value, bytes):
+            results.append(((owner, kind), [value]))  # pyspf joins a record's strings itself
+        else:
+            results.append(((owner, kind), value))
     return results
 
 
@@ -48,7 +52,8 @@ class SpfResult:
     explanation: str = ""
 
 
-def check_spf(view: DnsView, client_ip: str, sender: str, helo: str, receiver: str) -> tuple[SpfResult, SpfResult | None]:
+def check_spf(view: DnsView, client_ip: str, sender: str, helo: str,
+              receiver: str) -> tuple[SpfResult, SpfResult | None]:
     """The MAIL FROM result (for a null sender: the HELO identity, RFC 7208 2.4)
     and the HELO result (None when MAIL FROM is null, since it is the same check)."""
     _current.view = view

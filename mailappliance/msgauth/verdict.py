@@ -8,18 +8,21 @@ recipients whose copy goes to ``.Junk``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Final, Literal
 
 import attrs
 
+from mailappliance.filter.rspamd import SpamVerdict
 from mailappliance.msgauth.dkim_check import ArcResult, DkimResult
 from mailappliance.msgauth.dmarc import DmarcResult
 from mailappliance.msgauth.settings import DomainPolicy, FilterSettings
 from mailappliance.msgauth.spf_check import SpfResult
 
 SEVERITY = ("none", "flag", "junk", "reject", "tempfail")
-UNAVAILABLE = "unavailable"  # the content filter could not answer
-TOO_LARGE = "too large"  # not scanned: over [filter] max_size
+UNAVAILABLE: Final = "unavailable"  # the content filter could not answer
+TOO_LARGE: Final = "too large"  # not scanned: over [filter] max_size
+# What the content filter said: its verdict, why there is none, or None when it did not run.
+SpamResult = SpamVerdict | Literal["unavailable", "too large"] | None
 
 
 @attrs.define
@@ -78,13 +81,11 @@ def auth_action(facts: AuthFacts, policy: DomainPolicy, trusted_sealers: tuple[s
     return _worst(found)
 
 
-def spam_action(verdict: Any, settings: FilterSettings) -> tuple[str, str, str]:
+def spam_action(verdict: SpamResult, settings: FilterSettings) -> tuple[str, str, str]:
     """(action, kind, reason) for the content filter's verdict (a SpamVerdict,
     UNAVAILABLE, TOO_LARGE or None when it did not run)."""
-    if verdict is None or verdict == TOO_LARGE:
-        return "none", "", ""
-    if verdict == UNAVAILABLE:
-        if settings.on_failure == "tempfail":
+    if not isinstance(verdict, SpamVerdict):  # None, TOO_LARGE or UNAVAILABLE
+        if verdict == UNAVAILABLE and settings.on_failure == "tempfail":
             return "tempfail", "filter", "content filter unavailable"
         return "none", "", ""
     reason = f"rspamd {verdict.action} score={verdict.score:.2f}/{verdict.required:.2f}"
@@ -97,7 +98,7 @@ def spam_action(verdict: Any, settings: FilterSettings) -> tuple[str, str, str]:
     return "none", "", ""
 
 
-def decide(recipients: list[tuple[str, DomainPolicy]], facts: AuthFacts | None, verdict: Any,
+def decide(recipients: list[tuple[str, DomainPolicy]], facts: AuthFacts | None, verdict: SpamResult,
            filter_settings: FilterSettings, trusted_sealers: tuple[str, ...] = ()) -> Outcome:
     """One outcome for the message: tempfail if any recipient's policy says so,
     reject only if every recipient's does (a refusal after DATA refuses them

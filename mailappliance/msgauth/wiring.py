@@ -3,17 +3,18 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
-
-from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime, IResolver
 from twisted.logger import Logger
 
+from mailappliance.blocking import RunBlocking
+from mailappliance.config import Settings
 from mailappliance.filter.rspamd import RspamdClient
 from mailappliance.filter.suspension import Suspensions
 from mailappliance.msgauth.dmarc import organizational_domain
 from mailappliance.msgauth.dns import DnsCache
 from mailappliance.msgauth.inspect import MessageInspector
 from mailappliance.msgauth.keys import KeyStore
+from mailappliance.msgauth.settings import FilterSettings
 
 log = Logger(namespace="mailappliance.msgauth")
 
@@ -21,16 +22,16 @@ log = Logger(namespace="mailappliance.msgauth")
 class _FilterLive:
     """``[filter]`` swapped on SIGHUP (a new rspamd URL gets a new client)."""
 
-    def __init__(self, inspector: MessageInspector, reactor: Any) -> None:
+    def __init__(self, inspector: MessageInspector, reactor: IReactorTime) -> None:
         self.inspector = inspector
         self.reactor = reactor
 
     @property
-    def settings(self) -> Any:
+    def settings(self) -> FilterSettings:
         return self.inspector.filter
 
     @settings.setter
-    def settings(self, value: Any) -> None:
+    def settings(self, value: FilterSettings) -> None:
         old = self.inspector.filter
         self.inspector.filter = value
         if self.inspector.suspensions is not None:
@@ -47,9 +48,10 @@ def log_keys(keys: KeyStore) -> None:
                  selectors=", ".join(f"{k.selector} ({k.key_type})" for k in infos))
 
 
-def build_inspector(settings: Any, resolver: Any, reactor: Any,
-                    run_blocking: Callable[..., Deferred]) -> tuple[MessageInspector, dict[str, Any]]:
-    """The inspector, and the Reloader's live objects: {"msgauth", "dkim", "filter", "sighup"}."""
+def build_inspector(settings: Settings, resolver: IResolver, reactor: IReactorTime,
+                    run_blocking: RunBlocking) -> tuple[MessageInspector, dict[str, object]]:
+    """The inspector, and the Reloader's live objects: {"msgauth", "dkim", "filter", "sighup"}
+    (the first three have a ``settings`` the Reloader swaps; "sighup" is a list of hooks)."""
     if settings.msgauth.any_verify:
         organizational_domain("example.org")  # read the Public Suffix List now, not in the first message's check
     keys = KeyStore(settings.dkim, settings.local_domains)
