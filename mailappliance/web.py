@@ -19,11 +19,13 @@ import json
 import os
 import time
 import xml.etree.ElementTree as ElementTree
-from typing import Any, Callable
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 from xml.sax.saxutils import escape
 
 import attrs
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.web import resource, server
 
 from mailappliance.addresses import normalize_address
@@ -48,7 +50,8 @@ def offers(settings: Settings) -> list[Offer]:
     """What the listeners offer to subscribers, best first (implicit TLS before STARTTLS)."""
     table = {"pop3s": ("pop3", "SSL"), "pop3": ("pop3", "STARTTLS"),
              "submissions": ("smtp", "SSL"), "submission": ("smtp", "STARTTLS")}
-    found = [Offer(table[l.role][0], l.port, table[l.role][1]) for l in settings.listeners if l.role in table]
+    found = [Offer(table[listener.role][0], listener.port, table[listener.role][1])
+             for listener in settings.listeners if listener.role in table]
     # one port on several addresses (127.0.0.1 and ::1, an IPv4 and an IPv6 address) is one offer
     return sorted(dict.fromkeys(found), key=lambda o: (o.protocol, o.socket_type != "SSL"))
 
@@ -117,13 +120,16 @@ def autodiscover_xml(settings: Settings, address: str) -> bytes:
 class _Leaf(resource.Resource):
     isLeaf = True
 
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]  # Resource is unannotated
+
 
 class AutoconfigResource(_Leaf):
     def __init__(self, settings: Settings) -> None:
         super().__init__()
         self.settings = settings
 
-    def render_GET(self, request: Any) -> bytes:
+    def render_GET(self, request: server.Request) -> bytes:
         address = (request.args.get(b"emailaddress") or [b""])[0].decode("utf-8", "replace")
         host = (request.getRequestHostname() or b"").decode("ascii", "replace").lower()
         domain = ""
@@ -148,7 +154,8 @@ class AutodiscoverResource(_Leaf):
         super().__init__()
         self.settings = settings
 
-    def render_POST(self, request: Any) -> bytes:
+    def render_POST(self, request: server.Request) -> bytes:
+        assert request.content is not None  # the body (empty when none was sent)
         body = request.content.read(MAX_REQUEST_BODY + 1)
         if len(body) > MAX_REQUEST_BODY:
             request.setResponseCode(413)
@@ -170,7 +177,7 @@ class AutodiscoverResource(_Leaf):
 
 
 class MetricsResource(_Leaf):
-    def render_GET(self, request: Any) -> bytes:
+    def render_GET(self, request: server.Request) -> bytes:
         request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
         return METRICS.render().encode()
 
@@ -180,7 +187,7 @@ class HealthResource(_Leaf):
     ``state_store`` says whether limits and locks are shared ("ok"), per process while
     Redis is away ("degraded"), or per process by configuration ("memory")."""
 
-    def __init__(self, check_directory: Callable[[], Deferred], check_spool: Callable[[], Deferred],
+    def __init__(self, check_directory: Callable[[], Awaitable[object]], check_spool: Callable[[], Awaitable[object]],
                  current_server: Callable[[], str] = lambda: "",
                  state_store: Callable[[], str] = lambda: "memory") -> None:
         super().__init__()
@@ -189,11 +196,11 @@ class HealthResource(_Leaf):
         self.current_server = current_server  # the LDAP server lookups go to ("" for LDIF)
         self.state_store = state_store  # "memory", "ok" (shared in Redis) or "degraded" (per process)
 
-    def render_GET(self, request: Any) -> Any:
+    def render_GET(self, request: server.Request) -> int:
         Deferred.fromCoroutine(self._report(request))
         return server.NOT_DONE_YET
 
-    async def _report(self, request: Any) -> None:
+    async def _report(self, request: server.Request) -> None:
         status: dict[str, str] = {}
         for name, check in (("directory", self.check_directory), ("spool", self.check_spool)):
             try:
@@ -210,7 +217,7 @@ class HealthResource(_Leaf):
         request.finish()
 
 
-def spool_probe(spool_dir: Any) -> None:
+def spool_probe(spool_dir: Path) -> None:
     """Blocking: can we create, fsync and remove a file where messages are stored?"""
     probe = spool_dir / f".health-{os.getpid()}-{time.monotonic_ns()}"
     fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -222,7 +229,7 @@ def spool_probe(spool_dir: Any) -> None:
         os.unlink(probe)
 
 
-def autoconfig_site(settings: Settings, limits: HttpLimits | None = None, clock: Any = None,
+def autoconfig_site(settings: Settings, limits: HttpLimits | None = None, clock: IReactorTime | None = None,
                     name: str = "autoconfig") -> LimitedSite:
     """Autoconfig and autodiscover for one listener; ``clock`` defaults to the reactor."""
     root = _Folder()
@@ -237,7 +244,7 @@ def autoconfig_site(settings: Settings, limits: HttpLimits | None = None, clock:
     return LimitedSite(root, limits, clock, name)
 
 
-def metrics_site(health: HealthResource, limits: HttpLimits | None = None, clock: Any = None,
+def metrics_site(health: HealthResource, limits: HttpLimits | None = None, clock: IReactorTime | None = None,
                  name: str = "metrics") -> LimitedSite:
     """Metrics and health for one listener; ``clock`` defaults to the reactor."""
     root = resource.Resource()
@@ -250,11 +257,16 @@ class _Folder(resource.Resource):
     """A folder whose children's names match in any case (register them in lower case):
     clients spell ``/Autodiscover/Autodiscover.xml`` as they please."""
 
-    def getChildWithDefault(self, path: bytes, request: Any) -> resource.Resource:
-        return super().getChildWithDefault(path.lower(), request)
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]  # Resource is unannotated
+
+    def getChildWithDefault(self, path: bytes, request: server.Request) -> resource.IResource:
+        child: resource.IResource = super().getChildWithDefault(  # type: ignore[no-untyped-call]  # unannotated
+            path.lower(), request)
+        return child
 
 
-def _child(name: bytes, child: resource.Resource) -> resource.Resource:
+def _child(name: bytes, child: resource.IResource) -> resource.IResource:
     parent = _Folder()
     parent.putChild(name, child)
     return parent

@@ -23,13 +23,15 @@ Every refusal is logged with the client and the reason, and counted in
 from __future__ import annotations
 
 from io import BytesIO
-from typing import Any
+from typing import Protocol, cast
 
 import attrs
-from twisted.internet.interfaces import IDelayedCall, ISSLTransport
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ISSLTransport, ITCPTransport
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
+from twisted.web.resource import IResource
 
 from mailappliance.metrics import METRICS
 from mailappliance.sessions import client_host
@@ -83,6 +85,10 @@ class ConnectionCounter:
         return self._open.get(address, 0)
 
 
+class _Closable(Protocol):
+    disconnecting: bool  # set by loseConnection (TCP and TLS transports; ITransport does not declare it)
+
+
 def _status_only(status: bytes) -> bytes:
     """A complete response with no body that ends the connection."""
     return b"HTTP/1.1 " + status + b"\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
@@ -90,6 +96,8 @@ def _status_only(status: bytes) -> bytes:
 
 class LimitedRequest(server.Request):
     """A request whose body stays in memory and may not pass the channel's ``max_body``."""
+
+    channel: LimitedHTTPChannel  # LimitedSite pairs this request with that channel (None once it is gone)
 
     def gotLength(self, length: int | None) -> None:
         # The channel has already refused a Content-Length over the limit, and
@@ -101,6 +109,7 @@ class LimitedRequest(server.Request):
         channel = self.channel
         if channel is None or channel.dropped:
             return
+        assert self.content is not None  # gotLength came first
         if self.content.tell() + len(data) > channel.limits.max_body:
             channel.drop(b"413 Payload Too Large", "body_too_large")
             return
@@ -116,36 +125,41 @@ class LimitedHTTPChannel(http.HTTPChannel):
     _admitted = False
     _client = "-"
     _deadline: IDelayedCall | None = None
-    _networkProducer: Any = None  # HTTPChannel sets it in connectionMade, which a refused connection skips
+    # set by HTTPChannel.connectionMade, which a refused connection skips: None tells connectionLost
+    _networkProducer: IPushProducer | None = None  # type: ignore[assignment]
 
     @property
     def limits(self) -> HttpLimits:
         return self.factory.limits
 
     def connectionMade(self) -> None:
-        self.abortTimeout = self.limits.abort_timeout
-        self._client = client_host(self.transport.getPeer(), "-")  # IPv4-mapped IPv6 -> IPv4
+        # HTTPChannel's default (15) makes mypy infer int; callLater takes any number of seconds
+        self.abortTimeout = self.limits.abort_timeout  # type: ignore[assignment]
+        transport = self.transport
+        assert transport is not None  # connected
+        self._client = client_host(transport.getPeer(), "-")  # IPv4-mapped IPv6 -> IPv4
         refused = self.factory.connections.admit(self._client)
         if refused is not None:
             self.dropped = True
             self.factory.refused(self._client, refused)
-            if ISSLTransport.providedBy(self.transport):
-                self.transport.abortConnection()  # no TLS handshake for a connection we will not serve
+            if ISSLTransport.providedBy(transport):
+                # no TLS handshake for a connection we will not serve (a TLS transport is a TCP one too)
+                cast(ITCPTransport, transport).abortConnection()
             else:
-                self.transport.write(_status_only(b"503 Service Unavailable"))
-                self.transport.loseConnection()
+                transport.write(_status_only(b"503 Service Unavailable"))
+                transport.loseConnection()
             return
         self._admitted = True
-        super().connectionMade()
+        super().connectionMade()  # type: ignore[no-untyped-call]  # HTTPChannel is unannotated
         self._arm(self.limits.header_timeout, "header_timeout")
 
     def dataReceived(self, data: bytes) -> None:
         if not self.dropped:
-            super().dataReceived(data)
+            super().dataReceived(data)  # type: ignore[no-untyped-call]  # HTTPChannel is unannotated
 
     def lineReceived(self, line: bytes) -> None:
         if not self.dropped:
-            super().lineReceived(line)
+            super().lineReceived(line)  # type: ignore[no-untyped-call]  # HTTPChannel is unannotated
 
     def rawDataReceived(self, data: bytes) -> None:
         if not self.dropped:
@@ -156,7 +170,7 @@ class LimitedHTTPChannel(http.HTTPChannel):
         if self.length is not None and self.length > self.limits.max_body:
             self.drop(b"413 Payload Too Large", "content_length_too_large")
             return
-        super().allHeadersReceived()
+        super().allHeadersReceived()  # type: ignore[no-untyped-call]  # HTTPChannel is unannotated
         if self.length != 0 and not self.dropped:
             self._arm(self.limits.body_timeout, "body_timeout")
 
@@ -164,22 +178,22 @@ class LimitedHTTPChannel(http.HTTPChannel):
         if self.dropped:
             return
         self._disarm()
-        super().allContentReceived()
+        super().allContentReceived()  # type: ignore[no-untyped-call]  # HTTPChannel is unannotated
 
-    def requestDone(self, request: Any) -> None:
+    def requestDone(self, request: http.Request) -> None:
         if self.persistent and not self.dropped:
             self._arm(self.limits.header_timeout, "header_timeout")  # before: the next pipelined request may run now
-        super().requestDone(request)
+        super().requestDone(request)  # type: ignore[no-untyped-call]  # HTTPChannel is unannotated
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._disarm()
         if self._admitted:
             self._admitted = False
             self.factory.connections.release(self._client)
         if self._networkProducer is None:  # refused at connect: HTTPChannel was never set up
-            self.setTimeout(None)
+            self.setTimeout(None)  # type: ignore[no-untyped-call]  # TimeoutMixin is unannotated
             return
-        super().connectionLost(reason)
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]  # HTTPChannel is unannotated
 
     def drop(self, status: bytes, reason: str) -> None:
         """Answer ``status`` (if nothing was answered yet on this connection) and close it."""
@@ -187,18 +201,22 @@ class LimitedHTTPChannel(http.HTTPChannel):
             return
         self.dropped = True
         self._disarm()
-        self.setTimeout(None)
+        self.setTimeout(None)  # type: ignore[no-untyped-call]  # TimeoutMixin is unannotated
         self.factory.refused(self._client, reason)
-        if not self.transport.disconnecting:
+        transport = self.transport
+        assert transport is not None  # drop() runs on a connection, before connectionLost
+        if not cast(_Closable, transport).disconnecting:
             if not self._handlingRequest:
-                self.transport.write(_status_only(status))
-            self.loseConnection()
+                transport.write(_status_only(status))
+            self.loseConnection()  # type: ignore[no-untyped-call]  # HTTPChannel is unannotated
         if self._abortingCall is None:
-            self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
+            self._abortingCall = self.callLater(  # type: ignore[no-untyped-call]  # TimeoutMixin is unannotated
+                self.abortTimeout, self.forceAbortClient)
 
     def _arm(self, seconds: float, reason: str) -> None:
         self._disarm()
-        self._deadline = self.callLater(seconds, self.drop, b"408 Request Timeout", reason)
+        self._deadline = self.callLater(  # type: ignore[no-untyped-call]  # TimeoutMixin is unannotated
+            seconds, lambda: self.drop(b"408 Request Timeout", reason))
 
     def _disarm(self) -> None:
         if self._deadline is not None:
@@ -211,13 +229,16 @@ class LimitedSite(server.Site):
     """A ``Site`` whose connections are :class:`LimitedHTTPChannel` under ``limits``;
     ``clock`` (a reactor, or a ``Clock`` in tests) runs every timer."""
 
-    protocol = LimitedHTTPChannel
+    # HTTPFactory types ``protocol`` as its HTTP/2-capable wrapper's factory; any HTTPChannel
+    # serves (buildProtocol only sets callLater and timeOut, which it has too).
+    protocol = LimitedHTTPChannel  # type: ignore[assignment]
     requestFactory = LimitedRequest
 
-    def __init__(self, resource: Any, limits: HttpLimits | None = None, clock: Any = None,
+    def __init__(self, resource: IResource, limits: HttpLimits | None = None, clock: IReactorTime | None = None,
                  name: str = "http") -> None:
         limits = limits or HttpLimits()
-        super().__init__(resource, timeout=limits.idle_timeout, reactor=clock, parsePOSTFormSubmission=False)
+        super().__init__(resource, timeout=limits.idle_timeout,  # type: ignore[no-untyped-call]  # Site is unannotated
+                         reactor=clock, parsePOSTFormSubmission=False)
         self.limits = limits
         self.name = name
         self.connections = ConnectionCounter(limits.concurrent_per_address, limits.max_connections)
