@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import ipaddress
 from collections import deque
-from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
 
 from mailappliance.metrics import METRICS
 
@@ -72,7 +73,7 @@ class _Usage:
 class NetworkByteBudget:
     """Bytes per hour per client network on the MX; ``bytes_per_hour`` 0 turns it off."""
 
-    def __init__(self, bytes_per_hour: int, clock: Any, max_tracked: int = MAX_TRACKED,
+    def __init__(self, bytes_per_hour: int, clock: IReactorTime, max_tracked: int = MAX_TRACKED,
                  span: float = HOUR) -> None:
         self.bytes_per_hour = bytes_per_hour
         self.clock = clock

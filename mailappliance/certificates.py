@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -25,7 +25,16 @@ def load_certificate_der(path: Path) -> bytes:
     return certificate.public_bytes(serialization.Encoding.DER)
 
 
-def describe_certificate(der: bytes) -> dict[str, Any]:
+class CertificateInfo(TypedDict):
+    subject: str
+    issuer: str
+    serial: int
+    not_before: str  # ISO 8601, UTC
+    not_after: str
+    sha256: str  # fingerprint, colon-separated hex
+
+
+def describe_certificate(der: bytes) -> CertificateInfo:
     """What an admin wants to see of a stored certificate."""
     certificate = x509.load_der_x509_certificate(der)
     return {
@@ -45,7 +54,7 @@ def issue_client_certificate(
     authority = x509.load_pem_x509_certificate(Path(ca_cert_path).read_bytes())
     authority_key = serialization.load_pem_private_key(Path(ca_key_path).read_bytes(), password=None)
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     certificate = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name),

@@ -138,7 +138,7 @@ class SubscriberChecker:
         self.clock = clock
         self._key = os.urandom(32)
         self._cache: dict[str, _CacheEntry] = {}
-        self._verifications = SharedLookups()  # keyed by (login, HMAC of the password)
+        self._verifications = SharedLookups[Subscriber]()  # keyed by (login, HMAC of the password)
 
     def _digest(self, login: str, password: str) -> bytes:
         message = login.encode() + b"\0" + password.encode()

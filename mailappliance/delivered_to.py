@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from mailappliance.maildir import IncomingMessage, ensure_maildir_once
@@ -31,7 +32,10 @@ COPY_BLOCK = 1024 * 1024
 COPY_BUDGET = 64 * 1024 * 1024  # bytes of per-recipient copies one message may cost
 # Start writing a copy out as soon as it is written (Linux): with delayed allocation each
 # copy's fsync would otherwise need a journal commit (a disk flush) of its own.
-_START_WRITEBACK = getattr(os, "sync_file_range", None)
+# NOTE: CPython's os module has no sync_file_range (only the C library does), so this is
+# None and the call in write() does not run: copies are written back by their fsync alone.
+_START_WRITEBACK: Callable[[int, int, int, int], None] | None = getattr(os, "sync_file_range", None)
+_SYNC_FILE_RANGE_WRITE: int = getattr(os, "SYNC_FILE_RANGE_WRITE", 2)  # <linux/fs.h>
 
 
 def delivered_to_header(address: str) -> bytes:
@@ -40,7 +44,7 @@ def delivered_to_header(address: str) -> bytes:
         return f"Delivered-To: {address[:998]}\r\n".encode("ascii")
     safe = "".join(c if 0x20 < ord(c) < 0x7F or (ord(c) > 0x7F and c.isprintable() and not c.isspace())
                    else "?" for c in address)[:998]  # UTF-8 (SMTPUTF8, RFC 6532), never a line break
-    return f"Delivered-To: {safe}\r\n".encode("utf-8")
+    return f"Delivered-To: {safe}\r\n".encode()
 
 
 class RecipientCopy:
@@ -72,7 +76,7 @@ class RecipientCopy:
             _write_all(self._fd, self.header)
             self._copy(source, end, self.message.size)
             if _START_WRITEBACK is not None:  # blocks allocated now: the batch's first fsync commits them all
-                _START_WRITEBACK(self._fd, 0, 0, os.SYNC_FILE_RANGE_WRITE)
+                _START_WRITEBACK(self._fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
         finally:
             os.close(source)
 

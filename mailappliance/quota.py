@@ -24,13 +24,15 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
 
 import attrs
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
+from mailappliance.blocking import RunBlocking
 from mailappliance.directory import Subscriber
 from mailappliance.maildir import maildir_for
 from mailappliance.metrics import METRICS
@@ -153,7 +155,7 @@ class Admission:
     nothing is reserved.
     """
 
-    def __init__(self, quotas: "MailboxQuotas", size: int, verdicts: dict[str, QuotaVerdict]) -> None:
+    def __init__(self, quotas: MailboxQuotas, size: int, verdicts: dict[str, QuotaVerdict]) -> None:
         self.size = size
         self.verdicts = verdicts  # uid -> verdict
         self._quotas = quotas
@@ -195,7 +197,7 @@ def record_refusal(stage: str) -> None:
 class MailboxQuotas:
     """Per-subscriber quota checks for the SMTP sessions (reactor thread only)."""
 
-    def __init__(self, default_quota: int, run_blocking: Callable[..., Deferred], clock: Any,
+    def __init__(self, default_quota: int, run_blocking: RunBlocking, clock: IReactorTime,
                  ttl: float = USAGE_TTL, scan: Callable[[Path], int] = maildir_usage) -> None:
         self.default_quota = default_quota  # bytes; 0: unlimited unless the directory says otherwise
         self.run_blocking = run_blocking
@@ -203,7 +205,7 @@ class MailboxQuotas:
         self.ttl = ttl
         self._scan = scan
         self._usage: dict[str, _Usage] = {}
-        self._scans: dict[str, list[Deferred]] = {}  # uid -> callers waiting for the scan in flight
+        self._scans: dict[str, list[Deferred[int]]] = {}  # uid -> callers waiting for the scan in flight
         self._delivered_during_scan: dict[str, int] = {}
         self._reserved: dict[str, int] = {}
         self._full: set[str] = set()  # uids whose last check found no room
@@ -223,14 +225,14 @@ class MailboxQuotas:
         """The subscriber's limit in bytes; None: unlimited."""
         return quota_for(subscriber, self.default_quota)
 
-    def usage(self, uid: str, maildir: Path) -> Deferred:
+    def usage(self, uid: str, maildir: Path) -> Deferred[int]:
         """Deferred of the bytes in the Maildir (what we delivered since the
         last scan included); a scan runs when the last one is older than ``ttl``,
         and callers asking while one runs share it."""
         known = self._usage.get(uid)
         if known is not None and self.clock.seconds() - known.measured_at < self.ttl:
             return succeed(known.size)
-        waiter: Deferred = Deferred()
+        waiter: Deferred[int] = Deferred()
         if uid in self._scans:
             self._scans[uid].append(waiter)
             return waiter
@@ -258,7 +260,7 @@ class MailboxQuotas:
             del self._usage[next(iter(self._usage))]
         self._usage[uid] = usage
 
-    def check(self, subscriber: Subscriber, maildir: Path, incoming: int = 0) -> Deferred:
+    def check(self, subscriber: Subscriber, maildir: Path, incoming: int = 0) -> Deferred[QuotaVerdict]:
         """Deferred QuotaVerdict: is there room for ``incoming`` more bytes?  At
         RCPT ``incoming`` is the declared SIZE (or 0).  Fails with the scan's
         OSError when the Maildir cannot be read (answer 4xx)."""
@@ -266,9 +268,7 @@ class MailboxQuotas:
         if limit is None:
             self._full.discard(subscriber.uid)
             return succeed(QuotaVerdict(False, 0, None))
-        d = self.usage(subscriber.uid, maildir)
-        d.addCallback(self._verdict, subscriber.uid, limit, incoming)
-        return d
+        return self.usage(subscriber.uid, maildir).addCallback(self._verdict, subscriber.uid, limit, incoming)
 
     def _verdict(self, usage: int, uid: str, limit: int, incoming: int) -> QuotaVerdict:
         usage += self._reserved.get(uid, 0)
@@ -280,7 +280,7 @@ class MailboxQuotas:
             self._full.discard(uid)
         return verdict
 
-    def admit(self, recipients: Iterable[tuple[Subscriber, Path]], size: int) -> Deferred:
+    def admit(self, recipients: Iterable[tuple[Subscriber, Path]], size: int) -> Deferred[Admission]:
         """Deferred :class:`Admission` for a received message of ``size`` bytes
         and its local recipients (subscriber, Maildir); the same subscriber
         twice counts once.  When every mailbox has room, the size is reserved
@@ -288,11 +288,10 @@ class MailboxQuotas:
         unique = {subscriber.uid: (subscriber, maildir) for subscriber, maildir in recipients}
         checks = [self.check(subscriber, maildir, size) for subscriber, maildir in unique.values()]
         d = gatherResults(checks, consumeErrors=True)
-        d.addCallbacks(self._admitted, _first_error, (list(unique), size))
-        return d
+        return d.addCallbacks(self._admitted, _first_error, (list(unique), size))
 
     def _admitted(self, verdicts: list[QuotaVerdict], uids: list[str], size: int) -> Admission:
-        admission = Admission(self, size, dict(zip(uids, verdicts)))
+        admission = Admission(self, size, dict(zip(uids, verdicts, strict=True)))  # one verdict per uid
         if not admission.full:
             for uid, verdict in admission.verdicts.items():
                 if verdict.limit is not None:

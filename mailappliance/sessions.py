@@ -6,9 +6,10 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import os
-from typing import Any
+from typing import cast
 
 from twisted.internet import tcp
+from twisted.internet.interfaces import IAddress, ITCPTransport, ITransport
 
 _counter = itertools.count(1)
 _prefix = os.urandom(3).hex()
@@ -19,7 +20,7 @@ def new_session_id() -> str:
     return f"{_prefix}{next(_counter):06x}"
 
 
-def client_host(peer: Any, default: str = "unknown") -> str:
+def client_host(peer: IAddress, default: str = "unknown") -> str:
     """The client's address as every policy sees it: an IPv4 client of a dual-stack
     ("::") listener arrives as ``::ffff:192.0.2.7`` and is ``192.0.2.7`` here, so
     screening networks, limits, budgets and Received fields treat it as IPv4."""
@@ -36,15 +37,15 @@ def client_host(peer: Any, default: str = "unknown") -> str:
     return host
 
 
-def no_delay(transport: Any) -> None:
+def no_delay(transport: ITransport) -> None:
     """Small replies must not wait for the client's delayed ACK (Nagle): ~40 ms per round trip."""
     try:
-        transport.setTcpNoDelay(True)
+        cast(ITCPTransport, transport).setTcpNoDelay(True)  # TCP and TLS-over-TCP transports have it
     except (AttributeError, OSError):
         pass  # not a TCP transport (unit tests)
 
 
-def write_now(transport: Any, data: bytes) -> None:
+def write_now(transport: ITransport, data: bytes) -> None:
     """``transport.write(data)``, but on a plain TCP connection with nothing
     waiting to be sent, hand the bytes to the socket at once.
 

@@ -23,7 +23,7 @@ import datetime
 import os
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import TypeGuard, cast
 
 import attrs
 from cryptography import x509
@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL, crypto
-from twisted.internet.interfaces import IOpenSSLContextFactory, ISSLTransport
+from twisted.internet.interfaces import IOpenSSLContextFactory, ISSLTransport, ISystemHandle, ITransport
 from zope.interface import implementer
 
 CIPHERS = (
@@ -77,14 +77,15 @@ VERIFY_ERRORS = {
 _CHAIN_ERRORS = {2, 18, 19, 20, 21}
 _UNSUPPORTED_PURPOSE, _CHAIN_TOO_LONG = 26, 22
 
-_verdicts: "weakref.WeakKeyDictionary[SSL.Connection, _Verdict]" = weakref.WeakKeyDictionary()
+_verdicts: weakref.WeakKeyDictionary[SSL.Connection, _Verdict] = weakref.WeakKeyDictionary()
 
 
 def _failed(errno: int, depth: int) -> _Verdict:
     return _Verdict(ok=False, reason=f"{VERIFY_ERRORS.get(errno, f'verify error {errno}')} (depth {depth})")
 
 
-def _record_verification(connection: SSL.Connection, certificate: Any, errno: int, depth: int, ok: int) -> bool:
+def _record_verification(connection: SSL.Connection, certificate: crypto.X509, errno: int, depth: int,
+                         ok: int) -> bool:
     """Accept every handshake; remember whether the chain really verified."""
     verdict = _verdicts.setdefault(connection, _Verdict())
     if not ok and verdict.ok:
@@ -181,7 +182,7 @@ def ensure_self_signed(certificate_path: Path, key_path: Path, hostname: str,
         raise TLSConfigError(f"{present} exists but {missing} does not: provide both or neither")
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     names = [x509.DNSName(hostname)] + ([x509.DNSName("localhost")] if hostname != "localhost" else [])
     certificate = (
         x509.CertificateBuilder()
@@ -272,19 +273,20 @@ class ServerTLS:
         return fingerprint(self.certificate_path)
 
 
-def is_tls(transport: Any) -> bool:
+def is_tls(transport: object) -> TypeGuard[ISSLTransport]:
     return ISSLTransport.providedBy(transport)
 
 
-def client_certificate(transport: Any) -> ClientCertificate | None:
+def client_certificate(transport: ITransport | None) -> ClientCertificate | None:
     """The verified-or-not certificate the client presented; None if it sent none."""
     if not is_tls(transport):
         return None
-    peer = transport.getPeerCertificate()
+    # ISSLTransport types these as objects: Twisted's TLS transport gives pyOpenSSL's
+    peer = cast(crypto.X509 | None, transport.getPeerCertificate())
     if peer is None:
         return None
     certificate = peer.to_cryptography()
-    connection = transport.getHandle()
+    connection = cast(SSL.Connection, cast(ISystemHandle, transport).getHandle())
     verdict = _verdicts.get(connection)
     if verdict is None:
         if connection.get_context().get_verify_mode() == SSL.VERIFY_NONE:
@@ -292,7 +294,7 @@ def client_certificate(transport: Any) -> ClientCertificate | None:
         else:  # a client CA asked for it, yet no verdict: a resumed session
             verdict = _verdicts[connection] = _reverify(connection, peer)
     ok, reason = verdict.ok, verdict.reason
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     if ok and not (certificate.not_valid_before_utc <= now <= certificate.not_valid_after_utc):
         ok, reason = False, "certificate is not within its validity period"
     return ClientCertificate(

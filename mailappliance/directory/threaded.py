@@ -8,9 +8,11 @@ the directory owns a dedicated ``ThreadPool``.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Hashable, TypeVar
+from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
 
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -22,7 +24,7 @@ from mailappliance.metrics import METRICS
 T = TypeVar("T")
 
 
-def _timed(function: Callable[..., T], *args: Any) -> T:
+def _timed(function: Callable[..., T], *args: object) -> T:
     """Run a store call, recording its latency and result for /metrics."""
     operation = getattr(function, "__name__", "call").lstrip("_")
     started = time.monotonic()
@@ -39,8 +41,8 @@ def _timed(function: Callable[..., T], *args: Any) -> T:
         METRICS.observe("mailappliance_directory_seconds", time.monotonic() - started, operation=operation)
 
 
-class SharedLookups:
-    """Calls in flight at the same time for the same key share one call.
+class SharedLookups(Generic[T]):
+    """Calls in flight at the same time for the same key share one call (of result ``T``).
 
     A burst of mail for one address (a mailing list's run, a spam wave, a
     load test) then costs one store call and one thread hop instead of one
@@ -50,10 +52,10 @@ class SharedLookups:
     """
 
     def __init__(self) -> None:
-        self._waiting: dict[Hashable, list[Deferred]] = {}
+        self._waiting: dict[Hashable, list[Deferred[T]]] = {}
 
-    def __call__(self, key: Hashable, start: Callable[[], Deferred]) -> Deferred:
-        d: Deferred = Deferred()
+    def __call__(self, key: Hashable, start: Callable[[], Deferred[T]]) -> Deferred[T]:
+        d: Deferred[T] = Deferred()
         if key in self._waiting:
             self._waiting[key].append(d)
             return d
@@ -61,7 +63,7 @@ class SharedLookups:
         maybeDeferred(start).addBoth(self._finish, key)  # a call that raises still releases the key
         return d
 
-    def _finish(self, result: Any, key: Hashable) -> None:
+    def _finish(self, result: T | Failure, key: Hashable) -> None:
         for d in self._waiting.pop(key):
             if isinstance(result, Failure):
                 d.errback(result)
@@ -72,11 +74,11 @@ class SharedLookups:
 class Directory:
     """Asynchronous lookups over a DirectoryStore; every method returns a Deferred."""
 
-    def __init__(self, store: DirectoryStore, reactor: Any, threads: int = 8) -> None:
+    def __init__(self, store: DirectoryStore, reactor: IReactorFromThreads, threads: int = 8) -> None:
         self.store = store
         self._reactor = reactor
         self._pool = ThreadPool(minthreads=1, maxthreads=threads, name="directory")
-        self._address_lookups = SharedLookups()
+        self._address_lookups = SharedLookups[Subscriber | None]()
         if hasattr(store, "server_states"):  # LDAP: which server serves, which are marked down
             METRICS.labelled_gauge(
                 "mailappliance_directory_server_up", "1 unless the directory server is marked down, by server.",
@@ -103,20 +105,20 @@ class Directory:
         self._pool.stop()
         self.store.close()
 
-    def _run(self, function: Callable[..., T], *args: Any) -> "Deferred[T]":
+    def _run(self, function: Callable[..., T], *args: object) -> Deferred[T]:
         return deferToThreadPool(self._reactor, self._pool, _timed, function, *args)
 
-    def find_by_login(self, login: str) -> "Deferred[Subscriber | None]":
+    def find_by_login(self, login: str) -> Deferred[Subscriber | None]:
         return self._run(self.store.find_by_login, login)
 
-    def find_by_address(self, address: str) -> "Deferred[Subscriber | None]":
+    def find_by_address(self, address: str) -> Deferred[Subscriber | None]:
         """The recipient lookup of every RCPT (concurrent ones for one address are shared)."""
         return self._address_lookups(address, lambda: self._run(self.store.find_by_address, address))
 
-    def find_by_certificate(self, der: bytes) -> "Deferred[Subscriber | None]":
+    def find_by_certificate(self, der: bytes) -> Deferred[Subscriber | None]:
         return self._run(self.store.find_by_certificate, der)
 
-    def authenticate(self, login: str, password: str) -> "Deferred[Subscriber | None]":
+    def authenticate(self, login: str, password: str) -> Deferred[Subscriber | None]:
         """The subscriber if ``login``/``password`` are right, else None (one thread hop)."""
         return self._run(self._authenticate, login, password)
 

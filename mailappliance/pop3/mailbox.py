@@ -17,21 +17,23 @@ import hashlib
 import itertools
 import os
 import stat
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Sequence
+from typing import BinaryIO
 
 import attrs
 from twisted.cred.portal import IRealm
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
 from mailappliance.authenticator import MailboxInUse
-from mailappliance.state import StateStore
 from mailappliance.directory import Subscriber
 from mailappliance.maildir import ensure_maildir, maildir_for
+from mailappliance.state import StateStore
 
 log = Logger(namespace="mailappliance.pop3")
 
@@ -224,7 +226,7 @@ class HeldMailbox:
     """A session's hold on a mailbox: call it to release (idempotent); ``confirm()``
     is the fencing check before QUIT deletes anything."""
 
-    def __init__(self, locks: "MailboxLocks", lease: "_Lease") -> None:
+    def __init__(self, locks: MailboxLocks, lease: _Lease) -> None:
         self._locks = locks
         self.lease = lease
         self._released = False
@@ -234,7 +236,7 @@ class HeldMailbox:
             self._released = True
             self._locks._release(self.lease)
 
-    def confirm(self) -> "Deferred[bool]":
+    def confirm(self) -> Deferred[bool]:
         """Deferred True while this session still holds the mailbox (here, and in the
         state store when one is shared)."""
         return self._locks._confirm(self.lease, self._released)
@@ -270,7 +272,7 @@ class MailboxLocks:
     deletes nothing (:meth:`HeldMailbox.confirm`).
     """
 
-    def __init__(self, store: StateStore | None = None, clock: Any = None, ttl: float = 60.0) -> None:
+    def __init__(self, store: StateStore | None = None, clock: IReactorTime | None = None, ttl: float = 60.0) -> None:
         self.store = store
         self.clock = clock
         self.ttl = ttl
@@ -279,7 +281,7 @@ class MailboxLocks:
         self._serial = itertools.count()
         self._refresher: LoopingCall | None = None
 
-    def acquire(self, key: str, holder: object = None) -> "Deferred[HeldMailbox]":
+    def acquire(self, key: str, holder: object = None) -> Deferred[HeldMailbox]:
         """Deferred HeldMailbox, or a failure with MailboxInUse."""
         lease = self._held.get(key)
         if lease is not None:
@@ -303,8 +305,7 @@ class MailboxLocks:
             lease.fence = 0
             return succeed(HeldMailbox(self, lease))
         d = self.store.lock((LOCK_KIND, key), lease.owner, self.ttl)
-        d.addCallbacks(self._granted, self._not_granted, (lease,), None, (lease,))
-        return d
+        return d.addCallbacks(self._granted, self._not_granted, callbackArgs=(lease,), errbackArgs=(lease,))
 
     def _granted(self, fence: int | None, lease: _Lease) -> HeldMailbox:
         if fence is None:  # a session on another appliance holds it
@@ -330,7 +331,7 @@ class MailboxLocks:
         if not self._held and self._refresher is not None and self._refresher.running:
             self._refresher.stop()
 
-    def _confirm(self, lease: _Lease, released: bool) -> "Deferred[bool]":
+    def _confirm(self, lease: _Lease, released: bool) -> Deferred[bool]:
         if released or self._held.get(lease.key) is not lease:
             return succeed(False)
         if self.store is None:
@@ -365,7 +366,7 @@ class MailboxLocks:
         return key in self._held
 
 
-def confirm_lock(mailbox: object) -> "Deferred[bool]":
+def confirm_lock(mailbox: object) -> Deferred[bool]:
     """Does the session of ``mailbox`` still hold it?  (True for a mailbox without a lock.)"""
     held = getattr(mailbox, "held", None)
     return held.confirm() if held is not None else succeed(True)
@@ -380,8 +381,9 @@ class MaildirRealm:
         self.locks = locks
 
     def requestAvatar(
-        self, avatarId: Subscriber, mind: object, *interfaces: type[Interface]
-    ) -> "Deferred[tuple[type[Interface], MaildirMailbox, Callable[[], None]]]":
+        self, avatarId: object, mind: object, *interfaces: type[Interface]
+    ) -> Deferred[tuple[type[Interface], object, Callable[[], None]]]:
+        """``avatarId`` is the Subscriber our checker returns (twisted.cred types avatar ids as bytes)."""
         if IMaildirAccess not in interfaces:
             raise NotImplementedError("MaildirRealm only provides IMaildirAccess")
         if not isinstance(avatarId, Subscriber):
@@ -389,9 +391,8 @@ class MaildirRealm:
         mailbox = MaildirMailbox(maildir_for(self.maildir_root, avatarId.uid), avatarId)
         d = self.locks.acquire(avatarId.uid, mind)  # mind: the POP3 session, which a newer login may end
 
-        def locked(held: HeldMailbox) -> tuple[type[Interface], MaildirMailbox, Callable[[], None]]:
+        def locked(held: HeldMailbox) -> tuple[type[Interface], object, Callable[[], None]]:
             mailbox.held = held
             return IMaildirAccess, mailbox, held
 
-        d.addCallback(locked)
-        return d  # type: ignore[return-value]
+        return d.addCallback(locked)

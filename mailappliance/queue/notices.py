@@ -16,12 +16,13 @@ delay reports follow NOTIFY for everyone.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Awaitable, Callable
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from mailappliance.blocking import RunBlocking
 from mailappliance.queue.dsn import MAX_RETURNED_MESSAGE_BYTES, RecipientStatus, build_dsn
 
 log = Logger(namespace="mailappliance.queue")
@@ -47,7 +48,7 @@ class SuccessNotices:
     """``notify(...)``: build and deliver one success report; never raises (logs instead)."""
 
     def __init__(self, send_report: Callable[[str, bytes], Awaitable[None]],
-                 run_blocking: Callable[..., Deferred], hostname: str, policy: str = "authenticated") -> None:
+                 run_blocking: RunBlocking, hostname: str, policy: str = "authenticated") -> None:
         self.send_report = send_report
         self.run_blocking = run_blocking
         self.hostname = hostname
@@ -57,11 +58,10 @@ class SuccessNotices:
         return self.policy == "all" or (self.policy == "authenticated" and authenticated)
 
     def notify(self, *, sender: str, queue_id: str, arrival: float, statuses: list[RecipientStatus],
-               message_path: Path, full: bool, envid: str) -> Deferred:
+               message_path: Path, full: bool, envid: str) -> Deferred[None]:
         d = Deferred.fromCoroutine(self._notify(sender, queue_id, arrival, statuses, message_path, full, envid))
-        d.addErrback(lambda f: log.failure("queue: {id} success notice to <{sender}> failed", f,
-                                           id=queue_id, sender=sender))
-        return d
+        return d.addErrback(lambda f: log.failure("queue: {id} success notice to <{sender}> failed", f,
+                                                  id=queue_id, sender=sender))
 
     async def _notify(self, sender: str, queue_id: str, arrival: float, statuses: list[RecipientStatus],
                       message_path: Path, full: bool, envid: str) -> None:

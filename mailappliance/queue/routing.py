@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import random
 import socket
-from typing import Any
+from typing import cast
 
 import attrs
 import idna
+from twisted.internet.interfaces import IResolver
 from twisted.names import client, dns, error
 
 DNS_TIMEOUT = (2, 4, 8)
@@ -40,7 +41,7 @@ class Relay:
     use_mx: bool
 
     @classmethod
-    def parse(cls, text: str, default_port: int = 25) -> "Relay":
+    def parse(cls, text: str, default_port: int = 25) -> Relay:
         host, port = text.strip(), default_port
         if host.startswith("["):
             end = host.find("]")
@@ -61,6 +62,11 @@ class Relay:
         return cls(name.lower(), port, use_mx)
 
 
+# What IResolver's lookups fire with: (answers, authority, additional), each a list of
+# records (Twisted types it as a tuple of three single records).
+DnsResult = tuple[list[dns.RRHeader], list[dns.RRHeader], list[dns.RRHeader]]
+
+
 class RoutingError(Exception):
     """No next hop; ``code`` 5xx is permanent (bounce), 4xx temporary (retry)."""
 
@@ -70,10 +76,11 @@ class RoutingError(Exception):
         self.text = text
 
 
-def make_resolver(address: str) -> Any:
+def make_resolver(address: str) -> IResolver:
     """A twisted.names resolver for ``host:port`` (or the system's resolv.conf if empty)."""
     if not address:
-        return client.createResolver()
+        resolver: IResolver = client.createResolver()
+        return resolver
     host, _, port = address.rpartition(":")
     return client.Resolver(servers=[(host.strip("[]"), int(port))])
 
@@ -83,7 +90,7 @@ class Router:
 
     def __init__(
         self,
-        resolver: Any,
+        resolver: IResolver,
         smtp_port: int = 25,
         smarthost: Relay | None = None,
         transports: dict[str, Relay] | None = None,
@@ -124,13 +131,16 @@ class Router:
 
     async def _mx_hosts(self, domain: str) -> list[str]:
         try:
-            answers, _, _ = await self.resolver.lookupMailExchange(domain, timeout=DNS_TIMEOUT)
+            answers, _, _ = cast(DnsResult, await self.resolver.lookupMailExchange(domain, timeout=DNS_TIMEOUT))
         except error.DNSNameError:
             raise RoutingError(550, f"5.1.2 domain {domain} does not exist") from None
         except Exception as e:  # timeouts, SERVFAIL, refused: try again later
             raise RoutingError(451, f"4.4.3 DNS lookup of MX for {domain} failed: {type(e).__name__}") from None
-        records = [(rr.payload.preference, str(rr.payload.name).lower().rstrip("."))
-                   for rr in answers if rr.type == dns.MX]
+        records: list[tuple[int, str]] = []
+        for rr in answers:
+            mx = rr.payload  # (isinstance: the payload class of an MX record, for the type checker)
+            if rr.type == dns.MX and isinstance(mx, dns.Record_MX):
+                records.append((mx.preference, str(mx.name).lower().rstrip(".")))
         if not records:
             return [domain]  # implicit MX: the domain's own address (RFC 5321 5.1)
         if any(name == "" for _, name in records):
@@ -147,13 +157,13 @@ class Router:
         for lookup, record_type in ((self.resolver.lookupAddress, dns.A),
                                     (self.resolver.lookupIPV6Address, dns.AAAA)):
             try:
-                answers, _, _ = await lookup(host, timeout=DNS_TIMEOUT)
+                answers, _, _ = cast(DnsResult, await lookup(host, timeout=DNS_TIMEOUT))
             except Exception:
                 continue
-            for rr in answers:
-                if rr.type == dns.A and record_type == dns.A:
+            for rr in answers:  # (isinstance: the payload class of the record type, for the type checker)
+                if rr.type == dns.A and record_type == dns.A and isinstance(rr.payload, dns.Record_A):
                     addresses.append(rr.payload.dottedQuad())
-                elif rr.type == dns.AAAA and record_type == dns.AAAA:
+                elif rr.type == dns.AAAA and record_type == dns.AAAA and isinstance(rr.payload, dns.Record_AAAA):
                     addresses.append(socket.inet_ntop(socket.AF_INET6, rr.payload.address))
         return addresses
 
