@@ -24,12 +24,14 @@ from __future__ import annotations
 import math
 import os
 import threading
-from typing import Any, Callable, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import ldap3
 from cryptography import x509
 from ldap3.core.exceptions import LDAPException, LDAPResponseTimeoutError
 from ldap3.utils.conv import escape_filter_chars
+from ldap3.utils.dn import escape_rdn
 from twisted.logger import Logger
 
 from mailappliance.addresses import normalize_address, validate_display_name, validate_uid
@@ -274,7 +276,8 @@ class LdapStore:
         # the first call after slapd comes back to work.
         server.reset_availability()
         return ldap3.Connection(
-            server, user=user or None, password=password or None,
+            # ldap3 sends a bytes password as it is (no SASLprep: see _bind_as); its stub says str only
+            server, user=user or None, password=password or None,  # type: ignore[arg-type]
             receive_timeout=self._receive_timeout, raise_exceptions=False, read_only=False,
         )
 
@@ -503,7 +506,7 @@ class LdapStore:
         if self.find_by_login(uid):
             raise DuplicateEntry(f"login {uid!r} is already taken")
         self._refuse_taken_address(mail)
-        dn = f"uid={ldap3.utils.dn.escape_rdn(uid)},{self.settings.base_dn}"
+        dn = f"uid={escape_rdn(uid)},{self.settings.base_dn}"
         attributes = {"uid": uid, "mail": mail, "cn": display_name or uid, "sn": display_name or uid}
         classes = OBJECT_CLASSES
         if not mail.isascii():  # a UTF-8 primary address (SMTPUTF8): mail is ASCII only
@@ -534,7 +537,8 @@ class LdapStore:
 
         self._admin(change)
 
-    def _modify(self, dn: str, changes: dict[str, Any], what: str, missing_ok: bool = False) -> None:
+    def _modify(self, dn: str, changes: dict[str, list[tuple[str, list[str | bytes]]]], what: str,
+                missing_ok: bool = False) -> None:
         def modify(conn: ldap3.Connection) -> None:
             conn.modify(dn, changes)
             if missing_ok and conn.result.get("result") in (16, 20):  # noSuchAttribute, attributeOrValueExists

@@ -19,9 +19,9 @@ import os
 import stat
 import tempfile
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from ldap3.utils.dn import escape_rdn
 from twisted.logger import Logger

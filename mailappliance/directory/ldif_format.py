@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 import attrs
 

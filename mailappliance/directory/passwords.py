@@ -15,7 +15,7 @@ import hmac
 import os
 import stringprep
 import unicodedata
-from typing import Iterable
+from collections.abc import Iterable
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
