@@ -19,16 +19,14 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING
 
-from mailappliance.addresses import is_safe_mailbox_name, normalize_address, validate_display_name, validate_uid
 from mailappliance import dkim_admin
+from mailappliance.addresses import is_safe_mailbox_name, normalize_address, validate_display_name, validate_uid
 from mailappliance.admin_ops import UsageError, add_parsers, ask_password
 from mailappliance.config import ConfigError, Settings, load_config
-from mailappliance.directory.backends import build_store
-from mailappliance.directory.passwords import validate_new_password
-from mailappliance.quota import mailbox_usage
 from mailappliance.directory import (
     DirectoryAdminError,
     DirectoryStore,
@@ -38,6 +36,14 @@ from mailappliance.directory import (
     NoSuchSubscriber,
     Subscriber,
 )
+from mailappliance.directory.backends import build_store
+from mailappliance.directory.passwords import validate_new_password
+from mailappliance.quota import mailbox_usage
+
+if TYPE_CHECKING:
+    from mailappliance.queue.spool import Envelope, OutboundSpool  # imported where used: most commands never need it
+
+    Subcommands = argparse._SubParsersAction[argparse.ArgumentParser]  # what add_subparsers() returns
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_TEMPFAIL = 0, 1, 2, 75
 
@@ -64,11 +70,23 @@ class CommandContext:
 
     def __init__(self, settings: Settings | None, store: DirectoryStore | None, as_json: bool,
                  config_path: Path | None = None, config_how: str = "") -> None:
-        self.settings = settings  # type: ignore[assignment]
-        self.store = store  # type: ignore[assignment]
+        self._settings = settings
+        self._store = store
         self.as_json = as_json
         self.config_path = config_path
         self.config_how = config_how
+
+    @property
+    def settings(self) -> Settings:
+        """The loaded config (not for ``needs="path"`` or ``"nothing"`` commands)."""
+        assert self._settings is not None, "this command runs without the config"
+        return self._settings
+
+    @property
+    def store(self) -> DirectoryStore:
+        """The directory (only for ``needs="store"`` commands, the default)."""
+        assert self._store is not None, "this command runs without the directory"
+        return self._store
 
     def local_address(self, text: str) -> str:
         """A valid address in one of our local domains."""
@@ -81,14 +99,14 @@ class CommandContext:
             )
         return address
 
-    def done(self, message: str, **fields: Any) -> None:
+    def done(self, message: str, **fields: object) -> None:
         if self.as_json:
             print(json.dumps({"ok": True, **fields}))
         else:
             print(message)
 
 
-def _subscriber_fields(s: Subscriber) -> dict[str, Any]:
+def _subscriber_fields(s: Subscriber) -> dict[str, object]:
     return {
         "uid": s.uid, "mail": s.mail, "aliases": list(s.aliases), "name": s.display_name,
         "disabled": s.disabled, "certificates": len(s.certificates), "dn": s.dn,
@@ -252,7 +270,7 @@ def cmd_cert_issue(ctx: CommandContext, args: argparse.Namespace) -> None:
              certificate=str(cert_path), key=str(key_path))
 
 
-def _spool(ctx: CommandContext) -> Any:
+def _spool(ctx: CommandContext) -> OutboundSpool:
     from mailappliance.queue.spool import OutboundSpool
 
     return OutboundSpool(ctx.settings.spool_dir)
@@ -277,10 +295,11 @@ def _age(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
-def _queue_entries(ctx: CommandContext) -> list[Any]:
+def _queue_entries(ctx: CommandContext) -> list[Envelope]:
     from mailappliance.queue.spool import QueueEntryGone
 
-    spool, entries = _spool(ctx), []
+    spool = _spool(ctx)
+    entries: list[Envelope] = []
     for queue_id in spool.queued_ids():
         try:
             entries.append(spool.envelope(queue_id))
@@ -432,11 +451,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_operations_parsers(groups: Any) -> None:
+def _add_operations_parsers(groups: Subcommands) -> None:
     """``directory setup``, ``backup`` and ``restore``: the machine, not single subscribers."""
     from mailappliance.backup import cmd_backup
-    from mailappliance.restore import cmd_restore
     from mailappliance.directory_setup import DEBIAN_LDAPI, cmd_directory_setup
+    from mailappliance.restore import cmd_restore
 
     directory = groups.add_parser("directory", help="the LDAP server").add_subparsers(dest="action", required=True)
     setup = directory.add_parser(
@@ -465,7 +484,7 @@ def _add_operations_parsers(groups: Any) -> None:
     restore.set_defaults(run=cmd_restore, needs="nothing")
 
 
-def _add_global_options(parser: argparse.ArgumentParser, default: Any) -> None:
+def _add_global_options(parser: argparse.ArgumentParser, default: str | None) -> None:
     parser.add_argument("-c", "--config", default=default, metavar="FILE",
                         help=f"TOML config file (default: ${CONFIG_ENVIRONMENT}, else {DEFAULT_CONFIG})")
     parser.add_argument("--json", action="store_true", default=default if default is argparse.SUPPRESS else False,

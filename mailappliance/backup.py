@@ -38,11 +38,15 @@ import stat
 import subprocess
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, TypedDict
 
 import attrs
 
+from mailappliance.config import Settings
 from mailappliance.directory import DirectoryAdminError
+
+if TYPE_CHECKING:  # admin.py imports this module when the command runs
+    from mailappliance.admin import CommandContext
 
 FORMAT, VERSION = "mailappliance-backup", 1
 MANIFEST = "manifest.json"
@@ -53,6 +57,72 @@ CHUNK = 1 << 20
 
 class BackupError(DirectoryAdminError):
     """A backup or restore cannot go on; the message says why (exit 1)."""
+
+
+# -- the manifest (manifest.json), as written here and read back by restore -------------
+
+
+class FileEntry(TypedDict):
+    """A copied file (:class:`FileRecord`)."""
+
+    path: str
+    size: int
+    sha256: str
+    mode: int
+    owner: str
+    group: str
+    area: str
+
+
+class DirectoryEntry(TypedDict):
+    """A directory to make again (:class:`DirectoryRecord`)."""
+
+    path: str
+    mode: int
+    owner: str
+    group: str
+    area: str
+
+
+class StoredFile(TypedDict):
+    """A file made for the backup (slapd's dumps), by its name in the backup."""
+
+    file: str
+    size: int
+    sha256: str
+
+
+class SlapdDatabase(StoredFile):
+    number: int
+    suffix: str
+    directory: str
+    mode: int
+    owner: str
+    group: str
+
+
+class SlapdDump(TypedDict):
+    config_dir: str
+    mode: int
+    owner: str
+    group: str
+    config: StoredFile
+    databases: list[SlapdDatabase]
+
+
+class Manifest(TypedDict):
+    format: str
+    version: int
+    host: str
+    created: str
+    config: str
+    areas: dict[str, str]  # "mail" and "queue": where they were
+    files: list[FileEntry]
+    directories: list[DirectoryEntry]
+    slapd: SlapdDump | None
+    queued: int
+    skipped: list[str]
+    notes: list[str]
 
 
 @attrs.define
@@ -71,6 +141,10 @@ class FileRecord:
     def stored(self) -> str:
         return "files" + self.path
 
+    def entry(self) -> FileEntry:
+        return FileEntry(path=self.path, size=self.size, sha256=self.sha256, mode=self.mode, owner=self.owner,
+                         group=self.group, area=self.area)
+
 
 @attrs.define
 class DirectoryRecord:
@@ -79,6 +153,9 @@ class DirectoryRecord:
     owner: str
     group: str
     area: str
+
+    def entry(self) -> DirectoryEntry:
+        return DirectoryEntry(path=self.path, mode=self.mode, owner=self.owner, group=self.group, area=self.area)
 
 
 def _owner_names(info: os.stat_result) -> tuple[str, str]:
@@ -233,7 +310,7 @@ class BackupWriter:
             count += 1
         return count
 
-    def run_slapcat(self, config_dir: Path) -> dict[str, Any]:
+    def run_slapcat(self, config_dir: Path) -> SlapdDump:
         """slapcat -n0 (slapd's own config) and -n<N> for each database into slapd/."""
         out = self.target / "slapd"
         out.mkdir(mode=0o700)
@@ -241,9 +318,9 @@ class BackupWriter:
         _run([SLAPCAT, "-F", str(config_dir), "-n", "0", "-l", str(config_file)], "slapcat -n0")
         info = os.stat(config_dir)
         owner, group = _owner_names(info)
-        slapd: dict[str, Any] = {"config_dir": str(config_dir), "mode": stat.S_IMODE(info.st_mode),
-                                 "owner": owner, "group": group, "config": _stored_record(config_file, "slapd/config.ldif"),
-                                 "databases": []}
+        slapd: SlapdDump = {"config_dir": str(config_dir), "mode": stat.S_IMODE(info.st_mode),
+                            "owner": owner, "group": group, "config": _stored_record(config_file, "slapd/config.ldif"),
+                            "databases": []}
         for number, suffix, directory in databases_in(config_file.read_text(encoding="utf-8")):
             dump = out / f"db{number}.ldif"
             _run([SLAPCAT, "-F", str(config_dir), "-n", str(number), "-l", str(dump)], f"slapcat -n{number}")
@@ -256,14 +333,14 @@ class BackupWriter:
         return slapd
 
 
-def _holds(slapd: dict[str, Any], base_dn: str) -> bool:
+def _holds(slapd: SlapdDump, base_dn: str) -> bool:
     """One of the dumped databases is the directory's (its suffix holds base_dn)."""
     from mailappliance.directory_setup import is_within
 
     return any(is_within(base_dn, db["suffix"]) for db in slapd["databases"])
 
 
-def _stored_record(path: Path, name: str) -> dict[str, Any]:
+def _stored_record(path: Path, name: str) -> StoredFile:
     os.chmod(path, 0o600)
     return {"file": name, "size": path.stat().st_size, "sha256": _sha256(path)}
 
@@ -295,7 +372,7 @@ def databases_in(config_ldif: str) -> list[tuple[int, str, str]]:
     return found
 
 
-def config_files(settings: Any) -> list[Path]:
+def config_files(settings: Settings) -> list[Path]:
     """The config file and every existing file (or key directory) it names, except
     the state it points at (Maildirs, spool, logs) and what the directory backend
     does not use."""
@@ -305,17 +382,18 @@ def config_files(settings: Any) -> list[Path]:
         skip.add(id(settings.directory.ldif_file))
     found: list[Path] = [settings.source]
 
-    def walk(value: Any) -> None:
+    def walk(value: object) -> None:
         if id(value) in skip:
             return
+        kind = type(value)
         if isinstance(value, Path):
             if not value.is_absolute() or value in found or not value.exists():
                 return
             if any(value == s or s in value.parents or value in s.parents for s in state):
                 return
             found.append(value)
-        elif attrs.has(type(value)):
-            for field in attrs.fields(type(value)):
+        elif attrs.has(kind):
+            for field in attrs.fields(kind):
                 walk(getattr(value, field.name))
         elif isinstance(value, (tuple, list)):
             for item in value:
@@ -335,7 +413,7 @@ def _secret_files(config_file: Path) -> list[Path]:
         data = tomllib.load(f)
     paths = []
 
-    def walk(table: dict[str, Any]) -> None:
+    def walk(table: dict[str, object]) -> None:
         for key, value in table.items():
             if isinstance(value, dict):
                 walk(value)
@@ -347,7 +425,7 @@ def _secret_files(config_file: Path) -> list[Path]:
     return paths
 
 
-def make_backup(settings: Any, target: Path, slapd_config: Path) -> dict[str, Any]:
+def make_backup(settings: Settings, target: Path, slapd_config: Path) -> Manifest:
     """Write a backup of everything ``settings`` names into ``target`` (new or empty)."""
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise BackupError(f"{target} exists and is not an empty directory: give a new one")
@@ -374,21 +452,21 @@ def make_backup(settings: Any, target: Path, slapd_config: Path) -> dict[str, An
                 slapd = writer.run_slapcat(slapd_config)
                 if not _holds(slapd, settings.directory.ldap.base_dn):
                     shutil.rmtree(target / "slapd")
+                    servers = ", ".join(settings.directory.ldap.urls)
                     notes.append(f"the local slapd ({slapd_config}) does not hold {settings.directory.ldap.base_dn}: "
-                                 f"not in this backup; back up the LDAP server of {', '.join(settings.directory.ldap.urls)}"
-                                 " on its host")
+                                 f"not in this backup; back up the LDAP server of {servers} on its host")
                     slapd = None
             else:
                 notes.append(f"the LDAP directory ({', '.join(settings.directory.ldap.urls)}) is not in this backup: "
                              f"no local slapd config at {slapd_config} (or not root); back it up on its server "
                              "(slapcat -n0 and -n1, as root, private files)")
-        manifest = {
+        manifest: Manifest = {
             "format": FORMAT, "version": VERSION, "host": socket.getfqdn(),
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "config": str(settings.source),
             "areas": {"mail": str(settings.maildir_root), "queue": str(settings.spool_dir / "queue")},
-            "files": [attrs.asdict(f) for f in writer.files],
-            "directories": [attrs.asdict(d) for d in writer.directories],
+            "files": [f.entry() for f in writer.files],
+            "directories": [d.entry() for d in writer.directories],
             "slapd": slapd, "queued": queued, "skipped": writer.skipped, "notes": notes,
         }
         staged = target / f".{MANIFEST}.tmp"
@@ -401,7 +479,7 @@ def make_backup(settings: Any, target: Path, slapd_config: Path) -> dict[str, An
         os.umask(old_umask)
 
 
-def cmd_backup(ctx: Any, args: argparse.Namespace) -> int:
+def cmd_backup(ctx: CommandContext, args: argparse.Namespace) -> int:
     manifest = make_backup(ctx.settings, Path(args.dir).absolute(), Path(args.slapd_config))
     files = manifest["files"]
     size = sum(f["size"] for f in files)

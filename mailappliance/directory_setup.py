@@ -33,8 +33,9 @@ import secrets
 import stat
 import sys
 import tomllib
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, TypedDict
 from urllib.parse import quote, unquote
 
 import attrs
@@ -45,6 +46,9 @@ from ldap3.utils.dn import parse_dn
 from mailappliance.directory import DirectoryAdminError
 from mailappliance.directory.ldif_format import parse_ldif
 from mailappliance.directory.passwords import make_ssha
+
+if TYPE_CHECKING:  # admin.py imports this module when the command runs
+    from mailappliance.admin import CommandContext
 
 DEBIAN_LDAPI = "/var/run/slapd/ldapi"  # Debian's slapd: SLAPD_SERVICES="... ldapi:///"
 ROOT_IDENTITY = "gidNumber=0+uidNumber=0,cn=peercred,cn=external,cn=auth"
@@ -170,7 +174,7 @@ def plan_indexes(current: list[str]) -> tuple[list[str], list[str]]:
         for name in lowered:
             if name in missing and "eq" in types:
                 del missing[name]
-        lacking = [n for n, low in zip(names, lowered) if low in missing and "eq" not in types]
+        lacking = [n for n, low in zip(names, lowered, strict=True) if low in missing and "eq" not in types]
         if not lacking:
             continue
         delete.append(value)
@@ -211,7 +215,7 @@ def container_entry(dn: str) -> tuple[list[str], dict[str, str]]:
     raise SetupError(f"cannot create {dn}: this command makes dc=, o= and ou= entries only; create it yourself")
 
 
-def account_entry(dn: str, password: str, description: str) -> tuple[list[str], dict[str, Any]]:
+def account_entry(dn: str, password: str, description: str) -> tuple[list[str], dict[str, str]]:
     """A bind-only account: simpleSecurityObject + organizationalRole, named cn=."""
     name, value, _ = parse_dn(dn)[0]
     if name.strip().lower() != "cn":
@@ -462,6 +466,21 @@ def _check(conn: ldap3.Connection, what: str) -> None:
         raise SetupError(f"{what}: {conn.result.get('description')} {conn.result.get('message', '')}".strip())
 
 
+class SearchEntry(TypedDict, total=False):
+    """One item of ldap3's ``Connection.response`` (the fields we read)."""
+
+    type: str  # "searchResEntry" for an entry
+    dn: str
+    raw_attributes: dict[str, list[bytes]]
+
+
+def _response(conn: ldap3.Connection) -> list[SearchEntry]:
+    """What the search that just succeeded returned (ldap3 sets it for every answered search)."""
+    response: list[SearchEntry] | None = conn.response
+    assert response is not None
+    return response
+
+
 def _texts(raw: dict[str, list[bytes]], name: str) -> list[str]:
     for key, values in raw.items():
         if key.lower() == name.lower():
@@ -477,7 +496,7 @@ def read_databases(conn: ldap3.Connection) -> list[Database]:
             f"cannot read cn=config as root: {conn.result.get('description')}; slapd's config database needs "
             f"'olcAccess: to * by dn.exact={ROOT_IDENTITY} manage by * break' (Debian's default)")
     found = []
-    for entry in conn.response:
+    for entry in _response(conn):
         if entry.get("type") != "searchResEntry":
             continue
         raw = entry["raw_attributes"]
@@ -500,7 +519,7 @@ def loaded_schemas(conn: ldap3.Connection) -> tuple[set[str], str]:
     conn.search("cn=schema,cn=config", "(objectClass=olcSchemaConfig)", ldap3.LEVEL,
                 attributes=["cn", "olcAttributeTypes"])
     _check(conn, "reading cn=schema,cn=config")
-    entries = [e["raw_attributes"] for e in conn.response if e.get("type") == "searchResEntry"]
+    entries = [e["raw_attributes"] for e in _response(conn) if e.get("type") == "searchResEntry"]
     names = {strip_ordinal(name).lower() for raw in entries for name in _texts(raw, "cn")}
     return names, "\n".join(t for raw in entries for t in _texts(raw, "olcAttributeTypes"))
 
@@ -524,7 +543,7 @@ def plan_argon2(conn: ldap3.Connection) -> tuple[str, bool] | None:
     conn.search("cn=config", "(objectClass=olcModuleList)", ldap3.LEVEL,
                 attributes=["olcModuleLoad", "olcModulePath"])
     _check(conn, "reading slapd's module lists")
-    lists = [e for e in conn.response if e.get("type") == "searchResEntry"]
+    lists = [e for e in _response(conn) if e.get("type") == "searchResEntry"]
     loaded = any(re.sub(r"\.(so|la)$", "", strip_ordinal(v)).endswith("argon2")
                  for e in lists for v in _texts(e["raw_attributes"], "olcModuleLoad"))
     target = ""
@@ -538,7 +557,7 @@ def plan_argon2(conn: ldap3.Connection) -> tuple[str, bool] | None:
         target = with_path[0]["dn"]
     conn.search(FRONTEND, "(objectClass=*)", ldap3.BASE, attributes=["olcPasswordHash"])
     _check(conn, f"reading {FRONTEND}")
-    unset = not _texts(conn.response[0]["raw_attributes"], "olcPasswordHash")
+    unset = not _texts(_response(conn)[0]["raw_attributes"], "olcPasswordHash")
     return (target, unset) if target or unset else None
 
 
@@ -604,8 +623,9 @@ def _apply(conn: ldap3.Connection, url: str, target: SetupTarget, options: Setup
     admin_is_root = bool(root_dn) and dn_key(root_dn) == dn_key(target.admin_dn)
     for key, dn in (("bind_dn", target.service_dn), ("admin_bind_dn", target.admin_dn)):
         if not is_within(dn, suffix):
+            example = "mailappliance" if key == "bind_dn" else "mailappliance-admin"
             raise SetupError(f"{target.config_file}: directory.ldap.{key} = \"{dn}\" is not inside {suffix}, "
-                             f"the database of base_dn; use e.g. \"cn={'mailappliance' if key == 'bind_dn' else 'mailappliance-admin'},{suffix}\"")
+                             f"the database of base_dn; use e.g. \"cn={example},{suffix}\"")
     for dn in (target.service_dn, target.admin_dn):
         if not admin_is_root or dn_key(dn) != dn_key(target.admin_dn):
             account_entry(dn, "x", "")  # refuses a name it cannot create
@@ -626,9 +646,9 @@ def _apply(conn: ldap3.Connection, url: str, target: SetupTarget, options: Setup
             raise SetupError(f"schema {name} is not loaded and {path} does not exist "
                              "(Debian's slapd ships it; or give --schema-dir)")
     for name, filename, attribute in OWN_SCHEMAS:  # optional features: loaded when we have the file
-        path = own_schema_file(filename)
-        if path and name not in loaded and f"'{attribute.lower()}'" not in attribute_types.lower():
-            missing.append((name, path))
+        own = own_schema_file(filename)
+        if own and name not in loaded and f"'{attribute.lower()}'" not in attribute_types.lower():
+            missing.append((name, own))
     argon2 = plan_argon2(conn)
 
     # -- then the changes, each printed
@@ -643,10 +663,10 @@ def _apply(conn: ldap3.Connection, url: str, target: SetupTarget, options: Setup
 
     for name, path in missing:
         for entry in parse_ldif(path.read_text(encoding="utf-8")):
-            attributes: dict[str, list[Any]] = {}
+            schema_attributes: dict[str, list[str | bytes]] = {}
             for attribute, value in entry.attributes:
-                attributes.setdefault(attribute, []).append(value)
-            conn.add(entry.dn, attributes=attributes)
+                schema_attributes.setdefault(attribute, []).append(value)
+            conn.add(entry.dn, attributes=schema_attributes)
             _check(conn, f"loading schema {name} from {path}")
         changes.append(f"loaded schema {name} ({path})")
 
@@ -768,9 +788,10 @@ def _create_database(conn: ldap3.Connection, plan: NewDatabase) -> Database:
     return created[0]
 
 
-def cmd_directory_setup(ctx: Any, args: argparse.Namespace) -> int:
+def cmd_directory_setup(ctx: CommandContext, args: argparse.Namespace) -> int:
     options = SetupOptions(ldapi=args.ldapi, group=args.group, schema_dir=Path(args.schema_dir),
                            replace_acls=args.replace_acls, create_database=args.create_database)
+    assert ctx.config_path is not None  # main() always says which config file
     changes = run_setup(Path(ctx.config_path).expanduser().resolve(), options)
     if ctx.as_json:
         print(json.dumps({"ok": True, "changes": changes}))

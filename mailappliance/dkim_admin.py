@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypedDict
 
+from mailappliance.config import Settings
 from mailappliance.filter.suspension import clear_suspension, read_suspension
 from mailappliance.msgauth import keys as dkim_keys
+
+if TYPE_CHECKING:  # admin.py imports this module
+    from mailappliance.admin import CommandContext, Subcommands
+
+Command = Callable[["CommandContext", argparse.Namespace], int]
 
 EXIT_REFUSED, EXIT_USAGE, EXIT_TEMPFAIL = 1, 2, 75
 
@@ -24,7 +29,18 @@ class AdminUsageError(Exception):
     pass
 
 
-def _domain(ctx: Any, text: str) -> str:
+class _KeyState(TypedDict):
+    """One key in ``dkim check``'s report."""
+
+    selector: str
+    type: str
+    signing: bool
+    name: str
+    state: str
+    expected: str
+
+
+def _domain(ctx: CommandContext, text: str) -> str:
     domain = text.strip().lower().rstrip(".")
     if domain not in ctx.settings.local_domains:
         raise AdminUsageError(f"{domain!r} is not in server.local_domains "
@@ -39,7 +55,7 @@ def zone_line(name: str, text: str) -> str:
     return f"{name}. IN TXT ( {quoted} )" if len(parts) > 1 else f"{name}. IN TXT {quoted}"
 
 
-def _owner(ctx: Any, args: argparse.Namespace) -> tuple[int, int] | None:
+def _owner(ctx: CommandContext, args: argparse.Namespace) -> tuple[int, int] | None:
     """The service user: --owner, else whoever owns the spool (the daemon hands it over at start)."""
     if args.owner:
         import grp
@@ -54,7 +70,7 @@ def _owner(ctx: Any, args: argparse.Namespace) -> tuple[int, int] | None:
     return info.st_uid, info.st_gid
 
 
-def cmd_dkim_keygen(ctx: Any, args: argparse.Namespace) -> int:
+def cmd_dkim_keygen(ctx: CommandContext, args: argparse.Namespace) -> int:
     domain = _domain(ctx, args.domain)
     types = ["ed25519", "rsa"] if args.type == "both" else [args.type]
     if args.selector and len(types) > 1:
@@ -83,13 +99,13 @@ def cmd_dkim_keygen(ctx: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-def _infos(ctx: Any) -> tuple[list[dkim_keys.KeyInfo], dict[str, list[dkim_keys.KeyInfo]], list[str]]:
+def _infos(ctx: CommandContext) -> tuple[list[dkim_keys.KeyInfo], dict[str, list[dkim_keys.KeyInfo]], list[str]]:
     found, problems = dkim_keys.scan(ctx.settings.dkim.key_dir, ctx.settings.local_domains)
     active = dkim_keys.active(found, dict(ctx.settings.dkim.selectors)) if ctx.settings.dkim.sign else {}
     return found, active, problems
 
 
-def cmd_dkim_list(ctx: Any, args: argparse.Namespace) -> int:
+def cmd_dkim_list(ctx: CommandContext, args: argparse.Namespace) -> int:
     found, active, problems = _infos(ctx)
     in_use = {(k.domain, k.selector) for keys in active.values() for k in keys}
     rows = [{"domain": k.domain, "selector": k.selector, "type": k.key_type, "file": str(k.path),
@@ -111,7 +127,7 @@ def cmd_dkim_list(ctx: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-def _lookup_txt(ctx: Any, name: str) -> list[str] | None:
+def _lookup_txt(ctx: CommandContext, name: str) -> list[str] | None:
     """TXT records at ``name`` from the configured resolver ([queue] resolver) or the
     system's; [] when there are none; None when the lookup failed."""
     import dns.exception
@@ -140,14 +156,15 @@ def _p_value(record: str) -> str:
     return "".join(tags.get("p", "").split())
 
 
-def cmd_dkim_check(ctx: Any, args: argparse.Namespace) -> int:
+def cmd_dkim_check(ctx: CommandContext, args: argparse.Namespace) -> int:
     domain = _domain(ctx, args.domain)
     found, active, _ = _infos(ctx)
     mine = [k for k in found if k.domain == domain]
     if not mine:
         raise AdminUsageError(f"no DKIM key for {domain}; make one with 'mailappliance-admin dkim keygen {domain}'")
     in_use = {k.selector for k in active.get(domain, [])}
-    report, worst = [], 0
+    report: list[_KeyState] = []
+    worst = 0
     for key in mine:
         name = f"{key.selector}._domainkey.{domain}"
         published = _lookup_txt(ctx, name)
@@ -174,7 +191,7 @@ def cmd_dkim_check(ctx: Any, args: argparse.Namespace) -> int:
     return worst
 
 
-def cmd_dns(ctx: Any, args: argparse.Namespace) -> int:
+def cmd_dns(ctx: CommandContext, args: argparse.Namespace) -> int:
     """The records a local domain needs for this appliance, in zone-file syntax."""
     domain = _domain(ctx, args.domain)
     host = ctx.settings.hostname.rstrip(".")
@@ -206,14 +223,14 @@ def cmd_dns(ctx: Any, args: argparse.Namespace) -> int:
               f"; and serve https://mta-sts.{domain}/.well-known/mta-sts.txt (RFC 8461) with a valid certificate:",
               "; version: STSv1", "; mode: enforce", f"; mx: {host}", "; max_age: 604800"]
     if ctx.as_json:
-        print(json.dumps({"domain": domain, "records": [l for l in lines if not l.startswith(";")]}))
+        print(json.dumps({"domain": domain, "records": [line for line in lines if not line.startswith(";")]}))
     else:
         print("\n".join(lines))
     return 0
 
 
-def run_guarded(command: Any) -> Any:
-    def run(ctx: Any, args: argparse.Namespace) -> int:
+def run_guarded(command: Command) -> Command:
+    def run(ctx: CommandContext, args: argparse.Namespace) -> int:
         try:
             return command(ctx, args)
         except (AdminUsageError, KeyError, OSError, ValueError) as e:
@@ -226,7 +243,7 @@ def run_guarded(command: Any) -> Any:
     return run
 
 
-def add_parsers(groups: Any) -> None:
+def add_parsers(groups: Subcommands) -> None:
     dkim = groups.add_parser("dkim", help="DKIM signing keys").add_subparsers(dest="action", required=True)
     keygen = dkim.add_parser("keygen", help="make a key (Ed25519 and RSA-2048 by default) and print its record")
     keygen.add_argument("domain")
@@ -244,13 +261,13 @@ def add_parsers(groups: Any) -> None:
     records.set_defaults(run=run_guarded(cmd_dns), needs="settings")
 
 
-def suspension_fields(settings: Any, uid: str) -> dict[str, Any]:
+def suspension_fields(settings: Settings, uid: str) -> dict[str, object]:
     """For ``user show``: why the subscriber's submission is suspended (empty when it is not)."""
     record = read_suspension(settings.spool_dir, uid)
     return {} if record is None else {"submission_suspended": record}
 
 
-def describe_suspension(settings: Any, uid: str) -> str | None:
+def describe_suspension(settings: Settings, uid: str) -> str | None:
     record = read_suspension(settings.spool_dir, uid)
     if record is None:
         return None
@@ -258,5 +275,5 @@ def describe_suspension(settings: Any, uid: str) -> str | None:
             "('mailappliance-admin user enable' lifts it)")
 
 
-def lift_suspension(settings: Any, uid: str) -> bool:
+def lift_suspension(settings: Settings, uid: str) -> bool:
     return clear_suspension(settings.spool_dir, uid)

@@ -22,14 +22,31 @@ import pwd
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-from mailappliance.backup import CHUNK, FORMAT, MANIFEST, SLAPADD, VERSION, BackupError, _run, _sha256
+from mailappliance.backup import (
+    CHUNK,
+    FORMAT,
+    MANIFEST,
+    SLAPADD,
+    VERSION,
+    BackupError,
+    DirectoryEntry,
+    FileEntry,
+    Manifest,
+    SlapdDump,
+    _run,
+    _sha256,
+)
 
-def read_manifest(source: Path) -> dict[str, Any]:
+if TYPE_CHECKING:  # admin.py imports this module when the command runs
+    from mailappliance.admin import CommandContext
+
+
+def read_manifest(source: Path) -> Manifest:
     """The manifest of a backup, its paths checked: absolute, normal, no '..'."""
     try:
-        manifest = json.loads((source / MANIFEST).read_text(encoding="utf-8"))
+        manifest: Manifest = json.loads((source / MANIFEST).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise BackupError(f"{source} has no {MANIFEST}: not a backup made by mailappliance-admin backup") from None
     except (OSError, ValueError) as e:
@@ -50,17 +67,17 @@ def read_manifest(source: Path) -> dict[str, Any]:
     return manifest
 
 
-def _check_path(text: Any) -> None:
+def _check_path(text: object) -> None:
     if not isinstance(text, str) or not text.startswith("/") or os.path.normpath(text) != text \
             or "/../" in text + "/" or "\0" in text or text == "/":
         raise BackupError(f"{MANIFEST}: refusing the path {text!r} (absolute, normal paths only)")
 
 
-def verify(source: Path, manifest: dict[str, Any]) -> None:
+def verify(source: Path, manifest: Manifest) -> None:
     """Every file there, with its size and SHA-256: a damaged backup restores nothing."""
     records = [(source / ("files" + f["path"]), f["size"], f["sha256"]) for f in manifest["files"]]
-    if manifest.get("slapd"):
-        slapd = manifest["slapd"]
+    slapd = manifest.get("slapd")
+    if slapd:
         records += [(source / r["file"], r["size"], r["sha256"]) for r in [slapd["config"], *slapd["databases"]]]
     for path, size, digest in records:
         if path.is_symlink() or not path.is_file():
@@ -89,7 +106,7 @@ def _not_empty(path: Path) -> bool:
     return path.exists() and (not path.is_dir() or any(path.iterdir()))
 
 
-def conflicts(manifest: dict[str, Any]) -> list[str]:
+def conflicts(manifest: Manifest) -> list[str]:
     """What the restore would overwrite."""
     found = [f"{f['path']} exists" for f in manifest["files"] if os.path.lexists(f["path"])]
     for name in ("mail", "queue"):
@@ -126,7 +143,7 @@ def _make_directories(path: Path) -> None:
             os.chmod(parent, 0o755)
 
 
-def _make_directory(record: dict[str, Any], uid: int, gid: int, areas: list[Path]) -> None:
+def _make_directory(record: DirectoryEntry, uid: int, gid: int, areas: list[Path]) -> None:
     path = Path(record["path"])
     _safe_parent(path, areas)
     if path.is_symlink() and any(area in path.parents for area in areas):
@@ -136,7 +153,7 @@ def _make_directory(record: dict[str, Any], uid: int, gid: int, areas: list[Path
     os.chmod(path, record["mode"])
 
 
-def _put_file(stored: Path, record: dict[str, Any], uid: int, gid: int, areas: list[Path]) -> None:
+def _put_file(stored: Path, record: FileEntry, uid: int, gid: int, areas: list[Path]) -> None:
     """Write next to the target and rename over it: a link planted at the target is
     replaced, never followed."""
     target = Path(record["path"])
@@ -177,7 +194,7 @@ def _move_aside(path: Path, stamp: str) -> Path:
     return aside
 
 
-def restore_slapd(source: Path, slapd: dict[str, Any], force: bool, missing: set[str]) -> list[str]:
+def restore_slapd(source: Path, slapd: SlapdDump, force: bool, missing: set[str]) -> list[str]:
     config_dir = Path(slapd["config_dir"])
     pid = _slapd_running(config_dir)
     if pid:
@@ -242,8 +259,9 @@ def restore(source: Path, force: bool) -> list[str]:
         raise BackupError("the files belong to other users: run restore as root")
     areas = [Path(manifest["areas"]["mail"]), Path(manifest["areas"]["queue"])]
     lines = []
-    if manifest.get("slapd"):
-        lines += restore_slapd(source, manifest["slapd"], force, missing)
+    slapd = manifest.get("slapd")
+    if slapd:
+        lines += restore_slapd(source, slapd, force, missing)
     for record in sorted(manifest["directories"], key=lambda r: r["path"].count("/")):
         _make_directory(record, *owners[(record["owner"], record["group"])], areas)
     # a queue entry's envelope is its commit point: every message file before any envelope
@@ -256,7 +274,7 @@ def restore(source: Path, force: bool) -> list[str]:
     return lines
 
 
-def cmd_restore(ctx: Any, args: argparse.Namespace) -> int:
+def cmd_restore(ctx: CommandContext, args: argparse.Namespace) -> int:
     lines = restore(Path(args.dir).absolute(), args.force)
     if ctx.as_json:
         print(json.dumps({"ok": True, "done": lines}))
