@@ -50,11 +50,11 @@ def _is_folder(path: Path) -> bool:
         return False
 
 
-def delivery_target(mailbox: Path, folder: str = "") -> "Path | FolderTarget":
+def delivery_target(mailbox: Path, folder: str = "") -> Path | FolderTarget:
     """The commit target of one local recipient."""
     return FolderTarget(mailbox, folder) if folder else mailbox
 
 
-def filing_path(target: "Path | FolderTarget") -> Path:
+def filing_path(target: Path | FolderTarget) -> Path:
     """The Maildir a commit target stands for now (in the commit thread)."""
     return target.path() if isinstance(target, FolderTarget) else target

@@ -8,7 +8,8 @@ at a time.  Nothing here builds a whole answer in memory.
 
 from __future__ import annotations
 
-from typing import BinaryIO, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import BinaryIO
 
 CHUNK_SIZE = 64 * 1024
 
