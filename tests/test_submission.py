@@ -181,7 +181,9 @@ RELAY_PROBES = [  # (RCPT argument, the MX's answer to a stranger)
     ("<victim@remote.example%example.org>", MALFORMED),
     ("victim@remote.example", UNBRACKETED),
     ("<victim@remote_example.org>", MALFORMED),
-    ("<victim@remote.example> NOTIFY=NEVER", UNSUPPORTED_PARAMETER),
+    ("<victim@remote.example> NOTIFY=NEVER", RELAY_DENIED),  # DSN parameters change nothing (RFC 3461)
+    ("<victim@remote.example> NOTIFY=SUCCESS ORCPT=rfc822;postmaster@example.org", RELAY_DENIED),
+    ("<victim@remote.example> XFORWARD=1", UNSUPPORTED_PARAMETER),
 ]
 
 
