@@ -244,8 +244,7 @@ class Reservation:
             self._message = token
             return None
 
-        d.addCallback(reserved)
-        return d
+        return d.addCallback(reserved)
 
     def add_recipient(self) -> "Deferred[LimitHit | None]":
         """RCPT: reserve one recipient against recipients_per_hour, within recipients_per_message."""
@@ -266,8 +265,7 @@ class Reservation:
             self._recipients.append(token)
             return None
 
-        d.addCallback(reserved)
-        return d
+        return d.addCallback(reserved)
 
     def withdraw_recipient(self) -> None:
         """The recipient reserved last was refused after all (e.g. unknown

@@ -9,6 +9,7 @@ from typing import Any
 import attrs
 from twisted.python.failure import Failure
 
+from mailappliance.filter.rspamd import SpamVerdict
 from mailappliance.metrics import METRICS
 from mailappliance.msgauth.inspect import Envelope, Inspection, MessageSource
 from mailappliance.smtp import replies
@@ -99,8 +100,10 @@ def _log(session: Any, inspection: Inspection, queue_id: str) -> None:
         if facts.arc is not None and facts.arc.result != "none":
             summary.append(f"arc={facts.arc.result}:{facts.arc.sealer or '-'}")
     spam = inspection.spam
-    if spam is not None:
-        summary.append(f"spam={getattr(spam, 'action', spam)}" + (f":{spam.score:.2f}" if hasattr(spam, "score") else ""))
+    if isinstance(spam, SpamVerdict):
+        summary.append(f"spam={spam.action}:{spam.score:.2f}")
+    elif spam is not None:  # unavailable, too large
+        summary.append(f"spam={spam}")
     if not summary and outcome.action == "accept" and not outcome.junk:
         return
     session.log_event(session.log.info, "inspected id={id} {summary} -> {action}{junk} {reason}", id=queue_id,
