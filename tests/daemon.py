@@ -94,9 +94,6 @@ class Appliance:
         self.config_path = root / "mailappliance.toml"
         self.log_path = root / "twistd.log"
         self.ports = {listener["name"]: listener["port"] for listener in listeners}
-        # where a client reaches each listener: its address, loopback for a wildcard
-        self.addresses = {listener["name"]: {"0.0.0.0": "127.0.0.1", "::": "127.0.0.1"}.get(
-            listener["address"], listener["address"]) for listener in listeners}
         text = "".join(toml_table(f"[{name}]", values) for name, values in sections.items())
         text += "".join(toml_table("[[listeners]]", listener) for listener in listeners)
         self.config_path.write_text(text)

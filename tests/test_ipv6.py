@@ -71,7 +71,7 @@ def test_dual_stack_listener_screening_and_limits_for_ipv6_clients(appliance: Ca
     lists.write_text('[block]\nnetworks = ["::1/128"]\n')
     instance = appliance(start=False, address="::", extra={
         "screening": {"file": str(lists), "apply_to": ["mx"]}, "server": {"postmaster": "bob@example.org"},
-        "limits": {"connections_per_minute": 10}})  # per address, all listeners: the start probes count
+        "limits": {"connections_per_minute": 10}})
     assert instance.admin("user", "add", "bob@example.org", password="bob-password").returncode == 0
     instance.start()
     with smtplib.SMTP("::1", instance.ports["mx"], timeout=10) as smtp:
