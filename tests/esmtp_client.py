@@ -20,7 +20,7 @@ class RawSMTP:
         self.reader = self.socket.makefile("rb")
         self.greeting = self.reply()
 
-    def __enter__(self) -> "RawSMTP":
+    def __enter__(self) -> RawSMTP:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -8,8 +8,9 @@ import http.server
 import ssl
 import threading
 import urllib.request
+from collections.abc import Callable, Iterator
 from email import policy
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 

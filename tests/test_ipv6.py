@@ -9,8 +9,9 @@ import poplib
 import smtplib
 import socket
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 

@@ -10,10 +10,18 @@ import pytest
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.names import dns, error
 
-from mailappliance.queue.mta_sts import MtaSts, PolicyError, StsPolicy, load_cache, parse_policy, parse_txt, save_cache
+from mailappliance.queue.mta_sts import (
+    MtaSts,
+    PolicyError,
+    StsPolicy,
+    StsVerdict,
+    load_cache,
+    parse_policy,
+    parse_txt,
+    save_cache,
+)
 from mailappliance.queue.routing import NextHop
 from mailappliance.queue.runner import sts_hops
-from mailappliance.queue.mta_sts import StsVerdict
 
 POLICY = b"version: STSv1\r\nmode: enforce\r\nmx: mx1.example.net\r\nmx: *.backup.example.net\r\nmax_age: 604800\r\n"
 

@@ -6,7 +6,7 @@ any Unicode normal form and case, and refused without SMTPUTF8."""
 from __future__ import annotations
 
 import base64
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 

@@ -31,8 +31,9 @@ import json
 import os
 import re
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import attrs
 from twisted.internet import protocol
@@ -43,8 +44,8 @@ from twisted.logger import Logger
 from twisted.names import dns, error
 from twisted.web.client import Agent, ResponseDone
 from twisted.web.http_headers import Headers
-from zope.interface import implementer
 from twisted.web.iweb import IAgentEndpointFactory
+from zope.interface import implementer
 
 from mailappliance.metrics import METRICS
 
@@ -174,7 +175,8 @@ class _BoundedBody(protocol.Protocol):
         if self.size > self.limit:
             if not self.done.called:
                 self.done.errback(PolicyError("sts-policy-invalid", f"policy larger than {self.limit} octets"))
-            self.transport.stopProducing()
+            transport: Any = self.transport  # the response body's producer
+            transport.stopProducing()
             return
         self.chunks.append(data)
 
@@ -261,7 +263,7 @@ class MtaSts:
     """The policies of recipient domains: looked up, fetched, cached (memory and disk)."""
 
     def __init__(self, resolver: Any, fetch: Callable[[str], Awaitable[bytes]],
-                 cache_file: Path | None = None, run_blocking: Callable[..., Deferred] | None = None,
+                 cache_file: Path | None = None, run_blocking: Callable[..., Deferred[Any]] | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.resolver = resolver
         self.fetch = fetch
@@ -270,7 +272,7 @@ class MtaSts:
         self.clock = clock
         self.policies: dict[str, StsPolicy] = {}
         self._txt: dict[str, tuple[str | None, float]] = {}  # domain -> (policy id or None, when asked)
-        self._in_flight: dict[str, list[Deferred]] = {}
+        self._in_flight: dict[str, list[Deferred[StsVerdict]]] = {}
         METRICS.count(METRIC, 0, policy_type="sts", result="successful", result_type="none")  # the series exists
         if cache_file is not None:
             self.policies = load_cache(cache_file, clock())

@@ -55,7 +55,7 @@ class ChunkReader(DataReader):
     """Consumes BDAT chunk octets: no dot-stuffing and no terminator, otherwise
     the checks of :class:`DataReader` (bare CR/LF, line length, size, hops)."""
 
-    def feed(self, data: bytes) -> None:  # type: ignore[override]
+    def feed(self, data: bytes) -> None:  # no terminator: nothing ever follows the end
         buffer = self._pending + data
         last = buffer.rfind(b"\r\n")
         if last >= 0:

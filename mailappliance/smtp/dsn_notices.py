@@ -8,8 +8,9 @@ the transaction stores it).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 from mailappliance.queue.dsn import RecipientStatus
 from mailappliance.smtp.dsn_params import MailParameters
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
 NO_PARAMETERS = MailParameters()
 
 
-def envelope_fields(transaction: "Transaction", addresses: Iterable[str]) -> dict[str, Any]:
+def envelope_fields(transaction: Transaction, addresses: Iterable[str]) -> dict[str, Any]:
     """The DSN and SMTPUTF8 keywords of ``Envelope.new`` for these recipients."""
     mail = transaction.mail_parameters or NO_PARAMETERS
     notify: dict[str, str] = {}
@@ -33,7 +34,7 @@ def envelope_fields(transaction: "Transaction", addresses: Iterable[str]) -> dic
     return {"notify": notify, "orcpt": orcpt, "ret": mail.ret, "envid": mail.envid, "smtputf8": mail.smtputf8}
 
 
-def notify_local_success(session: Any, queue_id: str, transaction: "Transaction", paths: list[Path]) -> None:
+def notify_local_success(session: Any, queue_id: str, transaction: Transaction, paths: list[Path]) -> None:
     """After the 250: a success notice for the local recipients that asked (NOTIFY=SUCCESS),
     if ``[smtp] dsn_success_notices`` lets this sender have one."""
     notices = getattr(session.factory, "success_notices", None)

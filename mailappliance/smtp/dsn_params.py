@@ -100,7 +100,7 @@ class Orcpt:
         return f"{self.addr_type};{self.address}"
 
     @classmethod
-    def from_stored(cls, text: str) -> "Orcpt | None":
+    def from_stored(cls, text: str) -> Orcpt | None:
         addr_type, semicolon, address = text.partition(";")
         return cls(addr_type, address) if semicolon and address else None
 

@@ -5,8 +5,8 @@ end properly leaves nothing behind."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
