@@ -1,6 +1,6 @@
 """Validation of addresses, domains and uids for the admin side and the config.
 
-SMTP paths are parsed separately (mailappliance.smtp.paths) because the relay
+SMTP paths are parsed separately (mailappliance.mailpath) because the relay
 decision needs to see every odd form; here we only accept the plain forms a
 subscriber entry may hold.
 """
@@ -13,7 +13,7 @@ import unicodedata
 import idna
 
 from mailappliance.directory import InvalidAddress
-from mailappliance.smtp.paths import PathSyntaxError, parse_path
+from mailappliance.mailpath import PathSyntaxError, parse_path
 
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
 _LOCAL_PART = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*")

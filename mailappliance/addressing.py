@@ -27,7 +27,7 @@ import attrs
 
 from mailappliance.addresses import is_safe_mailbox_name
 from mailappliance.directory import Subscriber
-from mailappliance.smtp.paths import MailPath, PathSyntaxError, parse_path
+from mailappliance.mailpath import MailPath, PathSyntaxError, parse_path
 from mailappliance.srs import Srs, SrsError, looks_like_srs
 
 ROLE_ACCOUNTS = ("postmaster", "abuse")

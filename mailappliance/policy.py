@@ -17,7 +17,7 @@ import attrs
 
 from mailappliance.addressing import Addressing, sender_forms
 from mailappliance.directory import Subscriber
-from mailappliance.smtp.paths import MailPath
+from mailappliance.mailpath import MailPath
 from mailappliance.verdicts import ACCEPT, Verdict, refuse
 
 ROUTING_CHARACTERS = frozenset("%!@:")

@@ -34,7 +34,7 @@ from typing import Sequence
 
 import attrs
 
-from mailappliance.smtp.paths import PathSyntaxError, parse_path
+from mailappliance.mailpath import PathSyntaxError, parse_path
 
 _BASE32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
 HASH_LENGTH = 8  # base32 characters: 40 bits

@@ -20,7 +20,7 @@ from mailappliance.addressing import (
 from mailappliance.directory import Subscriber
 from mailappliance.folders import FolderTarget, delivery_target, filing_path
 from mailappliance.policy import decide_sender
-from mailappliance.smtp.paths import parse_path
+from mailappliance.mailpath import parse_path
 from mailappliance.srs import Srs, SrsKeys
 
 NOW = 1_700_000_000.0

@@ -6,7 +6,7 @@ import pytest
 
 from mailappliance.policy import RelayVerdict, Route, decide_recipient
 from mailappliance.smtp import replies
-from mailappliance.smtp.paths import PathSyntaxError, parse_path, split_command_argument
+from mailappliance.mailpath import PathSyntaxError, parse_path, split_command_argument
 
 LOCAL = frozenset({"example.org", "example.net"})
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mailappliance.smtp.paths import parse_path
+from mailappliance.mailpath import parse_path
 from mailappliance.srs import Srs, SrsError, SrsKeys, ensure_key, load_keys, looks_like_srs, read_key
 
 NOW = 1_700_000_000.0

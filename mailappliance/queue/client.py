@@ -24,7 +24,7 @@ from typing import Any
 
 import attrs
 
-from mailappliance.smtp.dsn_params import Orcpt, xtext_encode
+from mailappliance.dsn_params import Orcpt, xtext_encode
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IHandshakeListener

@@ -15,7 +15,7 @@ from mailappliance.delivery import Committer, Delivery, SpoolEntry
 from mailappliance.directory.threaded import Directory
 from mailappliance.maildir import maildir_for
 from mailappliance.queue.spool import Envelope, OutboundSpool
-from mailappliance.smtp.received import return_path_header
+from mailappliance.trace_headers import return_path_header
 from mailappliance.srs import SrsError, looks_like_srs
 
 log = Logger(namespace="mailappliance.queue")

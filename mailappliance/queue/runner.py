@@ -34,7 +34,7 @@ from mailappliance.metrics import METRICS
 from mailappliance.queue.client import OutboundFactory, OutboundJob, TransactionResult
 from mailappliance.queue.dsn import build_dsn, enhanced_status, recipient_status
 from mailappliance.queue.mta_sts import StsVerdict, count_session
-from mailappliance.smtp.dsn_params import Orcpt, notify_wants
+from mailappliance.dsn_params import Orcpt, notify_wants
 from mailappliance.queue.routing import NextHop, Router, RoutingError, ascii_domain
 from mailappliance.queue.schedule import Outcome, next_attempt_at, outcome_of
 from mailappliance.queue.spool import DELIVERED, FAILED, Envelope, OutboundSpool, QueueEntryGone, RecipientState

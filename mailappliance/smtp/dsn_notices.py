@@ -1,7 +1,7 @@
 """DSN on the session side (RFC 3461): what the spool envelope carries to the next
 hop, and the success notices asked for by recipients we delivered locally.
 
-The parameters themselves are parsed in :mod:`.dsn_params` and kept on the
+The parameters themselves are parsed in :mod:`mailappliance.dsn_params` and kept on the
 transaction (``mail_parameters``; ``recipient_parameters`` by the address as
 the transaction stores it).
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mailappliance.queue.dsn import RecipientStatus
-from mailappliance.smtp.dsn_params import MailParameters
+from mailappliance.dsn_params import MailParameters
 
 if TYPE_CHECKING:
     from mailappliance.smtp.transaction import Transaction

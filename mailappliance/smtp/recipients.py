@@ -31,7 +31,7 @@ from mailappliance.metrics import METRICS
 from mailappliance.policy import Route, decide_recipient
 from mailappliance.queue.spool import Envelope
 from mailappliance.smtp import replies
-from mailappliance.smtp.paths import MailPath, PathSyntaxError, parse_path
+from mailappliance.mailpath import MailPath, PathSyntaxError, parse_path
 
 if TYPE_CHECKING:
     from mailappliance.smtp.server import SMTPSession

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import attrs
 
+from mailappliance.dsn_params import ParameterError
 from mailappliance.verdicts import Verdict
 
 
@@ -111,3 +112,12 @@ def for_limit(verdict: Verdict) -> Reply:
 def for_relay(verdict: Verdict) -> Reply:
     """The reply to a refused recipient; the logged reason never goes to the client."""
     return RELAY_REPLIES.get(verdict.rule, RECIPIENT_REJECTED)
+
+
+def for_parameter_error(error: ParameterError) -> Reply:
+    """The reply to a MAIL or RCPT parameter that cannot be used."""
+    if error.kind == ParameterError.TOO_BIG:
+        return MESSAGE_TOO_BIG
+    if error.kind == ParameterError.UNSUPPORTED:
+        return Reply(555, "5.5.4", error.text)
+    return Reply(501, "5.5.4", error.text)

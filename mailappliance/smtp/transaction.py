@@ -36,10 +36,10 @@ from mailappliance.screening import screen_sender
 from mailappliance.smtp import replies
 from mailappliance.smtp.data import DataReader
 from mailappliance.smtp.dsn_notices import envelope_fields, notify_local_success
-from mailappliance.smtp.dsn_params import MailParameters, ParameterError, parse_mail_parameters, parse_rcpt_parameters
+from mailappliance.dsn_params import MailParameters, ParameterError, parse_mail_parameters, parse_rcpt_parameters
 from mailappliance.smtp.inspection import inspect_message, suspension_refusal
-from mailappliance.smtp.paths import MailPath, NonAsciiAddress, PathSyntaxError, parse_path, split_command_argument
-from mailappliance.smtp.received import received_header, return_path_header, tls_description
+from mailappliance.mailpath import MailPath, NonAsciiAddress, PathSyntaxError, parse_path, split_command_argument
+from mailappliance.trace_headers import received_header, return_path_header, tls_description
 from mailappliance.smtp.recipients import ForwardedRecipient, LocalRecipients, RcptOutcome
 
 if TYPE_CHECKING:
@@ -196,7 +196,7 @@ class MailTransaction(LocalRecipients):
         try:
             return None, parse_mail_parameters(parameters, self.config.max_message_size)
         except ParameterError as e:
-            return e.reply, MailParameters()
+            return replies.for_parameter_error(e), MailParameters()
 
     # -- RCPT -------------------------------------------------------------------
 
@@ -219,7 +219,7 @@ class MailTransaction(LocalRecipients):
             self.error(replies.Reply(501, "5.1.3", f"Bad recipient address syntax: {e}"))
             return
         except ParameterError as e:
-            self.error(e.reply)
+            self.error(replies.for_parameter_error(e))
             return
         if transaction.recipient_count >= self.config.max_recipients:
             self.respond(replies.TOO_MANY_RECIPIENTS)

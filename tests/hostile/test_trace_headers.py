@@ -15,7 +15,7 @@ from mailappliance.delivered_to import delivered_to_header
 from mailappliance.delivery import CommitJob, commit_batch
 from mailappliance.logs import event_line
 from mailappliance.maildir import IncomingMessage
-from mailappliance.smtp.received import received_header
+from mailappliance.trace_headers import received_header
 
 
 def test_fan_out_copies_are_bounded(tmp_path: Path) -> None:

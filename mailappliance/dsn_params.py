@@ -1,7 +1,9 @@
 """MAIL and RCPT parameters: SIZE, BODY, SMTPUTF8 and DSN's RET, ENVID, NOTIFY, ORCPT.
 
 Pure parsing (facts in, verdict out): the session passes the parameter words
-and gets either the parsed values or the reply that refuses them.
+and gets either the parsed values or a :class:`ParameterError` of a named kind,
+which the protocol maps to its answer (see smtp/replies.py); the outbound
+queue uses the same values and xtext codec for the next hop.
 
 - DSN (RFC 3461): ``RET=FULL|HDRS`` and ``ENVID=<xtext>`` on MAIL,
   ``NOTIFY=NEVER|SUCCESS,FAILURE,DELAY`` and ``ORCPT=<addr-type>;<xtext>``
@@ -23,8 +25,6 @@ import re
 
 import attrs
 
-from mailappliance.smtp import replies
-
 NOTIFY_EVENTS = ("SUCCESS", "FAILURE", "DELAY")
 MAX_ENVID = 100  # octets of the xtext (RFC 3461 4.4)
 MAX_ORCPT = 500  # octets of the whole value (RFC 3461 4.2)
@@ -35,15 +35,19 @@ _UNICODE_ESCAPE = re.compile(r"\\x\{([0-9A-Fa-f]{1,6})\}")
 
 
 class ParameterError(ValueError):
-    """A parameter value that cannot be used; ``reply`` is the answer."""
+    """A parameter that cannot be used: ``kind`` is SYNTAX, TOO_BIG or UNSUPPORTED,
+    ``text`` what to tell the client."""
 
-    def __init__(self, reply: replies.Reply) -> None:
-        super().__init__(reply.text)
-        self.reply = reply
+    SYNTAX, TOO_BIG, UNSUPPORTED = "syntax", "too big", "unsupported"
+
+    def __init__(self, kind: str, text: str) -> None:
+        super().__init__(text)
+        self.kind = kind
+        self.text = text
 
 
 def _syntax(text: str) -> ParameterError:
-    return ParameterError(replies.Reply(501, "5.5.4", f"Error: {text}"))
+    return ParameterError(ParameterError.SYNTAX, f"Error: {text}")
 
 
 def xtext_decode(text: str) -> str:
@@ -184,19 +188,18 @@ def _split(parameters: list[str]) -> list[tuple[str, str, bool]]:
 
 def parse_mail_parameters(parameters: list[str], max_size: int, dsn: bool = True,
                           smtputf8: bool = True) -> MailParameters:
-    """MAIL's parameters -> MailParameters; ParameterError with the reply otherwise."""
+    """MAIL's parameters -> MailParameters; ParameterError otherwise."""
     found: dict[str, object] = {}
     for name, value, has_value in _split(parameters):
         if name == "SIZE":
             if not value.isdigit() or not value.isascii() or len(value) > 20:
                 raise _syntax("bad SIZE parameter")
             if int(value) > max_size:
-                raise ParameterError(replies.MESSAGE_TOO_BIG)
+                raise ParameterError(ParameterError.TOO_BIG, "Error: message size exceeds fixed limit")
             found["size"] = int(value)
         elif name == "BODY":
             if value.upper() not in ("7BIT", "8BITMIME"):
-                raise ParameterError(replies.Reply(501, "5.5.4", "Error: BODY must be 7BIT or 8BITMIME "
-                                                                  "(BINARYMIME is not offered)"))
+                raise _syntax("BODY must be 7BIT or 8BITMIME (BINARYMIME is not offered)")
             found["body"] = value.upper()
         elif name == "SMTPUTF8" and smtputf8:
             if has_value:
@@ -211,12 +214,12 @@ def parse_mail_parameters(parameters: list[str], max_size: int, dsn: bool = True
                 raise _syntax(f"ENVID must be 1 to {MAX_ENVID} characters of xtext")
             found["envid"] = xtext_decode(value)
         else:
-            raise ParameterError(replies.Reply(555, "5.5.4", "Error: unsupported MAIL parameter"))
+            raise ParameterError(ParameterError.UNSUPPORTED, "Error: unsupported MAIL parameter")
     return MailParameters(**found)  # type: ignore[arg-type]
 
 
 def parse_rcpt_parameters(parameters: list[str], dsn: bool = True) -> RecipientParameters:
-    """RCPT's parameters -> RecipientParameters; ParameterError with the reply otherwise."""
+    """RCPT's parameters -> RecipientParameters; ParameterError otherwise."""
     found: dict[str, object] = {}
     for name, value, _ in _split(parameters):
         if name == "NOTIFY" and dsn:
@@ -224,5 +227,5 @@ def parse_rcpt_parameters(parameters: list[str], dsn: bool = True) -> RecipientP
         elif name == "ORCPT" and dsn:
             found["orcpt"] = parse_orcpt(value)
         else:
-            raise ParameterError(replies.Reply(555, "5.5.4", "Error: unsupported RCPT parameter"))
+            raise ParameterError(ParameterError.UNSUPPORTED, "Error: unsupported RCPT parameter")
     return RecipientParameters(**found)  # type: ignore[arg-type]
