@@ -28,12 +28,15 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, cast
 
+from constantly import NamedConstant
 from twisted.application import service
 from twisted.logger import (
     FilteringLogObserver,
+    ILogFilterPredicate,
     ILogObserver,
+    LogEvent,
     LogLevel,
     LogLevelFilterPredicate,
     PredicateResult,
@@ -55,7 +58,7 @@ _NOISE = re.compile(
 )
 
 
-def _text(event: dict[str, Any]) -> str:
+def _text(event: LogEvent) -> str:
     """The event's message as the text log has it (legacy ``log.msg`` events included)."""
     if "log_format" not in event and "log_text" not in event and event.get("message"):
         return " ".join(str(m) for m in event["message"])
@@ -65,7 +68,7 @@ def _text(event: dict[str, Any]) -> str:
 _NOISE_FORMATS = frozenset({"Starting factory {factory!r}", "Stopping factory {factory!r}"})
 
 
-def is_twisted_noise(event: dict[str, Any]) -> bool:
+def is_twisted_noise(event: LogEvent) -> bool:
     """Twisted announcing its own factories, protocols and ports (ours too: their
     namespace is the factory's class), which says nothing an admin needs."""
     if event.get("log_level", LogLevel.info) > LogLevel.info or event.get("isError"):
@@ -78,11 +81,14 @@ def is_twisted_noise(event: dict[str, Any]) -> bool:
     return False
 
 
-def _noise_predicate(event: dict[str, Any]) -> PredicateResult:
+def _noise_predicate(event: LogEvent) -> NamedConstant:
     return PredicateResult.no if is_twisted_noise(event) else PredicateResult.maybe
 
 
-def _json_value(value: Any) -> Any:
+JsonValue = str | int | float | bool | list[str | int | float | bool] | None
+
+
+def _json_value(value: object) -> JsonValue:
     """A JSON-safe form of a field value, or None to leave the field out."""
     if value is None or isinstance(value, (bool, int)):
         return value
@@ -101,21 +107,21 @@ def _json_value(value: Any) -> Any:
     return None
 
 
-def event_record(event: dict[str, Any]) -> dict[str, Any]:
+def event_record(event: LogEvent) -> dict[str, JsonValue]:
     """The documented JSON object of one log event (see the module docstring)."""
     level = event.get("log_level")
-    record: dict[str, Any] = {
-        "time": datetime.datetime.fromtimestamp(event.get("log_time", time.time()), datetime.timezone.utc)
+    record: dict[str, JsonValue] = {
+        "time": datetime.datetime.fromtimestamp(event.get("log_time", time.time()), datetime.UTC)
         .isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-        "level": level.name if isinstance(level, type(LogLevel.info)) else ("error" if event.get("isError") else "info"),
+        "level": level.name if isinstance(level, NamedConstant) else ("error" if event.get("isError") else "info"),
     }
     fmt = event.get("log_format")
     if isinstance(fmt, str) and fmt.startswith(SESSION_PREFIX) and "session" in event:
         record["event"] = formatEvent({**event, "log_format": fmt[len(SESSION_PREFIX):]})
     else:
         record["event"] = _text(event)
-    record["namespace"] = str(event.get("log_namespace", ""))
-    ours = record["namespace"].startswith("mailappliance")
+    namespace = record["namespace"] = str(event.get("log_namespace", ""))
+    ours = namespace.startswith("mailappliance")
     for key, value in event.items():
         if key.startswith("log_") or key in record:
             continue
@@ -126,12 +132,13 @@ def event_record(event: dict[str, Any]) -> dict[str, Any]:
             record[key] = converted
     failure = event.get("log_failure")
     if isinstance(failure, Failure):
-        record["error"] = f"{failure.type.__name__}: {failure.getErrorMessage()}"
+        error_type = failure.type.__name__ if failure.type is not None else "Exception"  # a Failure has its type
+        record["error"] = f"{error_type}: {failure.getErrorMessage()}"
         record["traceback"] = failure.getTraceback()
     return record
 
 
-def event_line(event: dict[str, Any]) -> str:
+def event_line(event: LogEvent) -> str:
     """One event as one JSON line (no newline inside: JSON escapes them)."""
     return json.dumps(event_record(event), ensure_ascii=False, separators=(",", ":"), default=str) + "\n"
 
@@ -143,12 +150,12 @@ class JsonLineObserver:
     def __init__(self, stream: IO[str]) -> None:
         self.stream = stream
 
-    def __call__(self, event: dict[str, Any]) -> None:
+    def __call__(self, event: LogEvent) -> None:
         self.stream.write(event_line(event))
         self.stream.flush()
 
 
-def json_stdout() -> Any:
+def json_stdout() -> ILogObserver:
     """A log observer factory for ``twistd --logger``."""
     return JsonLineObserver(sys.stdout)
 
@@ -164,13 +171,13 @@ class JsonLogService(service.Service):
     """
 
     def __init__(self, path: Path, owner: tuple[int, int] | None = None, source: Path | str = "",
-                 log_filter: "LogLevelService | None" = None) -> None:
+                 log_filter: LogLevelService | None = None) -> None:
         self.path = path
         self.owner = owner
         self.source = source
         self.log_filter = log_filter  # the level (and noise) filter every other observer has
         self._file: IO[str] | None = None
-        self._observer: Any = None
+        self._observer: ILogObserver | None = None
         self._checked = 0.0
         self._reopen_failed = False
 
@@ -184,7 +191,7 @@ class JsonLogService(service.Service):
         return open(self.path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
 
     def privilegedStartService(self) -> None:
-        super().privilegedStartService()
+        super().privilegedStartService()  # type: ignore[no-untyped-call]  # Service is unannotated
         if self.owner is None or os.geteuid() != 0:
             return
         try:
@@ -199,17 +206,20 @@ class JsonLogService(service.Service):
             raise self._error(e) from None
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Service is unannotated
         if self._file is None:
             try:
                 self.path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
                 self._file = self._open()
             except OSError as e:
                 raise self._error(e) from None
-        self._observer = self._write if self.log_filter is None else self.log_filter.wrap(self._write)
-        globalLogPublisher.addObserver(self._observer)
+        # Any callable taking an event is an observer; zope.interface cannot declare that of a method.
+        write = cast(ILogObserver, self._write)
+        observer = write if self.log_filter is None else self.log_filter.wrap(write)
+        globalLogPublisher.addObserver(observer)
+        self._observer = observer
 
-    def _write(self, event: dict[str, Any]) -> None:
+    def _write(self, event: LogEvent) -> None:
         if self._file is None:
             return
         now = time.monotonic()
@@ -242,7 +252,7 @@ class JsonLogService(service.Service):
         self._file = fresh
 
     def stopService(self) -> None:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]  # Service is unannotated
         if self._observer is not None:
             globalLogPublisher.removeObserver(self._observer)
             self._observer = None
@@ -274,20 +284,21 @@ class LogLevelService(service.Service):
         self._predicate.defaultLogLevel = LogLevel.levelWithName(level)
         self._predicate.clearLogLevels()  # the root namespace keeps a copy of the default
 
-    def _quiet(self, event: dict[str, Any]) -> PredicateResult:
+    def _quiet(self, event: LogEvent) -> NamedConstant:
         return PredicateResult.maybe if self._level == "debug" else _noise_predicate(event)
 
-    def wrap(self, observer: Any) -> Any:
+    def wrap(self, observer: ILogObserver) -> ILogObserver:
         """``observer`` behind this level and the noise filter."""
-        return FilteringLogObserver(observer, [self._quiet, self._predicate])
+        # Any callable returning a PredicateResult is a predicate; zope.interface cannot declare that of a method.
+        return FilteringLogObserver(observer, [cast(ILogFilterPredicate, self._quiet), self._predicate])
 
     def privilegedStartService(self) -> None:
         """Before the listeners bind (their "starting on" lines are noise too)."""
-        super().privilegedStartService()
+        super().privilegedStartService()  # type: ignore[no-untyped-call]  # Service is unannotated
         self._wrap_all()
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Service is unannotated
         self._wrap_all()
 
     def _wrap_all(self) -> None:
