@@ -12,14 +12,21 @@ no change here (a HELP line is nicer, though).
 from __future__ import annotations
 
 import threading
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
-from prometheus_client import disable_created_metrics
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from twisted.logger import Logger
 
-disable_created_metrics()  # no *_created series: they double every counter for little use
+# No *_created series: they double every counter for little use.
+disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client leaves it unannotated
 
 log = Logger(namespace="mailappliance.metrics")
 
@@ -104,7 +111,7 @@ class Metrics:
                                    labels)
                             for name, (help_text, labels, buckets) in HISTOGRAMS.items()}
         self._gauges = _ScrapeTimeGauges()
-        self.registry.register(self._gauges)  # type: ignore[arg-type]
+        self.registry.register(self._gauges)
         self._complained: set[str] = set()
 
     def _counter(self, name: str, labels: tuple[str, ...]) -> tuple[Counter, tuple[str, ...]]:
