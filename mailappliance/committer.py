@@ -17,9 +17,11 @@ import errno
 import threading
 import time
 from collections import deque
-from typing import Any
+from pathlib import Path
+from typing import TypeVar
 
 from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -27,6 +29,7 @@ from mailappliance.delivery import CommitJob, CommitOutcome, commit_batch
 from mailappliance.metrics import METRICS
 
 log = Logger(namespace="mailappliance.storage")
+_T = TypeVar("_T")
 
 DEFAULT_MAX_BATCH = 64
 
@@ -34,13 +37,13 @@ DEFAULT_MAX_BATCH = 64
 class BatchCommitter:
     """Group commit of received messages on ``threads`` dedicated threads."""
 
-    def __init__(self, reactor: Any, threads: int = 1, max_batch: int = DEFAULT_MAX_BATCH,
+    def __init__(self, reactor: IReactorFromThreads, threads: int = 1, max_batch: int = DEFAULT_MAX_BATCH,
                  sync: str = "fsync") -> None:
         self._reactor = reactor
         self._sync = sync
         self._thread_count = threads
         self._max_batch = max_batch
-        self._pending: deque[tuple[CommitJob, Deferred]] = deque()
+        self._pending: deque[tuple[CommitJob, Deferred[list[Path]]]] = deque()
         self._condition = threading.Condition()
         self._threads: list[threading.Thread] = []
         self._stopping = False
@@ -61,10 +64,10 @@ class BatchCommitter:
             thread.join()
         self._threads = []
 
-    def commit(self, job: CommitJob) -> Deferred:
+    def commit(self, job: CommitJob) -> Deferred[list[Path]]:
         """Deferred of the delivered Maildir paths, once they are durable (an
         OSError when not: the session answers 451 and the client retries)."""
-        d: Deferred = Deferred()
+        d: Deferred[list[Path]] = Deferred()
         d.addBoth(_timed_commit, time.monotonic())
         with self._condition:
             if self._stopping or not self._threads:
@@ -87,16 +90,17 @@ class BatchCommitter:
             except BaseException as e:  # a bug, not an OSError: fail the batch, keep the thread
                 log.failure("commit of {n} message(s) failed", Failure(), n=len(batch))
                 outcomes = [e] * len(batch)
-            self._reactor.callFromThread(_report, [(d, outcome) for (_, d), outcome in zip(batch, outcomes)])
+            results = [(d, outcome) for (_, d), outcome in zip(batch, outcomes, strict=True)]  # one outcome per job
+            self._reactor.callFromThread(_report, results)
 
 
-def _timed_commit(result: Any, started: float) -> Any:
+def _timed_commit(result: _T, started: float) -> _T:
     """A message's commit latency, hand-over to durable (or failed), for /metrics."""
     METRICS.observe("mailappliance_commit_seconds", time.monotonic() - started)
     return result
 
 
-def _report(results: list[tuple[Deferred, CommitOutcome]]) -> None:
+def _report(results: list[tuple[Deferred[list[Path]], CommitOutcome]]) -> None:
     for d, outcome in results:
         if isinstance(outcome, BaseException):
             d.errback(Failure(outcome))

@@ -18,16 +18,16 @@ client's trouble never fails another client's message.
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence, Union
 
 import attrs
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from mailappliance.delivered_to import RecipientCopy, plan_copies
-from mailappliance.maildir import IncomingMessage, fsync_directory, syncfs
 from mailappliance.folders import FolderTarget, filing_path
+from mailappliance.maildir import IncomingMessage, fsync_directory, syncfs
 from mailappliance.queue.spool import Envelope, OutboundSpool
 
 log = Logger(namespace="mailappliance.storage")
@@ -54,8 +54,8 @@ class CommitJob:
     delivered_to_span: tuple[int, int] = (0, 0)
 
 
-CommitOutcome = Union[list[Path], BaseException]
-Committer = Callable[[CommitJob], Deferred]
+CommitOutcome = list[Path] | BaseException
+Committer = Callable[[CommitJob], Deferred[list[Path]]]  # BatchCommitter.commit
 
 
 class Delivery:
@@ -98,9 +98,9 @@ class Delivery:
             raise RuntimeError("message already handed to the commit")
         self.message.edit(start, end, replacement)
 
-    def commit(self, committer: Committer, maildirs: Sequence[Path] = (),
+    def commit(self, committer: Committer, maildirs: Sequence[Path | FolderTarget] = (),
                spool_entries: Sequence[SpoolEntry] = (), delivered_to: Sequence[bytes] = (),
-               delivered_to_span: tuple[int, int] = (0, 0)) -> Deferred:
+               delivered_to_span: tuple[int, int] = (0, 0)) -> Deferred[list[Path]]:
         """Hand the message to ``committer``; the Deferred fires with the Maildir
         paths once everything is durable (OSError: nothing was kept)."""
         if self._handed_over:
@@ -165,7 +165,7 @@ def commit_batch(jobs: Sequence[CommitJob], sync: str = "fsync") -> list[CommitO
         """Where the job goes; Maildirs with their own Delivered-To get their own copy, written now."""
         job = jobs[i]
         pairs: dict[Path, bytes] = {}
-        for maildir, header in zip(job.maildirs, job.delivered_to or (b"",) * len(job.maildirs)):
+        for maildir, header in zip(job.maildirs, job.delivered_to or (b"",) * len(job.maildirs), strict=True):
             pairs.setdefault(filing_path(maildir), header)  # a +tag folder, if it exists
         targets[i] = list(pairs)
         copies[i] = plan_copies(job.message, list(pairs.items()), job.delivered_to_span)
@@ -208,7 +208,7 @@ def commit_batch(jobs: Sequence[CommitJob], sync: str = "fsync") -> list[CommitO
         for copy in copies[i].values():
             copy.discard()  # a copy shared by several Maildirs keeps its incoming name until now
         outcomes[i] = delivered[i]
-    return outcomes  # type: ignore[return-value]
+    return outcomes  # type: ignore[return-value]  # no None left: every job failed or was delivered
 
 
 def commit_now(job: CommitJob, sync: str = "fsync") -> list[Path]:
