@@ -467,10 +467,11 @@ def bench_state_logins(args: argparse.Namespace) -> None:
     from mailappliance.credentials import ClientPassword, SubscriberChecker
     from mailappliance.directory.ldap import LdapStore
     from mailappliance.directory.threaded import Directory
-    from mailappliance.state import StateSettings
+    from mailappliance.settings import StateSettings
     from mailappliance.state.build import build_state_store
     from mailappliance.state.memory import MemoryStore
-    from mailappliance.throttle import AuthThrottle, ThrottleSettings
+    from mailappliance.throttle import AuthThrottle
+    from mailappliance.settings import ThrottleSettings
     from tests.slapd import Slapd
 
     in_flight = max(args.concurrency)

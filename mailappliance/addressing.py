@@ -21,14 +21,18 @@ Nothing here does I/O; the session does the lookups the plan asks for.
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import attrs
+from twisted.logger import Logger
 
 from mailappliance.addresses import is_safe_mailbox_name
 from mailappliance.directory import Subscriber
 from mailappliance.mailpath import MailPath, PathSyntaxError, parse_path
-from mailappliance.srs import Srs, SrsError, looks_like_srs
+from mailappliance.config import ConfigError
+from mailappliance.srs import Srs, SrsError, ensure_key, load_keys, looks_like_srs, read_key
+
+log = Logger(namespace="mailappliance")
 
 ROLE_ACCOUNTS = ("postmaster", "abuse")
 MAX_FORWARDS = 16  # forwarding addresses used per entry; more are ignored (and logged)
@@ -250,3 +254,82 @@ def forwarding_sender(addressing: Addressing, sender: str, now: float) -> str:
     if addressing.is_ours(sender.rpartition("@")[2]):
         return sender
     return addressing.srs.forward(sender, now) or sender
+
+
+# -- from the settings: the daemon's and the admin tool's Addressing -------------------
+
+
+def build_addressing(settings: Any, owner: tuple[int, int] | None = None) -> Any:
+    """The :class:`~mailappliance.addressing.Addressing` facts for the daemon, with its
+    SRS keys: the key file is created (0600, handed to ``owner`` when we run as
+    root) on first start; a broken one stops the start naming the key."""
+    forwarding = settings.forwarding
+    srs = None
+    if forwarding.srs_domain:
+        key = "forwarding.srs_secret_file"
+        try:
+            if ensure_key(forwarding.srs_secret_file, owner):
+                log.info("created a new SRS key in {path}", path=forwarding.srs_secret_file)
+            keys = load_keys(forwarding.srs_secret_file, forwarding.srs_old_secret_files)
+        except ValueError as e:
+            raise ConfigError(settings.source, key, str(e)) from None
+        except OSError as e:
+            path = e.filename or forwarding.srs_secret_file
+            raise ConfigError(settings.source, key, f"cannot create or read {path}: {e.strerror}") from None
+        srs = Srs(keys, forwarding.srs_domain, forwarding.srs_max_age_days)
+    return addressing_of(settings, srs)
+
+
+def addressing_of(settings: Any, srs: Any = None) -> Any:
+    """The address facts of ``settings`` (with ``srs``, or none: the admin tool, unit tests)."""
+    a = settings.addresses
+    return Addressing(
+        local_domains=frozenset(settings.local_domains), alias_domains=dict(a.alias_domains),
+        delimiter=a.recipient_delimiter, catch_all=dict(a.catch_all), postmaster=a.postmaster,
+        abuse=a.abuse, srs=srs, first_domain=settings.local_domains[0] if settings.local_domains else "",
+    )
+
+
+def address_checks(settings: Any, store: Any) -> list[dict[str, Any]]:
+    """check-config's findings on the address settings: catch-alls (a warning: they take
+    spam for made-up addresses), role mailboxes and catch-all targets that no entry has,
+    and the SRS key files."""
+    addressing = addressing_of(settings)
+    results: list[dict[str, Any]] = []
+
+    def warn(check: str, detail: str) -> None:
+        results.append({"check": check, "ok": True, "warn": True, "detail": detail})
+
+    def missing(address: str) -> bool:
+        try:
+            return store.find_by_address(address) is None
+        except Exception:  # the directory check reports a directory that does not answer
+            return False
+
+    for domain, address in settings.addresses.catch_all:
+        warn("catch-all", f"{domain}: mail for every unknown address is accepted for {address}: spam to made-up "
+                          "addresses is accepted too, and senders never learn of their typos")
+        if missing(addressing.canonical_address(address)):
+            warn("catch-all", f"{domain}: the catch-all {address} is no subscriber's address: unknown addresses "
+                              "will get 550 until it is")
+    for role in ("postmaster", "abuse"):
+        mailbox = addressing.role_mailbox(role)
+        if missing(mailbox):
+            warn(role, f"{role}@ of every domain goes to {mailbox} ([server] {role}), which is no subscriber's "
+                       f"address: RCPT to {role}@ gets 451 until it is")
+    forwarding = settings.forwarding
+    if forwarding.srs_domain:
+        for key, path in [("forwarding.srs_secret_file", forwarding.srs_secret_file),
+                          *(("forwarding.srs_old_secret_files", p) for p in forwarding.srs_old_secret_files)]:
+            if key == "forwarding.srs_secret_file" and not path.exists():
+                results.append({"check": "srs", "ok": True, "detail": f"{path} will be created at the first start"})
+                continue
+            try:
+                read_key(path)
+            except (OSError, ValueError) as e:
+                results.append({"check": "srs", "ok": False, "detail": f"{key}: {e}"})
+            else:
+                results.append({"check": "srs", "ok": True,
+                                "detail": f"{path} holds an SRS key (forwarded mail leaves as SRS0=...@"
+                                          f"{forwarding.srs_domain}: its SPF record must name this server)"})
+    return results

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from mailappliance.address_settings import address_checks
+from mailappliance.addressing import address_checks
 from mailappliance.directory import DirectoryUnavailable
 
 EXIT_OK, EXIT_REFUSED, EXIT_TEMPFAIL = 0, 1, 75
@@ -87,7 +87,7 @@ def _check(name: str, probe: Callable[[], str]) -> dict[str, Any]:
 
 def cmd_check_config(ctx: Any, args: argparse.Namespace) -> int:
     """Validate what the config points at, the way the daemon will use it."""
-    from mailappliance.screening import load_lists
+    from mailappliance.screening_lists import load_lists
     from mailappliance.tls import ServerTLS
     from mailappliance.web import spool_probe
 
@@ -221,7 +221,7 @@ def _read_raw(file: Path) -> dict[str, dict[str, list[str]]]:
 
 def _write_raw(file: Path, data: dict[str, dict[str, list[str]]]) -> None:
     """Rewrite the file (atomically); the daemon notices the change within a second."""
-    from mailappliance.screening import ScreeningFileError, parse_lists
+    from mailappliance.screening_lists import ScreeningFileError, parse_lists
 
     try:
         parse_lists(file, data)  # never write something the daemon would refuse

@@ -25,7 +25,6 @@ from mailappliance.metrics import METRICS
 HOUR = 3600.0
 BUCKET = 60.0  # the window slides by whole minutes
 MAX_TRACKED = 100_000
-DEFAULT_BYTES_PER_HOUR = 500 * 1024 * 1024
 IPV4_PREFIX, IPV6_PREFIX = 24, 64
 REPLY = (452, "4.7.1", "Too much mail from your network, try again later")
 

@@ -12,7 +12,9 @@ from typing import Any
 
 from twisted.names import dns, error
 
-from mailappliance.screening import ClientFacts, ScreeningLists
+from mailappliance.screening import ClientFacts
+
+from mailappliance.screening_lists import ScreeningLists
 
 MAX_CACHED = 50_000
 

@@ -25,14 +25,12 @@ import attrs
 from mailappliance.address_settings import AddressSettings, ForwardingSettings, parse_addresses, parse_forwarding
 from mailappliance.addresses import normalize_domain
 from mailappliance.directory import InvalidAddress
-from mailappliance.limits import LimitSettings
-from mailappliance.maildir import SYNC_METHODS, syncfs_available
 from mailappliance.msgauth.settings import (DkimSettings, FilterSettings, MsgAuthSettings, parse_dkim,
                                             parse_filter, parse_msgauth)
-from mailappliance.budget import DEFAULT_BYTES_PER_HOUR
-from mailappliance.quota import DEFAULT_MAILBOX_QUOTA, parse_size
-from mailappliance.state import StateSettings
-from mailappliance.throttle import ThrottleSettings
+from mailappliance.screening_lists import ScreeningFileError, load_lists
+from mailappliance.settings import (DEFAULT_BYTES_PER_HOUR, DEFAULT_MAILBOX_QUOTA, SYNC_METHODS, LimitSettings,
+                                    Relay, StateSettings, ThrottleSettings, parse_size, parse_url,
+                                    syncfs_available)
 
 ROLES = ("mx", "submission", "submissions", "pop3", "pop3s", "autoconfig", "autoconfigs", "metrics")
 SMTP_ROLES = ("mx", "submission", "submissions")
@@ -495,8 +493,6 @@ def _directory(reader: _Reader) -> DirectorySettings:
 
 
 def _screening(reader: _Reader) -> ScreeningSettings:
-    from mailappliance.screening import ScreeningFileError, load_lists
-
     file = reader.path("file") if "file" in reader.table else None
     apply_to = reader.strings("apply_to", ("mx",))
     for role in apply_to:
@@ -540,8 +536,6 @@ def _throttle(reader: _Reader) -> ThrottleSettings:
 
 def _state(reader: _Reader) -> StateSettings:
     """``[state]``: Redis shared by several appliances, or this process's memory (docs/admin.md)."""
-    from mailappliance.state.resp import parse_url
-
     d = StateSettings()
     url = reader.string("redis", "")
     if url:
@@ -591,8 +585,6 @@ def _tls(reader: _Reader) -> TLSSettings:
 
 
 def _relay(reader: _Reader, name: str, text: str) -> str:
-    from mailappliance.queue.routing import Relay
-
     try:
         Relay.parse(text)
     except ValueError as e:

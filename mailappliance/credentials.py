@@ -31,7 +31,8 @@ from mailappliance.addresses import is_safe_mailbox_name
 from mailappliance.directory import DirectoryUnavailable, Subscriber
 from mailappliance.directory.threaded import Directory, SharedLookups
 from mailappliance.metrics import METRICS
-from mailappliance.throttle import AuthThrottle, ThrottleSettings
+from mailappliance.throttle import AuthThrottle
+from mailappliance.settings import ThrottleSettings
 
 MAX_CACHE_ENTRIES = 50_000
 _log = Logger(namespace="mailappliance.auth")

@@ -33,6 +33,7 @@ from twisted.logger import Logger
 from mailappliance.state import StateStore
 from mailappliance.state.memory import MemoryStore, Window
 from mailappliance.verdicts import Verdict, defer
+from mailappliance.settings import LimitSettings
 
 log = Logger(namespace="mailappliance.limits")
 
@@ -41,18 +42,6 @@ MINUTE = 60.0
 LIMIT_NAMES = ("messages_per_hour", "recipients_per_hour", "recipients_per_message")
 IPV4_NETWORK_BITS = 24
 IPV6_NETWORK_BITS = 64
-
-
-@attrs.frozen
-class LimitSettings:
-    connections_per_minute: int = 60  # per client address (IPv6: per /64)
-    concurrent_per_address: int = 20
-    concurrent_per_network: int = 50  # per IPv4 /24, per IPv6 /64
-    max_connections: int = 1000  # the whole server; each listener has its share (config.py)
-    session_lifetime: float = 3600.0  # seconds a session may last however busy it is; 0: no limit
-    messages_per_hour: int = 200  # per subscriber
-    recipients_per_hour: int = 1000
-    recipients_per_message: int = 100
 
 
 LimitHit = Verdict  # a limit was reached: rule "limit.<name>", value the key (address, network, uid, listener)

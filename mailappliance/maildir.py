@@ -20,7 +20,6 @@ import itertools
 import os
 import shutil
 import socket
-import sys
 import time
 from pathlib import Path
 from typing import BinaryIO
@@ -65,8 +64,6 @@ def ensure_maildir(path: Path) -> None:
         (path / "maildirfolder").touch(mode=0o600, exist_ok=True)
 
 
-
-
 def _process_tag() -> str:
     """Pid and a random part, fixed per process (renewed in a forked child)."""
     return f"P{os.getpid()}R{os.urandom(4).hex()}"
@@ -100,20 +97,7 @@ def fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
-SYNC_METHODS = ("fsync", "syncfs")
 _libc = None
-
-
-def syncfs_available() -> bool:
-    """syncfs(2) reports write errors only since Linux 5.8; before, it could
-    return success for data that never reached the disk."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        major, minor = (int(part) for part in os.uname().release.split(".")[:2])
-    except ValueError:
-        return False
-    return (major, minor) >= (5, 8) and hasattr(ctypes.CDLL(None), "syncfs")
 
 
 def syncfs(fd: int) -> None:

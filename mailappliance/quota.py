@@ -36,9 +36,8 @@ from mailappliance.blocking import RunBlocking
 from mailappliance.directory import Subscriber
 from mailappliance.maildir import maildir_for
 from mailappliance.metrics import METRICS
+from mailappliance.settings import GIB, KIB, MIB
 
-KIB, MIB, GIB = 1024, 1024**2, 1024**3
-DEFAULT_MAILBOX_QUOTA = GIB
 GRACE_PERCENT = 10
 USAGE_TTL = 30.0  # seconds a scanned usage is trusted (our own deliveries are added as they happen)
 MAX_REMEMBERED = 100_000  # uids whose usage is cached
@@ -46,24 +45,7 @@ LIMIT_BYTES = "mailbox_quota"  # directory override in bytes: description: limit
 LIMIT_MIB = "mailbox_quota_mb"  # directory override in MiB: description: limit:mailbox_quota_mb=N
 MAILDIR_PARTS = ("new", "cur")
 
-_SIZE_TEXT = re.compile(r"^([0-9]+)\s*([KMGT]?)(?:I?B)?$")
 _SIZE_IN_NAME = re.compile(r",S=([0-9]+)(?:,|$)")
-_UNITS = {"": 1, "K": KIB, "M": MIB, "G": GIB, "T": 1024 * GIB}
-
-
-def parse_size(value: int | str) -> int:
-    """Bytes from a whole number or a text like "500M", "2G", "100K", "1GiB"
-    (binary units); ValueError for anything else (a config error names the key)."""
-    if isinstance(value, bool):
-        raise ValueError(f"must be a size in bytes or a text like \"500M\" or \"2G\", got {value!r}")
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError(f"must be a size of 0 bytes or more, got {value!r}")
-        return value
-    match = _SIZE_TEXT.match(value.strip().upper()) if isinstance(value, str) else None
-    if match is None:
-        raise ValueError(f"must be a size in bytes or a text like \"500M\" or \"2G\", got {value!r}")
-    return int(match[1]) * _UNITS[match[2]]
 
 
 def format_size(size: int) -> str:

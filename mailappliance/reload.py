@@ -22,7 +22,8 @@ from twisted.application import service
 from twisted.logger import Logger
 
 from mailappliance.config import WEB_ROLES, ConfigError, ListenerSettings, Settings, load_config
-from mailappliance.screening import ScreeningFileError, ScreeningSource
+from mailappliance.screening import ScreeningSource
+from mailappliance.screening_lists import ScreeningFileError
 from mailappliance.tls import ServerTLS
 
 log = Logger(namespace="mailappliance")

@@ -28,7 +28,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from mailappliance.address_settings import build_addressing
+from mailappliance.addressing import build_addressing
 from mailappliance.config import WEB_ROLES, ListenerSettings, Settings, StartupError
 from mailappliance.credentials import SubscriberChecker, SubscriberRealm
 from mailappliance.directory.backends import build_store
@@ -39,7 +39,8 @@ from mailappliance.pop3.server import POP3Factory
 from mailappliance.queue.mta_sts import HttpsPolicyFetcher, MtaSts
 from mailappliance.queue.notices import SuccessNotices
 from mailappliance.queue.reports import ReportDelivery
-from mailappliance.queue.routing import NextHop, Relay, Router, make_resolver
+from mailappliance.queue.routing import NextHop, Router, make_resolver
+from mailappliance.settings import Relay
 from mailappliance.queue.runner import QueueRunner
 from mailappliance.queue.spool import OutboundSpool
 from mailappliance.smtp.server import SMTPConfig, SMTPFactory

@@ -28,19 +28,9 @@ from twisted.internet.defer import Deferred, gatherResults
 
 from mailappliance.state import MarkRule, StateStore
 from mailappliance.state.memory import MemoryStore
+from mailappliance.settings import ThrottleSettings
 
 KEEP_FACTOR = 4  # failures remembered per key: this many times the lock threshold
-
-
-@attrs.frozen
-class ThrottleSettings:
-    window: float = 900
-    free_failures: int = 3
-    max_delay: float = 30
-    address_lock_after: int = 20
-    account_lock_after: int = 10
-    lock_time: float = 900
-    trusted_for: float = 30 * 86400
 
 
 @attrs.frozen

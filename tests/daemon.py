@@ -106,6 +106,7 @@ class Appliance:
     def start(self, timeout: float = 30) -> None:
         command = [str(BIN / "twistd"), "-n", "--pidfile=", "--logfile", str(self.log_path),
                    "mailappliance", "--config", str(self.config_path)]
+        seen = len(self.log())  # a restart: only a "ready" logged from now on counts
         self.process = subprocess.Popen(command, cwd=self.root, stdin=subprocess.DEVNULL,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
@@ -117,7 +118,7 @@ class Appliance:
             if self.process.poll() is not None:
                 output = self.process.stdout.read().decode() if self.process.stdout else ""
                 raise RuntimeError(f"mailappliance exited with {self.process.returncode}:\n{output}\n{self.log()}")
-            return "mailappliance ready" in self.log()
+            return "mailappliance ready" in self.log()[seen:]
 
         try:
             wait_until(ready, timeout, what="mailappliance ready")

@@ -16,7 +16,8 @@ from twisted.internet.task import Clock
 
 from mailappliance.credentials import SubscriberChecker
 from mailappliance.directory import DirectoryUnavailable, Subscriber
-from mailappliance.throttle import AuthThrottle, ThrottleSettings
+from mailappliance.throttle import AuthThrottle
+from mailappliance.settings import ThrottleSettings
 
 ALICE_CERTIFICATE = b"DER of alice's client certificate"  # what the directory stores; tests never parse it
 

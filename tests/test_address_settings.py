@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mailappliance.address_settings import build_addressing
+from mailappliance.addressing import build_addressing
 from mailappliance.config import ConfigError, load_config
 
 CONFIG = """

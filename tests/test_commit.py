@@ -14,6 +14,7 @@ from mailappliance import delivery, maildir
 from mailappliance.committer import BatchCommitter
 from mailappliance.delivery import CommitJob, SpoolEntry, commit_batch, commit_now
 from mailappliance.maildir import IncomingMessage
+from mailappliance.settings import syncfs_available
 
 
 class CallbackSpool:
@@ -110,7 +111,7 @@ def test_a_failed_directory_fsync_fails_every_message_linked_into_that_directory
     assert isinstance(both, OSError) and isinstance(only_bob, OSError)
 
 
-@pytest.mark.skipif(not maildir.syncfs_available(), reason="syncfs needs Linux 5.8")
+@pytest.mark.skipif(not syncfs_available(), reason="syncfs needs Linux 5.8")
 def test_one_syncfs_for_the_batch_delivers_every_message(tmp_path: Path) -> None:
     """With storage.sync = "syncfs" a batch, a spilled message among them, is delivered whole."""
     incoming, box = tmp_path / "incoming", tmp_path / "alice"

@@ -9,7 +9,7 @@ from typing import Callable
 
 import pytest
 
-from mailappliance.maildir import syncfs_available
+from mailappliance.settings import syncfs_available
 from tests.conditions import wait_until
 from tests.daemon import Appliance
 

@@ -15,7 +15,8 @@ from twisted.logger import capturedLogs
 
 import mailappliance.state.memory as memory_module
 from mailappliance.config import load_config
-from mailappliance.limits import LimitSettings, RateLimits, client_keys, limit_hit, subscriber_limits
+from mailappliance.limits import RateLimits, client_keys, limit_hit, subscriber_limits
+from mailappliance.settings import LimitSettings
 from mailappliance.smtp import replies
 from mailappliance.verdicts import Verdict
 from mailappliance.state.memory import Window

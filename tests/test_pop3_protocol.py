@@ -33,7 +33,7 @@ from mailappliance.pop3 import server as pop3_server
 from mailappliance.pop3 import transfer as pop3_transfer
 from mailappliance.pop3.mailbox import MailboxLocks, MaildirRealm, uidl_for
 from mailappliance.pop3.server import POP3Factory, POP3Session
-from mailappliance.throttle import ThrottleSettings
+from mailappliance.settings import ThrottleSettings
 from tests.subscribers import PASSWORDS, InMemoryDirectory, subscriber_checker
 
 HOSTNAME = "pop.example.test"

@@ -10,7 +10,7 @@ from twisted.internet.testing import StringTransport
 
 from mailappliance.queue.client import OutboundFactory, OutboundJob, to_wire
 from mailappliance.queue.dsn import build_dsn, recipient_status
-from mailappliance.queue.routing import Relay
+from mailappliance.settings import Relay
 from mailappliance.config import QueueSettings
 from mailappliance.queue.runner import Answer, apply_answers
 from mailappliance.queue.schedule import Outcome, next_attempt_at, outcome_of

@@ -14,6 +14,7 @@ from mailappliance.budget import NetworkByteBudget, network_of
 from mailappliance.config import ConfigError, load_config
 from mailappliance.directory import Subscriber, parse_limits
 from mailappliance.metrics import METRICS
+from mailappliance.settings import parse_size
 from mailappliance.quota import (
     KIB,
     MIB,
@@ -24,7 +25,6 @@ from mailappliance.quota import (
     has_room,
     mailbox_usage,
     maildir_usage,
-    parse_size,
     quota_for,
     record_refusal,
 )

@@ -7,7 +7,9 @@ from typing import Any
 import pytest
 from twisted.internet.defer import Deferred, ensureDeferred
 
-from mailappliance.queue.routing import Relay, Router, ip_literal
+from mailappliance.queue.routing import Router, ip_literal
+
+from mailappliance.settings import Relay
 
 
 class SilentResolver:

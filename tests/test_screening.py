@@ -11,17 +11,8 @@ from typing import Any, Callable
 
 import pytest
 
-from mailappliance.screening import (
-    ClientFacts,
-    ScreeningFileError,
-    ScreeningLists,
-    domain_matches,
-    load_lists,
-    parse_lists,
-    screen_client,
-    screen_helo,
-    screen_sender,
-)
+from mailappliance.screening import ClientFacts, domain_matches, screen_client, screen_helo, screen_sender
+from mailappliance.screening_lists import ScreeningFileError, ScreeningLists, load_lists, parse_lists
 from mailappliance.smtp.replies import ACCESS_DENIED
 from tests.conditions import wait_until
 from tests.daemon import Appliance

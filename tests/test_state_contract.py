@@ -14,7 +14,8 @@ from twisted.internet.task import Clock
 from mailappliance.state import MarkRule
 from mailappliance.state.memory import MemoryStore
 from mailappliance.state.redis import RedisStore, encode_key
-from mailappliance.state.resp import RedisClient, parse_url
+from mailappliance.state.resp import RedisClient
+from mailappliance.settings import parse_url
 from tests.redis_server import RedisServer
 
 START = 1_700_000_000.0

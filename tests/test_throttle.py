@@ -12,8 +12,10 @@ from twisted.internet.task import Clock
 
 from mailappliance.state.memory import MemoryStore
 from mailappliance.state.redis import RedisStore
-from mailappliance.state.resp import RedisClient, parse_url
-from mailappliance.throttle import AuthThrottle, ThrottleSettings
+from mailappliance.state.resp import RedisClient
+from mailappliance.settings import parse_url
+from mailappliance.throttle import AuthThrottle
+from mailappliance.settings import ThrottleSettings
 
 SETTINGS = ThrottleSettings(window=600, free_failures=2, max_delay=8, address_lock_after=6,
                             account_lock_after=4, lock_time=300, trusted_for=3600)

@@ -16,6 +16,7 @@ import attrs
 import idna
 from twisted.internet.interfaces import IResolver
 from twisted.names import client, dns, error
+from mailappliance.settings import Relay
 
 DNS_TIMEOUT = (2, 4, 8)
 
@@ -30,36 +31,6 @@ class NextHop:
     verify_tls: bool = False
     is_smarthost: bool = False
     tls_policy: str = ""  # why TLS is required and verified, e.g. "MTA-STS enforce" (for the deferral text)
-
-
-@attrs.frozen
-class Relay:
-    """A fixed next hop: ``[host]:port`` (no MX lookup) or ``host:port`` (MX of host)."""
-
-    host: str
-    port: int
-    use_mx: bool
-
-    @classmethod
-    def parse(cls, text: str, default_port: int = 25) -> Relay:
-        host, port = text.strip(), default_port
-        if host.startswith("["):
-            end = host.find("]")
-            if end < 0:
-                raise ValueError(f"missing ']' in {text!r}")
-            name, rest = host[1:end], host[end + 1 :]
-            use_mx = False
-        else:
-            name, _, rest = host.partition(":")
-            rest = f":{rest}" if rest else ""
-            use_mx = True
-        if rest:
-            if not rest.startswith(":") or not rest[1:].isdigit() or not 0 < int(rest[1:]) < 65536:
-                raise ValueError(f"bad port in {text!r}")
-            port = int(rest[1:])
-        if not name:
-            raise ValueError(f"no host in {text!r}")
-        return cls(name.lower(), port, use_mx)
 
 
 # What IResolver's lookups fire with: (answers, authority, additional), each a list of

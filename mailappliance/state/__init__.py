@@ -27,7 +27,6 @@ clients; stores never let two different tuples share a key.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Protocol
 
 import attrs
@@ -52,20 +51,6 @@ class MarkRule:
     key: Key
     threshold: int
     ttl: float
-
-
-@attrs.frozen
-class StateSettings:
-    """``[state]``: where the shared state lives (docs/admin.md, "Shared state")."""
-
-    redis: str = ""  # "" = this process's memory; redis://, rediss:// (TLS) or unix:///path
-    username: str = ""  # Redis 6 ACL user ("" = the default user)
-    password: str = attrs.field(default="", repr=False)
-    key_prefix: str = "mailappliance:"
-    timeout: float = 0.5  # seconds a command may take before the appliance degrades to local state
-    probe_interval: float = 5.0  # seconds between attempts to reach Redis again while degraded
-    lock_ttl: float = 60.0  # POP3 mailbox locks expire this long after their host stops refreshing them
-    ca_file: Path | None = None  # rediss://: the CA that signed the Redis server's certificate (default: system)
 
 
 class StateStore(Protocol):

@@ -27,7 +27,6 @@ from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Generic, TypeAlias, TypeVar, cast
-from urllib.parse import parse_qs, unquote, urlsplit
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, fail, gatherResults, succeed
@@ -37,6 +36,7 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 
 from mailappliance.state import StateUnavailable
+from mailappliance.settings import RedisAddress
 
 MAX_REPLY = 1024 * 1024  # bytes buffered for one reply
 MAX_ITEMS = 100_000  # elements of one array reply
@@ -182,56 +182,6 @@ class RespProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.drop("connection lost")
-
-
-@attrs.frozen
-class RedisAddress:
-    """Where Redis is, from a ``[state] redis`` URL."""
-
-    host: str = ""
-    port: int = 6379
-    socket: str = ""  # a UNIX socket path instead of host/port
-    tls: bool = False
-    db: int = 0
-    username: str = ""
-    password: str = attrs.field(default="", repr=False)
-
-    def describe(self) -> str:
-        if self.socket:
-            return f"unix:{self.socket}"
-        return f"{'rediss' if self.tls else 'redis'}://{self.host}:{self.port}/{self.db}"
-
-
-def parse_url(url: str) -> RedisAddress:
-    """``redis://``, ``rediss://`` or ``unix://`` URL -> RedisAddress; ValueError naming the problem."""
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    query = parse_qs(parts.query)
-    if scheme == "unix":
-        db_text = query.get("db", ["0"])[0]
-    else:
-        db_text = query.get("db", [""])[0] or parts.path.strip("/") or "0"
-    try:
-        db = int(db_text)
-    except ValueError:
-        raise ValueError(f"the database number in {url!r} is not a whole number") from None
-    if not 0 <= db <= 10_000:
-        raise ValueError(f"the database number in {url!r} is out of range")
-    username, password = unquote(parts.username or ""), unquote(parts.password or "")
-    if scheme == "unix":
-        if not parts.path.startswith("/"):
-            raise ValueError(f"{url!r}: a UNIX socket needs an absolute path (unix:///run/redis/redis.sock)")
-        return RedisAddress(socket=parts.path, db=db, username=username, password=password)
-    if scheme not in ("redis", "rediss"):
-        raise ValueError(f"{url!r}: must start with redis://, rediss:// (TLS) or unix://")
-    if not parts.hostname:
-        raise ValueError(f"{url!r} names no host")
-    try:
-        port = parts.port or 6379
-    except ValueError:
-        raise ValueError(f"{url!r} has a bad port") from None
-    return RedisAddress(host=parts.hostname, port=port, tls=scheme == "rediss", db=db,
-                        username=username, password=password)
 
 
 @attrs.frozen

@@ -19,7 +19,8 @@ from twisted.internet.protocol import Factory, Protocol
 from mailappliance.state.failover import FailoverStore
 from mailappliance.state.memory import MemoryStore
 from mailappliance.state.redis import RedisStore
-from mailappliance.state.resp import RedisClient, ReplyError, parse, parse_url
+from mailappliance.state.resp import RedisClient, ReplyError, parse
+from mailappliance.settings import parse_url
 from tests.daemon import Appliance
 from tests.redis_server import RedisServer
 from tests.test_operations import http
