@@ -10,13 +10,15 @@ stays for the log, never for the client.
 from __future__ import annotations
 
 import enum
-from typing import Any, Callable
+from collections.abc import Callable
 
 import attrs
+from twisted.cred.credentials import ICredentials
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
+from zope.interface import Interface
 
 from mailappliance.credentials import ClientCertificateCredentials, ClientPassword, LoginThrottled
 from mailappliance.directory import DirectoryUnavailable
@@ -40,7 +42,7 @@ class LoginOutcome:
     """What a login attempt came to; ``reason`` is for the log only."""
 
     result: LoginResult
-    avatar: Any = None
+    avatar: object = None  # what the realm gave for the interface asked (SMTP: the Subscriber)
     logout: Callable[[], None] | None = None
     reason: str = ""
     unexpected: Failure | None = None  # a bug behind a TEMPORARY: log its traceback
@@ -52,7 +54,7 @@ class LoginOutcome:
 
 def classify(failure: Failure) -> LoginOutcome:
     """A failed login, as a typed outcome."""
-    if failure.check(LoginThrottled):
+    if isinstance(failure.value, LoginThrottled):
         return LoginOutcome(LoginResult.THROTTLED, reason=failure.value.reason)
     if failure.check(UnauthorizedLogin):
         return LoginOutcome(LoginResult.REFUSED, reason=getattr(failure.value, "reason", None) or "refused")
@@ -71,21 +73,22 @@ class Authenticator:
         self.portal = portal
         self.protocol = protocol
 
-    def password(self, login: str, password: str, client_ip: str, mechanism: str,
-                 interface: Any, mind: Any = None) -> "Deferred[LoginOutcome]":
+    def password(self, login: str | bytes, password: str | bytes, client_ip: str, mechanism: str,
+                 interface: type[Interface], mind: object = None) -> Deferred[LoginOutcome]:
+        """Text from SASL; bytes from POP3's USER/PASS when they are not UTF-8 (the checker refuses them)."""
         credentials = ClientPassword(login, password, client_ip)
         return self._login(credentials, mind, interface, mechanism)
 
-    def certificate(self, der: bytes, verified: bool, subject: str, interface: Any,
-                    mind: Any = None) -> "Deferred[LoginOutcome]":
+    def certificate(self, der: bytes, verified: bool, subject: str, interface: type[Interface],
+                    mind: object = None) -> Deferred[LoginOutcome]:
         credentials = ClientCertificateCredentials(der, verified, subject)
         return self._login(credentials, mind, interface, "certificate")
 
-    def _login(self, credentials: Any, mind: Any, interface: Any, mechanism: str) -> "Deferred[LoginOutcome]":
+    def _login(self, credentials: ICredentials, mind: object, interface: type[Interface],
+               mechanism: str) -> Deferred[LoginOutcome]:
         d = self.portal.login(credentials, mind, interface)
-        d.addCallbacks(lambda avatar: LoginOutcome(LoginResult.OK, avatar[1], avatar[2]), classify)
-        d.addCallback(self._count, mechanism)
-        return d
+        outcome = d.addCallbacks(lambda avatar: LoginOutcome(LoginResult.OK, avatar[1], avatar[2]), classify)
+        return outcome.addCallback(self._count, mechanism)
 
     def _count(self, outcome: LoginOutcome, mechanism: str) -> LoginOutcome:
         METRICS.count("mailappliance_auth_total", protocol=self.protocol, mechanism=mechanism,

@@ -14,28 +14,31 @@ import hashlib
 import hmac
 import os
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import NoReturn, TypeVar
 
 import attrs
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import ICredentials, IUsernamePassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import IRealm
 from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.cred.portal import IRealm
 from zope.interface import Attribute, Interface, implementer
 
 from mailappliance.addresses import is_safe_mailbox_name
 from mailappliance.directory import DirectoryUnavailable, Subscriber
 from mailappliance.directory.threaded import Directory, SharedLookups
 from mailappliance.metrics import METRICS
-from mailappliance.throttle import AuthThrottle
 from mailappliance.settings import ThrottleSettings
+from mailappliance.throttle import AuthThrottle, Throttling
 
 MAX_CACHE_ENTRIES = 50_000
 _log = Logger(namespace="mailappliance.auth")
+_T = TypeVar("_T")
 
 
 class IClientCertificate(ICredentials):
@@ -54,7 +57,7 @@ class ClientCertificateCredentials:
     subject: str = ""
 
 
-def _raise(error: Exception) -> None:
+def _raise(error: Exception) -> NoReturn:
     raise error
 
 
@@ -89,7 +92,7 @@ class ClientPassword(UsernamePassword):
     bytes are accepted too and decoded by the checker."""
 
     def __init__(self, username: str | bytes, password: str | bytes, client_address: str) -> None:
-        super().__init__(username, password)  # type: ignore[arg-type]
+        super().__init__(username, password)  # type: ignore[arg-type]  # UsernamePassword says bytes; text too
         self.client_address = client_address
 
 
@@ -109,15 +112,16 @@ class _CacheEntry:
     expires: float
 
 
-def _timed_login(result: Any, started: float) -> Any:
+def _timed_login(result: _T, started: float) -> _T:
     """Record a login's latency (cache, throttle delay, directory) by result, for /metrics."""
-    if not isinstance(result, Failure):
+    failure: Failure | None = result if isinstance(result, Failure) else None
+    if failure is None:
         kind = "ok"
-    elif result.check(LoginRefused):
+    elif failure.check(LoginRefused):
         kind = "refused"
-    elif result.check(LoginThrottled):
+    elif failure.check(LoginThrottled):
         kind = "throttled"
-    elif result.check(DirectoryUnavailable):
+    elif failure.check(DirectoryUnavailable):
         kind = "unavailable"
     else:
         kind = "error"
@@ -131,7 +135,7 @@ class SubscriberChecker:
 
     credentialInterfaces = (IUsernamePassword, IClientCertificate)
 
-    def __init__(self, directory: Directory, cache_ttl: float, clock: Any,
+    def __init__(self, directory: Directory, cache_ttl: float, clock: IReactorTime,
                  throttle: AuthThrottle | None = None) -> None:
         self.directory = directory
         self.throttle = throttle or AuthThrottle(ThrottleSettings(), clock)
@@ -145,21 +149,22 @@ class SubscriberChecker:
         message = login.encode() + b"\0" + password.encode()
         return hmac.new(self._key, message, hashlib.sha256).digest()
 
-    def requestAvatarId(self, credentials: Any) -> "Deferred[Subscriber]":
+    # twisted.cred types avatar ids as bytes; ours is the Subscriber record (the realms take it as such).
+    def requestAvatarId(self, credentials: ICredentials) -> Deferred[Subscriber]:  # type: ignore[override]
         started = time.monotonic()
+        # The portal passes only credentials of our credentialInterfaces; I(x) is x itself, typed as I.
         if IClientCertificate.providedBy(credentials):
-            d = self._check_certificate(credentials)
+            d = self._check_certificate(IClientCertificate(credentials))
         else:
-            d = self._check_password(credentials)
+            d = self._check_password(IUsernamePassword(credentials))
         return d.addBoth(_timed_login, started)
 
-    def _check_certificate(self, credentials: IClientCertificate) -> "Deferred[Subscriber]":
+    def _check_certificate(self, credentials: IClientCertificate) -> Deferred[Subscriber]:
         """A certificate counts only if it verified AND a subscriber holds exactly it."""
         if not credentials.verified:
             return fail(LoginRefused(credentials.subject, "certificate not trusted or expired"))
         d = self.directory.find_by_certificate(credentials.der)
-        d.addCallback(self._certificate_verdict, credentials.subject)
-        return d
+        return d.addCallback(self._certificate_verdict, credentials.subject)
 
     @staticmethod
     def _certificate_verdict(subscriber: Subscriber | None, subject: str) -> Subscriber:
@@ -170,7 +175,7 @@ class SubscriberChecker:
         _refuse_unsafe_uid(subscriber)
         return subscriber
 
-    def _check_password(self, credentials: IUsernamePassword) -> "Deferred[Subscriber]":
+    def _check_password(self, credentials: IUsernamePassword) -> Deferred[Subscriber]:
         address = getattr(credentials, "client_address", "")
         try:
             username, secret = credentials.username, credentials.password
@@ -180,11 +185,10 @@ class SubscriberChecker:
             return self._refuse(LoginRefused("?", "login or password is not UTF-8"), address, "?")
         key = login.lower()
         d = self.throttle.check(address, key)  # the state store may be Redis: a Deferred
-        d.addCallback(self._throttle_checked, login, password, key, address)
-        return d
+        return d.addCallback(self._throttle_checked, login, password, key, address)
 
-    def _throttle_checked(self, throttling: Any, login: str, password: str, key: str,
-                          address: str) -> "Subscriber | Deferred[Subscriber]":
+    def _throttle_checked(self, throttling: Throttling, login: str, password: str, key: str,
+                          address: str) -> Subscriber | Deferred[Subscriber]:
         if throttling.locked:
             raise LoginThrottled(login, throttling.reason, throttling.retry_after)
         if not login or not password:
@@ -196,38 +200,37 @@ class SubscriberChecker:
             self._trust(address, key, throttling)
             return cached.subscriber
         d = self._verifications((key, digest), lambda: self._verify(login, password, key, digest))
-        d.addCallbacks(self._succeeded, self._failed, (address, key, throttling), None, (address, key))
-        return d
+        return d.addCallbacks(self._succeeded, self._failed, callbackArgs=(address, key, throttling),
+                              errbackArgs=(address, key))
 
-    def _trust(self, address: str, key: str, throttling: Any = None) -> None:
+    def _trust(self, address: str, key: str, throttling: Throttling | None = None) -> None:
         """Tell the throttle about a good login; the answer does not wait for it."""
         self.throttle.succeeded(address, key, throttling).addErrback(
             lambda failure: _log.failure("recording a good login for {login}", failure, login=key))
 
-    def _verify(self, login: str, password: str, key: str, digest: bytes) -> "Deferred[Subscriber]":
+    def _verify(self, login: str, password: str, key: str, digest: bytes) -> Deferred[Subscriber]:
         """One directory check (a password hash or an LDAP bind), shared by
         every identical login that arrives while it runs (each still counts
         for the throttle on its own)."""
         d = self.directory.authenticate(login, password)
-        d.addCallback(self._verdict, login, key, digest)
-        return d
+        return d.addCallback(self._verdict, login, key, digest)
 
-    def _succeeded(self, subscriber: Subscriber, address: str, key: str, throttling: Any = None) -> Subscriber:
+    def _succeeded(self, subscriber: Subscriber, address: str, key: str,
+                   throttling: Throttling | None = None) -> Subscriber:
         self._trust(address, key, throttling)
         return subscriber
 
-    def _failed(self, failure: Failure, address: str, key: str) -> "Deferred[Subscriber]":
-        if not failure.check(LoginRefused):
-            return failure  # type: ignore[return-value]  # directory trouble: not the client's fault
+    def _failed(self, failure: Failure, address: str, key: str) -> Failure | Deferred[Subscriber]:
+        if not isinstance(failure.value, LoginRefused):
+            return failure  # directory trouble: not the client's fault
         return self._refuse(failure.value, address, key)
 
-    def _refuse(self, error: LoginRefused, address: str, key: str) -> "Deferred[Subscriber]":
+    def _refuse(self, error: LoginRefused, address: str, key: str) -> Deferred[Subscriber]:
         """Count the failure; answer only after the throttle's delay."""
         d = self.throttle.failed(address, key)
-        d.addCallback(self._refusal_after, error)
-        return d
+        return d.addCallback(self._refusal_after, error)
 
-    def _refusal_after(self, delay: float, error: LoginRefused) -> "Deferred[Subscriber]":
+    def _refusal_after(self, delay: float, error: LoginRefused) -> Deferred[Subscriber]:
         if delay <= 0:
             return fail(error)
         return deferLater(self.clock, delay, _raise, error)
@@ -261,7 +264,9 @@ class ISubscriberIdentity(Interface):
 class SubscriberRealm:
     """Gives back the Subscriber the checker found; SMTP needs nothing more."""
 
-    def requestAvatar(self, avatarId: Subscriber, mind: Any, *interfaces: Any) -> tuple[Any, Subscriber, Any]:
+    def requestAvatar(self, avatarId: object, mind: object,
+                      *interfaces: type[Interface]) -> tuple[type[Interface], object, Callable[[], None]]:
+        """``avatarId`` is the Subscriber our checker returns (twisted.cred types avatar ids as bytes)."""
         if ISubscriberIdentity not in interfaces:
             raise NotImplementedError("SubscriberRealm only offers ISubscriberIdentity")
         return ISubscriberIdentity, avatarId, lambda: None
