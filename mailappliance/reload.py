@@ -15,7 +15,8 @@ the LDAP admin password is never read here (only the admin tool uses it).
 from __future__ import annotations
 
 import signal
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import attrs
 from twisted.application import service
@@ -29,15 +30,45 @@ from mailappliance.tls import ServerTLS
 log = Logger(namespace="mailappliance")
 
 
+class Reloadable(Protocol):
+    """A running part that follows one section of the settings: SIGHUP assigns
+    it the new value of that section (its ``settings`` property applies it)."""
+
+    settings: Any
+
+
+def _is_section(instance: Any, attribute: Any, value: str) -> None:
+    if value not in attrs.fields_dict(Settings):
+        raise ValueError(f"{value!r} is not a section of Settings")
+
+
+@attrs.frozen
+class Live:
+    """``part`` follows ``Settings.<section>`` on SIGHUP (a wrong name fails at start, not at reload)."""
+
+    section: str = attrs.field(validator=_is_section)
+    part: Reloadable
+
+
+@attrs.frozen
+class LiveParts:
+    """What a SIGHUP changes in the running daemon besides TLS and screening."""
+
+    followers: Sequence[Live] = ()
+    hooks: Sequence[Callable[[], None]] = ()  # run on every SIGHUP, changed config or not (DKIM keys)
+    limits: Any = None  # the RateLimits whose listener caps follow [[listeners]] max_connections
+
+
 class Reloader(service.Service):
     """Installs the SIGHUP handler; ``reload()`` does the work (also callable from tests)."""
 
     def __init__(self, settings: Settings, server_tls: ServerTLS, screening: ScreeningSource,
-                 live: dict[str, Any], reactor: Any) -> None:
+                 live: LiveParts, reactor: Any) -> None:
         self.settings = settings
         self.server_tls = server_tls
         self.screening = screening
-        self.live = live  # objects whose .settings may be swapped: {"limits": RateLimits, "throttle": AuthThrottle}
+        self.live = live
+        self.followers = {follower.section: follower.part for follower in live.followers}
         self.reactor = reactor
         self._previous: Any = None
 
@@ -55,7 +86,7 @@ class Reloader(service.Service):
 
     def reload(self) -> None:
         self._reload_settings()
-        for hook in self.live.get("sighup", ()):  # re-read on every SIGHUP, changed config or not (DKIM keys)
+        for hook in self.live.hooks:
             try:
                 hook()
             except Exception:
@@ -83,14 +114,14 @@ class Reloader(service.Service):
             old_value, new_value = getattr(self.settings, field.name), getattr(new, field.name)
             if old_value == new_value:
                 continue
-            if field.name == "listeners" and "limits" in self.live:
+            if field.name == "listeners" and self.live.limits is not None:
                 running = self._apply_listener_caps(old_value, new_value, applied)
                 if running != new_value:
                     restart.append(field.name)
                 self.settings = attrs.evolve(self.settings, listeners=running)
                 continue
-            if field.name in self.live:
-                self.live[field.name].settings = new_value
+            if field.name in self.followers:
+                self.followers[field.name].settings = new_value
                 applied.append(field.name)
             elif field.name == "screening" and attrs.evolve(old_value, file=new_value.file) == new_value:
                 self.screening.file = new_value.file
@@ -111,6 +142,6 @@ class Reloader(service.Service):
         running = tuple(attrs.evolve(listener, max_connections=caps.get(listener.name, listener.max_connections))
                         if listener.role not in WEB_ROLES else listener for listener in old)
         if running != old:
-            self.live["limits"].set_listener_caps({listener.name: listener.max_connections for listener in running})
+            self.live.limits.set_listener_caps({listener.name: listener.max_connections for listener in running})
             applied.append("listeners.max_connections")
         return running

@@ -53,7 +53,7 @@ from mailappliance.quota import MailboxQuotas
 from mailappliance.budget import NetworkByteBudget
 from mailappliance.logs import JsonLogService, LogLevelService
 from mailappliance.metrics import METRICS
-from mailappliance.reload import Reloader
+from mailappliance.reload import Live, LiveParts, Reloader
 from mailappliance.screening import ScreeningSource
 from mailappliance.state.build import build_state_store
 from mailappliance.throttle import AuthThrottle
@@ -158,7 +158,7 @@ def build_service(settings: Settings, reactor: Any = None,
     screening = ScreeningSource(settings.screening.file, reactor)
     resolver = make_resolver(settings.queue.resolver)  # every DNS lookup: MX, reverse names, DNSBL
     client_lookup = ClientLookup(resolver, reactor, settings.screening.dns_timeout)
-    inspector, inspector_live = build_inspector(settings, resolver, reactor, run_blocking)  # DKIM, SPF, rspamd
+    inspector, inspector_followers, inspector_hooks = build_inspector(settings, resolver, reactor, run_blocking)  # DKIM, SPF, rspamd
 
     # Limits, login throttling and mailbox locks: this process's memory, or Redis shared by appliances.
     state_store, state_service = build_state_store(settings.state, reactor)
@@ -174,8 +174,10 @@ def build_service(settings: Settings, reactor: Any = None,
     network_budget = NetworkByteBudget(settings.mx_bytes_per_hour_per_network, reactor)
     limits = RateLimits(settings.limits, reactor, state_store)  # shared by every listener
     limits.set_listener_caps({l.name: l.max_connections for l in settings.listeners if l.max_connections})
-    Reloader(settings, server_tls, screening, {"limits": limits, "throttle": throttle, "log_level": log_level,
-                                                  "mailbox_quota": quotas, "mx_bytes_per_hour_per_network": network_budget, **inspector_live},
+    followers = [Live("limits", limits), Live("throttle", throttle), Live("log_level", log_level),
+                 Live("mailbox_quota", quotas), Live("mx_bytes_per_hour_per_network", network_budget),
+                 *inspector_followers]
+    Reloader(settings, server_tls, screening, LiveParts(followers, inspector_hooks, limits),
              reactor).setServiceParent(top)
     spool = OutboundSpool(settings.spool_dir)
     runner = _queue_runner(settings, spool, directory, committer.commit, run_blocking, reactor, resolver,

@@ -39,13 +39,17 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                   "mailappliance.queue", "mailappliance.queue.*", "mailappliance.pop3.mailbox",
                   "mailappliance.web_limits", "mailappliance.web", "mailappliance.linesession")),
     ("protocols", ("mailappliance.smtp", "mailappliance.smtp.*", "mailappliance.pop3", "mailappliance.pop3.*")),
-    ("wiring", ("mailappliance.service", "mailappliance.reload", "mailappliance.tap", "mailappliance.admin",
+    ("wiring", ("mailappliance.service", "mailappliance.reload", "mailappliance.msgauth.wiring", "mailappliance.tap", "mailappliance.admin",
                 "mailappliance.admin_ops", "mailappliance.dkim_admin", "mailappliance.directory_setup",
                 "mailappliance.backup", "mailappliance.restore", "mailappliance.*")),
 ]
 
 
 def layer_of(module: str) -> int:
+    """A module named exactly in a layer is there; otherwise the first layer whose pattern matches."""
+    for index, (_, patterns) in enumerate(LAYERS):
+        if module in patterns:
+            return index
     for index, (_, patterns) in enumerate(LAYERS):
         if any(fnmatch.fnmatchcase(module, pattern) for pattern in patterns):
             return index

@@ -20,7 +20,7 @@ from mailappliance.settings import LimitSettings
 from mailappliance.smtp import replies
 from mailappliance.verdicts import Verdict
 from mailappliance.state.memory import Window
-from mailappliance.reload import Reloader
+from mailappliance.reload import Live, LiveParts, Reloader
 from tests.conditions import wait_until
 from tests.daemon import Appliance
 
@@ -329,7 +329,8 @@ def test_sighup_applies_new_connection_shares(tmp_path: Path) -> None:
     limits = RateLimits(settings.limits, Clock())
     limits.set_listener_caps({l.name: l.max_connections for l in settings.listeners})
     assert limits._listener_caps == {"mx": 25, "submission": 25}
-    reloader = Reloader(settings, None, None, {"limits": limits}, None)  # type: ignore[arg-type]
+    reloader = Reloader(settings, None, None, LiveParts([Live("limits", limits)], limits=limits),  # type: ignore[arg-type]
+                        None)
     config.write_text(config.read_text().replace("max_connections = 50", "max_connections = 80")
                       .replace('role = "mx"\n', 'role = "mx"\nmax_connections = 60\n'))
     with capturedLogs() as events:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from twisted.internet.interfaces import IReactorTime, IResolver
 from twisted.logger import Logger
 
@@ -15,6 +17,7 @@ from mailappliance.msgauth.dns import DnsCache
 from mailappliance.msgauth.inspect import MessageInspector
 from mailappliance.msgauth.keys import KeyStore
 from mailappliance.msgauth.settings import FilterSettings
+from mailappliance.reload import Live
 
 log = Logger(namespace="mailappliance.msgauth")
 
@@ -49,9 +52,9 @@ def log_keys(keys: KeyStore) -> None:
 
 
 def build_inspector(settings: Settings, resolver: IResolver, reactor: IReactorTime,
-                    run_blocking: RunBlocking) -> tuple[MessageInspector, dict[str, object]]:
-    """The inspector, and the Reloader's live objects: {"msgauth", "dkim", "filter", "sighup"}
-    (the first three have a ``settings`` the Reloader swaps; "sighup" is a list of hooks)."""
+                    run_blocking: RunBlocking) -> tuple[MessageInspector, list[Live], list[Callable[[], None]]]:
+    """The inspector, the parts that follow [msgauth], [dkim] and [filter] on SIGHUP, and
+    the hooks to run on every SIGHUP (new DKIM selectors, suspensions edited by the admin)."""
     if settings.msgauth.any_verify:
         organizational_domain("example.org")  # read the Public Suffix List now, not in the first message's check
     keys = KeyStore(settings.dkim, settings.local_domains)
@@ -69,5 +72,5 @@ def build_inspector(settings: Settings, resolver: IResolver, reactor: IReactorTi
         keys.reload()
         log_keys(keys)
 
-    return inspector, {"msgauth": inspector, "dkim": keys, "filter": _FilterLive(inspector, reactor),
-                       "sighup": [rescan_keys, suspensions.load]}
+    followers = [Live("msgauth", inspector), Live("dkim", keys), Live("filter", _FilterLive(inspector, reactor))]
+    return inspector, followers, [rescan_keys, suspensions.load]
