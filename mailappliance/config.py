@@ -669,14 +669,17 @@ def parse_config(file: Path, data: dict[str, Any], secrets: SecretFiles | None =
     smtp = top.table_of("smtp")
     max_size = smtp.integer("max_message_size", 25 * 1024 * 1024, 1024, 2**31 - 1)
     smtp_idle = smtp.number("idle_timeout", 300, 1, 3600)
+    d = SMTPOptions()  # the defaults are written once, in the record
     smtp_options = SMTPOptions(
-        normalize_line_endings=smtp.choice("bare_line_endings", "refuse", ("refuse", "normalize")) == "normalize",
-        max_line_length=smtp.integer("max_line_length", 998, 78, 100_000),
-        max_recipients=smtp.integer("max_recipients", 1000, 1, 100_000),
-        max_errors=smtp.integer("max_errors", 20, 1, 1000),
-        command_time_limit=smtp.number("command_time_limit", 120, 1, 3600),
-        data_time_limit=smtp.number("data_time_limit", 1800, 10, 86400),
-        dsn_success_notices=smtp.choice("dsn_success_notices", "authenticated", ("authenticated", "all", "none")),
+        normalize_line_endings=smtp.choice("bare_line_endings", "normalize" if d.normalize_line_endings else "refuse",
+                                           ("refuse", "normalize")) == "normalize",
+        max_line_length=smtp.integer("max_line_length", d.max_line_length, 78, 100_000),
+        max_recipients=smtp.integer("max_recipients", d.max_recipients, 1, 100_000),
+        max_errors=smtp.integer("max_errors", d.max_errors, 1, 1000),
+        command_time_limit=smtp.number("command_time_limit", d.command_time_limit, 1, 3600),
+        data_time_limit=smtp.number("data_time_limit", d.data_time_limit, 10, 86400),
+        dsn_success_notices=smtp.choice("dsn_success_notices", d.dsn_success_notices,
+                                        ("authenticated", "all", "none")),
     )
     smtp.reject_unknown()
 

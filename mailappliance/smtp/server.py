@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailappliance.authenticator import Authenticator
+from mailappliance.config import SMTPOptions
 from mailappliance.delivery import Committer, Delivery
 from mailappliance.directory import Subscriber
 from mailappliance.linesession import LINE_TOO_LONG, LineSession, SessionSettings
@@ -44,9 +45,12 @@ COMMANDS = frozenset({"EHLO", "HELO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "N
                       "EXPN", "HELP", "STARTTLS", "AUTH"})
 
 
+_SMTP_DEFAULTS = SMTPOptions()  # the [smtp] defaults, written once (config.py)
+
+
 @attrs.frozen
 class SMTPConfig:
-    """Everything an SMTP session needs to know about its listener."""
+    """Everything an SMTP session needs to know about its listener (defaults: ``[smtp]``'s)."""
 
     hostname: str
     role: str
@@ -54,9 +58,9 @@ class SMTPConfig:
     maildir_root: Path
     incoming_dir: Path
     max_message_size: int
-    max_line_length: int = 998
-    max_recipients: int = 1000
-    max_errors: int = 20
+    max_line_length: int = _SMTP_DEFAULTS.max_line_length
+    max_recipients: int = _SMTP_DEFAULTS.max_recipients
+    max_errors: int = _SMTP_DEFAULTS.max_errors
     idle_timeout: float = 300
     listener: str = ""
     tls: Any = None  # a ServerTLS context factory: offers STARTTLS when not implicit
@@ -65,9 +69,9 @@ class SMTPConfig:
     offer_auth: bool = True  # AUTH on this listener at all (off on the MX unless configured)
     allow_plaintext_auth: bool = False  # AUTH without TLS (never by default)
     screen: bool = False  # apply the screening lists on this listener
-    normalize_line_endings: bool = False  # bare CR/LF in DATA: refuse (default) or turn into CRLF
-    command_time_limit: float = 120  # seconds for one command line to arrive completely
-    data_time_limit: float = 1800  # seconds for a whole DATA phase
+    normalize_line_endings: bool = _SMTP_DEFAULTS.normalize_line_endings  # bare CR/LF in DATA: refuse or turn into CRLF
+    command_time_limit: float = _SMTP_DEFAULTS.command_time_limit  # seconds for one command line to arrive
+    data_time_limit: float = _SMTP_DEFAULTS.data_time_limit  # seconds for a whole DATA phase
     session_lifetime: float = 0  # seconds a session may last at most (0: no limit)
     addressing: Any = None  # addressing.Addressing: alias domains, sub-addresses, SRS (None: local_domains only)
     screen_refuse_at: str = "rcpt"  # a screened client: refused at RCPT (postmaster@/abuse@ open) or "connect"
