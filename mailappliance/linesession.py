@@ -33,11 +33,12 @@ clients lives here once, so the two protocols cannot drift apart:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, TypeVar
 
 import attrs
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime, ITCPTransport
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
@@ -45,6 +46,12 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailappliance.sessions import client_host, new_session_id, no_delay, write_now
+from mailappliance.verdicts import Verdict
+
+if TYPE_CHECKING:
+    from mailappliance.limits import RateLimits
+
+_T = TypeVar("_T")
 
 LINE_TOO_LONG = object()  # handed to the protocol in place of an overlong line
 STREAM_BUDGET = 256 * 1024  # octets a streamed answer may write per reactor turn
@@ -59,6 +66,15 @@ def escape_for_log(value: object) -> str:
     if text.isascii() and text.isprintable() and "\\" not in text and "'" not in text:
         return text
     return text.encode("unicode_escape").decode("ascii").replace("'", "\\'")
+
+
+class ISessionTransport(ITCPTransport, IConsumer, IPushProducer):
+    """What a session's transport is, for the type checker: a TCP connection
+    (``tcp.Server``) or TLS over one (``TLSMemoryBIOProtocol``, which passes
+    what it does not implement itself to the TCP transport), so a consumer that
+    takes the session as its producer and a producer that can stop reading.
+    Twisted types ``Protocol.transport`` as ``ITransport | None``; no class
+    declares this interface (never ask ``providedBy``)."""
 
 
 @attrs.frozen
@@ -85,8 +101,9 @@ class LineSession(Protocol, TimeoutMixin):
 
     log = Logger(namespace="mailappliance")
     settings: SessionSettings
-    clock: Any
-    limits: Any = None  # the shared RateLimits, or None
+    clock: IReactorTime
+    limits: RateLimits | None = None  # the shared RateLimits, or None
+    transport: ISessionTransport  # set by makeConnection before any session code runs
 
     def __init__(self) -> None:
         self.session_id = new_session_id()
@@ -100,8 +117,8 @@ class LineSession(Protocol, TimeoutMixin):
         self._partial_since: float | None = None
         self._stream: Iterator[bytes] | None = None
         self._stream_done: Callable[[bool], None] | None = None
-        self._stream_call: Any = None
-        self._pump_call: Any = None  # the rest of a long pipeline, in the next reactor turn
+        self._stream_call: IDelayedCall | None = None
+        self._pump_call: IDelayedCall | None = None  # the rest of a long pipeline, in the next reactor turn
         self._started = 0.0
         self._expired = False
         self._counted = False
@@ -110,7 +127,7 @@ class LineSession(Protocol, TimeoutMixin):
 
     # -- connection -------------------------------------------------------------
 
-    def callLater(self, period: float, func: Callable[[], None]) -> Any:  # TimeoutMixin: the injected clock
+    def callLater(self, period: float, func: Callable[[], None]) -> IDelayedCall:  # TimeoutMixin: the injected clock
         return self.clock.callLater(period, func)
 
     def connectionMade(self) -> None:
@@ -126,20 +143,20 @@ class LineSession(Protocol, TimeoutMixin):
                 self.close()
                 return
             self._counted = True
-        self.setTimeout(self.settings.idle_timeout)
+        self.setTimeout(self.settings.idle_timeout)  # type: ignore[no-untyped-call]  # TimeoutMixin is unannotated
         self._started = self.clock.seconds()  # the lifetime is checked as input arrives: no timer per session
         self.greet()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.closed = True
-        self.setTimeout(None)
+        self.setTimeout(None)  # type: ignore[no-untyped-call]  # TimeoutMixin is unannotated
         for call in (self._stream_call, self._pump_call):
             if call is not None and call.active():
                 call.cancel()
         self._stream_call = self._pump_call = None
         if self._stream is not None:
             self._end_stream(False)
-        if self._counted:
+        if self._counted and self.limits is not None:
             self._counted = False
             self.limits.connection_closed(self.client_ip, self.settings.listener)
         try:
@@ -193,7 +210,7 @@ class LineSession(Protocol, TimeoutMixin):
     def greet(self) -> None:
         raise NotImplementedError
 
-    def refuse_connection(self, hit: Any) -> None:
+    def refuse_connection(self, hit: Verdict) -> None:
         raise NotImplementedError
 
     def say_timeout(self, why: str) -> None:
@@ -220,7 +237,7 @@ class LineSession(Protocol, TimeoutMixin):
     def dataReceived(self, data: bytes) -> None:
         if self.closing or self.closed:
             return
-        self.resetTimeout()
+        self.resetTimeout()  # type: ignore[no-untyped-call]  # TimeoutMixin is unannotated
         if self._too_slow():
             return
         lifetime = self.lifetime
@@ -342,14 +359,13 @@ class LineSession(Protocol, TimeoutMixin):
 
     # -- asynchronous work ---------------------------------------------------------------
 
-    def run(self, d: Deferred) -> Deferred:
+    def run(self, d: Deferred[_T]) -> Deferred[None]:
         """Hold later input until ``d`` fires; a failure nobody handled ends in ``internal_error``."""
         self._busy += 1
         d.addErrback(self._unexpected)
-        d.addBoth(self._done)
-        return d
+        return d.addBoth(self._done)
 
-    def _done(self, _: Any) -> None:
+    def _done(self, _: object) -> None:
         self._busy -= 1
         if self._busy:
             return
@@ -403,7 +419,7 @@ class LineSession(Protocol, TimeoutMixin):
                 self._done(None)
                 return
             budget -= len(chunk)
-            self.resetTimeout()
+            self.resetTimeout()  # type: ignore[no-untyped-call]  # TimeoutMixin is unannotated
             self.send(chunk)
 
     def _end_stream(self, complete: bool) -> None:
@@ -430,7 +446,7 @@ class LineSession(Protocol, TimeoutMixin):
 
     # -- log context -----------------------------------------------------------------------
 
-    def log_event(self, emit: Callable[..., None], fmt: str, **fields: Any) -> None:
+    def log_event(self, emit: Callable[..., None], fmt: str, **fields: object) -> None:
         """Log with the session id and client address; client-supplied values escaped."""
         safe = {k: escape_for_log(v) if isinstance(v, (str, bytes)) else v for k, v in fields.items()}
         emit("session={session} client=[{client}] " + fmt, session=self.session_id, client=self.client_ip,
