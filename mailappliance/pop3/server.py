@@ -22,30 +22,51 @@ context with escaping) and keeps only POP3's grammar and state.  Rules kept here
 from __future__ import annotations
 
 import enum
-from typing import Any, BinaryIO, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, BinaryIO, TypeVar, cast
 
 from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import (
+    IOpenSSLContextFactory,
+    IReactorThreads,
+    IReactorTime,
+    ITLSTransport,
+    ITransport,
+)
 from twisted.internet.protocol import Factory
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailappliance.authenticator import Authenticator, LoginOutcome, LoginResult
+from mailappliance.blocking import RunBlocking
 from mailappliance.linesession import LINE_TOO_LONG, LineSession, SessionSettings
 from mailappliance.metrics import METRICS
 from mailappliance.pop3 import replies
-from mailappliance.pop3.mailbox import (CommitResult, IMaildirAccess, MailboxLockLost, MessageDeleted,
-                                        NoSuchMessage, confirm_lock)
-from mailappliance.sasl import Collected, FailureKind, SaslExchange, SaslFailure
+from mailappliance.pop3.mailbox import (
+    CommitResult,
+    IMaildirAccess,
+    MailboxLockLost,
+    MessageDeleted,
+    NoSuchMessage,
+    confirm_lock,
+)
 from mailappliance.pop3.transfer import listing, message_answer, read_blocks, read_top
+from mailappliance.sasl import Collected, FailureKind, SaslExchange, SaslFailure
+from mailappliance.verdicts import Verdict
+
+if TYPE_CHECKING:
+    from mailappliance.limits import RateLimits
+    from mailappliance.quota import MailboxQuotas
 
 log = Logger(namespace="mailappliance.pop3")
 
 MAX_COMMAND_LINE = 255  # RFC 2449 section 4: including the CRLF
 MAX_SASL_LINE = 2048  # RFC 5034 section 4: SASL responses may exceed 255 (PLAIN: up to ~1 KiB)
 
-RunBlocking = Callable[..., Deferred]
+_R = TypeVar("_R")
+_T = TypeVar("_T")
 
 
 def _text(wire: bytes) -> str | bytes:
@@ -67,7 +88,7 @@ class State(enum.Enum):
 class POP3Session(LineSession):
     """One POP3 connection."""
 
-    factory: "POP3Factory"
+    factory: POP3Factory
     log = log
 
     def __init__(self) -> None:
@@ -76,16 +97,16 @@ class POP3Session(LineSession):
         self.in_tls = False
         self._pending_user: bytes | None = None
         self._sasl_pending = False
-        self._mailbox: Any = None  # IMaildirAccess once logged in
+        self._mailbox: IMaildirAccess | None = None  # once logged in
         self._logout: Callable[[], None] | None = None
         self._blocking_in_flight = False
         self._login_name = ""
 
-    def makeConnection(self, transport: Any) -> None:
+    def makeConnection(self, transport: ITransport) -> None:
         self.settings = self.factory.session_settings
         self.clock = self.factory.reactor
         self.limits = self.factory.limits
-        super().makeConnection(transport)
+        super().makeConnection(transport)  # type: ignore[no-untyped-call]  # BaseProtocol is unannotated
 
     # -- kernel hooks ---------------------------------------------------------------
 
@@ -96,12 +117,13 @@ class POP3Session(LineSession):
         METRICS.count("mailappliance_sessions_total", role="pop3s" if self.factory.implicit_tls else "pop3")
         self._ok(f"{self.factory.hostname} POP3 server ready")
 
-    def refuse_connection(self, hit: Any) -> None:
+    def refuse_connection(self, hit: Verdict) -> None:
         self._err(replies.for_limit(hit))
 
     def say_timeout(self, why: str) -> None:
         self.log_event(log.info, "{why} in state {state}, nothing deleted", why=why, state=self.state.value)
-        self._err("Idle timeout, closing connection" if why == "idle timeout" else f"{why.capitalize()}, closing connection")
+        self._err("Idle timeout, closing connection" if why == "idle timeout"
+                  else f"{why.capitalize()}, closing connection")
 
     def internal_error(self, failure: Failure) -> None:
         self._err(replies.INTERNAL_ERROR)
@@ -151,17 +173,22 @@ class POP3Session(LineSession):
 
     # -- asynchronous steps -------------------------------------------------------
 
-    def _run_blocking(self, function: Callable[..., Any], *args: Any) -> Deferred:
+    def _run_blocking(self, function: Callable[..., _R], *args: object) -> Deferred[_R]:
         """Run mailbox disk work off the reactor; the mailbox stays locked meanwhile."""
         self._blocking_in_flight = True
         d = self.factory.run_blocking(function, *args)
 
-        def settle(result: Any) -> Any:
+        def settle(result: _T) -> _T:
             self._blocking_in_flight = False
             return result
 
-        d.addBoth(settle)
-        return d
+        return d.addBoth(settle)
+
+    @property
+    def mailbox(self) -> IMaildirAccess:
+        """The mailbox of a logged-in session (TRANSACTION state)."""
+        assert self._mailbox is not None, "not logged in"
+        return self._mailbox
 
     def _release_mailbox(self) -> None:
         logout, self._logout, self._mailbox = self._logout, None, None
@@ -288,7 +315,9 @@ class POP3Session(LineSession):
             return
         self._ok("Begin TLS negotiation")
         self.discard_pipelined_input("STLS")  # CVE-2011-0411 class: nothing sent in clear acts inside TLS
-        self.transport.startTLS(self.factory.tls_context_factory)
+        # Not in TLS yet, so the transport is a plain tcp.Server, which is an ITLSTransport; its
+        # startTLS takes context factories too (wrapped), though typed for connection creators only.
+        cast(ITLSTransport, self.transport).startTLS(self.factory.tls_context_factory)  # type: ignore[arg-type]
         self.in_tls = True
         self._pending_user = None
         self._sasl_pending = False
@@ -300,23 +329,23 @@ class POP3Session(LineSession):
         """Log in through the shared front door; text from SASL, bytes from USER/PASS
         when they are not UTF-8 (the checker then refuses them, counting the failure)."""
         self._login_name = login if isinstance(login, str) else login.decode("utf-8", "replace")
-        d = self.factory.authenticator.password(login, password, self.client_ip, mechanism,  # type: ignore[arg-type]
+        d = self.factory.authenticator.password(login, password, self.client_ip, mechanism,
                                                 IMaildirAccess, mind=self)
         d.addCallback(self._login_outcome, mechanism)
         self.run(d)
 
-    def _login_outcome(self, outcome: LoginOutcome, mechanism: str) -> Deferred | None:
+    def _login_outcome(self, outcome: LoginOutcome, mechanism: str) -> Deferred[None] | None:
         if not outcome.ok:
             self._login_failed(outcome, mechanism)
             return None
-        mailbox, logout = outcome.avatar, outcome.logout
+        mailbox, logout = IMaildirAccess(outcome.avatar), outcome.logout  # the MaildirRealm's avatar
+        assert logout is not None  # a successful login has one
         if self.closed:
             logout()
             return None
         self._mailbox, self._logout = mailbox, logout
         d = self._run_blocking(mailbox.load)
-        d.addCallbacks(self._mailbox_loaded, self._mailbox_load_failed, callbackArgs=(mechanism,))
-        return d
+        return d.addCallbacks(self._mailbox_loaded, self._mailbox_load_failed, callbackArgs=(mechanism,))
 
     def _mailbox_loaded(self, _: None, mechanism: str) -> None:
         if self.closed or self._mailbox is None:
@@ -373,7 +402,7 @@ class POP3Session(LineSession):
             return None
         index = int(text) - 1
         try:
-            self._mailbox.message(index)
+            self.mailbox.message(index)
         except NoSuchMessage:
             self._err("No such message")
             return None
@@ -384,7 +413,7 @@ class POP3Session(LineSession):
 
     def _cmd_stat(self, argument: bytes) -> None:
         if self._require_transaction() and self._require_no_argument("STAT", argument):
-            count, octets = self._mailbox.stat()
+            count, octets = self.mailbox.stat()
             self._ok(f"{count} {octets}")
 
     def _cmd_list(self, argument: bytes) -> None:
@@ -393,10 +422,10 @@ class POP3Session(LineSession):
         if argument.strip():
             index = self._message_index(argument)
             if index is not None:
-                self._ok(f"{index + 1} {self._mailbox.message(index).size}")
+                self._ok(f"{index + 1} {self.mailbox.message(index).size}")
             return
-        count, octets = self._mailbox.stat()
-        mailbox = self._mailbox
+        count, octets = self.mailbox.stat()
+        mailbox = self.mailbox
         lines = (f"{i + 1} {m.size}" for i, m in enumerate(mailbox.messages) if not mailbox.is_deleted(i))
         self.stream(listing(f"{count} messages ({octets} octets)", lines), self._answer_sent)
 
@@ -406,9 +435,9 @@ class POP3Session(LineSession):
         if argument.strip():
             index = self._message_index(argument)
             if index is not None:
-                self._ok(f"{index + 1} {self._mailbox.message(index).uidl}")
+                self._ok(f"{index + 1} {self.mailbox.message(index).uidl}")
             return
-        mailbox = self._mailbox
+        mailbox = self.mailbox
         lines = (f"{i + 1} {m.uidl}" for i, m in enumerate(mailbox.messages) if not mailbox.is_deleted(i))
         self.stream(listing("Unique-id listing follows", lines), self._answer_sent)
 
@@ -417,7 +446,7 @@ class POP3Session(LineSession):
             return
         index = self._message_index(argument)
         if index is not None:
-            size = self._mailbox.message(index).size
+            size = self.mailbox.message(index).size
             self._send_message(index, f"+OK {size} octets\r\n", read_blocks)
 
     def _cmd_top(self, argument: bytes) -> None:
@@ -434,7 +463,7 @@ class POP3Session(LineSession):
 
     def _send_message(self, index: int, status: str, reader: Callable[[BinaryIO], Iterator[bytes]]) -> None:
         try:
-            file = self._mailbox.open_message(index)
+            file = self.mailbox.open_message(index)
         except OSError as e:
             self.log_event(log.error, "cannot open message {n}: {error}", n=index + 1, error=e)
             self._err("[SYS/TEMP] Message is not available, try again later")
@@ -449,13 +478,13 @@ class POP3Session(LineSession):
             return
         index = self._message_index(argument)
         if index is not None:
-            self._mailbox.mark_deleted(index)
+            self.mailbox.mark_deleted(index)
             self._ok(f"Message {index + 1} deleted")
 
     def _cmd_rset(self, argument: bytes) -> None:
         if self._require_transaction() and self._require_no_argument("RSET", argument):
-            self._mailbox.undelete_all()
-            count, octets = self._mailbox.stat()
+            self.mailbox.undelete_all()
+            count, octets = self.mailbox.stat()
             self._ok(f"Maildrop has {count} messages ({octets} octets)")
 
     def _cmd_noop(self, argument: bytes) -> None:
@@ -471,11 +500,10 @@ class POP3Session(LineSession):
             return
         self.state = State.UPDATE
         d = confirm_lock(self._mailbox)  # fencing: another appliance may have taken the mailbox over
-        d.addCallback(self._commit_if_locked)
-        d.addCallbacks(self._committed, self._commit_failed)
-        self.run(d)
+        committed = d.addCallback(self._commit_if_locked)
+        self.run(committed.addCallbacks(self._committed, self._commit_failed))
 
-    def _commit_if_locked(self, ours: bool) -> Deferred:
+    def _commit_if_locked(self, ours: bool) -> Deferred[CommitResult]:
         if not ours or self._mailbox is None:
             raise MailboxLockLost(self._login_name)
         return self._run_blocking(self._mailbox.commit)
@@ -507,7 +535,7 @@ class POP3Session(LineSession):
         self._err("[SYS/TEMP] Deleted messages not removed, try again later")
         self.close()
 
-    _HANDLERS: dict[str, Callable[["POP3Session", bytes], None]] = {
+    _HANDLERS: dict[str, Callable[[POP3Session, bytes], None]] = {
         "CAPA": _cmd_capa,
         "USER": _cmd_user,
         "PASS": _cmd_pass,
@@ -525,7 +553,7 @@ class POP3Session(LineSession):
     }
 
 
-class POP3Factory(Factory):
+class POP3Factory(Factory[POP3Session]):
     """Builds POP3 sessions for one listener.
 
     ``tls_context_factory`` enables STLS; ``implicit_tls`` says the listener
@@ -541,16 +569,16 @@ class POP3Factory(Factory):
         portal: Portal,
         hostname: str,
         allow_plaintext_auth: bool,
-        tls_context_factory: Any = None,
+        tls_context_factory: IOpenSSLContextFactory | None = None,
         implicit_tls: bool = False,
         idle_timeout: float = 600,
-        reactor: Any = None,
+        reactor: IReactorTime | None = None,
         run_blocking: RunBlocking | None = None,
-        limits: Any = None,
+        limits: RateLimits | None = None,
         session_settings: SessionSettings | None = None,
     ) -> None:
         self.limits = limits  # the shared RateLimits: connection caps
-        self.quotas: Any = None  # quota.MailboxQuotas: told when QUIT deleted messages
+        self.quotas: MailboxQuotas | None = None  # told when QUIT deleted messages
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -567,5 +595,6 @@ class POP3Factory(Factory):
         self.session_settings = session_settings or SessionSettings(
             listener="pop3s" if implicit_tls else "pop3", idle_timeout=idle_timeout, command_time_limit=120)
 
-    def _in_reactor_pool(self, function: Callable[..., Any], *args: Any) -> Deferred:
-        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), function, *args)
+    def _in_reactor_pool(self, function: Callable[..., _R], *args: object) -> Deferred[_R]:
+        reactor = IReactorThreads(self.reactor)  # the running reactor has thread pools (I(x) is x)
+        return deferToThreadPool(reactor, reactor.getThreadPool(), function, *args)
