@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from typing import Any
+from collections.abc import Callable
+from typing import cast
 
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime, IResolver
 from twisted.names import dns, error
 
+from mailappliance.queue.routing import DnsResult
 from mailappliance.screening import ClientFacts
-
 from mailappliance.screening_lists import ScreeningLists
 
 MAX_CACHED = 50_000
@@ -21,9 +24,13 @@ MAX_CACHED = 50_000
 
 FAILED_NAME_TTL = 60.0  # a reverse lookup that failed is tried again after this long
 
+# An IResolver lookup method (lookupPointer, lookupAddress, ...), as Twisted types it.
+Lookup = Callable[..., Deferred[tuple[dns.RRHeader, dns.RRHeader, dns.RRHeader]]]
+
 
 class ClientLookup:
-    def __init__(self, resolver: Any, clock: Any, timeout: float = 3.0, cache_ttl: float = 600.0) -> None:
+    def __init__(self, resolver: IResolver, clock: IReactorTime, timeout: float = 3.0,
+                 cache_ttl: float = 600.0) -> None:
         self.resolver = resolver
         self.clock = clock
         self.timeout = timeout
@@ -62,10 +69,10 @@ class ClientLookup:
             self._cache[key] = (now + self.cache_ttl, facts)
         return facts
 
-    async def _lookup(self, method: Any, name: str) -> list[Any] | None:
+    async def _lookup(self, method: Lookup, name: str) -> list[dns.RRHeader] | None:
         """Answers, [] for "no such name/record", None when the lookup failed."""
         try:
-            answers, _, _ = await method(name, timeout=(self.timeout,))
+            answers, _, _ = cast(DnsResult, await method(name, timeout=(self.timeout,)))
             return list(answers)
         except (error.DNSNameError, error.DomainError):
             return []
@@ -77,7 +84,10 @@ class ClientLookup:
         answers = await self._lookup(self.resolver.lookupPointer, reverse)
         if answers is None:
             return None, True
-        names = [str(rr.payload.name).rstrip(".").lower() for rr in answers if rr.type == dns.PTR]
+        names: list[str] = []
+        for rr in answers:  # (isinstance: the PTR type's payload class, for the type checker)
+            if rr.type == dns.PTR and isinstance(rr.payload, dns.Record_PTR):
+                names.append(str(rr.payload.name).rstrip(".").lower())
         for name in names[:5]:
             forward = await self._forward(name)
             if forward is None:
@@ -93,10 +103,10 @@ class ClientLookup:
             answers = await self._lookup(method, name)
             if answers is None:
                 return None
-            for rr in answers:
-                if rr.type == dns.A and record_type == dns.A:
+            for rr in answers:  # (isinstance: the payload class of the record type, for the type checker)
+                if rr.type == dns.A and record_type == dns.A and isinstance(rr.payload, dns.Record_A):
                     found.add(rr.payload.dottedQuad())
-                elif rr.type == dns.AAAA and record_type == dns.AAAA:
+                elif rr.type == dns.AAAA and record_type == dns.AAAA and isinstance(rr.payload, dns.Record_AAAA):
                     found.add(socket.inet_ntop(socket.AF_INET6, rr.payload.address))
         return found
 
@@ -108,6 +118,7 @@ class ClientLookup:
             prefix = ".".join(reversed(ip.exploded.replace(":", "")))
         for zone in zones:
             answers = await self._lookup(self.resolver.lookupAddress, f"{prefix}.{zone}")
-            if answers and any(rr.type == dns.A and rr.payload.dottedQuad().startswith("127.") for rr in answers):
+            if answers and any(rr.type == dns.A and isinstance(rr.payload, dns.Record_A)
+                               and rr.payload.dottedQuad().startswith("127.") for rr in answers):
                 return zone
         return None
