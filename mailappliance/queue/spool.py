@@ -16,9 +16,10 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import attrs
 
@@ -62,12 +63,17 @@ class Envelope:
 
     @classmethod
     def new(cls, queue_id: str, sender: str, recipients: list[str] | tuple[str, ...],
-            notify: dict[str, str] | None = None, orcpt: dict[str, str] | None = None,
-            **kwargs: Any) -> "Envelope":
-        """``notify`` and ``orcpt``: the DSN parameters per recipient address, where given."""
+            notify: dict[str, str] | None = None, orcpt: dict[str, str] | None = None, *,
+            authenticated_as: str = "", client_ip: str = "", session_id: str = "", received_at: float | None = None,
+            body_offset: int = 0, ret: str = "", envid: str = "", smtputf8: bool = False) -> Envelope:
+        """``notify`` and ``orcpt``: the DSN parameters per recipient address, where given;
+        ``received_at`` defaults to now."""
         notify, orcpt = notify or {}, orcpt or {}
         return cls(queue_id, sender, [RecipientState(r, notify=notify.get(r, ""), orcpt=orcpt.get(r, ""))
-                                      for r in recipients], **kwargs)
+                                      for r in recipients],
+                   authenticated_as=authenticated_as, client_ip=client_ip, session_id=session_id,
+                   received_at=time.time() if received_at is None else received_at, body_offset=body_offset,
+                   ret=ret, envid=envid, smtputf8=smtputf8)
 
     def pending(self) -> list[RecipientState]:
         return [r for r in self.recipients if r.state == PENDING]
@@ -79,11 +85,12 @@ class Envelope:
     def finished(self) -> bool:
         return not self.pending()
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, object]:
         return attrs.asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "Envelope":
+    def from_json(cls, data: dict[str, Any]) -> Envelope:
+        """From the JSON object as json.load gives it (unknown keys of a newer version are left out)."""
         fields = {f.name for f in attrs.fields(RecipientState)}
         recipients = [RecipientState(**{k: v for k, v in r.items() if k in fields}) for r in data.pop("recipients")]
         known = {f.name for f in attrs.fields(cls)}

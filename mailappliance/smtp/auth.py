@@ -10,20 +10,15 @@ its outcomes to replies.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import cast
 
 from mailappliance.authenticator import LoginOutcome, LoginResult
 from mailappliance.credentials import ISubscriberIdentity
 from mailappliance.directory import Subscriber
 from mailappliance.sasl import Challenge, FailureKind, SaslExchange, SaslFailure, Step
 from mailappliance.smtp import replies
-
-if TYPE_CHECKING:
-    from mailappliance.smtp.server import SMTPSession
-
-    _Base = SMTPSession
-else:
-    _Base = object
+from mailappliance.smtp.session_base import SMTPSessionBase
+from mailappliance.tls import ClientCertificate
 
 SASL_FAILURE_REPLIES = {
     FailureKind.CANCELLED: replies.Reply(501, "5.0.0", "Authentication cancelled"),
@@ -39,7 +34,13 @@ LOGIN_REPLIES = {
 }
 
 
-class AuthCommands(_Base):
+def _subscriber(outcome: LoginOutcome) -> Subscriber:
+    """The avatar of a successful SMTP login: the SubscriberRealm gives the Subscriber
+    record for ISubscriberIdentity (twisted.cred hands avatars out as objects)."""
+    return cast(Subscriber, outcome.avatar)
+
+
+class AuthCommands(SMTPSessionBase):
     """AUTH PLAIN/LOGIN and certificate login."""
 
     @property
@@ -59,9 +60,9 @@ class AuthCommands(_Base):
         d.addCallback(self._certificate_outcome, certificate)
         self.run(d)
 
-    def _certificate_outcome(self, outcome: LoginOutcome, certificate: Any) -> None:
+    def _certificate_outcome(self, outcome: LoginOutcome, certificate: ClientCertificate) -> None:
         if outcome.ok:
-            self.authenticated(outcome.avatar, "certificate", certificate.subject)
+            self.authenticated(_subscriber(outcome), "certificate", certificate.subject)
             return
         why = certificate.reason if not certificate.verified else outcome.reason
         self._log_failure("certificate", certificate.subject, why, outcome)
@@ -114,6 +115,7 @@ class AuthCommands(_Base):
             self._log_failure(exchange.mechanism, step.login or "?", step.reason)
             self.error(SASL_FAILURE_REPLIES[step.kind])
             return
+        assert self.factory.authenticator is not None  # may_authenticate said so
         d = self.factory.authenticator.password(step.login, step.password, self.client_ip, exchange.mechanism,
                                                 ISubscriberIdentity)
         d.addCallback(self._password_outcome, exchange.mechanism, step.login)
@@ -121,7 +123,7 @@ class AuthCommands(_Base):
 
     def _password_outcome(self, outcome: LoginOutcome, mechanism: str, login: str) -> None:
         if outcome.ok:
-            self.authenticated(outcome.avatar, mechanism, login)
+            self.authenticated(_subscriber(outcome), mechanism, login)
             self.respond(replies.AUTH_OK)
             return
         self._log_failure(mechanism, login, outcome.reason, outcome)

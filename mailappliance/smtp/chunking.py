@@ -33,19 +33,12 @@ The rules that hold for DATA hold here (decided, RFC 3030 leaves them open):
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
 
 import attrs
 
 from mailappliance.smtp import replies
 from mailappliance.smtp.data import DataReader
-
-if TYPE_CHECKING:
-    from mailappliance.smtp.server import SMTPSession
-
-    _Base = SMTPSession
-else:
-    _Base = object
+from mailappliance.smtp.session_base import SMTPSessionBase
 
 _LINE_ENDINGS = re.compile(rb"\r\n|\r|\n")
 MAX_SIZE_DIGITS = 20
@@ -114,7 +107,7 @@ def parse_bdat(argument: str) -> tuple[int, bool] | None:
     return int(size), len(words) == 2
 
 
-class ChunkingCommands(_Base):
+class ChunkingCommands(SMTPSessionBase):
     """BDAT; a mixin of the SMTP session beside MailTransaction."""
 
     chunked: ChunkedTransfer | None = None

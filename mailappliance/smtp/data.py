@@ -10,7 +10,7 @@ unterminated line (bounded by the line limit) between calls.
 from __future__ import annotations
 
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import attrs
 

@@ -10,18 +10,29 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, TypedDict
 
-from mailappliance.queue.dsn import RecipientStatus
 from mailappliance.dsn_params import MailParameters
+from mailappliance.queue.dsn import RecipientStatus
 
 if TYPE_CHECKING:
+    from mailappliance.smtp.session_base import SMTPSessionBase
     from mailappliance.smtp.transaction import Transaction
 
 NO_PARAMETERS = MailParameters()
 
 
-def envelope_fields(transaction: Transaction, addresses: Iterable[str]) -> dict[str, Any]:
+class EnvelopeFields(TypedDict):
+    """Keyword arguments of ``Envelope.new``: DSN (RFC 3461) and SMTPUTF8."""
+
+    notify: dict[str, str]
+    orcpt: dict[str, str]
+    ret: str
+    envid: str
+    smtputf8: bool
+
+
+def envelope_fields(transaction: Transaction, addresses: Iterable[str]) -> EnvelopeFields:
     """The DSN and SMTPUTF8 keywords of ``Envelope.new`` for these recipients."""
     mail = transaction.mail_parameters or NO_PARAMETERS
     notify: dict[str, str] = {}
@@ -34,10 +45,11 @@ def envelope_fields(transaction: Transaction, addresses: Iterable[str]) -> dict[
     return {"notify": notify, "orcpt": orcpt, "ret": mail.ret, "envid": mail.envid, "smtputf8": mail.smtputf8}
 
 
-def notify_local_success(session: Any, queue_id: str, transaction: Transaction, paths: list[Path]) -> None:
+def notify_local_success(session: SMTPSessionBase, queue_id: str, transaction: Transaction,
+                         paths: list[Path]) -> None:
     """After the 250: a success notice for the local recipients that asked (NOTIFY=SUCCESS),
     if ``[smtp] dsn_success_notices`` lets this sender have one."""
-    notices = getattr(session.factory, "success_notices", None)
+    notices = session.factory.success_notices
     if notices is None or transaction.sender.is_null or not paths or not transaction.recipient_parameters:
         return
     statuses: dict[str, RecipientStatus] = {}

@@ -4,7 +4,7 @@ verdict to a reply, and apply its header edit to the staged message."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import attrs
 from twisted.python.failure import Failure
@@ -13,6 +13,11 @@ from mailappliance.filter.rspamd import SpamVerdict
 from mailappliance.metrics import METRICS
 from mailappliance.msgauth.inspect import Envelope, Inspection, MessageSource
 from mailappliance.smtp import replies
+
+if TYPE_CHECKING:
+    from mailappliance.delivery import Delivery
+    from mailappliance.smtp.session_base import SMTPSessionBase
+    from mailappliance.smtp.transaction import Transaction
 
 
 @attrs.frozen
@@ -24,9 +29,9 @@ class Checked:
     junk: frozenset[str] = frozenset()
 
 
-def suspension_refusal(session: Any) -> replies.Reply | None:
+def suspension_refusal(session: SMTPSessionBase) -> replies.Reply | None:
     """MAIL from a subscriber whose submission is suspended (outgoing spam)."""
-    inspector = getattr(session.factory, "inspector", None)
+    inspector = session.factory.inspector
     if inspector is None or session.subscriber is None or not inspector.suspended(session.subscriber.uid):
         return None
     METRICS.count("mailappliance_messages_refused_total", reason="submission_suspended")
@@ -35,8 +40,8 @@ def suspension_refusal(session: Any) -> replies.Reply | None:
     return replies.SUBMISSION_SUSPENDED
 
 
-async def inspect_message(session: Any, delivery: Any, transaction: Any) -> Checked:
-    inspector = getattr(session.factory, "inspector", None)
+async def inspect_message(session: SMTPSessionBase, delivery: Delivery, transaction: Transaction) -> Checked:
+    inspector = session.factory.inspector
     if inspector is None:
         return Checked()
     recipients = tuple([r.address for r in transaction.local_recipients] + list(transaction.remote_recipients))
@@ -88,7 +93,7 @@ def _reply(inspection: Inspection) -> replies.Reply | None:
     return None
 
 
-def _log(session: Any, inspection: Inspection, queue_id: str) -> None:
+def _log(session: SMTPSessionBase, inspection: Inspection, queue_id: str) -> None:
     outcome, facts = inspection.outcome, inspection.facts
     summary = []
     if facts is not None:

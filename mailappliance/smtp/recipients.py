@@ -14,7 +14,7 @@ except for postmaster@ and abuse@, so that they can still complain.
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import attrs
 
@@ -27,19 +27,17 @@ from mailappliance.addressing import (
     resolve,
 )
 from mailappliance.delivery import SpoolEntry
+from mailappliance.mailpath import MailPath, PathSyntaxError, parse_path
 from mailappliance.metrics import METRICS
 from mailappliance.policy import Route, decide_recipient
 from mailappliance.queue.spool import Envelope
 from mailappliance.smtp import replies
-from mailappliance.mailpath import MailPath, PathSyntaxError, parse_path
+from mailappliance.smtp.session_base import SMTPSessionBase
+from mailappliance.verdicts import Verdict
 
 if TYPE_CHECKING:
-    from mailappliance.smtp.server import SMTPSession
-    from mailappliance.smtp.transaction import Transaction
-
-    _Base = SMTPSession
-else:
-    _Base = object
+    from mailappliance.delivery import Delivery
+    from mailappliance.smtp.transaction import LocalRecipient, Transaction
 
 FORWARD_QUEUE_SUFFIX = ".fwd"  # the queue id of a message's forwarded copies: <id>.fwd
 HELD_STAGES = ("client", "helo", "sender")
@@ -58,7 +56,7 @@ class RcptOutcome:
     """Where the copies of an accepted recipient go."""
 
     address: str  # as received
-    local: list[Any] = attrs.Factory(list)  # LocalRecipient
+    local: list[LocalRecipient] = attrs.Factory(list)
     relay: list[str] = attrs.Factory(list)  # remote, sender unchanged: an SRS bounce going back
     forward: list[str] = attrs.Factory(list)  # remote, SRS sender
 
@@ -68,7 +66,7 @@ def _plain_addressing(local_domains: frozenset[str]) -> Addressing:
     return Addressing(local_domains=local_domains)
 
 
-class LocalRecipients(_Base):
+class LocalRecipients(SMTPSessionBase):
     """Resolving recipients in our domains; screening refusals held until RCPT."""
 
     @property
@@ -77,7 +75,7 @@ class LocalRecipients(_Base):
 
     # -- screening held until RCPT ---------------------------------------------------
 
-    def hold_screening(self, stage: str, verdict: Any, reply: replies.Reply) -> bool:
+    def hold_screening(self, stage: str, verdict: Verdict, reply: replies.Reply) -> bool:
         """A screening refusal at connect, HELO or MAIL: True if it waits for RCPT (where
         postmaster@ and abuse@ stay open), False if the caller refuses now."""
         if getattr(self.config, "screen_refuse_at", "rcpt") != "rcpt":
@@ -121,7 +119,9 @@ class LocalRecipients(_Base):
                                rcpt=received_as, mailbox=addressing.role_mailbox(addressing.split_tag(
                                    recipient.local_part)[0].lower()))
                 return replies.MAILBOX_MISCONFIGURED
-            return await self._local_recipient(None, received_as)
+            refusal = await self._local_recipient(None, received_as)
+            assert isinstance(refusal, replies.Reply)  # no subscriber: always refused
+            return refusal
         if subscriber.disabled:
             return replies.MAILBOX_DISABLED
         resolution = resolve(addressing, lookup, subscriber, received_as)
@@ -179,7 +179,7 @@ class LocalRecipients(_Base):
             return replies.RELAY_DENIED
         return RcptOutcome(received_as, relay=[original])
 
-    def add_outcome(self, transaction: "Transaction", outcome: RcptOutcome) -> None:
+    def add_outcome(self, transaction: Transaction, outcome: RcptOutcome) -> None:
         """Record an accepted recipient's copies in the transaction."""
         transaction.local_recipients.extend(outcome.local)
         transaction.remote_recipients.extend(outcome.relay)
@@ -188,7 +188,7 @@ class LocalRecipients(_Base):
         elif not outcome.local and not outcome.relay:  # cannot happen; never accept a recipient for nothing
             raise AssertionError(f"recipient {outcome.address} resolved to nothing")
 
-    def forward_entries(self, delivery: Any, transaction: "Transaction") -> list[SpoolEntry]:
+    def forward_entries(self, delivery: Delivery, transaction: Transaction) -> list[SpoolEntry]:
         """The outbound spool entry of the forwarded copies: one envelope, SRS sender."""
         targets = list(dict.fromkeys(t for f in transaction.forwarded for t in f.targets))
         if not targets:

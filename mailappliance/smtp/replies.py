@@ -18,7 +18,7 @@ class Reply:
     status: str
     text: str
 
-    def with_text(self, text: str) -> "Reply":
+    def with_text(self, text: str) -> Reply:
         return attrs.evolve(self, text=text)
 
     @property

@@ -12,33 +12,51 @@ MAIL/RCPT/DATA stage in :mod:`.transaction`, reply texts in :mod:`.replies`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import cast
 
 import attrs
+from OpenSSL import SSL
 from twisted.cred.portal import Portal
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.interfaces import (
+    IAddress,
+    IHandshakeListener,
+    IOpenSSLContextFactory,
+    IReactorTime,
+    ISystemHandle,
+    ITLSTransport,
+    ITransport,
+)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailappliance.addressing import Addressing
 from mailappliance.authenticator import Authenticator
+from mailappliance.budget import NetworkByteBudget
+from mailappliance.client_lookup import ClientLookup
 from mailappliance.config import SMTPOptions
 from mailappliance.delivery import Committer, Delivery
 from mailappliance.directory import Subscriber
+from mailappliance.limits import RateLimits
 from mailappliance.linesession import LINE_TOO_LONG, LineSession, SessionSettings
 from mailappliance.metrics import METRICS
+from mailappliance.msgauth.inspect import MessageInspector
+from mailappliance.queue.notices import SuccessNotices
 from mailappliance.queue.spool import OutboundSpool
-from mailappliance.screening import ClientFacts, screen_client, screen_helo
-from mailappliance.smtp import replies
+from mailappliance.quota import MailboxQuotas
 from mailappliance.sasl import SaslExchange
+from mailappliance.screening import ClientFacts, ScreeningSource, screen_client, screen_helo
+from mailappliance.smtp import replies
 from mailappliance.smtp.auth import AuthCommands
 from mailappliance.smtp.chunking import ChunkingCommands
 from mailappliance.smtp.data import DataReader
-from mailappliance.verdicts import Verdict
 from mailappliance.smtp.transaction import MailTransaction, Transaction
+from mailappliance.tls import ClientCertificate
+from mailappliance.verdicts import Verdict
 
 MAX_COMMAND_LINE = 4096  # RFC 5321 says 512; AUTH (RFC 4954) needs more
 COMMANDS = frozenset({"EHLO", "HELO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP", "QUIT", "VRFY",
@@ -63,7 +81,7 @@ class SMTPConfig:
     max_errors: int = _SMTP_DEFAULTS.max_errors
     idle_timeout: float = 300
     listener: str = ""
-    tls: Any = None  # a ServerTLS context factory: offers STARTTLS when not implicit
+    tls: IOpenSSLContextFactory | None = None  # ServerTLS: offers STARTTLS when not implicit
     implicit_tls: bool = False
     require_auth: bool = False  # submission: MAIL only after AUTH or a client certificate
     offer_auth: bool = True  # AUTH on this listener at all (off on the MX unless configured)
@@ -73,7 +91,7 @@ class SMTPConfig:
     command_time_limit: float = _SMTP_DEFAULTS.command_time_limit  # seconds for one command line to arrive
     data_time_limit: float = _SMTP_DEFAULTS.data_time_limit  # seconds for a whole DATA phase
     session_lifetime: float = 0  # seconds a session may last at most (0: no limit)
-    addressing: Any = None  # addressing.Addressing: alias domains, sub-addresses, SRS (None: local_domains only)
+    addressing: Addressing | None = None  # alias domains, sub-addresses, SRS (None: local_domains only)
     screen_refuse_at: str = "rcpt"  # a screened client: refused at RCPT (postmaster@/abuse@ open) or "connect"
 
     @property
@@ -89,7 +107,7 @@ class SMTPSession(AuthCommands, ChunkingCommands, MailTransaction, LineSession):
 
     log = Logger(namespace="mailappliance.smtp")
 
-    def __init__(self, factory: "SMTPFactory") -> None:
+    def __init__(self, factory: SMTPFactory) -> None:
         super().__init__()
         self.factory = factory
         self.config = factory.config
@@ -113,8 +131,8 @@ class SMTPSession(AuthCommands, ChunkingCommands, MailTransaction, LineSession):
         self.sasl: SaslExchange | None = None
         self.client_facts: ClientFacts | None = None
         self.client_allowed = False
-        self.held_refusals: dict[str, Any] = {}  # screening refusals waiting for RCPT (recipients.py)
-        self._handshake: Deferred | None = None
+        self.held_refusals = {}  # screening refusals waiting for RCPT (recipients.py)
+        self._handshake: Deferred[None] | None = None
 
     # -- kernel hooks -----------------------------------------------------------------
 
@@ -125,7 +143,7 @@ class SMTPSession(AuthCommands, ChunkingCommands, MailTransaction, LineSession):
         if self.config.implicit_tls:
             self._wait_for_handshake()  # nothing is read as a command before the handshake is done
         if self.factory.screening is not None and self.config.screen:
-            self.run(Deferred.fromCoroutine(self._screen_client()))  # commands wait for the verdict
+            self.run(Deferred.fromCoroutine(self._screen_client(self.factory.screening)))  # commands wait for it
             return
         self._banner()
 
@@ -198,12 +216,14 @@ class SMTPSession(AuthCommands, ChunkingCommands, MailTransaction, LineSession):
 
     # -- screening --------------------------------------------------------------------
 
-    async def _screen_client(self) -> None:
-        lists = self.factory.screening.current()
+    async def _screen_client(self, screening: ScreeningSource) -> None:
+        lists = screening.current()
         facts = ClientFacts(self.client_ip)
         try:
             if lists.needs_client_name or lists.dnsbl_zones:
-                facts = await self.factory.client_lookup.facts(self.client_ip, lists)
+                client_lookup = self.factory.client_lookup
+                assert client_lookup is not None  # service.py gives the listeners with screening one
+                facts = await client_lookup.facts(self.client_ip, lists)
         except Exception:
             self.log_event(self.log.failure, "screening lookup failed; accepting the client", failure=Failure())
         self.client_facts = facts
@@ -224,7 +244,7 @@ class SMTPSession(AuthCommands, ChunkingCommands, MailTransaction, LineSession):
         self.client_allowed = verdict.rule.startswith("allow.")
         self._banner()
 
-    def screened(self, verdict: Any, stage: str) -> None:
+    def screened(self, verdict: Verdict, stage: str) -> None:
         METRICS.count("mailappliance_messages_refused_total", reason=f"screened_{stage}")
         name = self.client_facts.name if self.client_facts else None
         self.log_event(self.log.info, "screened at {stage}: {action} rule={rule} value='{value}' name={name}",
@@ -272,7 +292,9 @@ class SMTPSession(AuthCommands, ChunkingCommands, MailTransaction, LineSession):
     def handshakeCompleted(self) -> None:
         """TLS is up (STARTTLS or implicit): note it, then try the client certificate."""
         self.secure = True
-        tls = self.transport.getHandle() if hasattr(self.transport, "getHandle") else None
+        # ISystemHandle types the handle as object: a TLS transport's is its pyOpenSSL Connection.
+        tls = cast(SSL.Connection, cast(ISystemHandle, self.transport).getHandle()) \
+            if hasattr(self.transport, "getHandle") else None
         version = tls.get_protocol_version_name() if tls is not None else "TLS"
         cipher = tls.get_cipher_name() if tls is not None else ""
         self.log_event(self.log.info, "TLS established: {version} {cipher}", version=version, cipher=cipher)
@@ -298,7 +320,9 @@ class SMTPSession(AuthCommands, ChunkingCommands, MailTransaction, LineSession):
         self.helo, self.esmtp = None, False
         self.subscriber, self.auth_method = None, ""
         self._wait_for_handshake()
-        self.transport.startTLS(self.config.tls)
+        # Not in TLS yet, so the transport is a plain tcp.Server, which is an ITLSTransport; its
+        # startTLS takes context factories too (wrapped), though typed for connection creators only.
+        cast(ITLSTransport, self.transport).startTLS(self.config.tls)  # type: ignore[arg-type]
 
     # -- simple commands --------------------------------------------------------------
 
@@ -312,10 +336,11 @@ class SMTPSession(AuthCommands, ChunkingCommands, MailTransaction, LineSession):
         return extensions
 
     def _helo_refused(self, helo: str) -> bool:
-        if not self.screening_applies():
+        screening = self.factory.screening
+        if screening is None or not self.screening_applies():
             return False
         self.held_refusals.pop("helo", None)
-        verdict = screen_helo(helo, self.factory.screening.current())
+        verdict = screen_helo(helo, screening.current())
         if verdict.accepted:
             return False
         self.screened(verdict, "helo")
@@ -364,27 +389,32 @@ class SMTPSession(AuthCommands, ChunkingCommands, MailTransaction, LineSession):
         self.respond(replies.Reply(214, "2.0.0", "See RFC 5321; this server speaks ESMTP"))
 
 
-class SMTPFactory(protocol.ServerFactory):
+class SMTPFactory(protocol.ServerFactory[SMTPSession]):
     """Builds sessions for one listener; holds what they share."""
+
+    inspector: MessageInspector | None = None  # set by service.py: DKIM, SPF, DMARC, the content filter
+    success_notices: SuccessNotices | None = None  # set by service.py: NOTIFY=SUCCESS for local deliveries
 
     def __init__(
         self,
         config: SMTPConfig,
-        find_recipient: Callable[[str], Deferred],
+        find_recipient: Callable[[str], Deferred[Subscriber | None]],
         commit: Committer,
         portal: Portal | None = None,
         spool: OutboundSpool | None = None,
-        peer_certificate: Callable[[Any], Any] = lambda transport: None,
+        peer_certificate: Callable[[ITransport | None], ClientCertificate | None] = lambda transport: None,
         on_queued: Callable[[], None] = lambda: None,
-        limits: Any = None,
-        screening: Any = None,
-        client_lookup: Any = None,
-        clock: Any = None,
-        quotas: Any = None,
-        network_budget: Any = None,
+        limits: RateLimits | None = None,
+        screening: ScreeningSource | None = None,
+        client_lookup: ClientLookup | None = None,
+        clock: IReactorTime | None = None,
+        quotas: MailboxQuotas | None = None,
+        network_budget: NetworkByteBudget | None = None,
     ) -> None:
         if clock is None:
-            from twisted.internet import reactor as clock
+            from twisted.internet import reactor as default_reactor
+
+            clock = default_reactor
         self.clock = clock
         self.on_queued = on_queued
         self.screening = screening  # a ScreeningSource (None: no screening)
@@ -400,7 +430,7 @@ class SMTPFactory(protocol.ServerFactory):
         self.spool = spool
         self.peer_certificate = peer_certificate
 
-    def buildProtocol(self, addr: Any) -> SMTPSession:
+    def buildProtocol(self, addr: IAddress | None) -> SMTPSession:
         session = SMTPSession(self)
         session.factory = self
         return session

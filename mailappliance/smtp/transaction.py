@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
@@ -24,30 +24,29 @@ from mailappliance.budget import network_of
 from mailappliance.budget import record_refusal as record_budget_refusal
 from mailappliance.delivered_to import delivered_to_header
 from mailappliance.delivery import Delivery, SpoolEntry
-from mailappliance.folders import delivery_target
 from mailappliance.directory import DirectoryUnavailable, Subscriber
-from mailappliance.limits import subscriber_limits
+from mailappliance.dsn_params import (
+    MailParameters,
+    ParameterError,
+    RecipientParameters,
+    parse_mail_parameters,
+    parse_rcpt_parameters,
+)
+from mailappliance.folders import delivery_target
+from mailappliance.limits import LimitHit, Reservation, subscriber_limits
 from mailappliance.maildir import junk_folder, maildir_for
+from mailappliance.mailpath import MailPath, NonAsciiAddress, PathSyntaxError, parse_path, split_command_argument
 from mailappliance.metrics import METRICS
 from mailappliance.policy import Route, decide_recipient, decide_sender
-from mailappliance.quota import record_refusal as record_quota_refusal
 from mailappliance.queue.spool import Envelope
+from mailappliance.quota import record_refusal as record_quota_refusal
 from mailappliance.screening import screen_sender
 from mailappliance.smtp import replies
 from mailappliance.smtp.data import DataReader
 from mailappliance.smtp.dsn_notices import envelope_fields, notify_local_success
-from mailappliance.dsn_params import MailParameters, ParameterError, parse_mail_parameters, parse_rcpt_parameters
 from mailappliance.smtp.inspection import inspect_message, suspension_refusal
-from mailappliance.mailpath import MailPath, NonAsciiAddress, PathSyntaxError, parse_path, split_command_argument
-from mailappliance.trace_headers import received_header, return_path_header, tls_description
 from mailappliance.smtp.recipients import ForwardedRecipient, LocalRecipients, RcptOutcome
-
-if TYPE_CHECKING:
-    from mailappliance.smtp.server import SMTPSession
-
-    _Base = SMTPSession
-else:
-    _Base = object
+from mailappliance.trace_headers import received_header, return_path_header, tls_description
 
 
 @attrs.define
@@ -64,7 +63,7 @@ class Transaction:
 
     sender: MailPath
     declared_size: int = 0
-    reservation: Any = None  # limits.Reservation of an authenticated sender
+    reservation: Reservation | None = None  # of an authenticated sender
     local_recipients: list[LocalRecipient] = attrs.Factory(list)
     remote_recipients: list[str] = attrs.Factory(list)
     started: float = attrs.Factory(time.time)  # MAIL: the message's age and the transaction time count from here
@@ -73,7 +72,7 @@ class Transaction:
     trace_length: int = 0  # our Return-Path and Received fields: the client's message starts here
     forwarded: list[ForwardedRecipient] = attrs.Factory(list)  # copies out with an SRS sender
     mail_parameters: MailParameters | None = None  # SIZE, BODY, SMTPUTF8, DSN's RET and ENVID (dsn_params)
-    recipient_parameters: dict[str, Any] = attrs.Factory(dict)  # accepted address -> NOTIFY, ORCPT
+    recipient_parameters: dict[str, RecipientParameters] = attrs.Factory(dict)  # accepted address -> NOTIFY, ORCPT
 
     @property
     def recipient_count(self) -> int:
@@ -164,7 +163,8 @@ class MailTransaction(LocalRecipients):
         d.addCallback(self._message_reserved, reservation, sender, mail_parameters)
         self.run(d)
 
-    def _message_reserved(self, hit: Any, reservation: Any, sender: MailPath, mail_parameters: MailParameters) -> None:
+    def _message_reserved(self, hit: LimitHit | None, reservation: Reservation, sender: MailPath,
+                          mail_parameters: MailParameters) -> None:
         if hit is not None or self.closed:
             reservation.release()
             if hit is not None:
@@ -175,8 +175,9 @@ class MailTransaction(LocalRecipients):
         self.respond(replies.SENDER_OK)
 
     def _unauthenticated_sender_refusal(self, sender: MailPath, declared_size: int) -> replies.Reply | None:
-        if self.screening_applies():
-            verdict = screen_sender(sender.address, self.factory.screening.current())
+        screening = self.factory.screening
+        if screening is not None and self.screening_applies():
+            verdict = screen_sender(sender.address, screening.current())
             if not verdict.accepted:
                 self.screened(verdict, "mail")
                 reply = replies.ACCESS_DENIED.with_text(f"<{sender.address}>: Sender address rejected: Access denied")
@@ -247,18 +248,18 @@ class MailTransaction(LocalRecipients):
         d.addErrback(self._rcpt_lookup_failed, address)
         self.run(d)
 
-    def _reserve_recipient(self, transaction: Transaction, accept: Callable[[], None]) -> Deferred:
+    def _reserve_recipient(self, transaction: Transaction, accept: Callable[[], None]) -> Deferred[None]:
         """Count an accepted recipient against the sender's hourly limit, at once
         (parallel sessions see it; the state store may be Redis), then ``accept``
         it and answer; or answer that the limit is reached."""
+        d: Deferred[LimitHit | None]
         if transaction.reservation is None:
             d = succeed(None)
         else:
             d = transaction.reservation.add_recipient()
-        d.addCallback(self._recipient_reserved, accept)
-        return d
+        return d.addCallback(self._recipient_reserved, accept)
 
-    def _recipient_reserved(self, hit: Any, accept: Callable[[], None]) -> None:
+    def _recipient_reserved(self, hit: LimitHit | None, accept: Callable[[], None]) -> None:
         if hit is not None:
             self.limit_hit(hit)
             return
@@ -295,7 +296,7 @@ class MailTransaction(LocalRecipients):
         return LocalRecipient(address, subscriber, maildir)
 
     def _rcpt_decided(self, outcome: replies.Reply | RcptOutcome, address: str,
-                      rcpt_parameters: Any = None) -> Deferred | None:
+                      rcpt_parameters: RecipientParameters | None = None) -> Deferred[None] | None:
         transaction = self.transaction
         if isinstance(outcome, replies.Reply):
             if outcome.permanent:
@@ -320,7 +321,8 @@ class MailTransaction(LocalRecipients):
                            rcpt=address, why=failure.getErrorMessage())
         self.respond(replies.TEMP_LOOKUP_FAILURE.with_text(f"<{address}>: {replies.TEMP_LOOKUP_FAILURE.text}"))
 
-    def _accept_remote(self, transaction: Transaction, recipient: MailPath, rcpt_parameters: Any = None) -> None:
+    def _accept_remote(self, transaction: Transaction, recipient: MailPath,
+                       rcpt_parameters: RecipientParameters | None = None) -> None:
         """An authenticated subscriber's mail for another domain: to the outbound spool."""
         if self.factory.spool is None:
             self.error(replies.RELAY_DENIED.with_text(f"<{recipient.address}>: Relay access denied"))
@@ -406,7 +408,8 @@ class MailTransaction(LocalRecipients):
         """Start looking up the client's forward-confirmed reverse name for the Received
         header, once per session and without waiting: screening's answer when it has
         one; a lookup that has not answered by DATA leaves "unknown"."""
-        if self.trace_name is not None or getattr(self.factory, "client_lookup", None) is None:
+        client_lookup = self.factory.client_lookup
+        if self.trace_name is not None or client_lookup is None:
             return
         if self.client_facts is not None and self.client_facts.name:
             self.trace_name = self.client_facts.name
@@ -416,7 +419,7 @@ class MailTransaction(LocalRecipients):
         def found(name: str | None) -> None:
             self.trace_name = name or ""
 
-        d = Deferred.fromCoroutine(self.factory.client_lookup.trace_name(self.client_ip))
+        d = Deferred.fromCoroutine(client_lookup.trace_name(self.client_ip))
         d.addCallbacks(found, lambda failure: None)
 
     def end_of_data(self) -> None:
@@ -537,7 +540,7 @@ class MailTransaction(LocalRecipients):
         receiving = max(0.0, transaction.data_ended - transaction.started)
         storing = max(0.0, now - transaction.data_ended)
         root = str(self.config.maildir_root) + os.sep
-        files = {}  # Maildir (or its folder's Maildir) -> the file delivered there
+        files: dict[Path, Path] = {}  # Maildir (or its folder's Maildir) -> the file delivered there
         for path in paths:
             folder = path.parent.parent
             files.setdefault(folder, path)
