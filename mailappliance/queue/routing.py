@@ -16,6 +16,7 @@ import attrs
 import idna
 from twisted.internet.interfaces import IResolver
 from twisted.names import client, dns, error
+
 from mailappliance.settings import Relay
 
 DNS_TIMEOUT = (2, 4, 8)

@@ -6,14 +6,12 @@ import attrs
 from twisted.application import service
 from twisted.internet.interfaces import IReactorTime
 
+from mailappliance.settings import StateSettings, parse_url
 from mailappliance.state import StateStore
-
-from mailappliance.settings import StateSettings
 from mailappliance.state.failover import FailoverStore
 from mailappliance.state.memory import MemoryStore
 from mailappliance.state.redis import RedisStore
 from mailappliance.state.resp import RedisClient
-from mailappliance.settings import parse_url
 
 
 class _StoreService(service.Service):

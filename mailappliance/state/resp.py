@@ -35,8 +35,8 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClien
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 
-from mailappliance.state import StateUnavailable
 from mailappliance.settings import RedisAddress
+from mailappliance.state import StateUnavailable
 
 MAX_REPLY = 1024 * 1024  # bytes buffered for one reply
 MAX_ITEMS = 100_000  # elements of one array reply
