@@ -23,19 +23,12 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 from mailappliance.maildir import IncomingMessage, ensure_maildir_once
 
 COPY_BLOCK = 1024 * 1024
 COPY_BUDGET = 64 * 1024 * 1024  # bytes of per-recipient copies one message may cost
-# Start writing a copy out as soon as it is written (Linux): with delayed allocation each
-# copy's fsync would otherwise need a journal commit (a disk flush) of its own.
-# NOTE: CPython's os module has no sync_file_range (only the C library does), so this is
-# None and the call in write() does not run: copies are written back by their fsync alone.
-_START_WRITEBACK: Callable[[int, int, int, int], None] | None = getattr(os, "sync_file_range", None)
-_SYNC_FILE_RANGE_WRITE: int = getattr(os, "SYNC_FILE_RANGE_WRITE", 2)  # <linux/fs.h>
 
 
 def delivered_to_header(address: str) -> bytes:
@@ -75,8 +68,6 @@ class RecipientCopy:
             self._copy(source, 0, start)
             _write_all(self._fd, self.header)
             self._copy(source, end, self.message.size)
-            if _START_WRITEBACK is not None:  # blocks allocated now: the batch's first fsync commits them all
-                _START_WRITEBACK(self._fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
         finally:
             os.close(source)
 
