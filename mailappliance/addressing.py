@@ -21,15 +21,16 @@ Nothing here does I/O; the session does the lookups the plan asks for.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import attrs
 from twisted.logger import Logger
 
 from mailappliance.addresses import is_safe_mailbox_name
+from mailappliance.config import ConfigError
 from mailappliance.directory import Subscriber
 from mailappliance.mailpath import MailPath, PathSyntaxError, parse_path
-from mailappliance.config import ConfigError
 from mailappliance.srs import Srs, SrsError, ensure_key, load_keys, looks_like_srs, read_key
 
 log = Logger(namespace="mailappliance")

@@ -17,20 +17,36 @@ from __future__ import annotations
 
 import socket
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import attrs
 
 from mailappliance.address_settings import AddressSettings, ForwardingSettings, parse_addresses, parse_forwarding
 from mailappliance.addresses import normalize_domain
 from mailappliance.directory import InvalidAddress
-from mailappliance.msgauth.settings import (DkimSettings, FilterSettings, MsgAuthSettings, parse_dkim,
-                                            parse_filter, parse_msgauth)
+from mailappliance.msgauth.settings import (
+    DkimSettings,
+    FilterSettings,
+    MsgAuthSettings,
+    parse_dkim,
+    parse_filter,
+    parse_msgauth,
+)
 from mailappliance.screening_lists import ScreeningFileError, load_lists
-from mailappliance.settings import (DEFAULT_BYTES_PER_HOUR, DEFAULT_MAILBOX_QUOTA, SYNC_METHODS, LimitSettings,
-                                    Relay, StateSettings, ThrottleSettings, parse_size, parse_url,
-                                    syncfs_available)
+from mailappliance.settings import (
+    DEFAULT_BYTES_PER_HOUR,
+    DEFAULT_MAILBOX_QUOTA,
+    SYNC_METHODS,
+    LimitSettings,
+    Relay,
+    StateSettings,
+    ThrottleSettings,
+    parse_size,
+    parse_url,
+    syncfs_available,
+)
 
 ROLES = ("mx", "submission", "submissions", "pop3", "pop3s", "autoconfig", "autoconfigs", "metrics")
 SMTP_ROLES = ("mx", "submission", "submissions")
@@ -239,7 +255,7 @@ class Settings:
     filter: FilterSettings = FilterSettings()  # [filter] rspamd
     # The secret files read for this config (and their values): a reload that
     # cannot read an unchanged one keeps the value. Not a setting: never compared.
-    secrets: "SecretFiles | None" = attrs.field(default=None, eq=False, repr=False)
+    secrets: SecretFiles | None = attrs.field(default=None, eq=False, repr=False)
 
 
 class SecretFiles:
@@ -277,7 +293,7 @@ class SecretFiles:
         return value
 
 
-class _Reader:
+class ConfigReader:
     """Typed access to one TOML table, producing ConfigErrors with full key paths."""
 
     def __init__(self, file: Path, table: dict[str, Any], prefix: str = "",
@@ -312,10 +328,10 @@ class _Reader:
         value = self._get(name, default, str, "a string")
         if not value and default is _REQUIRED:
             raise self.error(name, "must not be empty")
-        return value
+        return str(value)
 
     def boolean(self, name: str, default: bool) -> bool:
-        return self._get(name, default, bool, "true or false")
+        return bool(self._get(name, default, bool, "true or false"))
 
     def number(self, name: str, default: float, minimum: float, maximum: float) -> float:
         value = self._get(name, default, (int, float), f"a number from {minimum} to {maximum}")
@@ -327,14 +343,14 @@ class _Reader:
         value = self._get(name, default, int, f"a whole number from {minimum} to {maximum}")
         if not minimum <= value <= maximum:
             raise self.error(name, f"must be a whole number from {minimum} to {maximum}, got {value!r}")
-        return value
+        return int(value)
 
     def choice(self, name: str, default: Any, choices: tuple[str, ...]) -> str:
         valid = " or ".join(repr(c) for c in choices)
         value = self._get(name, default, str, f"one of {valid}")
         if value not in choices:
             raise self.error(name, f"must be one of {valid}, got {value!r}")
-        return value
+        return str(value)
 
     def path(self, name: str, default: Any = None) -> Path:
         raw = self.string(name, default)
@@ -348,9 +364,9 @@ class _Reader:
             raise self.error(name, f"must be a list of non-empty strings, got {value!r}")
         return tuple(value)
 
-    def table_of(self, name: str) -> "_Reader":
+    def table_of(self, name: str) -> ConfigReader:
         value = self._get(name, {}, dict, "a table")
-        return _Reader(self.file, value, f"{self.prefix}{name}.", self.secrets)
+        return ConfigReader(self.file, value, f"{self.prefix}{name}.", self.secrets)
 
     def secret_file(self, name: str) -> Path | None:
         """The path of ``name_file`` (not read), None when ``name`` is given inline or not at all."""
@@ -382,7 +398,7 @@ class _Reader:
 _REQUIRED = object()
 
 
-def _validated(reader: _Reader, name: str, value: T, check: Callable[[T], Any]) -> T:
+def _validated(reader: ConfigReader, name: str, value: T, check: Callable[[T], Any]) -> T:
     try:
         check(value)
     except (InvalidAddress, ValueError) as e:
@@ -390,7 +406,7 @@ def _validated(reader: _Reader, name: str, value: T, check: Callable[[T], Any]) 
     return value
 
 
-def _size(reader: _Reader, name: str, default: int) -> int:
+def _size(reader: ConfigReader, name: str, default: int) -> int:
     """Bytes, as a whole number or a text like "500M" or "2G" (0 usually means: no limit)."""
     value = reader._get(name, default, (int, str), "a size in bytes or a text like \"500M\" or \"2G\"")
     try:
@@ -402,7 +418,7 @@ def _size(reader: _Reader, name: str, default: int) -> int:
 def _listener(file: Path, index: int, table: Any) -> ListenerSettings:
     if not isinstance(table, dict):
         raise ConfigError(file, f"listeners[{index}]", "must be a table ([[listeners]])")
-    reader = _Reader(file, table, f"listeners[{index}].")
+    reader = ConfigReader(file, table, f"listeners[{index}].")
     role = reader.choice("role", _REQUIRED, ROLES)
     listener = ListenerSettings(
         name=reader.string("name", role),
@@ -453,7 +469,7 @@ def _check_ip(text: str) -> None:
     raise ValueError(f"must be an IPv4 or IPv6 address, got {text!r}")
 
 
-def _ldap(reader: _Reader) -> LdapSettings:
+def _ldap(reader: ConfigReader) -> LdapSettings:
     defaults = LdapSettings()
     urls = reader.strings("urls", defaults.urls)
     for url in urls:
@@ -475,14 +491,14 @@ def _ldap(reader: _Reader) -> LdapSettings:
     return settings
 
 
-def _filter(reader: _Reader, name: str, default: str, placeholder: str) -> str:
+def _filter(reader: ConfigReader, name: str, default: str, placeholder: str) -> str:
     value = reader.string(name, default)
     if placeholder not in value or not (value.startswith("(") and value.endswith(")")):
         raise reader.error(name, f"must be an LDAP filter in parentheses containing {placeholder}")
     return value
 
 
-def _directory(reader: _Reader) -> DirectorySettings:
+def _directory(reader: ConfigReader) -> DirectorySettings:
     backend = reader.choice("backend", "ldif", ("ldif", "ldap"))
     ldif_file = reader.path("ldif_file", "users.ldif")
     threads = reader.integer("threads", 8, 1, 64)
@@ -492,7 +508,7 @@ def _directory(reader: _Reader) -> DirectorySettings:
     return DirectorySettings(backend=backend, ldif_file=ldif_file, ldap=ldap, threads=threads)
 
 
-def _screening(reader: _Reader) -> ScreeningSettings:
+def _screening(reader: ConfigReader) -> ScreeningSettings:
     file = reader.path("file") if "file" in reader.table else None
     apply_to = reader.strings("apply_to", ("mx",))
     for role in apply_to:
@@ -509,19 +525,17 @@ def _screening(reader: _Reader) -> ScreeningSettings:
     return settings
 
 
-def _limits(reader: _Reader) -> LimitSettings:
+def _limits(reader: ConfigReader) -> LimitSettings:
     d = LimitSettings()
-    settings = LimitSettings(**{
-        field.name: (reader.number(field.name, d.session_lifetime, 0, 30 * 86400)  # 0: no limit
-                     if field.name == "session_lifetime"
-                     else reader.integer(field.name, getattr(d, field.name), 1, 10_000_000))
-        for field in attrs.fields(LimitSettings)
-    })
+    counts = {field.name: reader.integer(field.name, getattr(d, field.name), 1, 10_000_000)
+              for field in attrs.fields(LimitSettings) if field.name != "session_lifetime"}
+    settings = LimitSettings(**counts,  # every field but the lifetime is an int
+                             session_lifetime=reader.number("session_lifetime", d.session_lifetime, 0, 30 * 86400))
     reader.reject_unknown()
     return settings
 
 
-def _throttle(reader: _Reader) -> ThrottleSettings:
+def _throttle(reader: ConfigReader) -> ThrottleSettings:
     d = ThrottleSettings()
     return ThrottleSettings(
         window=reader.number("failure_window", d.window, 1, 86400),
@@ -534,7 +548,7 @@ def _throttle(reader: _Reader) -> ThrottleSettings:
     )
 
 
-def _state(reader: _Reader) -> StateSettings:
+def _state(reader: ConfigReader) -> StateSettings:
     """``[state]``: Redis shared by several appliances, or this process's memory (docs/admin.md)."""
     d = StateSettings()
     url = reader.string("redis", "")
@@ -566,7 +580,7 @@ def _state(reader: _Reader) -> StateSettings:
     return settings
 
 
-def _tls(reader: _Reader) -> TLSSettings:
+def _tls(reader: ConfigReader) -> TLSSettings:
     certificate = reader.path("certificate", str(STATE_DIR / "tls" / "server.pem"))
     private_key = reader.path("private_key", str(STATE_DIR / "tls" / "server.key"))
     generate = reader.boolean("generate_self_signed", True)
@@ -584,7 +598,7 @@ def _tls(reader: _Reader) -> TLSSettings:
     return TLSSettings(certificate, private_key, generate, client_ca, client_ca_key)
 
 
-def _relay(reader: _Reader, name: str, text: str) -> str:
+def _relay(reader: ConfigReader, name: str, text: str) -> str:
     try:
         Relay.parse(text)
     except ValueError as e:
@@ -592,7 +606,7 @@ def _relay(reader: _Reader, name: str, text: str) -> str:
     return text
 
 
-def _queue(reader: _Reader) -> QueueSettings:
+def _queue(reader: ConfigReader) -> QueueSettings:
     defaults = QueueSettings()
     resolver = reader.string("resolver", "")
     if resolver and not resolver.rpartition(":")[2].isdigit():
@@ -643,7 +657,7 @@ def _queue(reader: _Reader) -> QueueSettings:
 
 def parse_config(file: Path, data: dict[str, Any], secrets: SecretFiles | None = None) -> Settings:
     """Validate an already-parsed TOML document (``secrets``: those read before, for a reload)."""
-    top = _Reader(file, data, secrets=secrets)
+    top = ConfigReader(file, data, secrets=secrets)
     server = top.table_of("server")
     hostname = server.string("hostname", socket.getfqdn() or "localhost")
     domains = tuple(

@@ -30,10 +30,10 @@ import attrs
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.logger import Logger
 
+from mailappliance.settings import LimitSettings
 from mailappliance.state import StateStore
 from mailappliance.state.memory import MemoryStore, Window
 from mailappliance.verdicts import Verdict, defer
-from mailappliance.settings import LimitSettings
 
 log = Logger(namespace="mailappliance.limits")
 
@@ -164,11 +164,11 @@ class RateLimits:
         subscriber's own, see :func:`subscriber_limits`)."""
         return Reservation(self, uid, limits)
 
-    def held(self, uid: str) -> "Deferred[tuple[int, int]]":
+    def held(self, uid: str) -> Deferred[tuple[int, int]]:
         """Messages and recipients counted against ``uid`` this hour (for tests and the admin)."""
-        d = gatherResults([self.store.total(("messages", uid), HOUR), self.store.total(("recipients", uid), HOUR)])
-        d.addCallback(tuple)
-        return d
+        totals: Deferred[list[int]] = gatherResults([self.store.total(("messages", uid), HOUR),
+                                                     self.store.total(("recipients", uid), HOUR)])
+        return totals.addCallback(lambda found: (found[0], found[1]))
 
 
 def _messages_hit(uid: str) -> LimitHit:
@@ -218,7 +218,7 @@ class Reservation:
     def _recipient_key(self) -> tuple[str, str]:
         return ("recipients", self.uid)
 
-    def start_message(self) -> "Deferred[LimitHit | None]":
+    def start_message(self) -> Deferred[LimitHit | None]:
         """MAIL: reserve one message against messages_per_hour."""
         self.release()
         generation = self._generation
@@ -235,7 +235,7 @@ class Reservation:
 
         return d.addCallback(reserved)
 
-    def add_recipient(self) -> "Deferred[LimitHit | None]":
+    def add_recipient(self) -> Deferred[LimitHit | None]:
         """RCPT: reserve one recipient against recipients_per_hour, within recipients_per_message."""
         if self.recipients >= self.limits.recipients_per_message:
             return succeed(_per_message_hit(self.uid))

@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import attrs
 from twisted.logger import Logger
 
-from mailappliance.verdicts import ACCEPT, Action, Verdict
 from mailappliance.screening_lists import Network, ScreeningFileError, ScreeningLists, load_lists
+from mailappliance.verdicts import ACCEPT, Action, Verdict
 
 log = Logger(namespace="mailappliance.screening")
 

@@ -29,8 +29,8 @@ import hashlib
 import hmac
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import attrs
 

@@ -26,9 +26,9 @@ from typing import Any
 import attrs
 from twisted.internet.defer import Deferred, gatherResults
 
+from mailappliance.settings import ThrottleSettings
 from mailappliance.state import MarkRule, StateStore
 from mailappliance.state.memory import MemoryStore
-from mailappliance.settings import ThrottleSettings
 
 KEEP_FACTOR = 4  # failures remembered per key: this many times the lock threshold
 
@@ -71,11 +71,12 @@ class AuthThrottle:
         self.clock = clock
         self.store: StateStore = store if store is not None else MemoryStore(clock)
 
-    def check(self, address: str, account: str) -> "Deferred[Throttling]":
+    def check(self, address: str, account: str) -> Deferred[Throttling]:
         """May this address try to log in to this account now?"""
-        d = gatherResults([  # sent together: one round trip to Redis
+        asked: list[Deferred[Any]] = [  # sent together: one round trip to Redis
             self.store.marks([_address_lock(address), _account_lock(account), _trusted(address, account)]),
-            self.store.total(_address_failures(address), self.settings.window)])
+            self.store.total(_address_failures(address), self.settings.window)]
+        d: Deferred[list[Any]] = gatherResults(asked)
 
         def verdict(found: list[Any]) -> Throttling:
             (address_locked, account_locked, trusted), failures = found
@@ -85,44 +86,40 @@ class AuthThrottle:
                 return Throttling(True, account_locked, f"account {account} locked for new addresses")
             return Throttling(trusted_left=trusted, failures=failures)
 
-        d.addCallback(verdict)
-        return d
+        return d.addCallback(verdict)
 
-    def failed(self, address: str, account: str) -> "Deferred[float]":
+    def failed(self, address: str, account: str) -> Deferred[float]:
         """Record a failure; Deferred of how long to wait before answering it."""
         s = self.settings
         by_address = self.store.count(_address_failures(address), s.window, s.address_lock_after * KEEP_FACTOR,
                                       MarkRule(_address_lock(address), s.address_lock_after, s.lock_time))
-        d = self.store.marks([_trusted(address, account)])
+        trusted = self.store.marks([_trusted(address, account)])
 
-        def count_account(left: list[float]) -> Deferred:
+        def count_account(left: list[float]) -> Deferred[int]:
             if left[0] > 0:  # a failure from an address the account's owner uses does not lock it
                 return by_address
-            d = self.store.count(("login-failures-account", account), s.window, s.account_lock_after * KEEP_FACTOR,
-                                 MarkRule(_account_lock(account), s.account_lock_after, s.lock_time))
-            d.addCallback(lambda _: by_address)
-            return d
+            counted = self.store.count(("login-failures-account", account), s.window,
+                                       s.account_lock_after * KEEP_FACTOR,
+                                       MarkRule(_account_lock(account), s.account_lock_after, s.lock_time))
+            return counted.addCallback(lambda _: by_address)
 
-        d.addCallback(count_account)
-        d.addCallback(self._delay)
-        return d
+        return trusted.addCallback(count_account).addCallback(self._delay)
 
     def _delay(self, failures: int) -> float:
         excess = failures - self.settings.free_failures
         return 0.0 if excess <= 0 else min(2.0 ** (excess - 1), self.settings.max_delay)
 
-    def succeeded(self, address: str, account: str, checked: Throttling | None = None) -> "Deferred[None]":
+    def succeeded(self, address: str, account: str, checked: Throttling | None = None) -> Deferred[None]:
         """A good login: the address is trusted for this account and its failures forgiven.
         With the verdict of :meth:`check` for this login, only what changes is written."""
-        writes = []
+        writes: list[Deferred[Any]] = []
         if checked is None or checked.trusted_left < self.settings.trusted_for - REMARK_AFTER:
             writes.append(self.store.mark(_trusted(address, account), self.settings.trusted_for))
         if checked is None or checked.failures:
             writes.append(self.store.forget(_address_failures(address)))
-        d = gatherResults(writes, consumeErrors=True)
-        d.addCallback(lambda _: None)
-        return d
+        written: Deferred[list[Any]] = gatherResults(writes, consumeErrors=True)
+        return written.addCallback(lambda _: None)
 
-    def failures(self, address: str) -> "Deferred[int]":
+    def failures(self, address: str) -> Deferred[int]:
         """Failures counted against ``address`` in the window (for tests and the admin)."""
         return self.store.total(_address_failures(address), self.settings.window)

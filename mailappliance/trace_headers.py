@@ -58,7 +58,7 @@ def received_header(
 
 def return_path_header(sender: str) -> bytes:
     """``sender`` is a parsed path: printable, UTF-8 only with SMTPUTF8 (RFC 6532)."""
-    return f"Return-Path: <{sender}>\r\n".encode("utf-8")
+    return f"Return-Path: <{sender}>\r\n".encode()
 
 
 def tls_description(transport: object) -> str | None:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import attrs
 
 if TYPE_CHECKING:  # config.py imports this module
-    from mailappliance.config import _Reader as ConfigReader
+    from mailappliance.config import ConfigReader
 
 ACTIONS = ("reject", "junk", "flag", "none")
 DNS_FAILURE = ("accept", "tempfail")
