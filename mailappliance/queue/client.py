@@ -20,21 +20,31 @@ from __future__ import annotations
 import base64
 import re
 import time
-from typing import Any
 
 import attrs
-
-from mailappliance.dsn_params import Orcpt, xtext_encode
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.interfaces import (
+    IAddress,
+    IConnector,
+    IHandshakeListener,
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLContextFactory,
+    ITLSTransport,
+)
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailappliance.dsn_params import Orcpt, xtext_encode
+
 _LINE_ENDINGS = re.compile(rb"\r\n|\r|\n")
 MAX_REPLY_LINES = 100
 MAX_REPLY_BUFFER = 64 * 1024
+
+# What the client may start TLS with: a connection creator (optionsForClientTLS, verifying)
+# or a context factory (CertificateOptions, opportunistic), which startTLS wraps.
+TLSContext = IOpenSSLClientConnectionCreator | IOpenSSLContextFactory
 
 
 def smtputf8_need(flag: bool, sender: str, recipients: tuple[str, ...] | list[str], data: bytes) -> str:
@@ -100,7 +110,9 @@ class SessionBroken(Exception):
 class OutboundSession(protocol.Protocol, TimeoutMixin):
     """Drives one SMTP transaction; ``finished`` fires with a TransactionResult."""
 
-    def __init__(self, job: "OutboundJob") -> None:
+    transport: ITLSTransport  # set by makeConnection: a TCP connection (tcp.Client), which can start TLS
+
+    def __init__(self, job: OutboundJob) -> None:
         self.job = job
         self.finished: Deferred[TransactionResult] = Deferred()
         self._buffer = b""
@@ -115,11 +127,11 @@ class OutboundSession(protocol.Protocol, TimeoutMixin):
     # -- transport events ----------------------------------------------------
 
     def connectionMade(self) -> None:
-        self.setTimeout(self.job.timeout)
+        self.setTimeout(self.job.timeout)  # type: ignore[no-untyped-call]  # TimeoutMixin is unannotated
         Deferred.fromCoroutine(self._converse()).addBoth(self._done)
 
     def dataReceived(self, data: bytes) -> None:
-        self.resetTimeout()
+        self.resetTimeout()  # type: ignore[no-untyped-call]  # TimeoutMixin is unannotated
         self._buffer += data
         while b"\n" in self._buffer:
             raw, self._buffer = self._buffer.split(b"\n", 1)
@@ -151,7 +163,7 @@ class OutboundSession(protocol.Protocol, TimeoutMixin):
         self.transport.abortConnection()
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
-        self.setTimeout(None)
+        self.setTimeout(None)  # type: ignore[no-untyped-call]  # TimeoutMixin is unannotated
         failure = self._lost or Failure(SessionBroken(f"connection lost: {reason.getErrorMessage()}"))
         for pending in (self._waiting, self._handshake):
             if pending is not None:
@@ -160,11 +172,11 @@ class OutboundSession(protocol.Protocol, TimeoutMixin):
 
     # -- conversation --------------------------------------------------------
 
-    def _reply(self) -> "Deferred[Reply]":
+    def _reply(self) -> Deferred[Reply]:
         self._waiting = Deferred()
         return self._waiting
 
-    def _command(self, line: str) -> "Deferred[Reply]":
+    def _command(self, line: str) -> Deferred[Reply]:
         waiting = self._reply()
         self.transport.write(line.encode("utf-8") + b"\r\n")
         return waiting
@@ -191,7 +203,8 @@ class OutboundSession(protocol.Protocol, TimeoutMixin):
             started = await self._command("STARTTLS")
             if started.code == 220:
                 self._handshake = Deferred()
-                self.transport.startTLS(job.tls_context)
+                # startTLS takes context factories too (wrapped), though typed for connection creators only.
+                self.transport.startTLS(job.tls_context)  # type: ignore[arg-type]
                 try:
                     await self._handshake
                 except SessionBroken as e:
@@ -264,7 +277,7 @@ class OutboundSession(protocol.Protocol, TimeoutMixin):
         return text + (f" ORCPT={original.parameter()}" if original else "")
 
     def _done(self, result: TransactionResult | Failure) -> None:
-        self.setTimeout(None)
+        self.setTimeout(None)  # type: ignore[no-untyped-call]  # TimeoutMixin is unannotated
         if self.transport is not None and not isinstance(result, Failure):
             self.transport.loseConnection()
         if isinstance(result, Failure):
@@ -285,7 +298,7 @@ class OutboundJob:
     sender: str
     recipients: tuple[str, ...]
     data: bytes = attrs.field(repr=False)
-    tls_context: Any = None  # None: never STARTTLS
+    tls_context: TLSContext | None = None  # None: never STARTTLS
     require_tls: bool = False
     timeout: float = 300
     auth: tuple[str, str] | None = attrs.field(default=None, repr=False)  # smarthost login, inside TLS only
@@ -296,7 +309,7 @@ class OutboundJob:
     tls_policy: str = ""  # why TLS is required ("MTA-STS enforce"), for the deferral text
 
 
-class OutboundFactory(protocol.ClientFactory):
+class OutboundFactory(protocol.ClientFactory[OutboundSession]):
     """Connects once; ``finished`` fires with the TransactionResult (never errbacks)."""
 
     noisy = False  # no "Starting factory" line per delivery attempt
@@ -306,13 +319,13 @@ class OutboundFactory(protocol.ClientFactory):
         self.finished: Deferred[TransactionResult] = Deferred()
         self.connected_at: float | None = None  # time.monotonic() when the TCP connection was made
 
-    def buildProtocol(self, addr: Any) -> OutboundSession:
+    def buildProtocol(self, addr: IAddress | None) -> OutboundSession:
         self.connected_at = time.monotonic()
         session = OutboundSession(self.job)
         session.finished.chainDeferred(self.finished)
         return session
 
-    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+    def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
         if not self.finished.called:
             message = f"4.4.1 connection failed: {reason.getErrorMessage()}"
             self.finished.callback(TransactionResult({r: (451, message) for r in self.job.recipients}, False))

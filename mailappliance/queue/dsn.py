@@ -13,7 +13,7 @@ from __future__ import annotations
 import email.utils
 import os
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 import attrs
 

@@ -33,21 +33,34 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, cast
 
 import attrs
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
+from twisted.internet.interfaces import (
+    IProducer,
+    IReactorTCP,
+    IReactorTime,
+    IResolver,
+    IStreamClientEndpoint,
+)
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.names import dns, error
-from twisted.web.client import Agent, ResponseDone
+from twisted.python.failure import Failure
+from twisted.web.client import URI, Agent, ResponseDone
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgentEndpointFactory
+from twisted.web.iweb import IAgentEndpointFactory, IResponse
 from zope.interface import implementer
 
+from mailappliance.blocking import RunBlocking
 from mailappliance.metrics import METRICS
+from mailappliance.queue.routing import DnsResult
+
+if TYPE_CHECKING:  # Twisted's trust root interface, not re-exported by twisted.internet.ssl
+    from twisted.internet._sslverify import IOpenSSLTrustRoot
 
 log = Logger(namespace="mailappliance.queue")
 
@@ -175,12 +188,12 @@ class _BoundedBody(protocol.Protocol):
         if self.size > self.limit:
             if not self.done.called:
                 self.done.errback(PolicyError("sts-policy-invalid", f"policy larger than {self.limit} octets"))
-            transport: Any = self.transport  # the response body's producer
-            transport.stopProducing()
+            # A response body's transport is its producer (twisted.web's TransportProxyProducer).
+            cast(IProducer, self.transport).stopProducing()
             return
         self.chunks.append(data)
 
-    def connectionLost(self, reason: Any = None) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         if self.done.called:
             return
         if reason is None or reason.check(ResponseDone):
@@ -194,12 +207,12 @@ class _PinnedEndpoints:
     """The Agent's connection goes to the address our resolver found, on the policy port,
     with TLS checked for the policy host's name."""
 
-    def __init__(self, reactor: Any, address: str, port: int, host: str, trust_root: Any,
+    def __init__(self, reactor: IReactorTCP, address: str, port: int, host: str, trust_root: IOpenSSLTrustRoot,
                  timeout: float) -> None:
         self.reactor, self.address, self.port = reactor, address, port
         self.host, self.trust_root, self.timeout = host, trust_root, timeout
 
-    def endpointForURI(self, uri: Any) -> Any:
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
         kind = TCP6ClientEndpoint if ":" in self.address else TCP4ClientEndpoint
         tcp = kind(self.reactor, self.address, self.port, timeout=self.timeout)
         return wrapClientTLS(optionsForClientTLS(self.host, trustRoot=self.trust_root), tcp)
@@ -208,8 +221,9 @@ class _PinnedEndpoints:
 class HttpsPolicyFetcher:
     """``await fetch(domain)`` -> the policy body; PolicyError otherwise."""
 
-    def __init__(self, reactor: Any, addresses: Callable[[str], Awaitable[list[str]]], trust_root: Any,
-                 port: int = 443, timeout: float = FETCH_TIMEOUT) -> None:
+    def __init__(self, reactor: IReactorTime, addresses: Callable[[str], Awaitable[list[str]]],
+                 trust_root: IOpenSSLTrustRoot, port: int = 443, timeout: float = FETCH_TIMEOUT) -> None:
+        """``reactor``: the clock, and it connects (IReactorTCP)."""
         self.reactor = reactor
         self.addresses = addresses
         self.trust_root = trust_root
@@ -234,14 +248,15 @@ class HttpsPolicyFetcher:
         addresses = await self.addresses(host)
         if not addresses:
             raise PolicyError("sts-policy-fetch-error", f"no address for {host}")
-        endpoints = _PinnedEndpoints(self.reactor, addresses[0], self.port, host, self.trust_root, self.timeout)
+        endpoints = _PinnedEndpoints(IReactorTCP(self.reactor), addresses[0], self.port, host,  # (I(x) is x)
+                                     self.trust_root, self.timeout)
         agent = Agent.usingEndpointFactory(self.reactor, endpoints)
         response = await agent.request(b"GET", f"https://{host}/.well-known/mta-sts.txt".encode("ascii"),
                                        Headers({b"user-agent": [b"mailappliance MTA-STS"]}))
         return await policy_body(response)
 
 
-async def policy_body(response: Any) -> bytes:
+async def policy_body(response: IResponse) -> bytes:
     """The body of a policy response: status 200 only (a redirect is not followed, RFC 8461
     3.3), text/plain, at most MAX_POLICY_BYTES (read as it arrives, never more)."""
     refusal = None
@@ -262,8 +277,8 @@ async def policy_body(response: Any) -> bytes:
 class MtaSts:
     """The policies of recipient domains: looked up, fetched, cached (memory and disk)."""
 
-    def __init__(self, resolver: Any, fetch: Callable[[str], Awaitable[bytes]],
-                 cache_file: Path | None = None, run_blocking: Callable[..., Deferred[Any]] | None = None,
+    def __init__(self, resolver: IResolver, fetch: Callable[[str], Awaitable[bytes]],
+                 cache_file: Path | None = None, run_blocking: RunBlocking | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.resolver = resolver
         self.fetch = fetch
@@ -332,14 +347,18 @@ class MtaSts:
         known = self._txt.get(domain)
         if known is not None and now - known[1] < TXT_CACHE_SECONDS:
             return known[0]
+        answers: list[dns.RRHeader]
         try:
-            answers, _, _ = await self.resolver.lookupText(f"_mta-sts.{domain}", timeout=TXT_TIMEOUT)
+            answers, _, _ = cast(DnsResult, await self.resolver.lookupText(f"_mta-sts.{domain}", timeout=TXT_TIMEOUT))
         except (error.DNSNameError, error.DomainError):
             answers = []
         except Exception as e:
             raise PolicyError("sts-policy-fetch-error", f"TXT lookup: {type(e).__name__}") from None
-        ids = [parse_txt(list(rr.payload.data)) for rr in answers if rr.type == dns.TXT]
-        ids = [i for i in ids if i is not None]
+        found: list[str | None] = []
+        for rr in answers:  # (isinstance: the TXT type's payload class, for the type checker)
+            if rr.type == dns.TXT and isinstance(rr.payload, dns.Record_TXT):
+                found.append(parse_txt(list(rr.payload.data)))
+        ids = [i for i in found if i is not None]
         policy_id = ids[0] if len(ids) == 1 else None  # RFC 8461 3.1: more than one is none
         if len(self._txt) >= MAX_CACHED_DOMAINS:
             self._txt.clear()

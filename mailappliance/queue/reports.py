@@ -6,17 +6,18 @@ address: it goes to the original sender that address stands for."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
 
 from twisted.logger import Logger
 
+from mailappliance.addressing import Addressing
 from mailappliance.delivery import Committer, Delivery, SpoolEntry
 from mailappliance.directory.threaded import Directory
 from mailappliance.maildir import maildir_for
 from mailappliance.queue.spool import Envelope, OutboundSpool
-from mailappliance.trace_headers import return_path_header
 from mailappliance.srs import SrsError, looks_like_srs
+from mailappliance.trace_headers import return_path_header
 
 log = Logger(namespace="mailappliance.queue")
 
@@ -26,8 +27,8 @@ class ReportDelivery:
 
     def __init__(self, local_domains: frozenset[str], directory: Directory, maildir_root: Path,
                  incoming_dir: Path, spool: OutboundSpool, commit: Committer,
-                 queued: Callable[[], Any], addressing: Any = None) -> None:
-        self.addressing = addressing  # addressing.Addressing: alias domains, SRS (None: local_domains only)
+                 queued: Callable[[], None], addressing: Addressing | None = None) -> None:
+        self.addressing = addressing  # alias domains, SRS (None: local_domains only)
         self.local_domains = local_domains
         self.directory = directory
         self.maildir_root = maildir_root

@@ -21,20 +21,23 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import attrs
 from twisted.application import service
 from twisted.internet import task
 from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
+from twisted.internet.interfaces import IReactorTCP, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
+from mailappliance.blocking import RunBlocking
 from mailappliance.config import QueueSettings
-from mailappliance.metrics import METRICS
-from mailappliance.queue.client import OutboundFactory, OutboundJob, TransactionResult
-from mailappliance.queue.dsn import build_dsn, enhanced_status, recipient_status
-from mailappliance.queue.mta_sts import StsVerdict, count_session
 from mailappliance.dsn_params import Orcpt, notify_wants
+from mailappliance.metrics import METRICS
+from mailappliance.queue.client import OutboundFactory, OutboundJob, TLSContext, TransactionResult
+from mailappliance.queue.dsn import build_dsn, enhanced_status, recipient_status
+from mailappliance.queue.mta_sts import MtaSts, StsVerdict, count_session
 from mailappliance.queue.routing import NextHop, Router, RoutingError, ascii_domain
 from mailappliance.queue.schedule import Outcome, next_attempt_at, outcome_of
 from mailappliance.queue.spool import DELIVERED, FAILED, Envelope, OutboundSpool, QueueEntryGone, RecipientState
@@ -109,15 +112,16 @@ class QueueRunner(service.Service):
         router: Router,
         settings: QueueSettings,
         hostname: str,
-        run_blocking: Callable[..., Deferred],
+        run_blocking: RunBlocking,
         send_report: ReportSender,
-        tls_context_for: Callable[[NextHop], Any],
-        reactor: Any,
+        tls_context_for: Callable[[NextHop], TLSContext],
+        reactor: IReactorTime,
         smarthost_login: tuple[str, str] | None = None,
-        mta_sts: Any = None,
+        mta_sts: MtaSts | None = None,
     ) -> None:
+        """``reactor``: the clock, and it connects to the next hops (IReactorTCP)."""
         self.smarthost_login = smarthost_login
-        self.mta_sts = mta_sts  # mta_sts.MtaSts (None: MTA-STS off)
+        self.mta_sts = mta_sts  # None: MTA-STS off
         self.spool = spool
         self.router = router
         self.settings = settings
@@ -134,7 +138,7 @@ class QueueRunner(service.Service):
         self._scanning = False
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Service is unannotated
         removed = self.spool.clean_orphans()
         if removed:
             log.info("queue: removed {n} uncommitted message file(s) left by a crash", n=removed)
@@ -143,7 +147,7 @@ class QueueRunner(service.Service):
         self._loop.start(self.settings.scan_interval, now=True)
 
     def stopService(self) -> None:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]  # Service is unannotated
         if self._loop is not None and self._loop.running:
             self._loop.stop()
 
@@ -151,16 +155,15 @@ class QueueRunner(service.Service):
         """Something was queued: look now instead of at the next scan."""
         self.reactor.callLater(0, self.scan)
 
-    def scan(self) -> Deferred | None:
+    def scan(self) -> None:
         if self._scanning:
-            return None
+            return
         self._scanning = True
         d = Deferred.fromCoroutine(self._scan())
         d.addErrback(lambda f: log.failure("queue scan failed", f))
         d.addBoth(self._scan_done)
-        return None
 
-    def _scan_done(self, _: Any) -> None:
+    def _scan_done(self, _: object) -> None:
         self._scanning = False
 
     async def _scan(self) -> None:
@@ -176,8 +179,15 @@ class QueueRunner(service.Service):
             if envelope.next_attempt <= now:
                 self._active.add(queue_id)
                 d = Deferred.fromCoroutine(self._process(envelope))
-                d.addErrback(lambda f, q=queue_id: log.failure("queue: {id} delivery round failed", f, id=q))
-                d.addBoth(lambda _, q=queue_id: self._active.discard(q))
+                d.addErrback(self._round_failed, queue_id)
+                d.addBoth(self._round_done, queue_id)
+
+    @staticmethod
+    def _round_failed(failure: Failure, queue_id: str) -> None:
+        log.failure("queue: {id} delivery round failed", failure, id=queue_id)
+
+    def _round_done(self, _: object, queue_id: str) -> None:
+        self._active.discard(queue_id)
 
     async def _process(self, envelope: Envelope) -> None:
         queue_id = envelope.queue_id
@@ -189,11 +199,11 @@ class QueueRunner(service.Service):
         rounds = [Deferred.fromCoroutine(self._deliver_domain(domain, addresses, envelope, data))
                   for domain, addresses in groups.items()]
         answers: dict[str, Answer] = {}
-        for ok, result in await DeferredList(rounds, consumeErrors=True):
-            if ok:
-                answers.update(result)
-            else:
+        for _, result in await DeferredList(rounds, consumeErrors=True):
+            if isinstance(result, Failure):
                 log.failure("queue: {id} unexpected delivery error", result, id=queue_id)
+            else:
+                answers.update(result)
         now = self.reactor.seconds()
         failed_now = apply_answers(envelope, answers, now, self.settings)
         self._log_round(envelope, answers, now)
@@ -300,7 +310,7 @@ class QueueRunner(service.Service):
             return {a: Answer(e.code, e.text, delays=(waited, 0.0, 0.0)) for a in addresses}
         answers: dict[str, Answer] = {}
         sts = await self._sts_verdict(domain, hops)
-        if sts is not None and sts.enforced:
+        if sts is not None and sts.policy is not None and sts.enforced:
             hops = sts_hops(sts, hops)
             if not hops:
                 count_session("sts", "validation-failure")
@@ -349,7 +359,8 @@ class QueueRunner(service.Service):
         try:
             factory = OutboundFactory(job)
             started = time.monotonic()
-            self.reactor.connectTCP(hop.address, hop.port, factory, timeout=self.settings.connect_timeout)
+            IReactorTCP(self.reactor).connectTCP(hop.address, hop.port, factory,  # (I(x) is x: the reactor)
+                                                 timeout=self.settings.connect_timeout)
             result = await factory.finished
             ended = time.monotonic()
         finally:
