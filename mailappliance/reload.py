@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Callable, Sequence
+from types import FrameType
 from typing import Any, Protocol
 
 import attrs
 from twisted.application import service
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import Logger
 
 from mailappliance.config import WEB_ROLES, ConfigError, ListenerSettings, Settings, load_config
+from mailappliance.limits import RateLimits
 from mailappliance.screening import ScreeningSource
 from mailappliance.screening_lists import ScreeningFileError
 from mailappliance.tls import ServerTLS
@@ -34,10 +37,10 @@ class Reloadable(Protocol):
     """A running part that follows one section of the settings: SIGHUP assigns
     it the new value of that section (its ``settings`` property applies it)."""
 
-    settings: Any
+    settings: Any  # each part its own section's record (LimitSettings, ThrottleSettings, a level name, ...)
 
 
-def _is_section(instance: Any, attribute: Any, value: str) -> None:
+def _is_section(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
     if value not in attrs.fields_dict(Settings):
         raise ValueError(f"{value!r} is not a section of Settings")
 
@@ -56,32 +59,32 @@ class LiveParts:
 
     followers: Sequence[Live] = ()
     hooks: Sequence[Callable[[], None]] = ()  # run on every SIGHUP, changed config or not (DKIM keys)
-    limits: Any = None  # the RateLimits whose listener caps follow [[listeners]] max_connections
+    limits: RateLimits | None = None  # its listener caps follow [[listeners]] max_connections
 
 
 class Reloader(service.Service):
     """Installs the SIGHUP handler; ``reload()`` does the work (also callable from tests)."""
 
     def __init__(self, settings: Settings, server_tls: ServerTLS, screening: ScreeningSource,
-                 live: LiveParts, reactor: Any) -> None:
+                 live: LiveParts, reactor: IReactorFromThreads) -> None:
         self.settings = settings
         self.server_tls = server_tls
         self.screening = screening
         self.live = live
         self.followers = {follower.section: follower.part for follower in live.followers}
         self.reactor = reactor
-        self._previous: Any = None
+        self._previous: Callable[[int, FrameType | None], object] | int | None = None  # the handler before ours
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Service is unannotated
         self._previous = signal.signal(signal.SIGHUP, self._on_signal)
 
     def stopService(self) -> None:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]  # Service is unannotated
         if self._previous is not None:
             signal.signal(signal.SIGHUP, self._previous)
 
-    def _on_signal(self, signum: int, frame: Any) -> None:
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.reactor.callFromThread(self.reload)
 
     def reload(self) -> None:
@@ -107,7 +110,8 @@ class Reloader(service.Service):
         except ConfigError as e:
             log.error("SIGHUP: configuration NOT reloaded, keeping the running one: {why}", why=str(e))
             return
-        applied, restart = [], []
+        applied: list[str] = []
+        restart: list[str] = []
         for field in attrs.fields(Settings):
             if field.name == "secrets":
                 continue
@@ -141,7 +145,7 @@ class Reloader(service.Service):
         caps = {listener.name: listener.max_connections for listener in new if listener.role not in WEB_ROLES}
         running = tuple(attrs.evolve(listener, max_connections=caps.get(listener.name, listener.max_connections))
                         if listener.role not in WEB_ROLES else listener for listener in old)
-        if running != old:
+        if running != old and self.live.limits is not None:
             self.live.limits.set_listener_caps({listener.name: listener.max_connections for listener in running})
             applied.append("listeners.max_connections")
         return running
