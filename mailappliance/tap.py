@@ -10,7 +10,6 @@ a traceback: the admin reads what failed and where, and systemd's
 from __future__ import annotations
 
 import sys
-from typing import Any
 
 from twisted.application import service
 from twisted.application.service import IService
@@ -77,18 +76,18 @@ class GuardedStart(service.MultiService):
     """
 
     def __init__(self, echo: bool = True) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # MultiService is unannotated
         self.echo = echo
 
     def privilegedStartService(self) -> None:
         try:
-            super().privilegedStartService()
+            super().privilegedStartService()  # type: ignore[no-untyped-call]  # MultiService is unannotated
         except STARTUP_ERRORS as e:
             _stop(e, self.echo)
 
     def startService(self) -> None:
         service.Service.startService(self)
-        started: list[Any] = []
+        started: list[IService] = []
         try:
             for child in self:
                 child.startService()
