@@ -8,11 +8,19 @@ import getpass
 import json
 import os
 import sys
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, TypedDict
 
 from mailappliance.addressing import address_checks
 from mailappliance.directory import DirectoryUnavailable
+
+if TYPE_CHECKING:  # admin.py imports this module; Twisted is imported where a command needs it
+    from twisted.internet.defer import Deferred
+    from twisted.internet.interfaces import IReactorTime
+
+    from mailappliance.admin import CommandContext, Subcommands
+    from mailappliance.config import Settings
 
 EXIT_OK, EXIT_REFUSED, EXIT_TEMPFAIL = 0, 1, 75
 
@@ -38,7 +46,7 @@ UNIT_WRITABLE = (Path("/var/lib/mailappliance"), Path("/var/log/mailappliance"))
 SYSTEM_DIRECTORIES = (Path("/etc"), Path("/usr"), Path("/boot"), Path("/proc"), Path("/sys"))
 
 
-def written_paths(settings: Any) -> list[tuple[str, Path]]:
+def written_paths(settings: Settings) -> list[tuple[str, Path]]:
     """(config key, directory) of everything the daemon writes: storage, a generated
     certificate, the JSON log."""
     paths = [("storage.maildir_root", settings.maildir_root), ("storage.spool_dir", settings.spool_dir)]
@@ -78,14 +86,14 @@ def _on_read_only_filesystem(path: Path) -> bool:
     return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
 
 
-def _check(name: str, probe: Callable[[], str]) -> dict[str, Any]:
+def _check(name: str, probe: Callable[[], str]) -> dict[str, object]:
     try:
         return {"check": name, "ok": True, "detail": probe()}
     except Exception as e:  # every failure is reported, none stops the others
         return {"check": name, "ok": False, "detail": f"{type(e).__name__}: {e}"}
 
 
-def cmd_check_config(ctx: Any, args: argparse.Namespace) -> int:
+def cmd_check_config(ctx: CommandContext, args: argparse.Namespace) -> int:
     """Validate what the config points at, the way the daemon will use it."""
     from mailappliance.screening_lists import load_lists
     from mailappliance.tls import ServerTLS
@@ -117,7 +125,7 @@ def cmd_check_config(ctx: Any, args: argparse.Namespace) -> int:
         return (f"{s.screening.file}: {len(lists.block_networks)} blocked networks, "
                 f"{len(lists.block_client_domains)} blocked client domains, {len(lists.dnsbl_zones)} DNSBL zones")
 
-    results = [{"check": "config", "ok": True, "detail": f"{s.source} is valid"}]
+    results: list[dict[str, object]] = [{"check": "config", "ok": True, "detail": f"{s.source} is valid"}]
     paths_ok = True
     for key, path in written_paths(s):
         problem = path_problem(path)
@@ -130,9 +138,9 @@ def cmd_check_config(ctx: Any, args: argparse.Namespace) -> int:
     if s.directory.backend == "ldif":
         from mailappliance.directory.ldif import mode_problem
 
-        problem = mode_problem(s.directory.ldif_file)  # a warning: the daemon still works
-        if problem:
-            results.append({"check": "ldif-mode", "ok": True, "warn": True, "detail": problem})
+        mode_warning = mode_problem(s.directory.ldif_file)  # a warning: the daemon still works
+        if mode_warning:
+            results.append({"check": "ldif-mode", "ok": True, "warn": True, "detail": mode_warning})
     results += address_checks(s, ctx.store)  # catch-alls, postmaster@/abuse@ mailboxes, SRS keys
     if ctx.as_json:
         print(json.dumps(results))
@@ -143,28 +151,42 @@ def cmd_check_config(ctx: Any, args: argparse.Namespace) -> int:
     return EXIT_OK if all(r["ok"] for r in results) else EXIT_REFUSED
 
 
-def cmd_test_login(ctx: Any, args: argparse.Namespace) -> int:
+class LoginReport(TypedDict, total=False):
+    """What test-login found (printed as JSON with --json)."""
+
+    ok: bool
+    uid: str
+    mail: str
+    aliases: list[str]
+    refused: str  # the checker's reason (for the admin, never for the client)
+    temporary: str  # directory trouble: the daemon would answer 454 / [SYS/TEMP]
+
+
+def cmd_test_login(ctx: CommandContext, args: argparse.Namespace) -> int:
     """Run THE shared checker exactly as the daemon would (cache, throttle, directory)."""
+    from twisted.internet.interfaces import IReactorFromThreads
+
     from mailappliance.credentials import ClientPassword, LoginRefused, LoginThrottled, SubscriberChecker
     from mailappliance.directory.threaded import Directory
     from mailappliance.throttle import AuthThrottle
 
     password = sys.stdin.readline().rstrip("\r\n") if args.password_stdin else ask_password("Password: ")
-    outcome: dict[str, Any] = {}
+    outcome: LoginReport = {}
 
-    async def attempt(reactor: Any) -> None:
-        directory = Directory(ctx.store, reactor, 1)
+    async def attempt(reactor: IReactorTime) -> None:
+        directory = Directory(ctx.store, IReactorFromThreads(reactor), 1)  # (I(x) is x: the reactor)
         directory.start()
         checker = SubscriberChecker(directory, ctx.settings.auth_cache_ttl, reactor,
                                     AuthThrottle(ctx.settings.throttle, reactor))
         try:
             subscriber = await checker.requestAvatarId(ClientPassword(args.login.encode(), password.encode(),
                                                                       "test-login"))
-            outcome.update(ok=True, uid=subscriber.uid, mail=subscriber.mail, aliases=list(subscriber.aliases))
+            outcome.update({"ok": True, "uid": subscriber.uid, "mail": subscriber.mail,
+                            "aliases": list(subscriber.aliases)})
         except (LoginRefused, LoginThrottled) as e:
-            outcome.update(ok=False, refused=e.reason)
+            outcome.update({"ok": False, "refused": e.reason})
         except DirectoryUnavailable as e:
-            outcome.update(ok=False, temporary=str(e))
+            outcome.update({"ok": False, "temporary": str(e)})
         finally:
             directory.stop()
 
@@ -182,7 +204,7 @@ def cmd_test_login(ctx: Any, args: argparse.Namespace) -> int:
     return EXIT_REFUSED if "refused" in outcome else EXIT_TEMPFAIL
 
 
-def _run_reactor(coroutine_function: Callable[[Any], Any]) -> None:
+def _run_reactor(coroutine_function: Callable[[IReactorTime], Coroutine[Deferred[object], object, None]]) -> None:
     """Run one coroutine on a fresh reactor (the CLI is a short-lived process)."""
     from twisted.internet import reactor
     from twisted.internet.defer import Deferred
@@ -192,7 +214,8 @@ def _run_reactor(coroutine_function: Callable[[Any], Any]) -> None:
         d.addBoth(lambda _: reactor.stop())
 
     reactor.callWhenRunning(start)
-    reactor.run(installSignalHandlers=False)
+    # IReactorCore.run is typed without arguments; the installed reactor's run takes this one.
+    reactor.run(installSignalHandlers=False)  # type: ignore[call-arg]
 
 
 # -- screening lists -----------------------------------------------------------
@@ -201,7 +224,7 @@ LIST_KEYS = ("allow.networks", "allow.client_domains", "allow.senders", "block.n
              "block.client_domains", "block.helo", "block.senders", "dnsbl.zones")
 
 
-def _screening_file(ctx: Any) -> Path:
+def _screening_file(ctx: CommandContext) -> Path:
     file = ctx.settings.screening.file
     if file is None:
         from mailappliance.directory import InvalidAddress
@@ -242,7 +265,7 @@ def _write_raw(file: Path, data: dict[str, dict[str, list[str]]]) -> None:
     staged.replace(file)
 
 
-def cmd_screening_list(ctx: Any, args: argparse.Namespace) -> int:
+def cmd_screening_list(ctx: CommandContext, args: argparse.Namespace) -> int:
     data = _read_raw(_screening_file(ctx))
     flat = {key: data.get(key.split(".")[0], {}).get(key.split(".")[1], []) for key in LIST_KEYS}
     if ctx.as_json:
@@ -253,7 +276,7 @@ def cmd_screening_list(ctx: Any, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_screening_change(ctx: Any, args: argparse.Namespace) -> int:
+def cmd_screening_change(ctx: CommandContext, args: argparse.Namespace) -> int:
     file = _screening_file(ctx)
     data = _read_raw(file)
     section, key = args.list.split(".")
@@ -277,7 +300,7 @@ def cmd_screening_change(ctx: Any, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def add_parsers(groups: Any) -> None:
+def add_parsers(groups: Subcommands) -> None:
     check = groups.add_parser("check-config", help="validate the config and reach what it names")
     check.set_defaults(run=cmd_check_config)
     login = groups.add_parser("test-login", help="check a login with the daemon's own credential checker")
