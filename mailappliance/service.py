@@ -10,13 +10,15 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, TypeVar
 
+from cryptography.hazmat.primitives import serialization
 from twisted.application import internet, service
 from twisted.cred.portal import Portal
-from cryptography.hazmat.primitives import serialization
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IProtocolFactory, IReactorThreads, IReactorTime, IResolver
 from twisted.internet.ssl import (
     Certificate,
     CertificateOptions,
@@ -28,40 +30,46 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from mailappliance.addressing import build_addressing
+from mailappliance.addressing import Addressing, build_addressing
+from mailappliance.blocking import RunBlocking
+from mailappliance.budget import NetworkByteBudget
+from mailappliance.client_lookup import ClientLookup
+from mailappliance.committer import BatchCommitter
 from mailappliance.config import WEB_ROLES, ListenerSettings, Settings, StartupError
 from mailappliance.credentials import SubscriberChecker, SubscriberRealm
+from mailappliance.delivery import Committer
 from mailappliance.directory.backends import build_store
 from mailappliance.directory.threaded import Directory
+from mailappliance.limits import RateLimits
+from mailappliance.linesession import SessionSettings
+from mailappliance.logs import JsonLogService, LogLevelService
 from mailappliance.maildir import clean_incoming
+from mailappliance.metrics import METRICS
+from mailappliance.msgauth.wiring import build_inspector
 from mailappliance.pop3.mailbox import MailboxLocks, MaildirRealm
 from mailappliance.pop3.server import POP3Factory
+from mailappliance.queue.client import TLSContext
 from mailappliance.queue.mta_sts import HttpsPolicyFetcher, MtaSts
 from mailappliance.queue.notices import SuccessNotices
 from mailappliance.queue.reports import ReportDelivery
 from mailappliance.queue.routing import NextHop, Router, make_resolver
-from mailappliance.settings import Relay
 from mailappliance.queue.runner import QueueRunner
 from mailappliance.queue.spool import OutboundSpool
-from mailappliance.smtp.server import SMTPConfig, SMTPFactory
-from mailappliance.client_lookup import ClientLookup
-from mailappliance.committer import BatchCommitter
-from mailappliance.delivery import Committer
-from mailappliance.linesession import SessionSettings
-from mailappliance.limits import RateLimits
 from mailappliance.quota import MailboxQuotas
-from mailappliance.budget import NetworkByteBudget
-from mailappliance.logs import JsonLogService, LogLevelService
-from mailappliance.metrics import METRICS
 from mailappliance.reload import Live, LiveParts, Reloader
 from mailappliance.screening import ScreeningSource
+from mailappliance.settings import Relay
+from mailappliance.smtp.server import SMTPConfig, SMTPFactory
 from mailappliance.state.build import build_state_store
 from mailappliance.throttle import AuthThrottle
-from mailappliance.msgauth.wiring import build_inspector
-from mailappliance.web import HealthResource, autoconfig_site, metrics_site, spool_probe
 from mailappliance.tls import ServerTLS, client_certificate, ensure_self_signed, fingerprint
+from mailappliance.web import HealthResource, autoconfig_site, metrics_site, spool_probe
+
+if TYPE_CHECKING:  # Twisted's trust root interface, not re-exported by twisted.internet.ssl
+    from twisted.internet._sslverify import IOpenSSLTrustRoot
 
 log = Logger(namespace="mailappliance")
+_R = TypeVar("_R")
 
 
 class _PoolService(service.Service):
@@ -71,11 +79,11 @@ class _PoolService(service.Service):
         self._start, self._stop = start, stop
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Service is unannotated
         self._start()
 
     def stopService(self) -> None:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]  # Service is unannotated
         self._stop()
 
 
@@ -88,7 +96,7 @@ class _StartupService(service.Service):
 
     def privilegedStartService(self) -> None:
         """Still root (twistd --uid/--gid drops privileges after this): hand the storage over."""
-        super().privilegedStartService()
+        super().privilegedStartService()  # type: ignore[no-untyped-call]  # Service is unannotated
         if self.owner is None or os.geteuid() != 0:
             return
         for key, path in (("storage.maildir_root", self.settings.maildir_root),
@@ -98,7 +106,7 @@ class _StartupService(service.Service):
                 os.chown(path, *self.owner)
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Service is unannotated
         s = self.settings
         with _names_key(s, "storage.maildir_root", s.maildir_root):
             s.maildir_root.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -128,37 +136,40 @@ def _names_key(settings: Settings, key: str, path: Path) -> Iterator[None]:
         raise StartupError(settings.source, key, f"cannot use {where}: {e.strerror or e}") from None
 
 
-def build_service(settings: Settings, reactor: Any = None,
+def build_service(settings: Settings, reactor: IReactorTime | None = None,
                   owner: tuple[int, int] | None = None) -> service.MultiService:
     """Everything the daemon runs, wired together; ``owner`` is twistd's --uid/--gid."""
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
+    threads = IReactorThreads(reactor)  # the same reactor, as the one that runs thread pools (I(x) is x)
     top = service.MultiService()
     log_level = LogLevelService(settings.log_level)
-    log_level.setServiceParent(top)
+    log_level.setServiceParent(top)  # type: ignore[no-untyped-call]  # Service is unannotated
     if settings.json_log is not None:
-        JsonLogService(settings.json_log, owner, settings.source, log_level).setServiceParent(top)
-    _StartupService(settings, owner).setServiceParent(top)
+        json_log = JsonLogService(settings.json_log, owner, settings.source, log_level)
+        json_log.setServiceParent(top)  # type: ignore[no-untyped-call]  # Service is unannotated
+    _StartupService(settings, owner).setServiceParent(top)  # type: ignore[no-untyped-call]  # Service is unannotated
 
-    directory = Directory(build_store(settings.directory), reactor, settings.directory.threads)
-    _PoolService(directory.start, directory.stop).setServiceParent(top)
+    directory = Directory(build_store(settings.directory), threads, settings.directory.threads)
+    _PoolService(directory.start, directory.stop).setServiceParent(top)  # type: ignore[no-untyped-call]  # Service is unannotated
     storage_pool = ThreadPool(minthreads=1, maxthreads=settings.storage_threads, name="storage")
-    _PoolService(storage_pool.start, storage_pool.stop).setServiceParent(top)
+    _PoolService(storage_pool.start, storage_pool.stop).setServiceParent(top)  # type: ignore[no-untyped-call]  # Service is unannotated
 
-    committer = BatchCommitter(reactor, settings.commit_threads, sync=settings.sync)
-    _PoolService(committer.start, committer.stop).setServiceParent(top)
+    committer = BatchCommitter(threads, settings.commit_threads, sync=settings.sync)
+    _PoolService(committer.start, committer.stop).setServiceParent(top)  # type: ignore[no-untyped-call]  # Service is unannotated
 
-    def run_blocking(function: Callable[..., Any], *args: Any) -> Deferred:
-        return deferToThreadPool(reactor, storage_pool, function, *args)
+    def run_blocking(function: Callable[..., _R], *args: object) -> Deferred[_R]:
+        return deferToThreadPool(threads, storage_pool, function, *args)
 
     server_tls = _server_tls(settings, owner)
     addressing = build_addressing(settings, owner if owner is not None and os.geteuid() == 0 else None)
     screening = ScreeningSource(settings.screening.file, reactor)
     resolver = make_resolver(settings.queue.resolver)  # every DNS lookup: MX, reverse names, DNSBL
     client_lookup = ClientLookup(resolver, reactor, settings.screening.dns_timeout)
-    inspector, inspector_followers, inspector_hooks = build_inspector(settings, resolver, reactor, run_blocking)  # DKIM, SPF, rspamd
+    # DKIM, SPF, DMARC, rspamd
+    inspector, inspector_followers, inspector_hooks = build_inspector(settings, resolver, reactor, run_blocking)
 
     # Limits, login throttling and mailbox locks: this process's memory, or Redis shared by appliances.
     state_store, state_service = build_state_store(settings.state, reactor)
@@ -169,20 +180,22 @@ def build_service(settings: Settings, reactor: Any = None,
     throttle = AuthThrottle(settings.throttle, reactor, state_store)
     checker = SubscriberChecker(directory, settings.auth_cache_ttl, reactor, throttle)
     smtp_portal = Portal(SubscriberRealm(), [checker])
-    pop3_portal = Portal(MaildirRealm(settings.maildir_root, MailboxLocks(state_store, reactor, settings.state.lock_ttl)), [checker])
+    locks = MailboxLocks(state_store, reactor, settings.state.lock_ttl)
+    pop3_portal = Portal(MaildirRealm(settings.maildir_root, locks), [checker])
     quotas = MailboxQuotas(settings.mailbox_quota, run_blocking, reactor)
     network_budget = NetworkByteBudget(settings.mx_bytes_per_hour_per_network, reactor)
     limits = RateLimits(settings.limits, reactor, state_store)  # shared by every listener
-    limits.set_listener_caps({l.name: l.max_connections for l in settings.listeners if l.max_connections})
+    limits.set_listener_caps({listener.name: listener.max_connections for listener in settings.listeners
+                              if listener.max_connections})
     followers = [Live("limits", limits), Live("throttle", throttle), Live("log_level", log_level),
                  Live("mailbox_quota", quotas), Live("mx_bytes_per_hour_per_network", network_budget),
                  *inspector_followers]
     Reloader(settings, server_tls, screening, LiveParts(followers, inspector_hooks, limits),
-             reactor).setServiceParent(top)
+             threads).setServiceParent(top)  # type: ignore[no-untyped-call]  # Service is unannotated
     spool = OutboundSpool(settings.spool_dir)
     runner = _queue_runner(settings, spool, directory, committer.commit, run_blocking, reactor, resolver,
                            addressing)
-    runner.setServiceParent(top)
+    runner.setServiceParent(top)  # type: ignore[no-untyped-call]  # Service is unannotated
     success_notices = SuccessNotices(runner.send_report, run_blocking, settings.hostname,
                                      settings.smtp.dsn_success_notices)  # NOTIFY=SUCCESS on local delivery
 
@@ -191,27 +204,34 @@ def build_service(settings: Settings, reactor: Any = None,
                             lambda: run_blocking(spool_probe, settings.spool_dir),
                             current_server=directory.current_server, state_store=state_store.describe)
     for listener in settings.listeners:
+        factory: IProtocolFactory
         if listener.role in WEB_ROLES:
-            factory: Any = metrics_site(health) if listener.role == "metrics" else autoconfig_site(settings)
+            factory = metrics_site(health) if listener.role == "metrics" else autoconfig_site(settings)
         elif listener.is_smtp:
-            factory = _smtp_factory(settings, listener, directory, committer.commit, smtp_portal, spool,
-                                    server_tls, runner.kick, addressing)
-            factory.screening, factory.client_lookup = screening, client_lookup
-            factory.quotas, factory.network_budget = quotas, network_budget
-            factory.inspector = inspector
-            factory.success_notices = success_notices
+            smtp = _smtp_factory(settings, listener, directory, committer.commit, smtp_portal, spool,
+                                 server_tls, runner.kick, addressing)
+            smtp.screening, smtp.client_lookup = screening, client_lookup
+            smtp.quotas, smtp.network_budget = quotas, network_budget
+            smtp.inspector = inspector
+            smtp.success_notices = success_notices
+            smtp.limits = limits
+            factory = smtp
         else:
-            factory = _pop3_factory(settings, listener, pop3_portal, run_blocking, reactor, server_tls)
-            factory.quotas = quotas
-        if listener.role not in WEB_ROLES:
-            factory.limits = limits
-        if listener.implicit_tls:
-            server: Any = internet.SSLServer(listener.port, factory, server_tls, interface=listener.address)
-        else:
-            server = internet.TCPServer(listener.port, factory, interface=listener.address)
+            pop3 = _pop3_factory(settings, listener, pop3_portal, run_blocking, reactor, server_tls)
+            pop3.quotas = quotas
+            pop3.limits = limits
+            factory = pop3
+        server = _listening(listener, factory, server_tls)
         server.setName(listener.name)
         server.setServiceParent(top)
     return top
+
+
+def _listening(listener: ListenerSettings, factory: IProtocolFactory, server_tls: ServerTLS) -> service.Service:
+    """The service that listens for ``listener`` (TLS from the first byte if it is implicit)."""
+    if listener.implicit_tls:
+        return internet.SSLServer(listener.port, factory, server_tls, interface=listener.address)
+    return internet.TCPServer(listener.port, factory, interface=listener.address)
 
 
 def _queue_gauges(spool: OutboundSpool) -> None:
@@ -246,8 +266,8 @@ def _server_tls(settings: Settings, owner: tuple[int, int] | None) -> ServerTLS:
 
 
 def _queue_runner(settings: Settings, spool: OutboundSpool, directory: Directory, commit: Committer,
-                  run_blocking: Callable[..., Deferred], reactor: Any, resolver: Any,
-                  addressing: Any = None) -> QueueRunner:
+                  run_blocking: RunBlocking, reactor: IReactorTime, resolver: IResolver,
+                  addressing: Addressing | None = None) -> QueueRunner:
     """The outbound queue: routing from [queue], reports through ReportDelivery."""
     q = settings.queue
     router = Router(
@@ -260,7 +280,7 @@ def _queue_runner(settings: Settings, spool: OutboundSpool, directory: Directory
     trust_root = _trust_root(q.ca_file)
     smarthost_login = (q.smarthost_user, q.smarthost_password) if q.smarthost_user else None
 
-    def tls_context_for(hop: NextHop) -> Any:
+    def tls_context_for(hop: NextHop) -> TLSContext:
         if hop.verify_tls:
             return optionsForClientTLS(hop.hostname, trustRoot=trust_root)
         return CertificateOptions()  # opportunistic: encrypt, but any certificate will do
@@ -281,20 +301,23 @@ def _queue_runner(settings: Settings, spool: OutboundSpool, directory: Directory
     return runner
 
 
-def _trust_root(ca_file: Any) -> Any:
+def _trust_root(ca_file: Path | None) -> IOpenSSLTrustRoot:
+    root: IOpenSSLTrustRoot  # (platformTrust and trustRootFromCertificates are unannotated)
     if ca_file is None:
-        return platformTrust()
+        root = platformTrust()
+        return root
     from cryptography import x509
 
     certificates = [Certificate.loadPEM(c.public_bytes(serialization.Encoding.PEM))
                     for c in x509.load_pem_x509_certificates(ca_file.read_bytes())]
-    return trustRootFromCertificates(certificates)
+    root = trustRootFromCertificates(certificates)
+    return root
 
 
 def _smtp_factory(
     settings: Settings, listener: ListenerSettings, directory: Directory,
-    commit: Callable[..., Deferred], portal: Portal, spool: OutboundSpool, server_tls: ServerTLS,
-    on_queued: Callable[[], None], addressing: Any = None,
+    commit: Committer, portal: Portal, spool: OutboundSpool, server_tls: ServerTLS,
+    on_queued: Callable[[], None], addressing: Addressing | None = None,
 ) -> SMTPFactory:
     _warn_if_plaintext(listener)
     config = SMTPConfig(
@@ -337,7 +360,7 @@ def _warn_if_plaintext(listener: ListenerSettings) -> None:
 
 def _pop3_factory(
     settings: Settings, listener: ListenerSettings, portal: Portal,
-    run_blocking: Callable[..., Deferred], reactor: Any, server_tls: ServerTLS,
+    run_blocking: RunBlocking, reactor: IReactorTime, server_tls: ServerTLS,
 ) -> POP3Factory:
     _warn_if_plaintext(listener)
     return POP3Factory(
