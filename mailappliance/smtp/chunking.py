@@ -62,25 +62,8 @@ class ChunkReader(DataReader):
         if tail:
             self._consume(tail + b"\r\n")
 
-    def _consume(self, segment: bytes) -> None:
-        if not segment:
-            return
-        crlf = segment.count(b"\r\n")
-        bare = segment.count(b"\n") != crlf or segment.count(b"\r") != crlf
-        if bare and not self._normalize:
-            self.problems.bare_line_ending = True
-        if len(segment) > self._max_line_length and \
-                max(map(len, segment.split(b"\r\n"))) > self._max_line_length:
-            self.problems.line_too_long = True
-        if bare and self._normalize:
-            segment = _LINE_ENDINGS.sub(b"\r\n", segment)
-        if self._in_header:
-            self._count_hops(segment)
-        self.size += len(segment)
-        if self.size > self._max_size:
-            self.problems.too_big = True
-        if not (self.problems.too_big or self.problems.bare_line_ending or self.problems.line_too_long):
-            self._sink(segment)
+    def _unstuff(self, segment: bytes) -> bytes:
+        return segment  # chunks are not dot-stuffed: a leading dot is message text
 
 
 @attrs.define

@@ -86,9 +86,7 @@ class DataReader:
         if len(segment) > self._max_line_length and \
                 max(map(len, segment.split(b"\r\n"))) > self._max_line_length:
             self.problems.line_too_long = True
-        if segment.startswith(b"."):
-            segment = segment[1:]
-        segment = segment.replace(b"\r\n.", b"\r\n")
+        segment = self._unstuff(segment)
         if bare and self._normalize:  # after unstuffing: only CRLF lines were dot-stuffed
             segment = _LINE_ENDINGS.sub(b"\r\n", segment)
         if self._in_header:
@@ -98,6 +96,12 @@ class DataReader:
             self.problems.too_big = True
         if not (self.problems.too_big or self.problems.bare_line_ending or self.problems.line_too_long):
             self._sink(segment)
+
+    def _unstuff(self, segment: bytes) -> bytes:
+        """Undo dot-stuffing (RFC 5321 4.5.2): DATA lines that begin with a dot got one more."""
+        if segment.startswith(b"."):
+            segment = segment[1:]
+        return segment.replace(b"\r\n.", b"\r\n")
 
     def _count_hops(self, segment: bytes) -> None:
         """Count Received fields until the header ends (the first empty line)."""
