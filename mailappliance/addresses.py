@@ -104,3 +104,8 @@ def validate_display_name(text: str) -> str:
         bad = next(ch for ch in name if not ch.isprintable())
         raise InvalidAddress(f"the display name contains the unprintable character U+{ord(bad):04X}")
     return name
+
+
+def validate_new_subscriber(uid: str, mail: str, display_name: str) -> tuple[str, str, str]:
+    """The checked forms of a new subscriber's uid, address and display name (every store)."""
+    return validate_uid(uid), normalize_address(mail), validate_display_name(display_name)

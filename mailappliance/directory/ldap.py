@@ -34,7 +34,7 @@ from ldap3.utils.conv import escape_filter_chars
 from ldap3.utils.dn import escape_rdn
 from twisted.logger import Logger
 
-from mailappliance.addresses import normalize_address, validate_display_name, validate_uid
+from mailappliance.addresses import normalize_address, validate_new_subscriber
 from mailappliance.config import LdapSettings
 from mailappliance.directory import (
     DISABLED_ATTRIBUTE,
@@ -498,9 +498,7 @@ class LdapStore:
     def add_subscriber(
         self, uid: str, mail: str, password: str | None, display_name: str = ""
     ) -> Subscriber:
-        uid = validate_uid(uid)
-        mail = normalize_address(mail)
-        display_name = validate_display_name(display_name)
+        uid, mail, display_name = validate_new_subscriber(uid, mail, display_name)
         if password:
             password = prepare_password(password)  # ldap3 applies the same SASLprep again: no change
         if self.find_by_login(uid):

@@ -26,7 +26,7 @@ from pathlib import Path
 from ldap3.utils.dn import escape_rdn
 from twisted.logger import Logger
 
-from mailappliance.addresses import normalize_address, validate_display_name, validate_uid
+from mailappliance.addresses import normalize_address, validate_new_subscriber
 from mailappliance.directory import (
     DISABLED_ATTRIBUTE,
     DISABLED_VALUE,
@@ -304,9 +304,7 @@ class LdifStore:
     def add_subscriber(
         self, uid: str, mail: str, password: str | None, display_name: str = ""
     ) -> Subscriber:
-        uid = validate_uid(uid)
-        mail = normalize_address(mail)
-        display_name = validate_display_name(display_name)
+        uid, mail, display_name = validate_new_subscriber(uid, mail, display_name)
         with self._editing() as snapshot:
             if uid.lower() in snapshot.by_login:
                 raise DuplicateEntry(f"login {uid!r} is already taken")
