@@ -72,25 +72,27 @@ async def inspect_message(session: SMTPSessionBase, delivery: Delivery, transact
     return Checked(None, inspection.outcome.junk)
 
 
+# The reply to an inspection outcome, by action and kind; the spam filter's own text wins where it has one.
+_REPLIES: dict[tuple[str, str], replies.Reply] = {
+    ("reject", "dmarc"): replies.DMARC_REJECTED,
+    ("reject", "spf"): replies.SPF_REJECTED,
+    ("tempfail", "dns"): replies.AUTH_DNS_TEMPFAIL,
+    ("tempfail", "filter"): replies.FILTER_UNAVAILABLE,
+}
+_FILTER_REPLIES = {"reject": replies.SPAM_REJECTED, "tempfail": replies.SPAM_DEFERRED}
+_COUNTERS = {"reject": "mailappliance_messages_refused_total", "tempfail": "mailappliance_messages_deferred_total"}
+
+
 def _reply(inspection: Inspection) -> replies.Reply | None:
     outcome = inspection.outcome
-    if outcome.action == "reject":
-        METRICS.count("mailappliance_messages_refused_total", reason=f"policy_{outcome.kind}")
-        if outcome.kind == "dmarc":
-            return replies.DMARC_REJECTED
-        if outcome.kind == "spf":
-            return replies.SPF_REJECTED
-        reply = replies.SPAM_REJECTED
-        return reply.with_text(inspection.message) if inspection.message else reply
-    if outcome.action == "tempfail":
-        METRICS.count("mailappliance_messages_deferred_total", reason=f"policy_{outcome.kind}")
-        if outcome.kind == "dns":
-            return replies.AUTH_DNS_TEMPFAIL
-        if outcome.kind == "filter":
-            return replies.FILTER_UNAVAILABLE
-        reply = replies.SPAM_DEFERRED
-        return reply.with_text(inspection.message) if inspection.message else reply
-    return None
+    if outcome.action not in _COUNTERS:
+        return None
+    METRICS.count(_COUNTERS[outcome.action], reason=f"policy_{outcome.kind}")
+    fixed = _REPLIES.get((outcome.action, outcome.kind))
+    if fixed is not None:
+        return fixed
+    reply = _FILTER_REPLIES[outcome.action]
+    return reply.with_text(inspection.message) if inspection.message else reply
 
 
 def _log(session: SMTPSessionBase, inspection: Inspection, queue_id: str) -> None:
