@@ -86,20 +86,19 @@ def verify(source: Path, manifest: Manifest) -> None:
             raise BackupError(f"backup damaged: {path} differs from the manifest (size or SHA-256)")
 
 
+def _id(name: str, kind: str, missing: set[str]) -> int:
+    """The number of user or group ``name`` here (a number stays one); -1 and noted when unknown."""
+    try:
+        return pwd.getpwnam(name).pw_uid if kind == "user" else grp.getgrnam(name).gr_gid
+    except KeyError:
+        if name.isdigit():
+            return int(name)
+        missing.add(f"{kind} {name}")
+        return -1
+
+
 def _ids(owner: str, group: str, missing: set[str]) -> tuple[int, int]:
-    try:
-        uid = pwd.getpwnam(owner).pw_uid
-    except KeyError:
-        uid = int(owner) if owner.isdigit() else -1
-        if uid < 0:
-            missing.add(f"user {owner}")
-    try:
-        gid = grp.getgrnam(group).gr_gid
-    except KeyError:
-        gid = int(group) if group.isdigit() else -1
-        if gid < 0:
-            missing.add(f"group {group}")
-    return uid, gid
+    return _id(owner, "user", missing), _id(group, "group", missing)
 
 
 def _not_empty(path: Path) -> bool:

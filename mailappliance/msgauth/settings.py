@@ -83,13 +83,19 @@ def _policy(reader: ConfigReader, base: DomainPolicy) -> DomainPolicy:
     )
 
 
+def _local_domain_keys(reader: ConfigReader, local_domains: tuple[str, ...]) -> list[str]:
+    """The keys of a per-domain table; each must be one of ours (else a config error naming it)."""
+    for domain in reader.table:
+        if domain.lower() not in local_domains:
+            raise reader.error(domain, f"is not in server.local_domains ({', '.join(local_domains)})")
+    return list(reader.table)
+
+
 def parse_msgauth(reader: ConfigReader, local_domains: tuple[str, ...]) -> MsgAuthSettings:
     default = _policy(reader, DomainPolicy())
     domains_reader = reader.table_of("domains")
     domains = []
-    for domain in domains_reader.table:
-        if domain.lower() not in local_domains:
-            raise domains_reader.error(domain, f"is not in server.local_domains ({', '.join(local_domains)})")
+    for domain in _local_domain_keys(domains_reader, local_domains):
         table = domains_reader.table_of(domain)
         domains.append((domain.lower(), _policy(table, default)))
         table.reject_unknown()
@@ -108,9 +114,7 @@ def parse_msgauth(reader: ConfigReader, local_domains: tuple[str, ...]) -> MsgAu
 def parse_dkim(reader: ConfigReader, local_domains: tuple[str, ...]) -> DkimSettings:
     selectors_reader = reader.table_of("selectors")
     selectors = []
-    for domain in selectors_reader.table:
-        if domain.lower() not in local_domains:
-            raise selectors_reader.error(domain, f"is not in server.local_domains ({', '.join(local_domains)})")
+    for domain in _local_domain_keys(selectors_reader, local_domains):
         names = selectors_reader.strings(domain)
         for name in names:
             if not _is_selector(name):
