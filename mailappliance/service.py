@@ -120,6 +120,18 @@ class _StartupService(service.Service):
                 "listening: {name} ({role}) on {address}:{port}",
                 name=listener.name, role=listener.role, address=listener.address, port=listener.port,
             )
+
+
+class _ReadyService(service.Service):
+    """The last service started: "ready" means every part runs (listeners bound,
+    threads started, the SIGHUP handler installed), which admins and tests wait for."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]  # Service is unannotated
+        s = self.settings
         log.info(
             "mailappliance ready: host {host}, domains {domains}, directory {backend}",
             host=s.hostname, domains=", ".join(s.local_domains), backend=s.directory.backend,
@@ -224,6 +236,7 @@ def build_service(settings: Settings, reactor: IReactorTime | None = None,
         server = _listening(listener, factory, server_tls)
         server.setName(listener.name)
         server.setServiceParent(top)
+    _ReadyService(settings).setServiceParent(top)  # type: ignore[no-untyped-call]  # Service is unannotated
     return top
 
 
