@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
 import time
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 T = TypeVar("T")
 
@@ -42,3 +45,37 @@ def paced(condition: Callable[[], T], interval: float) -> Callable[[], T | None]
         return condition()
 
     return ask
+
+
+@contextlib.contextmanager
+def silent_server() -> Iterator[int]:
+    """A loopback TCP port that accepts connections and never answers (a hung
+    slapd, rspamd, Redis...): yields the port; everything is closed afterwards."""
+    from tests.daemon import free_port
+
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", free_port()))
+    listener.listen(64)
+    listener.settimeout(0.2)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join()
+        for connection in held + [listener]:
+            connection.close()

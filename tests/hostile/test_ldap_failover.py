@@ -12,18 +12,17 @@ from __future__ import annotations
 import poplib
 import re
 import smtplib
-import socket
-import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import attrs
 import pytest
 
 from mailappliance.directory.ldap import LdapStore, ServerSet
-from tests.daemon import Appliance, free_port
+from tests.conditions import silent_server, wait_until
+from tests.daemon import Appliance
 from tests.slapd import Slapd
 
 TIMEOUT = 2  # directory.ldap.timeout of the appliance fixture
@@ -33,30 +32,8 @@ USERS = ("alice", "bob", "carol")
 @pytest.fixture
 def hung_server() -> Iterator[str]:
     """ldap://... of a TCP listener that accepts connections and never answers."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", free_port()))
-    listener.listen(64)
-    listener.settimeout(0.2)
-    held: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        while not stop.is_set():
-            try:
-                held.append(listener.accept()[0])
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    yield f"ldap://127.0.0.1:{listener.getsockname()[1]}"
-    stop.set()
-    thread.join()
-    for conn in held:
-        conn.close()
-    listener.close()
+    with silent_server() as port:
+        yield f"ldap://127.0.0.1:{port}"
 
 
 @pytest.fixture
@@ -105,13 +82,6 @@ def test_metrics_name_the_server_in_use(failover: Appliance, slapd: Slapd, hung_
     assert f'mailappliance_directory_failovers_total{{server="{hung_server}"}} 1.0' in metrics
 
 
-def wait_for(condition: Callable[[], Any], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.05)
-
-
 def test_frozen_slapd_is_skipped_then_probed_back(slapd: Slapd, tmp_path: Path) -> None:
     """A frozen (SIGSTOP) first slapd is marked down, the second serves, and the probe brings the first back."""
     first = Slapd(tmp_path)
@@ -126,7 +96,7 @@ def test_frozen_slapd_is_skipped_then_probed_back(slapd: Slapd, tmp_path: Path) 
         assert store.verify_password(subscriber, "alice-password")
         assert store.server_states() == [(first.url, False), (slapd.url, True)]
         first.resume()
-        wait_for(lambda: store.current_server() == first.url)
+        wait_until(lambda: store.current_server() == first.url, what="the probe bringing the first server back")
         assert store.find_by_login("alice") is None  # lookups went back to the first server
     finally:
         store.close()

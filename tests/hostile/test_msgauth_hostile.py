@@ -5,15 +5,14 @@ that never answers."""
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 from typing import Any, Callable, Iterator
 
 import pytest
 
 from mailappliance.smtp import replies
-from tests.daemon import Appliance, free_port
+from tests.conditions import silent_server
+from tests.daemon import Appliance
 from tests.dns_zone import ZoneServer, zone  # noqa: F401 (fixture)
 from tests.msgauth_world import SenderKey, delivered, message, results, send
 
@@ -97,29 +96,8 @@ def test_dns_that_never_answers_costs_at_most_the_timeout(appliance: Callable[..
 @pytest.fixture
 def silent_http() -> Iterator[str]:
     """A TCP listener that accepts and never answers (a hung rspamd)."""
-    port = free_port()
-    server = socket.socket()
-    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    server.bind(("127.0.0.1", port))
-    server.listen(16)
-    held: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        server.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                held.append(server.accept()[0])
-            except OSError:
-                continue
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{port}"
-    stop.set()
-    thread.join()
-    for s in held + [server]:
-        s.close()
+    with silent_server() as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 def test_hung_rspamd_costs_at_most_its_timeout(appliance: Callable[..., Appliance], silent_http: str) -> None:
