@@ -26,7 +26,7 @@ from tests.conditions import wait_until
 from tests.daemon import BIN, Appliance, free_port, toml_table
 from tests.slapd import DebianSlapd
 from tests.test_privileges import DEBIAN_PYTHON, NOBODY, NOGROUP, wait_for_listener
-from tests.test_reload_secrets import readable_site, world_readable_root  # noqa: F401 (a fixture)
+from tests.test_privileges import readable_site, world_readable_root  # noqa: F401 (a fixture)
 
 GROUP = "nogroup"  # stands for the daemon's group (mailappliance) on a test machine: NOGROUP
 PEOPLE, SERVICE, ADMIN = ("ou=people,dc=example,dc=org", "cn=mailappliance,dc=example,dc=org",

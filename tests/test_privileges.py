@@ -16,11 +16,15 @@ from typing import Iterator
 
 import pytest
 
+import mailappliance
+
 from tests.conditions import wait_until
 from tests.daemon import BIN, first_bindable, toml_table
 
 DEBIAN_PYTHON = "/usr/bin/python3.11"  # readable by everyone, unlike a Python under /root
 NOBODY, NOGROUP = 65534, 65534
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def free_low_port(exclude: set[int]) -> int:
@@ -35,6 +39,19 @@ def _link_or_copy(source: str, target: str) -> None:
         os.link(source, target)
     except OSError:
         shutil.copy2(source, target)
+
+
+def readable_site(root: Path) -> Path:
+    """The installed packages where an unprivileged user can read them, with the
+    mailappliance package the tests import (the working tree) over the installed one."""
+    site = root / "site-packages"
+    shutil.copytree(sysconfig.get_paths()["purelib"], site, copy_function=_link_or_copy, symlinks=True)
+    shutil.rmtree(site / "mailappliance", ignore_errors=True)
+    shutil.copytree(Path(mailappliance.__file__).parent, site / "mailappliance",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(REPO / "twisted" / "plugins" / "mailappliance_plugin.py",
+                 site / "twisted" / "plugins" / "mailappliance_plugin.py")
+    return site
 
 
 def wait_for_listener(process: subprocess.Popen[bytes], port: int, log: Path, timeout: float = 30) -> None:
@@ -67,8 +84,7 @@ def world_readable_root() -> Iterator[Path]:
 def test_root_on_low_ports_then_runs_as_nobody(world_readable_root: Path) -> None:
     """Started as root on ports below 1024 it runs as nobody, delivers, and keeps mail, spool and key private."""
     root = world_readable_root
-    site = root / "site-packages"  # the installed packages, where the unprivileged user can read them
-    shutil.copytree(sysconfig.get_paths()["purelib"], site, copy_function=_link_or_copy, symlinks=True)
+    site = readable_site(root)  # the installed packages, where the unprivileged user can read them
     mx = free_low_port(set())
     pop3 = free_low_port({mx})
     config = root / "mailappliance.toml"

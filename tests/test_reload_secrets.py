@@ -5,56 +5,20 @@ from __future__ import annotations
 
 import os
 import poplib
-import shutil
 import signal
 import ssl
 import subprocess
-import sysconfig
-import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
-import mailappliance
 from mailappliance.config import ConfigError, SecretFiles, load_config
 from mailappliance.directory.passwords import make_ssha
 from tests.conditions import wait_until
 from tests.daemon import free_port, toml_table
-from tests.test_privileges import DEBIAN_PYTHON, NOBODY, NOGROUP, wait_for_listener
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _link_or_copy(source: str, target: str) -> None:
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
-
-
-def readable_site(root: Path) -> Path:
-    """The installed packages where an unprivileged user can read them, with the
-    mailappliance package the tests import (the working tree) over the installed one."""
-    site = root / "site-packages"
-    shutil.copytree(sysconfig.get_paths()["purelib"], site, copy_function=_link_or_copy, symlinks=True)
-    shutil.rmtree(site / "mailappliance", ignore_errors=True)
-    shutil.copytree(Path(mailappliance.__file__).parent, site / "mailappliance",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy2(REPO / "twisted" / "plugins" / "mailappliance_plugin.py",
-                 site / "twisted" / "plugins" / "mailappliance_plugin.py")
-    return site
-
-
-@pytest.fixture
-def world_readable_root() -> Iterator[Path]:
-    if os.geteuid() != 0:
-        pytest.fail("this test starts the daemon as root, as an admin does: run it as root (CI does)")
-    root = Path(tempfile.mkdtemp(prefix="mailappliance-reload-", dir="/tmp"))
-    root.chmod(0o755)
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
-
+from tests.test_privileges import (  # noqa: F401 (world_readable_root is a fixture)
+    DEBIAN_PYTHON, NOBODY, NOGROUP, readable_site, wait_for_listener, world_readable_root)
 
 def test_the_admin_password_file_is_not_read_when_the_config_is_loaded(tmp_path: Path) -> None:
     """Parsing the config never reads admin_bind_password_file; the admin tool reads it when it binds."""
