@@ -44,9 +44,6 @@ IPV4_NETWORK_BITS = 24
 IPV6_NETWORK_BITS = 64
 
 
-LimitHit = Verdict  # a limit was reached: rule "limit.<name>", value the key (address, network, uid, listener)
-
-
 def limit_hit(name: str, key: str) -> Verdict:
     """The verdict for limit ``name`` reached for ``key``: always temporary (try later)."""
     return defer(f"limit.{name}", key)
@@ -123,7 +120,7 @@ class RateLimits:
         """Connections open now on one listener."""
         return self._open_listeners.get(listener, 0)
 
-    def connection_opened(self, address: str, listener: str = "") -> LimitHit | None:
+    def connection_opened(self, address: str, listener: str = "") -> Verdict | None:
         """Count a new connection to ``listener`` from ``address``; a hit means:
         answer 421 and close (it is not counted, and needs no connection_closed)."""
         now = self.clock.seconds()
@@ -171,15 +168,15 @@ class RateLimits:
         return totals.addCallback(lambda found: (found[0], found[1]))
 
 
-def _messages_hit(uid: str) -> LimitHit:
+def _messages_hit(uid: str) -> Verdict:
     return limit_hit("messages_per_hour", uid)
 
 
-def _recipients_hit(uid: str) -> LimitHit:
+def _recipients_hit(uid: str) -> Verdict:
     return limit_hit("recipients_per_hour", uid)
 
 
-def _per_message_hit(uid: str) -> LimitHit:
+def _per_message_hit(uid: str) -> Verdict:
     return limit_hit("recipients_per_message", uid)
 
 
@@ -196,7 +193,7 @@ class Reservation:
     hourly window an hour after that.
 
     ``start_message`` and ``add_recipient`` return Deferreds (None, or the
-    LimitHit to answer); the session waits for each before the next command.
+    Verdict to answer); the session waits for each before the next command.
     A reservation that arrives after ``release`` (the client left while the
     store answered) is given back at once.
     """
@@ -218,13 +215,13 @@ class Reservation:
     def _recipient_key(self) -> tuple[str, str]:
         return ("recipients", self.uid)
 
-    def start_message(self) -> Deferred[LimitHit | None]:
+    def start_message(self) -> Deferred[Verdict | None]:
         """MAIL: reserve one message against messages_per_hour."""
         self.release()
         generation = self._generation
         d = self._store.reserve(self._message_key, HOUR, self.limits.messages_per_hour)
 
-        def reserved(token: Any) -> LimitHit | None:
+        def reserved(token: Any) -> Verdict | None:
             if token is None:
                 return _messages_hit(self.uid)
             if generation != self._generation:
@@ -235,7 +232,7 @@ class Reservation:
 
         return d.addCallback(reserved)
 
-    def add_recipient(self) -> Deferred[LimitHit | None]:
+    def add_recipient(self) -> Deferred[Verdict | None]:
         """RCPT: reserve one recipient against recipients_per_hour, within recipients_per_message."""
         if self.recipients >= self.limits.recipients_per_message:
             return succeed(_per_message_hit(self.uid))
@@ -243,7 +240,7 @@ class Reservation:
         self.recipients += 1  # counted at once: the per-message limit holds while the store answers
         d = self._store.reserve(self._recipient_key, HOUR, self.limits.recipients_per_hour)
 
-        def reserved(token: Any) -> LimitHit | None:
+        def reserved(token: Any) -> Verdict | None:
             if generation != self._generation:
                 if token is not None:
                     self._give_back(self._recipient_key, token)

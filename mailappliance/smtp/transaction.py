@@ -33,7 +33,7 @@ from mailappliance.dsn_params import (
     parse_rcpt_parameters,
 )
 from mailappliance.folders import delivery_target
-from mailappliance.limits import LimitHit, Reservation, subscriber_limits
+from mailappliance.limits import Reservation, subscriber_limits
 from mailappliance.maildir import junk_folder, maildir_for
 from mailappliance.mailpath import MailPath, NonAsciiAddress, PathSyntaxError, parse_path, split_command_argument
 from mailappliance.metrics import METRICS
@@ -47,6 +47,7 @@ from mailappliance.smtp.dsn_notices import envelope_fields, notify_local_success
 from mailappliance.smtp.inspection import inspect_message, suspension_refusal
 from mailappliance.smtp.recipients import ForwardedRecipient, LocalRecipients, RcptOutcome
 from mailappliance.trace_headers import received_header, return_path_header, tls_description
+from mailappliance.verdicts import Verdict
 
 
 @attrs.define
@@ -163,7 +164,7 @@ class MailTransaction(LocalRecipients):
         d.addCallback(self._message_reserved, reservation, sender, mail_parameters)
         self.run(d)
 
-    def _message_reserved(self, hit: LimitHit | None, reservation: Reservation, sender: MailPath,
+    def _message_reserved(self, hit: Verdict | None, reservation: Reservation, sender: MailPath,
                           mail_parameters: MailParameters) -> None:
         if hit is not None or self.closed:
             reservation.release()
@@ -252,14 +253,14 @@ class MailTransaction(LocalRecipients):
         """Count an accepted recipient against the sender's hourly limit, at once
         (parallel sessions see it; the state store may be Redis), then ``accept``
         it and answer; or answer that the limit is reached."""
-        d: Deferred[LimitHit | None]
+        d: Deferred[Verdict | None]
         if transaction.reservation is None:
             d = succeed(None)
         else:
             d = transaction.reservation.add_recipient()
         return d.addCallback(self._recipient_reserved, accept)
 
-    def _recipient_reserved(self, hit: LimitHit | None, accept: Callable[[], None]) -> None:
+    def _recipient_reserved(self, hit: Verdict | None, accept: Callable[[], None]) -> None:
         if hit is not None:
             self.limit_hit(hit)
             return
