@@ -26,6 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailappliance.delivery import CommitJob, CommitOutcome, commit_batch
+from mailappliance.journal import Journal
 from mailappliance.metrics import METRICS
 
 log = Logger(namespace="mailappliance.storage")
@@ -38,9 +39,10 @@ class BatchCommitter:
     """Group commit of received messages on ``threads`` dedicated threads."""
 
     def __init__(self, reactor: IReactorFromThreads, threads: int = 1, max_batch: int = DEFAULT_MAX_BATCH,
-                 sync: str = "fsync") -> None:
+                 sync: str = "fsync", journal: Journal | None = None) -> None:
         self._reactor = reactor
         self._sync = sync
+        self._journal = journal  # sync = "journal": opened (crash recovery) at start, checkpointed at stop
         self._thread_count = threads
         self._max_batch = max_batch
         self._pending: deque[tuple[CommitJob, Deferred[list[Path]]]] = deque()
@@ -49,6 +51,8 @@ class BatchCommitter:
         self._stopping = False
 
     def start(self) -> None:
+        if self._journal is not None and not self._journal.is_open:
+            self._journal.open()  # replays what a crash left, before any session can commit
         self._stopping = False
         self._threads = [threading.Thread(target=self._run, name=f"commit-{n}", daemon=True)
                          for n in range(self._thread_count)]
@@ -63,6 +67,8 @@ class BatchCommitter:
         for thread in self._threads:
             thread.join()
         self._threads = []
+        if self._journal is not None:
+            self._journal.close()  # a clean stop leaves every message durable in its Maildir
 
     def commit(self, job: CommitJob) -> Deferred[list[Path]]:
         """Deferred of the delivered Maildir paths, once they are durable (an
@@ -81,17 +87,38 @@ class BatchCommitter:
         while True:
             with self._condition:
                 while not self._pending and not self._stopping:
-                    self._condition.wait()
-                if not self._pending:
+                    due = self._checkpoint_due()
+                    if due is not None and due <= 0:
+                        break
+                    self._condition.wait(due)
+                if not self._pending and self._stopping:
                     return
                 batch = [self._pending.popleft() for _ in range(min(len(self._pending), self._max_batch))]
+            if not batch:
+                self._checkpoint()
+                continue
             try:
-                outcomes: list[CommitOutcome] = commit_batch([job for job, _ in batch], self._sync)
+                outcomes: list[CommitOutcome] = commit_batch([job for job, _ in batch], self._sync, self._journal)
             except BaseException as e:  # a bug, not an OSError: fail the batch, keep the thread
                 log.failure("commit of {n} message(s) failed", Failure(), n=len(batch))
                 outcomes = [e] * len(batch)
             results = [(d, outcome) for (_, d), outcome in zip(batch, outcomes, strict=True)]  # one outcome per job
             self._reactor.callFromThread(_report, results)
+            due = self._checkpoint_due()
+            if due is not None and due <= 0:
+                self._checkpoint()
+
+    def _checkpoint_due(self) -> float | None:
+        return self._journal.checkpoint_due_in() if self._journal is not None else None
+
+    def _checkpoint(self) -> None:
+        """Make the journaled messages durable in their Maildirs; a failure is retried
+        later (the journal keeps them meanwhile)."""
+        assert self._journal is not None
+        try:
+            self._journal.checkpoint()
+        except OSError:
+            log.failure("journal checkpoint failed (retried; the journal keeps the messages)")
 
 
 def _timed_commit(result: _T, started: float) -> _T:

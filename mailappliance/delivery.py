@@ -18,6 +18,7 @@ client's trouble never fails another client's message.
 from __future__ import annotations
 
 import errno
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -27,7 +28,8 @@ from twisted.logger import Logger
 
 from mailappliance.delivered_to import RecipientCopy, plan_copies
 from mailappliance.folders import FolderTarget, filing_path
-from mailappliance.maildir import IncomingMessage, fsync_directory, syncfs
+from mailappliance.journal import Journal, Target, crash_point, encode_body, place_target
+from mailappliance.maildir import IncomingMessage, ensure_maildir_once, fsync_directory, syncfs
 from mailappliance.queue.spool import Envelope, OutboundSpool
 
 log = Logger(namespace="mailappliance.storage")
@@ -116,7 +118,7 @@ class Delivery:
             self.message.discard()
 
 
-def commit_batch(jobs: Sequence[CommitJob], sync: str = "fsync") -> list[CommitOutcome]:
+def commit_batch(jobs: Sequence[CommitJob], sync: str = "fsync", journal: Journal | None = None) -> list[CommitOutcome]:
     """Make several messages durable together (group commit); blocking.
 
     Every job's file is written first and only then made durable: with
@@ -133,7 +135,12 @@ def commit_batch(jobs: Sequence[CommitJob], sync: str = "fsync") -> list[CommitO
     that job alone (any exception: a bug in one job must not take the others
     down), or every job that a failed syncfs or directory fsync covered;
     failed jobs are discarded and their outcome is the exception.
+
+    With ``sync="journal"`` and a ``journal``, jobs for local Maildirs only
+    go through it (:func:`commit_journaled`); the rest take the path above.
     """
+    if sync == "journal" and journal is not None:
+        return commit_journaled(jobs, journal)
     outcomes: list[CommitOutcome | None] = [None] * len(jobs)
     delivered: dict[int, list[Path]] = {}
     targets: dict[int, list[Path]] = {}
@@ -188,6 +195,7 @@ def commit_batch(jobs: Sequence[CommitJob], sync: str = "fsync") -> list[CommitO
 
     each(lambda i: jobs[i].message.write_out())
     each(plan)
+    crash_point("classic.written")
     if sync == "syncfs" and live():
         try:
             syncfs(jobs[live()[0]].message.fileno())
@@ -195,7 +203,9 @@ def commit_batch(jobs: Sequence[CommitJob], sync: str = "fsync") -> list[CommitO
             for i in live():
                 fail(i, e)
     each(sync_job)
+    crash_point("classic.synced")
     each(place)
+    crash_point("classic.placed")
     for new_dir in dict.fromkeys(p.parent for i in live() for p in delivered[i]):
         try:
             fsync_directory(new_dir)
@@ -203,12 +213,102 @@ def commit_batch(jobs: Sequence[CommitJob], sync: str = "fsync") -> list[CommitO
             for i in live():
                 if any(p.parent == new_dir for p in delivered[i]):
                     fail(i, e)
+    crash_point("classic.directories_synced")
     for i in live():
         jobs[i].message.discard()  # the incoming name only; the Maildir links keep the data
         for copy in copies[i].values():
             copy.discard()  # a copy shared by several Maildirs keeps its incoming name until now
         outcomes[i] = delivered[i]
     return outcomes  # type: ignore[return-value]  # no None left: every job failed or was delivered
+
+
+def journal_targets(job: CommitJob, maildir_root: Path) -> list[Target] | None:
+    """Where a job's files go, for the journal: None for a job it does not take (outbound
+    spool entries, a spilled message, a Maildir outside the root, no Maildir)."""
+    if job.spool_entries or job.message.spilled or not job.maildirs:
+        return None
+    pairs: dict[Path, bytes] = {}
+    for maildir, header in zip(job.maildirs, job.delivered_to or (b"",) * len(job.maildirs), strict=True):
+        pairs.setdefault(filing_path(maildir), header)
+    if not all(maildir.is_relative_to(maildir_root) for maildir in pairs):
+        return None
+    copies = plan_copies(job.message, list(pairs.items()), job.delivered_to_span)
+    name, targets = job.message.name, []
+    for maildir in pairs:
+        copy = copies.get(maildir)
+        if copy is None:
+            targets.append(Target(maildir, f"{name},S={job.message.size}"))
+        else:
+            targets.append(Target(maildir, f"{name},S={copy.size}", copy.span[0], copy.span[1], copy.header))
+    return targets
+
+
+def commit_journaled(jobs: Sequence[CommitJob], journal: Journal) -> list[CommitOutcome]:
+    """Group commit through the write-ahead journal (journal.py): one record per job,
+    ONE fdatasync for the batch, then each file written into its Maildir's tmp/ and
+    renamed into new/ without an fsync (the next checkpoint makes it durable there).
+    A job's outcome is its Maildir paths once its record is durable and its files are
+    in place.  A failure fails that job alone (its record is voided), or every
+    journaled job when the append fails."""
+    outcomes: list[CommitOutcome | None] = [None] * len(jobs)
+    entries: dict[int, tuple[bytes, list[Target]]] = {}
+    classic: list[int] = []
+    for i, job in enumerate(jobs):
+        try:
+            targets = journal_targets(job, journal.maildir_root)
+            if targets is None:
+                classic.append(i)
+                continue
+            for target in targets:
+                ensure_maildir_once(target.maildir)  # a Maildir that cannot be made fails before the journal
+            entries[i] = (job.message.content(), targets)
+        except Exception as e:
+            outcomes[i] = e if isinstance(e, OSError) else OSError(errno.EIO, f"internal error: {e!r}")
+            job.message.discard()
+    if classic:
+        for i, outcome in zip(classic, commit_batch([jobs[i] for i in classic], "fsync"), strict=True):
+            outcomes[i] = outcome
+    if entries:
+        order = list(entries)
+        try:
+            sequences = journal.append([encode_body(*entries[i]) for i in order])
+        except OSError as e:
+            for i in order:
+                outcomes[i] = e
+                jobs[i].message.discard()
+            order, sequences = [], []
+        for i, sequence in zip(order, sequences, strict=True):
+            outcomes[i] = _place_journaled(journal, sequence, *entries[i])
+            jobs[i].message.discard()
+    return outcomes  # type: ignore[return-value]  # every job has its outcome
+
+
+def _place_journaled(journal: Journal, sequence: int, base: bytes, targets: list[Target]) -> CommitOutcome:
+    """One journaled job's files into their Maildirs; equal bytes hard-linked."""
+    placed: list[Path] = []
+    first: dict[tuple[int, int, bytes], Path] = {}
+    try:
+        for target in targets:
+            key = (target.start, target.end, target.replacement)
+            path = place_target(target, base, first.get(key))
+            first.setdefault(key, path)
+            placed.append(path)
+    except Exception as e:
+        if not isinstance(e, OSError):
+            log.failure("placing a journaled message")
+        for path in placed:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        try:
+            journal.cancel(sequence)
+        except OSError:
+            log.failure("voiding journal record {seq}: a crash now delivers it once more", seq=sequence)
+        journal.placed((), 1)
+        return e if isinstance(e, OSError) else OSError(errno.EIO, f"internal error: {e!r}")
+    journal.placed(placed, 1)
+    return placed
 
 
 def commit_now(job: CommitJob, sync: str = "fsync") -> list[Path]:

@@ -146,6 +146,7 @@ class IncomingMessage:
         self._file: BinaryIO | None = None  # a spilled (large) message
         self._fd: int | None = None  # the written file, between write_out and sync
         self._moved = False  # renamed into a Maildir: the incoming name is gone
+        self._created = False  # the incoming file exists (spilled, or written out)
         self._edit: tuple[int, int, bytes] | None = None  # a spilled message's pending head edit
 
     def write(self, data: bytes) -> None:
@@ -162,7 +163,15 @@ class IncomingMessage:
 
     def _create(self) -> int:
         # read-write: message authentication reads a spilled message back (read()) before commit
-        return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        self._created = True
+        return fd
+
+    def content(self) -> bytes:
+        """The whole message of one that is not spilled (the journal's record)."""
+        if self._file is not None:
+            raise ValueError("a spilled message is read from its file")
+        return self.read()
 
     @property
     def spilled(self) -> bool:
@@ -295,7 +304,7 @@ class IncomingMessage:
         """Forget the message (after commit, or when it is refused)."""
         self._chunks = []
         self._close()
-        if self._moved:
+        if self._moved or not self._created:
             return
         try:
             os.unlink(self.path)

@@ -38,6 +38,7 @@ from mailappliance.committer import BatchCommitter
 from mailappliance.config import WEB_ROLES, ListenerSettings, Settings, StartupError
 from mailappliance.credentials import SubscriberChecker, SubscriberRealm
 from mailappliance.delivery import Committer
+from mailappliance.journal import journal_for
 from mailappliance.directory.backends import build_store
 from mailappliance.directory.threaded import Directory
 from mailappliance.limits import RateLimits
@@ -169,7 +170,8 @@ def build_service(settings: Settings, reactor: IReactorTime | None = None,
     storage_pool = ThreadPool(minthreads=1, maxthreads=settings.storage_threads, name="storage")
     _PoolService(storage_pool.start, storage_pool.stop).setServiceParent(top)  # type: ignore[no-untyped-call]  # Service is unannotated
 
-    committer = BatchCommitter(threads, settings.commit_threads, sync=settings.sync)
+    committer = BatchCommitter(threads, settings.commit_threads, sync=settings.sync,
+                               journal=journal_for(settings.sync, settings.spool_dir, settings.maildir_root))
     _PoolService(committer.start, committer.stop).setServiceParent(top)  # type: ignore[no-untyped-call]  # Service is unannotated
 
     def run_blocking(function: Callable[..., _R], *args: object) -> Deferred[_R]:

@@ -47,7 +47,7 @@ def parse_size(value: int | str) -> int:
 DEFAULT_BYTES_PER_HOUR = 500 * 1024 * 1024
 
 
-SYNC_METHODS = ("fsync", "syncfs")
+SYNC_METHODS = ("fsync", "syncfs", "journal")
 
 
 def syncfs_available() -> bool:

@@ -32,6 +32,7 @@ from zope.interface import Attribute, Interface, implementer
 
 from mailappliance.authenticator import MailboxInUse
 from mailappliance.directory import Subscriber
+from mailappliance.journal import settle_before_removing
 from mailappliance.maildir import ensure_maildir, maildir_for
 from mailappliance.state import StateStore
 
@@ -178,6 +179,10 @@ class MaildirMailbox:
     def commit(self) -> CommitResult:
         deleted = 0
         failed: list[MessageInfo] = []
+        try:  # a file the write-ahead journal still covers is made durable first (journal.py)
+            settle_before_removing(self._messages[index].path for index in self._deleted)
+        except OSError:
+            return CommitResult(0, tuple(self._messages[index] for index in sorted(self._deleted)))
         for index in sorted(self._deleted):
             info = self._messages[index]
             try:

@@ -1,0 +1,644 @@
+"""The write-ahead journal of ``[storage] sync = "journal"``: one flush per batch, not per message.
+
+A batch of received messages is appended to a journal segment in
+``<spool>/journal/`` (one record per message: the bytes and, per target
+Maildir, its file name and its own head edit, the Delivered-To copy) and
+made durable with ONE ``fdatasync``.  Segments are preallocated and
+zero-filled once, so an append changes no metadata and the fdatasync is a
+pure data flush (0.15 ms here against 0.25 ms for a fallocated segment and
+0.53 ms for a new file plus fsync; docs/performance.md).  Then each file is
+written into its Maildir's ``tmp/`` and renamed into ``new/`` under the name
+it would get without the journal, without any fsync, and only then the
+messages' Deferreds fire (the 250): the file is where POP3 and the quota
+scan look, and its bytes are durable in the journal.
+
+A *checkpoint* (every ``checkpoint_seconds``, every ``checkpoint_bytes``, at
+clean shutdown, and before POP3 removes a file still covered only by the
+journal) makes the placed files durable (syncfs of each touched filesystem,
+or an fsync per file and directory) and then records the last sequence
+number it covered in ``journal/checkpoint``; segments before that are free
+for reuse.  At start, before any listener opens, :meth:`Journal.open`
+replays every record after the checkpoint: a target already in ``new/`` or
+``cur/`` (POP3 moved it) with the same bytes is left alone, anything else is
+written again.  A torn last record (bad CRC) never got a 250 and is ignored.
+Recovery writes only below the configured Maildir root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+
+import attrs
+from twisted.logger import Logger
+
+from mailappliance.maildir import ensure_maildir_once, forget_maildir, fsync_directory, syncfs
+from mailappliance.settings import syncfs_available
+
+log = Logger(namespace="mailappliance.storage")
+
+MAGIC = b"MAJ1"
+HEADER = struct.Struct("<4sIIQB")  # magic, body length, crc32 of (seq, kind, body), sequence, kind
+KIND_MESSAGE, KIND_CANCEL = 1, 2
+SEGMENT_SIZE = 16 * 1024 * 1024
+MAX_SEGMENTS = 64  # files in journal/ recovery looks at; more is not ours
+SEGMENT_NAME = re.compile(r"^segment\.([0-9]{6})$")
+TARGET_NAME = re.compile(r"^[A-Za-z0-9._\\-]{1,200},S=([0-9]{1,12})$")
+CHECKPOINT_SECONDS = 5.0
+CHECKPOINT_BYTES = 64 * 1024 * 1024
+_FIXED_TARGET = struct.Struct("<HHIIH")  # maildir length, name length, edit start, edit end, replacement length
+
+
+def crash_point(step: str) -> None:
+    """Where a crash test may stop the process (``CRASH_HOOK`` raises); nothing otherwise."""
+    if CRASH_HOOK is not None:
+        CRASH_HOOK(step)
+
+
+CRASH_HOOK: Callable[[str], None] | None = None
+
+
+@attrs.frozen
+class Target:
+    """One Maildir's file of a journaled message: ``base`` with ``start..end`` replaced."""
+
+    maildir: Path
+    filename: str
+    start: int = 0
+    end: int = 0
+    replacement: bytes = b""
+
+    def content(self, base: bytes) -> bytes:
+        if self.start == self.end and not self.replacement:
+            return base
+        return base[: self.start] + self.replacement + base[self.end :]
+
+
+@attrs.frozen
+class Record:
+    sequence: int
+    kind: int
+    base: bytes = b""
+    targets: tuple[Target, ...] = ()
+    cancels: int = 0  # KIND_CANCEL: the sequence number it voids
+
+
+def encode_body(base: bytes, targets: Sequence[Target]) -> bytes:
+    parts = [struct.pack("<HI", len(targets), len(base)), base]
+    for t in targets:
+        maildir, name = os.fsencode(t.maildir), t.filename.encode("ascii")
+        parts += [_FIXED_TARGET.pack(len(maildir), len(name), t.start, t.end, len(t.replacement)),
+                  maildir, name, t.replacement]
+    return b"".join(parts)
+
+
+def decode_body(body: bytes) -> tuple[bytes, tuple[Target, ...]]:
+    """ValueError (struct.error is one) for a body that is not what ``encode_body`` writes."""
+    count, size = struct.unpack_from("<HI", body)
+    offset = 6 + size
+    if offset > len(body):
+        raise ValueError("base longer than the record")
+    base = body[6:offset]
+    targets = []
+    for _ in range(count):
+        dlen, nlen, start, end, rlen = _FIXED_TARGET.unpack_from(body, offset)
+        offset += _FIXED_TARGET.size
+        stop = offset + dlen + nlen + rlen
+        if stop > len(body) or not start <= end <= len(base):
+            raise ValueError("target outside the record")
+        maildir = Path(os.fsdecode(body[offset : offset + dlen]))
+        name = body[offset + dlen : offset + dlen + nlen].decode("ascii")
+        targets.append(Target(maildir, name, start, end, body[offset + dlen + nlen : stop]))
+        offset = stop
+    if offset != len(body):
+        raise ValueError("trailing bytes in the record")
+    return base, tuple(targets)
+
+
+def encode_record(sequence: int, kind: int, body: bytes) -> bytes:
+    crc = zlib.crc32(struct.pack("<QB", sequence, kind) + body)
+    return HEADER.pack(MAGIC, len(body), crc, sequence, kind) + body
+
+
+def read_records(fd: int, limit: int) -> Iterator[Record]:
+    """The whole records at the start of a segment, up to the first torn, zeroed or
+    foreign one (``limit``: bytes of the segment to look at)."""
+    offset = 0
+    while offset + HEADER.size <= limit:
+        head = os.pread(fd, HEADER.size, offset)
+        if len(head) < HEADER.size:
+            return
+        magic, length, crc, sequence, kind = HEADER.unpack(head)
+        if magic != MAGIC or offset + HEADER.size + length > limit or kind not in (KIND_MESSAGE, KIND_CANCEL):
+            return
+        body = os.pread(fd, length, offset + HEADER.size)
+        if len(body) != length or zlib.crc32(struct.pack("<QB", sequence, kind) + body) != crc:
+            return  # torn: the batch it belonged to never got its 250
+        offset += HEADER.size + length
+        try:
+            if kind == KIND_CANCEL:
+                (cancelled,) = struct.unpack("<Q", body)
+                yield Record(sequence, kind, cancels=cancelled)
+            else:
+                base, targets = decode_body(body)
+                yield Record(sequence, kind, base, targets)
+        except (ValueError, UnicodeDecodeError):
+            log.error("journal record {seq} is malformed (crc matched): skipped", seq=sequence)
+
+
+class UnsafeTarget(ValueError):
+    """A journal target that is not a Maildir file below the Maildir root."""
+
+
+def check_target(root: Path, target: Target, base: bytes) -> None:
+    """UnsafeTarget unless ``target`` names a plain file name with the right size in a
+    Maildir below ``root`` (after resolving symbolic links)."""
+    match = TARGET_NAME.match(target.filename)
+    size = len(base) - (target.end - target.start) + len(target.replacement)
+    if match is None or target.filename.startswith(".") or int(match[1]) != size:
+        raise UnsafeTarget(f"bad file name {target.filename!r}")
+    if not target.maildir.is_absolute() or ".." in target.maildir.parts:
+        raise UnsafeTarget(f"{target.maildir} is not an absolute path without '..'")
+    resolved, top = target.maildir.resolve(), root.resolve()
+    if resolved == top or not resolved.is_relative_to(top):
+        raise UnsafeTarget(f"{target.maildir} is not below the Maildir root {root}")
+
+
+def unique_part(name: str) -> str:
+    return name.split(":", 1)[0].split(",", 1)[0]
+
+
+def write_file(directory: Path, name: str, content: bytes) -> Path:
+    """``content`` as ``directory/tmp/name`` (a leftover of that name replaced), for the
+    caller to rename into ``new/`` or ``cur/``."""
+    staged = directory / "tmp" / name
+    try:
+        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # a crash's leftover (or anything planted there): never written through
+        os.unlink(staged)
+        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        view = memoryview(content)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+    return staged
+
+
+def place_target(target: Target, base: bytes, linked_from: Path | None = None) -> Path:
+    """Put one target's file into ``new/`` (no fsync: the journal holds the bytes).  A
+    hard link of ``linked_from`` (the same bytes in another Maildir) when it can."""
+    ensure_maildir_once(target.maildir)
+    final = target.maildir / "new" / target.filename
+    if linked_from is not None:
+        try:
+            os.link(linked_from, final)
+            return final
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOENT):
+                raise
+    try:
+        staged = write_file(target.maildir, target.filename, target.content(base))
+    except FileNotFoundError:  # the Maildir was removed while we remembered it
+        forget_maildir(target.maildir)
+        ensure_maildir_once(target.maildir)
+        staged = write_file(target.maildir, target.filename, target.content(base))
+    crash_point("journal.place.written")
+    os.rename(staged, final)
+    crash_point("journal.place.renamed")
+    return final
+
+
+@attrs.define
+class RecoveryReport:
+    records: int = 0
+    written: int = 0  # files written again (missing or damaged)
+    refused: int = 0  # targets outside the Maildir root, or malformed
+
+
+@attrs.define
+class _Segment:
+    index: int
+    fd: int
+
+
+class Journal:
+    """The journal in ``directory``; message files go below ``maildir_root`` only."""
+
+    def __init__(self, directory: Path, maildir_root: Path, segment_size: int = SEGMENT_SIZE,
+                 checkpoint_seconds: float = CHECKPOINT_SECONDS, checkpoint_bytes: int = CHECKPOINT_BYTES,
+                 use_syncfs: bool = True, clock: Callable[[], float] = time.monotonic) -> None:
+        self.directory = directory
+        self.maildir_root = maildir_root
+        self.segment_size = segment_size
+        self.checkpoint_seconds = checkpoint_seconds
+        self.checkpoint_bytes = checkpoint_bytes
+        self.use_syncfs = use_syncfs
+        self._clock = clock
+        self._lock = threading.RLock()  # appends, checkpoints
+        self._placing = threading.Condition(self._lock)
+        self._unplaced = 0  # records appended whose files are not placed yet
+        self._sequence = 0
+        self._segments: list[_Segment] = []  # every segment file, by index
+        self._current = 0  # position in _segments
+        self._offset = 0
+        self._dirty_segments: set[int] = set()  # positions holding records since the checkpoint
+        self._since_checkpoint = 0  # bytes
+        self._last_checkpoint = clock()
+        self._placed: list[Path] = []  # files placed since the checkpoint (fsync fallback)
+        self._pending_names: set[str] = set()  # their unique parts (POP3 asks)
+        self._touched: set[Path] = set()  # Maildirs placed into since the checkpoint
+        self._retry_at = 0.0  # after a failed checkpoint
+        self._misfits: list[int] = []  # segments found with the wrong size
+        self.is_open = False
+
+    # -- start and stop ---------------------------------------------------------
+
+    def open(self) -> RecoveryReport:
+        """Replay what the last run left un-checkpointed, then get ready to append (blocking)."""
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        checkpointed = self._read_checkpoint()
+        records: list[Record] = []
+        highest = checkpointed
+        for index, fd in self._existing_segments():
+            self._segments.append(_Segment(index, fd))
+            for record in read_records(fd, self.segment_size):
+                highest = max(highest, record.sequence)
+                if record.sequence > checkpointed:
+                    records.append(record)
+        report = self._replay(records)
+        self._sequence = highest
+        if records:
+            self._make_placed_durable()
+            self._write_checkpoint(highest)
+            crash_point("journal.recovery.checkpointed")
+        self._reset_placed()
+        self._reset_misfits()
+        while len(self._segments) < 2:
+            self._segments.append(self._new_segment())
+        self._current, self._offset = 0, 0
+        self.is_open = True
+        _register(self)
+        if report.records:
+            log.info("journal: replayed {records} message(s) after a crash, {written} file(s) written again, "
+                     "{refused} target(s) refused", records=report.records, written=report.written,
+                     refused=report.refused)
+        return report
+
+    def close(self) -> None:
+        """Checkpoint (everything placed becomes durable in its Maildir) and close."""
+        with self._lock:
+            if not self.is_open:
+                return
+            self.checkpoint()
+            self.is_open = False
+            for segment in self._segments:
+                os.close(segment.fd)
+            self._segments = []
+            _unregister(self)
+
+    def _existing_segments(self) -> list[tuple[int, int]]:
+        """Our segment files (symbolic links removed unread, other odd files left alone),
+        opened; one of the wrong size is read up to a segment's size and reset after replay."""
+        found: list[tuple[int, int]] = []
+        with os.scandir(self.directory) as entries:
+            for entry in entries:
+                match = SEGMENT_NAME.match(entry.name)
+                if match is None:
+                    continue
+                if len(found) >= MAX_SEGMENTS:
+                    log.error("journal: more than {n} segments in {dir}: {name} ignored", n=MAX_SEGMENTS,
+                              dir=str(self.directory), name=entry.name)
+                    continue
+                if entry.is_symlink():
+                    log.error("journal: {path} is a symbolic link: removed, not read", path=entry.path)
+                    os.unlink(entry.path)
+                    continue
+                if not entry.is_file(follow_symlinks=False):
+                    log.error("journal: {path} is not a regular file: ignored", path=entry.path)
+                    continue
+                fd = os.open(entry.path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
+                if os.fstat(fd).st_size != self.segment_size:
+                    log.warn("journal: {path} is not a {size}-byte segment: reset after replay",
+                             path=entry.path, size=self.segment_size)
+                    self._misfits.append(fd)
+                found.append((int(match[1]), fd))
+        found.sort()
+        return found
+
+    def _reset_misfits(self) -> None:
+        for fd in self._misfits:
+            os.ftruncate(fd, 0)
+            _zero_fill(fd, self.segment_size)
+            os.fsync(fd)
+        self._misfits = []
+
+    def _new_segment(self) -> _Segment:
+        """A zero-filled, fsynced segment (then appends change no metadata)."""
+        index = max((s.index for s in self._segments), default=0) + 1
+        path = self.directory / f"segment.{index:06d}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            _zero_fill(fd, self.segment_size)
+            os.fsync(fd)
+            fsync_directory(self.directory)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+        return _Segment(index, fd)
+
+    # -- appending --------------------------------------------------------------
+
+    def append(self, bodies: Sequence[bytes]) -> list[int]:
+        """Append one message record per body and make them durable with one
+        fdatasync per segment touched (one, nearly always); their sequence numbers.
+        The caller places the files, then calls :meth:`placed`."""
+        with self._lock:
+            if not self.is_open:
+                raise OSError(errno.ESHUTDOWN, "the journal is closed")
+            sizes = [HEADER.size + len(body) for body in bodies]
+            if max(sizes, default=0) > self.segment_size:
+                raise ValueError("record larger than a journal segment")
+            plan = self._plan(sizes)
+            first = self._sequence + 1
+            self._sequence += len(bodies)
+            runs: dict[int, tuple[int, list[bytes]]] = {}
+            for n, (body, (position, offset)) in enumerate(zip(bodies, plan, strict=True)):
+                record = encode_record(first + n, KIND_MESSAGE, body)
+                runs.setdefault(position, (offset, []))[1].append(record)
+            for position, (offset, records) in runs.items():
+                fd = self._segments[position].fd
+                if len(records) < 512:
+                    os.pwritev(fd, records, offset)
+                else:
+                    os.pwrite(fd, b"".join(records), offset)
+                self._dirty_segments.add(position)
+                crash_point("journal.append.written")
+            for position in runs:
+                os.fdatasync(self._segments[position].fd)
+                crash_point("journal.append.synced")
+            self._since_checkpoint += sum(sizes)
+            self._unplaced += len(bodies)
+            return list(range(first, first + len(bodies)))
+
+    def _plan(self, sizes: Sequence[int]) -> list[tuple[int, int]]:
+        """(segment position, offset) for records of ``sizes``; moves on to free
+        segments (new ones up to a limit, else after a checkpoint frees them all)."""
+        for attempt in range(2):
+            free = [p for p in range(len(self._segments)) if p != self._current and p not in self._dirty_segments]
+            position, offset = self._current, self._offset
+            plan: list[tuple[int, int]] = []
+            for size in sizes:
+                if offset + size > self.segment_size:
+                    if not free and len(self._segments) < MAX_SEGMENTS // 2:
+                        self._segments.append(self._new_segment())
+                        free.append(len(self._segments) - 1)
+                    if not free:
+                        break
+                    position, offset = free.pop(0), 0
+                plan.append((position, offset))
+                offset += size
+            if len(plan) == len(sizes):
+                self._current, self._offset = position, offset
+                return plan
+            if attempt == 0:
+                self._checkpoint_locked()  # every segment is free after it
+        raise OSError(errno.ENOSPC, "the batch does not fit into the journal")
+
+    def cancel(self, sequence: int) -> None:
+        """Void a record whose files could not all be placed (the client got 4xx): recovery
+        skips it.  Not synced now: it rides on the next batch's flush (lost, the message
+        would be delivered once more, never lost)."""
+        with self._lock:
+            self._sequence += 1
+            record = encode_record(self._sequence, KIND_CANCEL, struct.pack("<Q", sequence))
+            [(position, offset)] = self._plan([len(record)])
+            os.pwrite(self._segments[position].fd, record, offset)
+            self._dirty_segments.add(position)
+
+    def placed(self, paths: Iterable[Path], count: int = 1) -> None:
+        """``count`` appended records' files are in place (or given up): a checkpoint may cover them."""
+        with self._lock:
+            for path in paths:
+                self._placed.append(path)
+                self._pending_names.add(unique_part(path.name))
+                self._touched.add(path.parent.parent)
+            self._unplaced -= count
+            self._placing.notify_all()
+
+    # -- checkpoints ------------------------------------------------------------
+
+    def checkpoint_due_in(self) -> float | None:
+        """Seconds until the next checkpoint is due (0: now); None when nothing waits for one."""
+        with self._lock:
+            if not self._dirty_segments and not self._placed:
+                return None
+            now = self._clock()
+            if self._since_checkpoint >= self.checkpoint_bytes:
+                return max(0.0, self._retry_at - now)
+            return max(0.0, self._last_checkpoint + self.checkpoint_seconds - now, self._retry_at - now)
+
+    def checkpoint(self) -> None:
+        """Make every placed file durable, then free the journal behind it (blocking)."""
+        with self._lock:
+            self._checkpoint_locked()
+
+    def _checkpoint_locked(self) -> None:
+        try:
+            self._checkpoint_now()
+        except OSError:
+            self._retry_at = self._clock() + 1.0  # the journal keeps the messages meanwhile
+            raise
+
+    def _checkpoint_now(self) -> None:
+        if not self._placing.wait_for(lambda: self._unplaced == 0, timeout=60):
+            raise OSError(errno.EBUSY, "journal checkpoint: files still being placed after 60 s")
+        if not self._dirty_segments and not self._placed:
+            return
+        self._make_placed_durable()
+        crash_point("journal.checkpoint.synced")
+        self._write_checkpoint(self._sequence)
+        crash_point("journal.checkpoint.written")
+        self._dirty_segments.clear()  # every record is <= the checkpoint: every segment is free
+        self._reset_placed()
+
+    def _reset_placed(self) -> None:
+        self._placed, self._pending_names, self._touched = [], set(), set()
+        self._since_checkpoint = 0
+        self._last_checkpoint = self._clock()
+
+    def settle(self, paths: Iterable[Path]) -> None:
+        """Before POP3 removes ``paths``: checkpoint if any of them is still covered only by
+        the journal (recovery would write it again: a message back from the dead)."""
+        with self._lock:
+            if self._pending_names and any(unique_part(p.name) in self._pending_names for p in paths):
+                self.checkpoint()
+
+    def _make_placed_durable(self) -> None:
+        """Every file placed since the checkpoint, and its directory entry, on stable storage."""
+        if self.use_syncfs:
+            devices: dict[int, Path] = {}
+            for maildir in self._touched:
+                with contextlib.suppress(FileNotFoundError):
+                    devices.setdefault(os.stat(maildir).st_dev, maildir)
+            for maildir in devices.values():
+                fd = os.open(maildir, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    syncfs(fd)
+                finally:
+                    os.close(fd)
+            return
+        missing: dict[Path, set[str]] = {}
+        for path in self._placed:
+            try:
+                _fsync_path(path)
+            except FileNotFoundError:  # POP3 moved it to cur/ (or deleted it after a settle)
+                missing.setdefault(path.parent.parent, set()).add(unique_part(path.name))
+        for maildir, names in missing.items():
+            with contextlib.suppress(FileNotFoundError), os.scandir(maildir / "cur") as entries:
+                for entry in entries:
+                    if unique_part(entry.name) in names:
+                        with contextlib.suppress(FileNotFoundError):
+                            _fsync_path(Path(entry.path))
+        for maildir in self._touched:
+            for sub in ("new", "cur"):
+                with contextlib.suppress(FileNotFoundError):
+                    fsync_directory(maildir / sub)
+
+    def _read_checkpoint(self) -> int:
+        try:
+            data = (self.directory / "checkpoint").read_bytes()
+        except FileNotFoundError:
+            return 0
+        if len(data) != 12 or zlib.crc32(data[:8]) != struct.unpack("<I", data[8:])[0]:
+            raise OSError(errno.EIO, f"{self.directory / 'checkpoint'} is damaged: "
+                                     "move it aside to replay every journal record")
+        return int(struct.unpack("<Q", data[:8])[0])
+
+    def _write_checkpoint(self, sequence: int) -> None:
+        head = struct.pack("<Q", sequence)
+        staged = self.directory / "checkpoint.tmp"
+        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, head + struct.pack("<I", zlib.crc32(head)))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(staged, self.directory / "checkpoint")
+        fsync_directory(self.directory)
+
+    # -- recovery ---------------------------------------------------------------
+
+    def _replay(self, records: list[Record]) -> RecoveryReport:
+        report = RecoveryReport()
+        cancelled = {r.cancels for r in records if r.kind == KIND_CANCEL}
+        listings: dict[Path, dict[str, str]] = {}
+        for record in sorted(records, key=lambda r: r.sequence):
+            if record.kind != KIND_MESSAGE or record.sequence in cancelled:
+                continue
+            report.records += 1
+            for target in record.targets:
+                try:
+                    check_target(self.maildir_root, target, record.base)
+                except UnsafeTarget as e:
+                    log.error("journal record {seq}: target refused: {why}", seq=record.sequence, why=str(e))
+                    report.refused += 1
+                    continue
+                if self._restore(target, record.base, listings):
+                    report.written += 1
+        return report
+
+    def _restore(self, target: Target, base: bytes, listings: dict[Path, dict[str, str]]) -> bool:
+        """Make ``target`` whole where it is (new/ or cur/); True when it had to be written."""
+        content = target.content(base)
+        ensure_maildir_once(target.maildir)
+        unique = unique_part(target.filename)
+        where = target.maildir / "new" / target.filename
+        if not where.exists():
+            if target.maildir not in listings:
+                with os.scandir(target.maildir / "cur") as entries:
+                    listings[target.maildir] = {unique_part(e.name): e.name for e in entries}
+            name = listings[target.maildir].get(unique)
+            if name is not None:
+                where = target.maildir / "cur" / name
+        if where.exists() and _same_bytes(where, content):
+            return False
+        staged = write_file(target.maildir, target.filename, content)
+        final = where if where.exists() else target.maildir / "new" / target.filename
+        os.rename(staged, final)
+        self._placed.append(final)
+        self._touched.add(target.maildir)
+        return True
+
+
+def _same_bytes(path: Path, content: bytes) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        if os.fstat(fd).st_size != len(content):
+            return False
+        return os.pread(fd, len(content) + 1, 0) == content
+    finally:
+        os.close(fd)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _zero_fill(fd: int, size: int) -> None:
+    block = bytes(1024 * 1024)
+    written = 0
+    while written < size:
+        written += os.pwrite(fd, block[: min(len(block), size - written)], written)
+
+
+_active: list[Journal] = []
+_active_lock = threading.Lock()
+
+
+def _register(journal: Journal) -> None:
+    with _active_lock:
+        _active.append(journal)
+
+
+def _unregister(journal: Journal) -> None:
+    with _active_lock:
+        if journal in _active:
+            _active.remove(journal)
+
+
+def settle_before_removing(paths: Iterable[Path]) -> None:
+    """POP3 calls this (blocking) before it unlinks messages at QUIT: any of them still
+    covered only by the journal is made durable first, so recovery never brings a deleted
+    message back.  Nothing to do without a journal."""
+    with _active_lock:
+        journals = list(_active)
+    if journals:
+        listed = list(paths)
+        for journal in journals:
+            journal.settle(listed)
+
+
+def journal_for(sync: str, spool_dir: Path, maildir_root: Path) -> Journal | None:
+    """The journal ``[storage] sync`` asks for (in ``<spool>/journal``), or None."""
+    if sync != "journal":
+        return None
+    return Journal(spool_dir / "journal", maildir_root, use_syncfs=syncfs_available())
