@@ -5,6 +5,8 @@
     .venv/bin/python bench/run.py idle --connections 1000 5000
     .venv/bin/python bench/run.py logins --logins 300
     .venv/bin/python bench/run.py submission --concurrency 10 100 --per-session 10
+    .venv/bin/python bench/run.py submission --implicit-tls   # port 465 style; Twisted with CRAM-MD5
+    .venv/bin/python bench/run.py matrix --quick --out /tmp/matrix.json   # every scenario x every peer
 
 Servers (each on loopback, storage in a fresh temp dir):
 - ours: `twistd -n mailappliance` (LDIF directory, fsync before 250);
@@ -83,6 +85,7 @@ class Server:
             self.tuning["state.redis"] = f'"{private_redis().url}"'
         self.root = Path(tempfile.mkdtemp(prefix=f"bench-{kind}-"))
         self.smtp_port, self.pop3_port, self.submission_port = free_port(), free_port(), free_port()
+        self.submissions_port = free_port()  # implicit TLS (ours and Twisted)
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, cache_ttl: float = 60) -> "Server":
@@ -100,10 +103,29 @@ class Server:
         else:
             command = [sys.executable, str(HERE / "peers" / "twisted_mail_peer.py"), "--smtp-port",
                        str(self.smtp_port), "--pop3-port", str(self.pop3_port), "--maildir", str(self.root / "mail"),
-                       *submission]
+                       *submission, "--submissions-port", str(self.submissions_port)]
+        self.command = command
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         wait_for_port(self.smtp_port)
         return self
+
+    def restart_ours(self, timeout: float = 120) -> None:
+        """Start ours again on the same storage after a crash (its recovery runs at start) and
+        wait for a new "mailappliance ready" line (needs ``logging.level="info"``)."""
+        log = self.root / "twistd.log"
+        seen = log.read_text(errors="replace").count("mailappliance ready") if log.exists() else 0
+        self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while log.read_text(errors="replace").count("mailappliance ready") <= seen:
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"ours did not log 'mailappliance ready' after the restart; see {log}")
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        """kill -9, no clean shutdown (the crash round)."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(20)
 
     def _certificate(self) -> list[str]:
         """A self-signed certificate for the peers' submission listeners (ours makes its own)."""
@@ -156,13 +178,21 @@ port = {self.smtp_port}
 role = "submission"
 port = {self.submission_port}
 [[listeners]]
+role = "submissions"
+port = {self.submissions_port}
+[[listeners]]
 role = "pop3"
 port = {self.pop3_port}
 allow_plaintext_auth = true
 """
-        for setting, value in self.tuning.items():  # a variant of ours: put KEY = VALUE into [SECTION]
+        for setting, value in self.tuning.items():  # a variant of ours: KEY = VALUE in [SECTION], replaced or added
             section, _, key = setting.rpartition(".")
-            text = text.replace(f"[{section}]\n", f"[{section}]\n{key} = {value}\n", 1)
+            head, found, rest = text.partition(f"[{section}]\n")
+            if not found:
+                raise ValueError(f"{setting}: no [{section}] in the bench's config")
+            body, next_section, tail = rest.partition("\n[")
+            lines = [line for line in body.split("\n") if not line.startswith(f"{key} = ")]
+            text = head + found + "\n".join([f"{key} = {value}", *lines]) + next_section + tail
         config.write_text(text)
         return config
 
@@ -177,11 +207,12 @@ allow_plaintext_auth = true
 
     def cpu_seconds(self) -> float:
         """User + system CPU of the server so far: its process (all threads) and
-        every process below it, live or reaped (Postfix: below its master)."""
-        top = self.pid
+        every process below it, live or reaped (Postfix: below its master, and Dovecot's)."""
         if self.kind == "postfix":
-            top = int((self.root / "postfix" / "queue" / "pid" / "master.pid").read_text().split()[0])
-        return tree_cpu_seconds(top)
+            masters = [self.root / "postfix" / "queue" / "pid" / "master.pid",
+                       self.root / "dovecot" / "run" / "master.pid"]
+            return sum(tree_cpu_seconds(int(m.read_text().split()[0])) for m in masters if m.exists())
+        return tree_cpu_seconds(self.pid)
 
     def delivered(self) -> int:
         """Messages in alice's Maildir new/ (Postfix delivers after its 250)."""
@@ -196,7 +227,7 @@ allow_plaintext_auth = true
             time.sleep(0.02)
 
     def stop(self) -> None:
-        if self.process is not None:
+        if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             self.process.wait(20)
         # The storage stays until the whole run is over: deleting thousands of
@@ -230,14 +261,17 @@ def tree_cpu_seconds(top: int) -> float:
 
 
 def load(server: Server, messages: int, concurrency: int, size: int, generator: str = "asyncio",
-         per_session: int = 0) -> dict[str, Any]:
+         per_session: int = 0, implicit_tls: bool = False, acked_log: Path | None = None) -> dict[str, Any]:
     """Run the load generator, then wait until every message is in the Maildir;
     adds that rate and CPU milliseconds per message of server and generator.
 
     ``asyncio``: bench/smtp_load.py, pipelining; ``smtp-source``: Postfix's C
     load generator, one command at a time (as many real clients send).
     ``per_session`` > 0: authenticated submission (STARTTLS, AUTH PLAIN as
-    alice) with that many messages per session.
+    alice) with that many messages per session; with ``implicit_tls`` on the
+    implicit-TLS port instead (Twisted's with CRAM-MD5, as issue 15's reviewers
+    ran it; ours offers no CRAM-MD5, so PLAIN). ``acked_log``: unique messages,
+    the token of each 250 written there (the durability audit).
     """
     before = server.delivered()
     server_cpu = server.cpu_seconds()
@@ -255,6 +289,11 @@ def load(server: Server, messages: int, concurrency: int, size: int, generator: 
         submission = ["--port", str(server.submission_port), "--submission", "alice:alice-password",
                       "--per-session", str(per_session), "--sender", "alice@example.org"] if per_session else \
             ["--port", str(server.smtp_port)]
+        if per_session and implicit_tls:
+            submission[1] = str(server.submissions_port)
+            submission += ["--implicit-tls", "--auth", "cram-md5" if server.kind == "twisted" else "plain"]
+        if acked_log is not None:
+            submission += ["--acked-log", str(acked_log), "--tag", acked_log.stem]
         output = subprocess.run(
             [sys.executable, str(HERE / "smtp_load.py"), *submission, "--messages", str(messages),
              "--concurrency", str(concurrency), "--size", str(size), "--processes", str(min(4, concurrency))],
@@ -314,17 +353,21 @@ def bench_inbound(args: argparse.Namespace) -> None:
 
 
 def bench_submission(args: argparse.Namespace) -> None:
-    """Subscribers sending: STARTTLS, AUTH PLAIN, --per-session messages, QUIT, again."""
+    """Subscribers sending: STARTTLS, AUTH PLAIN, --per-session messages, QUIT, again
+    (``--implicit-tls``: ours and Twisted only)."""
     results = []
+    servers = [k for k in args.servers if k.startswith(("ours", "twisted"))] if args.implicit_tls else args.servers
     for concurrency in args.concurrency:
-        for kind in alternate(args.servers, args.rounds):
+        for kind in alternate(servers, args.rounds):
             server = Server(kind).start()
             try:
-                result = load(server, args.messages, concurrency, args.size, per_session=args.per_session)
+                result = load(server, args.messages, concurrency, args.size, per_session=args.per_session,
+                              implicit_tls=args.implicit_tls)
             finally:
                 server.stop()
             result["sessions_per_second"] = round(result["sessions"] / result["seconds"], 1)
-            result.update(scenario=f"submission {args.size // 1024} KB c={concurrency} "
+            tls = "implicit TLS " if args.implicit_tls else ""
+            result.update(scenario=f"submission {tls}{args.size // 1024} KB c={concurrency} "
                                    f"{args.per_session}/session", server=kind)
             print(json.dumps(result), flush=True)
             results.append(result)
@@ -332,62 +375,82 @@ def bench_submission(args: argparse.Namespace) -> None:
            "generator_cpu_ms_per_message")
 
 
+def pop3_round(server: Server, messages: int, size: int, dele: bool = False) -> dict[str, Any]:
+    """Deliver ``messages``, then one poplib client: login, RETR all (DELE all), QUIT; messages
+    per second and CPU ms per message of the server and of the client (this process)."""
+    load(server, messages, 10, size)
+    server_cpu = server.cpu_seconds()
+    client_cpu = resource.getrusage(resource.RUSAGE_SELF)
+    started = time.perf_counter()
+    client = poplib.POP3("127.0.0.1", server.pop3_port, timeout=60)
+    client.user("alice")
+    client.pass_("alice-password")
+    count, _ = client.stat()
+    for i in range(1, count + 1):
+        client.retr(i)
+    if dele:  # Twisted's Maildir POP3 fails at DELE on Python 3: compare without it
+        for i in range(1, count + 1):
+            client.dele(i)
+    client.quit()
+    seconds = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    client_seconds = after.ru_utime + after.ru_stime - client_cpu.ru_utime - client_cpu.ru_stime
+    return {"messages": count, "seconds": round(seconds, 3), "messages_per_second": round(count / seconds, 1),
+            "server_cpu_ms_per_message": round((server.cpu_seconds() - server_cpu) * 1000 / max(1, count), 3),
+            "generator_cpu_ms_per_message": round(client_seconds * 1000 / max(1, count), 3)}
+
+
 def bench_pop3(args: argparse.Namespace) -> None:
     results = []
     for kind in alternate([k for k in args.servers if k != "aiosmtpd"], args.rounds):
         server = Server(kind).start()
         try:
-            load(server, args.messages, 10, args.size)
-            started = time.perf_counter()
-            client = poplib.POP3("127.0.0.1", server.pop3_port, timeout=60)
-            client.user("alice")
-            client.pass_("alice-password")
-            count, _ = client.stat()
-            for i in range(1, count + 1):
-                client.retr(i)
-            if args.dele:  # Twisted's Maildir POP3 fails at DELE on Python 3: compare without it
-                for i in range(1, count + 1):
-                    client.dele(i)
-            client.quit()
-            seconds = time.perf_counter() - started
+            result = pop3_round(server, args.messages, args.size, args.dele)
         finally:
             server.stop()
         what = "RETR+DELE" if args.dele else "RETR"
         result = {"scenario": f"pop3 login+{what} {args.messages} x {args.size // 1024} KB", "server": kind,
-                  "messages": count, "seconds": round(seconds, 3), "messages_per_second": round(count / seconds, 1)}
+                  **result}
         print(json.dumps(result), flush=True)
         results.append(result)
-    report(results, "messages_per_second")
+    report(results, "messages_per_second", "server_cpu_ms_per_message", "generator_cpu_ms_per_message")
+
+
+def idle_round(server: Server, count: int) -> dict[str, Any]:
+    """Resident memory of ``server`` before and after ``count`` idle SMTP connections (each
+    greeted), and whether a normal session still delivers meanwhile."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    time.sleep(0.5)
+    before = server.rss_kib()
+    sockets = []
+    try:
+        for i in range(count):  # many source addresses, as many clients would be
+            s = socket.create_connection(("127.0.0.1", server.smtp_port),
+                                         source_address=(f"127.0.{1 + i // 250}.{1 + i % 250}", 0))
+            sockets.append(s)
+        for s in sockets:
+            s.recv(256)
+        time.sleep(1)
+        after = server.rss_kib()
+        with smtplib.SMTP("127.0.0.1", server.smtp_port, timeout=30) as smtp:
+            ok = smtp.sendmail("b@example.net", ["alice@example.org"], b"Subject: x\r\n\r\ny\r\n") == {}
+    finally:
+        for s in sockets:
+            s.close()
+    return {"rss_before_kib": before, "rss_after_kib": after, "increase_mib": round((after - before) / 1024, 1),
+            "kib_per_connection": round((after - before) / count, 2), "normal_session_ok": ok}
 
 
 def bench_idle(args: argparse.Namespace) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     for kind in args.servers:
         for count in args.connections:
             server = Server(kind).start()
             try:
-                time.sleep(0.5)
-                before = server.rss_kib()
-                sockets = []
-                for i in range(count):  # many source addresses, as many clients would be
-                    s = socket.create_connection(("127.0.0.1", server.smtp_port),
-                                                 source_address=(f"127.0.{1 + i // 250}.{1 + i % 250}", 0))
-                    sockets.append(s)
-                for s in sockets:
-                    s.recv(256)
-                time.sleep(1)
-                after = server.rss_kib()
-                with smtplib.SMTP("127.0.0.1", server.smtp_port, timeout=30) as smtp:
-                    ok = smtp.sendmail("b@example.net", ["alice@example.org"], b"Subject: x\r\n\r\ny\r\n") == {}
-                for s in sockets:
-                    s.close()
+                result = idle_round(server, count)
             finally:
                 server.stop()
-            print(json.dumps({"scenario": f"idle {count}", "server": kind, "rss_before_kib": before,
-                              "rss_after_kib": after, "increase_mib": round((after - before) / 1024, 1),
-                              "kib_per_connection": round((after - before) / count, 2),
-                              "normal_session_ok": ok}), flush=True)
+            print(json.dumps({"scenario": f"idle {count}", "server": kind, **result}), flush=True)
 
 
 def bench_logins(args: argparse.Namespace) -> None:
@@ -529,7 +592,14 @@ def bench_state_logins(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("benchmark", choices=("inbound", "submission", "pop3", "idle", "logins", "state-logins"))
+    if sys.argv[1:2] == ["matrix"]:  # every scenario against every peer: bench/matrix.py has its own options
+        import matrix
+
+        sys.argv[0:2] = [f"{sys.argv[0]} matrix"]
+        matrix.main()
+        return
+    parser.add_argument("benchmark", choices=("inbound", "submission", "pop3", "idle", "logins", "state-logins",
+                                              "matrix"))
     parser.add_argument("--servers", nargs="+", default=["ours", "twisted", "aiosmtpd"])
     parser.add_argument("--sizes", nargs="+", type=int, default=[1024, 10240, 1048576])
     parser.add_argument("--size", type=int, default=10240)
@@ -542,6 +612,8 @@ def main() -> None:
                         help="inbound: bench/smtp_load.py (pipelining) or Postfix's smtp-source (one command at a time)")
     parser.add_argument("--per-session", type=int, default=10, help="submission: messages per session")
     parser.add_argument("--dele", action="store_true", help="pop3: also DELE every message (ours only)")
+    parser.add_argument("--implicit-tls", action="store_true",
+                        help="submission: the implicit-TLS port (ours and Twisted; Twisted logs in with CRAM-MD5)")
     args = parser.parse_args()
     try:
         benchmarks = {"inbound": bench_inbound, "submission": bench_submission, "pop3": bench_pop3,

@@ -3,14 +3,24 @@
 asyncio clients with pipelined commands (one round trip for MAIL/RCPT/DATA,
 one for the body), so the generator is much faster than the servers it
 drives. Prints one JSON line: messages, seconds, messages_per_second,
-sessions, errors.
+sessions, acked (250s after DATA), errors.
 
 With ``--submission USER:PASSWORD`` each session is a subscriber's: EHLO,
 STARTTLS (the certificate is not checked), EHLO, AUTH PLAIN, then up to
 ``--per-session`` messages, QUIT, and a new session for the rest.
+``--implicit-tls`` speaks TLS from the first byte instead (port 465 style),
+``--auth cram-md5`` logs in with CRAM-MD5 instead of PLAIN.
+
+With ``--acked-log FILE`` every message gets a unique token in its Subject
+(``bench <tag>-<process>-<client>-<n>``) and the token of each message that
+got its 250 is appended to FILE, one a line, for an audit of the Maildir
+(bench/matrix.py: every 250 must be a whole file). ``--keep-going`` ends a
+client quietly when its connection fails (a server killed mid-run) instead
+of failing the run.
 
     python bench/smtp_load.py --port 2525 --messages 2000 --concurrency 100 --size 10240
     python bench/smtp_load.py --port 2587 --submission alice:secret --per-session 10 --sender alice@example.org
+    python bench/smtp_load.py --port 2465 --implicit-tls --auth cram-md5 --submission alice:secret --per-session 10
 """
 
 from __future__ import annotations
@@ -19,26 +29,34 @@ import argparse
 import asyncio
 import base64
 import dataclasses
+import hashlib
+import hmac
 import json
 import multiprocessing
+import os
 import ssl
 import time
 
 
-def make_message(size: int, number: int) -> bytes:
+def make_message(size: int, number: int | str) -> bytes:
     header = f"From: bench@example.net\r\nTo: alice@example.org\r\nSubject: bench {number}\r\n\r\n".encode()
     line = b"x" * 76 + b"\r\n"
     body = line * max(1, (size - len(header)) // len(line))
     return header + body
 
 
-async def read_reply(reader: asyncio.StreamReader) -> int:
+async def read_reply_line(reader: asyncio.StreamReader) -> bytes:
+    """The last line of a (possibly multi-line) reply."""
     while True:
         line = await reader.readline()
         if not line:
             raise ConnectionError("server closed the connection")
         if line[3:4] != b"-":
-            return int(line[:3])
+            return line
+
+
+async def read_reply(reader: asyncio.StreamReader) -> int:
+    return int((await read_reply_line(reader))[:3])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +71,11 @@ class Plan:
     login: str  # "user:password" for submission, "" for plain MX sessions
     per_session: int  # messages per session (0: all of a client's messages in one)
     message_file: str = ""  # send this file's bytes (CRLF, no line starting with ".") instead of a made-up message
+    implicit_tls: bool = False  # TLS from the first byte (submissions, port 465)
+    auth: str = "plain"  # or "cram-md5"
+    acked_log: str = ""  # append the unique token of every message that got its 250 here
+    tag: str = ""  # the run's part of the tokens
+    keep_going: bool = False  # a failed connection ends the client, not the run
 
 
 _context: ssl.SSLContext | None = None
@@ -67,23 +90,38 @@ def _client_context() -> ssl.SSLContext:
     return _context
 
 
+async def log_in(plan: Plan, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    user, _, password = plan.login.partition(":")
+    if plan.auth == "cram-md5":
+        writer.write(b"AUTH CRAM-MD5\r\n")
+        line = await read_reply_line(reader)
+        if line[:3] != b"334":
+            raise ConnectionError("CRAM-MD5 refused")
+        challenge = base64.b64decode(line[4:].strip())
+        digest = hmac.new(password.encode(), challenge, hashlib.md5).hexdigest()
+        writer.write(base64.b64encode(f"{user} {digest}".encode()) + b"\r\n")
+    else:
+        token = base64.b64encode(b"\0" + user.encode() + b"\0" + password.encode())
+        writer.write(b"AUTH PLAIN " + token + b"\r\n")
+    if await read_reply(reader) != 235:
+        raise ConnectionError("AUTH refused")
+
+
 async def open_session(plan: Plan) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    reader, writer = await asyncio.open_connection(plan.host, plan.port)
+    tls = _client_context() if plan.implicit_tls else None
+    reader, writer = await asyncio.open_connection(plan.host, plan.port, ssl=tls)
     await read_reply(reader)
     writer.write(b"EHLO bench.example.net\r\n")
     await read_reply(reader)
     if plan.login:
-        writer.write(b"STARTTLS\r\n")
-        if await read_reply(reader) != 220:
-            raise ConnectionError("STARTTLS refused")
-        await writer.start_tls(_client_context())
-        writer.write(b"EHLO bench.example.net\r\n")
-        await read_reply(reader)
-        user, _, password = plan.login.partition(":")
-        token = base64.b64encode(b"\0" + user.encode() + b"\0" + password.encode())
-        writer.write(b"AUTH PLAIN " + token + b"\r\n")
-        if await read_reply(reader) != 235:
-            raise ConnectionError("AUTH refused")
+        if not plan.implicit_tls:
+            writer.write(b"STARTTLS\r\n")
+            if await read_reply(reader) != 220:
+                raise ConnectionError("STARTTLS refused")
+            await writer.start_tls(_client_context())
+            writer.write(b"EHLO bench.example.net\r\n")
+            await read_reply(reader)
+        await log_in(plan, reader, writer)
     return reader, writer
 
 
@@ -93,7 +131,8 @@ async def close_session(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
     writer.close()
 
 
-async def client(plan: Plan, count: int, errors: list[int], sessions: list[int]) -> None:
+async def client(plan: Plan, number: str, count: int, acked: list[str], sessions: list[int]) -> None:
+    """Send ``count`` messages; the token (or "") of each one that got its 250 goes into ``acked``."""
     if plan.message_file:
         with open(plan.message_file, "rb") as f:
             payload = f.read() + b".\r\n"
@@ -102,33 +141,47 @@ async def client(plan: Plan, count: int, errors: list[int], sessions: list[int])
     envelope = (b"MAIL FROM:<" + plan.sender.encode() + b">\r\nRCPT TO:<" + plan.recipient.encode() +
                 b">\r\nDATA\r\n")
     per_session = plan.per_session or count
-    while count > 0:
-        reader, writer = await open_session(plan)
-        sessions.append(1)
-        for _ in range(min(count, per_session)):
-            writer.write(envelope)
-            codes = [await read_reply(reader) for _ in range(3)]
-            if codes != [250, 250, 354]:
-                errors.append(codes[-1])
-                writer.write(b"RSET\r\n")
-                await read_reply(reader)
-                continue
-            writer.write(payload)
-            if await read_reply(reader) != 250:
-                errors.append(1)
-        count -= per_session
-        await close_session(reader, writer)
+    sent = 0
+    try:
+        while sent < count:
+            reader, writer = await open_session(plan)
+            sessions.append(1)
+            for _ in range(min(count - sent, per_session)):
+                token = f"{plan.tag}-{number}-{sent}" if plan.acked_log else ""
+                sent += 1
+                writer.write(envelope)
+                codes = [await read_reply(reader) for _ in range(3)]
+                if codes != [250, 250, 354]:
+                    writer.write(b"RSET\r\n")
+                    await read_reply(reader)
+                    continue
+                writer.write(make_message(plan.size, token) + b".\r\n" if token else payload)
+                if await read_reply(reader) == 250:
+                    acked.append(token)
+            await close_session(reader, writer)
+    except (ConnectionError, OSError, ValueError):
+        if not plan.keep_going:
+            raise
 
 
-async def run_clients(plan: Plan, messages: int, concurrency: int) -> tuple[int, int]:
-    errors: list[int] = []
+async def run_clients(plan: Plan, process: int, messages: int, concurrency: int) -> tuple[int, int]:
+    acked: list[str] = []
     sessions: list[int] = []
     per_client = [messages // concurrency + (1 if i < messages % concurrency else 0) for i in range(concurrency)]
-    await asyncio.gather(*(client(plan, n, errors, sessions) for n in per_client if n))
-    return len(errors), len(sessions)
+    try:
+        await asyncio.gather(*(client(plan, f"{process}-{i}", n, acked, sessions)
+                               for i, n in enumerate(per_client) if n))
+    finally:
+        if plan.acked_log:  # O_APPEND: the processes' lines never mix
+            fd = os.open(plan.acked_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            try:
+                os.write(fd, "".join(f"{token}\n" for token in acked).encode())
+            finally:
+                os.close(fd)
+    return len(acked), len(sessions)
 
 
-def worker(job: tuple[Plan, int, int]) -> tuple[int, int]:
+def worker(job: tuple[Plan, int, int, int]) -> tuple[int, int]:
     return asyncio.run(run_clients(*job))
 
 
@@ -143,22 +196,29 @@ def main() -> None:
     parser.add_argument("--recipient", default="alice@example.org")
     parser.add_argument("--sender", default="bench@example.net")
     parser.add_argument("--submission", default="", metavar="USER:PASSWORD",
-                        help="STARTTLS and AUTH PLAIN at the start of every session")
+                        help="STARTTLS (or implicit TLS) and AUTH at the start of every session")
+    parser.add_argument("--implicit-tls", action="store_true", help="TLS from the first byte (port 465 style)")
+    parser.add_argument("--auth", choices=("plain", "cram-md5"), default="plain", help="with --submission")
     parser.add_argument("--per-session", type=int, default=0, help="messages per session (0: one session a client)")
     parser.add_argument("--message-file", default="", help="send this message (e.g. a DKIM-signed one) every time")
+    parser.add_argument("--acked-log", default="", help="unique messages; append each 250'd message's token here")
+    parser.add_argument("--tag", default="", help="with --acked-log: the run's part of every token")
+    parser.add_argument("--keep-going", action="store_true", help="a failed connection ends that client quietly")
     args = parser.parse_args()
     plan = Plan(args.host, args.port, args.size, args.recipient, args.sender, args.submission, args.per_session,
-                args.message_file)
+                args.message_file, args.implicit_tls, args.auth, args.acked_log, args.tag or str(os.getpid()),
+                args.keep_going)
     processes = max(1, min(args.processes, args.concurrency))
-    jobs = [(plan, args.messages // processes + (1 if i < args.messages % processes else 0),
+    jobs = [(plan, i, args.messages // processes + (1 if i < args.messages % processes else 0),
              args.concurrency // processes + (1 if i < args.concurrency % processes else 0)) for i in range(processes)]
     started = time.perf_counter()
     with multiprocessing.Pool(processes) as pool:
         outcomes = pool.map(worker, jobs)
     seconds = time.perf_counter() - started
+    acked = sum(a for a, _ in outcomes)
     print(json.dumps({"messages": args.messages, "seconds": round(seconds, 3),
                       "messages_per_second": round(args.messages / seconds, 1),
-                      "sessions": sum(s for _, s in outcomes), "errors": sum(e for e, _ in outcomes)}))
+                      "sessions": sum(s for _, s in outcomes), "acked": acked, "errors": args.messages - acked}))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ over twisted.mail.maildir.MaildirMailbox.
 
 With ``--submission-port`` and a certificate it also listens for
 subscribers: ESMTP with STARTTLS and AUTH PLAIN (Twisted's own challenger and
-an in-memory checker).
+an in-memory checker). With ``--submissions-port`` it also listens with
+implicit TLS (``listenSSL``) and offers ``--submissions-auth`` (CRAM-MD5 by
+default: the variant issue 15's reviewers measured; no fsync either way).
 
     python bench/peers/twisted_mail_peer.py --smtp-port 2700 --pop3-port 2710 --maildir /tmp/peer-twisted
 """
@@ -20,14 +22,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from twisted.cred import checkers, portal
+from twisted.cred import checkers, credentials, portal
 from twisted.internet import reactor, ssl
 from twisted.internet.protocol import Factory
 from twisted.mail import maildir, pop3, smtp
 from twisted.mail._cred import PLAINCredentials
 from zope.interface import implementer
 
-from peer_options import add_submission_options
+from peer_options import add_submission_options, add_submissions_options
 
 
 @implementer(smtp.IMessageDelivery)
@@ -102,13 +104,21 @@ class SubmissionRealm:
         return smtp.IMessageDelivery, self.delivery, lambda: None
 
 
+CHALLENGERS = {"PLAIN": PLAINCredentials, "CRAM-MD5": credentials.CramMD5Credentials}
+
+
 class SubmissionFactory(smtp.SMTPFactory):
-    def __init__(self, delivery_portal: portal.Portal, context: ssl.ContextFactory) -> None:
+    """ESMTP for subscribers: STARTTLS with ``context``, or (``context`` None) a listener
+    that is TLS already; AUTH with the ``mechanisms`` named."""
+
+    def __init__(self, delivery_portal: portal.Portal, context: ssl.ContextFactory | None,
+                 mechanisms: tuple[str, ...] = ("PLAIN",)) -> None:
         super().__init__(delivery_portal)
         self.context = context
+        self.challengers = {name.encode(): CHALLENGERS[name] for name in mechanisms}
 
     def buildProtocol(self, addr):  # noqa: N802
-        p = smtp.ESMTP({b"PLAIN": PLAINCredentials}, self.context)
+        p = smtp.ESMTP(dict(self.challengers), self.context)
         p.factory, p.portal, p.host = self, self.portal, b"twisted-mail-peer"
         return p
 
@@ -119,6 +129,7 @@ def main() -> None:
     parser.add_argument("--pop3-port", type=int, required=True)
     parser.add_argument("--maildir", type=Path, required=True)
     add_submission_options(parser)
+    add_submissions_options(parser)
     args = parser.parse_args()
     args.maildir.mkdir(parents=True, exist_ok=True)
     reactor.listenTCP(args.smtp_port, SMTPFactory(MaildirDelivery(args.maildir)), interface="127.0.0.1")
@@ -137,6 +148,12 @@ def main() -> None:
         context = ssl.DefaultOpenSSLContextFactory(str(args.private_key), str(args.certificate))
         submission_portal = portal.Portal(SubmissionRealm(MaildirDelivery(args.maildir)), [users])
         reactor.listenTCP(args.submission_port, SubmissionFactory(submission_portal, context), interface="127.0.0.1")
+    if args.submissions_port:
+        context = ssl.DefaultOpenSSLContextFactory(str(args.private_key), str(args.certificate))
+        submissions_portal = portal.Portal(SubmissionRealm(MaildirDelivery(args.maildir)), [users])
+        reactor.listenSSL(args.submissions_port, SubmissionFactory(submissions_portal, None,
+                                                                   tuple(args.submissions_auth)),
+                          context, interface="127.0.0.1")
     reactor.run()
 
 

@@ -1,0 +1,403 @@
+"""Issue 15's benchmark matrix: every scenario against every peer in one command.
+
+    .venv/bin/python bench/run.py matrix --quick --out /tmp/matrix.json     # a few minutes
+    .venv/bin/python bench/run.py matrix --out /tmp/matrix.json             # the full counts
+    .venv/bin/python bench/run.py matrix --ours ours 'ours@storage.sync="journal"' --quick
+    .venv/bin/python bench/run.py matrix --only inbound --peers twisted --rounds 4
+
+Each scenario runs its servers in turn, round after round (A B C A B C), each
+on a fresh server and storage (bench/run.py's Server). Printed: one JSON
+line per run, then "scenario | ours | peer | ratio | target | met?" with
+medians and [min-max] ranges and CPU milliseconds per message of the server
+(every thread and process) and of the load generator; then the durability
+audit of every SMTP run (each 250 the generator saw must be a whole file in
+the Maildir: see ``audit``), the crash round (kill -9 mid-run, start again,
+count), and the JSON lines of the scenarios other files measure
+(bench/pop3_index.py, bench/queue_backlog.py: run when present).
+``--out FILE`` writes all of it as one JSON document.
+
+Targets are issue 15's: >= 1.3x Twisted (inbound, submission), >= 1.3x
+Dovecot (POP3 RETR), >= 1.3x Postfix at 1 MB, >= 2x aiosmtpd and Postfix at
+10 KB (kept), <= 1.8 KiB per idle connection; POP3 >= 2x Twisted is issue 7's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import importlib.util
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from run import FSYNC, HERE, Server, idle_round, load, pop3_round, remove_finished_roots
+from smtp_load import make_message
+
+PEERS = ("twisted", "aiosmtpd", "postfix")
+HOOKS = (("pop3 index (large mailbox login)", "pop3_index.py"), ("queue backlog (100k deferred)", "queue_backlog.py"))
+SUBJECT = re.compile(rb"^Subject: bench (\S+)$", re.M)
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What ours must reach against one peer: ours / peer >= ``ratio`` (None: measured, no target)."""
+
+    peer: str
+    ratio: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+    name: str
+    kind: str  # inbound | submission | submission-implicit | pop3 | idle
+    count: int  # messages (idle: connections)
+    targets: tuple[Target, ...]
+    size: int = 10240
+    concurrency: int = 1
+
+    @property
+    def metric(self) -> str:
+        return "kib_per_connection" if self.kind == "idle" else "messages_per_second"
+
+
+def scenarios(quick: bool) -> list[Scenario]:
+    """Issue 15's table. ``quick``: small counts and only the peers that have a target."""
+    full = not quick
+    twisted13, aiosmtpd2, postfix2 = Target("twisted", 1.3), Target("aiosmtpd", 2.0), Target("postfix", 2.0)
+    rows = [Scenario(f"inbound 10 KB c={c}", "inbound", (400 if c == 1 else 900) if quick else 3000,
+                     (twisted13, aiosmtpd2, postfix2), concurrency=c) for c in (1, 50, 100)]
+    rows += [Scenario(f"inbound 1 MB c={c}", "inbound", 30 if quick else 200,
+                      (Target("postfix", 1.3), *((Target("twisted"), Target("aiosmtpd")) if full else ())),
+                      size=1048576, concurrency=c) for c in ((10,) if quick else (1, 10, 100))]
+    rows += [Scenario(f"submission STARTTLS+PLAIN c={c}, 10/session", "submission", 400 if quick else 3000,
+                      (twisted13, *((Target("aiosmtpd"), Target("postfix")) if full else ())), concurrency=c)
+             for c in (10, 100)]
+    rows += [Scenario(f"submission implicit TLS (Twisted: CRAM-MD5) c={c}, 10/session", "submission-implicit",
+                      400 if quick else 3000, (twisted13,), concurrency=c) for c in ((10,) if quick else (10, 100))]
+    rows.append(Scenario(f"pop3 login+RETR {300 if quick else 1000} x 10 KB", "pop3", 300 if quick else 1000,
+                         (Target("postfix", 1.3), Target("twisted", 2.0))))
+    rows.append(Scenario(f"idle SMTP connections, {1000 if quick else 5000}", "idle", 1000 if quick else 5000,
+                         (Target("twisted"),)))
+    return rows
+
+
+IDLE_TARGET_KIB = 1.8
+
+
+def available_peers() -> tuple[dict[str, bool], list[str]]:
+    """Which peers this machine can run, and a note for each one it cannot."""
+    notes = []
+    have = {"twisted": True, "aiosmtpd": importlib.util.find_spec("aiosmtpd") is not None,
+            "postfix": bool(shutil.which("postfix") and shutil.which("dovecot") and os.geteuid() == 0)}
+    if not have["aiosmtpd"]:
+        notes.append("aiosmtpd skipped: not installed (./scripts/bench-setup)")
+    if not have["postfix"]:
+        notes.append("postfix skipped: needs root and postfix + dovecot-pop3d (./scripts/bench-setup --postfix)")
+    return have, notes
+
+
+def audit(maildir: Path, acked_log: Path, started: float | None = None) -> dict[str, Any]:
+    """Every message whose 250 the generator saw (its token in ``acked_log``) must be in
+    ``maildir``'s new/ or cur/ exactly once and whole: the Subject with its token in the
+    header, and the file ending with the blank line and the body exactly as sent (trace
+    headers a server prepends, CRLF or LF line ends are allowed). Files that are not whole
+    are counted as broken, copies of one token beyond the first as duplicates; whole files
+    without a 250 (a crash between the fsync and the reply) are allowed and counted."""
+    acked = set(acked_log.read_text().split()) if acked_log.exists() else set()
+    copies: collections.Counter[str] = collections.Counter()
+    broken = 0
+    for sub in ("new", "cur"):
+        folder = maildir / sub
+        for name in os.listdir(folder) if folder.is_dir() else ():
+            data = (folder / name).read_bytes().replace(b"\r\n", b"\n")
+            found = SUBJECT.search(data)
+            if found is None:
+                broken += 1
+                continue
+            token = found.group(1).decode()
+            if _whole(data, token):
+                copies[token] += 1
+            else:
+                broken += 1
+    acked_whole = sum(1 for token in acked if copies[token])
+    result = {"acked": len(acked), "whole_files": sum(copies.values()), "acked_whole": acked_whole,
+              "acked_missing": len(acked) - acked_whole,
+              "duplicates": sum(count - 1 for count in copies.values() if count > 1),
+              "broken_files": broken, "whole_without_250": len(set(copies) - acked)}
+    result["ok"] = not (result["acked_missing"] or result["duplicates"] or result["broken_files"])
+    return result
+
+
+_sizes: dict[str, int] = {}  # message size by token prefix (the run's tag)
+
+
+def _whole(data: bytes, token: str) -> bool:
+    """``data`` (LF line ends) ends with the body smtp_load.py sent for ``token``, and its
+    header holds the token's Subject line."""
+    size = _sizes.get(token.split("-", 1)[0])
+    if size is None:
+        return False
+    sent = make_message(size, token).replace(b"\r\n", b"\n")
+    header, _, body = sent.partition(b"\n\n")
+    return data.endswith(b"\n\n" + body) and header.split(b"\n")[-1] in data.partition(b"\n\n")[0]
+
+
+def run_once(scenario: Scenario, kind: str, work: Path, number: int) -> dict[str, Any]:
+    """One fresh server, one measurement; SMTP runs are audited (``audit``)."""
+    server = Server(kind).start()
+    try:
+        if scenario.kind in ("inbound", "submission", "submission-implicit"):
+            tag = f"r{number}"  # the tokens' prefix: which run, and so which size (``_whole``)
+            _sizes[tag] = scenario.size
+            acked_log = work / f"{tag}.acked"
+            submission = scenario.kind != "inbound"
+            result = load(server, scenario.count, scenario.concurrency, scenario.size,
+                          per_session=10 if submission else 0, implicit_tls=scenario.kind == "submission-implicit",
+                          acked_log=acked_log)
+            if submission:
+                result["sessions_per_second"] = round(result["sessions"] / result["seconds"], 1)
+            result["durability"] = audit(server.root / "mail" / "alice", acked_log)
+        elif scenario.kind == "pop3":
+            result = pop3_round(server, scenario.count, scenario.size)
+        else:
+            result = idle_round(server, scenario.count)
+    finally:
+        server.stop()
+    return result
+
+
+def crash_round(kind: str, work: Path, messages: int, number: int) -> dict[str, Any]:
+    """kill -9 ``kind`` mid-run (a quarter of the messages in new/), start ours again on the
+    same storage (its recovery runs at start; wait for "mailappliance ready"), then audit:
+    every 250 the generator saw must be whole on disk, once."""
+    server = Server(kind)
+    ours = server.kind == "ours"
+    if ours:
+        server.tuning["logging.level"] = '"info"'  # "mailappliance ready" is logged at info
+    server.start()
+    tag = f"crash{number}"
+    _sizes[tag] = 10240
+    acked_log = work / f"{tag}.acked"
+    generator = subprocess.Popen(
+        [sys.executable, str(HERE / "smtp_load.py"), "--port", str(server.smtp_port), "--messages", str(messages),
+         "--concurrency", "50", "--size", "10240", "--processes", "2", "--acked-log", str(acked_log),
+         "--tag", acked_log.stem, "--keep-going"], stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while server.delivered() < messages // 4 and generator.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        mid_run = generator.poll() is None
+        in_new_at_kill = server.delivered()
+        server.kill()
+        output, _ = generator.communicate(timeout=300)
+        restarted = False
+        if ours:
+            server.restart_ours()
+            restarted = True
+        result = audit(server.root / "mail" / "alice", acked_log)
+        if ours and not result["ok"]:  # recovery may place files just after "ready": give it a moment
+            deadline = time.monotonic() + 10
+            while not result["ok"] and time.monotonic() < deadline:
+                time.sleep(0.2)
+                result = audit(server.root / "mail" / "alice", acked_log)
+    finally:
+        if generator.poll() is None:
+            generator.kill()
+        server.stop()
+    generated = json.loads(output.strip().splitlines()[-1]) if output.strip() else {}
+    return {"scenario": "crash: kill -9 mid-run, 10 KB c=50", "server": kind, "killed_mid_run": mid_run,
+            "in_new_at_kill": in_new_at_kill, "restarted_and_ready": restarted,
+            "generator_acked": generated.get("acked"), **result}
+
+
+def run_hook(name: str, script: str, quick: bool) -> tuple[list[dict[str, Any]], str]:
+    """Another file's scenario, as a subprocess: its JSON lines, and a note."""
+    path = HERE / script
+    if not path.exists():
+        return [], f"{name}: bench/{script} absent, skipped"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))}
+    helptext = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True, env=env,
+                              timeout=60).stdout
+    arguments = []
+    if quick:
+        if "--quick" not in helptext:
+            return [], f"{name}: bench/{script} has no --quick, skipped in quick mode (runs in the full matrix)"
+        arguments.append("--quick")
+    started = time.perf_counter()
+    try:
+        done = subprocess.run([sys.executable, str(path), *arguments], capture_output=True, text=True, env=env,
+                              timeout=3600)
+    except subprocess.TimeoutExpired:
+        return [], f"{name}: bench/{script} ran over an hour, stopped"
+    lines = []
+    for line in done.stdout.splitlines():
+        try:
+            value = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            lines.append({"hook": script, **value})
+    status = "ok" if done.returncode == 0 else f"exit {done.returncode}: {done.stderr.strip()[-300:]}"
+    return lines, f"{name}: bench/{script} {' '.join(arguments)} {status}, {len(lines)} JSON lines, " \
+                  f"{time.perf_counter() - started:.0f} s"
+
+
+def spread(median: float, values: list[float], decimals: int = 0) -> str:
+    """median [min-max]"""
+    form = f"{{:,.{decimals}f}}"
+    return f"{form.format(median)} [{form.format(min(values))}-{form.format(max(values))}]"
+
+
+def summarise(scenario: Scenario, ours: str, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The table rows of one scenario for one variant of ours: against each peer measured."""
+    def of(server: str, key: str) -> list[float]:
+        return [r[key] for r in runs if r["scenario"] == scenario.name and r["server"] == server and key in r]
+
+    def cpu(server: str) -> dict[str, float]:
+        """Median CPU ms per message of the server and of the generator."""
+        values = {part: of(server, f"{part}_cpu_ms_per_message") for part in ("server", "generator")}
+        return {part: statistics.median(v) for part, v in values.items() if v}
+
+    rows = []
+    metric = scenario.metric
+    mine = of(ours, metric)
+    for target in scenario.targets:
+        theirs = of(target.peer, metric)
+        if not mine or not theirs:
+            continue
+        a, b = statistics.median(mine), statistics.median(theirs)
+        if scenario.kind == "idle":  # memory: lower is better, so the ratio is peer / ours
+            ratio = b / a if a > 0 else None
+            wanted, met = f"<= {IDLE_TARGET_KIB} KiB", a <= IDLE_TARGET_KIB
+        else:
+            ratio = a / b if b > 0 else None
+            wanted = f">= {target.ratio}x" if target.ratio else "-"
+            met = None if target.ratio is None or ratio is None else ratio >= target.ratio
+        rows.append({
+            "scenario": scenario.name, "ours": ours, "peer": target.peer, "metric": metric,
+            "ours_median": a, "ours_range": [min(mine), max(mine)], "peer_median": b,
+            "peer_range": [min(theirs), max(theirs)], "ratio": None if ratio is None else round(ratio, 3),
+            "target": wanted, "met": met, "peer_fsyncs": FSYNC[target.peer],
+            "cpu_ms_per_message": {who: cpu(server) for who, server in (("ours", ours), ("peer", target.peer))},
+        })
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    print("\n| scenario | ours | peer | ratio | target | met? | CPU ms/msg ours (server / generator) | "
+          "CPU ms/msg peer |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        decimals = 2 if row["metric"] == "kib_per_connection" else 0
+        unit = " KiB/conn" if decimals else "/s"
+        ours = f"{row['ours']} {spread(row['ours_median'], row['ours_range'], decimals)}"
+        peer = f"{row['peer']}{'' if row['peer_fsyncs'] else ' (no fsync)'} " \
+               f"{spread(row['peer_median'], row['peer_range'], decimals)}"
+        cpu = ["/".join(f"{v:.3f}" for v in row["cpu_ms_per_message"][who].values()) or "-"
+               for who in ("ours", "peer")]
+        met = {True: "yes", False: "**no**", None: "-"}[row["met"]]
+        ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}x"
+        print(f"| {row['scenario']} | {ours}{unit} | {peer}{unit} | {ratio} | {row['target']} | {met} | "
+              f"{cpu[0]} | {cpu[1]} |")
+
+
+def print_durability(runs: list[dict[str, Any]], crashes: list[dict[str, Any]]) -> None:
+    print("\n| durability: scenario | server | runs | 250s | whole files | 250s missing | duplicates | broken | ok? |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in runs:
+        if "durability" in r:
+            groups.setdefault((r["scenario"], r["server"]), []).append(r["durability"])
+    for (scenario, server), audits in groups.items():
+        total = {key: sum(a[key] for a in audits) for key in
+                 ("acked", "whole_files", "acked_missing", "duplicates", "broken_files")}
+        ok = all(a["ok"] for a in audits)
+        note = "" if FSYNC[server.partition("@")[0]] else " (no fsync: a crash could lose these)"
+        print(f"| {scenario} | {server}{note} | {len(audits)} | {total['acked']} | {total['whole_files']} | "
+              f"{total['acked_missing']} | {total['duplicates']} | {total['broken_files']} | "
+              f"{'yes' if ok else '**NO**'} |")
+    for c in crashes:
+        print(f"| {c['scenario']} (mid-run: {c['killed_mid_run']}, {c['in_new_at_kill']} in new/ at the kill"
+              f"{', restarted' if c['restarted_and_ready'] else ''}) | {c['server']} | 1 | {c['acked']} | "
+              f"{c['whole_files']} | {c['acked_missing']} | {c['duplicates']} | {c['broken_files']} | "
+              f"{'yes' if c['ok'] else '**NO**'} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small counts, only the peers with a target")
+    parser.add_argument("--out", type=Path, help="write every run, the table and the notes here as JSON")
+    parser.add_argument("--ours", nargs="+", default=["ours"],
+                        help="ours and variants (ours@SECTION.KEY=VALUE), each against every peer")
+    parser.add_argument("--peers", nargs="+", choices=PEERS, default=list(PEERS))
+    parser.add_argument("--rounds", type=int, help="A B rounds per scenario (default: quick 2, full 3)")
+    parser.add_argument("--only", nargs="+", default=[], metavar="PREFIX",
+                        help="scenarios whose name starts with one of these (inbound, submission, pop3, idle)")
+    parser.add_argument("--no-crash", action="store_true", help="skip the kill -9 round")
+    parser.add_argument("--no-hooks", action="store_true", help="skip bench/pop3_index.py and bench/queue_backlog.py")
+    args = parser.parse_args()
+    rounds = args.rounds or (2 if args.quick else 3)
+    have, notes = available_peers()
+    work = Path(tempfile.mkdtemp(prefix="bench-matrix-"))
+    runs: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
+    crashes: list[dict[str, Any]] = []
+    hooks: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    try:
+        chosen = [s for s in scenarios(args.quick) if not args.only or s.name.startswith(tuple(args.only))]
+        for scenario in chosen:
+            peers = [t.peer for t in scenario.targets if t.peer in args.peers and have[t.peer]]
+            for round_ in range(rounds):
+                for kind in [*args.ours, *peers]:
+                    result = {"scenario": scenario.name, "server": kind, "round": round_ + 1,
+                              **run_once(scenario, kind, work, len(runs))}
+                    print(json.dumps(result), flush=True)
+                    runs.append(result)
+            for ours in args.ours:
+                rows += summarise(scenario, ours, runs)
+        if not args.no_crash:
+            for kind in [*args.ours, *(["aiosmtpd"] if have["aiosmtpd"] and "aiosmtpd" in args.peers else [])]:
+                crash = crash_round(kind, work, 6000 if args.quick else 20000, len(crashes))
+                print(json.dumps(crash), flush=True)
+                crashes.append(crash)
+        if not args.no_hooks:
+            for name, script in HOOKS:
+                lines, note = run_hook(name, script, args.quick)
+                for line in lines:
+                    print(json.dumps(line), flush=True)
+                hooks += lines
+                notes.append(note)
+    finally:
+        remove_finished_roots()
+        shutil.rmtree(work, ignore_errors=True)
+    print_table(rows)
+    print_durability(runs, crashes)
+    if hooks:
+        print("\nOther scenarios (their own JSON lines):")
+        for line in hooks:
+            print("  " + json.dumps(line))
+    notes.append(f"{'quick' if args.quick else 'full'} matrix, {rounds} rounds, {time.perf_counter() - started:.0f} s")
+    for note in notes:
+        print(f"note: {note}")
+    if args.out:
+        args.out.write_text(json.dumps({"mode": "quick" if args.quick else "full", "rounds": rounds,
+                                        "ours": args.ours, "rows": rows, "runs": runs, "crash": crashes,
+                                        "hooks": hooks, "notes": notes}, indent=1) + "\n")
+    sys.stdout.flush()
+    os._exit(0 if all(c["ok"] for c in crashes) and all(r["durability"]["ok"] for r in runs if "durability" in r
+                                                       and FSYNC[r["server"].partition("@")[0]]) else 1)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE))
+    main()
