@@ -4,6 +4,7 @@ collects ``callFromThread`` calls, so the test decides when results arrive)."""
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 from typing import Any, Callable
@@ -11,9 +12,12 @@ from typing import Any, Callable
 import pytest
 
 from mailappliance import delivery, maildir
+from mailappliance import journal as journal_module
 from mailappliance.committer import BatchCommitter
 from mailappliance.delivery import CommitJob, SpoolEntry, commit_batch, commit_now
+from mailappliance.journal import Journal
 from mailappliance.maildir import IncomingMessage
+from mailappliance.pop3.mailbox import MaildirMailbox
 from mailappliance.settings import syncfs_available
 
 
@@ -257,3 +261,129 @@ def test_stop_finishes_what_is_waiting_and_later_commits_fail_temporarily(tmp_pa
     late: list[Any] = []
     committer.commit(CommitJob(message(incoming, b"late\r\n"), (box,))).addErrback(late.append)
     assert len(late) == 1 and late[0].check(OSError)  # the session answers 451
+
+
+# -- sync = "journal" ---------------------------------------------------------------
+
+
+def open_journal(tmp_path: Path, **options: Any) -> Journal:
+    journal = Journal(tmp_path / "spool" / "journal", tmp_path / "mail", segment_size=256 * 1024,
+                      use_syncfs=False, **options)
+    journal.open()
+    return journal
+
+
+def test_journal_batch_places_the_same_files_with_one_data_flush(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the journal a batch costs one fdatasync and no fsync; each Maildir gets the file it gets without it."""
+    incoming, alice, bob = tmp_path / "incoming", tmp_path / "mail" / "alice", tmp_path / "mail" / "bob"
+    journal = open_journal(tmp_path)
+    calls: list[str] = []
+    real_fdatasync, real_fsync = os.fdatasync, os.fsync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (calls.append("fdatasync"), real_fdatasync(fd))[1])
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append("fsync"), real_fsync(fd))[1])
+    headers = (b"Delivered-To: alice@example.org\r\n", b"Delivered-To: bob@example.org\r\n")
+    jobs = [CommitJob(message(incoming, headers[0] + f"Subject: {n}\r\n\r\nbody\r\n".encode()), (alice, bob), (),
+                      headers, (0, len(headers[0]))) for n in range(20)]
+    outcomes = commit_batch(jobs, "journal", journal)
+    assert calls == ["fdatasync"]
+    for job, outcome in zip(jobs, outcomes, strict=True):
+        assert isinstance(outcome, list)
+        to_alice, to_bob = (p.read_bytes() for p in outcome)
+        assert to_bob == to_alice.replace(b"alice@", b"bob@", 1)
+        name = job.message.name
+        assert [p.name for p in outcome] == [f"{name},S={len(to_alice)}", f"{name},S={len(to_bob)}"]
+    assert list(incoming.iterdir()) == []
+    journal.close()
+    assert "fsync" in calls  # the checkpoint at close makes the placed files durable
+
+
+def test_journal_leaves_spilled_and_outbound_messages_to_the_fsync_path(tmp_path: Path) -> None:
+    """A spilled message and one with outbound spool entries take the per-file fsync path; the rest the journal."""
+    incoming, box = tmp_path / "incoming", tmp_path / "mail" / "alice"
+    journal = open_journal(tmp_path)
+    incoming.mkdir()
+    spilled = IncomingMessage(incoming)
+    spilled.write(b"y" * (maildir.MEMORY_LIMIT + 1))
+    seen: list[bytes] = []
+    outbound = spool_entry(lambda p: seen.append(p.read_bytes()))
+    jobs = [CommitJob(spilled, (box,)), CommitJob(message(incoming, b"out\r\n"), (box,), (outbound,)),
+            CommitJob(message(incoming, b"plain\r\n"), (box,))]
+    before = journal._sequence
+    outcomes = commit_batch(jobs, "journal", journal)
+    assert all(isinstance(o, list) for o in outcomes) and seen == [b"out\r\n"]
+    assert journal._sequence == before + 1  # only the plain one was journaled
+    assert sorted(len(b) for b in new_files(box).values()) == [5, 7, maildir.MEMORY_LIMIT + 1]
+    journal.close()
+
+
+def test_journal_a_failing_mailbox_fails_only_its_own_message(tmp_path: Path) -> None:
+    """With the journal a Maildir that cannot be made fails its own message before anything is journaled."""
+    incoming, good, bad = tmp_path / "incoming", tmp_path / "mail" / "good", tmp_path / "mail" / "bad"
+    journal = open_journal(tmp_path)
+    bad.parent.mkdir(parents=True)
+    bad.write_text("a file where a Maildir should be")
+    first, second = commit_batch([CommitJob(message(incoming, b"1\r\n"), (good,)),
+                                  CommitJob(message(incoming, b"2\r\n"), (bad,))], "journal", journal)
+    assert isinstance(first, list) and isinstance(second, OSError)
+    assert journal._sequence == 1
+    journal.close()
+
+
+def test_journal_pop3_deleting_an_unsettled_file_checkpoints_first(tmp_path: Path) -> None:
+    """POP3 QUIT removing a file only the journal covers checkpoints first; removing a settled one does not."""
+    incoming, box = tmp_path / "incoming", tmp_path / "mail" / "alice"
+    journal = open_journal(tmp_path)
+    commit_batch([CommitJob(message(incoming, f"{n}\r\n".encode()), (box,)) for n in range(2)], "journal", journal)
+    checkpoints = len(list(journal.directory.glob("checkpoint")))
+    assert checkpoints == 0
+    mailbox = MaildirMailbox(box)
+    mailbox.load()
+    mailbox.mark_deleted(0)
+    assert mailbox.commit().deleted == 1
+    assert (journal.directory / "checkpoint").exists() and journal.checkpoint_due_in() is None
+    stamp = (journal.directory / "checkpoint").stat().st_mtime_ns
+    mailbox.load()
+    mailbox.mark_deleted(0)
+    assert mailbox.commit().deleted == 1
+    assert (journal.directory / "checkpoint").stat().st_mtime_ns == stamp  # nothing was pending
+    journal.close()
+
+
+def test_committer_with_a_journal_recovers_at_start_checkpoints_when_due_and_at_stop(tmp_path: Path) -> None:
+    """BatchCommitter opens the journal (recovery) at start, checkpoints when one is due and at stop."""
+    incoming, box = tmp_path / "incoming", tmp_path / "mail" / "alice"
+    now = [0.0]
+    journal = Journal(tmp_path / "spool" / "journal", tmp_path / "mail", segment_size=256 * 1024, use_syncfs=False,
+                      checkpoint_seconds=5.0, clock=lambda: now[0])
+    reactor = CollectingReactor()
+    committer = BatchCommitter(reactor, sync="journal", journal=journal)
+    committer.start()
+    assert journal.is_open
+    committer.commit(CommitJob(message(incoming, b"1\r\n"), (box,)))
+    reactor.wait_for(1)
+    assert journal.checkpoint_due_in() == 5.0
+    now[0] = 6.0
+    committer.commit(CommitJob(message(incoming, b"2\r\n"), (box,)))  # the checkpoint follows this batch
+    reactor.wait_for(2)
+    with reactor.arrived:
+        assert reactor.arrived.wait_for(lambda: journal.checkpoint_due_in() is None, timeout=10)
+    committer.commit(CommitJob(message(incoming, b"3\r\n"), (box,)))
+    committer.stop()
+    assert not journal.is_open and journal.checkpoint_due_in() is None
+    assert len(new_files(box)) == 3
+
+
+def test_journal_segments_roll_over_and_are_reused_after_a_checkpoint(tmp_path: Path) -> None:
+    """Batches larger than what is free roll over to new segments, then (at the limit) checkpoint and reuse them."""
+    incoming, box = tmp_path / "incoming", tmp_path / "mail" / "alice"
+    journal = open_journal(tmp_path)
+    body = b"z" * 100_000
+    for _ in range(30):  # 3 MB through 256 KiB segments
+        outcomes = commit_batch([CommitJob(message(incoming, body), (box,)) for _ in range(5)], "journal", journal)
+        assert all(isinstance(o, list) for o in outcomes)
+    assert len(list(journal.directory.glob("segment.*"))) <= journal_module.MAX_SEGMENTS // 2
+    journal_module._unregister(journal)  # a crash: recovery replays what was not checkpointed, writes nothing twice
+    again = open_journal(tmp_path)
+    assert len(new_files(box)) == 150
+    again.close()

@@ -145,7 +145,7 @@ def check(world: World) -> None:
 @pytest.mark.parametrize("sync", METHODS)
 def test_a_crash_at_every_commit_step_loses_no_acknowledged_message(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sync: str) -> None:
-    """Crash after each write/fsync/rename/journal step: 250'd mail whole once per recipient, DELE kept, nothing torn."""
+    """A crash after any commit step: 250'd mail whole once per recipient, DELE kept, nothing torn."""
     steps = count_steps(tmp_path, sync, monkeypatch)
     assert len(steps) >= 8
     if sync == "journal":

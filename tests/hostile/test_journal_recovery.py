@@ -35,7 +35,7 @@ def body_for(maildir: Path, name: str, text: bytes) -> bytes:
 
 
 def test_a_torn_or_corrupt_last_record_is_ignored_and_the_rest_replayed(tmp_path: Path) -> None:
-    """A record whose bytes do not match its CRC (a torn append: never acknowledged) is not replayed; earlier ones are."""
+    """A record failing its CRC (a torn append: never acknowledged) is not replayed; earlier ones are."""
     box = tmp_path / "mail" / "alice"
     crashed_journal(tmp_path, [body_for(box, "1.A.h", b"one\r\n"), body_for(box, "2.B.h", b"two\r\n")])
     segment = tmp_path / "journal" / "segment.000001"
