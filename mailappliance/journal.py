@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import re
 import struct
@@ -258,6 +259,7 @@ class Journal:
         self._pending_names: set[str] = set()  # their unique parts (POP3 asks)
         self._touched: set[Path] = set()  # Maildirs placed into since the checkpoint
         self._retry_at = 0.0  # after a failed checkpoint
+        self._lock_fd: int | None = None
         self._misfits: list[int] = []  # segments found with the wrong size
         self.is_open = False
 
@@ -266,6 +268,7 @@ class Journal:
     def open(self) -> RecoveryReport:
         """Replay what the last run left un-checkpointed, then get ready to append (blocking)."""
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._take_lock()
         checkpointed = self._read_checkpoint()
         records: list[Record] = []
         highest = checkpointed
@@ -294,6 +297,27 @@ class Journal:
                      refused=report.refused)
         return report
 
+    def abandon(self) -> None:
+        """Close without a checkpoint: what a crash leaves behind (crash tests)."""
+        with self._lock:
+            for fd in [s.fd for s in self._segments] + ([self._lock_fd] if self._lock_fd is not None else []):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._segments, self._lock_fd, self.is_open = [], None, False
+            _unregister(self)
+
+    def _take_lock(self) -> None:
+        """One process per journal: a second daemon on the same spool would replay and
+        reuse segments under the first one's feet."""
+        fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OSError(errno.EBUSY, f"{self.directory} is in use by another process "
+                                       "(one journal per daemon: give each its own spool_dir)") from None
+        self._lock_fd = fd
+
     def close(self) -> None:
         """Checkpoint (everything placed becomes durable in its Maildir) and close."""
         with self._lock:
@@ -304,6 +328,9 @@ class Journal:
             for segment in self._segments:
                 os.close(segment.fd)
             self._segments = []
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
             _unregister(self)
 
     def _existing_segments(self) -> list[tuple[int, int]]:

@@ -117,7 +117,7 @@ def restart(world: World) -> None:
     """What the daemon does at start after a crash."""
     clean_incoming(world.incoming)
     if world.journal is not None:
-        journal_module._unregister(world.journal)  # the dead process's journal
+        world.journal.abandon()  # the dead process's journal
         for user in RECIPIENTS:
             forget_maildir(world.mail / user)
         world.open_journal()

@@ -19,7 +19,7 @@ def crashed_journal(tmp_path: Path, bodies: list[bytes]) -> Path:
     journal = Journal(tmp_path / "journal", tmp_path / "mail", segment_size=SEGMENT, use_syncfs=False)
     journal.open()
     journal.append(bodies)
-    journal_module._unregister(journal)
+    journal.abandon()
     return tmp_path / "journal"
 
 
@@ -119,3 +119,14 @@ def test_a_damaged_checkpoint_file_stops_the_start(tmp_path: Path) -> None:
     (tmp_path / "journal" / "checkpoint").write_bytes(b"\x01" * 12)
     with pytest.raises(OSError, match="damaged"):
         recover(tmp_path)
+
+
+def test_a_second_process_on_the_same_journal_is_refused(tmp_path: Path) -> None:
+    """A second journal on the same directory (another daemon on the same spool) is refused at open."""
+    first = Journal(tmp_path / "journal", tmp_path / "mail", segment_size=SEGMENT, use_syncfs=False)
+    first.open()
+    try:
+        with pytest.raises(OSError, match="in use by another process"):
+            Journal(tmp_path / "journal", tmp_path / "mail", segment_size=SEGMENT, use_syncfs=False).open()
+    finally:
+        first.close()
