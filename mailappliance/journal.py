@@ -599,13 +599,14 @@ class Journal:
             name = listings[target.maildir].get(unique)
             if name is not None:
                 where = target.maildir / "cur" / name
+        self._touched.add(target.maildir)  # found whole after a kill -9 is not yet durable either
         if where.exists() and _same_bytes(where, content):
+            self._placed.append(where)
             return False
         staged = write_file(target.maildir, target.filename, content)
         final = where if where.exists() else target.maildir / "new" / target.filename
         os.rename(staged, final)
         self._placed.append(final)
-        self._touched.add(target.maildir)
         return True
 
 

@@ -387,3 +387,19 @@ def test_journal_segments_roll_over_and_are_reused_after_a_checkpoint(tmp_path: 
     again = open_journal(tmp_path)
     assert len(new_files(box)) == 150
     again.close()
+
+
+def test_journal_recovery_makes_files_found_whole_durable_before_freeing_the_journal(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a kill -9 the placed files are whole but maybe not on disk: recovery fsyncs them before its checkpoint."""
+    incoming, box = tmp_path / "incoming", tmp_path / "mail" / "alice"
+    journal = open_journal(tmp_path)
+    [outcome] = commit_batch([CommitJob(message(incoming, b"kept\r\n"), (box,))], "journal", journal)
+    journal.abandon()
+    synced: list[Path] = []
+    real = journal_module._fsync_path
+    monkeypatch.setattr(journal_module, "_fsync_path", lambda path: (synced.append(path), real(path))[1])
+    again = Journal(tmp_path / "spool" / "journal", tmp_path / "mail", segment_size=256 * 1024, use_syncfs=False)
+    assert again.open().written == 0
+    assert synced == outcome
+    again.close()
