@@ -47,6 +47,7 @@ from mailappliance.settings import (
     parse_url,
     syncfs_available,
 )
+from mailappliance.worker_settings import check_workers, parse_workers
 
 ROLES = ("mx", "submission", "submissions", "pop3", "pop3s", "autoconfig", "autoconfigs", "metrics")
 SMTP_ROLES = ("mx", "submission", "submissions")
@@ -253,6 +254,7 @@ class Settings:
     msgauth: MsgAuthSettings = MsgAuthSettings()  # [msgauth] SPF/DKIM/DMARC/ARC on the MX (mailappliance.msgauth)
     dkim: DkimSettings = DkimSettings()  # [dkim] signing of submitted mail
     filter: FilterSettings = FilterSettings()  # [filter] rspamd
+    workers: int = 1  # [server] workers: processes serving the listeners (mailappliance.workers)
     # The secret files read for this config (and their values): a reload that
     # cannot read an unchanged one keeps the value. Not a setting: never compared.
     secrets: SecretFiles | None = attrs.field(default=None, eq=False, repr=False)
@@ -665,6 +667,7 @@ def parse_config(file: Path, data: dict[str, Any], secrets: SecretFiles | None =
         for d in server.strings("local_domains")  # an IDN as its A-label, the form SMTP and DNS use
     )
     addresses = parse_addresses(server, domains)
+    workers = parse_workers(server)
     server.reject_unknown()
 
     storage = top.table_of("storage")
@@ -718,6 +721,7 @@ def parse_config(file: Path, data: dict[str, Any], secrets: SecretFiles | None =
     tls = _tls(top.table_of("tls"))
     queue = _queue(top.table_of("queue"))
     state = _state(top.table_of("state"))
+    check_workers(server, workers, state.redis, sync)
     msgauth = parse_msgauth(top.table_of("msgauth"), domains)
     dkim = parse_dkim(top.table_of("dkim"), domains)
     content_filter = parse_filter(top.table_of("filter"), _size)
@@ -760,6 +764,7 @@ def parse_config(file: Path, data: dict[str, Any], secrets: SecretFiles | None =
         dkim=dkim,
         filter=content_filter,
         secrets=top.secrets,
+        workers=workers,
     )
 
 

@@ -41,7 +41,6 @@ from mailappliance.delivery import Committer
 from mailappliance.journal import journal_for
 from mailappliance.directory.backends import build_store
 from mailappliance.directory.threaded import Directory
-from mailappliance.limits import RateLimits
 from mailappliance.linesession import SessionSettings
 from mailappliance.logs import JsonLogService, LogLevelService
 from mailappliance.maildir import clean_incoming
@@ -65,6 +64,7 @@ from mailappliance.state.build import build_state_store
 from mailappliance.throttle import AuthThrottle
 from mailappliance.tls import ServerTLS, client_certificate, ensure_self_signed, fingerprint
 from mailappliance.web import HealthResource, autoconfig_site, metrics_site, spool_probe
+from mailappliance.workers import WorkerPlan, WorkerSupervisor, adopted, rate_limits
 
 if TYPE_CHECKING:  # Twisted's trust root interface, not re-exported by twisted.internet.ssl
     from twisted.internet._sslverify import IOpenSSLTrustRoot
@@ -150,8 +150,10 @@ def _names_key(settings: Settings, key: str, path: Path) -> Iterator[None]:
 
 
 def build_service(settings: Settings, reactor: IReactorTime | None = None,
-                  owner: tuple[int, int] | None = None) -> service.MultiService:
-    """Everything the daemon runs, wired together; ``owner`` is twistd's --uid/--gid."""
+                  owner: tuple[int, int] | None = None, worker: WorkerPlan | None = None) -> service.MultiService:
+    """Everything the daemon runs, wired together; ``owner`` is twistd's --uid/--gid.
+    ``worker``: build worker process N of ``[server] workers`` (mailappliance.workers): the
+    supervisor's listening sockets, no start-up recovery, queue runner or HTTP listeners."""
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
@@ -160,10 +162,11 @@ def build_service(settings: Settings, reactor: IReactorTime | None = None,
     top = service.MultiService()
     log_level = LogLevelService(settings.log_level)
     log_level.setServiceParent(top)  # type: ignore[no-untyped-call]  # Service is unannotated
-    if settings.json_log is not None:
+    if settings.json_log is not None and worker is None:  # a worker's events go to the supervisor's log
         json_log = JsonLogService(settings.json_log, owner, settings.source, log_level)
         json_log.setServiceParent(top)  # type: ignore[no-untyped-call]  # Service is unannotated
-    _StartupService(settings, owner).setServiceParent(top)  # type: ignore[no-untyped-call]  # Service is unannotated
+    if worker is None:  # recovery runs once, in the supervisor, before any worker starts
+        _StartupService(settings, owner).setServiceParent(top)  # type: ignore[no-untyped-call]  # Service is unannotated
 
     directory = Directory(build_store(settings.directory), threads, settings.directory.threads)
     _PoolService(directory.start, directory.stop).setServiceParent(top)  # type: ignore[no-untyped-call]  # Service is unannotated
@@ -198,7 +201,7 @@ def build_service(settings: Settings, reactor: IReactorTime | None = None,
     pop3_portal = Portal(MaildirRealm(settings.maildir_root, locks), [checker])
     quotas = MailboxQuotas(settings.mailbox_quota, run_blocking, reactor)
     network_budget = NetworkByteBudget(settings.mx_bytes_per_hour_per_network, reactor)
-    limits = RateLimits(settings.limits, reactor, state_store)  # shared by every listener
+    limits = rate_limits(settings, reactor, state_store)  # shared by every listener (and worker)
     limits.set_listener_caps({listener.name: listener.max_connections for listener in settings.listeners
                               if listener.max_connections})
     followers = [Live("limits", limits), Live("throttle", throttle), Live("log_level", log_level),
@@ -209,7 +212,9 @@ def build_service(settings: Settings, reactor: IReactorTime | None = None,
     spool = OutboundSpool(settings.spool_dir)
     runner = _queue_runner(settings, spool, directory, committer.commit, run_blocking, reactor, resolver,
                            addressing)
-    runner.setServiceParent(top)  # type: ignore[no-untyped-call]  # Service is unannotated
+    if worker is None:  # the queue runs in the supervisor only; it sees workers' mail in incoming/
+        runner.setServiceParent(top)  # type: ignore[no-untyped-call]  # Service is unannotated
+    kick = runner.kick if worker is None else _no_kick
     success_notices = SuccessNotices(runner.send_report, run_blocking, settings.hostname,
                                      settings.smtp.dsn_success_notices)  # NOTIFY=SUCCESS on local delivery
 
@@ -217,13 +222,16 @@ def build_service(settings: Settings, reactor: IReactorTime | None = None,
     health = HealthResource(lambda: directory.find_by_login("health-check.invalid"),
                             lambda: run_blocking(spool_probe, settings.spool_dir),
                             current_server=directory.current_server, state_store=state_store.describe)
+    shared: dict[str, service.Service] = {}  # SMTP and POP3 listeners, for the workers
     for listener in settings.listeners:
         factory: IProtocolFactory
+        if worker is not None and listener.role in WEB_ROLES:
+            continue  # health, metrics and autoconfig answer from the supervisor
         if listener.role in WEB_ROLES:
             factory = metrics_site(health) if listener.role == "metrics" else autoconfig_site(settings)
         elif listener.is_smtp:
             smtp = _smtp_factory(settings, listener, directory, committer.commit, smtp_portal, spool,
-                                 server_tls, runner.kick, addressing)
+                                 server_tls, kick, addressing)
             smtp.screening, smtp.client_lookup = screening, client_lookup
             smtp.quotas, smtp.network_budget = quotas, network_budget
             smtp.inspector = inspector
@@ -235,11 +243,25 @@ def build_service(settings: Settings, reactor: IReactorTime | None = None,
             pop3.quotas = quotas
             pop3.limits = limits
             factory = pop3
-        server = _listening(listener, factory, server_tls)
+        if worker is not None:
+            server = adopted(listener, factory, server_tls, worker, reactor)
+        else:
+            server = _listening(listener, factory, server_tls)
+        if listener.role not in WEB_ROLES:
+            shared[listener.name] = server
         server.setName(listener.name)
         server.setServiceParent(top)
+    if worker is not None:
+        return top
+    if settings.workers > 1:
+        WorkerSupervisor(settings, shared, reactor, runner.kick,
+                         getattr(spool, "incoming_dir", spool.queue_dir)).setServiceParent(top)  # type: ignore[no-untyped-call]  # Service is unannotated
     _ReadyService(settings).setServiceParent(top)  # type: ignore[no-untyped-call]  # Service is unannotated
     return top
+
+
+def _no_kick() -> None:
+    """A worker queues mail into incoming/; the supervisor's runner takes it from there."""
 
 
 def _listening(listener: ListenerSettings, factory: IProtocolFactory, server_tls: ServerTLS) -> service.Service:
@@ -303,7 +325,8 @@ def _queue_runner(settings: Settings, spool: OutboundSpool, directory: Directory
     runner: QueueRunner
 
     def queued() -> None:
-        runner.kick()
+        if runner.running:  # a worker's runner never runs: the supervisor's sees incoming/
+            runner.kick()
 
     reports = ReportDelivery(frozenset(settings.local_domains), directory, settings.maildir_root,
                              settings.spool_dir / "incoming", spool, commit, queued, addressing=addressing)

@@ -1,0 +1,47 @@
+"""``[server] workers``: how many processes serve the listeners, and what that needs.
+
+Pure validation (no Twisted), so config.py can call it; the processes
+themselves are in :mod:`mailappliance.workers`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Protocol
+
+MAX_WORKERS = 64
+
+
+class _Reader(Protocol):  # config.ConfigReader, without importing config (it imports us)
+    table: dict[str, object]
+    used: set[str]
+
+    def error(self, name: str, problem: str) -> Exception: ...
+
+
+def parse_workers(reader: _Reader, cores: int | None = None) -> int:
+    """``workers = N`` (1 to 64) or ``"auto"`` (the machine's cores); default 1."""
+    reader.used.add("workers")
+    value = reader.table.get("workers", 1)
+    if value == "auto":
+        return max(1, min(MAX_WORKERS, cores if cores is not None else (os.cpu_count() or 1)))
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+        raise reader.error("workers", f'must be a whole number from 1 to {MAX_WORKERS} or "auto", got {value!r}')
+    return value
+
+
+def check_workers(reader: _Reader, workers: int, state_redis: str, sync: str) -> None:
+    """Several processes must share what one process keeps in memory: refuse a
+    config where they would not (the error names the key and the file)."""
+    if workers <= 1:
+        return
+    if not state_redis:
+        raise reader.error(
+            "workers", f"{workers} worker processes need a shared state store: set [state] redis "
+                       "(subscribers' hourly limits, login throttling and POP3 locks would otherwise "
+                       "be counted in each process apart), or use workers = 1")
+    if sync == "journal":
+        raise reader.error(
+            "workers", f'{workers} worker processes cannot share one write-ahead journal '
+                       '([storage] sync = "journal" has one writer); use sync = "fsync" or "syncfs", '
+                       "or workers = 1")

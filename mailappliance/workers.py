@@ -1,0 +1,421 @@
+"""``[server] workers = N``: N processes serve the listeners, so TLS and per-message CPU use every core.
+
+The twistd process is the supervisor and also worker 0.  It binds every
+listening socket (before twistd drops privileges), runs the start-up
+recovery, the outbound queue runner and the HTTP listeners, and then starts
+workers 1..N-1 (``python -m mailappliance.worker_main``), each with the SMTP and
+POP3 listening sockets as inherited descriptors (``childFDs``), which the
+worker adopts (``adoptStreamPort``): every process accepts from the same
+sockets, and the kernel hands each connection to one of them (a busy process
+picks fewer up).  The supervisor hands a worker its validated settings
+through a pipe (a restarted worker needs no config file or root-only secret
+file it could no longer read), relays the worker's log events (JSON lines on
+its stdout) into its own log with ``worker`` and ``worker_pid`` added,
+forwards SIGHUP, restarts a worker that dies (:func:`restart_delay` stops a
+crash loop from spinning), and stops the workers before it exits.  A worker
+dies with its supervisor (``PR_SET_PDEATHSIG``).
+
+What the processes share: the Maildirs and the spool (every write was already
+safe against concurrent writers, the unique names carry the pid), the state
+store (``[state] redis``, required by config.py: hourly limits, login
+throttling, POP3 locks), and the connection caps, which each process enforces
+for its share (:func:`share_of_limits`), so the whole server never holds more
+than the configured numbers.  Mail that a worker queues is seen by the
+supervisor's queue runner through inotify on the spool's incoming directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import pickle
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from types import FrameType
+from typing import IO, Any, cast
+
+import attrs
+from twisted.application import service
+from twisted.internet import protocol
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IDelayedCall, IListeningPort, IProtocolFactory
+from twisted.logger import ILogObserver, LogEvent, Logger, eventAsJSON, eventFromJSON, globalLogPublisher
+from twisted.python.failure import Failure
+
+from mailappliance.config import ListenerSettings, Settings
+from mailappliance.limits import RateLimits
+from mailappliance.settings import LimitSettings
+from mailappliance.state import StateStore
+
+log = Logger(namespace="mailappliance.workers")
+
+CRASH_WINDOW = 60.0  # seconds over which a worker's exits are counted
+FREE_RESTARTS = 3  # exits within the window restarted at once
+MAX_RESTART_DELAY = 60.0
+MAX_LOG_LINE = 64 * 1024  # bytes of one relayed log event; longer ones are dropped (and counted)
+STOP_GRACE = 10.0  # seconds a worker has to stop before it is killed
+FIRST_FD = 3  # the listening sockets' descriptors in a worker: 3, 4, ...
+
+
+# -- pure policy ------------------------------------------------------------------
+
+
+def restart_delay(exits: Sequence[float], now: float) -> float:
+    """Seconds to wait before restarting a worker whose recent exits were at ``exits``
+    (the latest included): the first few at once, then doubling up to a minute."""
+    recent = sum(1 for at in exits if now - at <= CRASH_WINDOW)
+    if recent <= FREE_RESTARTS:
+        return 0.0
+    return min(MAX_RESTART_DELAY, float(2 ** (recent - FREE_RESTARTS)))
+
+
+def _share(value: int, workers: int) -> int:
+    return max(1, value // workers)
+
+
+def share_of_limits(limits: LimitSettings, workers: int) -> LimitSettings:
+    """One process's part of the connection caps: each process counts its own
+    connections, so together they never exceed the configured numbers (a
+    client whose connections land unevenly may be refused a little early)."""
+    if workers <= 1:
+        return limits
+    return attrs.evolve(
+        limits,
+        connections_per_minute=_share(limits.connections_per_minute, workers),
+        concurrent_per_address=_share(limits.concurrent_per_address, workers),
+        concurrent_per_network=_share(limits.concurrent_per_network, workers),
+        max_connections=_share(limits.max_connections, workers),
+    )
+
+
+class SharedRateLimits(RateLimits):
+    """RateLimits of one of ``workers`` processes: connection caps are this process's
+    share, also after SIGHUP assigns new settings; hourly allowances are in the
+    shared state store as before."""
+
+    def __init__(self, settings: LimitSettings, clock: Any, store: StateStore, workers: int) -> None:
+        self.workers = workers
+        super().__init__(settings, clock, store)
+
+    @property
+    def settings(self) -> LimitSettings:
+        return self._shared
+
+    @settings.setter
+    def settings(self, limits: LimitSettings) -> None:
+        self._shared = share_of_limits(limits, self.workers)
+
+    def set_listener_caps(self, caps: dict[str, int]) -> None:
+        super().set_listener_caps({name: _share(cap, self.workers) if cap > 0 else cap
+                                   for name, cap in caps.items()})
+
+
+def rate_limits(settings: Settings, clock: Any, store: StateStore) -> RateLimits:
+    """The limits object of this process (shared caps when there are several)."""
+    if settings.workers > 1:
+        return SharedRateLimits(settings.limits, clock, store, settings.workers)
+    return RateLimits(settings.limits, clock, store)
+
+
+# -- the worker's side ----------------------------------------------------------------
+
+
+@attrs.frozen
+class WorkerPlan:
+    """What a worker serves: its number and the inherited descriptor of each listener (by name)."""
+
+    index: int
+    descriptors: dict[str, int]
+
+
+class AdoptedPort(service.Service):
+    """A listener of the supervisor's, served in this worker through the inherited socket."""
+
+    def __init__(self, descriptor: int, factory: IProtocolFactory, reactor: Any) -> None:
+        self.descriptor, self.factory, self.reactor = descriptor, factory, reactor
+        self.port: IListeningPort | None = None
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]  # Service is unannotated
+        probe = socket.socket(fileno=self.descriptor)  # the family of the inherited socket
+        family = probe.family
+        probe.detach()
+        self.port = self.reactor.adoptStreamPort(self.descriptor, family, self.factory)
+        os.close(self.descriptor)  # adoptStreamPort listens on a duplicate
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()  # type: ignore[no-untyped-call]  # Service is unannotated
+        if self.port is None:
+            return None
+        d: Deferred[None] | None = self.port.stopListening()
+        return d
+
+
+def adopted(listener: ListenerSettings, factory: IProtocolFactory, server_tls: Any, plan: WorkerPlan,
+            reactor: Any) -> service.Service:
+    """The worker's counterpart of service._listening: the same factory on the inherited socket."""
+    if listener.implicit_tls:
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        factory = TLSMemoryBIOFactory(server_tls, False, factory)
+    return AdoptedPort(plan.descriptors[listener.name], factory, reactor)
+
+
+class _JsonLines:
+    """Log observer of a worker: one JSON event per line on its stdout, to the supervisor."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+        self.lock = threading.Lock()  # commit and directory threads log too
+
+    def __call__(self, event: LogEvent) -> None:
+        line = eventAsJSON(event) + "\n"
+        with self.lock:
+            self.stream.write(line)
+            self.stream.flush()
+
+
+def _die_with_parent(parent: int) -> None:
+    """SIGTERM this process when the supervisor dies (Linux), so no orphan keeps accepting."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # it died before prctl took effect
+        raise SystemExit(1)
+
+
+def worker_main(argv: Sequence[str] | None = None) -> None:
+    """``python -m mailappliance.worker_main --index I --listener NAME=FD ... --parent PID``;
+    the settings arrive pickled on stdin from the supervisor."""
+    parser = argparse.ArgumentParser(prog="mailappliance worker")
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--parent", type=int, required=True)
+    parser.add_argument("--listener", action="append", default=[])
+    args = parser.parse_args(argv)
+    _die_with_parent(args.parent)
+    settings: Settings = pickle.loads(sys.stdin.buffer.read())  # noqa: S301  # our parent, over a private pipe
+    descriptors = {name: int(fd) for name, _, fd in (item.partition("=") for item in args.listener)}
+
+    from twisted.internet import reactor
+    from twisted.logger import globalLogBeginner
+
+    globalLogBeginner.beginLoggingTo([cast(ILogObserver, _JsonLines(open(1, "w", closefd=False)))],  # noqa: SIM115
+                                     redirectStandardIO=False, discardBuffer=True)
+    from mailappliance.service import build_service
+
+    top = build_service(settings, reactor, worker=WorkerPlan(args.index, descriptors))
+
+    def start() -> None:
+        try:
+            top.privilegedStartService()
+            top.startService()
+        except Exception:
+            log.failure("worker {index} could not start", index=args.index)
+            os._exit(1)
+        log.info("worker {index} ready (pid {pid})", index=args.index, pid=os.getpid())
+
+    reactor.callWhenRunning(start)
+    reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
+    reactor.run()
+
+
+# -- the supervisor's side ------------------------------------------------------------
+
+
+class _Worker(protocol.ProcessProtocol):
+    """One worker process as the supervisor sees it: its log lines and its end."""
+
+    def __init__(self, supervisor: WorkerSupervisor, index: int, settings: bytes) -> None:
+        self.supervisor, self.index, self.settings = supervisor, index, settings
+        self.buffers = {1: b"", 2: b""}
+        self.dropped = 0
+        self.ended: Deferred[None] = Deferred()
+        self.pid = 0
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.pid = self.transport.pid or 0
+        self.transport.write(self.settings)
+        self.transport.closeStdin()
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        buffer = self.buffers.get(childFD, b"") + data
+        *lines, rest = buffer.split(b"\n")
+        if len(rest) > MAX_LOG_LINE:
+            rest, self.dropped = b"", self.dropped + 1
+        self.buffers[childFD] = rest
+        for line in lines:
+            if len(line) > MAX_LOG_LINE:
+                self.dropped += 1
+            elif childFD == 1:
+                self._relay(line)
+            elif line.strip():
+                log.warn("worker {index} (pid {pid}) wrote: {line}", index=self.index, pid=self.pid,
+                         line=line.decode("utf-8", "replace"))
+
+    def _relay(self, line: bytes) -> None:
+        try:
+            event = eventFromJSON(line.decode("utf-8", "replace"))
+        except ValueError:
+            self.dropped += 1
+            return
+        if not isinstance(event, dict):
+            self.dropped += 1
+            return
+        event["worker"], event["worker_pid"] = self.index, self.pid
+        globalLogPublisher(event)
+
+    def processEnded(self, reason: Failure) -> None:
+        if self.dropped:
+            log.warn("worker {index} (pid {pid}): {n} log line(s) too long or not JSON, dropped",
+                     index=self.index, pid=self.pid, n=self.dropped)
+        self.supervisor.ended(self, reason)
+        self.ended.callback(None)
+
+
+class WorkerSupervisor(service.Service):
+    """Starts workers 1..N-1 on the listeners' sockets, restarts them, forwards SIGHUP, stops them."""
+
+    def __init__(self, settings: Settings, listeners: dict[str, service.Service], reactor: Any,
+                 kick: Callable[[], None] | None = None, incoming: Any = None) -> None:
+        self.settings = settings
+        self.listeners = listeners  # SMTP and POP3 listening services by listener name, bound by now
+        self.reactor: Any = reactor
+        self.kick, self.incoming = kick, incoming
+        self.workers: dict[int, _Worker] = {}
+        self.exits: dict[int, list[float]] = {}
+        self.restarts: dict[int, IDelayedCall] = {}
+        self.stopping = False
+        self._previous_hup: Any = None
+        self._notifier: Any = None
+        self._kick_due = False
+
+    def descriptors(self) -> dict[str, int]:
+        """The listening socket of each SMTP and POP3 listener (bound in privilegedStartService)."""
+        return {name: getattr(listening, "_port").fileno() for name, listening in self.listeners.items()}  # noqa: B009
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]  # Service is unannotated
+        self.stopping = False
+        self._settings_bytes = pickle.dumps(self.settings)
+        for index in range(1, self.settings.workers):
+            self.spawn(index)
+        self._previous_hup = signal.signal(signal.SIGHUP, self._on_hup)
+        self._watch_incoming()
+        log.info("{n} worker processes besides this one (pid {pid}) share the listeners",
+                 n=self.settings.workers - 1, pid=os.getpid())
+
+    def spawn(self, index: int) -> None:
+        self.restarts.pop(index, None)
+        if self.stopping:
+            return
+        fds = self.descriptors()
+        child_fds: dict[int, int | str] = {0: "w", 1: "r", 2: "r"}
+        arguments = [sys.executable, "-m", "mailappliance.worker_main", "--index", str(index),
+                     "--parent", str(os.getpid())]
+        for offset, (name, fd) in enumerate(sorted(fds.items())):
+            child_fds[FIRST_FD + offset] = fd
+            arguments += ["--listener", f"{name}={FIRST_FD + offset}"]
+        worker = _Worker(self, index, self._settings_bytes)
+        self.workers[index] = worker
+        self.reactor.spawnProcess(worker, sys.executable, arguments, env=dict(os.environ), childFDs=child_fds)
+        log.info("worker {index} started (pid {pid})", index=index, pid=worker.pid)
+
+    def ended(self, worker: _Worker, reason: Failure) -> None:
+        if self.workers.get(worker.index) is worker:
+            del self.workers[worker.index]
+        if self.stopping:
+            return
+        now = self.reactor.seconds()
+        exits = self.exits.setdefault(worker.index, [])
+        exits.append(now)
+        del exits[:-16]
+        delay = restart_delay(exits, now)
+        log.error("worker {index} (pid {pid}) ended ({why}); restarting it in {delay:.0f} s",
+                  index=worker.index, pid=worker.pid, why=reason.getErrorMessage(), delay=delay)
+        self.restarts[worker.index] = self.reactor.callLater(delay, self.spawn, worker.index)
+
+    def _on_hup(self, signum: int, frame: FrameType | None) -> None:
+        if callable(self._previous_hup):
+            self._previous_hup(signum, frame)
+        for worker in list(self.workers.values()):
+            if worker.pid:
+                try:
+                    os.kill(worker.pid, signal.SIGHUP)
+                except ProcessLookupError:
+                    pass
+
+    def _watch_incoming(self) -> None:
+        """Kick the queue runner when a worker queues mail (its own kick reaches only itself)."""
+        if self.kick is None or self.incoming is None:
+            return
+        try:
+            from twisted.internet import inotify
+            from twisted.python.filepath import FilePath
+        except ImportError:  # not Linux: the runner's own periodic look finds it
+            return
+        self._notifier = inotify.INotify(self.reactor)
+        self._notifier.startReading()
+        self._notifier.watch(FilePath(str(self.incoming)), mask=inotify.IN_MOVED_TO | inotify.IN_CLOSE_WRITE,
+                             callbacks=[self._queued])
+
+    def _queued(self, *ignored: object) -> None:
+        if self._kick_due or self.kick is None:
+            return
+        self._kick_due = True  # one kick per reactor turn however many files arrived
+
+        def kick() -> None:
+            self._kick_due = False
+            if self.kick is not None:
+                self.kick()
+
+        self.reactor.callLater(0, kick)
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()  # type: ignore[no-untyped-call]  # Service is unannotated
+        self.stopping = True
+        if self._previous_hup is not None:
+            signal.signal(signal.SIGHUP, self._previous_hup)
+            self._previous_hup = None
+        if self._notifier is not None:
+            self._notifier.loseConnection()
+            self._notifier = None
+        for call in self.restarts.values():
+            if call.active():
+                call.cancel()
+        self.restarts.clear()
+        running = list(self.workers.values())
+        for worker in running:
+            _signal(worker, "TERM")
+
+        def kill() -> None:
+            for worker in running:
+                _signal(worker, "KILL")
+
+        killer = self.reactor.callLater(STOP_GRACE, kill)
+        done: Deferred[Any] = DeferredList([w.ended for w in running])
+
+        def stopped(result: object) -> object:
+            if killer.active():
+                killer.cancel()
+            return result
+
+        return done.addBoth(stopped)
+
+
+def _signal(worker: _Worker, name: str) -> None:
+    transport = worker.transport
+    if transport is None or worker.ended.called:
+        return
+    try:
+        transport.signalProcess(name)
+    except Exception:  # noqa: BLE001  # already gone (ProcessExitedAlready)
+        pass
+
+
