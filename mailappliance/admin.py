@@ -343,7 +343,10 @@ def cmd_queue_show(ctx: CommandContext, args: argparse.Namespace) -> None:
     for r in envelope.recipients:
         print(f"  <{r.address}>  {r.state}  attempts {r.attempts}  {r.remote_host}  "
               f"{r.last_code or ''} {r.last_text}".rstrip())
-    head = spool.message_path(args.id).read_bytes().split(b"\r\n\r\n", 1)[0]
+    try:
+        head = spool.read_message(envelope.queue_id).split(b"\r\n\r\n", 1)[0]
+    except QueueEntryGone:
+        head = b"(the message file is gone)"
     print("headers:\n" + head.decode("utf-8", "replace"))
 
 
@@ -354,10 +357,11 @@ def cmd_queue_retry(ctx: CommandContext, args: argparse.Namespace) -> None:
     ids = [_queue_id(args.id)] if args.id else spool.queued_ids()
     for queue_id in ids:
         try:
-            spool.update(queue_id, lambda e: setattr(e, "next_attempt", 0.0))
+            spool.retry(queue_id)  # back into incoming/, which a running daemon watches
         except QueueEntryGone:
-            raise NoSuchSubscriber(f"no queued message {queue_id!r}") from None
-    ctx.done(f"{len(ids)} message(s) due now; the daemon tries them at its next queue scan",
+            if args.id:
+                raise NoSuchSubscriber(f"no queued message {queue_id!r}") from None
+    ctx.done(f"{len(ids)} message(s) due now; the daemon tries them within a second or two",
              retried=ids)
 
 

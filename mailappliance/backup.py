@@ -291,7 +291,7 @@ class BackupWriter:
     def add_queue(self, spool_dir: Path) -> int:
         """Every committed queue entry: its envelope read under the spool's lock
         (the runner rewrites envelopes under it), the message file opened then."""
-        from mailappliance.queue.spool import OutboundSpool
+        from mailappliance.queue.spool import OutboundSpool, QueueEntryGone
 
         spool = OutboundSpool(spool_dir)
         if not spool.queue_dir.is_dir() or spool.queue_dir.is_symlink():
@@ -301,10 +301,14 @@ class BackupWriter:
         count = 0
         for queue_id in spool.queued_ids():
             with spool._locked():
-                envelope = spool.queue_dir / f"{queue_id}.json"
-                message = spool.queue_dir / f"{queue_id}.eml"
-                if not envelope.exists():
+                try:
+                    envelope = spool.envelope_path(queue_id)
+                except QueueEntryGone:
                     continue  # delivered meanwhile
+                message = spool.message_path(queue_id)
+                for path in (message, envelope):  # the state directories (incoming/, deferred/<hh>/...)
+                    for directory in reversed(path.relative_to(spool.queue_dir).parents[:-1]):
+                        self.add_directory(spool.queue_dir / directory, "queue")
                 self.add_file(message, "queue")
                 self.add_file(envelope, "queue")
             count += 1

@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 import pytest
 
+from mailappliance.queue.spool import OutboundSpool
 from tests.conditions import wait_until
 from tests.daemon import Appliance, free_port
 
@@ -60,7 +61,7 @@ def submit(instance: Appliance, recipients: list[str], message: bytes = MESSAGE)
 
 
 def queue_size(instance: Appliance) -> int:
-    return len(list((instance.root / "spool" / "queue").glob("*.json")))
+    return len(OutboundSpool(instance.root / "spool").queued_ids())
 
 
 def alice_mail(instance: Appliance) -> list[bytes]:
@@ -135,7 +136,7 @@ def test_queue_admin_show_retry_delete(outbound: Appliance, world: dict[str, Any
     world["remote"].data_replies = ["451 4.3.0 later"] * 1000
     submit(outbound, ["friend@remote.example"])
     wait_until(lambda: "status=deferred" in outbound.log(), what="a deferred attempt")
-    [queue_id] = [p.stem for p in (outbound.root / "spool" / "queue").glob("*.json")]
+    [queue_id] = OutboundSpool(outbound.root / "spool").queued_ids()
     shown = outbound.admin("queue", "show", queue_id)
     assert shown.returncode == 0 and "<friend@remote.example>  pending" in shown.stdout
     assert "Subject: outbound" in shown.stdout and "submitted by:  alice" in shown.stdout

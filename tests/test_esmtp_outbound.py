@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from mailappliance.queue.spool import OutboundSpool
 from tests.conditions import wait_until
 from tests.daemon import Appliance, free_port
 from tests.esmtp_client import RawSMTP
@@ -149,7 +150,7 @@ def reports(instance: Appliance) -> dict[str, str]:
 
 
 def queue_size(instance: Appliance) -> int:
-    return len(list((instance.root / "spool" / "queue").glob("*.json")))
+    return len(OutboundSpool(instance.root / "spool").queued_ids())
 
 
 def test_dsn_reaches_the_next_hop_and_our_reports_follow_notify(outbound: Appliance, world: dict[str, Any]) -> None:

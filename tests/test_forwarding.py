@@ -12,6 +12,7 @@ from typing import Any, Callable
 import dns.resolver
 import pytest
 
+from mailappliance.queue.spool import OutboundSpool
 from mailappliance.smtp.replies import SRS_INVALID
 from mailappliance.srs import Srs, SrsKeys, read_key
 from tests.conditions import wait_until
@@ -68,7 +69,7 @@ def mailbox(instance: Appliance, uid: str) -> list[bytes]:
 
 
 def queue_size(instance: Appliance) -> int:
-    return len(list((instance.root / "spool" / "queue").glob("*.json")))
+    return len(OutboundSpool(instance.root / "spool").queued_ids())
 
 
 def spf_result(world: dict[str, Any], sender: str) -> str:

@@ -3,18 +3,36 @@
 from __future__ import annotations
 
 import email
+import json
+import os
 from email import policy
+from pathlib import Path
+from typing import Any
 
 import pytest
+from twisted.internet.defer import maybeDeferred
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from mailappliance.queue.client import OutboundFactory, OutboundJob, to_wire
 from mailappliance.queue.dsn import build_dsn, recipient_status
 from mailappliance.settings import Relay
 from mailappliance.config import QueueSettings
-from mailappliance.queue.runner import Answer, apply_answers
+from mailappliance.queue.routing import RoutingError
+from mailappliance.queue.runner import Answer, QueueRunner, apply_answers
 from mailappliance.queue.schedule import Outcome, next_attempt_at, outcome_of
-from mailappliance.queue.spool import DELIVERED, FAILED, PENDING, Envelope
+from mailappliance.queue.spool import (
+    ACTIVE,
+    DEFERRED,
+    DELIVERED,
+    FAILED,
+    INCOMING,
+    PENDING,
+    Envelope,
+    OutboundSpool,
+    QueueEntryCorrupt,
+    bucket,
+)
 
 
 @pytest.mark.parametrize("stored, wire", [
@@ -162,3 +180,158 @@ def test_client_uses_helo_when_ehlo_is_refused() -> None:
     s.say(b"220 hi\r\n")
     assert s.say(b"502 no ehlo\r\n") == b"HELO mx.example.org\r\n"
     assert s.say(b"250 hello\r\n") == b"MAIL FROM:<alice@example.org>\r\n"
+
+
+# -- the spool's state directories and the runner's in-memory schedule
+
+def spool_with(tmp_path: Path, queue_id: str = "1700000000.M1P2Q3.host", recipients: tuple[str, ...] = (
+        "a@x.example",)) -> tuple[OutboundSpool, Envelope]:
+    spool = OutboundSpool(tmp_path / "spool")
+    received = tmp_path / "received.eml"
+    received.write_bytes(b"Subject: x\r\n\r\nbody\r\n")
+    envelope = Envelope.new(queue_id, "alice@example.org", list(recipients))
+    spool.enqueue(received, envelope)
+    return spool, envelope
+
+
+def test_spool_moves_an_entry_through_its_states(tmp_path: Path) -> None:
+    """enqueue writes incoming/, activate takes it to active/ (bytes to data/), a deferral lands in
+    deferred/<hh>/ with the next attempt as mtime, and a finished round removes both files."""
+    spool, envelope = spool_with(tmp_path)
+    queue_id = envelope.queue_id
+    assert spool.state_of(queue_id) == INCOMING and spool.incoming_ids() == [queue_id]
+    assert spool.activate(queue_id) == envelope
+    assert spool.state_of(queue_id) == ACTIVE and spool.incoming_ids() == []
+    assert spool.message_path(queue_id) == spool.data_dir / bucket(queue_id) / f"{queue_id}.eml"
+    assert spool.read_message(queue_id) == b"Subject: x\r\n\r\nbody\r\n"
+    spool.store_round(queue_id, lambda e: setattr(e, "next_attempt", 4_000_000_000.0))
+    path = spool.envelope_path(queue_id)
+    assert path.parent == spool.deferred_dir / bucket(queue_id) and os.stat(path).st_mtime == 4_000_000_000.0
+    spool.activate(queue_id)
+    spool.store_round(queue_id, lambda e: setattr(e.recipients[0], "state", DELIVERED))
+    assert spool.queued_ids() == [] and not list(spool.queue_dir.rglob("*.eml"))
+
+
+def test_retry_puts_a_deferred_entry_back_into_incoming(tmp_path: Path) -> None:
+    """An admin's retry makes the envelope due (next_attempt 0) and moves it to incoming/, which the daemon watches."""
+    spool, envelope = spool_with(tmp_path)
+    spool.activate(envelope.queue_id)
+    spool.store_round(envelope.queue_id, lambda e: setattr(e, "next_attempt", 4_000_000_000.0))
+    assert spool.retry(envelope.queue_id) == DEFERRED
+    assert spool.incoming_ids() == [envelope.queue_id] and spool.envelope(envelope.queue_id).next_attempt == 0
+    assert spool.read_message(envelope.queue_id).endswith(b"body\r\n")  # the bytes stay in data/
+
+
+def test_recover_migrates_a_flat_spool_and_removes_orphans(tmp_path: Path) -> None:
+    """A flat spool of the previous release moves into deferred/ and data/ (due by its next_attempt);
+    a message file without an envelope anywhere (no 250 given) is removed."""
+    queue = tmp_path / "spool" / "queue"
+    queue.mkdir(parents=True)
+    old = Envelope.new("1700000000.M1P1Q1.old", "alice@example.org", ["a@x.example"])
+    old.next_attempt = 1234.0
+    (queue / f"{old.queue_id}.json").write_text(json.dumps(old.to_json()))
+    (queue / f"{old.queue_id}.eml").write_bytes(b"old message\r\n")
+    (queue / "1700000000.M1P1Q2.orphan.eml").write_bytes(b"never committed\r\n")
+    spool = OutboundSpool(tmp_path / "spool")
+    found = spool.recover()
+    assert (found.migrated, found.orphans, found.deferred, found.due_now) == (1, 1, [(1234.0, old.queue_id)], [])
+    assert spool.state_of(old.queue_id) == DEFERRED and spool.read_message(old.queue_id) == b"old message\r\n"
+    assert spool.envelope(old.queue_id) == old
+    assert sorted(p.name for p in queue.iterdir() if p.is_file()) == [".lock"]
+
+
+def test_recover_reads_no_envelope_of_the_deferred(tmp_path: Path) -> None:
+    """The start-up scan takes the deferred schedule from names and mtimes: a deferred envelope that is
+    not JSON at all is not read (it is set aside when it falls due)."""
+    spool, envelope = spool_with(tmp_path)
+    spool.activate(envelope.queue_id)
+    spool.store_round(envelope.queue_id, lambda e: setattr(e, "next_attempt", 2_000_000_000.0))
+    spool.envelope_path(envelope.queue_id).write_text("not json")
+    os.utime(spool.envelope_path(envelope.queue_id), (0, 2_000_000_000.0))
+    assert spool.recover().deferred == [(2_000_000_000.0, envelope.queue_id)]
+    with pytest.raises(QueueEntryCorrupt):
+        spool.activate(envelope.queue_id)
+    assert sorted(p.name for p in spool.corrupt_dir.iterdir()) == [f"{envelope.queue_id}.{x}" for x in ("eml", "json")]
+
+
+class Recorder:
+    """run_blocking that runs at once and counts the spool calls the runner makes."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def __call__(self, f: Any, *args: Any, **kwargs: Any) -> Any:
+        self.calls.append(getattr(f, "__name__", repr(f)))
+        return maybeDeferred(f, *args, **kwargs)
+
+
+class DownRouter:
+    """Every domain is unreachable for now (a 4xx before any connection)."""
+
+    def uses_relay(self, domain: str) -> bool:
+        return False
+
+    async def next_hops(self, domain: str) -> list[Any]:
+        raise RoutingError(451, "4.4.1 down for the test")
+
+
+def runner_for(spool: OutboundSpool, clock: Clock, blocking: Recorder, retry: float = 60) -> QueueRunner:
+    async def send_report(sender: str, report: bytes) -> None:
+        raise AssertionError("no report expected")
+    return QueueRunner(spool, DownRouter(), QueueSettings(retry_schedule=(retry,)), "mx.example.org",  # type: ignore[arg-type]
+                       blocking, send_report, lambda hop: None, clock)  # type: ignore[arg-type, return-value]
+
+
+def test_a_kick_reads_only_the_new_entry_not_the_backlog(tmp_path: Path) -> None:
+    """With a deferred backlog, a new message costs one envelope read; the backlog is read when it falls due."""
+    spool = OutboundSpool(tmp_path / "spool")
+    received = tmp_path / "received.eml"
+    received.write_bytes(b"Subject: x\r\n\r\nbody\r\n")
+    for n in range(50):
+        envelope = Envelope.new(f"1700000000.M{n}P1Q1.host", "alice@example.org", ["a@down.example"])
+        spool.enqueue(received, envelope)
+        spool.activate(envelope.queue_id)
+        spool.store_round(envelope.queue_id, lambda e: setattr(e, "next_attempt", 1000.0 + n))
+    clock, blocking = Clock(), Recorder()
+    clock.advance(500)
+    runner = runner_for(spool, clock, blocking, retry=10_000)
+    runner.startService()
+    assert runner.queued() == 50 and blocking.calls.count("activate") == 0
+    fresh = Envelope.new("1700000001.M0P1Q1.host", "alice@example.org", ["b@down.example"])
+    spool.enqueue(received, fresh)
+    runner.kick()
+    clock.advance(0)
+    assert blocking.calls.count("activate") == 1  # the new one, tried at once, deferred to 10500
+    assert spool.state_of(fresh.queue_id) == DEFERRED
+    clock.advance(499)  # 999: nothing due, nothing read
+    assert blocking.calls.count("activate") == 1
+    clock.advance(1)  # 1000: the first of the backlog falls due
+    assert blocking.calls.count("activate") == 2
+    clock.advance(49)
+    assert blocking.calls.count("activate") == 51 and runner.queued() == 51
+    runner.stopService()
+
+
+def test_a_vanished_or_corrupt_entry_does_not_stop_the_runner(tmp_path: Path) -> None:
+    """An envelope deleted before it falls due is dropped; one whose message file vanished, and a
+    foreign file in incoming/, are set aside or skipped; the next message is still tried."""
+    spool = OutboundSpool(tmp_path / "spool")
+    received = tmp_path / "received.eml"
+    received.write_bytes(b"Subject: x\r\n\r\nbody\r\n")
+    ids = [f"1700000000.M{n}P1Q1.host" for n in range(3)]
+    for queue_id in ids:
+        spool.enqueue(received, Envelope.new(queue_id, "alice@example.org", ["a@down.example"]))
+    clock, blocking = Clock(), Recorder()
+    runner = runner_for(spool, clock, blocking)
+    runner.startService()
+    clock.advance(0)
+    assert runner.queued() == 3
+    spool.remove(ids[0])  # an admin's delete
+    os.unlink(spool.message_path(ids[1]))  # the bytes vanish
+    (spool.incoming_dir / "garbage.json").write_text("{")
+    (spool.incoming_dir / "README").write_text("not ours")
+    clock.advance(61)
+    assert spool.state_of(ids[2]) == DEFERRED and runner.queued() == 1
+    assert sorted(p.name for p in spool.corrupt_dir.iterdir()) == sorted([f"{ids[1]}.json", "garbage.json"])
+    assert (spool.incoming_dir / "README").exists()  # not a name of ours: left alone
+    runner.stopService()

@@ -172,7 +172,7 @@ def test_submission_relays_for_subscriber_into_spool(tmp_path: Path) -> None:
     envelope = OutboundSpool(s.spool_dir).envelope(queue_id)
     assert [r.address for r in envelope.recipients] == ["bob@remote.example"]
     assert envelope.authenticated_as == "alice"
-    data = (s.spool_dir / "queue" / f"{queue_id}.eml").read_bytes()
+    data = OutboundSpool(s.spool_dir).read_message(queue_id)
     assert b"with ESMTPSA id" in data and b"(authenticated as alice via PLAIN)" in data
     assert len(list((tmp_path / "mail" / "alice" / "new").iterdir())) == 1
 
@@ -205,7 +205,7 @@ def test_client_certificate_authenticates_without_password(tmp_path: Path) -> No
     assert answered(s.last(b"RCPT TO:<bob@remote.example>\r\n"), replies.RECIPIENT_OK)
     s.send(b"DATA\r\nSubject: c\r\n\r\nx\r\n.\r\n")
     [queue_id] = s.spooled()
-    assert b"(authenticated as alice via certificate)" in (s.spool_dir / "queue" / f"{queue_id}.eml").read_bytes()
+    assert b"(authenticated as alice via certificate)" in OutboundSpool(s.spool_dir).read_message(queue_id)
 
 
 @pytest.mark.parametrize("certificate", [FakeCertificate(ALICE_CERTIFICATE, False, reason="expired"),

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import pytest
 
+from mailappliance.queue.spool import OutboundSpool
 from mailappliance.smtp.replies import (
     AUTH_INVALID,
     AUTH_REQUIRED,
@@ -45,8 +46,7 @@ def secured(appliance: Callable[..., Appliance], slapd: Any, pki: Any) -> Applia
 
 
 def spooled(instance: Appliance) -> list[str]:
-    queue = instance.root / "spool" / "queue"
-    return sorted(p.name for p in queue.glob("*.json")) if queue.exists() else []
+    return OutboundSpool(instance.root / "spool").queued_ids()
 
 
 def tls_context(instance: Appliance, client: str | None = None) -> ssl.SSLContext:
@@ -70,8 +70,8 @@ def test_starttls_auth_and_relay_on_587(secured: Appliance, mechanism: str) -> N
         code, _ = smtp.auth(mechanism, getattr(smtp, f"auth_{mechanism.lower()}"))
         assert code == 235
         assert smtp.sendmail("alice.l@example.org", ["someone@remote.example", "bob@example.org"], MESSAGE) == {}
-    [envelope] = spooled(secured)
-    data = (secured.root / "spool" / "queue" / envelope.replace(".json", ".eml")).read_bytes()
+    [queue_id] = spooled(secured)
+    data = OutboundSpool(secured.root / "spool").read_message(queue_id)
     assert f"(authenticated as alice via {mechanism})".encode() in data
     assert data.endswith(MESSAGE)
     assert len(list((secured.maildir_root / "bob" / "new").iterdir())) == 1
@@ -93,8 +93,8 @@ def test_client_certificate_without_password(secured: Appliance) -> None:
         smtp.ehlo("client.example.net")
         assert "auth" not in smtp.esmtp_features  # already authenticated by the certificate
         assert smtp.sendmail("alice@example.org", ["someone@remote.example"], MESSAGE) == {}
-    [envelope] = spooled(secured)
-    data = (secured.root / "spool" / "queue" / envelope.replace(".json", ".eml")).read_bytes()
+    [queue_id] = spooled(secured)
+    data = OutboundSpool(secured.root / "spool").read_message(queue_id)
     assert b"(authenticated as alice via certificate)" in data
 
 

@@ -11,6 +11,16 @@ but never lose one.  The envelope is rewritten after every attempt; a crash
 between a remote 250 and that rewrite re-sends to that one destination on
 restart (at most the messages in flight are duplicated, none is lost).
 
+The schedule lives in memory: a heap of (next attempt, id) over deferred/,
+rebuilt at start by one scan of names and mtimes (``OutboundSpool.recover``).
+A timer wakes at the earliest due time; a kick (something was queued) and a
+cheap watch of incoming/ (one stat, then a listing of that small directory)
+take only new entries.  No round reads an envelope that is not due, so the
+cost of new mail does not grow with the deferred backlog.  Fresh mail and due
+deferred mail each have their own bound of rounds in flight, so a backlog
+that falls due at once can neither hold all messages in memory nor delay
+new mail; the connection bounds (global and per destination) stay as they are.
+
 Every round logs one line per recipient, Postfix-style, so "did mail for X
 leave, and where to" is one grep: ``to=<> orig_to=<> relay=host[ip]:port
 delay=<message age> delays=<in queue>/<connecting>/<transaction> tls= dsn=
@@ -19,6 +29,7 @@ status=sent|deferred|bounced (reply)``.
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
@@ -27,7 +38,7 @@ import attrs
 from twisted.application import service
 from twisted.internet import task
 from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
-from twisted.internet.interfaces import IReactorTCP, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTCP, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -40,7 +51,16 @@ from mailappliance.queue.dsn import build_dsn, enhanced_status, recipient_status
 from mailappliance.queue.mta_sts import MtaSts, StsVerdict, count_session
 from mailappliance.queue.routing import NextHop, Router, RoutingError, ascii_domain
 from mailappliance.queue.schedule import Outcome, next_attempt_at, outcome_of
-from mailappliance.queue.spool import DELIVERED, FAILED, Envelope, OutboundSpool, QueueEntryGone, RecipientState
+from mailappliance.queue.spool import (
+    DELIVERED,
+    FAILED,
+    Envelope,
+    OutboundSpool,
+    QueueEntryCorrupt,
+    QueueEntryGone,
+    RecipientState,
+    Recovery,
+)
 
 log = Logger(namespace="mailappliance.queue")
 
@@ -103,8 +123,13 @@ def apply_answers(
 ReportSender = Callable[[str, bytes], Awaitable[None]]
 
 
+FRESH, DUE = "fresh", "due"  # the two lanes: new mail (incoming/) and the schedule (deferred/)
+WATCH_INTERVAL = 1.0  # seconds between looks at incoming/ (one stat) for what a kick did not announce
+SKIPPED_LOGGED = 20  # foreign names logged one by one at start; the rest counted
+
+
 class QueueRunner(service.Service):
-    """Scans the spool and delivers what is due."""
+    """Delivers what is new at once and what is deferred when it falls due."""
 
     def __init__(
         self,
@@ -130,68 +155,185 @@ class QueueRunner(service.Service):
         self.send_report = send_report
         self.tls_context_for = tls_context_for
         self.reactor = reactor
-        self._active: set[str] = set()
+        self._active: set[str] = set()  # ids taken by a round (or waiting for a fresh slot)
+        self._running = {FRESH: 0, DUE: 0}  # rounds in flight per lane
+        self.lane_limit = max(100, 10 * settings.concurrency)  # rounds in flight per lane (each holds its message)
         self._global = DeferredSemaphore(settings.concurrency)
         self._per_destination: dict[str, DeferredSemaphore] = defaultdict(
             lambda: DeferredSemaphore(settings.per_destination))
-        self._loop: task.LoopingCall | None = None
-        self._scanning = False
+        self._due: dict[str, float] = {}  # deferred id -> next attempt: the schedule
+        self._heap: list[tuple[float, str]] = []  # (next attempt, id); entries not in _due are stale
+        self._timer: IDelayedCall | None = None
+        self._timer_at = 0.0
+        self._watch: task.LoopingCall | None = None
+        self._looking = False  # a listing of incoming/ is under way
+        self._look_again = False  # ... and something asked for another one meanwhile
+        self._stamp = -1  # incoming/'s mtime at the last listing
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]  # Service is unannotated
-        removed = self.spool.clean_orphans()
-        if removed:
-            log.info("queue: removed {n} uncommitted message file(s) left by a crash", n=removed)
-        self._loop = task.LoopingCall(self.scan)
-        self._loop.clock = self.reactor
-        self._loop.start(self.settings.scan_interval, now=True)
+        self._rebuild(self.spool.recover())  # before the listeners start: nothing writes the queue yet
+        self._watch = task.LoopingCall(self._watch_incoming)
+        self._watch.clock = self.reactor
+        self._watch.start(min(self.settings.scan_interval, WATCH_INTERVAL), now=True)
 
     def stopService(self) -> None:
         super().stopService()  # type: ignore[no-untyped-call]  # Service is unannotated
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
+        if self._watch is not None and self._watch.running:
+            self._watch.stop()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _rebuild(self, found: Recovery) -> None:
+        """The in-memory schedule from the start-up scan, and a log line for what it set aside."""
+        if found.orphans:
+            log.info("queue: removed {n} uncommitted message file(s) left by a crash", n=found.orphans)
+        if found.migrated:
+            log.info("queue: moved {n} message(s) of the flat spool into deferred/", n=found.migrated)
+        for queue_id in found.corrupt:
+            log.error("queue: {id} has an unreadable envelope: moved to queue/corrupt/", id=queue_id)
+        for name in found.skipped[:SKIPPED_LOGGED]:
+            log.warn("queue: {name} is not a queue entry of ours: skipped (move it away)", name=name)
+        if len(found.skipped) > SKIPPED_LOGGED:
+            log.warn("queue: {n} more foreign name(s) skipped", n=len(found.skipped) - SKIPPED_LOGGED)
+        for queue_id in found.due_now:
+            self._schedule(queue_id, 0.0)
+        for when, queue_id in found.deferred:
+            self._due[queue_id] = when
+        self._heap.extend(found.deferred)
+        heapq.heapify(self._heap)
+        log.info("queue: {due} message(s) due now, {deferred} deferred", due=len(found.due_now),
+                 deferred=len(found.deferred))
+        self._fire()
+
+    # -- new mail
 
     def kick(self) -> None:
-        """Something was queued: look now instead of at the next scan."""
-        self.reactor.callLater(0, self.scan)
+        """Something was queued: look at incoming/ now instead of at the next watch."""
+        self.reactor.callLater(0, self._look)
 
     def scan(self) -> None:
-        if self._scanning:
+        """Look at incoming/ and start whatever is due (the old name of both)."""
+        self._look()
+        self._fire()
+
+    def _watch_incoming(self) -> None:
+        d = Deferred.fromCoroutine(self._watch_once())
+        d.addErrback(lambda f: log.failure("queue: watching incoming/ failed", f))
+
+    async def _watch_once(self) -> None:
+        if self._looking:
             return
-        self._scanning = True
-        d = Deferred.fromCoroutine(self._scan())
-        d.addErrback(lambda f: log.failure("queue scan failed", f))
-        d.addBoth(self._scan_done)
+        if await self.run_blocking(self.spool.incoming_stamp) != self._stamp:
+            self._look()
 
-    def _scan_done(self, _: object) -> None:
-        self._scanning = False
+    def _look(self) -> None:
+        if self._looking:
+            self._look_again = True
+            return
+        self._looking = True
+        d = Deferred.fromCoroutine(self._take_incoming())
+        d.addErrback(lambda f: log.failure("queue: reading incoming/ failed", f))
+        d.addBoth(self._looked)
 
-    async def _scan(self) -> None:
-        ids = await self.run_blocking(self.spool.queued_ids)
-        now = self.reactor.seconds()
+    def _looked(self, _: object) -> None:
+        self._looking = False
+        if self._look_again:
+            self._look_again = False
+            self._look()
+
+    async def _take_incoming(self) -> None:
+        """Start a round for each new entry of incoming/, while the fresh lane has room."""
+        stamp = await self.run_blocking(self.spool.incoming_stamp)
+        ids = await self.run_blocking(self.spool.incoming_ids)
+        self._stamp = stamp
         for queue_id in ids:
             if queue_id in self._active:
                 continue
-            try:
-                envelope = await self.run_blocking(self.spool.envelope, queue_id)
-            except QueueEntryGone:
-                continue
-            if envelope.next_attempt <= now:
-                self._active.add(queue_id)
-                d = Deferred.fromCoroutine(self._process(envelope))
-                d.addErrback(self._round_failed, queue_id)
-                d.addBoth(self._round_done, queue_id)
+            if self._running[FRESH] >= self.lane_limit:
+                self._stamp = -1  # the rest stays in incoming/: look again when a slot frees
+                return
+            self._due.pop(queue_id, None)  # an admin's retry: its old heap entry is stale now
+            self._start(queue_id, FRESH)
 
-    @staticmethod
-    def _round_failed(failure: Failure, queue_id: str) -> None:
+    # -- the schedule
+
+    def _schedule(self, queue_id: str, when: float) -> None:
+        self._due[queue_id] = when
+        heapq.heappush(self._heap, (when, queue_id))
+        self._arm()
+
+    def _arm(self) -> None:
+        """One timer, at the earliest due time (none while the due lane is full: a finished
+        round fires again)."""
+        if not self._heap or not self.running or self._running[DUE] >= self.lane_limit:
+            return
+        when = self._heap[0][0]
+        if self._timer is not None and self._timer.active():
+            if self._timer_at <= when:
+                return
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = self.reactor.callLater(max(0.0, when - self.reactor.seconds()), self._fire)
+
+    def _fire(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        now = self.reactor.seconds()
+        while self._heap and self._heap[0][0] <= now and self._running[DUE] < self.lane_limit:
+            when, queue_id = heapq.heappop(self._heap)
+            if self._due.get(queue_id) != when:
+                continue  # stale: rescheduled, retried or removed since
+            del self._due[queue_id]
+            if queue_id not in self._active:
+                self._start(queue_id, DUE)
+        self._arm()
+
+    def queued(self) -> int:
+        """Messages the runner knows of: scheduled and in delivery (no disk read)."""
+        return len(self._due) + len(self._active)
+
+    # -- rounds
+
+    def _start(self, queue_id: str, lane: str) -> None:
+        self._active.add(queue_id)
+        self._running[lane] += 1
+        d = Deferred.fromCoroutine(self._round(queue_id))
+        d.addErrback(self._round_failed, queue_id)
+        d.addCallback(self._round_done, queue_id, lane)
+
+    async def _round(self, queue_id: str) -> float | None:
+        """One delivery round; returns the next attempt (None: finished, gone or set aside)."""
+        try:
+            envelope = await self.run_blocking(self.spool.activate, queue_id)
+            data = (await self.run_blocking(self.spool.read_message, queue_id))[envelope.body_offset:]
+        except QueueEntryGone:
+            return None  # delivered or deleted meanwhile
+        except QueueEntryCorrupt as e:
+            log.error("queue: {id} set aside in queue/corrupt/: {why}", id=queue_id, why=str(e))
+            return None
+        return await self._process(envelope, data)
+
+    def _round_failed(self, failure: Failure, queue_id: str) -> float:
+        """An unexpected error: logged, and the message tried again later (it stays in active/)."""
         log.failure("queue: {id} delivery round failed", failure, id=queue_id)
+        wait = self.settings.retry_schedule[0] if self.settings.retry_schedule else 300.0
+        return self.reactor.seconds() + max(wait, 1.0)
 
-    def _round_done(self, _: object, queue_id: str) -> None:
+    def _round_done(self, next_attempt: float | None, queue_id: str, lane: str) -> None:
         self._active.discard(queue_id)
+        self._running[lane] -= 1
+        if next_attempt is not None:
+            self._schedule(queue_id, next_attempt)
+        if lane == FRESH and self._stamp == -1:
+            self._look()
+        elif lane == DUE:
+            self._fire()
 
-    async def _process(self, envelope: Envelope) -> None:
+    async def _process(self, envelope: Envelope, data: bytes) -> float | None:
         queue_id = envelope.queue_id
-        data = (await self.run_blocking(self.spool.message_path(queue_id).read_bytes))[envelope.body_offset:]
         groups: dict[str, list[str]] = defaultdict(list)
         for recipient in envelope.pending():
             groups[recipient.address.rpartition("@")[2].lower()].append(recipient.address)
@@ -210,18 +352,18 @@ class QueueRunner(service.Service):
         await self._report(envelope, failed_now, data, now)
         await self._report_relayed(envelope, answers, relayed_before, data)
         try:
-            await self.run_blocking(self.spool.update, queue_id, lambda stored: _copy_state(envelope, stored))
+            await self.run_blocking(self.spool.store_round, queue_id, lambda stored: _copy_state(envelope, stored))
         except QueueEntryGone:
             log.info("queue: {id} was removed by an admin during delivery", id=queue_id)
-            return
+            return None
         if envelope.finished:
-            await self.run_blocking(self.spool.remove, queue_id)
             log.info("queue: {id} done: delivered={ok} failed={failed}", id=queue_id,
                      ok=sum(r.state == DELIVERED for r in envelope.recipients),
                      failed=sum(r.state == FAILED for r in envelope.recipients))
-        else:
-            log.info("queue: {id} deferred: {n} recipient(s) pending, next attempt in {wait:.0f} s",
-                     id=queue_id, n=len(envelope.pending()), wait=envelope.next_attempt - now)
+            return None
+        log.info("queue: {id} deferred: {n} recipient(s) pending, next attempt in {wait:.0f} s",
+                 id=queue_id, n=len(envelope.pending()), wait=envelope.next_attempt - now)
+        return envelope.next_attempt
 
     def _log_round(self, envelope: Envelope, answers: dict[str, Answer], now: float) -> None:
         """One line per recipient answered this round, with where it went and its final word."""
@@ -353,8 +495,8 @@ class QueueRunner(service.Service):
             tls_policy=hop.tls_policy,
         )
         destination = self._per_destination[hop.hostname]
+        await destination.acquire()  # first: a round waiting for a busy (or dead) host holds no global slot
         await self._global.acquire()
-        await destination.acquire()
         waited = max(0.0, time.time() - envelope.received_at)
         try:
             factory = OutboundFactory(job)

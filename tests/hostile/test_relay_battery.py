@@ -90,7 +90,7 @@ def srs_probes(instance: Appliance, domain: str) -> list[str]:
 
 def nothing_relayed_or_stored(instance: Appliance) -> None:
     queue = instance.root / "spool" / "queue"
-    assert not queue.exists() or not list(queue.glob("*.json"))
+    assert not queue.exists() or not list(queue.rglob("*.json"))  # any state directory
     assert not list(instance.maildir_root.glob("*/new/*"))
 
 
