@@ -326,6 +326,9 @@ def print_durability(runs: list[dict[str, Any]], crashes: list[dict[str, Any]]) 
               f"{total['acked_missing']} | {total['duplicates']} | {total['broken_files']} | "
               f"{'yes' if ok else '**NO**'} |")
     for c in crashes:
+        if "error" in c:
+            print(f"| {c['scenario']} | {c['server']} | 1 | {c['error']} | | | | | **NO** |")
+            continue
         print(f"| {c['scenario']} (mid-run: {c['killed_mid_run']}, {c['in_new_at_kill']} in new/ at the kill"
               f"{', restarted' if c['restarted_and_ready'] else ''}) | {c['server']} | 1 | {c['acked']} | "
               f"{c['whole_files']} | {c['acked_missing']} | {c['duplicates']} | {c['broken_files']} | "
@@ -359,15 +362,22 @@ def main() -> None:
             peers = [t.peer for t in scenario.targets if t.peer in args.peers and have[t.peer]]
             for round_ in range(rounds):
                 for kind in [*args.ours, *peers]:
-                    result = {"scenario": scenario.name, "server": kind, "round": round_ + 1,
-                              **run_once(scenario, kind, work, len(runs))}
+                    result = {"scenario": scenario.name, "server": kind, "round": round_ + 1}
+                    try:
+                        result.update(run_once(scenario, kind, work, len(runs)))
+                    except Exception as error:  # noqa: BLE001 (one failed run is reported, the matrix goes on)
+                        result["error"] = f"{type(error).__name__}: {error}"[:500]
                     print(json.dumps(result), flush=True)
                     runs.append(result)
             for ours in args.ours:
                 rows += summarise(scenario, ours, runs)
         if not args.no_crash:
             for kind in [*args.ours, *(["aiosmtpd"] if have["aiosmtpd"] and "aiosmtpd" in args.peers else [])]:
-                crash = crash_round(kind, work, 6000 if args.quick else 20000, len(crashes))
+                try:
+                    crash = crash_round(kind, work, 6000 if args.quick else 20000, len(crashes))
+                except Exception as error:  # noqa: BLE001
+                    crash = {"scenario": "crash: kill -9 mid-run, 10 KB c=50", "server": kind, "ok": False,
+                             "error": f"{type(error).__name__}: {error}"[:500]}
                 print(json.dumps(crash), flush=True)
                 crashes.append(crash)
         if not args.no_hooks:
@@ -382,6 +392,9 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     print_table(rows)
     print_durability(runs, crashes)
+    for r in runs:
+        if "error" in r:
+            notes.append(f"{r['scenario']}, {r['server']}, round {r['round']} failed: {r['error']}")
     if hooks:
         print("\nOther scenarios (their own JSON lines):")
         for line in hooks:
@@ -394,8 +407,9 @@ def main() -> None:
                                         "ours": args.ours, "rows": rows, "runs": runs, "crash": crashes,
                                         "hooks": hooks, "notes": notes}, indent=1) + "\n")
     sys.stdout.flush()
-    os._exit(0 if all(c["ok"] for c in crashes) and all(r["durability"]["ok"] for r in runs if "durability" in r
-                                                       and FSYNC[r["server"].partition("@")[0]]) else 1)
+    durable = [r["durability"]["ok"] for r in runs if "durability" in r and FSYNC[r["server"].partition("@")[0]]]
+    failed = any("error" in r for r in runs) or not all(c["ok"] for c in crashes) or not all(durable)
+    os._exit(1 if failed else 0)
 
 
 if __name__ == "__main__":

@@ -56,12 +56,15 @@ def free_port() -> int:
     return tests_free_port()
 
 
-def wait_for_port(port: int, timeout: float = 30) -> None:
+def wait_for_port(port: int, timeout: float = 30, process: subprocess.Popen[bytes] | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{' '.join(map(str, process.args[:4]))} ... exited ({process.returncode}) "
+                               f"before port {port} opened")
         time.sleep(0.05)
     raise RuntimeError(f"port {port} never opened")
 
@@ -106,7 +109,7 @@ class Server:
                        *submission, "--submissions-port", str(self.submissions_port)]
         self.command = command
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        wait_for_port(self.smtp_port)
+        wait_for_port(self.smtp_port, process=self.process)
         return self
 
     def restart_ours(self, timeout: float = 120) -> None:
