@@ -30,6 +30,7 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -44,6 +45,8 @@ from smtp_load import make_message
 
 PEERS = ("twisted", "aiosmtpd", "postfix")
 HOOKS = (("pop3 index (large mailbox login)", "pop3_index.py"), ("queue backlog (100k deferred)", "queue_backlog.py"))
+# the quick mode's arguments for a hook without --quick, used when its --help names every option
+QUICK_HOOK_ARGS = {"pop3_index.py": ["--messages", "2000", "--rounds", "2"]}
 SUBJECT = re.compile(rb"^Subject: bench (\S+)$", re.M)
 
 
@@ -219,19 +222,25 @@ def crash_round(kind: str, work: Path, messages: int, number: int) -> dict[str, 
             "generator_acked": generated.get("acked"), **result}
 
 
-def run_hook(name: str, script: str, quick: bool) -> tuple[list[dict[str, Any]], str]:
-    """Another file's scenario, as a subprocess: its JSON lines, and a note."""
+def run_hook(name: str, script: str, quick: bool, given: list[str] | None = None) -> tuple[list[dict[str, Any]], str]:
+    """Another file's scenario, as a subprocess: its JSON lines, and a note. Its arguments:
+    ``given`` (--hook-args), else in quick mode ``--quick`` or QUICK_HOOK_ARGS if it has
+    those options (else it is skipped), else none."""
     path = HERE / script
     if not path.exists():
         return [], f"{name}: bench/{script} absent, skipped"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))}
     helptext = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True, env=env,
                               timeout=60).stdout
-    arguments = []
-    if quick:
-        if "--quick" not in helptext:
+    arguments = list(given or [])
+    if quick and given is None:
+        fallback = QUICK_HOOK_ARGS.get(script, [])
+        if "--quick" in helptext:
+            arguments.append("--quick")
+        elif fallback and all(a in helptext for a in fallback if a.startswith("--")):
+            arguments += fallback
+        else:
             return [], f"{name}: bench/{script} has no --quick, skipped in quick mode (runs in the full matrix)"
-        arguments.append("--quick")
     started = time.perf_counter()
     try:
         done = subprocess.run([sys.executable, str(path), *arguments], capture_output=True, text=True, env=env,
@@ -347,6 +356,8 @@ def main() -> None:
                         help="scenarios whose name starts with one of these (inbound, submission, pop3, idle)")
     parser.add_argument("--no-crash", action="store_true", help="skip the kill -9 round")
     parser.add_argument("--no-hooks", action="store_true", help="skip bench/pop3_index.py and bench/queue_backlog.py")
+    parser.add_argument("--hook-args", action="append", default=[], metavar="SCRIPT=ARGS",
+                        help="arguments for a hook, e.g. 'pop3_index.py=--messages 5000 --rounds 3'")
     args = parser.parse_args()
     rounds = args.rounds or (2 if args.quick else 3)
     have, notes = available_peers()
@@ -381,8 +392,9 @@ def main() -> None:
                 print(json.dumps(crash), flush=True)
                 crashes.append(crash)
         if not args.no_hooks:
+            given = {script: shlex.split(rest) for script, _, rest in (h.partition("=") for h in args.hook_args)}
             for name, script in HOOKS:
-                lines, note = run_hook(name, script, args.quick)
+                lines, note = run_hook(name, script, args.quick, given.get(script))
                 for line in lines:
                     print(json.dumps(line), flush=True)
                 hooks += lines
