@@ -46,7 +46,9 @@ from smtp_load import make_message
 PEERS = ("twisted", "aiosmtpd", "postfix")
 HOOKS = (("pop3 index (large mailbox login)", "pop3_index.py"), ("queue backlog (100k deferred)", "queue_backlog.py"))
 # the quick mode's arguments for a hook without --quick, used when its --help names every option
-QUICK_HOOK_ARGS = {"pop3_index.py": ["--messages", "2000", "--rounds", "2"]}
+QUICK_HOOK_ARGS = {"pop3_index.py": ["--messages", "2000", "--rounds", "2"],
+                   "queue_backlog.py": ["--sizes", "0", "10000", "--messages", "5", "--idle", "10"]}
+HOOK_KEYS = ("scenario", "server", "code", "size", "messages")  # what names a group of a hook's lines
 SUBJECT = re.compile(rb"^Subject: bench (\S+)$", re.M)
 
 
@@ -260,6 +262,50 @@ def run_hook(name: str, script: str, quick: bool, given: list[str] | None = None
                   f"{time.perf_counter() - started:.0f} s"
 
 
+def summarise_hooks(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Medians and ranges of every number in the hooks' lines, grouped by their naming fields
+    (HOOK_KEYS); lists of numbers (e.g. queue latencies) are pooled. Issue 15's targets where
+    the fields are known: queue_backlog.py's latency_s < 1 s; pop3_index.py's warm login of
+    ours against Dovecot's (ratio Dovecot / ours, >= 1.3x like POP3 RETR)."""
+    groups: dict[tuple[Any, ...], dict[str, list[float]]] = {}
+    for line in lines:
+        group = (line["hook"], *((k, line[k]) for k in HOOK_KEYS if k in line))
+        fields = groups.setdefault(group, {})
+        for key, value in line.items():
+            values = value if isinstance(value, list) else [value]
+            if key not in HOOK_KEYS and values and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                      for v in values):
+                fields.setdefault(key, []).extend(values)
+    summary = []
+    for (hook, *names), fields in groups.items():
+        label = ", ".join(f"{k}={Path(str(v)).name if k == 'code' else v}" for k, v in names)
+        for key, values in fields.items():
+            row: dict[str, Any] = {"hook": hook, "group": label, "field": key, "median": statistics.median(values),
+                                   "range": [min(values), max(values)]}
+            if hook == "queue_backlog.py" and key == "latency_s":
+                row["target"], row["met"] = "< 1 s", row["median"] < 1
+            summary.append(row)
+    warm = {r["group"]: r["median"] for r in summary if r["hook"] == "pop3_index.py" and r["field"] == "warm_ms"}
+    ours = [v for g, v in warm.items() if g.startswith("server=ours")]
+    if ours and "server=postfix" in warm:
+        ratio = warm["server=postfix"] / ours[0] if ours[0] else None
+        summary.append({"hook": "pop3_index.py", "group": "ours vs Dovecot", "field": "warm login ratio",
+                        "median": ratio, "range": [], "target": ">= 1.3x",
+                        "met": None if ratio is None else ratio >= 1.3})
+    return summary
+
+
+def print_hooks(summary: list[dict[str, Any]]) -> None:
+    print("\n| other scenario | group | field | median [min-max] | target | met? |")
+    print("|---|---|---|---|---|---|")
+    for row in summary:
+        value = "-" if row["median"] is None else f"{row['median']:,.3f}"
+        if row["range"]:
+            value += f" [{row['range'][0]:,.3f}-{row['range'][1]:,.3f}]"
+        met = {True: "yes", False: "**no**", None: "-"}[row.get("met")]
+        print(f"| {row['hook']} | {row['group']} | {row['field']} | {value} | {row.get('target', '-')} | {met} |")
+
+
 def spread(median: float, values: list[float], decimals: int = 0) -> str:
     """median [min-max]"""
     form = f"{{:,.{decimals}f}}"
@@ -407,17 +453,16 @@ def main() -> None:
     for r in runs:
         if "error" in r:
             notes.append(f"{r['scenario']}, {r['server']}, round {r['round']} failed: {r['error']}")
-    if hooks:
-        print("\nOther scenarios (their own JSON lines):")
-        for line in hooks:
-            print("  " + json.dumps(line))
+    hook_summary = summarise_hooks(hooks)
+    if hook_summary:
+        print_hooks(hook_summary)
     notes.append(f"{'quick' if args.quick else 'full'} matrix, {rounds} rounds, {time.perf_counter() - started:.0f} s")
     for note in notes:
         print(f"note: {note}")
     if args.out:
         args.out.write_text(json.dumps({"mode": "quick" if args.quick else "full", "rounds": rounds,
                                         "ours": args.ours, "rows": rows, "runs": runs, "crash": crashes,
-                                        "hooks": hooks, "notes": notes}, indent=1) + "\n")
+                                        "hooks": hooks, "hook_summary": hook_summary, "notes": notes}, indent=1) + "\n")
     sys.stdout.flush()
     durable = [r["durability"]["ok"] for r in runs if "durability" in r and FSYNC[r["server"].partition("@")[0]]]
     failed = any("error" in r for r in runs) or not all(c["ok"] for c in crashes) or not all(durable)
