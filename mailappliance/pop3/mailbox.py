@@ -17,6 +17,7 @@ import hashlib
 import itertools
 import os
 import stat
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO
@@ -34,6 +35,17 @@ from mailappliance.authenticator import MailboxInUse
 from mailappliance.directory import Subscriber
 from mailappliance.journal import settle_before_removing
 from mailappliance.maildir import ensure_maildir, maildir_for
+from mailappliance.pop3.index import (
+    Columns,
+    DirState,
+    Entry,
+    IndexKey,
+    MaildirIndex,
+    indexable,
+    is_settled,
+    read_index,
+    write_index,
+)
 from mailappliance.state import StateStore
 
 log = Logger(namespace="mailappliance.pop3")
@@ -99,6 +111,15 @@ class IMaildirAccess(Interface):
     def message(index: int) -> MessageInfo:
         """The message at ``index``; NoSuchMessage or MessageDeleted otherwise."""
 
+    def size(index: int) -> int:
+        """The size of the message at ``index``; NoSuchMessage or MessageDeleted otherwise."""
+
+    def uidl(index: int) -> str:
+        """The unique id of the message at ``index``; NoSuchMessage or MessageDeleted otherwise."""
+
+    def count() -> int:
+        """Number of messages in the snapshot, deleted ones included (the highest message number)."""
+
     def is_deleted(index: int) -> bool:
         """True if ``index`` is marked deleted."""
 
@@ -111,80 +132,156 @@ class IMaildirAccess(Interface):
     def open_message(index: int) -> BinaryIO:
         """Open the message file for reading (binary)."""
 
+    def open_fd(index: int) -> int:
+        """Open the message file for reading, as a raw descriptor the caller closes."""
+
     def commit() -> CommitResult:
         """Blocking: unlink the marked messages (QUIT)."""
 
 
 @implementer(IMaildirAccess)
 class MaildirMailbox:
-    """One session's snapshot of the Maildir at ``path``."""
+    """One session's snapshot of the Maildir at ``path``.
 
-    def __init__(self, path: Path, subscriber: Subscriber | None = None) -> None:
+    The snapshot is kept as the index keeps it, names and sizes in delivery
+    order; a :class:`MessageInfo` is made when a command asks for one, so a
+    login on a big mailbox builds nothing per message.
+    """
+
+    def __init__(self, path: Path, subscriber: Subscriber | None = None, index_key: IndexKey | None = None) -> None:
         self.path = path
         self.subscriber = subscriber
-        self._messages: list[MessageInfo] = []
+        self._index_key = index_key  # None: no index (list and stat cur/ at every login)
+        self._cur = path / "cur"
+        self._names: list[str] = []
+        self._sizes: list[int] = []
         self._deleted: set[int] = set()
+        self._deleted_octets = 0
+        self._octets = 0
         self.held: HeldMailbox | None = None  # the session's lock (MaildirRealm sets it)
 
     @property
     def messages(self) -> Sequence[MessageInfo]:
-        return tuple(self._messages)
+        return tuple(self._info(i) for i in range(len(self._names)))
+
+    def _info(self, index: int) -> MessageInfo:
+        name = self._names[index]
+        return MessageInfo(uidl_for(name), self._cur / name, self._sizes[index])
 
     # -- blocking -------------------------------------------------------------
 
     def load(self) -> None:
+        """Move new/ into cur/ and take the snapshot, from the index where it
+        still describes cur/ (:mod:`.index`): the cost grows with the changes."""
         self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
         ensure_maildir(self.path)
-        self._move_new_to_cur()
-        self._messages = self._scan_cur()
+        taken_at = time.time_ns()
+        state = DirState.of(os.stat(self._cur))
+        key = self._index_key.get() if self._index_key is not None else b""
+        index = read_index(self.path, key)
+        in_cur: set[str] | None = None
+        if index is not None and index.settled and index.state == state:
+            messages, complete = index.messages, True
+        else:
+            messages, in_cur, complete = self._list_cur(index)
+        new = [name for name in os.listdir(self.path / "new") if not name.startswith(".")]
+        if new:
+            moved, moved_all = self._move_new_to_cur(new, set(messages.names) if in_cur is None else in_cur)
+            if moved:
+                moved.sort()
+                if not messages.names or moved[0][:2] > (messages.mtimes[-1], messages.names[-1]):
+                    mtimes, names, sizes = zip(*moved, strict=True)  # the usual case: newer than all of cur/
+                    messages = Columns(messages.mtimes + list(mtimes), messages.names + list(names),
+                                       messages.sizes + list(sizes))
+                else:
+                    messages = Columns.of(messages.entries() + moved)
+                taken_at = time.time_ns()
+                state = DirState.of(os.stat(self._cur))  # ours are in it; so may be a change by someone else
+            complete = complete and moved_all
+        settled = complete and is_settled(state, taken_at)
+        if index is None or index.state != state or index.settled != settled or index.messages is not messages:
+            kept = messages if complete else Columns.of([e for e in messages.entries() if indexable(e[1])])
+            write_index(self.path, MaildirIndex(state, settled, kept), key)
+        self._names, self._sizes = messages.names, messages.sizes
+        self._octets = sum(messages.sizes)
         self._deleted.clear()
+        self._deleted_octets = 0
 
-    def _move_new_to_cur(self) -> None:
-        new, cur = self.path / "new", self.path / "cur"
-        with os.scandir(new) as entries:
-            names = [e.name for e in entries if not e.name.startswith(".")]
+    def _list_cur(self, index: MaildirIndex | None) -> tuple[Columns, set[str], bool]:
+        """cur/ listed by name; only names the index does not know are stat'ed.
+        Returns the messages, every name listed, and whether the messages are all
+        of them and all indexable (else the index is never trusted without a listing)."""
+        known: dict[str, tuple[int, int]] = {}
+        if index is not None:
+            old = index.messages
+            known = dict(zip(old.names, zip(old.mtimes, old.sizes, strict=True), strict=True))
+        entries: list[Entry] = []
+        cur = str(self._cur)
+        names = set(os.listdir(cur))
+        complete = True
         for name in names:
-            target = cur / (name if ":" in name else name + INFO_SUFFIX)
-            if target.exists():
+            if name.startswith("."):
+                continue
+            seen = known.get(name)
+            if seen is not None:
+                entries.append((seen[0], name, seen[1]))
+                continue
+            try:
+                st = os.lstat(f"{cur}/{name}")
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(st.st_mode):  # no symlinks, no directories
+                entries.append((st.st_mtime_ns, name, st.st_size))
+                complete = complete and indexable(name)
+            else:
+                complete = False
+        return Columns.of(entries), names, complete
+
+    def _move_new_to_cur(self, names: list[str], in_cur: set[str]) -> tuple[list[Entry], bool]:
+        """Move ``names`` from new/ into cur/ (``in_cur``: every name there);
+        what moved, as entries, and whether all of it can be indexed."""
+        new, cur = str(self.path / "new"), str(self._cur)
+        moved: list[Entry] = []
+        indexable_all = True
+        for name in names:
+            target = name if ":" in name else name + INFO_SUFFIX
+            if target in in_cur:
                 # Never overwrite: a clash of unique names must not lose mail.
                 # The file stays in new/ where an admin can see it.
                 continue
+            source = f"{new}/{name}"
             try:
-                os.rename(new / name, target)
+                st = os.lstat(source)
+                if not stat.S_ISREG(st.st_mode):
+                    continue  # not a message: it stays where it is
+                os.rename(source, f"{cur}/{target}")
             except FileNotFoundError:
                 continue
-
-    def _scan_cur(self) -> list[MessageInfo]:
-        found: list[tuple[int, str, MessageInfo]] = []
-        with os.scandir(self.path / "cur") as entries:
-            for entry in entries:
-                if entry.name.startswith("."):
-                    continue
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
-                if not stat.S_ISREG(st.st_mode):  # no symlinks, no directories
-                    continue
-                info = MessageInfo(uidl_for(entry.name), Path(entry.path), st.st_size)
-                found.append((st.st_mtime_ns, entry.name, info))
-        found.sort(key=lambda item: (item[0], item[1]))
-        return [info for _, _, info in found]
+            in_cur.add(target)
+            moved.append((st.st_mtime_ns, target, st.st_size))  # a rename keeps mtime and size
+            indexable_all = indexable_all and indexable(target)
+        return moved, indexable_all
 
     def open_message(self, index: int) -> BinaryIO:
         path = self.message(index).path
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
         return os.fdopen(fd, "rb")
 
+    def open_fd(self, index: int) -> int:
+        """The message file opened read-only (a raw descriptor: RETR reads it in
+        one system call per block); the caller closes it."""
+        name = self._names[self._check(index)]
+        return os.open(f"{self._cur}/{name}", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
     def commit(self) -> CommitResult:
         deleted = 0
         failed: list[MessageInfo] = []
         try:  # a file the write-ahead journal still covers is made durable first (journal.py)
-            settle_before_removing(self._messages[index].path for index in self._deleted)
+            settle_before_removing(self._info(index).path for index in self._deleted)
         except OSError:
-            return CommitResult(0, tuple(self._messages[index] for index in sorted(self._deleted)))
+            return CommitResult(0, tuple(self._info(index) for index in sorted(self._deleted)))
         for index in sorted(self._deleted):
-            info = self._messages[index]
+            info = self._info(index)
             try:
                 os.unlink(info.path)
             except FileNotFoundError:
@@ -194,30 +291,45 @@ class MaildirMailbox:
                 continue
             deleted += 1
         self._deleted.clear()
+        self._deleted_octets = 0
         return CommitResult(deleted, tuple(failed))
 
     # -- in memory --------------------------------------------------------------
 
     def stat(self) -> tuple[int, int]:
-        visible = [m for i, m in enumerate(self._messages) if i not in self._deleted]
-        return len(visible), sum(m.size for m in visible)
+        return len(self._names) - len(self._deleted), self._octets - self._deleted_octets
 
-    def message(self, index: int) -> MessageInfo:
-        if not 0 <= index < len(self._messages):
+    def _check(self, index: int) -> int:
+        if not 0 <= index < len(self._names):
             raise NoSuchMessage(index)
         if index in self._deleted:
             raise MessageDeleted(index)
-        return self._messages[index]
+        return index
+
+    def message(self, index: int) -> MessageInfo:
+        return self._info(self._check(index))
+
+    def size(self, index: int) -> int:
+        """The size of a message not marked deleted (LIST n, RETR) without building its MessageInfo."""
+        return self._sizes[self._check(index)]
+
+    def uidl(self, index: int) -> str:
+        return uidl_for(self._names[self._check(index)])
+
+    def count(self) -> int:
+        return len(self._names)
 
     def is_deleted(self, index: int) -> bool:
         return index in self._deleted
 
     def mark_deleted(self, index: int) -> None:
-        self.message(index)
+        self._check(index)
         self._deleted.add(index)
+        self._deleted_octets += self._sizes[index]
 
     def undelete_all(self) -> None:
         self._deleted.clear()
+        self._deleted_octets = 0
 
 
 LOCK_KIND = "pop3-mailbox"
@@ -384,6 +496,7 @@ class MaildirRealm:
     def __init__(self, maildir_root: Path, locks: MailboxLocks) -> None:
         self.maildir_root = maildir_root
         self.locks = locks
+        self.index_key = IndexKey(maildir_root)
 
     def requestAvatar(
         self, avatarId: object, mind: object, *interfaces: type[Interface]
@@ -393,7 +506,7 @@ class MaildirRealm:
             raise NotImplementedError("MaildirRealm only provides IMaildirAccess")
         if not isinstance(avatarId, Subscriber):
             raise TypeError(f"avatar id must be a Subscriber, not {type(avatarId).__name__}")
-        mailbox = MaildirMailbox(maildir_for(self.maildir_root, avatarId.uid), avatarId)
+        mailbox = MaildirMailbox(maildir_for(self.maildir_root, avatarId.uid), avatarId, self.index_key)
         d = self.locks.acquire(avatarId.uid, mind)  # mind: the POP3 session, which a newer login may end
 
         def locked(held: HeldMailbox) -> tuple[type[Interface], object, Callable[[], None]]:

@@ -52,7 +52,7 @@ from mailappliance.pop3.mailbox import (
     NoSuchMessage,
     confirm_lock,
 )
-from mailappliance.pop3.transfer import listing, message_answer, read_blocks, read_top
+from mailappliance.pop3.transfer import listing, message_answer, read_top, retr_answer
 from mailappliance.sasl import Collected, FailureKind, SaslExchange, SaslFailure
 from mailappliance.verdicts import Verdict
 
@@ -402,7 +402,7 @@ class POP3Session(LineSession):
             return None
         index = int(text) - 1
         try:
-            self.mailbox.message(index)
+            self.mailbox.size(index)
         except NoSuchMessage:
             self._err("No such message")
             return None
@@ -422,11 +422,11 @@ class POP3Session(LineSession):
         if argument.strip():
             index = self._message_index(argument)
             if index is not None:
-                self._ok(f"{index + 1} {self.mailbox.message(index).size}")
+                self._ok(f"{index + 1} {self.mailbox.size(index)}")
             return
         count, octets = self.mailbox.stat()
         mailbox = self.mailbox
-        lines = (f"{i + 1} {m.size}" for i, m in enumerate(mailbox.messages) if not mailbox.is_deleted(i))
+        lines = (f"{i + 1} {mailbox.size(i)}" for i in range(mailbox.count()) if not mailbox.is_deleted(i))
         self.stream(listing(f"{count} messages ({octets} octets)", lines), self._answer_sent)
 
     def _cmd_uidl(self, argument: bytes) -> None:
@@ -435,19 +435,26 @@ class POP3Session(LineSession):
         if argument.strip():
             index = self._message_index(argument)
             if index is not None:
-                self._ok(f"{index + 1} {self.mailbox.message(index).uidl}")
+                self._ok(f"{index + 1} {self.mailbox.uidl(index)}")
             return
         mailbox = self.mailbox
-        lines = (f"{i + 1} {m.uidl}" for i, m in enumerate(mailbox.messages) if not mailbox.is_deleted(i))
+        lines = (f"{i + 1} {mailbox.uidl(i)}" for i in range(mailbox.count()) if not mailbox.is_deleted(i))
         self.stream(listing("Unique-id listing follows", lines), self._answer_sent)
 
     def _cmd_retr(self, argument: bytes) -> None:
         if not self._require_transaction():
             return
         index = self._message_index(argument)
-        if index is not None:
-            size = self.mailbox.message(index).size
-            self._send_message(index, f"+OK {size} octets\r\n", read_blocks)
+        if index is None:
+            return
+        mailbox = self.mailbox
+        size = mailbox.size(index)
+        try:
+            fd = mailbox.open_fd(index)
+        except OSError as e:
+            self._unavailable(index, e)
+            return
+        self.stream(retr_answer(f"+OK {size} octets\r\n".encode(), fd, size), self._answer_sent)
 
     def _cmd_top(self, argument: bytes) -> None:
         if not self._require_transaction():
@@ -465,10 +472,13 @@ class POP3Session(LineSession):
         try:
             file = self.mailbox.open_message(index)
         except OSError as e:
-            self.log_event(log.error, "cannot open message {n}: {error}", n=index + 1, error=e)
-            self._err("[SYS/TEMP] Message is not available, try again later")
+            self._unavailable(index, e)
             return
         self.stream(message_answer(status.encode(), file, reader), self._answer_sent)
+
+    def _unavailable(self, index: int, error: OSError) -> None:
+        self.log_event(log.error, "cannot open message {n}: {error}", n=index + 1, error=error)
+        self._err("[SYS/TEMP] Message is not available, try again later")
 
     def _answer_sent(self, complete: bool) -> None:
         """A streamed answer ended (False: the connection went first)."""

@@ -1,23 +1,65 @@
 """POP3 answers that can be large, as chunk iterators the session kernel streams.
 
 Messages are read from their file in ``CHUNK_SIZE`` blocks on the reactor
-thread, dot-stuffed across block boundaries (RFC 1939 section 3), and
-terminated; LIST and UIDL listings of big mailboxes come out a chunk of lines
+thread (RETR: one ``os.read`` per block, a message under 64 KiB in one),
+dot-stuffed across block boundaries (RFC 1939 section 3), and terminated;
+LIST and UIDL listings of big mailboxes come out a chunk of lines
 at a time.  Nothing here builds a whole answer in memory.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import BinaryIO
 
 CHUNK_SIZE = 64 * 1024
 
 
-def read_blocks(file: BinaryIO) -> Iterator[bytes]:
-    """The whole message, in ``CHUNK_SIZE`` blocks (RETR)."""
-    while block := file.read(CHUNK_SIZE):
-        yield block
+def _stuffed(block: bytes, at_line_start: bool) -> bytes:
+    """``block`` dot-stuffed (RFC 1939 section 3); ``at_line_start``: the previous block ended a line."""
+    if at_line_start and block[:1] == b".":
+        block = b"." + block
+    if b"\n." in block:  # a scan in C; most messages have no line starting with '.'
+        block = block.replace(b"\n.", b"\n..")
+    return block
+
+
+def _terminator(sent_any: bool, last_two: bytes) -> bytes:
+    return b"\r\n.\r\n" if sent_any and last_two != b"\r\n" else b".\r\n"
+
+
+def retr_answer(status: bytes, fd: int, size: int) -> Iterator[bytes]:
+    """RETR: status line, the whole file dot-stuffed, terminator, in as few
+    chunks (and system calls) as possible.
+
+    The file is read with ``os.read`` in ``CHUNK_SIZE`` blocks, the first one
+    sized by the snapshot's ``size`` so that a message up to 64 KiB is one
+    read and goes out with its status line and terminator in one chunk.  The
+    size is a hint, never a limit: a block shorter than asked for ends the
+    file only where the size says it ends, otherwise reading goes on until
+    the file says so (a wrong size from a damaged index cannot cut a message
+    short).  The descriptor is closed when the answer ends or is abandoned.
+    """
+    try:
+        want = size + 1 if size < CHUNK_SIZE else CHUNK_SIZE
+        at_line_start, last_two, total, prefix = True, b"", 0, status
+        block = os.read(fd, want)
+        while block:
+            total += len(block)
+            ended = len(block) < want and total == size  # a short read where the file should end
+            block = _stuffed(block, at_line_start)
+            at_line_start = block[-1:] == b"\n"
+            last_two = (last_two + block[-2:])[-2:]
+            if ended:
+                yield prefix + block + _terminator(True, last_two)
+                return
+            yield prefix + block
+            prefix, want = b"", CHUNK_SIZE
+            block = os.read(fd, want)
+        yield prefix + _terminator(total > 0, last_two)
+    finally:
+        os.close(fd)
 
 
 def read_top(file: BinaryIO, body_lines: int) -> Iterator[bytes]:
@@ -55,15 +97,13 @@ def message_answer(status: bytes, file: BinaryIO, reader: Callable[[BinaryIO], I
         at_line_start, last_two, sent_any = True, b"", False
         prefix = status
         for block in reader(file):
-            if at_line_start and block.startswith(b"."):
-                block = b"." + block
-            block = block.replace(b"\n.", b"\n..")
+            block = _stuffed(block, at_line_start)
             at_line_start = block.endswith(b"\n")
             last_two = (last_two + block)[-2:]
             sent_any = True
             yield prefix + block
             prefix = b""
-        yield prefix + (b"\r\n.\r\n" if sent_any and last_two != b"\r\n" else b".\r\n")
+        yield prefix + _terminator(sent_any, last_two)
     finally:
         file.close()
 
