@@ -246,7 +246,9 @@ def write_index(maildir: Path, index: MaildirIndex, key: bytes) -> bool:
     """Replace the index of ``maildir`` atomically (mode 0600, no fsync: a cache);
     False if it could not be written (then no stale index is left behind)."""
     target = maildir / INDEX_NAME
-    content = format_index(index) if key else None
+    if not key:
+        return False
+    content = format_index(index)
     if content is None:
         remove_index(maildir)
         return False

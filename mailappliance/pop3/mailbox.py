@@ -199,7 +199,8 @@ class MaildirMailbox:
                 state = DirState.of(os.stat(self._cur))  # ours are in it; so may be a change by someone else
             complete = complete and moved_all
         settled = complete and is_settled(state, taken_at)
-        if index is None or index.state != state or index.settled != settled or index.messages is not messages:
+        if key and (index is None or index.state != state or index.settled != settled
+                    or index.messages is not messages):
             kept = messages if complete else Columns.of([e for e in messages.entries() if indexable(e[1])])
             write_index(self.path, MaildirIndex(state, settled, kept), key)
         self._names, self._sizes = messages.names, messages.sizes
