@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -32,11 +33,13 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +157,53 @@ def _whole(data: bytes, token: str) -> bool:
     sent = make_message(size, token).replace(b"\r\n", b"\n")
     header, _, body = sent.partition(b"\n\n")
     return data.endswith(b"\n\n" + body) and header.split(b"\n")[-1] in data.partition(b"\n\n")[0]
+
+
+@contextlib.contextmanager
+def counted_syscalls(server: Server, out: Path, into: dict[str, Any]) -> Iterator[None]:
+    """``strace -c -f`` attached to every process of ``server`` (and the children they start)
+    while the body runs; ``into`` gets the total of system calls and the five commonest."""
+    command = ["strace", "-c", "-f", "-o", str(out)]
+    for pid in server.top_pids():
+        command += ["-p", str(pid)]
+    tracer = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    assert tracer.stderr is not None
+    line = tracer.stderr.readline()  # "strace: Process N attached" once it is in place
+    if "attached" not in line:
+        raise RuntimeError(f"strace could not attach: {line.strip()}")
+    try:
+        yield
+    finally:
+        tracer.send_signal(signal.SIGINT)
+        tracer.communicate(timeout=60)
+    calls: dict[str, int] = {}
+    for row in out.read_text().splitlines():
+        fields = row.split()
+        if len(fields) >= 5 and fields[0].replace(".", "").isdigit() and fields[3].isdigit():
+            calls[fields[-1]] = int(fields[3])
+    into["syscalls"] = calls.pop("total", sum(calls.values()))
+    into["top_syscalls"] = dict(sorted(calls.items(), key=lambda item: -item[1])[:5])
+
+
+def syscall_run(scenario: Scenario, kind: str, work: Path, number: int) -> dict[str, Any]:
+    """One more run with the server's system calls counted (strace slows it: no throughput
+    kept): system calls per message, and the five commonest per message."""
+    server = Server(kind).start()
+    counted: dict[str, Any] = {}
+    trace = work / f"strace-{number}.txt"
+    try:
+        if scenario.kind == "pop3":
+            messages = pop3_round(server, scenario.count, scenario.size,
+                                  around=lambda: counted_syscalls(server, trace, counted))["messages"]
+        else:
+            with counted_syscalls(server, trace, counted):
+                messages = load(server, scenario.count, scenario.concurrency, scenario.size,
+                                per_session=0 if scenario.kind == "inbound" else 10,
+                                implicit_tls=scenario.kind == "submission-implicit")["messages"]
+    finally:
+        server.stop()
+    return {"syscalls_per_message": round(counted["syscalls"] / messages, 1),
+            "top_syscalls_per_message": {name: round(n / messages, 2) for name, n in counted["top_syscalls"].items()}}
 
 
 def run_once(scenario: Scenario, kind: str, work: Path, number: int) -> dict[str, Any]:
@@ -343,14 +393,16 @@ def summarise(scenario: Scenario, ours: str, runs: list[dict[str, Any]]) -> list
             "peer_range": [min(theirs), max(theirs)], "ratio": None if ratio is None else round(ratio, 3),
             "target": wanted, "met": met, "peer_fsyncs": FSYNC[target.peer],
             "cpu_ms_per_message": {who: cpu(server) for who, server in (("ours", ours), ("peer", target.peer))},
+            "syscalls_per_message": {who: v[0] for who, server in (("ours", ours), ("peer", target.peer))
+                                     if (v := of(server, "syscalls_per_message"))},
         })
     return rows
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     print("\n| scenario | ours | peer | ratio | target | met? | CPU ms/msg ours (server / generator) | "
-          "CPU ms/msg peer |")
-    print("|---|---|---|---|---|---|---|---|")
+          "CPU ms/msg peer | syscalls/msg ours / peer |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         decimals = 2 if row["metric"] == "kib_per_connection" else 0
         unit = " KiB/conn" if decimals else "/s"
@@ -361,8 +413,10 @@ def print_table(rows: list[dict[str, Any]]) -> None:
                for who in ("ours", "peer")]
         met = {True: "yes", False: "**no**", None: "-"}[row["met"]]
         ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}x"
+        calls = row["syscalls_per_message"]
+        syscalls = f"{calls['ours']:,.1f} / {calls['peer']:,.1f}" if len(calls) == 2 else "-"
         print(f"| {row['scenario']} | {ours}{unit} | {peer}{unit} | {ratio} | {row['target']} | {met} | "
-              f"{cpu[0]} | {cpu[1]} |")
+              f"{cpu[0]} | {cpu[1]} | {syscalls} |")
 
 
 def print_durability(runs: list[dict[str, Any]], crashes: list[dict[str, Any]]) -> None:
@@ -401,6 +455,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", default=[], metavar="PREFIX",
                         help="scenarios whose name starts with one of these (inbound, submission, pop3, idle)")
     parser.add_argument("--no-crash", action="store_true", help="skip the kill -9 round")
+    parser.add_argument("--syscalls", action="store_true",
+                        help="one more run per server and scenario under strace -c -f: system calls per message")
     parser.add_argument("--no-hooks", action="store_true", help="skip bench/pop3_index.py and bench/queue_backlog.py")
     parser.add_argument("--hook-args", action="append", default=[], metavar="SCRIPT=ARGS",
                         help="arguments for a hook, e.g. 'pop3_index.py=--messages 5000 --rounds 3'")
@@ -423,6 +479,15 @@ def main() -> None:
                     try:
                         result.update(run_once(scenario, kind, work, len(runs)))
                     except Exception as error:  # noqa: BLE001 (one failed run is reported, the matrix goes on)
+                        result["error"] = f"{type(error).__name__}: {error}"[:500]
+                    print(json.dumps(result), flush=True)
+                    runs.append(result)
+            if args.syscalls and scenario.kind != "idle":
+                for kind in [*args.ours, *peers]:
+                    result = {"scenario": scenario.name, "server": kind, "round": "strace"}
+                    try:
+                        result.update(syscall_run(scenario, kind, work, len(runs)))
+                    except Exception as error:  # noqa: BLE001
                         result["error"] = f"{type(error).__name__}: {error}"[:500]
                     print(json.dumps(result), flush=True)
                     runs.append(result)

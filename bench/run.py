@@ -28,6 +28,7 @@ us) closes the run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import poplib
@@ -41,7 +42,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, ContextManager, Iterator
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
@@ -204,6 +205,14 @@ allow_plaintext_auth = true
         assert self.process is not None
         return self.process.pid
 
+    def top_pids(self) -> list[int]:
+        """The processes whose trees are the server (Postfix: its master and Dovecot's)."""
+        if self.kind == "postfix":
+            masters = [self.root / "postfix" / "queue" / "pid" / "master.pid",
+                       self.root / "dovecot" / "run" / "master.pid"]
+            return [int(m.read_text().split()[0]) for m in masters if m.exists()]
+        return [self.pid]
+
     def rss_kib(self) -> int:
         status = Path(f"/proc/{self.pid}/status").read_text()
         return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1])
@@ -211,11 +220,7 @@ allow_plaintext_auth = true
     def cpu_seconds(self) -> float:
         """User + system CPU of the server so far: its process (all threads) and
         every process below it, live or reaped (Postfix: below its master, and Dovecot's)."""
-        if self.kind == "postfix":
-            masters = [self.root / "postfix" / "queue" / "pid" / "master.pid",
-                       self.root / "dovecot" / "run" / "master.pid"]
-            return sum(tree_cpu_seconds(int(m.read_text().split()[0])) for m in masters if m.exists())
-        return tree_cpu_seconds(self.pid)
+        return sum(tree_cpu_seconds(pid) for pid in self.top_pids())
 
     def delivered(self) -> int:
         """Messages in alice's Maildir new/ (Postfix delivers after its 250)."""
@@ -378,10 +383,17 @@ def bench_submission(args: argparse.Namespace) -> None:
            "generator_cpu_ms_per_message")
 
 
-def pop3_round(server: Server, messages: int, size: int, dele: bool = False) -> dict[str, Any]:
+def pop3_round(server: Server, messages: int, size: int, dele: bool = False,
+               around: Callable[[], ContextManager[Any]] = contextlib.nullcontext) -> dict[str, Any]:
     """Deliver ``messages``, then one poplib client: login, RETR all (DELE all), QUIT; messages
-    per second and CPU ms per message of the server and of the client (this process)."""
+    per second and CPU ms per message of the server and of the client (this process).
+    ``around``: a context the retrieval runs in (bench/matrix.py counts system calls there)."""
     load(server, messages, 10, size)
+    with around():
+        return _retrieve_all(server, dele)
+
+
+def _retrieve_all(server: Server, dele: bool) -> dict[str, Any]:
     server_cpu = server.cpu_seconds()
     client_cpu = resource.getrusage(resource.RUSAGE_SELF)
     started = time.perf_counter()
