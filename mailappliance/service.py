@@ -218,7 +218,7 @@ def build_service(settings: Settings, reactor: IReactorTime | None = None,
     success_notices = SuccessNotices(runner.send_report, run_blocking, settings.hostname,
                                      settings.smtp.dsn_success_notices)  # NOTIFY=SUCCESS on local delivery
 
-    _queue_gauges(spool)
+    _queue_gauges(runner)
     health = HealthResource(lambda: directory.find_by_login("health-check.invalid"),
                             lambda: run_blocking(spool_probe, settings.spool_dir),
                             current_server=directory.current_server, state_store=state_store.describe)
@@ -271,16 +271,12 @@ def _listening(listener: ListenerSettings, factory: IProtocolFactory, server_tls
     return internet.TCPServer(listener.port, factory, interface=listener.address)
 
 
-def _queue_gauges(spool: OutboundSpool) -> None:
-    """Queue size and the age of its oldest message, read when /metrics is scraped."""
-
-    def ages() -> list[float]:
-        now = time.time()  # queue ids start with the Unix time the message arrived
-        return [now - int(queue_id.split(".", 1)[0]) for queue_id in spool.queued_ids()]
-
-    METRICS.gauge("mailappliance_queue_messages", "Messages in the outbound queue.", lambda: len(ages()))
+def _queue_gauges(runner: QueueRunner) -> None:
+    """Queue size and the age of its oldest message, read when /metrics is scraped from the
+    runner's memory (listing a queue of 100,000 messages at every scrape would cost more)."""
+    METRICS.gauge("mailappliance_queue_messages", "Messages in the outbound queue.", runner.queued)
     METRICS.gauge("mailappliance_queue_oldest_seconds", "Age of the oldest queued message, in seconds.",
-                  lambda: max(ages(), default=0))
+                  lambda: runner.oldest_age(time.time()))
 
 
 def _server_tls(settings: Settings, owner: tuple[int, int] | None) -> ServerTLS:

@@ -335,3 +335,21 @@ def test_a_vanished_or_corrupt_entry_does_not_stop_the_runner(tmp_path: Path) ->
     assert sorted(p.name for p in spool.corrupt_dir.iterdir()) == sorted([f"{ids[1]}.json", "garbage.json"])
     assert (spool.incoming_dir / "README").exists()  # not a name of ours: left alone
     runner.stopService()
+
+
+def test_a_retry_of_the_whole_queue_is_listed_once_not_once_per_round(tmp_path: Path) -> None:
+    """More entries in incoming/ than the fresh lane holds wait in memory: incoming/ is not listed
+    again for each round that finishes, and every entry is tried."""
+    spool = OutboundSpool(tmp_path / "spool")
+    received = tmp_path / "received.eml"
+    received.write_bytes(b"Subject: x\r\n\r\nbody\r\n")
+    for n in range(30):
+        spool.enqueue(received, Envelope.new(f"1700000000.M{n}P1Q1.host", "alice@example.org", ["a@down.example"]))
+    clock, blocking = Clock(), Recorder()
+    runner = runner_for(spool, clock, blocking, retry=10_000)
+    runner.lane_limit = 4
+    runner.startService()
+    clock.advance(0)
+    assert blocking.calls.count("activate") == 30 and blocking.calls.count("incoming_ids") <= 2
+    assert runner.queued() == 30 and runner.oldest_age(1700000100.0) == 100.0
+    runner.stopService()

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import heapq
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable
 
 import attrs
@@ -169,6 +169,7 @@ class QueueRunner(service.Service):
         self._looking = False  # a listing of incoming/ is under way
         self._look_again = False  # ... and something asked for another one meanwhile
         self._stamp = -1  # incoming/'s mtime at the last listing
+        self._waiting: deque[str] = deque()  # listed in incoming/, not started: the fresh lane was full
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]  # Service is unannotated
@@ -244,16 +245,20 @@ class QueueRunner(service.Service):
             self._look()
 
     async def _take_incoming(self) -> None:
-        """Start a round for each new entry of incoming/, while the fresh lane has room."""
+        """Start a round for each new entry of incoming/, while the fresh lane has room; the
+        rest wait in memory (a retry of the whole queue is listed once, not once per round)."""
         stamp = await self.run_blocking(self.spool.incoming_stamp)
         ids = await self.run_blocking(self.spool.incoming_ids)
         self._stamp = stamp
-        for queue_id in ids:
+        waiting = set(self._waiting)
+        self._waiting.extend(i for i in ids if i not in self._active and i not in waiting)
+        self._drain()
+
+    def _drain(self) -> None:
+        while self._waiting and self._running[FRESH] < self.lane_limit:
+            queue_id = self._waiting.popleft()
             if queue_id in self._active:
                 continue
-            if self._running[FRESH] >= self.lane_limit:
-                self._stamp = -1  # the rest stays in incoming/: look again when a slot frees
-                return
             self._due.pop(queue_id, None)  # an admin's retry: its old heap entry is stale now
             self._start(queue_id, FRESH)
 
@@ -292,8 +297,14 @@ class QueueRunner(service.Service):
         self._arm()
 
     def queued(self) -> int:
-        """Messages the runner knows of: scheduled and in delivery (no disk read)."""
-        return len(self._due) + len(self._active)
+        """Messages the runner knows of: scheduled, in delivery, listed in incoming/ (no disk read)."""
+        return len(self._due) + len(self._active) + len(self._waiting)
+
+    def oldest_age(self, now: float) -> float:
+        """Age of the oldest message the runner knows of, from the ids (they start with the
+        Unix time of arrival): no disk read."""
+        oldest = min((_arrival(i) for ids in (self._due, self._active, self._waiting) for i in ids), default=now)
+        return max(0.0, now - oldest)
 
     # -- rounds
 
@@ -327,8 +338,8 @@ class QueueRunner(service.Service):
         self._running[lane] -= 1
         if next_attempt is not None:
             self._schedule(queue_id, next_attempt)
-        if lane == FRESH and self._stamp == -1:
-            self._look()
+        if lane == FRESH:
+            self._drain()
         elif lane == DUE:
             self._fire()
 
@@ -529,6 +540,11 @@ def sts_hops(sts: StsVerdict, hops: list[NextHop]) -> list[NextHop]:
     assert sts.policy is not None
     return [attrs.evolve(hop, verify_tls=True, tls_policy="MTA-STS enforce")
             for hop in hops if sts.policy.matches(hop.hostname)]
+
+
+def _arrival(queue_id: str) -> float:
+    head = queue_id.split(".", 1)[0]
+    return float(head) if head.isdigit() else float("inf")
 
 
 def _original_recipient(stored: str) -> str:
