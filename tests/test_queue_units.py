@@ -353,3 +353,83 @@ def test_a_retry_of_the_whole_queue_is_listed_once_not_once_per_round(tmp_path: 
     assert blocking.calls.count("activate") == 30 and blocking.calls.count("incoming_ids") <= 2
     assert runner.queued() == 30 and runner.oldest_age(1700000100.0) == 100.0
     runner.stopService()
+
+
+class Crash(Exception):
+    """Injected: the process dies here."""
+
+
+def crash_at(monkeypatch: pytest.MonkeyPatch, step: int) -> list[str]:
+    """Make the ``step``-th file system call (link, rename, unlink, fsync, utime) fail, as a crash there."""
+    calls: list[str] = []
+    for name in ("link", "rename", "unlink", "fsync", "utime"):
+        real = getattr(os, name)
+
+        def wrapper(*args: Any, _real: Any = real, _name: str = name, **kwargs: Any) -> Any:
+            calls.append(_name)
+            if len(calls) == step:
+                raise Crash(_name)
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(os, name, wrapper)
+    return calls
+
+
+def whole(spool: OutboundSpool) -> dict[str, str]:
+    """After a restart's recover: each queued id's state; each has one envelope and its bytes, no debris."""
+    spool.recover()
+    states = {}
+    for queue_id in spool.queued_ids():
+        assert len(list(spool.queue_dir.rglob(f"{queue_id}.json"))) == 1
+        assert spool.envelope(queue_id).queue_id == queue_id
+        assert spool.read_message(queue_id) == b"Subject: x\r\n\r\nbody\r\n"
+        states[queue_id] = spool.state_of(queue_id)
+    assert not list(spool.queue_dir.rglob("*.tmp")) and not list(spool.corrupt_dir.iterdir())
+    assert len(list(spool.queue_dir.rglob("*.eml"))) == len(states)  # no orphans
+    return states
+
+
+OPERATIONS: dict[str, Any] = {
+    "activate": lambda s, q: s.activate(q),
+    "defer": lambda s, q: (s.activate(q), s.store_round(q, lambda e: setattr(e, "next_attempt", 9e9))),
+    "finish": lambda s, q: (s.activate(q), s.store_round(q, lambda e: setattr(e.recipients[0], "state", DELIVERED))),
+    "retry": lambda s, q: s.retry(q),
+    "delete": lambda s, q: s.remove(q),
+}
+
+
+@pytest.mark.parametrize("operation", ["enqueue", *OPERATIONS])
+def test_a_crash_at_every_step_leaves_a_whole_entry_or_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            operation: str) -> None:
+    """A crash after any link, rename, unlink, fsync or utime of an operation leaves, after the next
+    start's scan, either the whole entry (envelope in one place, its bytes found) or none (enqueue
+    before its commit, a finished or deleted one), never debris."""
+    step = 1
+    while True:
+        root = tmp_path / f"{operation}-{step}"
+        root.mkdir()
+        received = root / "received.eml"
+        received.write_bytes(b"Subject: x\r\n\r\nbody\r\n")
+        spool = OutboundSpool(root / "spool")
+        envelope = Envelope.new("1700000000.M1P1Q1.host", "alice@example.org", ["a@x.example"])
+        if operation != "enqueue":
+            spool.enqueue(received, envelope)
+            if operation in ("retry", "delete"):
+                OPERATIONS["defer"](spool, envelope.queue_id)
+        with monkeypatch.context() as patch:
+            calls = crash_at(patch, step)
+            try:
+                if operation == "enqueue":
+                    spool.enqueue(received, envelope)
+                else:
+                    OPERATIONS[operation](spool, envelope.queue_id)
+                finished = True
+            except Crash:
+                finished = False
+        states = whole(OutboundSpool(root / "spool"))
+        assert len(states) <= 1
+        if operation in ("activate", "defer", "retry"):
+            assert states, f"lost at step {step} ({calls[-1]})"
+        if finished:
+            break
+        step += 1
+    assert step > 2
