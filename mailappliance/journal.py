@@ -253,6 +253,11 @@ class Journal:
         self._current = 0  # position in _segments
         self._offset = 0
         self._dirty_segments: set[int] = set()  # positions holding records since the checkpoint
+        self._segment_last: dict[int, int] = {}  # position -> the highest sequence written there
+        self._checkpointed = 0  # the sequence number in journal/checkpoint
+        self._checkpointing = threading.Lock()  # one checkpoint at a time (taken before _lock)
+        self._settling_names: set[str] = set()  # unique parts a running checkpoint is syncing
+        self._settling: tuple[list[Path], set[Path]] = ([], set())  # and its files and Maildirs
         self._since_checkpoint = 0  # bytes
         self._last_checkpoint = clock()
         self._placed: list[Path] = []  # files placed since the checkpoint (fsync fallback)
@@ -269,7 +274,7 @@ class Journal:
         """Replay what the last run left un-checkpointed, then get ready to append (blocking)."""
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._take_lock()
-        checkpointed = self._read_checkpoint()
+        checkpointed = self._checkpointed = self._read_checkpoint()
         records: list[Record] = []
         highest = checkpointed
         for index, fd in self._existing_segments():
@@ -281,7 +286,7 @@ class Journal:
         report = self._replay(records)
         self._sequence = highest
         if records:
-            self._make_placed_durable()
+            self._make_placed_durable(self._placed, self._touched)
             self._write_checkpoint(highest)
             crash_point("journal.recovery.checkpointed")
         self._reset_placed()
@@ -411,6 +416,7 @@ class Journal:
                 else:
                     os.pwrite(fd, b"".join(records), offset)
                 self._dirty_segments.add(position)
+                self._segment_last[position] = first + len(bodies) - 1
                 crash_point("journal.append.written")
             for position in runs:
                 os.fdatasync(self._segments[position].fd)
@@ -453,6 +459,7 @@ class Journal:
             [(position, offset)] = self._plan([len(record)])
             os.pwrite(self._segments[position].fd, record, offset)
             self._dirty_segments.add(position)
+            self._segment_last[position] = self._sequence
 
     def placed(self, paths: Iterable[Path], count: int = 1) -> None:
         """``count`` appended records' files are in place (or given up): a checkpoint may cover them."""
@@ -477,25 +484,47 @@ class Journal:
             return max(0.0, self._last_checkpoint + self.checkpoint_seconds - now, self._retry_at - now)
 
     def checkpoint(self) -> None:
-        """Make every placed file durable, then free the journal behind it (blocking)."""
-        with self._lock:
-            self._checkpoint_locked()
+        """Make every placed file durable, then free the journal behind it (blocking).
+        Appends go on meanwhile: the sync runs outside the append lock."""
+        with self._checkpointing:
+            with self._lock:
+                if not self._placing.wait_for(lambda: self._unplaced == 0, timeout=60):
+                    raise OSError(errno.EBUSY, "journal checkpoint: files still being placed after 60 s")
+                if not self._dirty_segments and not self._placed:
+                    return
+                through, placed, touched = self._sequence, self._placed, self._touched
+                self._settling_names, self._settling = self._pending_names, (placed, touched)
+                self._reset_placed()
+            try:
+                self._make_placed_durable(placed, touched)
+                crash_point("journal.checkpoint.synced")
+                with self._lock:
+                    self._write_checkpoint(through)
+                    crash_point("journal.checkpoint.written")
+                    self._dirty_segments = {p for p in self._dirty_segments if self._segment_last.get(p, 0) > through}
+                    self._settling_names, self._settling = set(), ([], set())
+            except OSError:
+                with self._lock:  # the next attempt covers these files again
+                    self._placed = list(placed) + self._placed
+                    self._touched |= touched
+                    self._pending_names |= self._settling_names
+                    self._settling_names, self._settling = set(), ([], set())
+                    self._retry_at = self._clock() + 1.0  # the journal keeps the messages meanwhile
+                raise
 
     def _checkpoint_locked(self) -> None:
-        try:
-            self._checkpoint_now()
-        except OSError:
-            self._retry_at = self._clock() + 1.0  # the journal keeps the messages meanwhile
-            raise
-
-    def _checkpoint_now(self) -> None:
+        """A checkpoint while holding the append lock (the journal is full): nothing
+        appends meanwhile, and the files a concurrent checkpoint is syncing are synced again."""
         if not self._placing.wait_for(lambda: self._unplaced == 0, timeout=60):
             raise OSError(errno.EBUSY, "journal checkpoint: files still being placed after 60 s")
-        if not self._dirty_segments and not self._placed:
-            return
-        self._make_placed_durable()
-        crash_point("journal.checkpoint.synced")
-        self._write_checkpoint(self._sequence)
+        try:
+            settling_placed, settling_touched = self._settling  # a checkpoint outside the lock may not be done
+            self._make_placed_durable([*settling_placed, *self._placed], settling_touched | self._touched)
+            crash_point("journal.checkpoint.synced")
+            self._write_checkpoint(self._sequence)
+        except OSError:
+            self._retry_at = self._clock() + 1.0
+            raise
         crash_point("journal.checkpoint.written")
         self._dirty_segments.clear()  # every record is <= the checkpoint: every segment is free
         self._reset_placed()
@@ -508,15 +537,17 @@ class Journal:
     def settle(self, paths: Iterable[Path]) -> None:
         """Before POP3 removes ``paths``: checkpoint if any of them is still covered only by
         the journal (recovery would write it again: a message back from the dead)."""
+        listed = {unique_part(p.name) for p in paths}
         with self._lock:
-            if self._pending_names and any(unique_part(p.name) in self._pending_names for p in paths):
-                self.checkpoint()
+            pending = not listed.isdisjoint(self._pending_names) or not listed.isdisjoint(self._settling_names)
+        if pending:
+            self.checkpoint()  # waits for a running one first, then syncs what is left
 
-    def _make_placed_durable(self) -> None:
-        """Every file placed since the checkpoint, and its directory entry, on stable storage."""
+    def _make_placed_durable(self, placed: Sequence[Path], touched: set[Path]) -> None:
+        """Every file ``placed`` since the checkpoint, and its directory entry, on stable storage."""
         if self.use_syncfs:
             devices: dict[int, Path] = {}
-            for maildir in self._touched:
+            for maildir in touched:
                 with contextlib.suppress(FileNotFoundError):
                     devices.setdefault(os.stat(maildir).st_dev, maildir)
             for maildir in devices.values():
@@ -527,7 +558,7 @@ class Journal:
                     os.close(fd)
             return
         missing: dict[Path, set[str]] = {}
-        for path in self._placed:
+        for path in placed:
             try:
                 _fsync_path(path)
             except FileNotFoundError:  # POP3 moved it to cur/ (or deleted it after a settle)
@@ -538,7 +569,7 @@ class Journal:
                     if unique_part(entry.name) in names:
                         with contextlib.suppress(FileNotFoundError):
                             _fsync_path(Path(entry.path))
-        for maildir in self._touched:
+        for maildir in touched:
             for sub in ("new", "cur"):
                 with contextlib.suppress(FileNotFoundError):
                     fsync_directory(maildir / sub)
@@ -554,6 +585,7 @@ class Journal:
         return int(struct.unpack("<Q", data[:8])[0])
 
     def _write_checkpoint(self, sequence: int) -> None:
+        sequence = max(sequence, self._checkpointed)  # never backwards (two checkpoints crossing)
         head = struct.pack("<Q", sequence)
         staged = self.directory / "checkpoint.tmp"
         fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
@@ -564,6 +596,7 @@ class Journal:
             os.close(fd)
         os.rename(staged, self.directory / "checkpoint")
         fsync_directory(self.directory)
+        self._checkpointed = sequence
 
     # -- recovery ---------------------------------------------------------------
 

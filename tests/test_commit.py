@@ -19,6 +19,7 @@ from mailappliance.journal import Journal
 from mailappliance.maildir import IncomingMessage
 from mailappliance.pop3.mailbox import MaildirMailbox
 from mailappliance.settings import syncfs_available
+from tests.conditions import wait_until
 
 
 class CallbackSpool:
@@ -366,8 +367,7 @@ def test_committer_with_a_journal_recovers_at_start_checkpoints_when_due_and_at_
     now[0] = 6.0
     committer.commit(CommitJob(message(incoming, b"2\r\n"), (box,)))  # the checkpoint follows this batch
     reactor.wait_for(2)
-    with reactor.arrived:
-        assert reactor.arrived.wait_for(lambda: journal.checkpoint_due_in() is None, timeout=10)
+    wait_until(lambda: journal.checkpoint_due_in() is None, timeout=10, what="the checkpoint after that batch")
     committer.commit(CommitJob(message(incoming, b"3\r\n"), (box,)))
     committer.stop()
     assert not journal.is_open and journal.checkpoint_due_in() is None
@@ -402,4 +402,34 @@ def test_journal_recovery_makes_files_found_whole_durable_before_freeing_the_jou
     again = Journal(tmp_path / "spool" / "journal", tmp_path / "mail", segment_size=256 * 1024, use_syncfs=False)
     assert again.open().written == 0
     assert synced == outcome
+    again.close()
+
+
+def test_journal_appends_go_on_while_a_checkpoint_syncs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint syncs outside the append lock: a batch commits meanwhile and stays covered by the journal."""
+    incoming, box = tmp_path / "incoming", tmp_path / "mail" / "alice"
+    journal = open_journal(tmp_path)
+    commit_batch([CommitJob(message(incoming, b"first\r\n"), (box,))], "journal", journal)
+    syncing, release = threading.Event(), threading.Event()
+    real = journal._make_placed_durable
+
+    def slow(placed: Any, touched: Any) -> None:
+        syncing.set()
+        assert release.wait(10)
+        real(placed, touched)
+
+    monkeypatch.setattr(journal, "_make_placed_durable", slow)
+    checkpoint = threading.Thread(target=journal.checkpoint)
+    checkpoint.start()
+    assert syncing.wait(10)
+    [second] = commit_batch([CommitJob(message(incoming, b"second\r\n"), (box,))], "journal", journal)
+    assert isinstance(second, list)  # not held by the running checkpoint
+    release.set()
+    checkpoint.join(10)
+    assert journal._read_checkpoint() == 1 and journal.checkpoint_due_in() is not None  # the second still waits
+    journal.abandon()
+    second[0].unlink()  # lost with the page cache: the journal still has it
+    again = Journal(tmp_path / "spool" / "journal", tmp_path / "mail", segment_size=256 * 1024, use_syncfs=False)
+    assert again.open().written == 1
+    assert sorted(new_files(box).values()) == [b"first\r\n", b"second\r\n"]
     again.close()
