@@ -49,6 +49,9 @@ class BatchCommitter:
         self._condition = threading.Condition()
         self._threads: list[threading.Thread] = []
         self._stopping = False
+        self._checkpointer: threading.Thread | None = None  # with a journal: checkpoints off the commit threads
+        self._checkpoint_wake = threading.Event()
+        self._checkpointer_idle = False  # waiting for a batch to make a checkpoint due at all
 
     def start(self) -> None:
         if self._journal is not None and not self._journal.is_open:
@@ -58,6 +61,10 @@ class BatchCommitter:
                          for n in range(self._thread_count)]
         for thread in self._threads:
             thread.start()
+        if self._journal is not None:
+            self._checkpoint_wake.clear()
+            self._checkpointer = threading.Thread(target=self._run_checkpoints, name="checkpoint", daemon=True)
+            self._checkpointer.start()
 
     def stop(self) -> None:
         """Finish what is waiting, then end the threads."""
@@ -67,6 +74,10 @@ class BatchCommitter:
         for thread in self._threads:
             thread.join()
         self._threads = []
+        if self._checkpointer is not None:
+            self._checkpoint_wake.set()
+            self._checkpointer.join()
+            self._checkpointer = None
         if self._journal is not None:
             self._journal.close()  # a clean stop leaves every message durable in its Maildir
 
@@ -87,16 +98,10 @@ class BatchCommitter:
         while True:
             with self._condition:
                 while not self._pending and not self._stopping:
-                    due = self._checkpoint_due()
-                    if due is not None and due <= 0:
-                        break
-                    self._condition.wait(due)
-                if not self._pending and self._stopping:
+                    self._condition.wait()
+                if not self._pending:
                     return
                 batch = [self._pending.popleft() for _ in range(min(len(self._pending), self._max_batch))]
-            if not batch:
-                self._checkpoint()
-                continue
             try:
                 outcomes: list[CommitOutcome] = commit_batch([job for job, _ in batch], self._sync, self._journal)
             except BaseException as e:  # a bug, not an OSError: fail the batch, keep the thread
@@ -104,21 +109,31 @@ class BatchCommitter:
                 outcomes = [e] * len(batch)
             results = [(d, outcome) for (_, d), outcome in zip(batch, outcomes, strict=True)]  # one outcome per job
             self._reactor.callFromThread(_report, results)
-            due = self._checkpoint_due()
-            if due is not None and due <= 0:
-                self._checkpoint()
+            if self._journal is not None and (self._checkpointer_idle or self._journal.checkpoint_due_in() == 0):
+                self._checkpoint_wake.set()
 
-    def _checkpoint_due(self) -> float | None:
-        return self._journal.checkpoint_due_in() if self._journal is not None else None
-
-    def _checkpoint(self) -> None:
-        """Make the journaled messages durable in their Maildirs; a failure is retried
-        later (the journal keeps them meanwhile)."""
+    def _run_checkpoints(self) -> None:
+        """The checkpoint thread: makes the journaled messages durable in their Maildirs
+        when a checkpoint is due, so the commit threads never wait for it; a failure is
+        retried later (the journal keeps the messages meanwhile)."""
         assert self._journal is not None
-        try:
-            self._journal.checkpoint()
-        except OSError:
-            log.failure("journal checkpoint failed (retried; the journal keeps the messages)")
+        while not self._stopping:
+            due = self._journal.checkpoint_due_in()
+            if due is None:
+                self._checkpointer_idle = True
+                if self._journal.checkpoint_due_in() is None:  # a batch may have come in between
+                    self._checkpoint_wake.wait()
+                self._checkpointer_idle = False
+                self._checkpoint_wake.clear()
+                continue
+            if due > 0:
+                self._checkpoint_wake.wait(due)
+                self._checkpoint_wake.clear()
+                continue
+            try:
+                self._journal.checkpoint()
+            except OSError:
+                log.failure("journal checkpoint failed (retried; the journal keeps the messages)")
 
 
 def _timed_commit(result: _T, started: float) -> _T:
