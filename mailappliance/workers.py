@@ -53,8 +53,8 @@ from mailappliance.state import StateStore
 
 log = Logger(namespace="mailappliance.workers")
 
-CRASH_WINDOW = 60.0  # seconds over which a worker's exits are counted
-FREE_RESTARTS = 3  # exits within the window restarted at once
+HEALTHY_UPTIME = 60.0  # a worker that ran this long before it ended was not crash-looping
+FREE_RESTARTS = 3  # short-lived runs in a row restarted at once
 MAX_RESTART_DELAY = 60.0
 MAX_LOG_LINE = 64 * 1024  # bytes of one relayed log event; longer ones are dropped (and counted)
 STOP_GRACE = 10.0  # seconds a worker has to stop before it is killed
@@ -64,13 +64,13 @@ FIRST_FD = 3  # the listening sockets' descriptors in a worker: 3, 4, ...
 # -- pure policy ------------------------------------------------------------------
 
 
-def restart_delay(exits: Sequence[float], now: float) -> float:
-    """Seconds to wait before restarting a worker whose recent exits were at ``exits``
-    (the latest included): the first few at once, then doubling up to a minute."""
-    recent = sum(1 for at in exits if now - at <= CRASH_WINDOW)
-    if recent <= FREE_RESTARTS:
+def restart_delay(streak: int) -> float:
+    """Seconds to wait before restarting a worker after ``streak`` short-lived runs in a
+    row (the one that just ended included): the first few at once, then doubling up to
+    a minute; a run of HEALTHY_UPTIME or more starts the count again."""
+    if streak <= FREE_RESTARTS:
         return 0.0
-    return min(MAX_RESTART_DELAY, float(2 ** (recent - FREE_RESTARTS)))
+    return min(MAX_RESTART_DELAY, float(2 ** min(streak - FREE_RESTARTS, 16)))
 
 
 def _share(value: int, workers: int) -> int:
@@ -237,6 +237,7 @@ class _Worker(protocol.ProcessProtocol):
         self.dropped = 0
         self.ended: Deferred[None] = Deferred()
         self.pid = 0
+        self.started = 0.0
 
     def connectionMade(self) -> None:
         assert self.transport is not None
@@ -289,7 +290,7 @@ class WorkerSupervisor(service.Service):
         self.reactor: Any = reactor
         self.kick, self.incoming = kick, incoming
         self.workers: dict[int, _Worker] = {}
-        self.exits: dict[int, list[float]] = {}
+        self.streaks: dict[int, int] = {}  # short-lived runs in a row, by worker number
         self.restarts: dict[int, IDelayedCall] = {}
         self.stopping = False
         self._previous_hup: Any = None
@@ -323,6 +324,7 @@ class WorkerSupervisor(service.Service):
             child_fds[FIRST_FD + offset] = fd
             arguments += ["--listener", f"{name}={FIRST_FD + offset}"]
         worker = _Worker(self, index, self._settings_bytes)
+        worker.started = self.reactor.seconds()
         self.workers[index] = worker
         self.reactor.spawnProcess(worker, sys.executable, arguments, env=dict(os.environ), childFDs=child_fds)
         log.info("worker {index} started (pid {pid})", index=index, pid=worker.pid)
@@ -332,11 +334,9 @@ class WorkerSupervisor(service.Service):
             del self.workers[worker.index]
         if self.stopping:
             return
-        now = self.reactor.seconds()
-        exits = self.exits.setdefault(worker.index, [])
-        exits.append(now)
-        del exits[:-16]
-        delay = restart_delay(exits, now)
+        short = self.reactor.seconds() - worker.started < HEALTHY_UPTIME
+        streak = self.streaks[worker.index] = self.streaks.get(worker.index, 0) + 1 if short else 1
+        delay = restart_delay(streak)
         log.error("worker {index} (pid {pid}) ended ({why}); restarting it in {delay:.0f} s",
                   index=worker.index, pid=worker.pid, why=reason.getErrorMessage(), delay=delay)
         self.restarts[worker.index] = self.reactor.callLater(delay, self.spawn, worker.index)
