@@ -133,31 +133,34 @@ class IndexKey:
 
 def _load_key(path: Path) -> bytes:
     """The key in ``path`` (a regular file of ours, private, KEY_BYTES long), made if
-    missing; b"" if the file is anything else."""
-    for _ in range(2):
+    missing or torn (a crash right after it was made: it is not fsynced); b"" if the
+    file is anything else (a link, somebody else's, readable by others)."""
+    for _ in range(3):
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
-            _make_key(path)
+            _make_key(path, replace=False)
             continue
         except OSError:
             return b""
         try:
             st = os.fstat(fd)
-            if (not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077
-                    or st.st_size != KEY_BYTES):
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
                 return b""
             key = os.read(fd, KEY_BYTES + 1)
         except OSError:
             return b""
         finally:
             os.close(fd)
-        return key if len(key) == KEY_BYTES else b""
+        if len(key) == KEY_BYTES:
+            return key
+        _make_key(path, replace=True)  # indexes made with the torn key become foreign: rebuilt
     return b""
 
 
-def _make_key(path: Path) -> None:
-    """A new random key, published with link() so that two logins racing keep one."""
+def _make_key(path: Path, replace: bool) -> None:
+    """A new random key; published with link() so that two logins racing keep one,
+    or renamed over a torn one."""
     staged = path.with_name(f"{KEY_NAME}.{os.urandom(6).hex()}.tmp")
     try:
         fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -166,10 +169,12 @@ def _make_key(path: Path) -> None:
     try:
         try:
             os.write(fd, os.urandom(KEY_BYTES))
-            os.fsync(fd)  # a torn key after a crash would only cost a rebuild, but costs nothing here
         finally:
             os.close(fd)
-        os.link(staged, path)
+        if replace:
+            os.rename(staged, path)
+        else:
+            os.link(staged, path)
     except OSError:
         pass
     finally:

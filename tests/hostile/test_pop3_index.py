@@ -158,3 +158,20 @@ def test_key_that_is_not_ours_alone_is_not_used(maildir: Maildir, tmp_path: Path
     forge(maildir, ["1 10 1700000996.phantom:2,"], b"k" * 32)
     assert [m.uidl for m in maildir.load().messages] == ["1700000001.M1P2Q1.host"]
     assert DirState.of(os.stat(maildir.path / "cur"))  # the Maildir itself is untouched
+
+
+def test_a_torn_key_is_replaced(maildir: Maildir) -> None:  # noqa: F811
+    """A key file of ours cut short (a crash after it was made: it is not fsynced) is replaced by a
+    new key, and indexes made with the old one are rebuilt, not trusted."""
+    maildir.deliver()
+    maildir.settle()
+    key_path = maildir.root / KEY_NAME
+    old_key = key_path.read_bytes()
+    key_path.write_bytes(b"")
+    fresh = Maildir(maildir.root)  # a restarted daemon: the key is read again
+    fresh.counter = maildir.counter
+    fresh.deliver()
+    assert fresh.load().stat()[0] == 2
+    new_key = key_path.read_bytes()
+    assert len(new_key) == pop3_index.KEY_BYTES and new_key != old_key
+    assert read_index(fresh.path, new_key) is not None
