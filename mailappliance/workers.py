@@ -208,8 +208,13 @@ def worker_main(argv: Sequence[str] | None = None) -> None:
     globalLogBeginner.beginLoggingTo([cast(ILogObserver, _JsonLines(open(1, "w", closefd=False)))],  # noqa: SIM115
                                      redirectStandardIO=False, discardBuffer=True)
     from mailappliance.service import build_service
+    from mailappliance.tap import STARTUP_ERRORS, startup_error_line
 
-    top = build_service(settings, reactor, worker=WorkerPlan(args.index, descriptors))
+    try:
+        top = build_service(settings, reactor, worker=WorkerPlan(args.index, descriptors))
+    except STARTUP_ERRORS as e:  # e.g. a key file this user cannot read: one line, then exit
+        log.critical("worker {index}: {line}", index=args.index, line=startup_error_line(e))
+        raise SystemExit(1) from None
 
     def start() -> None:
         try:
