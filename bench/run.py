@@ -110,7 +110,12 @@ class Server:
                        *submission, "--submissions-port", str(self.submissions_port)]
         self.command = command
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        wait_for_port(self.smtp_port, process=self.process)
+        try:
+            wait_for_port(self.smtp_port, process=self.process)
+        except RuntimeError as error:  # say why, from ours' log
+            log = self.root / "twistd.log"
+            tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.exists() else []
+            raise RuntimeError(" / ".join([str(error), *tail])) from None
         return self
 
     def restart_ours(self, timeout: float = 120) -> None:
