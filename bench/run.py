@@ -109,12 +109,13 @@ class Server:
                        str(self.smtp_port), "--pop3-port", str(self.pop3_port), "--maildir", str(self.root / "mail"),
                        *submission, "--submissions-port", str(self.submissions_port)]
         self.command = command
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        with open(self.root / "server-output.log", "ab") as output:
+            self.process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
         try:
             wait_for_port(self.smtp_port, process=self.process)
-        except RuntimeError as error:  # say why, from ours' log
-            log = self.root / "twistd.log"
-            tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.exists() else []
+        except RuntimeError as error:  # say why, from its output and ours' log
+            tail = [line for name in ("server-output.log", "twistd.log") if (self.root / name).exists()
+                    for line in (self.root / name).read_text(errors="replace").strip().splitlines()[-3:]]
             raise RuntimeError(" / ".join([str(error), *tail])) from None
         return self
 
