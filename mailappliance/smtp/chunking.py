@@ -91,10 +91,8 @@ def parse_bdat(argument: str) -> tuple[int, bool] | None:
 
 
 class ChunkingCommands(SMTPSessionBase):
-    """BDAT; a mixin of the SMTP session beside MailTransaction."""
-
-    chunked: ChunkedTransfer | None = None
-    skip_octets: int = 0
+    """BDAT; a mixin of the SMTP session beside MailTransaction (its state,
+    ``chunked`` and ``skip_octets``, is declared and slotted in SMTPSessionBase)."""
 
     def smtp_BDAT(self, argument: str) -> None:
         parsed = parse_bdat(argument)

@@ -105,13 +105,15 @@ class SMTPConfig:
 class SMTPSession(AuthCommands, ChunkingCommands, MailTransaction, LineSession):
     """One SMTP connection."""
 
+    __slots__ = ("_handshake",)  # the rest: SMTPSessionBase (the stages' state) and LineSession (the kernel's)
+
     log = Logger(namespace="mailappliance.smtp")
 
     def __init__(self, factory: SMTPFactory) -> None:
         super().__init__()
         self.factory = factory
         self.config = factory.config
-        self.settings = self.config.session
+        self.settings = factory.session_settings  # one record per listener, not per session
         self.clock = factory.clock
         self.limits = factory.limits
         self.helo: str | None = None
@@ -423,6 +425,7 @@ class SMTPFactory(protocol.ServerFactory[SMTPSession]):
         self.quotas = quotas  # quota.MailboxQuotas (None: no mailbox quota)
         self.network_budget = network_budget  # the MX's per-network byte budget (None: none)
         self.config = config
+        self.session_settings = config.session
         self.find_recipient = find_recipient
         self.commit = commit  # makes a message durable: BatchCommitter.commit
         self.portal = portal

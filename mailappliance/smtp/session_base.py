@@ -5,8 +5,9 @@ stage (:mod:`.auth`, :mod:`.chunking`, :mod:`.recipients`,
 :mod:`.transaction`), and each stage calls the others through ``self``.  This
 base declares, for the type checker, the session's state and the methods one
 stage calls in another, so that every mixin is checked against the same
-session.  At run time it adds nothing to the session kernel: the methods are
-declared only under ``TYPE_CHECKING`` (the session implements each of them).
+session.  At run time it adds only the slots of that state (an idle
+connection must stay small: no per-session dict); the methods are declared
+only under ``TYPE_CHECKING`` (the session implements each of them).
 """
 
 from __future__ import annotations
@@ -31,6 +32,12 @@ if TYPE_CHECKING:
 
 class SMTPSessionBase(LineSession):
     """The state every stage of an SMTP session shares (set in ``SMTPSession.__init__``)."""
+
+    # One slot per attribute below (a stage's new state belongs here too, or it
+    # lands in a per-session dict); the kernel's own are LineSession's.
+    __slots__ = ("config", "helo", "esmtp", "secure", "tls_started", "errors", "client_facts", "client_allowed",
+                 "held_refusals", "subscriber", "auth_method", "sasl", "transaction", "delivery", "data_reader",
+                 "data_started", "return_path_length", "chunked", "skip_octets")
 
     factory: SMTPFactory
     config: SMTPConfig
