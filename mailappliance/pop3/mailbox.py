@@ -41,6 +41,7 @@ from mailappliance.pop3.index import (
     Entry,
     IndexKey,
     MaildirIndex,
+    all_indexable,
     indexable,
     is_settled,
     read_index,
@@ -217,6 +218,7 @@ class MaildirMailbox:
             old = index.messages
             known = dict(zip(old.names, zip(old.mtimes, old.sizes, strict=True), strict=True))
         entries: list[Entry] = []
+        unknown: list[str] = []
         cur = str(self._cur)
         names = set(os.listdir(cur))
         complete = True
@@ -233,35 +235,40 @@ class MaildirMailbox:
                 continue
             if stat.S_ISREG(st.st_mode):  # no symlinks, no directories
                 entries.append((st.st_mtime_ns, name, st.st_size))
-                complete = complete and indexable(name)
+                unknown.append(name)
             else:
                 complete = False
-        return Columns.of(entries), names, complete
+        return Columns.of(entries), names, complete and all_indexable(unknown)
 
     def _move_new_to_cur(self, names: list[str], in_cur: set[str]) -> tuple[list[Entry], bool]:
         """Move ``names`` from new/ into cur/ (``in_cur``: every name there);
         what moved, as entries, and whether all of it can be indexed."""
-        new, cur = str(self.path / "new"), str(self._cur)
         moved: list[Entry] = []
-        indexable_all = True
-        for name in names:
-            target = name if ":" in name else name + INFO_SUFFIX
-            if target in in_cur:
-                # Never overwrite: a clash of unique names must not lose mail.
-                # The file stays in new/ where an admin can see it.
-                continue
-            source = f"{new}/{name}"
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+        new = os.open(self.path / "new", flags)  # names relative to the directories: no path walk each
+        try:
+            cur = os.open(self._cur, flags)
             try:
-                st = os.lstat(source)
-                if not stat.S_ISREG(st.st_mode):
-                    continue  # not a message: it stays where it is
-                os.rename(source, f"{cur}/{target}")
-            except FileNotFoundError:
-                continue
-            in_cur.add(target)
-            moved.append((st.st_mtime_ns, target, st.st_size))  # a rename keeps mtime and size
-            indexable_all = indexable_all and indexable(target)
-        return moved, indexable_all
+                for name in names:
+                    target = name if ":" in name else name + INFO_SUFFIX
+                    if target in in_cur:
+                        # Never overwrite: a clash of unique names must not lose mail.
+                        # The file stays in new/ where an admin can see it.
+                        continue
+                    try:
+                        st = os.lstat(name, dir_fd=new)
+                        if not stat.S_ISREG(st.st_mode):
+                            continue  # not a message: it stays where it is
+                        os.rename(name, target, src_dir_fd=new, dst_dir_fd=cur)
+                    except FileNotFoundError:
+                        continue
+                    in_cur.add(target)
+                    moved.append((st.st_mtime_ns, target, st.st_size))  # a rename keeps mtime and size
+            finally:
+                os.close(cur)
+        finally:
+            os.close(new)
+        return moved, all_indexable([name for _, name, _ in moved])
 
     def open_message(self, index: int) -> BinaryIO:
         path = self.message(index).path
