@@ -34,6 +34,7 @@ import os
 import poplib
 import resource
 import shutil
+import signal
 import smtplib
 import socket
 import statistics
@@ -132,9 +133,11 @@ class Server:
             time.sleep(0.05)
 
     def kill(self) -> None:
-        """kill -9, no clean shutdown (the crash round)."""
+        """kill -9 the server and every process below it, no clean shutdown (the crash round)."""
         assert self.process is not None
-        self.process.kill()
+        for pid in tree_pids(self.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         self.process.wait(20)
 
     def _certificate(self) -> list[str]:
@@ -220,8 +223,17 @@ allow_plaintext_auth = true
         return [self.pid]
 
     def rss_kib(self) -> int:
-        status = Path(f"/proc/{self.pid}/status").read_text()
-        return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1])
+        """Resident memory of the server's process, and of its children if it has any (a server
+        that forks workers: their sum, which counts pages shared since the fork in each)."""
+        total = 0
+        for pid in tree_pids(self.pid):
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue
+            total += int(next((line for line in status.splitlines() if line.startswith("VmRSS:")),
+                              "VmRSS: 0").split()[1])
+        return total
 
     def cpu_seconds(self) -> float:
         """User + system CPU of the server so far: its process (all threads) and
@@ -248,6 +260,23 @@ allow_plaintext_auth = true
         # files makes creating files slower for a while afterwards (ext4 skips
         # recently freed inodes), which would tax whichever server runs next.
         _finished_roots.append(self.root)
+
+
+def tree_pids(top: int) -> list[int]:
+    """``top`` and its live descendants."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                parents[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError):
+                continue
+    found, todo = [], [top]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(child for child, parent in parents.items() if parent == pid)
+    return found
 
 
 def tree_cpu_seconds(top: int) -> float:
