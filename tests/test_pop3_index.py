@@ -236,3 +236,18 @@ def test_retr_reads_a_large_message_whole(env: Env) -> None:  # noqa: F811
             env.clock.advance(0)
             reply += client.take()
         assert unstuff(reply) == message + (b"" if message.endswith(b"\r\n") else b"\r\n")
+
+
+def test_a_renamed_message_is_found_under_its_new_name(maildir: Maildir) -> None:
+    """A message renamed in cur/ by another tool (a flag added: same count of names) is listed
+    under its new name with the same UIDL, while the index was still unsettled or settled."""
+    for _ in range(3):
+        maildir.deliver()
+    for settle in (False, True):
+        mailbox = maildir.settle() if settle else maildir.load()
+        old = mailbox.messages[1].path
+        new = old.with_name(old.name + "S" if settle else old.name + "F")
+        old.rename(new)
+        names = [m.path.name for m in maildir.load().messages]
+        assert new.name in names and old.name not in names and len(names) == 3
+        assert [m.uidl for m in maildir.load().messages][1] == mailbox.messages[1].uidl

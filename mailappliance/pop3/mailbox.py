@@ -217,10 +217,12 @@ class MaildirMailbox:
         if index is not None:
             old = index.messages
             known = dict(zip(old.names, zip(old.mtimes, old.sizes, strict=True), strict=True))
-        entries: list[Entry] = []
-        unknown: list[str] = []
         cur = str(self._cur)
         names = set(os.listdir(cur))
+        if index is not None and len(names) == len(index.messages) and names.issuperset(index.messages.names):
+            return index.messages, names, True  # the same names: the index was right, only unsettled
+        entries: list[Entry] = []
+        unknown: list[str] = []
         complete = True
         for name in names:
             if name.startswith("."):
