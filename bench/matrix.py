@@ -30,6 +30,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import poplib
 import re
 import shlex
 import shutil
@@ -113,14 +114,15 @@ def available_peers() -> tuple[dict[str, bool], list[str]]:
     return have, notes
 
 
-def audit(maildir: Path, acked_log: Path, started: float | None = None) -> dict[str, Any]:
+def audit(maildir: Path, acked_log: Path, deleted: frozenset[str] = frozenset()) -> dict[str, Any]:
     """Every message whose 250 the generator saw (its token in ``acked_log``) must be in
     ``maildir``'s new/ or cur/ exactly once and whole: the Subject with its token in the
     header, and the file ending with the blank line and the body exactly as sent (trace
     headers a server prepends, CRLF or LF line ends are allowed). Files that are not whole
     are counted as broken, copies of one token beyond the first as duplicates; whole files
-    without a 250 (a crash between the fsync and the reply) are allowed and counted."""
-    acked = set(acked_log.read_text().split()) if acked_log.exists() else set()
+    without a 250 (a crash between the fsync and the reply) are allowed and counted. Tokens in
+    ``deleted`` (a POP3 DELE committed before a crash) must be gone: not one file."""
+    acked = set(acked_log.read_text().split()) - deleted if acked_log.exists() else set()
     copies: collections.Counter[str] = collections.Counter()
     broken = 0
     for sub in ("new", "cur"):
@@ -140,8 +142,11 @@ def audit(maildir: Path, acked_log: Path, started: float | None = None) -> dict[
     result = {"acked": len(acked), "whole_files": sum(copies.values()), "acked_whole": acked_whole,
               "acked_missing": len(acked) - acked_whole,
               "duplicates": sum(count - 1 for count in copies.values() if count > 1),
-              "broken_files": broken, "whole_without_250": len(set(copies) - acked)}
-    result["ok"] = not (result["acked_missing"] or result["duplicates"] or result["broken_files"])
+              "broken_files": broken, "whole_without_250": len(set(copies) - acked - deleted)}
+    if deleted:
+        result["deleted"], result["deleted_back"] = len(deleted), sum(1 for token in deleted if copies[token])
+    result["ok"] = not (result["acked_missing"] or result["duplicates"] or result["broken_files"]
+                        or result.get("deleted_back"))
     return result
 
 
@@ -230,9 +235,9 @@ def run_once(scenario: Scenario, kind: str, work: Path, number: int) -> dict[str
     return result
 
 
-def crash_round(kind: str, work: Path, messages: int, number: int) -> dict[str, Any]:
-    """kill -9 ``kind`` mid-run (a quarter of the messages in new/), start ours again on the
-    same storage (its recovery runs at start; wait for "mailappliance ready"), then audit:
+def crash_round(kind: str, work: Path, messages: int, number: int, at: float = 0.25) -> dict[str, Any]:
+    """kill -9 ``kind`` mid-run (when ``at`` of the messages are in new/), start ours again on
+    the same storage (its recovery runs at start; wait for "mailappliance ready"), then audit:
     every 250 the generator saw must be whole on disk, once."""
     server = Server(kind)
     ours = server.kind == "ours"
@@ -248,7 +253,7 @@ def crash_round(kind: str, work: Path, messages: int, number: int) -> dict[str, 
          "--tag", acked_log.stem, "--keep-going"], stdout=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
-        while server.delivered() < messages // 4 and generator.poll() is None and time.monotonic() < deadline:
+        while server.delivered() < messages * at and generator.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         mid_run = generator.poll() is None
         in_new_at_kill = server.delivered()
@@ -269,9 +274,56 @@ def crash_round(kind: str, work: Path, messages: int, number: int) -> dict[str, 
             generator.kill()
         server.stop()
     generated = json.loads(output.strip().splitlines()[-1]) if output.strip() else {}
-    return {"scenario": "crash: kill -9 mid-run, 10 KB c=50", "server": kind, "killed_mid_run": mid_run,
+    return {"scenario": f"crash: kill -9 at {at:.0%} of {messages:,}, 10 KB c=50", "server": kind,
+            "killed_mid_run": mid_run,
             "in_new_at_kill": in_new_at_kill, "restarted_and_ready": restarted,
             "generator_acked": generated.get("acked"), **result}
+
+
+def pop3_crash_round(kind: str, work: Path, messages: int, number: int) -> dict[str, Any]:
+    """A POP3 DELE must survive a crash, and no message may come back or show twice: deliver
+    ``messages``, DELE the first half over POP3 and QUIT, kill -9 ours at the +OK, start it
+    again until "mailappliance ready", then audit the Maildir (the deleted gone, the rest
+    whole once) and log in again: STAT counts the rest, UIDLs are unique and none deleted."""
+    server = Server(kind)
+    server.tuning["logging.level"] = '"info"'
+    server.start()
+    tag = f"popcrash{number}"
+    _sizes[tag] = 10240
+    acked_log = work / f"{tag}.acked"
+    try:
+        load(server, messages, 10, 10240, acked_log=acked_log)
+        client = poplib.POP3("127.0.0.1", server.pop3_port, timeout=60)
+        client.user("alice")
+        client.pass_("alice-password")
+        count, _ = client.stat()
+        uidls = {int(n): uid for n, uid in (line.split() for line in client.uidl()[1])}
+        deleted, deleted_uidls = set(), set()
+        for n in range(1, count // 2 + 1):
+            found = SUBJECT.search(b"\n".join(client.top(n, 0)[1]))
+            if found:
+                deleted.add(found.group(1).decode())
+            deleted_uidls.add(uidls[n])
+            client.dele(n)
+        client.quit()  # +OK: the deletions are committed
+        server.kill()
+        server.restart_ours()
+        result = audit(server.root / "mail" / "alice", acked_log, frozenset(deleted))
+        client = poplib.POP3("127.0.0.1", server.pop3_port, timeout=60)
+        client.user("alice")
+        client.pass_("alice-password")
+        after, _ = client.stat()
+        after_uidls = [line.split()[1] for line in client.uidl()[1]]
+        client.quit()
+    finally:
+        server.stop()
+    result.update(pop3_count_before=count, pop3_deleted=len(deleted_uidls), pop3_count_after=after,
+                  pop3_uidls_repeated=len(after_uidls) - len(set(after_uidls)),
+                  pop3_deleted_uidls_back=len(deleted_uidls & set(after_uidls)))
+    result["ok"] = bool(result["ok"] and after == count - len(deleted_uidls) and not result["pop3_uidls_repeated"]
+                        and not result["pop3_deleted_uidls_back"])
+    return {"scenario": f"crash: kill -9 after a POP3 QUIT that deleted {len(deleted_uidls)} of {count}",
+            "server": kind, "killed_mid_run": True, "in_new_at_kill": None, "restarted_and_ready": True, **result}
 
 
 def run_hook(name: str, script: str, quick: bool, given: list[str] | None = None) -> tuple[list[dict[str, Any]], str]:
@@ -438,8 +490,12 @@ def print_durability(runs: list[dict[str, Any]], crashes: list[dict[str, Any]]) 
         if "error" in c:
             print(f"| {c['scenario']} | {c['server']} | 1 | {c['error']} | | | | | **NO** |")
             continue
-        print(f"| {c['scenario']} (mid-run: {c['killed_mid_run']}, {c['in_new_at_kill']} in new/ at the kill"
-              f"{', restarted' if c['restarted_and_ready'] else ''}) | {c['server']} | 1 | {c['acked']} | "
+        where = f"{c['in_new_at_kill']} in new/ at the kill, " if c["in_new_at_kill"] is not None else ""
+        back = f", {c['deleted_back']} deleted back" if "deleted_back" in c else ""
+        pop3 = f", POP3 after: {c['pop3_count_after']} (UIDLs repeated {c['pop3_uidls_repeated']}, deleted back " \
+               f"{c['pop3_deleted_uidls_back']})" if "pop3_count_after" in c else ""
+        print(f"| {c['scenario']} ({where}mid-run: {c['killed_mid_run']}"
+              f"{', restarted' if c['restarted_and_ready'] else ''}{back}{pop3}) | {c['server']} | 1 | {c['acked']} | "
               f"{c['whole_files']} | {c['acked_missing']} | {c['duplicates']} | {c['broken_files']} | "
               f"{'yes' if c['ok'] else '**NO**'} |")
 
@@ -494,12 +550,17 @@ def main() -> None:
             for ours in args.ours:
                 rows += summarise(scenario, ours, runs)
         if not args.no_crash:
-            for kind in [*args.ours, *(["aiosmtpd"] if have["aiosmtpd"] and "aiosmtpd" in args.peers else [])]:
+            rounds_ = [(kind, at) for kind in [*args.ours, *(["aiosmtpd"] if have["aiosmtpd"] and "aiosmtpd" in
+                                                             args.peers else [])]
+                       for at in ((0.25,) if args.quick else (0.2, 0.5, 0.8))]
+            rounds_ += [(kind, -1.0) for kind in args.ours]  # -1: the POP3 round
+            for kind, at in rounds_:
                 try:
-                    crash = crash_round(kind, work, 6000 if args.quick else 20000, len(crashes))
+                    crash = pop3_crash_round(kind, work, 300 if args.quick else 1000, len(crashes)) if at < 0 else \
+                        crash_round(kind, work, 6000 if args.quick else 20000, len(crashes), at)
                 except Exception as error:  # noqa: BLE001
-                    crash = {"scenario": "crash: kill -9 mid-run, 10 KB c=50", "server": kind, "ok": False,
-                             "error": f"{type(error).__name__}: {error}"[:500]}
+                    crash = {"scenario": "crash: POP3 DELE then kill -9" if at < 0 else f"crash: kill -9 at {at:.0%}",
+                             "server": kind, "ok": False, "error": f"{type(error).__name__}: {error}"[:500]}
                 print(json.dumps(crash), flush=True)
                 crashes.append(crash)
         if not args.no_hooks:
