@@ -48,6 +48,7 @@ from twisted.python.failure import Failure
 
 from mailappliance.config import ListenerSettings, Settings
 from mailappliance.limits import RateLimits
+from mailappliance.metrics import METRICS
 from mailappliance.settings import LimitSettings
 from mailappliance.state import StateStore
 
@@ -296,6 +297,7 @@ class WorkerSupervisor(service.Service):
         self.kick, self.incoming = kick, incoming
         self.workers: dict[int, _Worker] = {}
         self.streaks: dict[int, int] = {}  # short-lived runs in a row, by worker number
+        self.restarted = 0
         self.restarts: dict[int, IDelayedCall] = {}
         self.stopping = False
         self._previous_hup: Any = None
@@ -314,6 +316,10 @@ class WorkerSupervisor(service.Service):
             self.spawn(index)
         self._previous_hup = signal.signal(signal.SIGHUP, self._on_hup)
         self._watch_incoming()
+        METRICS.gauge("mailappliance_worker_processes",
+                      "Processes serving the listeners: this one and its live workers.", lambda: 1 + len(self.workers))
+        METRICS.gauge("mailappliance_worker_restarts",
+                      "Workers started again after one ended, since this process started.", lambda: self.restarted)
         log.info("{n} worker processes besides this one (pid {pid}) share the listeners",
                  n=self.settings.workers - 1, pid=os.getpid())
 
@@ -342,6 +348,7 @@ class WorkerSupervisor(service.Service):
         short = self.reactor.seconds() - worker.started < HEALTHY_UPTIME
         streak = self.streaks[worker.index] = self.streaks.get(worker.index, 0) + 1 if short else 1
         delay = restart_delay(streak)
+        self.restarted += 1
         log.error("worker {index} (pid {pid}) ended ({why}); restarting it in {delay:.0f} s",
                   index=worker.index, pid=worker.pid, why=reason.getErrorMessage(), delay=delay)
         self.restarts[worker.index] = self.reactor.callLater(delay, self.spawn, worker.index)

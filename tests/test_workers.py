@@ -10,6 +10,7 @@ import signal
 import smtplib
 import socket
 import subprocess
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -208,6 +209,8 @@ def test_a_killed_worker_is_restarted_and_mail_keeps_flowing(workers: Appliance)
     os.kill(old, signal.SIGKILL)
     new = wait_until(lambda: [p for p in worker_pids(workers) if p != old], 30, what="a new worker 1")[0]
     assert f"worker 1 (pid {old}) ended" in workers.log()
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{workers.ports['metrics']}/metrics", timeout=10).read()
+    assert b"mailappliance_worker_processes 2.0" in metrics and b"mailappliance_worker_restarts 1.0" in metrics
     for number in range(200):
         if send_one(workers, 1000 + number) == new:
             return
