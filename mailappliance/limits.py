@@ -65,7 +65,8 @@ def client_keys(address: str) -> tuple[str, str | None]:
     if isinstance(ip, ipaddress.IPv4Address):
         keep = IPV4_NETWORK_BITS
         network = ipaddress.IPv4Network((int(ip) >> (32 - keep) << (32 - keep), keep))
-        return str(ip), str(network)
+        text = str(ip)
+        return (address if text == address else text), str(network)  # the session's string, not a copy per table
     keep = IPV6_NETWORK_BITS
     prefix = str(ipaddress.IPv6Network((int(ip) >> (128 - keep) << (128 - keep), keep)))
     return prefix, prefix

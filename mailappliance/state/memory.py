@@ -42,28 +42,38 @@ class Window:
     An event can be taken back (:meth:`remove`) until it expires: its amount
     leaves the total at once, and the emptied event is dropped from memory
     soon after (never kept as a negative amount that would expire later).
+
+    A key's events are a list, not a deque: most keys (a client address in
+    the connection rate) hold one event, and an empty deque alone is 624
+    bytes, per client address seen in the last minute.  Expired events leave
+    from the front in one slice per check; a key never holds more events
+    than its limit, since an event over the limit is never added.
     """
 
     def __init__(self, span: float, max_tracked: int | None = None) -> None:
         self.span = span
         self.max_tracked = max_tracked
-        self._events: dict[Hashable, deque[Event]] = {}
+        self._events: dict[Hashable, list[Event]] = {}
         self._totals: dict[Hashable, int] = {}
-        self._removed: dict[Hashable, int] = {}  # emptied events still in the key's deque
+        self._removed: dict[Hashable, int] = {}  # emptied events still in the key's list
 
     def total(self, key: Hashable, now: float, span: float | None = None) -> int:
         events = self._events.get(key)
         if not events:
             return 0
         edge = now - (self.span if span is None else span)
-        expired = 0
-        while events and events[0].at <= edge:
-            event = events.popleft()
+        expired = gone = 0
+        for event in events:
+            if event.at > edge:
+                break
+            gone += 1
             if event.amount:
                 expired += event.amount
                 event.amount = 0
             else:
                 self._removed[key] = self._removed.get(key, 1) - 1
+        if gone:
+            del events[:gone]
         if not events:
             self._forget(key)
             return 0
@@ -77,7 +87,7 @@ class Window:
         if key not in self._events and len(self._events) >= limit:
             self._forget(next(iter(self._events)))
         event = Event(now, amount)
-        self._events.setdefault(key, deque()).append(event)
+        self._events.setdefault(key, []).append(event)
         self._totals[key] = self._totals.get(key, 0) + amount
         return event
 
@@ -93,7 +103,7 @@ class Window:
             events.pop()
             removed -= 1
         if removed * 2 > len(events) + 16:  # mostly emptied: rebuild, so memory stays bounded
-            events = self._events[key] = deque(e for e in events if e.amount)
+            events = self._events[key] = [e for e in events if e.amount]
             removed = 0
         if not events:
             self._forget(key)
