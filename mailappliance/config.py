@@ -231,7 +231,7 @@ class Settings:
     spool_dir: Path
     storage_threads: int
     commit_threads: int
-    sync: str  # "fsync" each message file, or one "syncfs" per batch
+    sync: str  # "journal" (one fdatasync per batch, journal.py; the default), "fsync" each file, or one "syncfs" per batch
     max_message_size: int
     auth_cache_ttl: float
     throttle: ThrottleSettings
@@ -675,7 +675,8 @@ def parse_config(file: Path, data: dict[str, Any], secrets: SecretFiles | None =
     spool_dir = storage.path("spool_dir", str(STATE_DIR / "spool"))
     storage_threads = storage.integer("threads", 8, 1, 256)
     commit_threads = storage.integer("commit_threads", 1, 1, 64)
-    sync = storage.choice("sync", "fsync", SYNC_METHODS)
+    # the journal has one writer: with several worker processes the default stays per-file fsync
+    sync = storage.choice("sync", "journal" if workers == 1 else "fsync", SYNC_METHODS)
     forwarding = parse_forwarding(top.table_of("forwarding"), domains, addresses, spool_dir)
     if sync == "syncfs" and not syncfs_available():
         raise storage.error("sync", "\"syncfs\" needs Linux 5.8 or newer (where syncfs reports write errors); "

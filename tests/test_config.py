@@ -41,7 +41,14 @@ def test_minimal_config_defaults(tmp_path: Path) -> None:
     assert settings.tls.certificate == Path("/var/lib/mailappliance/tls/server.pem")
     assert settings.max_message_size == 25 * 1024 * 1024
     assert settings.listeners[0].address == "127.0.0.1"
-    assert (settings.commit_threads, settings.sync) == (1, "fsync")
+    assert (settings.commit_threads, settings.sync) == (1, "journal")
+
+
+def test_the_journal_is_the_default_with_one_worker_and_fsync_with_several(tmp_path: Path) -> None:
+    """sync defaults to "journal" (one writer); with [server] workers = 2 it defaults to "fsync"."""
+    assert load_config(write(tmp_path, MINIMAL)).sync == "journal"
+    text = MINIMAL.replace("[server]\n", "[server]\nworkers = 2\n") + '[state]\nredis = "redis://127.0.0.1:6379"\n'
+    assert load_config(write(tmp_path, text)).sync == "fsync"
 
 
 def test_syncfs_is_accepted_where_it_reports_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
