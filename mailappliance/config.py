@@ -231,7 +231,7 @@ class Settings:
     spool_dir: Path
     storage_threads: int
     commit_threads: int
-    sync: str  # "journal" (one fdatasync per batch, journal.py; the default), "fsync" each file, or one "syncfs" per batch
+    sync: str  # "journal" (one fdatasync per batch, journal.py; default), "fsync" each file, or "syncfs" per batch
     max_message_size: int
     auth_cache_ttl: float
     throttle: ThrottleSettings
