@@ -429,6 +429,15 @@ def test_uidl_for_long_or_odd_names_is_a_stable_hash() -> None:
     assert len(uidl_for(long_name)) <= 70
 
 
+@pytest.mark.parametrize("odd", [" ", "\x7f", "\x00", "\r", "\n", "\t", "\u00e9", "\u2028", "\udc80"])
+def test_uidl_outside_0x21_to_0x7e_is_hashed(odd: str) -> None:
+    """A unique name with a space, a control character or anything not ASCII never becomes a
+    UIDL as it is (RFC 1939: 0x21..0x7E), so no UIDL line can be split or forged."""
+    uidl = uidl_for(f"1700000000.M1{odd}P2.host,S=5:2,")
+    assert len(uidl) == 64 and all(c in "0123456789abcdef" for c in uidl)
+    assert uidl_for("1700000000.M1!~P2.host:2,") == "1700000000.M1!~P2.host"
+
+
 def test_retr_dot_stuffing(env: Env) -> None:
     """RETR dot-stuffs lines that start with a dot and ends with a lone dot."""
     env.deliver("alice", MESSAGE_2)
