@@ -44,7 +44,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from run import FSYNC, HERE, Server, idle_round, load, pop3_round, remove_finished_roots
+from run import FSYNC, HERE, Server, idle_round, load, pop3_round, raise_file_limit, remove_finished_roots, tree_pids
 from smtp_load import make_message
 
 PEERS = ("twisted", "aiosmtpd", "postfix")
@@ -169,7 +169,7 @@ def counted_syscalls(server: Server, out: Path, into: dict[str, Any]) -> Iterato
     """``strace -c -f`` attached to every process of ``server`` (and the children they start)
     while the body runs; ``into`` gets the total of system calls and the five commonest."""
     command = ["strace", "-c", "-f", "-o", str(out)]
-    for pid in server.top_pids():
+    for pid in (pid for top in server.top_pids() for pid in tree_pids(top)):  # worker processes too
         command += ["-p", str(pid)]
     tracer = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     assert tracer.stderr is not None
@@ -516,8 +516,16 @@ def main() -> None:
     parser.add_argument("--no-hooks", action="store_true", help="skip bench/pop3_index.py and bench/queue_backlog.py")
     parser.add_argument("--hook-args", action="append", default=[], metavar="SCRIPT=ARGS",
                         help="arguments for a hook, e.g. 'pop3_index.py=--messages 5000 --rounds 3'")
+    parser.add_argument("--list", action="store_true", help="list the scenarios, peers and targets, run nothing")
     args = parser.parse_args()
     rounds = args.rounds or (2 if args.quick else 3)
+    if args.list:
+        for scenario in scenarios(args.quick):
+            targets = ", ".join(f"{t.peer}{f' >= {t.ratio}x' if t.ratio else ''}" for t in scenario.targets)
+            print(f"{scenario.name}: {scenario.count:,} {'connections' if scenario.kind == 'idle' else 'messages'}"
+                  f", {rounds} rounds; {targets}")
+        return
+    raise_file_limit()
     have, notes = available_peers()
     work = Path(tempfile.mkdtemp(prefix="bench-matrix-"))
     runs: list[dict[str, Any]] = []

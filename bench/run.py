@@ -468,9 +468,9 @@ def bench_pop3(args: argparse.Namespace) -> None:
 
 def idle_round(server: Server, count: int) -> dict[str, Any]:
     """Resident memory of ``server`` before and after ``count`` idle SMTP connections (each
-    greeted), and whether a normal session still delivers meanwhile."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    greeted), and whether a normal session still delivers meanwhile (``raise_file_limit``
+    must run before the server starts: it inherits the limit)."""
+    raise_file_limit()
     time.sleep(0.5)
     before = server.rss_kib()
     sockets = []
@@ -492,7 +492,14 @@ def idle_round(server: Server, count: int) -> dict[str, Any]:
             "kib_per_connection": round((after - before) / count, 2), "normal_session_ok": ok}
 
 
+def raise_file_limit() -> None:
+    """Descriptors up to the hard limit, for this process and the servers it starts."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def bench_idle(args: argparse.Namespace) -> None:
+    raise_file_limit()
     for kind in args.servers:
         for count in args.connections:
             server = Server(kind).start()
