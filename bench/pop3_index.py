@@ -15,7 +15,8 @@ Scenarios (each server in its own temp dir, started by bench/run.py's Server;
   leaves them) and put back there before every cold round.
 - **warm login+STAT**: the same again with nothing changed since the last
   login: the case of a phone that polls every few minutes.  Median of
-  ``--warm`` logins per round.
+  ``--warm`` logins per round.  **warm login+STAT+UIDL**: the same with the
+  full UIDL listing a client that leaves mail on the server asks for.
 - **RETR** (``--retr N``): N messages of 10 KB; one client with a raw socket
   (no per-line client work, so the server is what is measured) sends RETR 1..N
   one at a time, ``--passes`` times; messages per second and server CPU
@@ -141,10 +142,12 @@ def server_cpu(server: bench.Server) -> float:
     return server.cpu_seconds()
 
 
-def login_stat(server: bench.Server, expected: int) -> float:
+def login_stat(server: bench.Server, expected: int, uidl: bool = False) -> float:
     started = time.perf_counter()
     client = Raw(server.pop3_port)
     count = client.login_stat()
+    if uidl and client.multiline(b"UIDL").count(b"\r\n") != expected + 1:
+        raise RuntimeError(f"{server.kind}: UIDL did not list {expected} messages")
     seconds = time.perf_counter() - started
     client.close()
     if count != expected:
@@ -202,8 +205,11 @@ def main() -> None:
             record.setdefault("cold login+STAT ms", []).append(login_stat(server, args.messages) * 1000)
             warm = [login_stat(server, args.messages) * 1000 for _ in range(args.warm)]
             record.setdefault("warm login+STAT ms", []).append(statistics.median(warm))
+            uidl = [login_stat(server, args.messages, uidl=True) * 1000 for _ in range(args.warm)]
+            record.setdefault("warm login+STAT+UIDL ms", []).append(statistics.median(uidl))
             print(json.dumps({"server": kind, "cold_ms": round(record["cold login+STAT ms"][-1], 1),
-                              "warm_ms": round(record["warm login+STAT ms"][-1], 1)}), flush=True)
+                              "warm_ms": round(record["warm login+STAT ms"][-1], 1),
+                              "warm_uidl_ms": round(record["warm login+STAT+UIDL ms"][-1], 1)}), flush=True)
         for server in servers.values():
             server.stop()
         servers = {}
