@@ -214,14 +214,14 @@ class MaildirMailbox:
         """cur/ listed by name; only names the index does not know are stat'ed.
         Returns the messages, every name listed, and whether the messages are all
         of them and all indexable (else the index is never trusted without a listing)."""
+        cur = str(self._cur)
+        names = set(os.listdir(cur))
         known: dict[str, tuple[int, int]] = {}
         if index is not None:
             old = index.messages
+            if len(names) == len(old) and names.issuperset(old.names):
+                return old, names, True  # the same names: the index was right, only unsettled
             known = dict(zip(old.names, zip(old.mtimes, old.sizes, strict=True), strict=True))
-        cur = str(self._cur)
-        names = set(os.listdir(cur))
-        if index is not None and len(names) == len(index.messages) and names.issuperset(index.messages.names):
-            return index.messages, names, True  # the same names: the index was right, only unsettled
         entries: list[Entry] = []
         unknown: list[str] = []
         complete = True
