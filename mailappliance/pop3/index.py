@@ -47,10 +47,10 @@ MAGIC = "mailappliance-pop3-index 1"
 SETTLE_NS = 100_000_000  # a nanosecond directory mtime younger than this may hide a change made in its tick
 COARSE_SETTLE_NS = 3_000_000_000  # the same for an mtime in whole seconds
 MAX_INDEX_BYTES = 32 * 1024 * 1024  # about 400,000 messages; above it logins list and stat as before
-MAX_NAME = 255
 
-# One entry per line: "<mtime_ns> <size> <name>"; a name is printable ASCII
-# without '/' or a space and does not start with '.' (the listing skips those).
+# One entry per line: "<mtime_ns> <size> <name>"; a name is 1 to 255 characters
+# of printable ASCII without '/' or a space and does not start with '.' (the
+# listing skips those).
 _BODY = re.compile(r"(?:[0-9]{1,19} [0-9]{1,15} [!-\-0-~][!-.0-~]{0,254}\n)*")
 _NAMES = re.compile(r"(?:[!-\-0-~][!-.0-~]{0,254}\n)*")
 _MAC_LINE = re.compile(r"mac ([0-9a-f]{64})")
