@@ -97,7 +97,7 @@ def test_index_is_private_and_carries_a_mac(maildir: Maildir) -> None:
     assert index.read_bytes().startswith(b"mac ")
     key = maildir.root / KEY_NAME
     assert stat.S_IMODE(key.stat().st_mode) == 0o600 and key.stat().st_size == 32
-    assert not [n for n in os.listdir(maildir.path) if n.endswith(".tmp")]
+    assert os.listdir(maildir.path / "tmp") == []
 
 
 def test_warm_login_neither_lists_nor_stats_cur(maildir: Maildir, calls: dict[str, list[str]]) -> None:

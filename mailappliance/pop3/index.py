@@ -15,8 +15,8 @@ recent when it was taken is recorded as *unsettled*: the next login lists
 most one tick, a few milliseconds, behind), within ``COARSE_SETTLE_NS``
 (3 s) for a filesystem that keeps whole seconds (or FAT's two).
 
-It is a cache and nothing more: written atomically (a private temporary file
-renamed over it), never fsynced, never followed through a symlink, and a
+It is a cache and nothing more: written atomically (a private file in the
+Maildir's ``tmp/`` renamed over it), never fsynced, never followed through a symlink, and a
 file that is not ours, too large or malformed in any way is ignored and
 rebuilt.  Each index carries an HMAC-SHA256 over its Maildir's path and its
 content, keyed with the installation's secret (``<maildir_root>/.pop3-index.key``,
@@ -264,7 +264,7 @@ def write_index(maildir: Path, index: MaildirIndex, key: bytes) -> bool:
         remove_index(maildir)
         return False
     data = f"mac {_mac(key, maildir, content)}\n".encode() + content
-    staged = maildir / f"{INDEX_NAME}.{os.urandom(6).hex()}.tmp"
+    staged = maildir / "tmp" / f"{INDEX_NAME}.{os.urandom(6).hex()}"  # tmp/: where a crash's leftovers belong
     try:
         fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError:
