@@ -52,7 +52,7 @@ KIND_MESSAGE, KIND_CANCEL = 1, 2
 SEGMENT_SIZE = 16 * 1024 * 1024
 MAX_SEGMENTS = 64  # files in journal/ recovery looks at; more is not ours
 SEGMENT_NAME = re.compile(r"^segment\.([0-9]{6})$")
-TARGET_NAME = re.compile(r"^[A-Za-z0-9._\\-]{1,200},S=([0-9]{1,12})$")
+TARGET_NAME = re.compile(r"[^/\x00-\x1f.][^/\x00-\x1f]{0,240},S=([0-9]{1,12})")  # fullmatch: a plain name
 CHECKPOINT_SECONDS = 5.0
 CHECKPOINT_BYTES = 64 * 1024 * 1024
 _FIXED_TARGET = struct.Struct("<HHIIH")  # maildir length, name length, edit start, edit end, replacement length
@@ -162,7 +162,7 @@ class UnsafeTarget(ValueError):
 def check_target(root: Path, target: Target, base: bytes) -> None:
     """UnsafeTarget unless ``target`` names a plain file name with the right size in a
     Maildir below ``root`` (after resolving symbolic links)."""
-    match = TARGET_NAME.match(target.filename)
+    match = TARGET_NAME.fullmatch(target.filename)
     size = len(base) - (target.end - target.start) + len(target.replacement)
     if match is None or target.filename.startswith(".") or int(match[1]) != size:
         raise UnsafeTarget(f"bad file name {target.filename!r}")

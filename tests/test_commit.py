@@ -433,3 +433,21 @@ def test_journal_appends_go_on_while_a_checkpoint_syncs(tmp_path: Path, monkeypa
     assert again.open().written == 1
     assert sorted(new_files(box).values()) == [b"first\r\n", b"second\r\n"]
     again.close()
+
+
+def test_journal_and_fsync_give_the_quota_the_same_sizes(tmp_path: Path) -> None:
+    """The quota scan (sizes from ",S=" names) counts the same bytes whichever way a message was committed."""
+    from mailappliance.quota import maildir_usage
+
+    incoming = tmp_path / "incoming"
+    journal = open_journal(tmp_path)
+    headers = (b"Delivered-To: alice@example.org\r\n", b"Delivered-To: bobby@example.org\r\n")
+    for sync, suffix in (("fsync", "-f"), ("journal", "-j")):
+        boxes = (tmp_path / "mail" / f"alice{suffix}", tmp_path / "mail" / f"bob{suffix}")
+        jobs = [CommitJob(message(incoming, headers[0] + b"x" * n), boxes, (), headers, (0, len(headers[0])))
+                for n in (10, 1000, 50_000)]
+        assert all(isinstance(o, list) for o in commit_batch(jobs, sync, journal))
+    for user in ("alice", "bob"):
+        usage = maildir_usage(tmp_path / "mail" / f"{user}-f")
+        assert usage == maildir_usage(tmp_path / "mail" / f"{user}-j") > 0
+    journal.close()

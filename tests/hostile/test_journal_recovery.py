@@ -72,11 +72,12 @@ def test_targets_outside_the_maildir_root_are_refused(tmp_path: Path) -> None:
         body_for(tmp_path / "mail", "4.D.h", b"x\r\n"),  # the root itself is no Maildir
         encode_body(b"x\r\n", [Target(tmp_path / "mail" / "alice", "../../../outside/5.E.h,S=3")]),
         encode_body(b"x\r\n", [Target(tmp_path / "mail" / "alice", "6.F.h,S=999")]),  # size that lies
+        encode_body(b"x\r\n", [Target(tmp_path / "mail" / "alice", "8.H.h,S=3\n")]),  # a control character
         body_for(tmp_path / "mail" / "bob", "7.G.h", b"fine\r\n"),
     ]
     crashed_journal(tmp_path, bodies)
     report = recover(tmp_path)
-    assert (report.records, report.refused, report.written) == (7, 6, 1)
+    assert (report.records, report.refused, report.written) == (8, 7, 1)
     assert list(outside.iterdir()) == []
     assert not (tmp_path / "mail" / "new").exists() and not (tmp_path / "mail" / "alice").exists()
     assert [p.name for p in (tmp_path / "mail" / "bob" / "new").iterdir()] == ["7.G.h,S=6"]
