@@ -85,11 +85,22 @@ class Target:
 
 @attrs.frozen
 class Record:
+    """A whole record found in a segment; a message's body stays on disk until
+    :meth:`load` (recovery holds one message in memory at a time)."""
+
     sequence: int
     kind: int
-    base: bytes = b""
-    targets: tuple[Target, ...] = ()
+    fd: int = -1
+    offset: int = 0
+    length: int = 0
     cancels: int = 0  # KIND_CANCEL: the sequence number it voids
+
+    def load(self) -> tuple[bytes, tuple[Target, ...]]:
+        """The message's bytes and targets; ValueError for a malformed body."""
+        body = os.pread(self.fd, self.length, self.offset)
+        if len(body) != self.length:
+            raise ValueError("record shorter than when it was read")
+        return decode_body(body)
 
 
 def encode_body(base: bytes, targets: Sequence[Target]) -> bytes:
@@ -143,16 +154,12 @@ def read_records(fd: int, limit: int) -> Iterator[Record]:
         body = os.pread(fd, length, offset + HEADER.size)
         if len(body) != length or zlib.crc32(struct.pack("<QB", sequence, kind) + body) != crc:
             return  # torn: the batch it belonged to never got its 250
+        if kind == KIND_CANCEL:
+            if length == 8:
+                yield Record(sequence, kind, cancels=struct.unpack("<Q", body)[0])
+        else:
+            yield Record(sequence, kind, fd, offset + HEADER.size, length)
         offset += HEADER.size + length
-        try:
-            if kind == KIND_CANCEL:
-                (cancelled,) = struct.unpack("<Q", body)
-                yield Record(sequence, kind, cancels=cancelled)
-            else:
-                base, targets = decode_body(body)
-                yield Record(sequence, kind, base, targets)
-        except (ValueError, UnicodeDecodeError):
-            log.error("journal record {seq} is malformed (crc matched): skipped", seq=sequence)
 
 
 class UnsafeTarget(ValueError):
@@ -608,14 +615,20 @@ class Journal:
             if record.kind != KIND_MESSAGE or record.sequence in cancelled:
                 continue
             report.records += 1
-            for target in record.targets:
+            try:
+                base, targets = record.load()
+            except (ValueError, UnicodeDecodeError):
+                log.error("journal record {seq} is malformed (its CRC matched): skipped", seq=record.sequence)
+                report.refused += 1
+                continue
+            for target in targets:
                 try:
-                    check_target(self.maildir_root, target, record.base)
+                    check_target(self.maildir_root, target, base)
                 except UnsafeTarget as e:
                     log.error("journal record {seq}: target refused: {why}", seq=record.sequence, why=str(e))
                     report.refused += 1
                     continue
-                if self._restore(target, record.base, listings):
+                if self._restore(target, base, listings):
                     report.written += 1
         return report
 

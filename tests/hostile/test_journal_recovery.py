@@ -131,3 +131,12 @@ def test_a_second_process_on_the_same_journal_is_refused(tmp_path: Path) -> None
             Journal(tmp_path / "journal", tmp_path / "mail", segment_size=SEGMENT, use_syncfs=False).open()
     finally:
         first.close()
+
+
+def test_a_malformed_record_with_a_valid_crc_is_skipped(tmp_path: Path) -> None:
+    """A record whose CRC matches but whose body is not ours (counts that overrun it) is skipped, the next replayed."""
+    box = tmp_path / "mail" / "alice"
+    crashed_journal(tmp_path, [b"\xff\xff\x00\x00\x00\x01", body_for(box, "2.B.h", b"two\r\n")])
+    report = recover(tmp_path)
+    assert (report.records, report.refused, report.written) == (2, 1, 1)
+    assert [p.name for p in (box / "new").iterdir()] == ["2.B.h,S=5"]
