@@ -13,7 +13,10 @@ recent when it was taken is recorded as *unsettled*: the next login lists
 ``cur/`` again instead of trusting it.  Too recent: within ``SETTLE_NS``
 (0.1 s) for nanosecond timestamps (Linux stamps a change with a clock at
 most one tick, a few milliseconds, behind), within ``COARSE_SETTLE_NS``
-(3 s) for a filesystem that keeps whole seconds (or FAT's two).
+(3 s) for a filesystem that keeps whole seconds (or FAT's two).  The age
+is judged by this host's clock: on a network filesystem whose server's clock
+runs behind ours, a change within one of the server's ticks after a listing
+could stay unseen until ``cur/`` changes again (Dovecot has the same limit).
 
 It is a cache and nothing more: written atomically (a private file in the
 Maildir's ``tmp/`` renamed over it), never fsynced, never followed through a symlink, and a
