@@ -29,8 +29,9 @@ from mailappliance.workers import (
     share_of_limits,
 )
 from tests.conditions import wait_until
-from tests.daemon import Appliance, free_port
+from tests.daemon import BIN, Appliance, free_port
 from tests.redis_server import RedisServer
+from tests.test_privileges import world_readable_root as world_readable_root  # the fixture
 
 MESSAGES_PER_HOUR = 3
 PER_ADDRESS = 6  # concurrent connections per client address, for the whole server (3 per process)
@@ -292,3 +293,58 @@ def test_the_shares_follow_a_reload() -> None:
         assert limits.connection_opened(f"10.{number}.0.1", "mx") is None
     refused = limits.connection_opened("198.51.100.1", "mx")
     assert refused is not None and refused.rule == "limit.max_connections"
+
+
+def test_started_as_root_the_workers_run_as_the_daemons_user(world_readable_root: Path) -> None:  # noqa: F811
+    """twistd --uid/--gid on a port below 1024: the worker runs as nobody too, on the supervisor's socket."""
+    from tests.daemon import toml_table  # noqa: I001
+    from tests.test_privileges import DEBIAN_PYTHON, NOBODY, free_low_port, readable_site, wait_for_listener
+
+    root = world_readable_root
+    site = readable_site(root)
+    mx = free_low_port(set())
+    config = root / "mailappliance.toml"
+    config.write_text(
+        toml_table("[server]", {"hostname": "mx.test.example", "local_domains": ["example.org"], "workers": 2})
+        + toml_table("[storage]", {"maildir_root": str(root / "data" / "mail"),
+                                   "spool_dir": str(root / "data" / "spool")})
+        + toml_table("[limits]", {"connections_per_minute": 100_000})
+        + toml_table("[tls]", {"certificate": str(root / "data" / "tls" / "server.pem"),
+                               "private_key": str(root / "data" / "tls" / "server.key")})
+        + toml_table("[directory]", {"backend": "ldif", "ldif_file": str(root / "users.ldif")})
+        + toml_table("[state]", {"redis": f"redis://127.0.0.1:{free_port()}", "timeout": 0.2})  # none there: degraded
+        + toml_table("[[listeners]]", {"name": "mx", "role": "mx", "port": mx})
+    )
+    added = subprocess.run([str(BIN / "mailappliance-admin"), "--config", str(config), "user", "add",
+                            "alice@example.org", "--password-stdin"], input="alice-password\n",
+                           capture_output=True, text=True)
+    assert added.returncode == 0, added.stderr
+    (root / "users.ldif").chmod(0o644)
+    log = root / "twistd.log"
+    process = subprocess.Popen(
+        [DEBIAN_PYTHON, "-c", "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()",
+         "-n", "--pidfile=", "--logfile", str(log), f"--uid={NOBODY}", f"--gid={NOBODY}",
+         "mailappliance", "--config", str(config)],
+        cwd=root, env={**os.environ, "PYTHONPATH": str(site)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for_listener(process, mx, log)
+        worker = int(wait_until(lambda: re.search(r"worker 1 ready \(pid (\d+)\)", log.read_text()), 30,
+                                what="worker 1 ready").group(1))
+        status = Path(f"/proc/{worker}/status").read_text()
+        assert next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1:] == [str(NOBODY)] * 4
+        seen: set[int] = set()
+        for number in range(200):
+            with smtplib.SMTP("127.0.0.1", mx, timeout=10) as smtp:
+                smtp.ehlo("client.example.net")
+                smtp.mail("friend@example.net")
+                smtp.rcpt("alice@example.org")
+                code, reply = smtp.data(f"Subject: {number}\r\n\r\nbody\r\n".encode())
+            assert code == 250, reply
+            seen.add(int(QUEUED_AS.search(reply).group(1)))  # type: ignore[union-attr]
+            if len(seen) == 2:
+                break
+        assert seen == {process.pid, worker}
+    finally:
+        process.terminate()
+        process.wait(10)
