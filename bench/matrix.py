@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/run.py matrix --quick --out /tmp/matrix.json     # a few minutes
     .venv/bin/python bench/run.py matrix --out /tmp/matrix.json             # the full counts
-    .venv/bin/python bench/run.py matrix --ours ours 'ours@storage.sync="journal"' --quick
+    .venv/bin/python bench/run.py matrix --ours ours 'ours@storage.sync="fsync"' --quick
     .venv/bin/python bench/run.py matrix --only inbound --peers twisted --rounds 4
 
 Each scenario runs its servers in turn, round after round (A B C A B C), each
