@@ -32,15 +32,14 @@ from twisted.python.threadpool import ThreadPool
 
 from mailappliance.addressing import Addressing, build_addressing
 from mailappliance.blocking import RunBlocking
-from mailappliance.budget import NetworkByteBudget
 from mailappliance.client_lookup import ClientLookup
 from mailappliance.committer import BatchCommitter
 from mailappliance.config import WEB_ROLES, ListenerSettings, Settings, StartupError
 from mailappliance.credentials import SubscriberChecker, SubscriberRealm
 from mailappliance.delivery import Committer
-from mailappliance.journal import journal_for
 from mailappliance.directory.backends import build_store
 from mailappliance.directory.threaded import Directory
+from mailappliance.journal import journal_for
 from mailappliance.linesession import SessionSettings
 from mailappliance.logs import JsonLogService, LogLevelService
 from mailappliance.maildir import clean_incoming
@@ -64,7 +63,7 @@ from mailappliance.state.build import build_state_store
 from mailappliance.throttle import AuthThrottle
 from mailappliance.tls import ServerTLS, client_certificate, ensure_self_signed, fingerprint
 from mailappliance.web import HealthResource, autoconfig_site, metrics_site, spool_probe
-from mailappliance.workers import WorkerPlan, WorkerSupervisor, adopted, rate_limits
+from mailappliance.workers import WorkerPlan, WorkerSupervisor, adopted, byte_budget, rate_limits
 
 if TYPE_CHECKING:  # Twisted's trust root interface, not re-exported by twisted.internet.ssl
     from twisted.internet._sslverify import IOpenSSLTrustRoot
@@ -200,7 +199,7 @@ def build_service(settings: Settings, reactor: IReactorTime | None = None,
     locks = MailboxLocks(state_store, reactor, settings.state.lock_ttl)
     pop3_portal = Portal(MaildirRealm(settings.maildir_root, locks), [checker])
     quotas = MailboxQuotas(settings.mailbox_quota, run_blocking, reactor)
-    network_budget = NetworkByteBudget(settings.mx_bytes_per_hour_per_network, reactor)
+    network_budget = byte_budget(settings, reactor)  # per process: its share with several workers
     limits = rate_limits(settings, reactor, state_store)  # shared by every listener (and worker)
     limits.set_listener_caps({listener.name: listener.max_connections for listener in settings.listeners
                               if listener.max_connections})

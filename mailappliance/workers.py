@@ -46,6 +46,7 @@ from twisted.internet.interfaces import IDelayedCall, IListeningPort, IProtocolF
 from twisted.logger import ILogObserver, LogEvent, Logger, eventAsJSON, eventFromJSON, globalLogPublisher
 from twisted.python.failure import Failure
 
+from mailappliance.budget import NetworkByteBudget
 from mailappliance.config import ListenerSettings, Settings
 from mailappliance.limits import RateLimits
 from mailappliance.metrics import METRICS
@@ -113,6 +114,30 @@ class SharedRateLimits(RateLimits):
     def set_listener_caps(self, caps: dict[str, int]) -> None:
         super().set_listener_caps({name: _share(cap, self.workers) if cap > 0 else cap
                                    for name, cap in caps.items()})
+
+
+class SharedByteBudget(NetworkByteBudget):
+    """The MX's bytes per hour per client network, this process's 1/N share (also after SIGHUP)."""
+
+    def __init__(self, bytes_per_hour: int, clock: Any, workers: int) -> None:
+        self.workers = workers
+        super().__init__(bytes_per_hour, clock)
+        self.settings = bytes_per_hour
+
+    @property
+    def settings(self) -> int:
+        return self.bytes_per_hour
+
+    @settings.setter
+    def settings(self, value: int) -> None:
+        self.bytes_per_hour = _share(value, self.workers) if value > 0 else 0  # 0 stays "off"
+
+
+def byte_budget(settings: Settings, clock: Any) -> NetworkByteBudget:
+    """The MX byte budget of this process (a share of it when there are several)."""
+    if settings.workers > 1:
+        return SharedByteBudget(settings.mx_bytes_per_hour_per_network, clock, settings.workers)
+    return NetworkByteBudget(settings.mx_bytes_per_hour_per_network, clock)
 
 
 def rate_limits(settings: Settings, clock: Any, store: StateStore) -> RateLimits:

@@ -348,3 +348,16 @@ def test_started_as_root_the_workers_run_as_the_daemons_user(world_readable_root
     finally:
         process.terminate()
         process.wait(10)
+
+
+def test_each_process_keeps_its_share_of_the_mx_byte_budget() -> None:
+    """mx_bytes_per_hour_per_network with two processes: each lets a network send half, also after a reload."""
+    from twisted.internet.task import Clock
+
+    from mailappliance.workers import SharedByteBudget
+
+    budget = SharedByteBudget(1000, Clock(), 2)
+    assert budget.settings == 500
+    assert budget.may_receive("192.0.2.1", 500) and not budget.may_receive("192.0.2.1", 501)
+    budget.settings = 0
+    assert budget.settings == 0 and budget.may_receive("192.0.2.1", 10**9)  # 0 is still "off"
