@@ -347,7 +347,7 @@ def test_a_retry_of_the_whole_queue_is_listed_once_not_once_per_round(tmp_path: 
         spool.enqueue(received, Envelope.new(f"1700000000.M{n}P1Q1.host", "alice@example.org", ["a@down.example"]))
     clock, blocking = Clock(), Recorder()
     runner = runner_for(spool, clock, blocking, retry=10_000)
-    runner.lane_limit = 4
+    runner.lane_limits["fresh"] = 4
     runner.startService()
     clock.advance(0)
     assert blocking.calls.count("activate") == 30 and blocking.calls.count("incoming_ids") <= 2

@@ -157,7 +157,10 @@ class QueueRunner(service.Service):
         self.reactor = reactor
         self._active: set[str] = set()  # ids taken by a round (or waiting for a fresh slot)
         self._running = {FRESH: 0, DUE: 0}  # rounds in flight per lane
-        self.lane_limit = max(100, 10 * settings.concurrency)  # rounds in flight per lane (each holds its message)
+        # rounds in flight per lane (each holds its message and queues work for the storage threads):
+        # fresh mail generously; due mail enough to keep the connections busy, so that a backlog
+        # falling due cannot fill the storage threads' queue ahead of fresh mail
+        self.lane_limits = {FRESH: max(100, 10 * settings.concurrency), DUE: max(8, 2 * settings.concurrency)}
         self._global = DeferredSemaphore(settings.concurrency)
         self._per_destination: dict[str, DeferredSemaphore] = defaultdict(
             lambda: DeferredSemaphore(settings.per_destination))
@@ -255,7 +258,7 @@ class QueueRunner(service.Service):
         self._drain()
 
     def _drain(self) -> None:
-        while self._waiting and self._running[FRESH] < self.lane_limit:
+        while self._waiting and self._running[FRESH] < self.lane_limits[FRESH]:
             queue_id = self._waiting.popleft()
             if queue_id in self._active:
                 continue
@@ -272,7 +275,7 @@ class QueueRunner(service.Service):
     def _arm(self) -> None:
         """One timer, at the earliest due time (none while the due lane is full: a finished
         round fires again)."""
-        if not self._heap or not self.running or self._running[DUE] >= self.lane_limit:
+        if not self._heap or not self.running or self._running[DUE] >= self.lane_limits[DUE]:
             return
         when = self._heap[0][0]
         if self._timer is not None and self._timer.active():
@@ -287,7 +290,7 @@ class QueueRunner(service.Service):
             self._timer.cancel()
         self._timer = None
         now = self.reactor.seconds()
-        while self._heap and self._heap[0][0] <= now and self._running[DUE] < self.lane_limit:
+        while self._heap and self._heap[0][0] <= now and self._running[DUE] < self.lane_limits[DUE]:
             when, queue_id = heapq.heappop(self._heap)
             if self._due.get(queue_id) != when:
                 continue  # stale: rescheduled, retried or removed since
