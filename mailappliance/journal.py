@@ -42,6 +42,7 @@ import attrs
 from twisted.logger import Logger
 
 from mailappliance.maildir import ensure_maildir_once, forget_maildir, fsync_directory, syncfs
+from mailappliance.metrics import METRICS
 from mailappliance.settings import syncfs_available
 
 log = Logger(namespace="mailappliance.storage")
@@ -502,6 +503,7 @@ class Journal:
                 through, placed, touched = self._sequence, self._placed, self._touched
                 self._settling_names, self._settling = self._pending_names, (placed, touched)
                 self._reset_placed()
+            started = time.monotonic()
             try:
                 self._make_placed_durable(placed, touched)
                 crash_point("journal.checkpoint.synced")
@@ -510,6 +512,7 @@ class Journal:
                     crash_point("journal.checkpoint.written")
                     self._dirty_segments = {p for p in self._dirty_segments if self._segment_last.get(p, 0) > through}
                     self._settling_names, self._settling = set(), ([], set())
+                METRICS.observe("mailappliance_journal_checkpoint_seconds", time.monotonic() - started)
             except OSError:
                 with self._lock:  # the next attempt covers these files again
                     self._placed = list(placed) + self._placed

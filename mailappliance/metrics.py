@@ -55,6 +55,9 @@ HISTOGRAMS: dict[str, tuple[str, tuple[str, ...], tuple[float, ...]]] = {
     "mailappliance_commit_seconds": (
         "Received messages from the final dot's hand-over to durable (waiting for and in the commit thread).",
         (), LATENCY_BUCKETS),
+    "mailappliance_journal_checkpoint_seconds": (
+        "Journal checkpoints ([storage] sync = \"journal\"): making the placed Maildir files durable.", (),
+        LATENCY_BUCKETS),
     "mailappliance_login_seconds": (
         "Logins through the shared checker (cache, throttle delay, directory), by result.", ("result",),
         LATENCY_BUCKETS),
