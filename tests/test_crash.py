@@ -87,3 +87,23 @@ def test_kill_9_loses_nothing_and_exposes_nothing_partial(appliance: Callable[..
     with smtplib.SMTP("127.0.0.1", instance.ports["mx"], timeout=5) as smtp:
         smtp.sendmail("friend@example.net", ["alice@example.org"], message("after-restart"))
     assert "after-restart" in stored_tokens(instance.maildir_root)
+
+
+def test_a_pop3_delete_of_journaled_mail_survives_kill_9(appliance: Callable[..., Appliance], pki: object) -> None:
+    """With the journal: mail just delivered, deleted over POP3, then kill -9: the restart does not bring it back."""
+    instance = appliance(pki=pki, start=False, extra={"storage": {"sync": "journal"}})
+    assert instance.admin("user", "add", "alice@example.org", password="alice-password").returncode == 0
+    instance.start()
+    with smtplib.SMTP("127.0.0.1", instance.ports["mx"], timeout=5) as smtp:
+        for token in ("gone", "kept"):
+            smtp.sendmail("friend@example.net", ["alice@example.org"], message(token))
+    client = instance.pop3("alice@example.org", "alice-password")
+    listed = [client.retr(n + 1)[1] for n in range(len(client.list()[1]))]
+    first = next(n for n, lines in enumerate(listed) if b"Subject: gone" in lines)
+    client.dele(first + 1)
+    client.quit()  # within the checkpoint interval: the journal still covers both
+    instance.kill9()
+    instance.start()
+    tokens = {path.read_bytes().split(b"Subject: ", 1)[1].split(b"\r\n", 1)[0]
+              for path in (instance.maildir_root / "alice").glob("*/*") if path.parent.name in ("new", "cur")}
+    assert tokens == {b"kept"}
