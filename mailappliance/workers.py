@@ -199,6 +199,9 @@ class _JsonLines:
         self.lock = threading.Lock()  # commit and directory threads log too
 
     def __call__(self, event: LogEvent) -> None:
+        failure = event.get("log_failure")
+        if isinstance(failure, Failure):  # JSON keeps its traceback text, not the exception: send the message
+            event = {**event, "worker_error": failure.getErrorMessage()}
         line = eventAsJSON(event) + "\n"
         with self.lock:
             self.stream.write(line)
@@ -259,6 +262,10 @@ def worker_main(argv: Sequence[str] | None = None) -> None:
 # -- the supervisor's side ------------------------------------------------------------
 
 
+class RelayedError(Exception):
+    """A worker's exception, as its message (the exception object stays in the worker)."""
+
+
 class _Worker(protocol.ProcessProtocol):
     """One worker process as the supervisor sees it: its log lines and its end."""
 
@@ -301,6 +308,9 @@ class _Worker(protocol.ProcessProtocol):
             self.dropped += 1
             return
         event["worker"], event["worker_pid"] = self.index, self.pid
+        failure, message = event.get("log_failure"), event.pop("worker_error", None)
+        if isinstance(failure, Failure) and isinstance(message, str):
+            failure.value = RelayedError(message)
         globalLogPublisher(event)
 
     def processEnded(self, reason: Failure) -> None:
@@ -354,7 +364,9 @@ class WorkerSupervisor(service.Service):
             return
         fds = self.descriptors()
         child_fds: dict[int, int | str] = {0: "w", 1: "r", 2: "r"}
-        arguments = [sys.executable, "-m", "mailappliance.worker_main", "--index", str(index),
+        # -P: not the working directory first on sys.path; the supervisor's own sys.path instead,
+        # so a worker runs exactly the code its supervisor runs, wherever it was started from
+        arguments = [sys.executable, "-P", "-m", "mailappliance.worker_main", "--index", str(index),
                      "--parent", str(os.getpid())]
         for offset, (name, fd) in enumerate(sorted(fds.items())):
             child_fds[FIRST_FD + offset] = fd
@@ -362,7 +374,8 @@ class WorkerSupervisor(service.Service):
         worker = _Worker(self, index, self._settings_bytes)
         worker.started = self.reactor.seconds()
         self.workers[index] = worker
-        self.reactor.spawnProcess(worker, sys.executable, arguments, env=dict(os.environ), childFDs=child_fds)
+        environment = {**os.environ, "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)}
+        self.reactor.spawnProcess(worker, sys.executable, arguments, env=environment, childFDs=child_fds)
         log.info("worker {index} started (pid {pid})", index=index, pid=worker.pid)
 
     def ended(self, worker: _Worker, reason: Failure) -> None:

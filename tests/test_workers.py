@@ -361,3 +361,32 @@ def test_each_process_keeps_its_share_of_the_mx_byte_budget() -> None:
     assert budget.may_receive("192.0.2.1", 500) and not budget.may_receive("192.0.2.1", 501)
     budget.settings = 0
     assert budget.settings == 0 and budget.may_receive("192.0.2.1", 10**9)  # 0 is still "off"
+
+
+def test_a_workers_failure_keeps_its_message_in_the_supervisors_log() -> None:
+    """A failure logged in a worker reaches the supervisor with its message (JSON carries no exception objects)."""
+    import io
+
+    from twisted.logger import LogLevel, globalLogPublisher
+    from twisted.python.failure import Failure
+
+    from mailappliance.workers import WorkerSupervisor, _JsonLines, _Worker
+
+    stream = io.StringIO()
+    try:
+        raise OSError(28, "No space left on device")
+    except OSError:
+        failure = Failure()
+    _JsonLines(stream)({"log_format": "commit failed", "log_failure": failure, "log_level": LogLevel.error,
+                        "log_namespace": "mailappliance.storage", "log_time": 1.0})
+    worker = _Worker(WorkerSupervisor.__new__(WorkerSupervisor), 1, b"")
+    worker.pid = 4343
+    relayed: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(relayed.append)
+    try:
+        worker.childDataReceived(1, stream.getvalue().encode())
+    finally:
+        globalLogPublisher.removeObserver(relayed.append)
+    [event] = [e for e in relayed if e.get("worker_pid") == 4343]
+    assert event["log_failure"].getErrorMessage() == "[Errno 28] No space left on device"
+    assert "worker_error" not in event

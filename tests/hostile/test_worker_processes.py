@@ -117,7 +117,11 @@ def test_junk_and_huge_log_lines_from_a_worker_are_dropped_not_relayed(tmp_path:
 
 
 def test_workers_die_with_a_killed_supervisor(tmp_path: Path, redis: RedisServer, pki: Any) -> None:
-    """SIGKILL to the supervisor: its worker exits too, so nothing keeps accepting on the MX port."""
+    """SIGKILL to the supervisor: its worker exits too, so nothing keeps accepting on the MX port.
+    Its working directory holds a planted mailappliance/ package, which the worker must not import."""
+    planted = tmp_path / "mailappliance"
+    planted.mkdir()
+    (planted / "__init__.py").write_text("raise SystemExit('imported from the working directory')\n")
     sections: dict[str, dict[str, Any]] = {
         "server": {"hostname": "mx.test.example", "local_domains": ["example.org"], "workers": 2},
         "storage": {"maildir_root": str(tmp_path / "mail"), "spool_dir": str(tmp_path / "spool"), "sync": "fsync"},
@@ -130,6 +134,7 @@ def test_workers_die_with_a_killed_supervisor(tmp_path: Path, redis: RedisServer
                                                "port": free_port()}], pki=pki)
     instance.start()
     try:
+        assert "imported from the working directory" not in instance.log()
         worker = int(wait_until(lambda: _ready_worker(instance), 30, what="worker 1 ready"))
         instance.kill9()
         wait_until(lambda: not Path(f"/proc/{worker}").exists() or _zombie(worker), 15, what="the worker's exit")
