@@ -3,12 +3,14 @@ the MX, a receiver on loopback gets the mail - retries, reports, crashes, TLS po
 
 from __future__ import annotations
 
+import json
 import smtplib
+import time
 from typing import Any, Callable
 
 import pytest
 
-from mailappliance.queue.spool import OutboundSpool
+from mailappliance.queue.spool import Envelope, OutboundSpool
 from tests.conditions import wait_until
 from tests.daemon import Appliance, free_port
 
@@ -201,3 +203,25 @@ def test_smarthost_with_login_and_verified_tls(appliance: Callable[..., Applianc
     assert received.data.endswith(MESSAGE) and received.data.count(b"Received: from ") == 2
     assert b"(authenticated as edge-relay via PLAIN)" in received.data
     assert "auth ok: uid=edge-relay login='edge-relay' mechanism=PLAIN" in relay.log()
+
+
+def test_a_flat_spool_of_the_previous_release_is_delivered(appliance: Callable[..., Appliance],
+                                                           world: dict[str, Any], pki: Any) -> None:
+    """queue/<id>.json + <id>.eml as the previous release left them (one deferred, one due) are moved
+    into the new layout at start and delivered; nothing is left in the flat directory."""
+    instance = appliance(pki=pki, start=False, extra={"queue": {
+        "resolver": world["dns"].address, "smtp_port": world["port"], "scan_interval": 0.2}})
+    flat = instance.root / "spool" / "queue"
+    flat.mkdir(parents=True)
+    for n, next_attempt in enumerate((0.0, time.time() + 1)):
+        queue_id = f"{int(time.time())}.M{n}P1Q1.old"
+        envelope = Envelope.new(queue_id, "alice@example.org", ["friend@remote.example"])
+        envelope.next_attempt = next_attempt
+        (flat / f"{queue_id}.eml").write_bytes(MESSAGE + f"old-{n}\r\n".encode())
+        (flat / f"{queue_id}.json").write_text(json.dumps(envelope.to_json()))
+    instance.start()
+    received = world["remote"].wait_for(2)
+    assert sorted(m.data.rsplit(b"\r\n", 2)[-2] for m in received) == [b"old-0", b"old-1"]
+    wait_until(lambda: queue_size(instance) == 0, what="an empty queue")
+    assert "moved 2 message(s) of the flat spool into deferred/" in instance.log()
+    assert not [p for p in flat.iterdir() if p.is_file() and p.name != ".lock"]

@@ -14,10 +14,9 @@ from twisted.internet.defer import maybeDeferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
+from mailappliance.config import QueueSettings
 from mailappliance.queue.client import OutboundFactory, OutboundJob, to_wire
 from mailappliance.queue.dsn import build_dsn, recipient_status
-from mailappliance.settings import Relay
-from mailappliance.config import QueueSettings
 from mailappliance.queue.routing import RoutingError
 from mailappliance.queue.runner import Answer, QueueRunner, apply_answers
 from mailappliance.queue.schedule import Outcome, next_attempt_at, outcome_of
@@ -33,6 +32,7 @@ from mailappliance.queue.spool import (
     QueueEntryCorrupt,
     bucket,
 )
+from mailappliance.settings import Relay
 
 
 @pytest.mark.parametrize("stored, wire", [
@@ -291,7 +291,7 @@ def test_a_kick_reads_only_the_new_entry_not_the_backlog(tmp_path: Path) -> None
         envelope = Envelope.new(f"1700000000.M{n}P1Q1.host", "alice@example.org", ["a@down.example"])
         spool.enqueue(received, envelope)
         spool.activate(envelope.queue_id)
-        spool.store_round(envelope.queue_id, lambda e: setattr(e, "next_attempt", 1000.0 + n))
+        spool.store_round(envelope.queue_id, lambda e, n=n: setattr(e, "next_attempt", 1000.0 + n))
     clock, blocking = Clock(), Recorder()
     clock.advance(500)
     runner = runner_for(spool, clock, blocking, retry=10_000)

@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 import os
 import smtplib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -136,7 +136,7 @@ def test_a_deferred_entry_deleted_before_it_falls_due_is_dropped(appliance: Call
     wait_until(lambda: "2 deferred" in instance.log(), what="the schedule rebuilt")
     assert instance.admin("queue", "delete", gone).returncode == 0
     assert instance.admin("queue", "retry", retried).returncode == 0
-    wait_until(lambda: f"to=<victim1@hung.example>" in instance.log() or
+    wait_until(lambda: "to=<victim1@hung.example>" in instance.log() or
                "relay=127.0.0.1" in instance.log() or spool.state_of(retried) == "active",
                what="the retried entry taken by the daemon")
     assert gone not in spool.queued_ids()
