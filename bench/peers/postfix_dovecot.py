@@ -15,6 +15,14 @@ file before smtpd answers); delivery into the Maildir happens after it, so
 With ``--submission-port`` and a certificate Postfix also runs a submission
 service: TLS required, SASL PLAIN through Dovecot's auth socket.
 
+The password is checked like ours checks it: Dovecot's passdb is a
+passwd-file whose hash argon2-cffi made with the defaults ours uses
+(``{ARGON2ID}$argon2id$v=19$m=65536,t=3,p=4$...``, the very string ours
+stores after ``{ARGON2}``; Dovecot verifies it with libsodium), and its auth
+cache keeps a good login as long as ours does (``--cache-ttl``, ours'
+``auth.cache_ttl``).  ``--password-scheme plain`` restores the old static
+plain-text password.
+
     python bench/peers/postfix_dovecot.py --smtp-port 2800 --pop3-port 2810 --root /tmp/peer-postfix
 """
 
@@ -102,6 +110,23 @@ scache     unix  - - n -    1 scache
 postlog    unix-dgram n - n - 1 postlogd
 """
 
+PASSDB_STATIC = """\
+passdb {{
+  driver = static
+  args = password={password}
+}}
+"""
+
+PASSDB_FILE = """\
+passdb {{
+  driver = passwd-file
+  args = {root}/dovecot/passwd
+}}
+auth_cache_size = 1M
+auth_cache_ttl = {cache_ttl} s
+auth_cache_negative_ttl = 0
+"""
+
 DOVECOT_CONF = """\
 instance_name = bench-dovecot-{port}
 base_dir = {root}/dovecot/run
@@ -114,10 +139,7 @@ disable_plaintext_auth = no
 auth_mechanisms = plain
 mail_location = maildir:{root}/mail/%n
 first_valid_uid = 1
-passdb {{
-  driver = static
-  args = password={password}
-}}
+{passdb}
 userdb {{
   driver = static
   args = uid={uid} gid={gid} home={root}/mail/%n
@@ -157,6 +179,8 @@ def main() -> None:
     parser.add_argument("--smtp-port", type=int, required=True)
     parser.add_argument("--pop3-port", type=int, required=True)
     parser.add_argument("--root", type=Path, required=True)
+    parser.add_argument("--password-scheme", choices=("argon2id", "plain"), default="argon2id")
+    parser.add_argument("--cache-ttl", type=int, default=60, help="seconds Dovecot's auth cache keeps a login")
     add_submission_options(parser)
     args = parser.parse_args()
     root = args.root.resolve()
@@ -183,7 +207,14 @@ def main() -> None:
     (config / "master.cf").write_text(master_cf)
     (root / "postfix" / "vmailbox").write_text("alice@example.org alice/\n")
     dovecot_conf = root / "dovecot" / "dovecot.conf"
-    dovecot_conf.write_text(DOVECOT_CONF.format(port=args.pop3_port, **values))
+    if args.password_scheme == "argon2id":
+        from argon2 import PasswordHasher  # argon2-cffi, with the defaults ours hashes with
+
+        (root / "dovecot" / "passwd").write_text(f"alice:{{ARGON2ID}}{PasswordHasher().hash(PASSWORD)}\n")
+        passdb = PASSDB_FILE.format(root=root, cache_ttl=args.cache_ttl)
+    else:
+        passdb = PASSDB_STATIC.format(password=PASSWORD)
+    dovecot_conf.write_text(DOVECOT_CONF.format(port=args.pop3_port, passdb=passdb, **values))
 
     def shutdown() -> None:
         for command in (["postfix", "-c", str(config), "stop"], ["doveadm", "-c", str(dovecot_conf), "stop"]):
