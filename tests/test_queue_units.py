@@ -5,6 +5,7 @@ from __future__ import annotations
 import email
 import json
 import os
+import shutil
 from email import policy
 from pathlib import Path
 from typing import Any
@@ -397,7 +398,7 @@ OPERATIONS: dict[str, Any] = {
 }
 
 
-@pytest.mark.parametrize("operation", ["enqueue", *OPERATIONS])
+@pytest.mark.parametrize("operation", ["enqueue", "migrate", *OPERATIONS])
 def test_a_crash_at_every_step_leaves_a_whole_entry_or_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                             operation: str) -> None:
     """A crash after any link, rename, unlink, fsync or utime of an operation leaves, after the next
@@ -411,7 +412,11 @@ def test_a_crash_at_every_step_leaves_a_whole_entry_or_none(tmp_path: Path, monk
         received.write_bytes(b"Subject: x\r\n\r\nbody\r\n")
         spool = OutboundSpool(root / "spool")
         envelope = Envelope.new("1700000000.M1P1Q1.host", "alice@example.org", ["a@x.example"])
-        if operation != "enqueue":
+        if operation == "migrate":  # a flat spool of the previous release
+            (root / "spool" / "queue").mkdir(parents=True)
+            (root / "spool" / "queue" / f"{envelope.queue_id}.json").write_text(json.dumps(envelope.to_json()))
+            shutil.copyfile(received, root / "spool" / "queue" / f"{envelope.queue_id}.eml")
+        elif operation != "enqueue":
             spool.enqueue(received, envelope)
             if operation in ("retry", "delete"):
                 OPERATIONS["defer"](spool, envelope.queue_id)
@@ -420,6 +425,8 @@ def test_a_crash_at_every_step_leaves_a_whole_entry_or_none(tmp_path: Path, monk
             try:
                 if operation == "enqueue":
                     spool.enqueue(received, envelope)
+                elif operation == "migrate":
+                    spool.recover()
                 else:
                     OPERATIONS[operation](spool, envelope.queue_id)
                 finished = True
@@ -427,7 +434,7 @@ def test_a_crash_at_every_step_leaves_a_whole_entry_or_none(tmp_path: Path, monk
                 finished = False
         states = whole(OutboundSpool(root / "spool"))
         assert len(states) <= 1
-        if operation in ("activate", "defer", "retry"):
+        if operation in ("activate", "defer", "retry", "migrate"):
             assert states, f"lost at step {step} ({calls[-1]})"
         if finished:
             break

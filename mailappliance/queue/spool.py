@@ -145,6 +145,7 @@ class Recovery:
     orphans: int = 0  # message files without an envelope (crash before the 250), removed
     skipped: list[str] = attrs.Factory(list)  # foreign or unreadable names, left alone (logged)
     corrupt: list[str] = attrs.Factory(list)  # ids moved to corrupt/
+    touched: set[Path] = attrs.Factory(set)  # directories a migration wrote: synced once at the end
 
 
 class OutboundSpool:
@@ -434,6 +435,8 @@ class OutboundSpool:
                         else:
                             found.skipped.append(f"queue/deferred/{sub}/{entry.name}")
             self._remove_orphans(known, found)
+            for directory in sorted(found.touched | ({self.queue_dir} if found.migrated else set())):
+                fsync_directory(directory)
         found.due_now.sort()
         return found
 
@@ -457,14 +460,13 @@ class OutboundSpool:
             return
         data = self.data_dir / bucket(queue_id) / f"{queue_id}.eml"
         legacy_data = self.queue_dir / f"{queue_id}.eml"
-        if os.path.lexists(legacy_data):
+        if os.path.lexists(legacy_data):  # no fsync for a move: both places are looked in
             self._move(legacy_data, data)
-            fsync_directory(data.parent)
         target = self.deferred_dir / bucket(queue_id) / f"{queue_id}.json"
         os.utime(path, (time.time(), envelope.next_attempt))
         self._move(path, target)
-        fsync_directory(target.parent)
         found.migrated += 1
+        found.touched.update((data.parent, target.parent))
 
     def _remove_orphans(self, known: set[str], found: Recovery) -> None:
         def orphan(directory: Path, name: str, kind: str) -> None:
