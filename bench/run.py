@@ -91,6 +91,9 @@ class Server:
         self.smtp_port, self.pop3_port, self.submission_port = free_port(), free_port(), free_port()
         self.submissions_port = free_port()  # implicit TLS (ours and Twisted)
         self.process: subprocess.Popen[bytes] | None = None
+        # Dovecot's passdb: an Argon2id hash like ours (it verifies the hash at every login, its
+        # auth cache included), or "plain" where only what follows the password check is measured
+        self.password_scheme = "argon2id"
 
     def start(self, cache_ttl: float = 60) -> "Server":
         submission = ["--submission-port", str(self.submission_port), *self._certificate()]
@@ -104,7 +107,7 @@ class Server:
         elif self.kind == "postfix":
             command = [sys.executable, str(HERE / "peers" / "postfix_dovecot.py"), "--smtp-port", str(self.smtp_port),
                        "--pop3-port", str(self.pop3_port), "--root", str(self.root),
-                       "--cache-ttl", str(round(cache_ttl)), *submission]
+                       "--cache-ttl", str(round(cache_ttl)), "--password-scheme", self.password_scheme, *submission]
         else:
             command = [sys.executable, str(HERE / "peers" / "twisted_mail_peer.py"), "--smtp-port",
                        str(self.smtp_port), "--pop3-port", str(self.pop3_port), "--maildir", str(self.root / "mail"),
