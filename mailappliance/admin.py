@@ -296,14 +296,14 @@ def _age(seconds: float) -> str:
 
 
 def _queue_entries(ctx: CommandContext) -> list[Envelope]:
-    from mailappliance.queue.spool import QueueEntryGone
+    from mailappliance.queue.spool import QueueEntryCorrupt, QueueEntryGone
 
     spool = _spool(ctx)
     entries: list[Envelope] = []
     for queue_id in spool.queued_ids():
         try:
             entries.append(spool.envelope(queue_id))
-        except QueueEntryGone:
+        except (QueueEntryGone, QueueEntryCorrupt):  # delivered meanwhile; unreadable: the daemon sets it aside
             continue
     return entries
 
@@ -313,8 +313,10 @@ def cmd_queue_list(ctx: CommandContext, args: argparse.Namespace) -> None:
 
     now, entries = time.time(), _queue_entries(ctx)
     oldest = max((now - e.received_at for e in entries), default=0)
+    corrupt_dir = _spool(ctx).corrupt_dir
+    corrupt = len(os.listdir(corrupt_dir)) if corrupt_dir.is_dir() else 0
     if ctx.as_json:
-        print(json.dumps({"size": len(entries), "oldest_age_seconds": round(oldest),
+        print(json.dumps({"size": len(entries), "oldest_age_seconds": round(oldest), "corrupt_files": corrupt,
                           "messages": [e.to_json() for e in entries]}))
         return
     for e in entries:
@@ -324,20 +326,30 @@ def cmd_queue_list(ctx: CommandContext, args: argparse.Namespace) -> None:
         print(f"{e.queue_id}  age {_age(now - e.received_at):>8}  from <{e.sender}>  "
               f"{pending}/{len(e.recipients)} pending  next in {_age(e.next_attempt - now)}{reason}")
     print(f"{len(entries)} message(s) queued, oldest {_age(oldest)}")
+    if corrupt:
+        print(f"{corrupt} file(s) set aside in {corrupt_dir} (unreadable, or their message file vanished; "
+              "the daemon's log says why)")
 
 
 def cmd_queue_show(ctx: CommandContext, args: argparse.Namespace) -> None:
-    from mailappliance.queue.spool import QueueEntryGone
+    import time
+
+    from mailappliance.queue.spool import QueueEntryCorrupt, QueueEntryGone
 
     spool = _spool(ctx)
     try:
         envelope = spool.envelope(_queue_id(args.id))
+        state = spool.state_of(envelope.queue_id)
     except QueueEntryGone:
         raise NoSuchSubscriber(f"no queued message {args.id!r}") from None
+    except QueueEntryCorrupt as e:
+        raise NoSuchSubscriber(f"queued message {args.id!r} is unreadable: {e}") from None
     if ctx.as_json:
         print(json.dumps(envelope.to_json()))
         return
     print(f"id:            {envelope.queue_id}\nfrom:          <{envelope.sender}>")
+    print(f"state:         {state}, next attempt in "
+          f"{_age(envelope.next_attempt - time.time())}")
     print(f"submitted by:  {envelope.authenticated_as or '-'} from [{envelope.client_ip}] "
           f"session {envelope.session_id}\nattempts:      {envelope.attempts}")
     for r in envelope.recipients:
