@@ -15,7 +15,9 @@ Servers (each on loopback, storage in a fresh temp dir):
 - postfix: bench/peers/postfix_dovecot.py, a private Postfix + Dovecot (fsync into
   its queue before 250, Maildir delivery after it; needs root and the packages).
 A variant of ours is named ``ours@SECTION.KEY=VALUE[,...]``, e.g.
-``--servers ours ours@storage.commit_threads=2``, to measure a setting A B A B.
+``--servers ours ours@storage.commit_threads=2``, to measure a setting A B A B;
+``ours@code=DIR`` runs the ``mailappliance`` package of another tree (a copy
+with a change, PYTHONPATH=DIR) against this one.
 ``ours+redis`` is ours with its state (limits, throttling, mailbox locks) in a
 private redis-server that the run starts (issue 17):
 
@@ -84,10 +86,15 @@ class Server:
     def __init__(self, kind: str) -> None:
         self.kind, _, tuning = kind.partition("@")  # "ours@storage.commit_threads=2,smtp.x=y"
         self.tuning = dict(item.split("=", 1) for item in tuning.split(",") if item)
+        # ours runs this checkout's mailappliance (PYTHONPATH): twistd's sys.path starts with the
+        # venv's bin/, so without it a package installed into the venv (a stale copy) would run;
+        # ours@code=DIR: another tree's mailappliance instead, to measure a change A B
+        code = self.tuning.pop("code", None)
+        self.env = {**os.environ, "PYTHONPATH": str(Path(code).resolve() if code else HERE.parent)}
         if self.kind == "ours+redis":  # the shared state store in the run's private redis-server
             self.kind = "ours"
             self.tuning["state.redis"] = f'"{private_redis().url}"'
-        self.root = Path(tempfile.mkdtemp(prefix=f"bench-{kind}-"))
+        self.root = Path(tempfile.mkdtemp(prefix=f"bench-{kind.replace('/', '_')}-"))
         self.smtp_port, self.pop3_port, self.submission_port = free_port(), free_port(), free_port()
         self.submissions_port = free_port()  # implicit TLS (ours and Twisted)
         self.process: subprocess.Popen[bytes] | None = None
@@ -114,7 +121,7 @@ class Server:
                        *submission, "--submissions-port", str(self.submissions_port)]
         self.command = command
         with open(self.root / "server-output.log", "ab") as output:
-            self.process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=self.env)
         try:
             wait_for_port(self.smtp_port, process=self.process)
         except RuntimeError as error:  # say why, from its output and ours' log
@@ -128,7 +135,8 @@ class Server:
         wait for a new "mailappliance ready" line (needs ``logging.level="info"``)."""
         log = self.root / "twistd.log"
         seen = log.read_text(errors="replace").count("mailappliance ready") if log.exists() else 0
-        self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                        env=self.env)
         deadline = time.monotonic() + timeout
         while log.read_text(errors="replace").count("mailappliance ready") <= seen:
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -156,7 +164,7 @@ class Server:
     def _configure_ours(self, cache_ttl: float) -> None:
         added = subprocess.run([str(BIN / "mailappliance-admin"), "--config", str(self._write_config(cache_ttl)),
                                 "user", "add", "alice@example.org", "--password-stdin"],
-                               input="alice-password\n", capture_output=True, text=True)
+                               input="alice-password\n", capture_output=True, text=True, env=self.env)
         if added.returncode:
             raise RuntimeError(added.stderr)
 
