@@ -86,11 +86,13 @@ class Server:
     def __init__(self, kind: str) -> None:
         self.kind, _, tuning = kind.partition("@")  # "ours@storage.commit_threads=2,smtp.x=y"
         self.tuning = dict(item.split("=", 1) for item in tuning.split(",") if item)
-        # ours runs this checkout's mailappliance (PYTHONPATH): twistd's sys.path starts with the
-        # venv's bin/, so without it a package installed into the venv (a stale copy) would run;
+        # ours runs this checkout's mailappliance (PYTHONPATH, unless the caller set one: the
+        # --code of pop3_index.py and queue_backlog.py): twistd's sys.path starts with the venv's
+        # bin/, so without it a package installed into the venv (a stale copy) would run;
         # ours@code=DIR: another tree's mailappliance instead, to measure a change A B
         code = self.tuning.pop("code", None)
-        self.env = {**os.environ, "PYTHONPATH": str(Path(code).resolve() if code else HERE.parent)}
+        self.env = {**os.environ, "PYTHONPATH": str(Path(code).resolve()) if code else
+                    os.environ.get("PYTHONPATH") or str(HERE.parent)}
         if self.kind == "ours+redis":  # the shared state store in the run's private redis-server
             self.kind = "ours"
             self.tuning["state.redis"] = f'"{private_redis().url}"'
