@@ -13,7 +13,10 @@ mailappliance`` and measures:
 - idle CPU: the daemon's CPU seconds (user + system, all threads) per
   minute, over ``--idle`` seconds with the backlog waiting and nothing new
   (with ``--due 0`` the backlog is due: the runner works through it);
-- RSS of the daemon at the end.
+- RSS of the daemon at the end;
+- with ``--strace``: the daemon's system calls per fresh message (strace -f -c
+  over the fresh messages: SMTP, commit and queue together; deterministic
+  enough to compare on a busy machine).
 
 With ``--baseline DIR`` (a copy of an older tree, e.g. ``git archive
 <commit> mailappliance twisted | tar -x -C DIR``) the same is done for that
@@ -30,8 +33,10 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import smtplib
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -112,6 +117,12 @@ def one_point(code: Path, size: int, args: argparse.Namespace, work: Path) -> di
         time.sleep(2)  # the first scan (old code) and the start-up work settle
         latencies = []
         context = instance.client_context()
+        tracer = None
+        if args.strace:  # system calls of the daemon (all threads) while the fresh messages go through
+            trace_file = root / "strace.txt"
+            tracer = subprocess.Popen(["strace", "-f", "-c", "-o", str(trace_file), "-p", str(instance.process.pid)],
+                                      stderr=subprocess.DEVNULL)
+            time.sleep(1)  # attached
         for _ in range(args.messages):
             before = len(receiver.messages)
             with smtplib.SMTP_SSL("127.0.0.1", instance.ports["submissions"], timeout=60, context=context) as smtp:
@@ -122,6 +133,13 @@ def one_point(code: Path, size: int, args: argparse.Namespace, work: Path) -> di
             while len(receiver.messages) <= before and time.monotonic() < deadline:
                 time.sleep(0.002)
             latencies.append(time.monotonic() - accepted if len(receiver.messages) > before else float("inf"))
+        syscalls = None
+        if tracer is not None:
+            time.sleep(0.5)  # the round's last writes
+            tracer.send_signal(signal.SIGINT)
+            tracer.wait(30)
+            total = [line.split() for line in trace_file.read_text().splitlines() if line.rstrip().endswith("total")]
+            syscalls = round(int(total[0][3]) / args.messages) if total else None
         cpu_before, t0 = cpu_seconds(instance.process.pid), time.monotonic()
         time.sleep(args.idle)
         cpu = (cpu_seconds(instance.process.pid) - cpu_before) / (time.monotonic() - t0) * 60
@@ -129,7 +147,7 @@ def one_point(code: Path, size: int, args: argparse.Namespace, work: Path) -> di
                        .splitlines() if line.startswith("VmRSS:")))
         return {"size": size, "code": str(code), "write_s": round(written, 1), "start_s": round(start_seconds, 2),
                 "latency_s": [round(x, 3) for x in latencies], "idle_cpu_s_per_min": round(cpu, 3),
-                "rss_mib": round(rss / 1024, 1)}
+                "rss_mib": round(rss / 1024, 1), "syscalls_per_message": syscalls}
     finally:
         instance.stop()
         receiver.stop()
@@ -151,6 +169,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()), help="where spools are made")
     parser.add_argument("--json", type=Path, help="write the results there too")
     parser.add_argument("--keep", action="store_true", help="keep each run's directory")
+    parser.add_argument("--strace", action="store_true",
+                        help="count the daemon's system calls (strace -f -c) per fresh message, whole daemon")
     args = parser.parse_args()
     codes = ([args.baseline.resolve()] if args.baseline else []) + [HERE.parent]
     results = []
@@ -161,7 +181,7 @@ def main() -> None:
                 results.append(point)
                 print(json.dumps(point), flush=True)
     print(f"\n{'code':<10} {'backlog':>8} {'start s':>8} {'latency median s (range)':>28} {'CPU s/min':>15} "
-          f"{'RSS MiB':>8}")
+          f"{'RSS MiB':>8}" + (f" {'syscalls/msg':>9}" if args.strace else ""))
     for code in codes:
         label = "baseline" if args.baseline and code == codes[0] else "this"
         for size in args.sizes:
@@ -172,7 +192,8 @@ def main() -> None:
             print(f"{label:<10} {size:>8} {statistics.median(starts):>8.2f} "
                   f"{statistics.median(latencies):>10.3f} ({min(latencies):.3f}-{max(latencies):.3f})"
                   f"{'':>6} {statistics.median(cpus):>10.3f} ({min(cpus):.2f}-{max(cpus):.2f})"
-                  f" {statistics.median(p['rss_mib'] for p in points):>8.1f}")
+                  f" {statistics.median(p['rss_mib'] for p in points):>8.1f}"
+                  + (f" {statistics.median(p['syscalls_per_message'] or 0 for p in points):>9}" if args.strace else ""))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 
