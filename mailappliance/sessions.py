@@ -6,10 +6,11 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import os
-from typing import cast
+from typing import Any, cast
 
-from twisted.internet import tcp
+from twisted.internet import abstract, tcp
 from twisted.internet.interfaces import IAddress, ITCPTransport, ITransport
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 
 _counter = itertools.count(1)
 _prefix = os.urandom(3).hex()
@@ -53,17 +54,57 @@ def write_now(transport: ITransport, data: bytes) -> None:
     write interest (two ``epoll_ctl`` calls and a loop pass per reply); for a
     client that waits for each reply that was 4-19 % of throughput
     (docs/performance.md).  Whatever the socket does not take at once, and
-    anything written while other data is buffered, TLS, or a transport of
-    another kind, goes through ``transport.write`` as usual, so order, flow
-    control and error handling stay Twisted's.
+    anything written while other data is buffered, or a transport of another
+    kind, goes through ``transport.write`` as usual, so order, flow control
+    and error handling stay Twisted's.  On TLS (implicit, or after STARTTLS)
+    the reply goes through Twisted's TLS layer as usual (which gathers the
+    writes of one reactor pass into one record) and the encrypted bytes take
+    the same shortcut to the socket (:func:`send_tls_directly`).
     """
-    if type(transport) is tcp.Server and not transport.TLS and transport.connected \
-            and not transport.disconnecting and not transport.dataBuffer and not transport._tempDataBuffer:
+    if type(transport) is tcp.Server and not transport.TLS:
+        if _send_at_once(transport, data):
+            return
+    elif not getattr(transport, "_sends_directly", False):
+        send_tls_directly(transport)
+    transport.write(data)
+
+
+def _send_at_once(connection: tcp.Server, data: bytes) -> bool:
+    """Put ``data`` on the socket if nothing is waiting before it and the socket
+    takes all of it; False (nothing sent) otherwise."""
+    if connection.connected and not connection.disconnecting and not connection._writeDisconnected \
+            and not connection.dataBuffer and not connection._tempDataBuffer:
         try:
-            sent = transport.socket.send(data)
+            sent = connection.socket.send(data)
         except OSError:  # would block, or a broken connection that the reactor will report
             sent = 0
         if sent == len(data):
-            return
-        data = data[sent:]
-    transport.write(data)
+            return True
+        if sent:
+            abstract.FileDescriptor.write(connection, data[sent:])
+            return True
+    return False
+
+
+def send_tls_directly(transport: object) -> None:
+    """Let a TLS connection's encrypted output skip Twisted's per-write buffering
+    pass on the TCP connection beneath: when nothing is waiting there, the bytes
+    go to the socket at once (no write-interest toggle, two ``epoll_ctl`` calls
+    and a reactor pass less per flush), otherwise they are buffered as before.
+    Once per connection; anything not TLS over ``tcp.Server`` is left alone."""
+    tls: object = transport  # implicit TLS: the session's transport is the TLS protocol itself
+    connection: object = getattr(transport, "transport", None)
+    if type(transport) is tcp.Server and transport.TLS:  # after STARTTLS
+        connection, tls = transport, getattr(transport, "protocol", None)
+    lower: Any = getattr(tls, "transport", None)  # what the TLS layer writes its records to
+    if not isinstance(tls, TLSMemoryBIOProtocol) or type(connection) is not tcp.Server or lower is None \
+            or (lower is connection and connection.TLS):
+        return
+
+    def write(data: bytes) -> None:
+        if not _send_at_once(connection, data):
+            abstract.FileDescriptor.write(connection, data)
+
+    lower.write = write  # the TLS layer's own writes (records, handshake flights, close_notify)
+    marked: Any = transport
+    marked._sends_directly = True  # once per connection

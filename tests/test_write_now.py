@@ -4,11 +4,14 @@ nothing buffered goes out directly; anything else keeps Twisted's order."""
 from __future__ import annotations
 
 import socket
+import ssl
 from typing import Iterator
 
 import pytest
 from twisted.internet import protocol, tcp
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 
 from mailappliance.sessions import write_now
 
@@ -84,3 +87,104 @@ def test_a_closing_connection_is_left_to_twisted(connection) -> None:
     transport.loseConnection()
     write_now(transport, b"421 bye\r\n")
     assert received(peer) == b""  # Twisted decides what still goes out while closing
+
+
+def _tls_pump(connection: tcp.Server, reactor: MemoryReactor, client: ssl.SSLSocket, clock: Clock | None) -> None:
+    """One turn of a reactor that is not running: flush the TLS layer, read what came, write what waits."""
+    if clock is not None:
+        clock.advance(0)
+    connection.doRead()
+    if connection in reactor.writers:
+        connection.doWrite()
+
+
+def _handshake(connection: tcp.Server, reactor: MemoryReactor, client: ssl.SSLSocket, clock: Clock | None) -> None:
+    for _ in range(100):
+        try:
+            client.do_handshake()
+            return
+        except ssl.SSLWantReadError:
+            _tls_pump(connection, reactor, client, clock)
+    raise AssertionError("no TLS handshake")
+
+
+def _tls_received(client: ssl.SSLSocket) -> bytes:
+    data = b""
+    while True:
+        try:
+            chunk = client.recv(1 << 20)
+        except ssl.SSLWantReadError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
+@pytest.fixture
+def tls_connection(pki) -> Iterator[tuple[TLSMemoryBIOProtocol, tcp.Server, ssl.SSLSocket, MemoryReactor, Clock]]:
+    """An implicit-TLS server connection (port 465 style) on a real socket, handshake done."""
+    ours, peer = socket.socketpair()
+    ours.setblocking(False)
+    reactor, clock = MemoryReactor(), Clock()
+    server_options, _ = pki.twisted_contexts()
+    factory = TLSMemoryBIOFactory(server_options, False, protocol.Factory.forProtocol(protocol.Protocol), clock=clock)
+    tls = factory.buildProtocol(("127.0.0.1", 1234))
+    connection = tcp.Server(ours, tls, ("127.0.0.1", 1234), None, 1, reactor)  # type: ignore[arg-type]
+    tls.makeConnection(connection)
+    client = pki.client_context().wrap_socket(peer, server_hostname="localhost", do_handshake_on_connect=False)
+    client.setblocking(False)
+    _handshake(connection, reactor, client, clock)
+    _tls_pump(connection, reactor, client, clock)  # the client's Finished; the server's session tickets
+    _tls_received(client)
+    yield tls, connection, client, reactor, clock
+    client.close()
+    ours.close()
+
+
+def test_tls_records_go_to_the_socket_without_the_reactor(tls_connection) -> None:
+    """On implicit TLS a reply's record is on the wire after the TLS layer's flush, with no write interest left."""
+    tls, connection, client, reactor, clock = tls_connection
+    write_now(tls, b"250 2.0.0 Ok\r\n")
+    write_now(tls, b"250 2.1.5 Ok\r\n")
+    clock.advance(0)  # Twisted's TLS layer gathers one pass's writes into one record
+    assert connection not in reactor.writers and not connection._tempDataBuffer and not connection.dataBuffer
+    assert _tls_received(client) == b"250 2.0.0 Ok\r\n250 2.1.5 Ok\r\n"
+
+
+def test_tls_records_the_socket_does_not_take_stay_in_order(tls_connection) -> None:
+    """What the socket does not take at once is buffered, and later records follow it in order."""
+    tls, connection, client, reactor, clock = tls_connection
+    connection.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    big = bytes(range(256)) * 8192  # 2 MiB: more than the socket takes at once
+    write_now(tls, big)
+    clock.advance(0)
+    write_now(tls, b"tail")
+    clock.advance(0)
+    assert connection in reactor.writers
+    got = b""
+    for _ in range(10000):
+        if len(got) >= len(big) + 4:
+            break
+        got += _tls_received(client)
+        _tls_pump(connection, reactor, client, clock)
+    assert got == big + b"tail"
+
+
+def test_after_starttls_records_go_to_the_socket_at_once(connection, pki) -> None:
+    """After STARTTLS on a TCP connection, replies' records go to the socket without the reactor too."""
+    transport, peer, reactor = connection
+    transport.protocol.makeConnection(transport)
+    server_options, _ = pki.twisted_contexts()
+    transport.startTLS(server_options)
+    client = pki.client_context().wrap_socket(peer, server_hostname="localhost", do_handshake_on_connect=False)
+    client.setblocking(False)
+    _handshake(transport, reactor, client, None)
+    tls = transport.protocol
+    flush = tls._aggregator.flush  # the TLS layer's per-pass flush (the global reactor is not running here)
+    flush()
+    _tls_pump(transport, reactor, client, None)
+    _tls_received(client)
+    write_now(transport, b"250 2.0.0 Ok\r\n")
+    flush()
+    assert transport not in reactor.writers and not transport._tempDataBuffer and not transport.dataBuffer
+    assert _tls_received(client) == b"250 2.0.0 Ok\r\n"
