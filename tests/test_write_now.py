@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import socket
 import ssl
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 from twisted.internet import protocol, tcp
