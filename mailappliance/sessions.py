@@ -86,12 +86,18 @@ def _send_at_once(connection: tcp.Server, data: bytes) -> bool:
     return False
 
 
+# A record this big carries a full 16 KiB of data: bulk output (a POP3 RETR) follows, which
+# Twisted's buffer sends up to 128 KiB at a time; one system call per record would be more.
+FULL_TLS_RECORD = 16 * 1024
+
+
 def send_tls_directly(transport: object) -> None:
     """Let a TLS connection's encrypted output skip Twisted's per-write buffering
     pass on the TCP connection beneath: when nothing is waiting there, the bytes
     go to the socket at once (no write-interest toggle, two ``epoll_ctl`` calls
-    and a reactor pass less per flush), otherwise they are buffered as before.
-    Once per connection; anything not TLS over ``tcp.Server`` is left alone."""
+    and a reactor pass less per flush), otherwise they are buffered as before, and
+    so are full records (bulk output).  Once per connection; anything not TLS over
+    ``tcp.Server`` is left alone."""
     tls: object = transport  # implicit TLS: the session's transport is the TLS protocol itself
     connection: object = getattr(transport, "transport", None)
     if type(transport) is tcp.Server and transport.TLS:  # after STARTTLS
@@ -102,7 +108,7 @@ def send_tls_directly(transport: object) -> None:
         return
 
     def write(data: bytes) -> None:
-        if not _send_at_once(connection, data):
+        if len(data) >= FULL_TLS_RECORD or not _send_at_once(connection, data):
             abstract.FileDescriptor.write(connection, data)
 
     lower.write = write  # the TLS layer's own writes (records, handshake flights, close_notify)

@@ -170,6 +170,17 @@ def test_tls_records_the_socket_does_not_take_stay_in_order(tls_connection) -> N
     assert got == big + b"tail"
 
 
+def test_bulk_tls_output_is_sent_by_the_reactor_in_large_writes(tls_connection) -> None:
+    """Full records (a POP3 RETR over TLS) are buffered and sent together, not one system call each."""
+    tls, connection, client, reactor, clock = tls_connection
+    bulk = b"x" * (64 * 1024)
+    write_now(tls, bulk)
+    clock.advance(0)
+    assert connection in reactor.writers and connection._tempDataLen > 4 * 16 * 1024
+    connection.doWrite()
+    assert _tls_received(client) == bulk
+
+
 def test_after_starttls_records_go_to_the_socket_at_once(connection, pki) -> None:
     """After STARTTLS on a TCP connection, replies' records go to the socket without the reactor too."""
     transport, peer, reactor = connection
