@@ -463,15 +463,20 @@ class RawPop3:
     def __init__(self, port: int) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=60)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.buffer = b""
+        self.buffer = bytearray()
         self.line()
 
     def _until(self, end: bytes) -> bytes:
+        """Everything up to and including ``end``; each byte is searched once (a 1 MB answer
+        in many recv calls would otherwise be scanned from its start after each)."""
+        start = 0
         while True:
-            found = self.buffer.find(end)
+            found = self.buffer.find(end, start)
             if found >= 0:
-                answer, self.buffer = self.buffer[:found + len(end)], self.buffer[found + len(end):]
+                answer = bytes(self.buffer[:found + len(end)])
+                del self.buffer[:found + len(end)]
                 return answer
+            start = max(0, len(self.buffer) - len(end) + 1)
             data = self.sock.recv(1 << 18)
             if not data:
                 raise ConnectionError("server closed the connection")
