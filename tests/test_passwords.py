@@ -101,3 +101,28 @@ def test_spend_a_check_always_refuses() -> None:
     from mailappliance.directory.passwords import spend_a_check
 
     assert spend_a_check("") is False and spend_a_check("anything at all") is False
+
+
+def test_argon2id_hashes_are_checked_by_libsodium_with_the_same_verdicts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An argon2-cffi Argon2id hash goes to libsodium (half the CPU): right matches, wrong does not."""
+    import nacl.pwhash
+
+    from mailappliance.directory import passwords
+
+    calls: list[bytes] = []
+    real = nacl.pwhash.verify
+    monkeypatch.setattr(nacl.pwhash, "verify", lambda h, p: calls.append(h) or real(h, p))
+    stored = hash_password("right-pass")
+    assert verify_password(stored, "right-pass") and not verify_password(stored, "wrong-pass")
+    assert len(calls) == 2 and passwords.spend_a_check("x") is False and len(calls) == 3
+
+
+def test_hashes_libsodium_cannot_check_still_verify() -> None:
+    """Argon2i, or a hash under 16 bytes, is checked by argon2-cffi as before; a malformed one never matches."""
+    from argon2 import PasswordHasher, Type
+
+    for hasher in (PasswordHasher(type=Type.I, memory_cost=8192, time_cost=1),
+                   PasswordHasher(hash_len=8, memory_cost=8192)):
+        stored = "{ARGON2}" + hasher.hash("right-pass")
+        assert verify_password(stored, "right-pass") and not verify_password(stored, "wrong-pass")
+    assert not verify_password("{ARGON2}$argon2id$v=19$m=65536,t=3,p=4$bad$bad", "right-pass")

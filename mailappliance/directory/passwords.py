@@ -17,7 +17,9 @@ import stringprep
 import unicodedata
 from collections.abc import Iterable
 
-from argon2 import PasswordHasher
+import nacl.exceptions
+import nacl.pwhash
+from argon2 import PasswordHasher, Type, extract_parameters
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 _argon2 = PasswordHasher()  # argon2-cffi defaults: Argon2id, RFC 9106 low-memory profile
@@ -96,6 +98,25 @@ def hash_password(password: str) -> str:
     return "{ARGON2}" + _argon2.hash(prepare_password(password))
 
 
+def _argon2_verify(stored: str, secret: bytes) -> bool:
+    """argon2-cffi's ``verify`` (raises the same errors), computed by libsodium where it can.
+
+    The same hash, the same cost, half the CPU: libsodium's Argon2 (what Dovecot
+    uses) checks argon2-cffi's default hash (64 MiB, t=3, 4 lanes) in ~75 ms of
+    one core, where argon2-cffi's spends ~140-150 ms over four threads.  The
+    hash is parsed first (a malformed one raises InvalidHashError, as before);
+    what libsodium cannot check (another version, a hash under 16 or a salt
+    under 8 bytes, Argon2i/d) goes to argon2-cffi."""
+    parameters = extract_parameters(stored)  # InvalidHashError when malformed
+    if (parameters.type is Type.ID and parameters.version == 19 and parameters.hash_len >= 16
+            and parameters.salt_len >= 8 and len(stored) <= 127):
+        try:
+            return nacl.pwhash.verify(stored.encode("ascii"), secret)
+        except nacl.exceptions.InvalidkeyError:
+            raise VerifyMismatchError("libsodium: the password does not match") from None
+    return _argon2.verify(stored, secret)
+
+
 @functools.cache
 def _dummy_hash() -> str:
     """An Argon2id hash of a random secret nobody knows, made once, with the
@@ -110,7 +131,7 @@ def spend_a_check(password: str) -> bool:
     login at once (1 ms instead of ~150 ms) tells an attacker which logins exist.
     """
     try:
-        _argon2.verify(_dummy_hash(), password.encode("utf-8", "surrogatepass"))
+        _argon2_verify(_dummy_hash(), password.encode("utf-8", "surrogatepass"))
     except (VerifyMismatchError, VerificationError, InvalidHashError):
         pass
     return False
@@ -155,7 +176,7 @@ def _check(stored: str, password: str) -> tuple[bool, bool]:
         return _salted_sha(body, secret, "sha512", 64), False
     if scheme == "ARGON2":
         try:
-            return _argon2.verify(body, secret), True
+            return _argon2_verify(body, secret), True
         except (VerifyMismatchError, VerificationError):
             return False, True
         except InvalidHashError:
