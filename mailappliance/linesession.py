@@ -39,7 +39,6 @@ clients lives here once, so the two protocols cannot drift apart:
 from __future__ import annotations
 
 import heapq
-import itertools
 import weakref
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, TypeVar
@@ -110,17 +109,16 @@ class IdleSweeper:
     deadline): O(log n) per session per idle period, not per read.
     """
 
-    __slots__ = ("_clock", "_heap", "_call", "_dead", "_order")
+    __slots__ = ("_clock", "_heap", "_call", "_dead")
 
     def __init__(self, clock: IReactorTime) -> None:
         try:  # weakly: the registry below keys sweepers by their clock
             self._clock: Callable[[], IReactorTime | None] = weakref.ref(clock)
         except TypeError:
             self._clock = lambda: clock
-        self._heap: list[list[object]] = []  # [deadline, order, session or None (gone)]
+        self._heap: list[list[object]] = []  # [deadline, session id (unique: a tie never compares sessions), session]
         self._call: IDelayedCall | None = None
         self._dead = 0  # entries of sessions that ended, dropped when they come due or at compaction
-        self._order = itertools.count()  # ties: first come, first timed out (and never compare sessions)
 
     def __len__(self) -> int:
         """Sessions being timed."""
@@ -132,7 +130,7 @@ class IdleSweeper:
 
     def watch(self, session: LineSession) -> list[object]:
         """Start timing ``session`` from its ``_active_at``; the entry is the handle for :meth:`forget`."""
-        entry: list[object] = [session._active_at + session.settings.idle_timeout, next(self._order), session]
+        entry: list[object] = [session._active_at + session.settings.idle_timeout, session.session_id, session]
         heapq.heappush(self._heap, entry)
         self._schedule()
         return entry

@@ -80,6 +80,8 @@ class LocalRecipients(SMTPSessionBase):
         postmaster@ and abuse@ stay open), False if the caller refuses now."""
         if getattr(self.config, "screen_refuse_at", "rcpt") != "rcpt":
             return False
+        if self.held_refusals is None:
+            self.held_refusals = {}
         self.held_refusals[stage] = (verdict, reply)
         return True
 

@@ -133,7 +133,7 @@ class SMTPSession(AuthCommands, ChunkingCommands, MailTransaction, LineSession):
         self.sasl: SaslExchange | None = None
         self.client_facts: ClientFacts | None = None
         self.client_allowed = False
-        self.held_refusals = {}  # screening refusals waiting for RCPT (recipients.py)
+        self.held_refusals = None  # screening refusals waiting for RCPT (recipients.py); most sessions have none
         self._handshake: Deferred[None] | None = None
 
     # -- kernel hooks -----------------------------------------------------------------
@@ -228,7 +228,7 @@ class SMTPSession(AuthCommands, ChunkingCommands, MailTransaction, LineSession):
                 facts = await client_lookup.facts(self.client_ip, lists)
         except Exception:
             self.log_event(self.log.failure, "screening lookup failed; accepting the client", failure=Failure())
-        self.client_facts = facts
+        self.client_facts = facts if facts.name else None  # only the name is used later: nothing to keep
         verdict = screen_client(facts, lists)
         if self.closing or self.closed:
             return
@@ -341,7 +341,8 @@ class SMTPSession(AuthCommands, ChunkingCommands, MailTransaction, LineSession):
         screening = self.factory.screening
         if screening is None or not self.screening_applies():
             return False
-        self.held_refusals.pop("helo", None)
+        if self.held_refusals:
+            self.held_refusals.pop("helo", None)
         verdict = screen_helo(helo, screening.current())
         if verdict.accepted:
             return False

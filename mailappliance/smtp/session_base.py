@@ -46,9 +46,9 @@ class SMTPSessionBase(LineSession):
     secure: bool  # TLS is up
     tls_started: bool  # STARTTLS answered, or an implicit TLS listener
     errors: int
-    client_facts: ClientFacts | None  # what screening learnt about the client
+    client_facts: ClientFacts | None  # what screening learnt about the client (kept only if it found a name)
     client_allowed: bool  # an allow rule matched: no screening after connect
-    held_refusals: dict[str, tuple[Verdict, replies.Reply]]  # screening refusals waiting for RCPT, by stage
+    held_refusals: dict[str, tuple[Verdict, replies.Reply]] | None  # screening refusals waiting for RCPT (None: none)
     subscriber: Subscriber | None  # logged in (AUTH or client certificate)
     auth_method: str
     sasl: SaslExchange | None  # an AUTH exchange waiting for the client's next line

@@ -91,7 +91,8 @@ class MailTransaction(LocalRecipients):
 
     def reset_transaction(self) -> None:
         """RSET, EHLO, STARTTLS, a refused message, a lost connection."""
-        self.held_refusals.pop("sender", None)
+        if self.held_refusals:
+            self.held_refusals.pop("sender", None)
         if self.transaction is not None:
             self.transaction.release()
             self.transaction = None
