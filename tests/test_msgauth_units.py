@@ -157,3 +157,48 @@ def test_outgoing_spam_strikes_suspend_and_enable_lifts(tmp_path: Path) -> None:
     assert "spam 3" in read_suspension(tmp_path, "alice")["reason"]
     assert clear_suspension(tmp_path, "alice") and not suspensions.is_suspended("alice")
     assert not suspensions.strike("../etc", "x") and read_suspension(tmp_path, "../etc") is None
+
+
+def _quiet_inspector(tmp_path: Path) -> Any:
+    """An MX inspector that verifies nothing and has no content filter (the default settings)."""
+    from twisted.internet.task import Clock
+
+    from mailappliance.msgauth.dns import DnsCache
+    from mailappliance.msgauth.inspect import MessageInspector
+    from mailappliance.msgauth.keys import KeyStore
+    from mailappliance.msgauth.settings import DkimSettings, FilterSettings, MsgAuthSettings
+
+    dkim_settings = DkimSettings(key_dir=tmp_path)
+    clock = Clock()
+    return MessageInspector(hostname="mx.test.example", msgauth=MsgAuthSettings(), dkim=dkim_settings,
+                            filter=FilterSettings(), dns=DnsCache(None, clock),  # type: ignore[arg-type]
+                            keys=KeyStore(dkim_settings, ()), rspamd=None, suspensions=None, clock=clock,
+                            run_blocking=None)  # type: ignore[arg-type]
+
+
+class _Staged:
+    def __init__(self, data: bytes) -> None:
+        self.data, self.size, self.spilled = data, len(data), False
+
+    def read(self, start: int = 0, limit: int | None = None) -> bytes:
+        return self.data[start:] if limit is None else self.data[start:start + limit]
+
+
+@pytest.mark.parametrize("forged", [False, True])
+def test_without_verification_only_forged_results_are_touched(tmp_path: Path, forged: bool) -> None:
+    """With nothing to verify or scan, a plain message is left as it is (the fast path), and an
+    Authentication-Results field claiming our host is still removed."""
+    from mailappliance.msgauth.inspect import Envelope, MessageSource
+
+    head = b"From: a@example.net\r\nSubject: hi\r\n"
+    if forged:
+        head = b"Authentication-Results: MX.test.example; dkim=pass\r\n" + head
+    staged = _Staged(head + b"\r\nbody\r\n")
+    envelope = Envelope(client_ip="192.0.2.1", helo="h", sender="a@example.net", recipients=("b@example.org",),
+                        queue_id="q", client_name="", user="")
+    d = defer.Deferred.fromCoroutine(_quiet_inspector(tmp_path).inbound(envelope, MessageSource(staged, 0, None)))
+    inspection = d.result
+    assert inspection.outcome.action == "accept" and inspection.facts is None
+    assert inspection.changes is forged
+    if forged:
+        assert b"Authentication-Results" not in inspection.replacement and b"Subject: hi" in inspection.replacement

@@ -136,10 +136,14 @@ class MessageInspector:
     async def inbound(self, envelope: Envelope, source: MessageSource) -> Inspection:
         head_bytes = source.head()
         head_len = headers.head_length(head_bytes)
-        fields = headers.parse_fields(head_bytes[:head_len])
         policies = [(r, self.msgauth.policy_for(r.rpartition("@")[2])) for r in envelope.recipients]
         verify = any(policy.verify for _, policy in policies)
         scan = self.rspamd is not None and self.filter.inbound
+        if not (verify or scan) and b"authentication-results" not in head_bytes[:head_len].lower():
+            quiet = decide(policies, None, None, self.filter, self.msgauth.trusted_arc_sealers)
+            if not quiet.flag:  # nothing to check, add or remove: the head is not even parsed
+                return Inspection(quiet, 0, b"", None, None, "")
+        fields = headers.parse_fields(head_bytes[:head_len])
         message = await source.whole() if (verify or scan) else b""
         checks: defer.Deferred[AuthFacts | None] = \
             defer.Deferred.fromCoroutine(self._authenticate(envelope, message, fields)) if verify \
