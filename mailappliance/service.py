@@ -266,8 +266,15 @@ def _no_kick() -> None:
 def _listening(listener: ListenerSettings, factory: IProtocolFactory, server_tls: ServerTLS) -> service.Service:
     """The service that listens for ``listener`` (TLS from the first byte if it is implicit)."""
     if listener.implicit_tls:
-        return internet.SSLServer(listener.port, factory, server_tls, interface=listener.address)
-    return internet.TCPServer(listener.port, factory, interface=listener.address)
+        return internet.SSLServer(listener.port, factory, server_tls, backlog=LISTEN_BACKLOG,
+                                  interface=listener.address)
+    return internet.TCPServer(listener.port, factory, backlog=LISTEN_BACKLOG, interface=listener.address)
+
+
+# Connections the kernel may queue before we accept them.  Twisted's default is 50: a burst of
+# 100 clients (a mailing list's MX run, a reconnecting submission fleet) overflowed it and the rest
+# waited for their SYN to be sent again, a whole second later.  The kernel caps it at somaxconn.
+LISTEN_BACKLOG = 1024
 
 
 def _queue_gauges(runner: QueueRunner) -> None:

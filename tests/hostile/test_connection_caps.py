@@ -12,12 +12,17 @@ and so on; note 127.0.0.x are one /24 and 127.0.1.x the next.
 
 from __future__ import annotations
 
+import errno
+import os
 import poplib
+import select
+import signal
 import smtplib
 import socket
 import time
 from typing import Any, Callable
 
+from tests.conditions import wait_until
 from tests.daemon import Appliance
 
 
@@ -105,3 +110,30 @@ def test_a_busy_session_still_ends_at_its_lifetime(appliance: Callable[..., Appl
             time.sleep(0.5)
         assert line.startswith(b"-ERR"), line
         assert reader.readline() == b""
+
+
+def test_a_burst_of_connections_waits_in_the_kernel_not_for_a_second_syn(appliance: Callable[..., Appliance]) -> None:
+    """200 clients connecting while the daemon cannot accept (stopped) all complete their TCP handshake:
+    the listen backlog holds them (Twisted's default of 50 made the rest wait for a SYN sent again)."""
+    instance = appliance()
+    assert instance.process is not None
+    sockets = []
+    os.kill(instance.process.pid, signal.SIGSTOP)
+    try:
+        for n in range(200):
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.bind((f"127.0.{2 + n // 100}.{2 + n % 100}", 0))  # per-address caps don't apply before accept
+            assert sock.connect_ex(("127.0.0.1", instance.ports["mx"])) in (0, errno.EINPROGRESS)
+            sockets.append(sock)
+
+        def connected() -> bool:
+            _, writable, _ = select.select([], sockets, [], 0.05)
+            return len(writable) == len(sockets) and all(s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+                                                         for s in sockets)
+
+        wait_until(connected, timeout=5, what="all 200 handshakes completed while the daemon was stopped")
+    finally:
+        os.kill(instance.process.pid, signal.SIGCONT)
+        for sock in sockets:
+            sock.close()
