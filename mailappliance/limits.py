@@ -32,7 +32,7 @@ from twisted.logger import Logger
 
 from mailappliance.settings import LimitSettings
 from mailappliance.state import StateStore
-from mailappliance.state.memory import MemoryStore, Window
+from mailappliance.state.memory import MAX_TRACKED, MemoryStore
 from mailappliance.verdicts import Verdict, defer
 
 log = Logger(namespace="mailappliance.limits")
@@ -78,6 +78,59 @@ def subscriber_limits(defaults: LimitSettings, overrides: tuple[tuple[str, int],
     return attrs.evolve(defaults, **known) if known else defaults
 
 
+class RecentConnections:
+    """Connections per client address key in the last ``span`` seconds.
+
+    The connection rate is counted for every client, and most addresses
+    connect once: one float per such address (a sliding window's list and
+    event objects were ~190 bytes of every idle connection from a new
+    address), a list of times only for an address that comes back.  At most
+    ``MAX_TRACKED`` keys, the oldest forgotten first; times are never more
+    than the limit per key, since a connection over it is not counted.
+    """
+
+    __slots__ = ("span", "_times")
+
+    def __init__(self, span: float) -> None:
+        self.span = span
+        self._times: dict[str, float | list[float]] = {}
+
+    def total(self, key: str, now: float) -> int:
+        times = self._times.get(key)
+        if times is None:
+            return 0
+        edge = now - self.span
+        if not isinstance(times, list):  # one connection (a clock may give int seconds)
+            if times > edge:
+                return 1
+            del self._times[key]
+            return 0
+        gone = 0
+        for at in times:
+            if at > edge:
+                break
+            gone += 1
+        if gone:
+            del times[:gone]
+        if not times:
+            del self._times[key]
+        return len(times)
+
+    def add(self, key: str, now: float) -> None:
+        times = self._times.get(key)
+        if times is None:
+            if len(self._times) >= MAX_TRACKED:
+                del self._times[next(iter(self._times))]
+            self._times[key] = now
+        elif not isinstance(times, list):
+            self._times[key] = [times, now]
+        else:
+            times.append(now)
+
+    def __len__(self) -> int:
+        return len(self._times)
+
+
 def _up(counts: dict[str, int], key: str) -> None:
     counts[key] = counts.get(key, 0) + 1
 
@@ -103,7 +156,7 @@ class RateLimits:
         self.settings = settings
         self.clock = clock
         self.store: StateStore = store if store is not None else MemoryStore(clock)
-        self._connections = Window(MINUTE)
+        self._connections = RecentConnections(MINUTE)
         self._listener_caps: dict[str, int] = {}
         self._open: dict[str, int] = {}  # by address key
         self._open_networks: dict[str, int] = {}

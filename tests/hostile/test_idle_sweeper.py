@@ -1,6 +1,8 @@
-"""The shared idle sweeper under hostile connection patterns: connection churn
-must not grow it or keep ended sessions alive, and sessions that vanish while
-the sweeper is timing them out must not break it for the others."""
+"""Idle-connection state under hostile connection patterns: connection churn
+must not grow the shared idle sweeper or keep ended sessions alive, sessions
+that vanish while the sweeper is timing them out must not break it for the
+others, and clients from ever new addresses keep the connection rate small
+and bounded."""
 
 from __future__ import annotations
 
@@ -8,9 +10,12 @@ import gc
 import weakref
 from pathlib import Path
 
+import pytest
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
+import mailappliance.limits as limits_module
+from mailappliance.limits import RecentConnections
 from mailappliance.linesession import idle_sweeper
 from tests.test_idle_sessions import IdleTransport, connect, factory
 
@@ -67,3 +72,19 @@ def test_sessions_ending_during_a_sweep_do_not_break_it(tmp_path: Path) -> None:
     assert not transports[7].disconnecting
     assert len(idle_sweeper(clock)) == 0 and idle_sweeper(clock).entries() == 0
     assert clock.getDelayedCalls() == []
+
+
+def test_connection_rate_per_address_is_small_and_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Clients from ever new addresses cost one float each in the connection rate, at most
+    MAX_TRACKED of them; an address that comes back is still counted exactly."""
+    monkeypatch.setattr(limits_module, "MAX_TRACKED", 1000)
+    rate = RecentConnections(60)
+    for i in range(5000):
+        rate.add(f"10.0.{i // 250}.{i % 250}", float(i) / 100)
+    assert len(rate) == 1000  # the oldest forgotten first
+    assert rate.total("10.0.0.1", 50.0) == 0 and rate.total("10.0.19.249", 50.0) == 1
+    for at in (100.0, 110.0, 120.0):
+        rate.add("192.0.2.7", at)
+    assert rate.total("192.0.2.7", 120.0) == 3
+    assert rate.total("192.0.2.7", 170.5) == 1  # the first two left the minute
+    assert rate.total("192.0.2.7", 181.0) == 0 and "192.0.2.7" not in rate._times
