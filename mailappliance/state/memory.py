@@ -43,11 +43,10 @@ class Window:
     leaves the total at once, and the emptied event is dropped from memory
     soon after (never kept as a negative amount that would expire later).
 
-    A key's events are a list, not a deque: most keys (a client address in
-    the connection rate) hold one event, and an empty deque alone is 624
-    bytes, per client address seen in the last minute.  Expired events leave
-    from the front in one slice per check; a key never holds more events
-    than its limit, since an event over the limit is never added.
+    A key's events are a list, not a deque: most keys hold a few events, and
+    an empty deque alone is 624 bytes.  Expired events leave from the front
+    in one slice per check; a key never holds more events than its limit,
+    since an event over the limit is never added.
     """
 
     def __init__(self, span: float, max_tracked: int | None = None) -> None:
