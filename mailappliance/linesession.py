@@ -61,6 +61,7 @@ _T = TypeVar("_T")
 
 LINE_TOO_LONG = object()  # handed to the protocol in place of an overlong line
 STREAM_BUDGET = 256 * 1024  # octets a streamed answer may write per reactor turn
+MAX_HELD_OUTPUT = 16 * 1024  # octets of replies held back for the rest of a pipeline
 
 
 def escape_for_log(value: object) -> str:
@@ -218,7 +219,7 @@ class LineSession(Protocol):
     __slots__ = ("transport", "connected", "factory", "settings", "clock", "limits", "session_id", "client_ip",
                  "input", "_busy", "_output_paused", "_reading_paused", "_pumping", "_discarding_long_line",
                  "_partial_since", "_stream", "_stream_done", "_stream_call", "_pump_call", "_started",
-                 "_active_at", "_idle", "_idle_entry", "_expired", "_counted", "closing", "closed")
+                 "_active_at", "_idle", "_idle_entry", "_expired", "_counted", "_held", "closing", "closed")
 
     log = Logger(namespace="mailappliance")
     settings: SessionSettings
@@ -248,6 +249,7 @@ class LineSession(Protocol):
         self._idle_entry: list[object] | None = None  # our place in the sweeper while it times us
         self._expired = False
         self._counted = False
+        self._held = b""  # replies waiting for the rest of a pipeline (see send)
         self.closing = False
         self.closed = False
 
@@ -273,6 +275,7 @@ class LineSession(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.closed = True
+        self._held = b""
         if self._idle_entry is not None and self._idle is not None:
             self._idle.forget(self._idle_entry)
             self._idle_entry = None
@@ -299,6 +302,7 @@ class LineSession(Protocol):
         if self._output_paused:
             self.transport.abortConnection()
         else:
+            self.flush_output()
             self.transport.loseConnection()
 
     def abort(self) -> None:
@@ -421,6 +425,8 @@ class LineSession(Protocol):
             self._unexpected(Failure())
         finally:
             self._pumping = False
+        if self._held and not (self.held and b"\n" in self.input):
+            self.flush_output()  # the client waits for these now (nothing more to answer at once)
         if self.input and not self.held:
             if self._partial_since is None:
                 self._partial_since = self.clock.seconds()
@@ -477,7 +483,9 @@ class LineSession(Protocol):
         return line
 
     def discard_pipelined_input(self, command: str) -> None:
-        """Before a TLS handshake: nothing sent in clear may act inside TLS."""
+        """Before a TLS handshake: nothing sent in clear may act inside TLS (and the
+        replies so far, the one that starts TLS included, go out in clear first)."""
+        self.flush_output()
         if self.input or self._discarding_long_line:
             self.log_event(self.log.warn, "discarded {n} octets pipelined after {command}",
                            n=len(self.input), command=command)
@@ -513,7 +521,22 @@ class LineSession(Protocol):
     # -- output -------------------------------------------------------------------------
 
     def send(self, data: bytes) -> None:
-        if not self.closed:
+        """A reply.  While more pipelined commands are already here it is held, so
+        their replies leave together (RFC 2920 allows it; one write and, on TLS, one
+        record instead of one each); it is flushed once no complete command waits,
+        at ``MAX_HELD_OUTPUT``, before a TLS switch, a stream or a close."""
+        if self.closed:
+            return
+        if b"\n" in self.input and len(self._held) + len(data) <= MAX_HELD_OUTPUT:
+            self._held += data
+            return
+        self.flush_output(data)
+
+    def flush_output(self, data: bytes = b"") -> None:
+        """Write what is held, then ``data``."""
+        if self._held:
+            data, self._held = self._held + data, b""
+        if data and not self.closed:
             write_now(self.transport, data)
 
     def stream(self, chunks: Iterator[bytes], done: Callable[[bool], None]) -> None:
@@ -525,6 +548,7 @@ class LineSession(Protocol):
         """
         self._busy += 1
         self._stream, self._stream_done = chunks, done
+        self.flush_output()
         self._continue_stream()
 
     def _continue_stream(self) -> None:
@@ -547,7 +571,7 @@ class LineSession(Protocol):
                 return
             budget -= len(chunk)
             self._active_at = self.clock.seconds()  # the idle timeout starts again
-            self.send(chunk)
+            self.flush_output(chunk)  # never held: the transport's flow control bounds a stream
 
     def _end_stream(self, complete: bool) -> None:
         done, self._stream, self._stream_done = self._stream_done, None, None

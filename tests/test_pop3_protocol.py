@@ -579,23 +579,32 @@ def test_pipelined_commands_answered_in_order(env: Env) -> None:
 
 
 def test_pipelined_commands_wait_for_asynchronous_work(env: Env) -> None:
-    """Pipelined commands wait for the mailbox scan and QUIT's commit; nothing after QUIT is answered."""
+    """Pipelined commands wait for the mailbox scan and QUIT's commit; their replies are held while a
+    complete command is still waiting and leave together; nothing after QUIT is answered."""
     env.deliver("alice", MESSAGE_1)
     runner = ManualRunner()
     client = env.connect(run_blocking=runner)
     reply = client.send("USER alice\r\nPASS alice-password\r\nSTAT\r\nDELE 1\r\nQUIT\r\nNOOP\r\n")
-    assert reply == "+OK Send your password\r\n"  # the mailbox scan is still running
+    assert reply == ""  # USER's reply waits for the rest of the pipeline (the mailbox scan is running)
     runner.run_one()
-    reply = client.take()
-    assert reply == (
+    assert client.take() == ""  # QUIT's commit is running and NOOP still waits: still held
+    assert len(env.files("alice")) == 1
+    runner.run_one()
+    assert client.take() == (
+        "+OK Send your password\r\n"
         f"+OK Logged in, 1 messages ({len(MESSAGE_1)} octets)\r\n"
         f"+OK 1 {len(MESSAGE_1)}\r\n"
         "+OK Message 1 deleted\r\n"
-    )  # QUIT's commit is running; NOOP waits and is then dropped with the connection
-    assert len(env.files("alice")) == 1
-    runner.run_one()
-    assert client.take() == f"+OK {HOSTNAME} closing connection, 1 messages deleted\r\n"
+        f"+OK {HOSTNAME} closing connection, 1 messages deleted\r\n"
+    )  # flushed by the close; NOOP is dropped with the connection
     assert env.files("alice") == []
+
+
+def test_replies_are_not_held_when_nothing_else_waits(env: Env) -> None:
+    """One command at a time: each reply leaves at once (holding is only for a pipeline)."""
+    client = env.connect()
+    assert client.send("USER alice\r\n") == "+OK Send your password\r\n"
+    assert client.send("CAPA\r\n").startswith("+OK")
 
 
 class PausingTransport(StringTransport):

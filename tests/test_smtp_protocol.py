@@ -147,6 +147,21 @@ def test_pipelined_commands_answered_in_order(smtp: Harness) -> None:
     assert len(smtp.messages("alice")) == 1
 
 
+def test_pipelined_replies_leave_in_one_write(smtp: Harness) -> None:
+    """MAIL, RCPT and DATA sent together get their three replies in one write (RFC 2920 lets
+    the server hold replies while later commands are already here); a lone command's reply is
+    written at once."""
+    writes: list[bytes] = []
+    write = smtp.transport.write
+    smtp.transport.write = lambda data: (writes.append(data), write(data))[1]  # type: ignore[method-assign]
+    smtp.send(b"MAIL FROM:<s@example.net>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n")
+    assert [w[:3] for w in writes] == [b"250"] and writes[0].count(b"\r\n") == 3 and b"354 " in writes[0]
+    writes.clear()
+    smtp.send(b"line\r\n.\r\n")
+    smtp.send(b"NOOP\r\n")
+    assert [w[:3] for w in writes] == [b"250", b"250"]
+
+
 @pytest.mark.parametrize(
     "commands, expected",
     [
