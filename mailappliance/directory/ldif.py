@@ -155,6 +155,9 @@ def tighten_file_mode(path: Path) -> str | None:
     return mode_problem(path)
 
 
+STALE = object()  # find_by_address_if_current: ask in a thread
+
+
 class LdifStore:
     """A DirectoryStore over one LDIF file."""
 
@@ -204,6 +207,26 @@ class LdifStore:
 
     def find_by_address(self, address: str) -> Subscriber | None:
         entry = self._current().by_address.get(address.lower())
+        return subscriber_from_entry(entry) if entry else None
+
+    def find_by_address_if_current(self, address: str) -> Subscriber | None | object:
+        """``find_by_address`` for the reactor thread: answered from memory when the file
+        is unchanged since it was last read (one stat and a dict lookup, no thread hop);
+        ``STALE`` when it changed, is being read, or cannot be looked at (the caller
+        then asks ``find_by_address`` in a thread, which re-reads it)."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return STALE
+        if not self._lock.acquire(blocking=False):
+            return STALE
+        try:
+            if (st.st_ino, st.st_mtime_ns, st.st_size) != self._stamp:
+                return STALE
+            snapshot = self._snapshot
+        finally:
+            self._lock.release()
+        entry = snapshot.by_address.get(address.lower())
         return subscriber_from_entry(entry) if entry else None
 
     def verify_password(self, subscriber: Subscriber, password: str) -> bool:
