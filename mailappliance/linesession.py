@@ -51,6 +51,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailappliance import logs
 from mailappliance.sessions import client_host, new_session_id, no_delay, write_now
 from mailappliance.verdicts import Verdict
 
@@ -62,6 +63,7 @@ _T = TypeVar("_T")
 LINE_TOO_LONG = object()  # handed to the protocol in place of an overlong line
 STREAM_BUDGET = 256 * 1024  # octets a streamed answer may write per reactor turn
 MAX_HELD_OUTPUT = 16 * 1024  # octets of replies held back for the rest of a pipeline
+_INFO_EMITTERS = frozenset({"info", "debug"})  # Logger methods of the levels below warn
 
 
 def escape_for_log(value: object) -> str:
@@ -599,6 +601,8 @@ class LineSession(Protocol):
 
     def log_event(self, emit: Callable[..., None], fmt: str, **fields: object) -> None:
         """Log with the session id and client address; client-supplied values escaped."""
+        if logs.info_dropped() and getattr(emit, "__name__", "") in _INFO_EMITTERS:
+            return  # the level drops it anyway: don't build it
         safe = {k: escape_for_log(v) if isinstance(v, (str, bytes)) else v for k, v in fields.items()}
         emit("session={session} client=[{client}] " + fmt, session=self.session_id, client=self.client_ip,
              **safe)

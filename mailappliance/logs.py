@@ -283,6 +283,11 @@ class LogLevelService(service.Service):
         self._level = level
         self._predicate.defaultLogLevel = LogLevel.levelWithName(level)
         self._predicate.clearLogLevels()  # the root namespace keeps a copy of the default
+        self._publish_level()
+
+    def _publish_level(self) -> None:
+        global _info_dropped
+        _info_dropped = self._wrapped and LogLevel.levelWithName(self._level) > LogLevel.info
 
     def _quiet(self, event: LogEvent) -> NamedConstant:
         return PredicateResult.maybe if self._level == "debug" else _noise_predicate(event)
@@ -308,3 +313,14 @@ class LogLevelService(service.Service):
         for observer in list(globalLogPublisher._observers):  # noqa: SLF001
             globalLogPublisher.removeObserver(observer)
             globalLogPublisher.addObserver(self.wrap(observer))
+        self._publish_level()
+
+
+_info_dropped = False  # every observer is behind a LogLevelService whose level is above info
+
+
+def info_dropped() -> bool:
+    """True when an info (or debug) event would be dropped by every observer: a busy
+    path may then skip building it (formatting and escaping its fields cost more
+    than the rest of a log call)."""
+    return _info_dropped

@@ -221,6 +221,12 @@ def test_sighup_applies_safe_changes_and_names_the_rest(appliance: Callable[...,
     instance.process.send_signal(signal.SIGHUP)
     wait_until(lambda: "configuration NOT reloaded" in instance.log(), what="the refused config logged")
     assert "(syntax): not valid TOML" in instance.log()
+    instance.config_path.write_text(text + '[logging]\nlevel = "info"\n')  # and back: info lines are built again
+    instance.process.send_signal(signal.SIGHUP)
+    wait_until(lambda: instance.log().count("configuration reloaded") >= 2, what="the level set back to info")
+    with socket.create_connection(("127.0.0.1", instance.ports["mx"]), timeout=10) as third:
+        assert third.recv(1024).startswith(b"220")
+    wait_until(lambda: instance.log().count("] connect to mx ") > before, what="info lines logged again")
 
 
 def test_json_log_lines_carry_the_session(appliance: Callable[..., Appliance], tmp_path: Any) -> None:
