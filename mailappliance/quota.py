@@ -269,8 +269,8 @@ class MailboxQuotas:
         in each at once (no other session can take that room meanwhile)."""
         unique = {subscriber.uid: (subscriber, maildir) for subscriber, maildir in recipients}
         if all(self.limit_for(subscriber) is None for subscriber, _ in unique.values()):  # no quota: no wait
-            return succeed(self._admitted([self.check(s, m, size).result for s, m in unique.values()],
-                                          list(unique), size))
+            self._full.difference_update(unique)
+            return succeed(self._admitted([QuotaVerdict(False, 0, None) for _ in unique], list(unique), size))
         checks = [self.check(subscriber, maildir, size) for subscriber, maildir in unique.values()]
         d = gatherResults(checks, consumeErrors=True)
         return d.addCallbacks(self._admitted, _first_error, (list(unique), size))
