@@ -118,9 +118,12 @@ class Directory:
         is unchanged: a thread hop costs more than the lookup."""
         in_memory = getattr(self.store, "find_by_address_if_current", None)
         if in_memory is not None:
+            started = time.monotonic()
             found = in_memory(address)
             if found is not STALE:
                 METRICS.count("mailappliance_directory_requests_total", operation="find_by_address", result="ok")
+                METRICS.observe("mailappliance_directory_seconds", time.monotonic() - started,
+                                operation="find_by_address")
                 return succeed(cast(Subscriber | None, found))
         return self._address_lookups(address, lambda: self._run(self.store.find_by_address, address))
 
