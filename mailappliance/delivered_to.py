@@ -25,7 +25,7 @@ import os
 import shutil
 from pathlib import Path
 
-from mailappliance.maildir import IncomingMessage, ensure_maildir_once
+from mailappliance.maildir import IncomingMessage, ensure_maildir_once, write_all
 
 COPY_BLOCK = 1024 * 1024
 COPY_BUDGET = 64 * 1024 * 1024  # bytes of per-recipient copies one message may cost
@@ -66,7 +66,7 @@ class RecipientCopy:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             start, end = self.span
             self._copy(source, 0, start)
-            _write_all(self._fd, self.header)
+            write_all(self._fd, self.header)
             self._copy(source, end, self.message.size)
         finally:
             os.close(source)
@@ -77,7 +77,7 @@ class RecipientCopy:
             block = os.pread(source, min(COPY_BLOCK, end - start), start)
             if not block:
                 raise OSError(errno.EIO, f"{self.message.path}: shorter than {end} bytes")
-            _write_all(self._fd, block)
+            write_all(self._fd, block)
             start += len(block)
 
     def sync(self, fsync: bool = True) -> None:
@@ -122,10 +122,6 @@ class RecipientCopy:
                 pass
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 def plan_copies(message: IncomingMessage, targets: list[tuple[Path, bytes]],

@@ -41,7 +41,7 @@ from pathlib import Path
 import attrs
 from twisted.logger import Logger
 
-from mailappliance.maildir import ensure_maildir_once, forget_maildir, fsync_directory, syncfs
+from mailappliance.maildir import ensure_maildir_once, forget_maildir, fsync_directory, fsync_file, syncfs, write_all
 from mailappliance.metrics import METRICS
 from mailappliance.settings import syncfs_available
 
@@ -195,9 +195,7 @@ def write_file(directory: Path, name: str, content: bytes) -> Path:
         os.unlink(staged)
         fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        view = memoryview(content)
-        while view:
-            view = view[os.write(fd, view):]
+        write_all(fd, content)
     finally:
         os.close(fd)
     return staged
@@ -570,7 +568,7 @@ class Journal:
         missing: dict[Path, set[str]] = {}
         for path in placed:
             try:
-                _fsync_path(path)
+                fsync_file(path)
             except FileNotFoundError:  # POP3 moved it to cur/ (or deleted it after a settle)
                 missing.setdefault(path.parent.parent, set()).add(unique_part(path.name))
         for maildir, names in missing.items():
@@ -578,7 +576,7 @@ class Journal:
                 for entry in entries:
                     if unique_part(entry.name) in names:
                         with contextlib.suppress(FileNotFoundError):
-                            _fsync_path(Path(entry.path))
+                            fsync_file(Path(entry.path))
         for maildir in touched:
             for sub in ("new", "cur"):
                 with contextlib.suppress(FileNotFoundError):
@@ -668,14 +666,6 @@ def _same_bytes(path: Path, content: bytes) -> bool:
         if os.fstat(fd).st_size != len(content):
             return False
         return os.pread(fd, len(content) + 1, 0) == content
-    finally:
-        os.close(fd)
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    try:
-        os.fsync(fd)
     finally:
         os.close(fd)
 

@@ -90,11 +90,27 @@ def unique_name() -> str:
 
 
 def fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    _fsync_opened(path, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def fsync_file(path: Path) -> None:
+    """fsync a file by name (a symbolic link is refused, never followed)."""
+    _fsync_opened(path, os.O_RDONLY | os.O_NOFOLLOW)
+
+
+def _fsync_opened(path: Path, flags: int) -> None:
+    fd = os.open(path, flags)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write every byte of ``data`` to ``fd`` (os.write may take less than all)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 _libc = None
@@ -242,10 +258,8 @@ class IncomingMessage:
             self._fd = self._file.fileno()
             return
         self._fd = self._create()
-        data = memoryview(b"".join(self._chunks))
-        self._chunks = []
-        while data:
-            data = data[os.write(self._fd, data):]
+        data, self._chunks = b"".join(self._chunks), []
+        write_all(self._fd, data)
 
     def fileno(self) -> int:
         """The written file (between ``write_out`` and ``sync``)."""

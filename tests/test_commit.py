@@ -398,8 +398,8 @@ def test_journal_recovery_makes_files_found_whole_durable_before_freeing_the_jou
     [outcome] = commit_batch([CommitJob(message(incoming, b"kept\r\n"), (box,))], "journal", journal)
     journal.abandon()
     synced: list[Path] = []
-    real = journal_module._fsync_path
-    monkeypatch.setattr(journal_module, "_fsync_path", lambda path: (synced.append(path), real(path))[1])
+    real = journal_module.fsync_file
+    monkeypatch.setattr(journal_module, "fsync_file", lambda path: (synced.append(path), real(path))[1])
     again = Journal(tmp_path / "spool" / "journal", tmp_path / "mail", segment_size=256 * 1024, use_syncfs=False)
     assert again.open().written == 0
     assert synced == outcome

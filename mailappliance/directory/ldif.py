@@ -40,6 +40,7 @@ from mailappliance.directory import (
 )
 from mailappliance.directory.ldif_format import Entry, LdifSyntaxError, format_ldif, parse_ldif, physical_lines
 from mailappliance.directory.passwords import hash_password, spend_a_check, verify_stored
+from mailappliance.maildir import write_all
 
 log = Logger()
 
@@ -288,9 +289,7 @@ class LdifStore:
                         f"{self.path} holds password hashes: its mode was {old_mode:04o}, now {mode:04o}; "
                         f"if the daemon runs as another user than uid {old.st_uid}, give it the file "
                         f"(chown mailappliance {self.path})")
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
+                write_all(fd, data)
                 os.fsync(fd)
             finally:
                 os.close(fd)

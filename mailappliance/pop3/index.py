@@ -43,6 +43,8 @@ from pathlib import Path
 
 import attrs
 
+from mailappliance.maildir import write_all
+
 INDEX_NAME = "mailappliance.index"
 KEY_NAME = ".pop3-index.key"  # in maildir_root, beside the Maildirs (no uid starts with '.')
 KEY_BYTES = 32
@@ -275,9 +277,7 @@ def write_index(maildir: Path, index: MaildirIndex, key: bytes) -> bool:
         return False
     try:
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            write_all(fd, data)
         finally:
             os.close(fd)
         os.rename(staged, target)  # replaces a symlink itself, never what it points at
