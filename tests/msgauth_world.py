@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import email
 import email.policy
+import re
 import smtplib
 import time
 from pathlib import Path
@@ -75,11 +76,19 @@ def delivered(instance: Any, uid: str = "alice", folder: str = "", count: int = 
     new = instance.maildir_root / uid / folder / "new" if folder else instance.maildir_root / uid / "new"
 
     def files() -> list[Path]:
-        found = sorted(new.iterdir(), key=lambda p: p.stat().st_mtime_ns) if new.exists() else []
+        found = sorted(new.iterdir(), key=_received_order) if new.exists() else []
         return found if len(found) >= count else []
 
     return [email.message_from_bytes(p.read_bytes(), policy=email.policy.compat32)
             for p in wait_until(files, 15, what=f"{count} message(s) in {new}")]
+
+
+def _received_order(path: Path) -> tuple[int, int, int]:
+    """Where a file's name puts it among one daemon's deliveries: seconds, microseconds and the
+    process's counter of its unique name (mtimes tie: the kernel stamps files by the timer tick)."""
+    match = re.match(r"(\d+)\.M(\d+)P\d+R[0-9a-f]+Q(\d+)\.", path.name)
+    assert match is not None, f"not one of our Maildir names: {path.name}"
+    return int(match[1]), int(match[2]), int(match[3])
 
 
 def results(msg: email.message.Message) -> str:
