@@ -82,11 +82,12 @@ os.register_at_fork(after_in_child=_renew_process_tag)
 
 def unique_name() -> str:
     """A Maildir unique name (time, microseconds, pid and random part, counter,
-    host); no ',' or ':'.  It costs no system call."""
+    host); no ',' or ':'.  It costs no system call.  The microseconds have six
+    digits, so one process's names sort in the order they were made."""
     now = time.time()
     seconds = int(now)
     micros = int((now - seconds) * 1_000_000)
-    return f"{seconds}.M{micros}{_process}Q{next(_counter)}.{_hostname}"
+    return f"{seconds}.M{micros:06d}{_process}Q{next(_counter)}.{_hostname}"
 
 
 def fsync_directory(path: Path) -> None:

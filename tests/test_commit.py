@@ -452,3 +452,13 @@ def test_journal_and_fsync_give_the_quota_the_same_sizes(tmp_path: Path) -> None
         usage = maildir_usage(tmp_path / "mail" / f"{user}-f")
         assert usage == maildir_usage(tmp_path / "mail" / f"{user}-j") > 0
     journal.close()
+
+
+def test_unique_names_sort_in_the_order_they_were_made(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Microseconds are zero-padded: a name made at .000099 sorts before one made at .100000 of the same second."""
+    from mailappliance import maildir
+
+    times = iter([1_000_000.000099, 1_000_000.1])
+    monkeypatch.setattr(maildir.time, "time", lambda: next(times))
+    first, second = maildir.unique_name(), maildir.unique_name()
+    assert ".M000099P" in first and first < second
