@@ -268,10 +268,10 @@ class MailboxQuotas:
         twice counts once.  When every mailbox has room, the size is reserved
         in each at once (no other session can take that room meanwhile)."""
         unique = {subscriber.uid: (subscriber, maildir) for subscriber, maildir in recipients}
-        if all(self.limit_for(subscriber) is None for subscriber, _ in unique.values()):  # no quota: no wait
-            self._full.difference_update(unique)
-            return succeed(self._admitted([QuotaVerdict(False, 0, None) for _ in unique], list(unique), size))
         checks = [self.check(subscriber, maildir, size) for subscriber, maildir in unique.values()]
+        known = [check.result for check in checks if check.called and isinstance(check.result, QuotaVerdict)]
+        if len(known) == len(checks):  # no quota, or the usage is known: no gatherResults (the common case)
+            return succeed(self._admitted(known, list(unique), size))
         d = gatherResults(checks, consumeErrors=True)
         return d.addCallbacks(self._admitted, _first_error, (list(unique), size))
 
