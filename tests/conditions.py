@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import socket
+import subprocess
 import threading
 import time
 from typing import Callable, Iterator, TypeVar
@@ -79,3 +82,25 @@ def silent_server() -> Iterator[int]:
         thread.join()
         for connection in held + [listener]:
             connection.close()
+
+
+class ServerProcess:
+    """A server a test started (slapd, redis-server): stop it, or freeze it (SIGSTOP: the
+    kernel still accepts connections, nothing answers them) and let it run again."""
+
+    process: subprocess.Popen[bytes] | None
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.resume()  # a frozen process would not act on SIGTERM
+            self.process.terminate()
+            self.process.wait(10)
+        self.process = None
+
+    def pause(self) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGCONT)

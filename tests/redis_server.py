@@ -7,9 +7,7 @@ runs (tests may stop, pause and restart it) and empties it.
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -18,12 +16,12 @@ from typing import Iterator
 
 import pytest
 
-from tests.conditions import wait_until
+from tests.conditions import ServerProcess, wait_until
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
 
-class RedisServer:
+class RedisServer(ServerProcess):
     """A running private redis-server; ``stop()``/``start()`` keep the socket path."""
 
     def __init__(self, root: Path) -> None:
@@ -66,21 +64,6 @@ class RedisServer:
         lines = reply.split(b"\r\n")
         return [lines[i] for i in range(2, len(lines), 2) if lines[i - 1].startswith(b"$")]
 
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.resume()
-            self.process.terminate()
-            self.process.wait(10)
-        self.process = None
-
-    def pause(self) -> None:
-        """Freeze it (SIGSTOP): connections are accepted by the kernel but never answered."""
-        assert self.process is not None
-        os.kill(self.process.pid, signal.SIGSTOP)
-
-    def resume(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGCONT)
 
     @property
     def running(self) -> bool:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 from urllib.parse import quote
 
-from tests.conditions import wait_until
+from tests.conditions import ServerProcess, wait_until
 from tests.daemon import free_port
 
 import ldap3
@@ -138,7 +137,7 @@ userPassword: {service_hash}
 """
 
 
-class Slapd:
+class Slapd(ServerProcess):
     """A running private slapd; ``stop()``/``start()`` keep data and port."""
 
     base_dn = f"ou=people,{SUFFIX}"
@@ -214,22 +213,6 @@ class Slapd:
         """Returns when slapd answers (raises an LDAPException while it does not)."""
         with self.admin_connection():
             return
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)
-        self.process = None
-
-    def pause(self) -> None:
-        """Freeze slapd (SIGSTOP): connections are accepted by the kernel but never answered."""
-        assert self.process is not None
-        os.kill(self.process.pid, signal.SIGSTOP)
-
-    def resume(self) -> None:
-        """Let a paused slapd run again."""
-        assert self.process is not None
-        os.kill(self.process.pid, signal.SIGCONT)
 
     @property
     def running(self) -> bool:

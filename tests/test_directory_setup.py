@@ -26,7 +26,7 @@ from tests.conditions import wait_until
 from tests.daemon import BIN, Appliance, free_port, toml_table
 from tests.slapd import DebianSlapd
 from tests.test_privileges import DEBIAN_PYTHON, NOBODY, NOGROUP, wait_for_listener
-from tests.test_privileges import readable_site, world_readable_root  # noqa: F401 (a fixture)
+from tests.test_privileges import readable_site, root_started_config, world_readable_root  # noqa: F401 (a fixture)
 
 GROUP = "nogroup"  # stands for the daemon's group (mailappliance) on a test machine: NOGROUP
 PEOPLE, SERVICE, ADMIN = ("ou=people,dc=example,dc=org", "cn=mailappliance,dc=example,dc=org",
@@ -107,11 +107,7 @@ def test_after_setup_the_unprivileged_daemon_reloads_and_logs_a_subscriber_in(
     pop3s = free_port()
     config = root / "mailappliance.toml"
     config.write_text(
-        toml_table("[server]", {"hostname": "mx.test.example", "local_domains": ["example.org"]})
-        + toml_table("[storage]", {"maildir_root": str(root / "data" / "mail"),
-                                   "spool_dir": str(root / "data" / "spool")})
-        + toml_table("[tls]", {"certificate": str(root / "data" / "tls" / "server.pem"),
-                               "private_key": str(root / "data" / "tls" / "server.key")})
+        root_started_config(root)
         + "".join(toml_table(f"[{name}]", values) for name, values in ldap_config(slapd, root / "etc").items())
         + toml_table("[[listeners]]", {"name": "pop3s", "role": "pop3s", "port": pop3s})
     )

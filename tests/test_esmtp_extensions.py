@@ -9,10 +9,9 @@ from pathlib import Path
 
 import attrs
 import pytest
-from twisted.internet.testing import StringTransport
 
 from mailappliance.directory import Subscriber
-from mailappliance.queue.client import OutboundFactory, OutboundJob, smtputf8_need, tls_failure_type
+from mailappliance.queue.client import OutboundJob, smtputf8_need, tls_failure_type
 from mailappliance.queue.dsn import build_dsn, recipient_status
 from mailappliance.queue.notices import read_original
 from mailappliance.queue.spool import Envelope
@@ -29,6 +28,7 @@ from mailappliance.dsn_params import (
     xtext_encode,
 )
 from mailappliance.mailpath import NonAsciiAddress, PathSyntaxError, parse_path
+from tests.outbound_script import OutboundScript
 from tests.replies import answered
 from tests.test_smtp_protocol import Harness
 
@@ -188,21 +188,6 @@ def test_bdat_message_is_stored_like_data(smtp: Harness) -> None:
 # -- the outbound client ---------------------------------------------------------------------
 
 
-class ScriptedServer:
-    def __init__(self, job: OutboundJob) -> None:
-        self.factory = OutboundFactory(job)
-        self.results: list = []
-        self.factory.finished.addCallback(self.results.append)
-        self.protocol = self.factory.buildProtocol(None)
-        self.transport = StringTransport()
-        self.protocol.makeConnection(self.transport)
-
-    def say(self, line: bytes) -> bytes:
-        self.transport.clear()
-        self.protocol.dataReceived(line)
-        return self.transport.value()
-
-
 JOB = OutboundJob(helo="mx.example.org", sender="alice@example.org", recipients=("a@x.example",),
                   data=b"Subject: x\r\n\r\nbody\r\n", ret="HDRS", envid="id 1",
                   dsn={"a@x.example": ("SUCCESS,FAILURE", "rfc822;a+b@x.example")})
@@ -210,7 +195,7 @@ JOB = OutboundJob(helo="mx.example.org", sender="alice@example.org", recipients=
 
 def test_client_carries_dsn_to_a_hop_that_offers_it() -> None:
     """The next hop offers DSN: MAIL gets RET and ENVID, RCPT NOTIFY and ORCPT, in xtext."""
-    s = ScriptedServer(JOB)
+    s = OutboundScript(JOB)
     s.say(b"220 hi\r\n")
     assert s.say(b"250-x.example\r\n250 DSN\r\n") == b"MAIL FROM:<alice@example.org> RET=HDRS ENVID=id+201\r\n"
     assert s.say(b"250 ok\r\n") == b"RCPT TO:<a@x.example> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;a+2Bb@x.example\r\n"
@@ -222,7 +207,7 @@ def test_client_carries_dsn_to_a_hop_that_offers_it() -> None:
 
 def test_client_leaves_dsn_out_for_a_hop_without_it() -> None:
     """Without DSN at the next hop no DSN parameter is sent (we report "relayed" ourselves)."""
-    s = ScriptedServer(JOB)
+    s = OutboundScript(JOB)
     s.say(b"220 hi\r\n")
     assert s.say(b"250 x.example\r\n") == b"MAIL FROM:<alice@example.org>\r\n"
     assert s.say(b"250 ok\r\n") == b"RCPT TO:<a@x.example>\r\n"
@@ -232,16 +217,16 @@ def test_client_refuses_utf8_for_a_hop_without_smtputf8() -> None:
     """UTF-8 addresses and no SMTPUTF8 at the next hop: 553 5.6.7 for everyone, nothing sent; a UTF-8
     header of an SMTPUTF8 message: 550 5.6.9; with SMTPUTF8 offered, MAIL carries it."""
     job = attrs.evolve(JOB, recipients=("jörg@x.example",), dsn={}, smtputf8=True)
-    s = ScriptedServer(job)
+    s = OutboundScript(job)
     s.say(b"220 hi\r\n")
     assert b"MAIL" not in s.say(b"250 x.example\r\n")
     assert s.results[0].replies["jörg@x.example"][0] == 553
     assert s.results[0].replies["jörg@x.example"][1].startswith("5.6.7 ")
-    s = ScriptedServer(attrs.evolve(job, recipients=("a@x.example",), data="Subject: ü\r\n\r\n".encode()))
+    s = OutboundScript(attrs.evolve(job, recipients=("a@x.example",), data="Subject: ü\r\n\r\n".encode()))
     s.say(b"220 hi\r\n")
     s.say(b"250 x.example\r\n")
     assert s.results[0].replies["a@x.example"][1].startswith("5.6.9 ")
-    s = ScriptedServer(job)
+    s = OutboundScript(job)
     s.say(b"220 hi\r\n")
     assert s.say(b"250-x.example\r\n250 SMTPUTF8\r\n") == b"MAIL FROM:<alice@example.org> SMTPUTF8\r\n"
 

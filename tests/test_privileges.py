@@ -12,7 +12,7 @@ import subprocess
 import sysconfig
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 
@@ -39,6 +39,15 @@ def _link_or_copy(source: str, target: str) -> None:
         os.link(source, target)
     except OSError:
         shutil.copy2(source, target)
+
+
+def root_started_config(root: Path, **server: Any) -> str:
+    """The [server], [storage] and [tls] tables of a daemon started as root with its state under ``root``/data."""
+    return (toml_table("[server]", {"hostname": "mx.test.example", "local_domains": ["example.org"], **server})
+            + toml_table("[storage]", {"maildir_root": str(root / "data" / "mail"),
+                                       "spool_dir": str(root / "data" / "spool")})
+            + toml_table("[tls]", {"certificate": str(root / "data" / "tls" / "server.pem"),
+                                   "private_key": str(root / "data" / "tls" / "server.key")}))
 
 
 def readable_site(root: Path) -> Path:
@@ -89,11 +98,7 @@ def test_root_on_low_ports_then_runs_as_nobody(world_readable_root: Path) -> Non
     pop3 = free_low_port({mx})
     config = root / "mailappliance.toml"
     config.write_text(
-        toml_table("[server]", {"hostname": "mx.test.example", "local_domains": ["example.org"]})
-        + toml_table("[storage]", {"maildir_root": str(root / "data" / "mail"),
-                                   "spool_dir": str(root / "data" / "spool")})
-        + toml_table("[tls]", {"certificate": str(root / "data" / "tls" / "server.pem"),
-                               "private_key": str(root / "data" / "tls" / "server.key")})
+        root_started_config(root)
         + toml_table("[directory]", {"backend": "ldif", "ldif_file": str(root / "users.ldif")})
         + toml_table("[[listeners]]", {"name": "mx", "role": "mx", "port": mx})
         + toml_table("[[listeners]]", {"name": "pop3", "role": "pop3", "port": pop3})

@@ -13,10 +13,9 @@ from typing import Any
 import pytest
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 
 from mailappliance.config import QueueSettings
-from mailappliance.queue.client import OutboundFactory, OutboundJob, to_wire
+from mailappliance.queue.client import OutboundJob, to_wire
 from mailappliance.queue.dsn import build_dsn, recipient_status
 from mailappliance.queue.routing import RoutingError
 from mailappliance.queue.runner import Answer, QueueRunner, apply_answers
@@ -34,6 +33,7 @@ from mailappliance.queue.spool import (
     bucket,
 )
 from mailappliance.settings import Relay
+from tests.outbound_script import OutboundScript
 
 
 @pytest.mark.parametrize("stored, wire", [
@@ -125,22 +125,10 @@ def test_relay_syntax_errors(text: str) -> None:
         Relay.parse(text)
 
 
-class ScriptedServer:
-    """Feeds server replies to an OutboundSession and records what the client sent."""
-
-    def __init__(self, recipients: tuple[str, ...], data: bytes = b"Subject: x\r\n\r\nbody\r\n") -> None:
-        self.factory = OutboundFactory(OutboundJob(helo="mx.example.org", sender="alice@example.org",
-                                                   recipients=recipients, data=data))
-        self.results: list = []
-        self.factory.finished.addCallback(self.results.append)
-        self.protocol = self.factory.buildProtocol(None)
-        self.transport = StringTransport()
-        self.protocol.makeConnection(self.transport)
-
-    def say(self, line: bytes) -> bytes:
-        self.transport.clear()
-        self.protocol.dataReceived(line)
-        return self.transport.value()
+def ScriptedServer(recipients: tuple[str, ...], data: bytes = b"Subject: x\r\n\r\nbody\r\n") -> OutboundScript:  # noqa: N802
+    """Our client sending ``data`` from alice to ``recipients``; the test plays the server."""
+    return OutboundScript(OutboundJob(helo="mx.example.org", sender="alice@example.org", recipients=recipients,
+                                      data=data))
 
 
 def test_client_transaction_with_one_refused_recipient() -> None:

@@ -18,7 +18,7 @@ from mailappliance.directory.passwords import make_ssha
 from tests.conditions import wait_until
 from tests.daemon import free_port, toml_table
 from tests.test_privileges import (  # noqa: F401 (world_readable_root is a fixture)
-    DEBIAN_PYTHON, NOBODY, NOGROUP, readable_site, wait_for_listener, world_readable_root)
+    DEBIAN_PYTHON, NOBODY, NOGROUP, readable_site, root_started_config, wait_for_listener, world_readable_root)
 
 def test_the_admin_password_file_is_not_read_when_the_config_is_loaded(tmp_path: Path) -> None:
     """Parsing the config never reads admin_bind_password_file; the admin tool reads it when it binds."""
@@ -79,11 +79,7 @@ def test_sighup_as_the_service_user_with_root_only_password_files(world_readable
     pop3s = free_port()
     config = root / "mailappliance.toml"
     config.write_text(
-        toml_table("[server]", {"hostname": "mx.test.example", "local_domains": ["example.org"]})
-        + toml_table("[storage]", {"maildir_root": str(root / "data" / "mail"),
-                                   "spool_dir": str(root / "data" / "spool")})
-        + toml_table("[tls]", {"certificate": str(root / "data" / "tls" / "server.pem"),
-                               "private_key": str(root / "data" / "tls" / "server.key")})
+        root_started_config(root)
         + toml_table("[logging]", {"json_file": str(root / "log" / "events.jsonl")})
         + toml_table("[directory]", {"backend": "ldap"})
         + toml_table("[directory.ldap]", {"urls": [slapd.url], "base_dn": slapd.base_dn,

@@ -298,19 +298,16 @@ def test_the_shares_follow_a_reload() -> None:
 def test_started_as_root_the_workers_run_as_the_daemons_user(world_readable_root: Path) -> None:  # noqa: F811
     """twistd --uid/--gid on a port below 1024: the worker runs as nobody too, on the supervisor's socket."""
     from tests.daemon import toml_table  # noqa: I001
-    from tests.test_privileges import DEBIAN_PYTHON, NOBODY, free_low_port, readable_site, wait_for_listener
+    from tests.test_privileges import (DEBIAN_PYTHON, NOBODY, free_low_port, readable_site, root_started_config,
+                                       wait_for_listener)
 
     root = world_readable_root
     site = readable_site(root)
     mx = free_low_port(set())
     config = root / "mailappliance.toml"
     config.write_text(
-        toml_table("[server]", {"hostname": "mx.test.example", "local_domains": ["example.org"], "workers": 2})
-        + toml_table("[storage]", {"maildir_root": str(root / "data" / "mail"),
-                                   "spool_dir": str(root / "data" / "spool")})
+        root_started_config(root, workers=2)
         + toml_table("[limits]", {"connections_per_minute": 100_000})
-        + toml_table("[tls]", {"certificate": str(root / "data" / "tls" / "server.pem"),
-                               "private_key": str(root / "data" / "tls" / "server.key")})
         + toml_table("[directory]", {"backend": "ldif", "ldif_file": str(root / "users.ldif")})
         + toml_table("[state]", {"redis": f"redis://127.0.0.1:{free_port()}", "timeout": 0.2})  # none there: degraded
         + toml_table("[[listeners]]", {"name": "mx", "role": "mx", "port": mx})
