@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -29,6 +30,8 @@ from twisted.logger import Logger
 disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client leaves it unannotated
 
 log = Logger(namespace="mailappliance.metrics")
+
+MAX_REMEMBERED_SERIES = 4096  # label sets whose series a sample finds without prometheus_client's labels()
 
 HELP = {
     "mailappliance_sessions_total": "Connections accepted, by listener role.",
@@ -116,6 +119,9 @@ class Metrics:
         self._gauges = _ScrapeTimeGauges()
         self.registry.register(self._gauges)
         self._complained: set[str] = set()
+        # (name, labels as given) -> the series' child: a sample on the hot path is one dict
+        # lookup and the child's own update, not a lock, a sort and prometheus_client's labels()
+        self._series: dict[tuple[str, tuple[tuple[str, str], ...]], Any] = {}
 
     def _counter(self, name: str, labels: tuple[str, ...]) -> tuple[Counter, tuple[str, ...]]:
         with self._lock:
@@ -132,20 +138,33 @@ class Metrics:
 
     def count(self, name: str, amount: float = 1, **labels: str) -> None:
         """Add ``amount`` to counter ``name`` (ending in ``_total``) with these labels."""
-        counter, names = self._counter(name, tuple(sorted(labels)))
-        if set(names) != set(labels):
-            self._complain(name, f"labels {sorted(labels)} instead of {list(names)}")
-            return
-        (counter.labels(**labels) if names else counter).inc(amount)
+        key = (name, tuple(labels.items()))
+        series = self._series.get(key)
+        if series is None:
+            counter, names = self._counter(name, tuple(sorted(labels)))
+            if set(names) != set(labels):
+                self._complain(name, f"labels {sorted(labels)} instead of {list(names)}")
+                return
+            series = self._remember(key, counter.labels(**labels) if names else counter)
+        series.inc(amount)
 
     def observe(self, name: str, seconds: float, **labels: str) -> None:
         """Record one duration (or age) in histogram ``name`` (declared in HISTOGRAMS)."""
-        known = self._histograms.get(name)
-        if known is None or set(known[1]) != set(labels):
-            self._complain(name, "not a declared histogram with these labels")
-            return
-        histogram, names = known
-        (histogram.labels(**labels) if names else histogram).observe(max(0.0, seconds))
+        key = (name, tuple(labels.items()))
+        series = self._series.get(key)
+        if series is None:
+            known = self._histograms.get(name)
+            if known is None or set(known[1]) != set(labels):
+                self._complain(name, "not a declared histogram with these labels")
+                return
+            histogram, names = known
+            series = self._remember(key, histogram.labels(**labels) if names else histogram)
+        series.observe(max(0.0, seconds))
+
+    def _remember(self, key: tuple[str, tuple[tuple[str, str], ...]], series: Any) -> Any:
+        if len(self._series) < MAX_REMEMBERED_SERIES:  # label values are bounded sets; this bounds a surprise
+            self._series[key] = series
+        return series
 
     def gauge(self, name: str, help_text: str, read: GaugeReader) -> None:
         """A gauge read at scrape time (a failing ``read`` leaves it out of that scrape)."""
