@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email.utils
 import re
+import time
 
 _UNSAFE = re.compile(r"[^\x21-\x7e]|[()\\]")
 _UNSAFE_IN_COMMENT = re.compile(r"[^\x20-\x7e]|[()\\]")
@@ -47,13 +48,26 @@ def received_header(
     if authenticated_as:
         by += f"\r\n\t(authenticated as {_clean(authenticated_as, _UNSAFE_IN_COMMENT)})"
     lines.append(by)
-    date = email.utils.formatdate(timestamp, localtime=False, usegmt=False)
+    date = _date(timestamp)
     if len(recipients) == 1:
         lines.append(f"\tfor <{recipients[0]}>; {date}")
     else:
         lines[-1] += ";"
         lines.append(f"\t{date}")
     return ("\r\n".join(lines) + "\r\n").encode("utf-8")  # UTF-8 only in a recipient of an SMTPUTF8 message
+
+
+_last_date: tuple[int, str] = (-1, "")
+
+
+def _date(timestamp: float | None) -> str:
+    """The RFC 5322 date of ``timestamp`` (now when None), formatted once per second."""
+    global _last_date
+    second = int(time.time() if timestamp is None else timestamp)
+    last = _last_date
+    if last[0] != second:
+        last = _last_date = (second, email.utils.formatdate(second, localtime=False, usegmt=False))
+    return last[1]
 
 
 def return_path_header(sender: str) -> bytes:

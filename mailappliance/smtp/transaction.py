@@ -20,6 +20,7 @@ import attrs
 from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
 
+from mailappliance import logs
 from mailappliance.budget import network_of
 from mailappliance.budget import record_refusal as record_budget_refusal
 from mailappliance.delivered_to import delivered_to_header
@@ -538,6 +539,8 @@ class MailTransaction(LocalRecipients):
     def _log_local_deliveries(self, delivery: Delivery, transaction: Transaction, paths: list[Path]) -> None:
         """One line per local recipient, Postfix-style: did mail for X arrive, and where is it
         (the file under maildir_root). delays=a/b/c: receiving / connecting (none) / storing."""
+        if logs.info_dropped():
+            return  # the level drops these lines: don't work out where each file went
         now = time.time()
         receiving = max(0.0, transaction.data_ended - transaction.started)
         storing = max(0.0, now - transaction.data_ended)
