@@ -12,7 +12,7 @@ message: whatever breaks becomes "accept" or "tempfail" by configuration.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol, TypeVar, cast
 
 import attrs
@@ -92,9 +92,12 @@ class MessageSource:
         self.offset = offset
         self.run_blocking = run_blocking
         self.size = delivery.size - offset
+        self._head: bytes | None = None
 
     def head(self) -> bytes:
-        return self.delivery.read(self.offset, headers.MAX_HEAD + 4)
+        if self._head is None:
+            self._head = self.delivery.read(self.offset, headers.MAX_HEAD + 4)
+        return self._head
 
     async def whole(self) -> bytes:
         if not self.delivery.spilled:
@@ -133,16 +136,25 @@ class MessageInspector:
 
     # -- inbound ------------------------------------------------------------------
 
+    def inbound_is_quiet(self, recipients: Sequence[str], head: bytes) -> bool:
+        """True when inbound inspection has nothing to check (no recipient's policy
+        verifies, no content filter), add or remove (no Authentication-Results field):
+        the message goes on unchanged, and the session need not even ask."""
+        if self.rspamd is not None and self.filter.inbound:
+            return False
+        if self.msgauth.any_verify and any(self.msgauth.policy_for(r.rpartition("@")[2]).verify
+                                           for r in recipients):
+            return False
+        return b"authentication-results" not in head[:headers.head_length(head)].lower()
+
     async def inbound(self, envelope: Envelope, source: MessageSource) -> Inspection:
         head_bytes = source.head()
+        if self.inbound_is_quiet(envelope.recipients, head_bytes):  # the head is not even parsed
+            return Inspection(Outcome("accept"), 0, b"", None, None, "")
         head_len = headers.head_length(head_bytes)
         policies = [(r, self.msgauth.policy_for(r.rpartition("@")[2])) for r in envelope.recipients]
         verify = any(policy.verify for _, policy in policies)
         scan = self.rspamd is not None and self.filter.inbound
-        if not (verify or scan) and b"authentication-results" not in head_bytes[:head_len].lower():
-            quiet = decide(policies, None, None, self.filter, self.msgauth.trusted_arc_sealers)
-            if not quiet.flag:  # nothing to check, add or remove: the head is not even parsed
-                return Inspection(quiet, 0, b"", None, None, "")
         fields = headers.parse_fields(head_bytes[:head_len])
         message = await source.whole() if (verify or scan) else b""
         checks: defer.Deferred[AuthFacts | None] = \

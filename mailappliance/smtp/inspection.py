@@ -29,6 +29,9 @@ class Checked:
     junk: frozenset[str] = frozenset()
 
 
+NOTHING_TO_DO = Checked()
+
+
 def suspension_refusal(session: SMTPSessionBase) -> replies.Reply | None:
     """MAIL from a subscriber whose submission is suspended (outgoing spam)."""
     inspector = session.factory.inspector
@@ -42,20 +45,20 @@ def suspension_refusal(session: SMTPSessionBase) -> replies.Reply | None:
 
 async def inspect_message(session: SMTPSessionBase, delivery: Delivery, transaction: Transaction) -> Checked:
     inspector = session.factory.inspector
-    if inspector is None:
-        return Checked()
+    if inspector is None or (session.subscriber is None and session.config.role != "mx"):
+        return NOTHING_TO_DO
     recipients = tuple([r.address for r in transaction.local_recipients] + list(transaction.remote_recipients))
-    envelope = Envelope(
-        client_ip=session.client_ip, helo=session.helo or "", sender=transaction.sender.address,
-        recipients=recipients, queue_id=delivery.name,
-        client_name=(session.client_facts.name or "") if session.client_facts else "",
-        user=session.subscriber.uid if session.subscriber is not None else "",
-    )
     source = MessageSource(delivery, transaction.trace_length, inspector.run_blocking)
     try:
+        if session.subscriber is None and inspector.inbound_is_quiet(recipients, source.head()):
+            return NOTHING_TO_DO  # the common MX case without checks: no envelope, no coroutine
+        envelope = Envelope(
+            client_ip=session.client_ip, helo=session.helo or "", sender=transaction.sender.address,
+            recipients=recipients, queue_id=delivery.name,
+            client_name=(session.client_facts.name or "") if session.client_facts else "",
+            user=session.subscriber.uid if session.subscriber is not None else "",
+        )
         if session.subscriber is None:
-            if session.config.role != "mx":
-                return Checked()
             inspection = await inspector.inbound(envelope, source)
         else:
             inspection = await inspector.outbound(envelope, source, bool(transaction.remote_recipients))
