@@ -675,8 +675,7 @@ def parse_config(file: Path, data: dict[str, Any], secrets: SecretFiles | None =
     spool_dir = storage.path("spool_dir", str(STATE_DIR / "spool"))
     storage_threads = storage.integer("threads", 8, 1, 256)
     commit_threads = storage.integer("commit_threads", 1, 1, 64)
-    # the journal has one writer: with several worker processes the default stays per-file fsync
-    sync = storage.choice("sync", "journal" if workers == 1 else "fsync", SYNC_METHODS)
+    sync = storage.choice("sync", "journal", SYNC_METHODS)  # with several worker processes, one journal each
     forwarding = parse_forwarding(top.table_of("forwarding"), domains, addresses, spool_dir)
     if sync == "syncfs" and not syncfs_available():
         raise storage.error("sync", "\"syncfs\" needs Linux 5.8 or newer (where syncfs reports write errors); "

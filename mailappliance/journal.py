@@ -243,8 +243,11 @@ class Journal:
 
     def __init__(self, directory: Path, maildir_root: Path, segment_size: int = SEGMENT_SIZE,
                  checkpoint_seconds: float = CHECKPOINT_SECONDS, checkpoint_bytes: int = CHECKPOINT_BYTES,
-                 use_syncfs: bool = True, clock: Callable[[], float] = time.monotonic) -> None:
+                 use_syncfs: bool = True, clock: Callable[[], float] = time.monotonic,
+                 peers: Sequence[Path] = (), advertise: bool = False) -> None:
         self.directory = directory
+        self.peers = tuple(peers)  # the other worker processes' journal directories (POP3 asks them)
+        self.advertise = advertise  # keep journal/covered up to date for them
         self.maildir_root = maildir_root
         self.segment_size = segment_size
         self.checkpoint_seconds = checkpoint_seconds
@@ -272,14 +275,16 @@ class Journal:
         self._retry_at = 0.0  # after a failed checkpoint
         self._lock_fd: int | None = None
         self._misfits: list[int] = []  # segments found with the wrong size
+        self._covered = Coverage(0.0, 0.0, idle=False)  # what journal/covered says now
         self.is_open = False
 
     # -- start and stop ---------------------------------------------------------
 
-    def open(self) -> RecoveryReport:
-        """Replay what the last run left un-checkpointed, then get ready to append (blocking)."""
+    def open(self, lock_wait: float = 0.0) -> RecoveryReport:
+        """Replay what the last run left un-checkpointed, then get ready to append (blocking);
+        ``lock_wait``: seconds to wait for another process to let go of the journal."""
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._take_lock()
+        self._take_lock(lock_wait)
         checkpointed = self._checkpointed = self._read_checkpoint()
         records: list[Record] = []
         highest = checkpointed
@@ -300,6 +305,7 @@ class Journal:
         while len(self._segments) < 2:
             self._segments.append(self._new_segment())
         self._current, self._offset = 0, 0
+        self._advertise(time.time(), time.monotonic(), idle=True)  # everything before now is checkpointed
         self.is_open = True
         _register(self)
         if report.records:
@@ -317,13 +323,19 @@ class Journal:
             self._segments, self._lock_fd, self.is_open = [], None, False
             _unregister(self)
 
-    def _take_lock(self) -> None:
+    def _take_lock(self, wait: float = 0.0) -> None:
         """One process per journal: a second daemon on the same spool would replay and
         reuse segments under the first one's feet."""
         fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)  # start-up only: nothing else runs yet
+                    continue
             os.close(fd)
             raise OSError(errno.EBUSY, f"{self.directory} is in use by another process "
                                        "(one journal per daemon: give each its own spool_dir)") from None
@@ -409,6 +421,8 @@ class Journal:
             if max(sizes, default=0) > self.segment_size:
                 raise ValueError("record larger than a journal segment")
             plan = self._plan(sizes)
+            if self._covered.idle:
+                self._advertise_busy()
             first = self._sequence + 1
             self._sequence += len(bodies)
             runs: dict[int, tuple[int, list[bytes]]] = {}
@@ -497,8 +511,11 @@ class Journal:
                 if not self._placing.wait_for(lambda: self._unplaced == 0, timeout=60):
                     raise OSError(errno.EBUSY, "journal checkpoint: files still being placed after 60 s")
                 if not self._dirty_segments and not self._placed:
+                    if self.advertise and not self._covered.idle:
+                        self._advertise(time.time(), time.monotonic(), idle=True)
                     return
                 through, placed, touched = self._sequence, self._placed, self._touched
+                snapshot = (time.time(), time.monotonic())  # every record appended before it is placed
                 self._settling_names, self._settling = self._pending_names, (placed, touched)
                 self._reset_placed()
             started = time.monotonic()
@@ -510,6 +527,7 @@ class Journal:
                     crash_point("journal.checkpoint.written")
                     self._dirty_segments = {p for p in self._dirty_segments if self._segment_last.get(p, 0) > through}
                     self._settling_names, self._settling = set(), ([], set())
+                    self._advertise(*snapshot, idle=self._sequence == through and self._unplaced == 0)
                 METRICS.observe("mailappliance_journal_checkpoint_seconds", time.monotonic() - started)
             except OSError:
                 with self._lock:  # the next attempt covers these files again
@@ -525,6 +543,7 @@ class Journal:
         appends meanwhile, and the files a concurrent checkpoint is syncing are synced again."""
         if not self._placing.wait_for(lambda: self._unplaced == 0, timeout=60):
             raise OSError(errno.EBUSY, "journal checkpoint: files still being placed after 60 s")
+        snapshot = (time.time(), time.monotonic())
         try:
             settling_placed, settling_touched = self._settling  # a checkpoint outside the lock may not be done
             self._make_placed_durable([*settling_placed, *self._placed], settling_touched | self._touched)
@@ -536,11 +555,41 @@ class Journal:
         crash_point("journal.checkpoint.written")
         self._dirty_segments.clear()  # every record is <= the checkpoint: every segment is free
         self._reset_placed()
+        self._advertise(*snapshot, idle=True)
 
     def _reset_placed(self) -> None:
         self._placed, self._pending_names, self._touched = [], set(), set()
         self._since_checkpoint = 0
         self._last_checkpoint = self._clock()
+
+    def _advertise(self, wall: float, mono: float, idle: bool) -> None:
+        """Write journal/covered (with several workers): every record appended before
+        ``wall``/``mono`` is durable in its Maildir and checkpointed; ``idle``: and none since.
+        No fsync: after a power loss every journal is replayed and the file written again
+        before any process reads it.  A failure only makes readers wait longer."""
+        coverage = Coverage(wall, mono, idle)
+        if not self.advertise:
+            self._covered = coverage
+            return
+        try:
+            _write_small(self.directory / COVERED, coverage.encode())
+        except OSError:
+            log.failure("journal: could not write {path} (POP3 in other processes waits longer)",
+                        path=str(self.directory / COVERED))
+            return
+        self._covered = coverage
+
+    def _advertise_busy(self) -> None:
+        """Before the first record after an idle spell: readers must no longer take
+        "idle" for "everything covered".  Must not fail silently: a file left saying
+        "idle" would let another process delete a message recovery brings back."""
+        coverage = attrs.evolve(self._covered, idle=False)
+        if self.advertise:
+            try:
+                _write_small(self.directory / COVERED, coverage.encode())
+            except OSError:
+                os.unlink(self.directory / COVERED)  # absent reads as "nothing covered"; else the append fails
+        self._covered = coverage
 
     def settle(self, paths: Iterable[Path]) -> None:
         """Before POP3 removes ``paths``: checkpoint if any of them is still covered only by
@@ -677,6 +726,85 @@ def _zero_fill(fd: int, size: int) -> None:
         written += os.pwrite(fd, block[: min(len(block), size - written)], written)
 
 
+COVERED = "covered"
+COVER_MARGIN = 1.0  # seconds: a file's mtime is the kernel's coarse clock, behind the real time by a tick
+CLOCK_STEP = 0.25  # seconds the wall clock may move against the monotonic one before mtimes count for nothing
+
+
+@attrs.frozen
+class Coverage:
+    """A journal's ``covered`` file: every record it appended before ``wall`` (the wall
+    clock) and ``mono`` (CLOCK_MONOTONIC, the same in every process) is durable in its
+    Maildir and will never be replayed; ``idle``: and it has appended none since."""
+
+    wall: float
+    mono: float
+    idle: bool
+
+    def encode(self) -> bytes:
+        return f"{self.wall:.6f} {self.mono:.6f} {int(self.idle)}\n".encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> Coverage:
+        """Anything but what :meth:`encode` writes means "nothing covered" (readers wait)."""
+        try:
+            wall, mono, idle = data.decode("ascii").split()
+            coverage = cls(float(wall), float(mono), idle == "1")
+        except (ValueError, UnicodeDecodeError):
+            return NOTHING_COVERED
+        if not (all(map(_finite, (coverage.wall, coverage.mono))) and idle in ("0", "1")):
+            return NOTHING_COVERED
+        return coverage
+
+
+NOTHING_COVERED = Coverage(0.0, 0.0, idle=False)
+
+
+def _finite(value: float) -> bool:
+    return value == value and abs(value) < 1e12
+
+
+def must_wait(mtime: float, seen: float, coverage: Coverage, now_wall: float, now_mono: float) -> bool:
+    """Must removing a Maildir file wait for another process's journal?  The pure rule.
+
+    ``mtime``: the file's modification time (its bytes were written after its journal
+    record was appended); ``seen``: a monotonic time at which the file was known to
+    exist (so its record was appended before that); ``coverage``: the other journal's
+    ``covered`` file, read after ``seen``; ``now_*``: the clocks when it was read.
+    No wait when that journal was idle, or its coverage began after the file existed
+    (monotonic: immune to clock steps), or after the file's mtime plus a margin, when
+    the wall clock has not stepped since the coverage was taken."""
+    if coverage.idle or coverage.mono > seen:
+        return False
+    stepped = abs((coverage.wall - coverage.mono) - (now_wall - now_mono)) > CLOCK_STEP
+    return stepped or mtime + COVER_MARGIN >= coverage.wall
+
+
+def read_coverage(directory: Path) -> Coverage:
+    """A journal's ``covered`` file; unreadable or absent: nothing covered."""
+    try:
+        fd = os.open(directory / COVERED, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return NOTHING_COVERED
+    try:
+        return Coverage.decode(os.read(fd, 128))
+    except OSError:
+        return NOTHING_COVERED
+    finally:
+        os.close(fd)
+
+
+def _write_small(path: Path, data: bytes) -> None:
+    """``data`` into ``path`` by rename (readers see the old file or the new one, whole)."""
+    staged = path.with_name(path.name + ".tmp")
+    fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        write_all(fd, data)
+    finally:
+        os.close(fd)
+    os.rename(staged, path)
+
+
 _active: list[Journal] = []
 _active_lock = threading.Lock()
 
@@ -704,8 +832,88 @@ def settle_before_removing(paths: Iterable[Path]) -> None:
             journal.settle(listed)
 
 
-def journal_for(sync: str, spool_dir: Path, maildir_root: Path) -> Journal | None:
-    """The journal ``[storage] sync`` asks for (in ``<spool>/journal``), or None."""
+def peers_to_wait_for(paths: Iterable[Path]) -> list[Path]:
+    """POP3 calls this (blocking, after :func:`settle_before_removing`) before it unlinks
+    messages at QUIT: the other worker processes' journals that may still replay one of
+    ``paths`` (:func:`must_wait`).  The caller waits without blocking and asks again; an
+    empty list: safe to remove.  A file already gone needs nobody."""
+    with _active_lock:
+        peers = sorted({peer for journal in _active for peer in journal.peers})
+    if not peers:
+        return []
+    mtimes = []
+    for path in paths:
+        try:
+            mtimes.append(os.stat(path, follow_symlinks=False).st_mtime)
+        except FileNotFoundError:
+            continue
+    if not mtimes:
+        return []
+    seen = time.monotonic()  # every file above existed before this
+    youngest = max(mtimes)
+    waiting = []
+    for peer in peers:
+        coverage = read_coverage(peer)
+        if must_wait(youngest, seen, coverage, time.time(), time.monotonic()):
+            waiting.append(peer)
+    return waiting
+
+
+def journal_directory(spool_dir: Path, index: int) -> Path:
+    """Worker ``index``'s journal: ``<spool>/journal`` for the supervisor (as with one
+    process, so an existing spool recovers), ``<spool>/journal.<index>`` for the others."""
+    return spool_dir / "journal" if index == 0 else spool_dir / f"journal.{index}"
+
+
+JOURNAL_DIRECTORY = re.compile(r"^journal(?:\.([1-9][0-9]{0,5}))?$")
+
+
+def journal_for(sync: str, spool_dir: Path, maildir_root: Path, index: int = 0, workers: int = 1) -> Journal | None:
+    """The journal ``[storage] sync`` asks for, of worker process ``index`` of ``workers``, or None."""
     if sync != "journal":
         return None
-    return Journal(spool_dir / "journal", maildir_root, use_syncfs=syncfs_available())
+    peers = [journal_directory(spool_dir, other) for other in range(workers) if other != index]
+    return Journal(journal_directory(spool_dir, index), maildir_root, use_syncfs=syncfs_available(),
+                   checkpoint_seconds=checkpoint_seconds(), peers=peers, advertise=workers > 1)
+
+
+def checkpoint_seconds() -> float:
+    """The checkpoint interval: CHECKPOINT_SECONDS, or MAILAPPLIANCE_CHECKPOINT_SECONDS
+    (0.5 to 300; tests use it to hold a checkpoint back)."""
+    try:
+        value = float(os.environ.get("MAILAPPLIANCE_CHECKPOINT_SECONDS", CHECKPOINT_SECONDS))
+    except ValueError:
+        return CHECKPOINT_SECONDS
+    return min(300.0, max(0.5, value)) if _finite(value) else CHECKPOINT_SECONDS
+
+
+def settle_wait_limit() -> float:
+    """How long POP3's QUIT waits for other processes' journals before it answers -ERR
+    (and deletes nothing): three checkpoint intervals."""
+    return 3 * checkpoint_seconds()
+
+
+def recover_journals(spool_dir: Path, maildir_root: Path, lock_wait: float = 12.0) -> RecoveryReport:
+    """The supervisor at start, before any listener accepts or worker starts: replay and
+    checkpoint every journal directory in the spool (also those of worker numbers an
+    earlier, larger ``workers`` left), whatever ``sync`` says now.  Waits up to
+    ``lock_wait`` seconds for a journal's lock (a worker of the previous run still stopping)."""
+    total = RecoveryReport()
+    try:
+        entries = sorted(entry.name for entry in os.scandir(spool_dir) if JOURNAL_DIRECTORY.match(entry.name))
+    except FileNotFoundError:
+        return total
+    for name in entries:
+        directory = spool_dir / name
+        if directory.is_symlink() or not directory.is_dir():
+            log.error("journal: {path} is not a directory: not replayed", path=str(directory))
+            continue
+        if not any(SEGMENT_NAME.match(entry) for entry in os.listdir(directory)):
+            continue
+        journal = Journal(directory, maildir_root, use_syncfs=syncfs_available(), advertise=True)
+        report = journal.open(lock_wait=lock_wait)
+        journal.close()
+        total.records += report.records
+        total.written += report.written
+        total.refused += report.refused
+    return total

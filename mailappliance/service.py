@@ -39,7 +39,7 @@ from mailappliance.credentials import SubscriberChecker, SubscriberRealm
 from mailappliance.delivery import Committer
 from mailappliance.directory.backends import build_store
 from mailappliance.directory.threaded import Directory
-from mailappliance.journal import journal_for
+from mailappliance.journal import journal_for, recover_journals
 from mailappliance.linesession import SessionSettings
 from mailappliance.logs import JsonLogService, LogLevelService
 from mailappliance.maildir import clean_incoming
@@ -113,6 +113,7 @@ class _StartupService(service.Service):
         with _names_key(s, "storage.spool_dir", s.spool_dir):
             OutboundSpool(s.spool_dir).prepare()
             removed = clean_incoming(s.spool_dir / "incoming")
+            recover_journals(s.spool_dir, s.maildir_root)  # every worker's, before any process accepts
         if removed:
             log.info("removed {n} partial message(s) left by an earlier crash", n=removed)
         for listener in s.listeners:
@@ -172,8 +173,9 @@ def build_service(settings: Settings, reactor: IReactorTime | None = None,
     storage_pool = ThreadPool(minthreads=1, maxthreads=settings.storage_threads, name="storage")
     _PoolService(storage_pool.start, storage_pool.stop).setServiceParent(top)  # type: ignore[no-untyped-call]  # Service is unannotated
 
-    committer = BatchCommitter(threads, settings.commit_threads, sync=settings.sync,
-                               journal=journal_for(settings.sync, settings.spool_dir, settings.maildir_root))
+    journal = journal_for(settings.sync, settings.spool_dir, settings.maildir_root,  # one per worker process
+                          worker.index if worker is not None else 0, settings.workers)
+    committer = BatchCommitter(threads, settings.commit_threads, sync=settings.sync, journal=journal)
     _PoolService(committer.start, committer.stop).setServiceParent(top)  # type: ignore[no-untyped-call]  # Service is unannotated
 
     def run_blocking(function: Callable[..., _R], *args: object) -> Deferred[_R]:

@@ -32,7 +32,8 @@ def parse_workers(reader: _Reader, cores: int | None = None) -> int:
 
 def check_workers(reader: _Reader, workers: int, state_redis: str, sync: str) -> None:
     """Several processes must share what one process keeps in memory: refuse a
-    config where they would not (the error names the key and the file)."""
+    config where they would not (the error names the key and the file).  Any ``sync``
+    goes: with "journal" each process keeps its own (journal.journal_for)."""
     if workers <= 1:
         return
     if not state_redis:
@@ -40,8 +41,3 @@ def check_workers(reader: _Reader, workers: int, state_redis: str, sync: str) ->
             "workers", f"{workers} worker processes need a shared state store: set [state] redis "
                        "(subscribers' hourly limits, login throttling and POP3 locks would otherwise "
                        "be counted in each process apart), or use workers = 1")
-    if sync == "journal":
-        raise reader.error(
-            "workers", f'{workers} worker processes cannot share one write-ahead journal '
-                       '([storage] sync = "journal" has one writer); use sync = "fsync" or "syncfs", '
-                       "or workers = 1")

@@ -238,11 +238,11 @@ def test_workers_without_a_shared_state_store_are_refused(tmp_path: Path) -> Non
     assert str(path) in str(error.value)
 
 
-def test_workers_with_the_journal_are_refused(tmp_path: Path) -> None:
-    """workers = 2 with sync = "journal" (one writer per journal): a config error naming server.workers."""
-    path = _config(tmp_path, "workers = 2", 'sync = "journal"\n[state]\nredis = "redis://127.0.0.1:6379"')
-    with pytest.raises(ConfigError, match=r"server\.workers.*journal"):
-        load_config(path)
+def test_workers_default_to_one_journal_each(tmp_path: Path) -> None:
+    """workers = 2 takes sync = "journal" by default (each process its own journal); fsync stays selectable."""
+    redis = '[state]\nredis = "redis://127.0.0.1:6379"'
+    assert load_config(_config(tmp_path, "workers = 2", redis)).sync == "journal"
+    assert load_config(_config(tmp_path, "workers = 2", 'sync = "fsync"\n' + redis)).sync == "fsync"
 
 
 @pytest.mark.parametrize("value", ["0", "65", '"many"', "true", "1.5"])

@@ -33,7 +33,7 @@ from zope.interface import Attribute, Interface, implementer
 
 from mailappliance.authenticator import MailboxInUse
 from mailappliance.directory import Subscriber
-from mailappliance.journal import settle_before_removing
+from mailappliance.journal import peers_to_wait_for, settle_before_removing
 from mailappliance.maildir import ensure_maildir, maildir_for
 from mailappliance.pop3.index import (
     Columns,
@@ -78,6 +78,7 @@ class CommitResult:
 
     deleted: int
     failed: tuple[MessageInfo, ...] = ()
+    waiting: bool = False  # another worker's journal may still replay one of them: nothing removed, ask again
 
 
 def uidl_for(filename: str) -> str:
@@ -288,7 +289,10 @@ class MaildirMailbox:
         deleted = 0
         failed: list[MessageInfo] = []
         try:  # a file the write-ahead journal still covers is made durable first (journal.py)
-            settle_before_removing(self._info(index).path for index in self._deleted)
+            paths = [self._info(index).path for index in self._deleted]
+            settle_before_removing(paths)
+            if peers_to_wait_for(paths):  # another worker's journal, checkpointed soon: the caller asks again
+                return CommitResult(0, waiting=True)
         except OSError:
             return CommitResult(0, tuple(self._info(index) for index in sorted(self._deleted)))
         for index in sorted(self._deleted):

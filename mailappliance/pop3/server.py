@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, BinaryIO, TypeVar, cast
 
 from twisted.cred.portal import Portal
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import (
     IOpenSSLContextFactory,
     IReactorThreads,
@@ -35,12 +35,14 @@ from twisted.internet.interfaces import (
     ITransport,
 )
 from twisted.internet.protocol import Factory
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailappliance.authenticator import Authenticator, LoginOutcome, LoginResult
 from mailappliance.blocking import RunBlocking
+from mailappliance.journal import settle_wait_limit
 from mailappliance.linesession import LINE_TOO_LONG, LineSession, SessionSettings
 from mailappliance.metrics import METRICS
 from mailappliance.pop3 import replies
@@ -64,6 +66,7 @@ log = Logger(namespace="mailappliance.pop3")
 
 MAX_COMMAND_LINE = 255  # RFC 2449 section 4: including the CRLF
 MAX_SASL_LINE = 2048  # RFC 5034 section 4: SASL responses may exceed 255 (PLAIN: up to ~1 KiB)
+SETTLE_POLL_SECONDS = 0.2  # QUIT asks again this often while another worker's journal covers a DELEd message
 
 _R = TypeVar("_R")
 _T = TypeVar("_T")
@@ -90,6 +93,7 @@ class POP3Session(LineSession):
 
     factory: POP3Factory
     log = log
+    _settle_deadline = 0.0  # set at QUIT (a class default: idle sessions carry no extra attribute)
 
     def __init__(self) -> None:
         super().__init__()
@@ -516,9 +520,29 @@ class POP3Session(LineSession):
     def _commit_if_locked(self, ours: bool) -> Deferred[CommitResult]:
         if not ours or self._mailbox is None:
             raise MailboxLockLost(self._login_name)
-        return self._run_blocking(self._mailbox.commit)
+        self._settle_deadline = self.clock.seconds() + settle_wait_limit()
+        return self._commit_when_settled()
+
+    def _commit_when_settled(self) -> Deferred[CommitResult]:
+        """The commit; while another worker's journal still covers a just-delivered message
+        (journal.peers_to_wait_for), asked again a moment later, holding no thread meanwhile."""
+        if self._mailbox is None:
+            return succeed(CommitResult(0, waiting=True))
+        return self._run_blocking(self._mailbox.commit).addCallback(self._settled_or_again)
+
+    def _settled_or_again(self, result: CommitResult) -> CommitResult | Deferred[CommitResult]:
+        if not result.waiting or self.closed or self.clock.seconds() >= self._settle_deadline:
+            return result
+        return deferLater(self.clock, SETTLE_POLL_SECONDS, self._commit_when_settled)
 
     def _committed(self, result: CommitResult) -> None:
+        if result.waiting:  # gave up waiting (or the client left): every message stays, none is lost
+            self.log_event(log.warn, "quit: another worker's journal did not cover the deleted messages in time, "
+                           "nothing deleted: login={login}", login=self._login_name)
+            self._release_mailbox()
+            self._err("[SYS/TEMP] Deleted messages not removed, try again later")
+            self.close()
+            return
         if result.deleted and self.factory.quotas is not None and self._mailbox is not None:
             self.factory.quotas.forget(self._mailbox.subscriber.uid)
         self.log_event(

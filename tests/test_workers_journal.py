@@ -1,0 +1,307 @@
+"""[server] workers = 2 with sync = "journal": one journal per process, kill -9 of a worker or of
+everything loses no 250 and doubles nothing, and a POP3 DELE in one process of mail another
+process journaled never comes back after a crash; plus the pure rule behind that wait."""
+
+from __future__ import annotations
+
+import os
+import signal
+import smtplib
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mailappliance.journal import (
+    COVER_MARGIN,
+    NOTHING_COVERED,
+    Coverage,
+    Journal,
+    Target,
+    encode_body,
+    journal_directory,
+    must_wait,
+    peers_to_wait_for,
+    place_target,
+    read_coverage,
+    recover_journals,
+)
+from tests.conditions import wait_until
+from tests.daemon import Appliance, free_port
+from tests.redis_server import RedisServer
+from tests.test_crash import message, sender
+from tests.test_workers import QUEUED_AS, serving_pid, worker_pids
+
+USERS = ("alice", "bob")
+
+
+# -- the pure rule ---------------------------------------------------------------------
+
+
+def test_an_idle_journal_never_makes_a_deletion_wait() -> None:
+    """A journal that appended nothing since its coverage: any file may go, however young."""
+    assert not must_wait(1000.0, 50.0, Coverage(900.0, 40.0, idle=True), 1000.0, 50.0)
+
+
+def test_a_coverage_taken_after_the_file_was_seen_lets_it_go() -> None:
+    """The other journal's snapshot began after the file was known to exist (monotonic clock): covered."""
+    assert not must_wait(1000.0, 50.0, Coverage(1000.5, 50.5, idle=False), 1000.6, 50.6)
+
+
+def test_a_file_older_than_the_coverage_by_the_margin_may_go() -> None:
+    """mtime + margin before the coverage's wall time (clocks in step): its record was appended before it."""
+    assert not must_wait(1000.0, 70.0, Coverage(1000.0 + COVER_MARGIN + 0.01, 60.0 + COVER_MARGIN + 0.01, idle=False),
+                         1020.0, 80.0)
+
+
+def test_a_file_younger_than_the_coverage_plus_margin_waits() -> None:
+    """mtime within the margin of the coverage (the coarse kernel clock): wait for the next checkpoint."""
+    assert must_wait(1000.0, 70.0, Coverage(1000.9, 60.9, idle=False), 1010.0, 70.0)
+    assert must_wait(1002.0, 70.0, Coverage(1000.9, 60.9, idle=False), 1010.0, 70.0)
+
+
+def test_a_wall_clock_step_makes_mtimes_count_for_nothing() -> None:
+    """The wall clock moved against the monotonic one since the coverage: even an old mtime waits."""
+    coverage = Coverage(2000.0, 60.0, idle=False)  # wall - mono = 1940 then
+    assert not must_wait(1000.0, 70.0, coverage, 2010.0, 70.0)  # still 1940: the mtime rule holds
+    assert must_wait(1000.0, 70.0, coverage, 1010.0, 70.0)  # stepped back 1000 s: wait
+
+
+@pytest.mark.parametrize("data", [b"", b"garbage", b"1 2", b"nan 1 0", b"1 inf 1", b"1 2 3", b"\xff\xfe 1 1",
+                                  b"1e300 1 1"])
+def test_an_unreadable_coverage_covers_nothing(data: bytes) -> None:
+    """A torn, stale-garbage or hostile covered file reads as "nothing covered" (readers wait, never delete early)."""
+    assert Coverage.decode(data) == NOTHING_COVERED
+
+
+def test_the_coverage_file_round_trips(tmp_path: Path) -> None:
+    """What a journal writes is what a reader in another process reads; absent reads as nothing covered."""
+    assert read_coverage(tmp_path) == NOTHING_COVERED
+    (tmp_path / "covered").write_bytes(Coverage(1.5, 2.25, idle=True).encode())
+    assert read_coverage(tmp_path) == Coverage(1.5, 2.25, idle=True)
+
+
+def test_each_worker_has_its_own_journal_directory(tmp_path: Path) -> None:
+    """The supervisor keeps <spool>/journal (an existing spool recovers as before); worker i <spool>/journal.i."""
+    assert journal_directory(tmp_path, 0) == tmp_path / "journal"
+    assert journal_directory(tmp_path, 3) == tmp_path / "journal.3"
+
+
+# -- two journals in one test process -----------------------------------------------------
+
+
+@pytest.fixture
+def two_journals(tmp_path: Path) -> Iterator[tuple[Journal, Journal, Path]]:
+    """Journal "a" (advertising, like worker 0) and "b" (whose process asks about "a")."""
+    root = tmp_path / "mail"
+    root.mkdir()
+    a = Journal(tmp_path / "spool" / "journal", root, segment_size=1 << 20, use_syncfs=False, advertise=True)
+    b = Journal(tmp_path / "spool" / "journal.1", root, segment_size=1 << 20, use_syncfs=False,
+                peers=[a.directory], advertise=True)
+    a.open()
+    b.open()
+    try:
+        yield a, b, root
+    finally:
+        a.abandon()
+        b.abandon()
+
+
+def _deliver(journal: Journal, root: Path, name: str) -> Path:
+    base = f"Subject: {name}\r\n\r\nbody\r\n".encode()
+    target = Target(root / "alice", f"{name},S={len(base)}")
+    journal.append([encode_body(base, [target])])
+    path = place_target(target, base)
+    journal.placed([path])
+    return path
+
+
+def test_a_file_another_journal_still_covers_waits_for_its_checkpoint(
+        two_journals: tuple[Journal, Journal, Path]) -> None:
+    """Placed by journal a, not yet checkpointed there: b's process must wait; after a's checkpoint it need not."""
+    a, _, root = two_journals
+    assert read_coverage(a.directory).idle  # just opened: everything covered
+    path = _deliver(a, root, "m1")
+    assert not read_coverage(a.directory).idle  # flipped before the record was appended
+    assert peers_to_wait_for([path]) == [a.directory]
+    a.checkpoint()
+    assert read_coverage(a.directory).idle
+    assert peers_to_wait_for([path]) == []
+
+
+def test_a_record_appended_after_the_checkpoints_snapshot_keeps_it_busy(
+        two_journals: tuple[Journal, Journal, Path]) -> None:
+    """A checkpoint whose snapshot preceded a later append advertises busy, and that later file still waits."""
+    a, _, root = two_journals
+    _deliver(a, root, "m1")
+    a.checkpoint()
+    later = _deliver(a, root, "m2")
+    assert not read_coverage(a.directory).idle
+    assert peers_to_wait_for([later]) == [a.directory]
+    assert peers_to_wait_for([root / "alice" / "new" / "gone"]) == []  # a file already gone needs nobody
+
+
+def test_start_up_recovery_replays_every_journal_directory(tmp_path: Path) -> None:
+    """Journals of workers 0, 1 and 7 (an earlier, larger workers) left after a crash are all replayed at start."""
+    root, spool = tmp_path / "mail", tmp_path / "spool"
+    root.mkdir()
+    for index in (0, 1, 7):
+        journal = Journal(journal_directory(spool, index), root, segment_size=1 << 20, use_syncfs=False)
+        journal.open()
+        path = _deliver(journal, root, f"w{index}")
+        journal.abandon()  # kill -9
+        path.unlink()  # the placed file never reached the disk
+    report = recover_journals(spool, root)
+    assert report.records == 3 and report.written == 3
+    assert sorted(p.name.split(",")[0] for p in (root / "alice" / "new").iterdir()) == ["w0", "w1", "w7"]
+    assert recover_journals(spool, root).records == 0  # checkpointed: nothing twice
+
+
+# -- the real daemon ------------------------------------------------------------------------
+
+
+def _journal_workers(root: Path, redis_server: RedisServer, pki: Any, **storage: Any) -> Appliance:
+    redis_server.start()
+    redis_server.command(b"FLUSHALL")
+    sections: dict[str, dict[str, Any]] = {
+        "server": {"hostname": "mx.test.example", "local_domains": ["example.org"], "workers": 2},
+        "storage": {"maildir_root": str(root / "mail"), "spool_dir": str(root / "spool"), "sync": "journal",
+                    **storage},
+        "directory": {"backend": "ldif", "ldif_file": str(root / "users.ldif")},
+        "auth": {"failures_before_delay": 1000},
+        "tls": {"certificate": str(pki.server_cert), "private_key": str(pki.server_key),
+                "generate_self_signed": False},
+        "limits": {"concurrent_per_address": 100, "connections_per_minute": 100_000},
+        "state": {"redis": redis_server.url, "timeout": 1},
+    }
+    listeners = [{"name": role, "role": role, "address": "127.0.0.1", "port": free_port()}
+                 for role in ("mx", "pop3s")]
+    return Appliance(root, sections, listeners, pki=pki)
+
+
+def _start(instance: Appliance) -> int:
+    """Start; the supervisor's pid once worker 1 is ready too."""
+    before = set(worker_pids(instance)) if instance.process else set()
+    instance.start()
+    wait_until(lambda: set(worker_pids(instance)) - before, 30, what="worker 1 ready")
+    assert instance.process is not None
+    return instance.process.pid
+
+
+def all_tokens(root: Path) -> dict[str, int]:
+    """Token -> copies in new/ and cur/; every file whole."""
+    found: dict[str, int] = {}
+    for path in [*root.glob("*/new/*"), *root.glob("*/cur/*")]:
+        data = path.read_bytes()
+        token = data.split(b"Subject: ", 1)[1].split(b"\r\n", 1)[0].decode()
+        assert data.endswith(message(token)), f"partial message: {path}"
+        found[token] = found.get(token, 0) + 1
+    return found
+
+
+def _load(instance: Appliance, until: Any) -> list[str]:
+    accepted: list[str] = []
+    stop = threading.Event()
+    threads = [threading.Thread(target=sender, args=(instance.ports["mx"], i, accepted, stop)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        until(accepted)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+    return accepted
+
+
+def test_kill_9_of_one_worker_with_the_journal_loses_and_doubles_nothing(
+        tmp_path: Path, redis_server: RedisServer, pki: Any) -> None:
+    """kill -9 of worker 1 under load: it is restarted (replaying its journal); every 250 is whole exactly once."""
+    instance = _journal_workers(tmp_path, redis_server, pki)
+    for user in USERS:
+        assert instance.admin("user", "add", f"{user}@example.org", password=f"{user}-password").returncode == 0
+    try:
+        _start(instance)
+
+        def kill_then_more(accepted: list[str]) -> None:
+            wait_until(lambda: len(accepted) >= 30, 30, what="30 messages accepted")
+            [old] = worker_pids(instance)
+            os.kill(old, signal.SIGKILL)
+            wait_until(lambda: worker_pids(instance) and worker_pids(instance) != [old], 30, what="worker restarted")
+            count = len(accepted)
+            wait_until(lambda: len(accepted) >= count + 20, 30, what="20 more after the restart")
+
+        accepted = _load(instance, kill_then_more)
+        found = all_tokens(instance.maildir_root)
+        assert not [t for t in accepted if t not in found], "acknowledged but lost"
+        assert all(count == 1 for count in found.values()), "delivered twice"
+        assert (instance.root / "spool" / "journal.1" / "checkpoint").exists()  # the worker's own journal
+    finally:
+        instance.stop()
+
+
+def test_kill_9_of_the_whole_service_with_the_journal_loses_and_doubles_nothing(
+        tmp_path: Path, redis_server: RedisServer, pki: Any) -> None:
+    """kill -9 of the supervisor and the worker under load, restart: every 250 whole, nothing twice."""
+    instance = _journal_workers(tmp_path, redis_server, pki)
+    for user in USERS:
+        assert instance.admin("user", "add", f"{user}@example.org", password=f"{user}-password").returncode == 0
+    try:
+        supervisor = _start(instance)
+
+        def kill_all(accepted: list[str]) -> None:
+            wait_until(lambda: len(accepted) >= 40, 30, what="40 messages accepted")
+            for pid in [*worker_pids(instance), supervisor]:
+                os.kill(pid, signal.SIGKILL)
+
+        accepted = _load(instance, kill_all)
+        assert instance.process is not None
+        instance.process.wait()
+        _start(instance)
+        found = all_tokens(instance.maildir_root)
+        assert not [t for t in accepted if t not in found], "acknowledged but lost"
+        assert all(count == 1 for count in found.values()), "delivered twice"
+    finally:
+        instance.stop()
+
+
+def test_a_dele_in_one_process_of_mail_the_other_journaled_survives_kill_9(
+        tmp_path: Path, redis_server: RedisServer, pki: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Accepted by one process, DELEd and QUIT through the other, then kill -9 of everything: it does not come back."""
+    monkeypatch.setenv("MAILAPPLIANCE_CHECKPOINT_SECONDS", "6")  # the placing journal holds its checkpoint back
+    instance = _journal_workers(tmp_path, redis_server, pki)
+    assert instance.admin("user", "add", "alice@example.org", password="alice-password").returncode == 0
+    try:
+        supervisor = _start(instance)
+        [worker] = worker_pids(instance)
+        with smtplib.SMTP("127.0.0.1", instance.ports["mx"], timeout=10) as smtp:
+            smtp.ehlo("client.example.net")
+            smtp.mail("friend@example.net")
+            smtp.rcpt("alice@example.org")
+            code, reply = smtp.data(message("gone"))
+        assert code == 250
+        match = QUEUED_AS.search(reply)
+        assert match
+        placer = int(match.group(1))
+        other = worker if placer == supervisor else supervisor
+        os.kill(placer, signal.SIGSTOP)  # the POP3 connection goes to the other process
+        try:
+            client = instance.pop3("alice@example.org", "alice-password")
+        finally:
+            os.kill(placer, signal.SIGCONT)
+        assert serving_pid(instance, "pop3s", client.sock) == other
+        client.dele(1)
+        started = time.monotonic()
+        assert client.quit().startswith(b"+OK")  # after the placing journal's checkpoint
+        waited = time.monotonic() - started
+        for pid in (worker, supervisor):
+            os.kill(pid, signal.SIGKILL)
+        assert instance.process is not None
+        instance.process.wait()
+        _start(instance)
+        assert all_tokens(instance.maildir_root) == {}, f"a deleted message came back (QUIT waited {waited:.1f} s)"
+    finally:
+        instance.stop()
