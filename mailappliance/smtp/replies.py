@@ -121,3 +121,22 @@ def for_parameter_error(error: ParameterError) -> Reply:
     if error.kind == ParameterError.UNSUPPORTED:
         return Reply(555, "5.5.4", error.text)
     return Reply(501, "5.5.4", error.text)
+
+
+def encode(reply: Reply) -> bytes:
+    """The reply as it goes on the wire: each line with its code, "-" before every line
+    but the last, and the enhanced status code (RFC 2034)."""
+    known = _ENCODED.get(id(reply))
+    if known is not None and known[0] is reply:
+        return known[1]
+    lines = reply.text.split("\n")
+    prefix = f"{reply.status} " if reply.status else ""
+    last = len(lines) - 1
+    return "".join([f"{reply.code}{' ' if i == last else '-'}{prefix}{line}\r\n"
+                    for i, line in enumerate(lines)]).encode("utf-8")
+
+
+# The replies above, encoded once (the busy ones: 250 after MAIL and RCPT, 354), by identity.
+_ENCODED: dict[int, tuple[Reply, bytes]] = {}
+_ENCODED.update((id(r), (r, encode(r))) for r in [*globals().values(), *LIMIT_REPLIES.values(),
+                                                   *RELAY_REPLIES.values()] if isinstance(r, Reply))

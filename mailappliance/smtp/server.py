@@ -266,10 +266,7 @@ class SMTPSession(AuthCommands, ChunkingCommands, MailTransaction, LineSession):
 
     def respond(self, reply: replies.Reply) -> None:
         """Send a (possibly multi-line) reply with its enhanced status code."""
-        lines = reply.text.split("\n")
-        prefix = f"{reply.status} " if reply.status else ""
-        out = [f"{reply.code}{' ' if i == len(lines) - 1 else '-'}{prefix}{line}\r\n" for i, line in enumerate(lines)]
-        self.send("".join(out).encode("utf-8"))
+        self.send(replies.encode(reply))
 
     def error(self, reply: replies.Reply) -> None:
         """Reply with an error and count it; too many errors end the session."""

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import attrs
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from mailappliance import logs
@@ -251,16 +251,15 @@ class MailTransaction(LocalRecipients):
         d.addErrback(self._rcpt_lookup_failed, address)
         self.run(d)
 
-    def _reserve_recipient(self, transaction: Transaction, accept: Callable[[], None]) -> Deferred[None]:
+    def _reserve_recipient(self, transaction: Transaction, accept: Callable[[], None]) -> Deferred[None] | None:
         """Count an accepted recipient against the sender's hourly limit, at once
         (parallel sessions see it; the state store may be Redis), then ``accept``
-        it and answer; or answer that the limit is reached."""
-        d: Deferred[Verdict | None]
+        it and answer; or answer that the limit is reached.  Without hourly limits
+        (no reservation: mail from outside) it is accepted at once."""
         if transaction.reservation is None:
-            d = succeed(None)
-        else:
-            d = transaction.reservation.add_recipient()
-        return d.addCallback(self._recipient_reserved, accept)
+            self._recipient_reserved(None, accept)
+            return None
+        return transaction.reservation.add_recipient().addCallback(self._recipient_reserved, accept)
 
     def _recipient_reserved(self, hit: Verdict | None, accept: Callable[[], None]) -> None:
         if hit is not None:
@@ -336,7 +335,9 @@ class MailTransaction(LocalRecipients):
             if rcpt_parameters:
                 transaction.recipient_parameters[recipient.address] = rcpt_parameters
 
-        self.run(self._reserve_recipient(transaction, accept))
+        reserving = self._reserve_recipient(transaction, accept)
+        if reserving is not None:
+            self.run(reserving)
 
     # -- DATA -------------------------------------------------------------------
 
