@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import os
+import types
 from typing import Any, cast
 
 from twisted.internet import abstract, tcp
@@ -91,6 +92,23 @@ def _send_at_once(connection: tcp.Server, data: bytes) -> bool:
 FULL_TLS_RECORD = 16 * 1024
 
 
+def write_records_at_once(tls: TLSMemoryBIOProtocol) -> None:
+    """Make each write to ``tls`` a record at once, instead of Twisted's gathering
+    of one reactor pass's writes into one record (``BufferingTLSTransport``).
+
+    Our sessions already write once per batch of replies (``linesession.send``
+    holds the replies to a pipeline), so the gathering only added a timed call
+    per flush (a ``DelayedCall``, the timer heap, ``runUntilCurrent``) and held
+    every reply back until the reactor had read every other ready connection.
+    Anything the gatherer holds goes first; after ``connectionLost`` Twisted
+    puts its own no-op writer back."""
+    aggregator = getattr(tls, "_aggregator", None)
+    if aggregator is None or vars(tls).get("write") != aggregator.write:
+        return  # not Twisted's gathering layer (another Twisted), or already direct
+    aggregator.flush()
+    tls.write = types.MethodType(TLSMemoryBIOProtocol.write, tls)  # type: ignore[method-assign]
+
+
 def send_tls_directly(transport: object) -> None:
     """Let a TLS connection's encrypted output skip Twisted's per-write buffering
     pass on the TCP connection beneath: when nothing is waiting there, the bytes
@@ -112,5 +130,6 @@ def send_tls_directly(transport: object) -> None:
             abstract.FileDescriptor.write(connection, data)
 
     lower.write = write  # the TLS layer's own writes (records, handshake flights, close_notify)
+    write_records_at_once(tls)
     marked: Any = transport
     marked._sends_directly = True  # once per connection

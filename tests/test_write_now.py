@@ -151,6 +151,16 @@ def test_tls_records_go_to_the_socket_without_the_reactor(tls_connection) -> Non
     assert _tls_received(client) == b"250 2.0.0 Ok\r\n250 2.1.5 Ok\r\n"
 
 
+def test_tls_reply_is_a_record_on_the_wire_without_waiting_for_the_reactor(tls_connection) -> None:
+    """A reply written on TLS is encrypted and sent at once, not held for the reactor's next pass."""
+    tls, connection, client, reactor, clock = tls_connection
+    write_now(tls, b"250 2.0.0 Ok\r\n")
+    assert not clock.getDelayedCalls()  # no timed flush of Twisted's write gatherer
+    assert _tls_received(client) == b"250 2.0.0 Ok\r\n"
+    write_now(tls, b"250 2.1.5 Ok\r\n")
+    assert _tls_received(client) == b"250 2.1.5 Ok\r\n"
+
+
 def test_tls_records_the_socket_does_not_take_stay_in_order(tls_connection) -> None:
     """What the socket does not take at once is buffered, and later records follow it in order."""
     tls, connection, client, reactor, clock = tls_connection
