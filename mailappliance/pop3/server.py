@@ -533,7 +533,8 @@ class POP3Session(LineSession):
     def _settled_or_again(self, result: CommitResult) -> CommitResult | Deferred[CommitResult]:
         if not result.waiting or self.closed or self.clock.seconds() >= self._settle_deadline:
             return result
-        return deferLater(self.clock, SETTLE_POLL_SECONDS, self._commit_when_settled)
+        later: Deferred[None] = deferLater(self.clock, SETTLE_POLL_SECONDS, lambda: None)
+        return later.addCallback(lambda _: self._commit_when_settled())
 
     def _committed(self, result: CommitResult) -> None:
         if result.waiting:  # gave up waiting (or the client left): every message stays, none is lost
