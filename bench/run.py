@@ -130,7 +130,27 @@ class Server:
             tail = [line for name in ("server-output.log", "twistd.log") if (self.root / name).exists()
                     for line in (self.root / name).read_text(errors="replace").strip().splitlines()[-3:]]
             raise RuntimeError(" / ".join([str(error), *tail])) from None
+        if self.kind == "ours":
+            self._wait_for_workers()
         return self
+
+    def _wait_for_workers(self, timeout: float = 60) -> None:
+        """With ``server.workers = N``: the load starts once every worker serves the listeners.
+        The supervisor binds the ports before it starts the workers, and ``level = "warn"``
+        hides their "ready" lines; a worker opens its journal (``spool/journal.<i>/covered``)
+        just before it adopts the listening sockets.  Without the journal: 3 s after they exist."""
+        workers = int(self.tuning.get("server.workers", "1"))
+        if workers <= 1:
+            return
+        sync = self.tuning.get("storage.sync", '"journal"').strip('"')
+        deadline = time.monotonic() + timeout
+        marks = [self.root / "spool" / f"journal.{index}" / "covered" for index in range(1, workers)]
+        while sync == "journal" and not all(mark.exists() for mark in marks):
+            if time.monotonic() > deadline or (self.process and self.process.poll() is not None):
+                raise RuntimeError(f"ours: {workers - 1} worker(s) not ready; see {self.root / 'twistd.log'}")
+            time.sleep(0.05)
+        if sync != "journal":
+            time.sleep(3)
 
     def restart_ours(self, timeout: float = 120) -> None:
         """Start ours again on the same storage after a crash (its recovery runs at start) and
