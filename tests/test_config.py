@@ -44,11 +44,11 @@ def test_minimal_config_defaults(tmp_path: Path) -> None:
     assert (settings.commit_threads, settings.sync) == (1, "journal")
 
 
-def test_the_journal_is_the_default_with_one_worker_and_fsync_with_several(tmp_path: Path) -> None:
-    """sync defaults to "journal" (one writer); with [server] workers = 2 it defaults to "fsync"."""
+def test_the_journal_is_the_default_with_one_worker_and_with_several(tmp_path: Path) -> None:
+    """sync defaults to "journal", also with [server] workers = 2 (one journal per process)."""
     assert load_config(write(tmp_path, MINIMAL)).sync == "journal"
     text = MINIMAL.replace("[server]\n", "[server]\nworkers = 2\n") + '[state]\nredis = "redis://127.0.0.1:6379"\n'
-    assert load_config(write(tmp_path, text)).sync == "fsync"
+    assert load_config(write(tmp_path, text)).sync == "journal"
 
 
 def test_syncfs_is_accepted_where_it_reports_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
