@@ -40,8 +40,8 @@ from __future__ import annotations
 
 import heapq
 import weakref
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, TypeVar
+from collections.abc import Callable, Coroutine, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -502,6 +502,27 @@ class LineSession(Protocol):
         d.addErrback(self._unexpected)
         return d.addBoth(self._done)
 
+    def run_coroutine(self, coroutine: Coroutine[Deferred[object], object, _T],
+                      then: Callable[[_T], Deferred[None] | None], failed: Callable[[Failure], None]) -> None:
+        """``then(result)`` of ``coroutine``, or ``failed`` when it (or ``then``) raises; input
+        waits meanwhile, as with ``run``.  A coroutine that finishes without waiting (a lookup
+        answered from memory) costs no Deferred at all: see :func:`run_eagerly`."""
+        try:
+            finished, outcome = run_eagerly(coroutine)
+        except Exception:
+            failed(Failure())
+            return
+        if not finished:
+            self.run(cast(Deferred[_T], outcome).addCallback(then).addErrback(failed))
+            return
+        try:
+            follow = then(cast(_T, outcome))
+        except Exception:
+            failed(Failure())
+            return
+        if follow is not None:
+            self.run(follow.addErrback(failed))
+
     def _done(self, _: object) -> None:
         self._busy -= 1
         if self._busy:
@@ -606,3 +627,38 @@ class LineSession(Protocol):
         safe = {k: escape_for_log(v) if isinstance(v, (str, bytes)) else v for k, v in fields.items()}
         emit("session={session} client=[{client}] " + fmt, session=self.session_id, client=self.client_ip,
              **safe)
+
+
+def run_eagerly(coroutine: Coroutine[Deferred[Any], Any, _T]) -> tuple[bool, _T | Deferred[_T]]:
+    """Run ``coroutine`` until it finishes or must wait: ``(True, its result)`` (its
+    exception is raised here), or ``(False, a Deferred of its result)`` that Twisted
+    drives from where it stopped.  ``Deferred.fromCoroutine`` would build a Deferred,
+    a context copy and a callback chain even for a coroutine that never waits."""
+    try:
+        awaited = coroutine.send(None)
+    except StopIteration as finished:
+        return True, cast(_T, finished.value)
+    return False, Deferred.fromCoroutine(_resume(coroutine, awaited))
+
+
+async def _resume(coroutine: Coroutine[Deferred[Any], Any, _T], awaited: Deferred[Any]) -> _T:
+    """Drive a started coroutine on: wait for the Deferred it waits on, then let it go on.
+    A result it reads from that Deferred itself, which still holds it when this resumes
+    (Twisted resumes a waiter inside the Deferred's callback); a failure is thrown in."""
+    while True:
+        if not isinstance(awaited, Deferred):
+            coroutine.close()
+            raise TypeError(f"a coroutine run eagerly waited on {awaited!r}, not a Deferred")
+        try:
+            await awaited
+        except GeneratorExit:
+            coroutine.close()
+            raise
+        except BaseException as error:
+            failure: BaseException | None = error
+        else:
+            failure = None
+        try:
+            awaited = coroutine.send(None) if failure is None else coroutine.throw(failure)
+        except StopIteration as finished:
+            return cast(_T, finished.value)

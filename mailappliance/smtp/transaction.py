@@ -246,10 +246,9 @@ class MailTransaction(LocalRecipients):
             self._accept_remote(transaction, recipient, rcpt_parameters)
             return
         address = recipient.address.lower()
-        d = Deferred.fromCoroutine(self.resolve_local(recipient))
-        d.addCallback(self._rcpt_decided, address, rcpt_parameters)
-        d.addErrback(self._rcpt_lookup_failed, address)
-        self.run(d)
+        self.run_coroutine(self.resolve_local(recipient),
+                           lambda outcome: self._rcpt_decided(outcome, address, rcpt_parameters),
+                           lambda failure: self._rcpt_lookup_failed(failure, address))
 
     def _reserve_recipient(self, transaction: Transaction, accept: Callable[[], None]) -> Deferred[None] | None:
         """Count an accepted recipient against the sender's hourly limit, at once
