@@ -155,7 +155,8 @@ def test_a_large_message_spills_to_disk_while_it_arrives_and_commits_whole(tmp_p
     chunk = b"x" * 998 + b"\r\n"
     for _ in range(2 * maildir.MEMORY_LIMIT // len(chunk)):
         m.write(chunk)
-    assert m.path.exists()  # spilled before the end of DATA
+    maildir._spill_writer.wait_for(m)  # the spill writer thread writes it while it arrives
+    assert m.spilled and m.path.stat().st_size >= maildir.MEMORY_LIMIT  # before the end of DATA
     delivered = commit_now(CommitJob(m, (box,)))
     assert delivered[0].stat().st_size == m.size > maildir.MEMORY_LIMIT
     assert not m.path.exists()

@@ -62,7 +62,7 @@ class ChunkReader(DataReader):
         if tail:
             self._consume(tail + b"\r\n")
 
-    def _unstuff(self, segment: bytes) -> bytes:
+    def _unstuff(self, segment: bytes, dots: bool = True) -> bytes:
         return segment  # chunks are not dot-stuffed: a leading dot is message text
 
 

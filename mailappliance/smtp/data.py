@@ -48,21 +48,18 @@ def has_bare_line_ending(segment: bytes) -> bool:
 
 def has_long_line(segment: bytes, limit: int) -> bool:
     """A line of more than ``limit`` octets in ``segment``, whose lines all end in CRLF
-    (no bare CR or LF).  Such a line and its CR are a run of at least ``limit + 2``
-    octets without an LF, and any run that long holds a whole block of half that
-    size: only the blocks without an LF are looked at closer."""
+    (no bare CR or LF).  From each line start, the last LF within the next ``limit + 2``
+    octets (a search from the end, memrchr) ends the line or one after it; none there
+    means the line and its CR are longer than that.  Each look moves on by nearly that
+    much when lines are short."""
     run = limit + 2
-    block = (run + 1) // 2
-    find, size, start = segment.find, len(segment), 0
-    while start + block <= size:
-        if find(b"\n", start, start + block) >= 0:
-            start += block
-            continue
-        after = find(b"\n", start + block)
-        after = size if after < 0 else after
-        if after - segment.rfind(b"\n", 0, start) - 1 >= run:
+    rfind, start = segment.rfind, 0
+    stop = len(segment) - run  # the last line ends the segment: past this no line can be too long
+    while start <= stop:
+        end = rfind(b"\n", start, start + run)
+        if end < 0:
             return True
-        start = after + 1
+        start = end + 1
     return False
 
 
@@ -86,14 +83,15 @@ class DataReader:
 
     def feed(self, data: bytes) -> bytes | None:
         buffer = self._pending + data  # no copy while nothing is pending
-        end = _end_of_data(buffer)
+        dots = buffer.rfind(b"\n.") >= 0  # the terminator and every stuffed dot after the first line hold one
+        end = _end_of_data(buffer, dots)
         if end >= 0:
-            self._consume(buffer[:end])
+            self._consume(buffer[:end], dots)
             self._pending = b""
             return buffer[end + 3 :]
         last = buffer.rfind(b"\r\n")
         if last >= 0:
-            self._consume(buffer[: last + 2])
+            self._consume(buffer[: last + 2], dots)
             buffer = buffer[last + 2 :]
         self._pending = self._bounded(buffer)
         return None
@@ -107,8 +105,9 @@ class DataReader:
         # keep a short tail, enough to see a CRLF or terminator that spans chunks
         return b"X" + tail[-4:]
 
-    def _consume(self, segment: bytes) -> None:
-        """Check and pass on complete lines (``segment`` ends with CRLF or is empty)."""
+    def _consume(self, segment: bytes, dots: bool = True) -> None:
+        """Check and pass on complete lines (``segment`` ends with CRLF or is empty;
+        ``dots``: False when no line after its first begins with a dot)."""
         if not segment:
             return
         problems = self.problems
@@ -120,7 +119,7 @@ class DataReader:
                 problems.line_too_long = max(map(len, segment.split(b"\r\n"))) > self._max_line_length
             else:
                 problems.line_too_long = has_long_line(segment, self._max_line_length)
-        segment = self._unstuff(segment)
+        segment = self._unstuff(segment, dots)
         if bare and self._normalize:  # after unstuffing: only CRLF lines were dot-stuffed
             segment = _LINE_ENDINGS.sub(b"\r\n", segment)
         if self._in_header:
@@ -131,11 +130,11 @@ class DataReader:
         if not (problems.too_big or problems.bare_line_ending or problems.line_too_long):
             self._sink(segment)
 
-    def _unstuff(self, segment: bytes) -> bytes:
+    def _unstuff(self, segment: bytes, dots: bool = True) -> bytes:
         """Undo dot-stuffing (RFC 5321 4.5.2): DATA lines that begin with a dot got one more."""
         if segment.startswith(b"."):
             segment = segment[1:]
-        if segment.rfind(b"\n.") < 0:  # no other line begins with a dot (rfind: the quicker scan)
+        if not dots or segment.rfind(b"\n.") < 0:  # no other line begins with a dot (rfind: the quicker scan)
             return segment
         return segment.replace(b"\r\n.", b"\r\n")
 
@@ -151,13 +150,14 @@ class DataReader:
                 self.problems.hops += 1
 
 
-def _end_of_data(buffer: bytes) -> int:
+def _end_of_data(buffer: bytes, dots: bool = True) -> int:
     """Where the terminating dot is in ``buffer`` (which begins at a line start), or -1.
     The terminator always holds LF "." and most chunks have none: that search (rfind,
-    the quicker scan in CPython) rules it out before the exact one."""
+    the quicker scan in CPython; ``dots`` is its answer when the caller made it) rules
+    it out before the exact one."""
     if buffer.startswith(b".\r\n"):
         return 0
-    if buffer.rfind(b"\n.") < 0:
+    if not dots:
         return -1
     found = buffer.find(END_OF_DATA)
     return found + 2 if found >= 0 else -1

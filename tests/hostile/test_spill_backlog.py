@@ -1,0 +1,66 @@
+"""Large messages against a disk that does not keep up: what the spill writer
+holds in memory is bounded for the whole process.
+
+An attacker (or many honest senders) streaming big messages faster than the
+disk takes them must not make the reactor queue the bytes without end: past
+the spill writer's backlog the session's write waits for the disk, as it did
+when the reactor wrote the file itself.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mailappliance import maildir
+from mailappliance.maildir import IncomingMessage, SpillWriter
+from tests.conditions import wait_until
+
+
+def test_queued_bytes_stay_under_the_backlog_while_the_disk_stalls(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Four messages of 4 MiB each against a stalled disk and a 2 MiB backlog: the
+    writing thread blocks once the backlog is full, and the queue never holds more
+    than the backlog plus one piece; everything is written once the disk goes on."""
+    backlog = 2 * 1024 * 1024
+    writer = SpillWriter(backlog=backlog)
+    monkeypatch.setattr(maildir, "_spill_writer", writer)
+    go_on = threading.Event()
+    real = os.writev
+    peak = [0]
+
+    def stalled_writev(fd: int, buffers: Any) -> int:
+        peak[0] = max(peak[0], writer._queued)
+        go_on.wait(30)
+        return real(fd, buffers)
+
+    monkeypatch.setattr(os, "writev", stalled_writev)
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    messages = [IncomingMessage(incoming) for _ in range(4)]
+    chunk = b"x" * 998 + b"\r\n"
+    done = threading.Event()
+
+    def session() -> None:  # the reactor's part: every message written in turn
+        for message in messages:
+            for _ in range(4 * 1024 * 1024 // len(chunk)):
+                message.write(chunk)
+        done.set()
+
+    thread = threading.Thread(target=session, daemon=True)
+    thread.start()
+    wait_until(lambda: writer._queued > backlog - maildir.SPILL_PIECE, what="the backlog filling")
+    assert not done.wait(0.3), "the writing thread went on although the disk took nothing"
+    assert writer._queued <= backlog
+    go_on.set()
+    assert done.wait(30)
+    for message in messages:
+        writer.wait_for(message)
+        assert message._error is None
+        assert os.path.getsize(message.path) + sum(map(len, message._chunks)) == message.size
+        message.discard()
+    assert peak[0] <= backlog

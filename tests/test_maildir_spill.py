@@ -1,0 +1,111 @@
+"""A large message's spill to its incoming file by the spill writer thread
+(maildir.SpillWriter): reads while pieces are still being written, write
+errors that become a failed commit, and a refused message's file removed
+after its last piece."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mailappliance import maildir
+from mailappliance.delivery import CommitJob, commit_batch
+from mailappliance.maildir import IncomingMessage, SpillWriter
+from tests.conditions import wait_until
+
+
+class StalledDisk:
+    """``os.writev`` that waits until the test lets it go on (or fails, once told to)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.go_on = threading.Event()
+        self.calls = 0
+        self.error: OSError | None = None
+        real = os.writev
+
+        def writev(fd: int, buffers: Any) -> int:
+            self.calls += 1
+            self.go_on.wait(30)
+            if self.error is not None:
+                raise self.error
+            return real(fd, buffers)
+
+        monkeypatch.setattr(os, "writev", writev)
+
+
+@pytest.fixture
+def writer(monkeypatch: pytest.MonkeyPatch) -> Iterator[SpillWriter]:
+    """A spill writer of the test's own (its thread ends with the test process)."""
+    fresh = SpillWriter()
+    monkeypatch.setattr(maildir, "_spill_writer", fresh)
+    yield fresh
+
+
+def spilled_message(incoming: Path, rng: random.Random, size: int) -> tuple[IncomingMessage, bytes]:
+    incoming.mkdir(exist_ok=True)
+    message, sent = IncomingMessage(incoming), list[bytes]()
+    while sum(map(len, sent)) < size:
+        chunk = rng.randbytes(rng.randrange(1, 70_000))
+        message.write(chunk)
+        sent.append(chunk)
+    return message, b"".join(sent)
+
+
+def test_reads_while_pieces_are_in_flight_give_the_bytes_received(
+        tmp_path: Path, writer: SpillWriter, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any range of a spilled message reads back as received, whether its bytes are
+    in the file, handed to the writer or not handed over yet."""
+    disk = StalledDisk(monkeypatch)
+    rng = random.Random(15)
+    message, whole = spilled_message(tmp_path / "incoming", rng, 3 * maildir.MEMORY_LIMIT)
+    assert message.spilled
+    wait_until(lambda: disk.calls >= 1, what="the writer's first writev")
+    ranges = [(0, None), (0, 100), (maildir.MEMORY_LIMIT - 10, 40), (len(whole) - 5, 100)]
+    ranges += [(rng.randrange(len(whole)), rng.randrange(1, 300_000)) for _ in range(30)]
+    for start, limit in ranges:  # nothing written yet: all from memory
+        assert message.read(start, limit) == whole[start:None if limit is None else start + limit]
+    disk.go_on.set()
+    for start, limit in ranges:  # partly written meanwhile, then all
+        assert message.read(start, limit) == whole[start:None if limit is None else start + limit]
+    writer.wait_for(message)
+    for start, limit in ranges:
+        assert message.read(start, limit) == whole[start:None if limit is None else start + limit]
+    [outcome] = commit_batch([CommitJob(message, (tmp_path / "alice",))])
+    assert isinstance(outcome, list)
+    assert outcome[0].read_bytes() == whole
+
+
+def test_a_write_error_fails_the_commit_and_leaves_nothing(
+        tmp_path: Path, writer: SpillWriter, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk under the spill writer: the commit fails with that error (a 4xx for
+    the client), no Maildir file appears and incoming/ is left empty."""
+    disk = StalledDisk(monkeypatch)
+    disk.error = OSError(errno.ENOSPC, "No space left on device")
+    disk.go_on.set()
+    message, _ = spilled_message(tmp_path / "incoming", random.Random(1), 2 * maildir.MEMORY_LIMIT)
+    [outcome] = commit_batch([CommitJob(message, (tmp_path / "alice",))])
+    assert isinstance(outcome, OSError) and outcome.errno == errno.ENOSPC
+    assert not (tmp_path / "alice" / "new").exists() or not list((tmp_path / "alice" / "new").iterdir())
+    assert list((tmp_path / "incoming").iterdir()) == []
+
+
+def test_a_refused_message_is_removed_after_its_last_piece(
+        tmp_path: Path, writer: SpillWriter, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Discarding a message whose pieces are still being written: the writer finishes
+    with the file it has open (skipping what is left) and then removes it."""
+    disk = StalledDisk(monkeypatch)
+    message, _ = spilled_message(tmp_path / "incoming", random.Random(2), 3 * maildir.MEMORY_LIMIT)
+    wait_until(lambda: disk.calls >= 1, what="the writer's first writev")
+    message.discard()
+    message.discard()  # twice (an abort after a failed commit): harmless
+    disk.go_on.set()
+    writer.wait_for(message)
+    wait_until(lambda: not list((tmp_path / "incoming").iterdir()), what="incoming/ empty")
+    assert disk.calls == 1  # the pieces after the first were never written
