@@ -84,6 +84,7 @@ class _Snapshot:
         self.by_login: dict[str, Entry] = {}
         self.by_address: dict[str, Entry] = {}
         self.by_certificate: dict[bytes, Entry] = {}
+        self._subscribers: dict[int, Subscriber] = {}  # id(entry) -> its record, made on first use
         for entry in entries:
             if not _is_subscriber_entry(entry):
                 continue
@@ -94,6 +95,16 @@ class _Snapshot:
             self.by_login.setdefault(entry.first("mail").lower(), entry)
             for address in [entry.first("mail"), *entry.texts("mailLocalAddress")]:
                 self.by_address.setdefault(address.lower(), entry)
+
+
+    def subscriber(self, entry: Entry) -> Subscriber:
+        """The (immutable) record of one of this snapshot's entries, made once: a snapshot
+        never changes (an edit reads a fresh one), and every RCPT for the same mailbox
+        would otherwise lower-case and scan its attributes again."""
+        known = self._subscribers.get(id(entry))
+        if known is None:
+            known = self._subscribers[id(entry)] = subscriber_from_entry(entry)
+        return known
 
 
 def _leading_comments(text: str) -> str:
@@ -203,12 +214,14 @@ class LdifStore:
             raise DirectoryUnavailable(f"{self.path}: {e}") from None
 
     def find_by_login(self, login: str) -> Subscriber | None:
-        entry = self._current().by_login.get(login.lower())
-        return subscriber_from_entry(entry) if entry else None
+        snapshot = self._current()
+        entry = snapshot.by_login.get(login.lower())
+        return snapshot.subscriber(entry) if entry else None
 
     def find_by_address(self, address: str) -> Subscriber | None:
-        entry = self._current().by_address.get(address.lower())
-        return subscriber_from_entry(entry) if entry else None
+        snapshot = self._current()
+        entry = snapshot.by_address.get(address.lower())
+        return snapshot.subscriber(entry) if entry else None
 
     def find_by_address_if_current(self, address: str) -> Subscriber | None | object:
         """``find_by_address`` for the reactor thread: answered from memory when the file
@@ -228,7 +241,7 @@ class LdifStore:
         finally:
             self._lock.release()
         entry = snapshot.by_address.get(address.lower())
-        return subscriber_from_entry(entry) if entry else None
+        return snapshot.subscriber(entry) if entry else None
 
     def verify_password(self, subscriber: Subscriber, password: str) -> bool:
         entry = self._current().by_login.get(subscriber.uid.lower())
