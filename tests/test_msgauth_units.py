@@ -17,6 +17,7 @@ from mailappliance.maildir import MEMORY_LIMIT, IncomingMessage
 from mailappliance.msgauth import dmarc, headers, keys
 from mailappliance.msgauth.dkim_check import ArcResult
 from mailappliance.msgauth.dns import FAILURE_TTL, DnsCache
+from mailappliance.msgauth.inspect import HEAD_FIRST_READ, MessageSource
 from mailappliance.msgauth.results import claims, quote
 from mailappliance.msgauth.settings import DomainPolicy, FilterSettings
 from mailappliance.msgauth.spf_check import SpfResult
@@ -131,6 +132,20 @@ def test_staged_message_edit_in_memory_and_spilled(tmp_path: Path, size: int) ->
     assert data.startswith(b"Return-Path: <a@b>\r\nReceived: x\r\nAuthentication-Results: mx; none\r\nSubject: s")
     assert len(data) == message.size and data.endswith(b"b" * 100)
     assert not list(tmp_path.glob("*.edit"))
+
+
+@pytest.mark.parametrize("header_size", [100, HEAD_FIRST_READ - 60, HEAD_FIRST_READ - 4, HEAD_FIRST_READ + 500])
+def test_the_head_holds_the_whole_header_section(tmp_path: Path, header_size: int) -> None:
+    """MessageSource.head reads a first 64 KiB and all of the head only when the header section
+    does not end inside it: callers see the same section and know it is complete."""
+    message = IncomingMessage(tmp_path)
+    message.write(b"Received: x\r\n")
+    field = b"X-Long: " + b"v" * (header_size - 12) + b"\r\n"
+    message.write(field + b"\r\n" + b"b" * (2 * MEMORY_LIMIT))
+    head = MessageSource(message, 13, lambda *a, **k: None).head()  # type: ignore[arg-type]
+    length = headers.head_length(head)
+    assert head[:length] == field + b"\r\n" and length < len(head)
+    message.discard()
 
 
 def test_active_keys_newest_per_type_or_configured(tmp_path: Path) -> None:

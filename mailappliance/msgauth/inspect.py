@@ -39,6 +39,7 @@ log = Logger(namespace="mailappliance.msgauth")
 
 MAX_ARC_SETS = 12  # RFC 8617 allows 50; real chains have a handful
 SPAM_HEADERS = ("x-spam-status", "x-spam-score", "x-spam-flag", "x-spam-action")
+HEAD_FIRST_READ = 64 * 1024  # MessageSource.head: most header sections end well within this
 _T = TypeVar("_T")
 _A = TypeVar("_A")
 _B = TypeVar("_B")
@@ -95,8 +96,14 @@ class MessageSource:
         self._head: bytes | None = None
 
     def head(self) -> bytes:
+        """The message from its start, at least through its header section (up to
+        ``MAX_HEAD``): a first 64 KiB that holds the section's end, else all of it
+        (a 1 MB message is not read whole for a header of a few hundred octets)."""
         if self._head is None:
-            self._head = self.delivery.read(self.offset, headers.MAX_HEAD + 4)
+            head = self.delivery.read(self.offset, HEAD_FIRST_READ)
+            if len(head) == HEAD_FIRST_READ and headers.head_length(head) >= len(head):
+                head = self.delivery.read(self.offset, headers.MAX_HEAD + 4)
+            self._head = head
         return self._head
 
     async def whole(self) -> bytes:
