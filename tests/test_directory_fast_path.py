@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from twisted.internet import reactor
 
-from mailappliance.directory.ldif import STALE, LdifStore
+from mailappliance.directory import ldif as ldif_module
+from mailappliance.directory.ldif import RECHECK_SECONDS, STALE, LdifStore
 from mailappliance.directory.threaded import Directory
 
 
@@ -32,3 +34,30 @@ def test_an_unchanged_file_answers_at_once_and_a_changed_one_in_the_thread(tmp_p
     waiting.addErrback(lambda _: None)
     assert store.find_by_address("zoe@example.org") is not None
     assert store.find_by_address_if_current("zoe@example.org") is not STALE
+
+
+def test_the_file_is_looked_at_once_per_recheck_interval_and_before_every_no(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Within RECHECK_SECONDS of a stat that found the file unchanged, a found entry is answered
+    without another stat (an entry another process just removed is still found, as from a cache);
+    after it, the change is seen; and an address not in memory is always checked against the
+    file first, so a subscriber just added is never refused."""
+    path = tmp_path / "users.ldif"
+    store = LdifStore(path)
+    store.add_subscriber("alice", "alice@example.org", "alice-password")
+    assert store.find_by_address("alice@example.org") is not None  # read once
+    now = [1000.0]
+    monkeypatch.setattr(ldif_module.time, "monotonic", lambda: now[0])
+    assert store.find_by_address_if_current("alice@example.org") not in (None, STALE)  # the stat at 1000
+
+    other = LdifStore(path)
+    other.delete_subscriber("alice")
+    other.add_subscriber("zoe", "zoe@example.org", "zoe-password")
+    now[0] += RECHECK_SECONDS / 2
+    assert store.find_by_address_if_current("alice@example.org") not in (None, STALE), \
+        "a found entry within the recheck interval should not have needed a stat"
+    assert store.find_by_address_if_current("zoe@example.org") is STALE, \
+        "an address missing from memory must be checked against the file before a 'no'"
+    now[0] += RECHECK_SECONDS
+    assert store.find_by_address_if_current("alice@example.org") is STALE, \
+        "after the recheck interval the changed file must be noticed"

@@ -19,6 +19,7 @@ import os
 import stat
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -168,6 +169,7 @@ def tighten_file_mode(path: Path) -> str | None:
 
 
 STALE = object()  # find_by_address_if_current: ask in a thread
+RECHECK_SECONDS = 0.1  # find_by_address_if_current trusts a stat this long
 
 
 class LdifStore:
@@ -178,6 +180,7 @@ class LdifStore:
         self._lock = threading.Lock()
         self._stamp: tuple[int, int, int] | None = None
         self._snapshot = _Snapshot("", [])
+        self._checked_at = float("-inf")  # when a stat last found the file unchanged (monotonic)
         self.mode_note = tighten_file_mode(self.path)
         if self.mode_note:
             log.warn("directory file: {note}", note=self.mode_note)
@@ -225,23 +228,43 @@ class LdifStore:
 
     def find_by_address_if_current(self, address: str) -> Subscriber | None | object:
         """``find_by_address`` for the reactor thread: answered from memory when the file
-        is unchanged since it was last read (one stat and a dict lookup, no thread hop);
-        ``STALE`` when it changed, is being read, or cannot be looked at (the caller
-        then asks ``find_by_address`` in a thread, which re-reads it)."""
+        is unchanged since it was last read (a dict lookup, no thread hop); ``STALE`` when
+        it changed, is being read, or cannot be looked at (the caller then asks
+        ``find_by_address`` in a thread, which re-reads it).  Whether it changed is
+        checked with a stat at most every ``RECHECK_SECONDS`` (a busy MX asks hundreds of
+        times a second), and always before answering "no such address", so a subscriber
+        just added is never refused; an entry just removed or disabled may still be
+        found for that long, as a cached LDAP answer would be."""
+        now = time.monotonic()
+        checked = now - self._checked_at < RECHECK_SECONDS
+        snapshot = self._snapshot if checked else self._checked_snapshot(now)
+        if snapshot is None:
+            return STALE
+        entry = snapshot.by_address.get(address.lower())
+        if entry is None:
+            if checked and self._checked_snapshot(now) is not snapshot:
+                return STALE  # "no such address" only from the file as it is now
+            return None
+        return snapshot.subscriber(entry)
+
+    def _checked_snapshot(self, now: float) -> _Snapshot | None:
+        """Stat the file: the snapshot if the file is still the one it was read from
+        (remembering ``now`` as the time of that check), None when it changed or is
+        being read."""
         try:
             st = os.stat(self.path)
         except OSError:
-            return STALE
+            return None
         if not self._lock.acquire(blocking=False):
-            return STALE
+            return None
         try:
             if (st.st_ino, st.st_mtime_ns, st.st_size) != self._stamp:
-                return STALE
-            snapshot = self._snapshot
+                self._checked_at = float("-inf")
+                return None
+            self._checked_at = now
+            return self._snapshot
         finally:
             self._lock.release()
-        entry = snapshot.by_address.get(address.lower())
-        return snapshot.subscriber(entry) if entry else None
 
     def verify_password(self, subscriber: Subscriber, password: str) -> bool:
         entry = self._current().by_login.get(subscriber.uid.lower())
