@@ -13,6 +13,8 @@ from twisted.internet import abstract, tcp
 from twisted.internet.interfaces import IAddress, ITCPTransport, ITransport
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 
+from mailappliance.tls import read_records_directly
+
 _counter = itertools.count(1)
 _prefix = os.urandom(3).hex()
 
@@ -131,5 +133,6 @@ def send_tls_directly(transport: object) -> None:
 
     lower.write = write  # the TLS layer's own writes (records, handshake flights, close_notify)
     write_records_at_once(tls)
+    read_records_directly(tls)
     marked: Any = transport
     marked._sends_directly = True  # once per connection

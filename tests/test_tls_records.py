@@ -1,0 +1,156 @@
+"""The TLS receive path with fewer calls into OpenSSL (``tls.read_records_directly``),
+against a real client TLS stack over memory BIOs: records are delivered whole and in
+order, however the bytes are cut, and close_notify and garbage still end the
+connection the way Twisted's own path does."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Iterator
+
+import pytest
+from twisted.internet import protocol
+from twisted.internet.task import Clock
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
+
+from mailappliance.sessions import write_records_at_once
+from mailappliance.tls import read_records_directly
+
+
+class Lower:
+    """The TCP connection beneath the TLS layer: keeps what is written, notes a close."""
+
+    def __init__(self) -> None:
+        self.out: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.out.append(data)
+
+    def writeSequence(self, data: list[bytes]) -> None:
+        self.out.extend(data)
+
+    def getPeer(self) -> None:
+        return None
+
+    def getHost(self) -> None:
+        return None
+
+    def registerProducer(self, producer: object, streaming: bool) -> None:
+        pass
+
+    def unregisterProducer(self) -> None:
+        pass
+
+    def loseConnection(self) -> None:
+        self.closed = True
+
+    abortConnection = loseConnection
+
+
+class Collect(protocol.Protocol):
+    """Keeps what arrives, answers each piece with its length."""
+
+    def __init__(self) -> None:
+        self.received: list[bytes] = []
+        self.lost: Failure | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received.append(data)
+        self.transport.write(b"%d\r\n" % len(data))
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self.lost = reason
+
+
+class Pair:
+    """Our TLS server layer and a client ``ssl.SSLObject``, joined by hand."""
+
+    def __init__(self, pki, direct: bool) -> None:
+        server_options, _ = pki.twisted_contexts()
+        self.app = Collect()
+        self.clock = Clock()
+        factory = TLSMemoryBIOFactory(server_options, False, protocol.Factory.forProtocol(lambda: self.app),
+                                      clock=self.clock)
+        self.tls: TLSMemoryBIOProtocol = factory.buildProtocol(("127.0.0.1", 1))
+        self.lower = Lower()
+        self.tls.makeConnection(self.lower)
+        if direct:  # installed before the handshake, as for implicit TLS
+            write_records_at_once(self.tls)
+            read_records_directly(self.tls)
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.client = pki.client_context().wrap_bio(self.incoming, self.outgoing, server_hostname="localhost")
+        for _ in range(20):
+            try:
+                self.client.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self.to_client()
+                self.to_server(self.outgoing.read())
+        self.to_server(self.outgoing.read())
+        self.to_client()
+        self.from_server()  # session tickets
+
+    def to_server(self, data: bytes) -> None:
+        if data:
+            self.tls.dataReceived(data)
+        self.clock.advance(0)
+
+    def to_client(self) -> None:
+        if self.lower.out:
+            self.incoming.write(b"".join(self.lower.out))
+            self.lower.out.clear()
+
+    def from_server(self) -> bytes:
+        self.to_client()
+        got = b""
+        try:
+            while True:
+                got += self.client.read(1 << 20)
+        except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+            return got
+
+    def records(self, *texts: bytes) -> bytes:
+        for text in texts:
+            self.client.write(text)
+        return self.outgoing.read()
+
+
+@pytest.fixture(params=["direct", "twisted"])
+def pair(request, pki) -> Iterator[Pair]:
+    """Each test runs on our path and on Twisted's, which must behave the same."""
+    yield Pair(pki, request.param == "direct")
+
+
+def test_several_records_in_one_read_are_each_delivered_in_order(pair) -> None:
+    """Three records arriving in one TCP read reach the session in order, each answered."""
+    pair.to_server(pair.records(b"MAIL FROM:<a@example.org>\r\n", b"RCPT TO:<b@example.org>\r\n", b"DATA\r\n"))
+    assert pair.app.received == [b"MAIL FROM:<a@example.org>\r\n", b"RCPT TO:<b@example.org>\r\n", b"DATA\r\n"]
+    assert pair.from_server() == b"27\r\n25\r\n6\r\n"
+
+
+def test_records_cut_at_every_byte_arrive_whole(pair) -> None:
+    """A record that arrives one byte at a time is delivered once, whole, when its last byte comes."""
+    wire = pair.records(b"x" * 3000, b"y" * 20000)  # the second one spans two records
+    for i in range(len(wire)):
+        pair.to_server(wire[i:i + 1])
+    assert b"".join(pair.app.received) == b"x" * 3000 + b"y" * 20000
+    assert all(len(piece) <= 16 * 1024 for piece in pair.app.received)
+
+
+def test_close_notify_ends_the_connection_as_twisted_does(pair) -> None:
+    """A client's close_notify after data in the same read: the data is delivered, then the connection closed."""
+    pair.client.write(b"QUIT\r\n")
+    with pytest.raises(ssl.SSLWantReadError):
+        pair.client.unwrap()  # sends our close_notify, waits for the server's
+    pair.to_server(pair.outgoing.read())
+    assert pair.app.received == [b"QUIT\r\n"]
+    assert pair.lower.closed
+
+
+def test_garbage_after_the_handshake_ends_the_connection(pair) -> None:
+    """Bytes that are no TLS record end the connection with an error instead of reaching the session."""
+    pair.to_server(b"\x17\x03\x03\x00\x20" + b"\x00" * 32)  # application data that fails to decrypt
+    assert pair.app.received == []
+    assert pair.lower.closed
