@@ -7,6 +7,7 @@ quoted local part, address literal) instead of normalising it away, so that
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 
@@ -70,9 +71,10 @@ class MailPath:
     def is_address_literal(self) -> bool:
         return self.domain.startswith("[")
 
-    @property
+    @functools.cached_property
     def address(self) -> str:
-        """``local@domain`` as given (domain lower-cased), '' for the null path."""
+        """``local@domain`` as given (domain lower-cased), '' for the null path (made once:
+        a transaction asks for it several times)."""
         if self.is_null:
             return ""
         return f"{self.local_part}@{self.domain}" if self.domain else self.local_part
@@ -161,6 +163,11 @@ def split_command_argument(argument: str, keyword: str) -> tuple[str, list[str]]
 
 def _end_of_path(text: str) -> int:
     """Index of the '>' that closes the path, skipping quoted strings."""
+    if '"' not in text:  # nearly every path: no quoted local part to skip
+        end = text.find(">")
+        if end < 0:
+            raise PathSyntaxError("missing '>'")
+        return end
     in_quotes = escaped = False
     for i, char in enumerate(text):
         if escaped:
