@@ -370,11 +370,11 @@ class LineSession(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self.closing or self.closed:
             return
-        self._active_at = self.clock.seconds()  # the idle timeout starts again
-        if self._too_slow():
+        now = self._active_at = self.clock.seconds()  # the idle timeout starts again
+        if self._too_slow(now):
             return
         lifetime = self.lifetime
-        if lifetime > 0 and self.clock.seconds() - self._started > lifetime:
+        if lifetime > 0 and now - self._started > lifetime:
             self._expired = True  # ends at the next command boundary (after a running command)
         self.input += data
         if len(self.input) > self.settings.hard_input_limit:
@@ -384,9 +384,8 @@ class LineSession(Protocol):
             return
         self.pump()
 
-    def _too_slow(self) -> bool:
+    def _too_slow(self, now: float) -> bool:
         """Slow-drip defence, checked as bytes arrive (a byte before each idle timeout does not help)."""
-        now = self.clock.seconds()
         what = self.deadline_passed(now)
         if what is None and self._partial_since is not None \
                 and now - self._partial_since > self.settings.command_time_limit:
