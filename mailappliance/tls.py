@@ -340,7 +340,7 @@ def read_records_directly(tls: TLSMemoryBIOProtocol) -> None:
 
     def data_received(data: bytes) -> None:
         if not tls._handshakeDone or tls._appSendBuffer or tls._lostTLSConnection:
-            twisted_received(data)
+            twisted_received(data)  # type: ignore[no-untyped-call]  # TLSMemoryBIOProtocol
             return
         connection.bio_write(data)
         while not tls._lostTLSConnection:
@@ -352,7 +352,7 @@ def read_records_directly(tls: TLSMemoryBIOProtocol) -> None:
                     return
                 break
             if not tls._aborted:
-                deliver(tls, ffi.buffer(buffer, result)[:])
+                deliver(tls, ffi.buffer(buffer, result)[:])  # type: ignore[no-untyped-call]  # ProtocolWrapper
             if not lib.SSL_pending(ssl) and not lib.BIO_get_mem_data(into, null):
                 break  # no record left to read
         if not tls._lostTLSConnection and lib.BIO_get_mem_data(out, null):

@@ -143,7 +143,7 @@ class MailTransaction(LocalRecipients):
                                            mail_parameters=mail_parameters)
             self.respond(replies.SENDER_OK)
             return
-        why = decide_sender(sender, self.subscriber, self.addressing)
+        why = self._sender_refusal(sender, self.subscriber)
         if why:
             METRICS.count("mailappliance_messages_refused_total", reason="sender_not_owned")
             self.log_event(self.log.info, "sender refused: uid={uid} from=<{sender}> reason={why}",
@@ -165,6 +165,19 @@ class MailTransaction(LocalRecipients):
         d = reservation.start_message()  # the state store may be Redis: later commands wait for it
         d.addCallback(self._message_reserved, reservation, sender, mail_parameters)
         self.run(d)
+
+    _sender_verdict: tuple[Subscriber, object, MailPath, str | None] | None = None  # the last MAIL's
+
+    def _sender_refusal(self, sender: MailPath, subscriber: Subscriber) -> str | None:
+        """``decide_sender``, remembered for the session's last sender: a subscriber sends
+        from the same address message after message, and the answer depends only on the
+        subscriber record (fixed at login), the config (replaced on reload) and the path."""
+        last = self._sender_verdict
+        if last is not None and last[0] is subscriber and last[1] is self.config and last[2] == sender:
+            return last[3]
+        why = decide_sender(sender, subscriber, self.addressing)
+        self._sender_verdict = (subscriber, self.config, sender, why)
+        return why
 
     def _message_reserved(self, hit: Verdict | None, reservation: Reservation, sender: MailPath,
                           mail_parameters: MailParameters) -> None:
@@ -284,7 +297,7 @@ class MailTransaction(LocalRecipients):
         if quotas is not None:
             declared = self.transaction.declared_size if self.transaction is not None else 0
             try:
-                verdict = await quotas.check(subscriber, maildir, declared)
+                verdict = quotas.check_now(subscriber, declared) or await quotas.check(subscriber, maildir, declared)
             except OSError as e:
                 self.log_event(self.log.error, "cannot measure the mailbox of {uid}: {why}",
                                uid=subscriber.uid, why=str(e))
@@ -402,8 +415,17 @@ class MailTransaction(LocalRecipients):
                                           + [f.address for f in transaction.forwarded])),
             authenticated_as=identity,
             client_name=self.trace_name or (self.client_facts.name if self.client_facts else None),
-            tls=tls_description(self.transport) if self.secure else None,
+            tls=self._tls_words() if self.secure else None,
         )
+
+    _tls_description: str | None = None  # the Received header's TLS words, once per session
+
+    def _tls_words(self) -> str | None:
+        """Version and cipher of this session's TLS, asked of OpenSSL once (they cannot change:
+        no renegotiation, and STARTTLS happens once): each call into OpenSSL releases the GIL."""
+        if self._tls_description is None:
+            self._tls_description = tls_description(self.transport)
+        return self._tls_description
 
     trace_name: str | None = None  # the client's confirmed reverse name, once looked up (note_client_name)
 
