@@ -26,6 +26,7 @@ import os
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import cast
 
 import attrs
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
@@ -120,6 +121,9 @@ class QuotaVerdict:
         if self.limit is None:
             return f"used {format_size(self.usage)} (unlimited)"
         return f"used {format_size(self.usage)} of {format_size(self.limit)} ({self.usage * 100 // self.limit}%)"
+
+
+NO_QUOTA = QuotaVerdict(False, 0, None)  # an unlimited mailbox (usage not measured)
 
 
 @attrs.frozen
@@ -246,11 +250,24 @@ class MailboxQuotas:
         """Deferred QuotaVerdict: is there room for ``incoming`` more bytes?  At
         RCPT ``incoming`` is the declared SIZE (or 0).  Fails with the scan's
         OSError when the Maildir cannot be read (answer 4xx)."""
+        verdict = self.check_now(subscriber, incoming)
+        if verdict is not None:
+            return succeed(verdict)
+        limit = self.limit_for(subscriber)
+        assert limit is not None  # check_now answered every mailbox without a limit
+        return self.usage(subscriber.uid, maildir).addCallback(self._verdict, subscriber.uid, limit, incoming)
+
+    def check_now(self, subscriber: Subscriber, incoming: int = 0) -> QuotaVerdict | None:
+        """The verdict of :meth:`check` when it needs no scan (no quota, or the usage
+        is known and fresh), without a Deferred; None when only ``check`` can tell."""
         limit = self.limit_for(subscriber)
         if limit is None:
             self._full.discard(subscriber.uid)
-            return succeed(QuotaVerdict(False, 0, None))
-        return self.usage(subscriber.uid, maildir).addCallback(self._verdict, subscriber.uid, limit, incoming)
+            return NO_QUOTA
+        known = self._usage.get(subscriber.uid)
+        if known is None or self.clock.seconds() - known.measured_at >= self.ttl:
+            return None
+        return self._verdict(known.size, subscriber.uid, limit, incoming)
 
     def _verdict(self, usage: int, uid: str, limit: int, incoming: int) -> QuotaVerdict:
         usage += self._reserved.get(uid, 0)
@@ -268,10 +285,11 @@ class MailboxQuotas:
         twice counts once.  When every mailbox has room, the size is reserved
         in each at once (no other session can take that room meanwhile)."""
         unique = {subscriber.uid: (subscriber, maildir) for subscriber, maildir in recipients}
-        checks = [self.check(subscriber, maildir, size) for subscriber, maildir in unique.values()]
-        known = [check.result for check in checks if check.called and isinstance(check.result, QuotaVerdict)]
-        if len(known) == len(checks):  # no quota, or the usage is known: no gatherResults (the common case)
-            return succeed(self._admitted(known, list(unique), size))
+        known = [self.check_now(subscriber, size) for subscriber, _ in unique.values()]
+        if None not in known:  # no quota, or the usage is known: no scan to wait for (the common case)
+            return succeed(self._admitted(cast(list[QuotaVerdict], known), list(unique), size))
+        checks = [succeed(verdict) if verdict is not None else self.check(subscriber, maildir, size)
+                  for verdict, (subscriber, maildir) in zip(known, unique.values(), strict=True)]
         d = gatherResults(checks, consumeErrors=True)
         return d.addCallbacks(self._admitted, _first_error, (list(unique), size))
 
