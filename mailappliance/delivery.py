@@ -108,6 +108,7 @@ class Delivery:
         if self._handed_over:
             raise RuntimeError("message already handed to the commit")
         self._handed_over = True
+        self.message.finish_early()  # a spilled message: its last piece and fsync start now
         return committer(CommitJob(self.message, tuple(maildirs), tuple(spool_entries), tuple(delivered_to),
                                    delivered_to_span))
 

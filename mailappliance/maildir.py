@@ -14,6 +14,7 @@ recipients sharing one inode is safe (Dovecot does the same).
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import ctypes
 import errno
@@ -230,11 +231,21 @@ class SpillWriter:
 
 
 _spill_writer = SpillWriter()
+SYNC_THREADS = 4
+_sync_threads: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _sync_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """The threads that finish spilled messages (IncomingMessage.finish_early)."""
+    global _sync_threads
+    if _sync_threads is None:
+        _sync_threads = concurrent.futures.ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="spill-sync")
+    return _sync_threads
 
 
 def _new_spill_writer() -> None:
-    global _spill_writer
-    _spill_writer = SpillWriter()
+    global _spill_writer, _sync_threads
+    _spill_writer, _sync_threads = SpillWriter(), None
 
 
 os.register_at_fork(after_in_child=_new_spill_writer)
@@ -249,7 +260,8 @@ class IncomingMessage:
     spool's ``incoming`` directory is created at commit, in a commit thread,
     with one write.  Larger messages spill to that file as they stream in,
     written by the :class:`SpillWriter` thread in pieces of ``SPILL_PIECE``;
-    the commit waits for it, writes the last piece and makes the file durable.
+    once handed to the commit, a sync pool thread writes the last piece and
+    fsyncs the file (``finish_early``), and the commit waits for that.
     """
 
     def __init__(self, incoming_dir: Path) -> None:
@@ -267,6 +279,8 @@ class IncomingMessage:
         self._created = False  # the incoming file exists (spilled, or written out)
         self._edit: tuple[int, int, bytes] | None = None  # a spilled message's pending head edit
         self._discarded = False
+        self._finishing: concurrent.futures.Future[None] | None = None  # finish_early's work
+        self._synced = False  # fsynced by finish_early
 
     def write(self, data: bytes) -> None:
         """Append bytes (nothing is durable until it is committed)."""
@@ -365,18 +379,36 @@ class IncomingMessage:
         os.close(old)
         self._fd, self._edit = new, None
 
+    def finish_early(self) -> None:
+        """A spilled message is complete (handed to the commit): write its last piece
+        and fsync it now, on a thread of the sync pool, while the commit thread is
+        busy with other messages; ``write_out`` waits for that.  Large files' fsyncs
+        then overlap (the disk here takes four at once in about the time of one)."""
+        if self._spilled and self._finishing is None:
+            self._finishing = _sync_pool().submit(self._finish, True)
+
+    def _finish(self, fsync: bool) -> None:
+        _spill_writer.wait_for(self)
+        if self._error is not None:
+            raise self._error
+        if self._fd is None:
+            self._fd = self._create()
+        chunks, self._chunks = self._chunks, []
+        writev_all(self._fd, chunks)
+        if self._edit is not None:
+            self._apply_edit()
+        if fsync:
+            os.fsync(self._fd)
+            self._synced = True
+
     def write_out(self) -> None:
-        """Put every byte into the incoming file (not yet durable)."""
+        """Put every byte into the incoming file (not yet durable, unless
+        ``finish_early`` made it so)."""
         if self._spilled:
-            _spill_writer.wait_for(self)
-            if self._error is not None:
-                raise self._error
-            if self._fd is None:
-                self._fd = self._create()
-            chunks, self._chunks = self._chunks, []
-            writev_all(self._fd, chunks)
-            if self._edit is not None:
-                self._apply_edit()
+            if self._finishing is not None:
+                self._finishing.result()  # raises what stopped it
+            else:
+                self._finish(fsync=False)
             return
         self._fd = self._create()
         data, self._chunks = b"".join(self._chunks), []
@@ -392,7 +424,7 @@ class IncomingMessage:
         file (after ``write_out``)."""
         assert self._fd is not None
         try:
-            if fsync:
+            if fsync and not self._synced:
                 os.fsync(self._fd)
         finally:
             self._close()

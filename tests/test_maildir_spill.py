@@ -1,7 +1,7 @@
 """A large message's spill to its incoming file by the spill writer thread
 (maildir.SpillWriter): reads while pieces are still being written, write
-errors that become a failed commit, and a refused message's file removed
-after its last piece."""
+errors that become a failed commit, a refused message's file removed after
+its last piece, and the fsync started when the message is handed over."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from twisted.internet.defer import Deferred
 
 from mailappliance import maildir
-from mailappliance.delivery import CommitJob, commit_batch
+from mailappliance.delivery import CommitJob, Delivery, commit_batch
 from mailappliance.maildir import IncomingMessage, SpillWriter
 from tests.conditions import wait_until
 
@@ -109,3 +110,39 @@ def test_a_refused_message_is_removed_after_its_last_piece(
     writer.wait_for(message)
     wait_until(lambda: not list((tmp_path / "incoming").iterdir()), what="incoming/ empty")
     assert disk.calls == 1  # the pieces after the first were never written
+
+
+def test_a_handed_over_message_is_finished_and_synced_before_the_commit_thread_runs(tmp_path: Path) -> None:
+    """Delivery.commit starts a spilled message's last write and fsync on the sync pool at
+    once; the commit (here: later) finds it durable and places it whole."""
+    jobs: list[CommitJob] = []
+
+    def committer(job: CommitJob) -> Deferred[list[Path]]:
+        jobs.append(job)
+        return Deferred()
+
+    (tmp_path / "incoming").mkdir()
+    staged = Delivery(tmp_path / "incoming")
+    whole = random.Random(3).randbytes(2 * maildir.MEMORY_LIMIT + 12345)
+    for start in range(0, len(whole), 65536):
+        staged.write(whole[start:start + 65536])
+    staged.commit(committer, [tmp_path / "alice"])
+    [job] = jobs
+    wait_until(lambda: job.message._synced, what="the sync pool's fsync")
+    [outcome] = commit_batch([job])
+    assert isinstance(outcome, list) and outcome[0].read_bytes() == whole
+    assert list((tmp_path / "incoming").iterdir()) == []
+
+
+def test_a_failed_fsync_on_the_sync_pool_fails_the_commit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An fsync error while finishing early is the commit's outcome: nothing placed."""
+    def failing_fsync(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    message, _ = spilled_message(tmp_path / "incoming", random.Random(4), 2 * maildir.MEMORY_LIMIT)
+    message.finish_early()
+    [outcome] = commit_batch([CommitJob(message, (tmp_path / "alice",))])
+    assert isinstance(outcome, OSError) and outcome.errno == errno.EIO
+    assert not (tmp_path / "alice" / "new").exists() or not list((tmp_path / "alice" / "new").iterdir())
+    assert list((tmp_path / "incoming").iterdir()) == []
