@@ -83,7 +83,9 @@ class DataReader:
 
     def feed(self, data: bytes) -> bytes | None:
         buffer = self._pending + data  # no copy while nothing is pending
-        dots = buffer.rfind(b"\n.") >= 0  # the terminator and every stuffed dot after the first line hold one
+        # the terminator and every stuffed dot after the first line hold LF "."; a chunk without
+        # any dot (base64 attachments) is ruled out by memchr, 30 times quicker than that search
+        dots = buffer.find(b".") >= 0 and buffer.rfind(b"\n.") >= 0
         end = _end_of_data(buffer, dots)
         if end >= 0:
             self._consume(buffer[:end], dots)
