@@ -18,6 +18,7 @@ import concurrent.futures
 import contextlib
 import ctypes
 import errno
+import functools
 import itertools
 import os
 import shutil
@@ -34,10 +35,11 @@ _hostname = socket.gethostname().replace("/", "\\057").replace(":", "\\072").rep
 MAILDIR_SUBDIRS = ("tmp", "new", "cur")
 
 
+@functools.lru_cache(maxsize=4096)
 def maildir_for(root: Path, uid: str) -> Path:
     """Where subscriber ``uid`` keeps mail; ValueError for a uid that cannot
     safely name a directory there (the directory may hold entries made with
-    other tools than ours)."""
+    other tools than ours).  Remembered: every RCPT asks, and a Path costs a parse."""
     if not is_safe_mailbox_name(uid):
         raise ValueError(f"unsafe mailbox name {uid!r}")
     return root / uid
