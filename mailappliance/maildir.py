@@ -18,8 +18,10 @@ import concurrent.futures
 import contextlib
 import ctypes
 import errno
+import fcntl
 import functools
 import itertools
+import mmap
 import os
 import shutil
 import socket
@@ -149,6 +151,7 @@ def forget_maildir(path: Path) -> None:
 MEMORY_LIMIT = 1024 * 1024
 SPILL_PIECE = 256 * 1024  # a spilled message goes to the spill writer in pieces of about this size
 SPILL_BACKLOG = 16 * 1024 * 1024  # handed to the spill writer and not yet written, all messages together
+DIRECT_IO = True  # large messages' files written with O_DIRECT (SpillWriter)
 _IOV_GROUP = 512  # buffers per writev (the kernel takes at most IOV_MAX, 1024 on Linux)
 
 
@@ -177,6 +180,7 @@ class SpillWriter:
 
     def __init__(self, backlog: int = SPILL_BACKLOG) -> None:
         self.lock = threading.Condition()  # the queue, and each spilled message's pieces in flight
+        self._staging: mmap.mmap | None = None  # page-aligned, for O_DIRECT writes
         self._jobs: collections.deque[tuple[IncomingMessage, list[bytes] | None, int]] = collections.deque()
         self._queued = 0
         self._backlog = backlog
@@ -216,8 +220,19 @@ class SpillWriter:
             elif message._error is None and not message._discarded:  # a refused message's rest is not written
                 try:
                     if message._fd is None:
-                        message._fd = message._create()
-                    writev_all(message._fd, chunks)
+                        message._fd = message._create(direct=True)
+                    if message._direct:
+                        try:
+                            self._write_direct(message, chunks)
+                        except OSError as e:  # EINVAL at the first write: O_DIRECT opened but not taken
+                            if e.errno != errno.EINVAL or message._direct_offset:
+                                raise
+                            message._buffered()
+                            writev_all(message._fd, [message._carry, *chunks])
+                            message._direct_offset, message._carry = size + len(message._carry), b""
+                    else:
+                        writev_all(message._fd, chunks)
+                        message._direct_offset += size
                 except OSError as e:
                     error = e
                 except Exception as e:  # a bug must not stop the thread every large message needs
@@ -227,9 +242,44 @@ class SpillWriter:
                     if error is not None and message._error is None:
                         message._error = error
                     message._in_flight.popleft()
-                    message._written += size
+                    message._written, message._unwritten = message._direct_offset, message._carry
                 self._queued -= size
                 self.lock.notify_all()
+
+    def _write_direct(self, message: IncomingMessage, chunks: list[bytes]) -> None:
+        """Write what fills whole blocks with O_DIRECT (through the page-aligned staging
+        buffer); the rest waits in ``message._carry`` for the next piece or the finish."""
+        assert message._fd is not None
+        if self._staging is None:
+            self._staging = mmap.mmap(-1, DIRECT_STAGING)
+        staging, capacity = self._staging, len(self._staging)
+        data = [message._carry, *chunks] if message._carry else chunks
+        left = sum(map(len, data))
+        left -= left % DIRECT_BLOCK  # through the staging buffer; the rest is carried
+        filled, carried = 0, []
+        for chunk in data:
+            view = memoryview(chunk)
+            while view and left:
+                n = min(len(view), capacity - filled, left)
+                staging[filled:filled + n] = view[:n]
+                filled, left, view = filled + n, left - n, view[n:]
+                if filled == capacity or not left:
+                    _pwrite_all(message._fd, memoryview(staging)[:filled], message._direct_offset)
+                    message._direct_offset += filled
+                    filled = 0
+            if view:
+                carried.append(bytes(view))
+        message._carry = b"".join(carried)
+
+
+DIRECT_BLOCK = 4096  # O_DIRECT offsets and lengths: a multiple of the logical block size (512 or 4096)
+DIRECT_STAGING = 2 * 1024 * 1024
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
 
 
 _spill_writer = SpillWriter()
@@ -275,6 +325,10 @@ class IncomingMessage:
         self._spilled = False
         self._in_flight: collections.deque[list[bytes]] = collections.deque()  # handed over, not yet written
         self._written = 0  # bytes of a spilled message in its file (the spill writer's count)
+        self._unwritten = b""  # and the bytes after those that it carries to its next piece
+        self._direct = False  # the file is written with O_DIRECT (whole blocks only)
+        self._direct_offset = 0  # the spill writer's own: bytes written
+        self._carry = b""  # the spill writer's own: bytes short of a whole block
         self._error: OSError | None = None  # the spill writer's failure, raised at commit
         self._fd: int | None = None  # the file: the spill writer's, then the commit's
         self._moved = False  # renamed into a Maildir: the incoming name is gone
@@ -303,11 +357,29 @@ class IncomingMessage:
         self._chunks, self._pending = [], 0
         _spill_writer.submit(self, chunks, size)
 
-    def _create(self) -> int:
-        # read-write: message authentication reads a spilled message back (read()) before commit
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    def _create(self, direct: bool = False) -> int:
+        """The incoming file; ``direct``: written with O_DIRECT where the filesystem takes it
+        (the bytes go to the disk as they arrive, so the fsync at the end has little left
+        to write, and they take no page cache)."""
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL
+        if direct and DIRECT_IO:
+            try:
+                fd = os.open(self.path, flags | os.O_DIRECT, 0o600)
+            except OSError as e:
+                if e.errno != errno.EINVAL:  # EINVAL: no O_DIRECT on this filesystem (tmpfs)
+                    raise
+            else:
+                self._created, self._direct = True, True
+                return fd
+        fd = os.open(self.path, flags, 0o600)
         self._created = True
         return fd
+
+    def _buffered(self) -> None:
+        """No more O_DIRECT on the file (its last part, or a filesystem that refuses it)."""
+        assert self._fd is not None
+        fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        self._direct = False
 
     def content(self) -> bytes:
         """The whole message of one that is not spilled (the journal's record)."""
@@ -330,12 +402,16 @@ class IncomingMessage:
                 self._chunks = [b"".join(self._chunks)]
             return self._chunks[0][start:end] if self._chunks else b""
         with _spill_writer.lock:
-            written, in_memory = self._written, [c for piece in self._in_flight for c in piece]
+            written = self._written
+            in_memory = [self._unwritten, *(c for piece in self._in_flight for c in piece)]
         in_memory += self._chunks
         parts = []
-        if start < written:
-            assert self._fd is not None
-            parts.append(os.pread(self._fd, min(end, written) - start, start))
+        if start < written:  # through a descriptor of its own: an O_DIRECT one reads whole blocks only
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                parts.append(os.pread(fd, min(end, written) - start, start))
+            finally:
+                os.close(fd)
         offset = written
         for chunk in in_memory:
             if offset >= end:
@@ -396,6 +472,10 @@ class IncomingMessage:
         if self._fd is None:
             self._fd = self._create()
         chunks, self._chunks = self._chunks, []
+        if self._direct:  # the last part (not whole blocks) through the page cache
+            self._buffered()
+            os.lseek(self._fd, self._direct_offset, os.SEEK_SET)
+            chunks.insert(0, self._carry)
         writev_all(self._fd, chunks)
         if self._edit is not None:
             self._apply_edit()

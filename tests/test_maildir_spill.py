@@ -23,22 +23,26 @@ from tests.conditions import wait_until
 
 
 class StalledDisk:
-    """``os.writev`` that waits until the test lets it go on (or fails, once told to)."""
+    """``os.writev`` and ``os.pwrite`` (O_DIRECT) that wait until the test lets them go on
+    (or fail, once told to)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.go_on = threading.Event()
         self.calls = 0
         self.error: OSError | None = None
-        real = os.writev
+        real_writev, real_pwrite = os.writev, os.pwrite
 
-        def writev(fd: int, buffers: Any) -> int:
-            self.calls += 1
-            self.go_on.wait(30)
-            if self.error is not None:
-                raise self.error
-            return real(fd, buffers)
+        def stalled(real: Any) -> Any:
+            def write(*args: Any) -> int:
+                self.calls += 1
+                self.go_on.wait(30)
+                if self.error is not None:
+                    raise self.error
+                return int(real(*args))
+            return write
 
-        monkeypatch.setattr(os, "writev", writev)
+        monkeypatch.setattr(os, "writev", stalled(real_writev))
+        monkeypatch.setattr(os, "pwrite", stalled(real_pwrite))
 
 
 @pytest.fixture
@@ -59,10 +63,13 @@ def spilled_message(incoming: Path, rng: random.Random, size: int) -> tuple[Inco
     return message, b"".join(sent)
 
 
+@pytest.mark.parametrize("direct", [True, False], ids=["O_DIRECT", "buffered"])
 def test_reads_while_pieces_are_in_flight_give_the_bytes_received(
-        tmp_path: Path, writer: SpillWriter, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, writer: SpillWriter, monkeypatch: pytest.MonkeyPatch, direct: bool) -> None:
     """Any range of a spilled message reads back as received, whether its bytes are
-    in the file, handed to the writer or not handed over yet."""
+    in the file, carried short of a whole block, handed to the writer or not handed
+    over yet; with O_DIRECT and without."""
+    monkeypatch.setattr(maildir, "DIRECT_IO", direct)
     disk = StalledDisk(monkeypatch)
     rng = random.Random(15)
     message, whole = spilled_message(tmp_path / "incoming", rng, 3 * maildir.MEMORY_LIMIT)
@@ -146,3 +153,37 @@ def test_a_failed_fsync_on_the_sync_pool_fails_the_commit(tmp_path: Path, monkey
     assert isinstance(outcome, OSError) and outcome.errno == errno.EIO
     assert not (tmp_path / "alice" / "new").exists() or not list((tmp_path / "alice" / "new").iterdir())
     assert list((tmp_path / "incoming").iterdir()) == []
+
+
+def test_a_filesystem_without_o_direct_gets_buffered_writes(
+        tmp_path: Path, writer: SpillWriter, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A filesystem that refuses to open with O_DIRECT (EINVAL, as tmpfs did before Linux
+    6.6): the spilled file is written through the page cache, whole."""
+    real_open = os.open
+
+    def no_direct_open(path: Any, flags: int, *args: Any) -> int:
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", no_direct_open)
+    message, whole = spilled_message(tmp_path / "incoming", random.Random(5), 2 * maildir.MEMORY_LIMIT)
+    writer.wait_for(message)
+    assert message._created and not message._direct
+    [outcome] = commit_batch([CommitJob(message, (tmp_path / "alice",))])
+    assert isinstance(outcome, list) and outcome[0].read_bytes() == whole
+
+
+def test_o_direct_refused_at_the_first_write_falls_back(
+        tmp_path: Path, writer: SpillWriter, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A filesystem that opens with O_DIRECT but refuses the write (EINVAL): the message
+    is written through the page cache instead, whole."""
+    def refusing_pwrite(*args: Any) -> int:
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(os, "pwrite", refusing_pwrite)
+    message, whole = spilled_message(tmp_path / "incoming", random.Random(6), 3 * maildir.MEMORY_LIMIT)
+    writer.wait_for(message)
+    assert message._error is None and not message._direct
+    [outcome] = commit_batch([CommitJob(message, (tmp_path / "alice",))])
+    assert isinstance(outcome, list) and outcome[0].read_bytes() == whole
