@@ -272,6 +272,19 @@ class SpillWriter:
         message._carry = b"".join(carried)
 
 
+FRONT = 128 * 1024  # the start of a spilled message kept in memory: message authentication reads 64 KiB of head
+
+
+def _chunks_covering(chunks: list[bytes], size: int) -> int:
+    """How many of the first ``chunks`` hold at least ``size`` bytes (or all of them)."""
+    total = 0
+    for n, chunk in enumerate(chunks, 1):
+        total += len(chunk)
+        if total >= size:
+            return n
+    return len(chunks)
+
+
 DIRECT_BLOCK = 4096  # O_DIRECT offsets and lengths: a multiple of the logical block size (512 or 4096)
 DIRECT_STAGING = 2 * 1024 * 1024
 
@@ -337,6 +350,7 @@ class IncomingMessage:
         self._discarded = False
         self._finishing: concurrent.futures.Future[None] | None = None  # finish_early's work
         self._synced = False  # fsynced by finish_early
+        self._front = b""  # a spilled message's first FRONT bytes or more, kept for reads of its head
 
     def write(self, data: bytes) -> None:
         """Append bytes (nothing is durable until it is committed)."""
@@ -350,6 +364,7 @@ class IncomingMessage:
         elif self.size > MEMORY_LIMIT:
             self._spilled = True
             self._pending = self.size
+            self._front = b"".join(itertools.islice(self._chunks, _chunks_covering(self._chunks, FRONT)))
             self._hand_over()
 
     def _hand_over(self) -> None:
@@ -401,6 +416,8 @@ class IncomingMessage:
             if len(self._chunks) > 1:
                 self._chunks = [b"".join(self._chunks)]
             return self._chunks[0][start:end] if self._chunks else b""
+        if end <= len(self._front):  # the head: O_DIRECT left it in no page cache, and this may be the reactor
+            return self._front[start:end]
         with _spill_writer.lock:
             written = self._written
             in_memory = [self._unwritten, *(c for piece in self._in_flight for c in piece)]
