@@ -63,7 +63,7 @@ from mailappliance.state.build import build_state_store
 from mailappliance.throttle import AuthThrottle
 from mailappliance.tls import ServerTLS, client_certificate, ensure_self_signed, fingerprint
 from mailappliance.web import HealthResource, autoconfig_site, metrics_site, spool_probe
-from mailappliance.workers import WorkerPlan, WorkerSupervisor, adopted, byte_budget, rate_limits
+from mailappliance.workers import WorkerPlan, WorkerSupervisor, adopted, byte_budget, rate_limits, shared_listener
 
 if TYPE_CHECKING:  # Twisted's trust root interface, not re-exported by twisted.internet.ssl
     from twisted.internet._sslverify import IOpenSSLTrustRoot
@@ -249,6 +249,8 @@ def build_service(settings: Settings, reactor: IReactorTime | None = None,
         else:
             server = _listening(listener, factory, server_tls)
         if listener.role not in WEB_ROLES:
+            if settings.workers > 1 and worker is None:
+                server = shared_listener(server)  # the workers accept from the same socket
             shared[listener.name] = server
         server.setName(listener.name)
         server.setServiceParent(top)

@@ -25,6 +25,7 @@ from mailappliance.workers import (
     FREE_RESTARTS,
     MAX_RESTART_DELAY,
     SharedRateLimits,
+    accept_one_at_a_time,
     restart_delay,
     share_of_limits,
 )
@@ -258,6 +259,26 @@ def test_workers_auto_is_the_number_of_cores(tmp_path: Path) -> None:
     assert load_config(_config(tmp_path, 'workers = "auto"', 'sync = "fsync"\n' + redis)).workers == (
         os.cpu_count() or 1)
     assert load_config(_config(tmp_path, "")).workers == 1
+
+
+def test_a_shared_port_takes_one_connection_per_wake_up() -> None:
+    """A listening port the processes share accepts one connection each time the reactor
+    reads it, although Twisted raises its count after every full round (a burst would
+    otherwise all go to the process that woke first)."""
+
+    class Port:
+        numberAccepts = 100
+        seen: list[int] = []
+
+        def doRead(self) -> None:
+            self.seen.append(self.numberAccepts)
+            self.numberAccepts += 20  # what tcp.Port does after accepting all it may
+
+    port = Port()
+    accept_one_at_a_time(port)
+    for _ in range(3):
+        port.doRead()
+    assert port.seen == [1, 1, 1]
 
 
 def test_restart_delay_grows_after_a_few_quick_exits() -> None:
