@@ -38,7 +38,6 @@ clients lives here once, so the two protocols cannot drift apart:
 
 from __future__ import annotations
 
-import heapq
 import weakref
 from collections.abc import Callable, Coroutine, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -52,7 +51,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailappliance import logs
-from mailappliance.sessions import client_host, new_session_id, no_delay, write_now
+from mailappliance.sessions import client_host, format_session_id, new_session_serial, no_delay, write_now
 from mailappliance.verdicts import Verdict
 
 if TYPE_CHECKING:
@@ -105,58 +104,108 @@ class IdleSweeper:
     A timer per session (``TimeoutMixin``: a ``DelayedCall``, its bound method
     and dict, about 470 bytes) was the largest part of an idle session, and
     was moved on every read.  Here activity only records the time
-    (``LineSession._active_at``); the sweeper keeps one heap entry per session
-    with the deadline it last knew and one ``DelayedCall`` for the earliest.
-    When an entry comes due, the session either is idle (timed out, exactly at
-    its deadline) or was active since (the entry goes back with the new
-    deadline): O(log n) per session per idle period, not per read.
+    (``LineSession._active_at``); the sweeper keeps the sessions themselves in
+    a heap ordered by the deadline it last knew (``_idle_from`` plus the idle
+    timeout; each session keeps its place, ``_idle_index``, so an ended one
+    leaves at once in O(log n)) and one ``DelayedCall`` for the earliest.
+    When a session comes due it either is idle (timed out, exactly at its
+    deadline) or was active since (it goes back with the new deadline):
+    O(log n) per session per idle period, not per read, and no allocation
+    per session but its place number.
     """
 
-    __slots__ = ("_clock", "_heap", "_call", "_dead")
+    __slots__ = ("_clock", "_heap", "_call")
 
     def __init__(self, clock: IReactorTime) -> None:
         try:  # weakly: the registry below keys sweepers by their clock
             self._clock: Callable[[], IReactorTime | None] = weakref.ref(clock)
         except TypeError:
             self._clock = lambda: clock
-        self._heap: list[list[object]] = []  # [deadline, session id (unique: a tie never compares sessions), session]
+        self._heap: list[LineSession] = []  # a binary heap on each session's known deadline
         self._call: IDelayedCall | None = None
-        self._dead = 0  # entries of sessions that ended, dropped when they come due or at compaction
 
     def __len__(self) -> int:
         """Sessions being timed."""
-        return len(self._heap) - self._dead
-
-    def entries(self) -> int:
-        """Entries held, those of ended sessions included (bounded: see :meth:`forget`)."""
         return len(self._heap)
 
-    def watch(self, session: LineSession) -> list[object]:
-        """Start timing ``session`` from its ``_active_at``; the entry is the handle for :meth:`forget`."""
-        entry: list[object] = [session._active_at + session.settings.idle_timeout, session.session_id, session]
-        heapq.heappush(self._heap, entry)
-        self._schedule()
-        return entry
+    def entries(self) -> int:
+        """Entries held (an ended session leaves at once: the same as ``len``)."""
+        return len(self._heap)
 
-    def forget(self, entry: list[object]) -> None:
+    def watch(self, session: LineSession) -> None:
+        """Start timing ``session`` from its ``_active_at`` (until it times out or :meth:`forget`)."""
+        session._idle_from = session._active_at
+        session._idle_index = len(self._heap)
+        self._heap.append(session)
+        self._sift_up(session._idle_index)
+        self._schedule()
+
+    def forget(self, session: LineSession) -> None:
         """The session ended: it is never timed out, and the sweeper keeps no reference to it."""
-        if entry[2] is None:
+        if session._idle_index is None:
             return
-        entry[2] = None
-        self._dead += 1
-        if self._dead > 64 and self._dead * 2 > len(self._heap):  # amortised O(1): dead entries stay bounded
-            self._heap = [e for e in self._heap if e[2] is not None]
-            heapq.heapify(self._heap)
-            self._dead = 0
-            if not self._heap and self._call is not None:
-                self._call.cancel()
-                self._call = None
+        self._remove(session._idle_index)
+        if not self._heap and self._call is not None:
+            self._call.cancel()
+            self._call = None
+
+    def _remove(self, index: int) -> LineSession:
+        heap = self._heap
+        session = heap[index]
+        session._idle_index = None
+        last = heap.pop()
+        if index < len(heap):  # the last one fills the hole and finds its place
+            heap[index] = last
+            last._idle_index = index
+            if index and _due(last) < _due(heap[(index - 1) >> 1]):
+                self._sift_up(index)
+            else:
+                self._sift_down(index)
+        return session
+
+    def _sift_up(self, index: int) -> None:
+        heap = self._heap
+        session = heap[index]
+        due = _due(session)
+        while index:
+            parent = (index - 1) >> 1
+            above = heap[parent]
+            if _due(above) <= due:
+                break
+            heap[index] = above
+            above._idle_index = index
+            index = parent
+        heap[index] = session
+        session._idle_index = index
+
+    def _sift_down(self, index: int) -> None:
+        heap = self._heap
+        size = len(heap)
+        session = heap[index]
+        due = _due(session)
+        while True:
+            child = 2 * index + 1
+            if child >= size:
+                break
+            below, below_due = heap[child], _due(heap[child])
+            if child + 1 < size:
+                right = heap[child + 1]
+                right_due = _due(right)
+                if right_due < below_due:
+                    child, below, below_due = child + 1, right, right_due
+            if below_due >= due:
+                break
+            heap[index] = below
+            below._idle_index = index
+            index = child
+        heap[index] = session
+        session._idle_index = index
 
     def _schedule(self) -> None:
         clock = self._clock()
         if not self._heap or clock is None:
             return
-        due = float(self._heap[0][0])  # type: ignore[arg-type]  # entries are [float, int, session]
+        due = _due(self._heap[0])
         if self._call is not None:
             if self._call.getTime() <= due:
                 return
@@ -170,20 +219,13 @@ class IdleSweeper:
             return
         now = clock.seconds()
         heap = self._heap
-        while heap and float(heap[0][0]) <= now:  # type: ignore[arg-type]
-            entry = heapq.heappop(heap)
-            session = entry[2]
-            if session is None:
-                self._dead -= 1
+        while heap and _due(heap[0]) <= now:
+            session = heap[0]
+            if session._active_at + session.settings.idle_timeout > now:  # active since it was placed
+                session._idle_from = session._active_at
+                self._sift_down(0)
                 continue
-            assert isinstance(session, LineSession)
-            due = session._active_at + session.settings.idle_timeout
-            if due > now:  # active since this entry was made
-                entry[0] = due
-                heapq.heappush(heap, entry)
-                continue
-            entry[2] = None
-            session._idle_entry = None
+            self._remove(0)
             try:
                 session.timeoutConnection()
             except Exception:
@@ -191,7 +233,13 @@ class IdleSweeper:
         self._schedule()
 
 
+def _due(session: LineSession) -> float:
+    """The idle deadline the sweeper knows for ``session`` (fixed while it is in the heap)."""
+    return session._idle_from + session.settings.idle_timeout
+
+
 _sweepers: weakref.WeakKeyDictionary[IReactorTime, IdleSweeper] = weakref.WeakKeyDictionary()
+_strong_sweepers: dict[int, tuple[IReactorTime, IdleSweeper]] = {}  # clocks that take no weak reference
 
 
 def idle_sweeper(clock: IReactorTime) -> IdleSweeper:
@@ -201,8 +249,39 @@ def idle_sweeper(clock: IReactorTime) -> IdleSweeper:
         if sweeper is None:
             sweeper = _sweepers[clock] = IdleSweeper(clock)
         return sweeper
-    except TypeError:  # a clock that takes no weak reference: a sweeper of the session's own
-        return IdleSweeper(clock)
+    except TypeError:  # a clock that takes no weak reference: kept for good (there is one reactor)
+        held = _strong_sweepers.get(id(clock))
+        if held is None or held[0] is not clock:
+            held = _strong_sweepers[id(clock)] = (clock, IdleSweeper(clock))
+        return held[1]
+
+
+class _NoInput(bytearray):
+    """The input buffer of every session that has no unprocessed input: one shared
+    empty buffer that refuses to grow (``dataReceived`` gives a session a buffer of
+    its own with the first bytes; ``pump`` drops an emptied one), so an idle
+    session holds no buffer and no session can ever write into another's."""
+
+    __slots__ = ()
+
+    def _refuse(self, *args: object) -> Any:
+        raise TypeError("the shared empty input buffer is read-only")
+
+    __iadd__ = __imul__ = __setitem__ = append = extend = insert = _refuse  # type: ignore[assignment]
+
+
+_NO_INPUT = _NoInput()
+
+
+class _Stream:
+    """A large answer being streamed (``LineSession.stream``): made per stream, not per session."""
+
+    __slots__ = ("chunks", "done", "call")
+
+    def __init__(self, chunks: Iterator[bytes], done: Callable[[bool], None]) -> None:
+        self.chunks = chunks
+        self.done = done
+        self.call: IDelayedCall | None = None  # the next slice, in a later reactor turn
 
 
 @implementer(IPushProducer)
@@ -218,10 +297,10 @@ class LineSession(Protocol):
     # instance dict of ~45 keys was 1.6 KB of every idle connection.
     # Protocol's own attributes are slots here as well, so the dict that
     # Protocol gives every instance stays empty and unallocated.
-    __slots__ = ("transport", "connected", "factory", "settings", "clock", "limits", "session_id", "client_ip",
+    __slots__ = ("transport", "connected", "factory", "settings", "clock", "limits", "_serial", "client_ip",
                  "input", "_busy", "_output_paused", "_reading_paused", "_pumping", "_discarding_long_line",
-                 "_partial_since", "_stream", "_stream_done", "_stream_call", "_pump_call", "_started",
-                 "_active_at", "_idle", "_idle_entry", "_expired", "_counted", "_held", "closing", "closed")
+                 "_partial_since", "_stream", "_pump_call", "_started", "_active_at", "_idle_from",
+                 "_idle_index", "_expired", "_counted", "_held", "closing", "closed")
 
     log = Logger(namespace="mailappliance")
     settings: SessionSettings
@@ -232,28 +311,31 @@ class LineSession(Protocol):
     def __init__(self) -> None:
         self.connected = 0
         self.limits = None
-        self.session_id = new_session_id()
+        self._serial = new_session_serial()  # the id's number: an int is half the size of its text
         self.client_ip = "unknown"
-        self.input = bytearray()
+        self.input: bytearray = _NO_INPUT  # a buffer of its own with the first bytes
         self._busy = 0  # asynchronous steps in progress (login, lookup, commit, handshake, stream)
         self._output_paused = False
         self._reading_paused = False
         self._pumping = False
         self._discarding_long_line = False
         self._partial_since: float | None = None
-        self._stream: Iterator[bytes] | None = None
-        self._stream_done: Callable[[bool], None] | None = None
-        self._stream_call: IDelayedCall | None = None
+        self._stream: _Stream | None = None
         self._pump_call: IDelayedCall | None = None  # the rest of a long pipeline, in the next reactor turn
         self._started = 0.0
         self._active_at = 0.0  # the last read (or streamed write): the idle timeout counts from here
-        self._idle: IdleSweeper | None = None
-        self._idle_entry: list[object] | None = None  # our place in the sweeper while it times us
+        self._idle_from = 0.0  # the sweeper's idle deadline counts from here (see IdleSweeper)
+        self._idle_index: int | None = None  # our place in the sweeper's heap while it times us
         self._expired = False
         self._counted = False
         self._held = b""  # replies waiting for the rest of a pipeline (see send)
         self.closing = False
         self.closed = False
+
+    @property
+    def session_id(self) -> str:
+        """The id in every log line of this session (and in the Received field)."""
+        return format_session_id(self._serial)
 
     # -- connection -------------------------------------------------------------
 
@@ -271,21 +353,21 @@ class LineSession(Protocol):
                 return
             self._counted = True
         self._started = self._active_at = self.clock.seconds()  # the lifetime is checked as input arrives
-        self._idle = idle_sweeper(self.clock)
-        self._idle_entry = self._idle.watch(self)
+        idle_sweeper(self.clock).watch(self)
         self.greet()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.closed = True
         self._held = b""
-        if self._idle_entry is not None and self._idle is not None:
-            self._idle.forget(self._idle_entry)
-            self._idle_entry = None
-        for call in (self._stream_call, self._pump_call):
+        if self._idle_index is not None:
+            idle_sweeper(self.clock).forget(self)
+        stream_call = self._stream.call if self._stream is not None else None
+        for call in (stream_call, self._pump_call):
             if call is not None and call.active():
                 call.cancel()
-        self._stream_call = self._pump_call = None
+        self._pump_call = None
         if self._stream is not None:
+            self._stream.call = None
             self._end_stream(False)
         if self._counted and self.limits is not None:
             self._counted = False
@@ -376,7 +458,10 @@ class LineSession(Protocol):
         lifetime = self.lifetime
         if lifetime > 0 and now - self._started > lifetime:
             self._expired = True  # ends at the next command boundary (after a running command)
-        self.input += data
+        if self.input is _NO_INPUT:
+            self.input = bytearray(data)
+        else:
+            self.input += data
         if len(self.input) > self.settings.hard_input_limit:
             self.log_event(self.log.warn, "too much unprocessed input ({n} octets), disconnecting",
                            n=len(self.input))
@@ -433,6 +518,8 @@ class LineSession(Protocol):
                 self._partial_since = self.clock.seconds()
         else:
             self._partial_since = None
+            if not self.input:
+                self.input = _NO_INPUT  # an idle session keeps no buffer
         self._update_reading()
 
     def _next_turn(self) -> None:
@@ -569,19 +656,21 @@ class LineSession(Protocol):
         made (OSError: logged, connection dropped).
         """
         self._busy += 1
-        self._stream, self._stream_done = chunks, done
+        self._stream = _Stream(chunks, done)
         self.flush_output()
         self._continue_stream()
 
     def _continue_stream(self) -> None:
-        self._stream_call = None
+        stream = self._stream
+        if stream is not None:
+            stream.call = None
         budget = STREAM_BUDGET
-        while self._stream is not None and not self._output_paused and not self.closed:
+        while stream is not None and self._stream is stream and not self._output_paused and not self.closed:
             if budget <= 0:  # fairness: other sessions get the reactor between slices
-                self._stream_call = self.clock.callLater(0, self._continue_stream)
+                stream.call = self.clock.callLater(0, self._continue_stream)
                 return
             try:
-                chunk = next(self._stream, None)
+                chunk = next(stream.chunks, None)
             except OSError as e:
                 self.log_event(self.log.error, "read error while sending: {error}", error=e)
                 self._end_stream(False)
@@ -596,9 +685,9 @@ class LineSession(Protocol):
             self.flush_output(chunk)  # never held: the transport's flow control bounds a stream
 
     def _end_stream(self, complete: bool) -> None:
-        done, self._stream, self._stream_done = self._stream_done, None, None
-        if done is not None:
-            done(complete)
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.done(complete)
 
     # IPushProducer: the transport says whether the client keeps up with our output.
     def pauseProducing(self) -> None:
@@ -609,7 +698,7 @@ class LineSession(Protocol):
         self._output_paused = False
         self._update_reading()
         if self._stream is not None:
-            if self._stream_call is None:
+            if self._stream.call is None:
                 self._continue_stream()
         else:
             self.pump()

@@ -21,7 +21,17 @@ _prefix = os.urandom(3).hex()
 
 def new_session_id() -> str:
     """A short id, unique within this process and unlikely to repeat across restarts."""
-    return f"{_prefix}{next(_counter):06x}"
+    return format_session_id(new_session_serial())
+
+
+def new_session_serial() -> int:
+    """The number of a new session id (a session keeps this, not the text: see ``format_session_id``)."""
+    return next(_counter)
+
+
+def format_session_id(serial: int) -> str:
+    """The id of ``serial`` as log lines show it: the process's random prefix, then six or more hex digits."""
+    return f"{_prefix}{serial:06x}"
 
 
 def client_host(peer: IAddress, default: str = "unknown") -> str:

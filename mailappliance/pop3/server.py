@@ -91,12 +91,16 @@ class State(enum.Enum):
 class POP3Session(LineSession):
     """One POP3 connection."""
 
+    # Every attribute is a slot, as in the kernel: an idle connection keeps no per-session dict.
+    __slots__ = ("state", "in_tls", "_pending_user", "_sasl_pending", "_mailbox", "_logout",
+                 "_blocking_in_flight", "_login_name", "_settle_deadline")
+
     factory: POP3Factory
     log = log
-    _settle_deadline = 0.0  # set at QUIT (a class default: idle sessions carry no extra attribute)
 
     def __init__(self) -> None:
         super().__init__()
+        self._settle_deadline = 0.0  # set at QUIT
         self.state = State.AUTHORIZATION
         self.in_tls = False
         self._pending_user: bytes | None = None
