@@ -6,14 +6,13 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import os
-import types
 from typing import Any, cast
 
 from twisted.internet import abstract, tcp
 from twisted.internet.interfaces import IAddress, ITCPTransport, ITransport
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 
-from mailappliance.tls import read_records_directly
+from mailappliance.tls import read_records_directly, write_records_directly
 
 _counter = itertools.count(1)
 _prefix = os.urandom(3).hex()
@@ -118,7 +117,7 @@ def write_records_at_once(tls: TLSMemoryBIOProtocol) -> None:
     if aggregator is None or vars(tls).get("write") != aggregator.write:
         return  # not Twisted's gathering layer (another Twisted), or already direct
     aggregator.flush()
-    tls.write = types.MethodType(TLSMemoryBIOProtocol.write, tls)  # type: ignore[method-assign]
+    tls.write = write_records_directly(tls)  # type: ignore[method-assign]
 
 
 def send_tls_directly(transport: object) -> None:

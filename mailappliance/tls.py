@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import types
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeGuard, cast
 
@@ -359,3 +361,29 @@ def read_records_directly(tls: TLSMemoryBIOProtocol) -> None:
             tls._flushSendBIO()  # reading made output (a TLS 1.3 key update's answer)
 
     tls.dataReceived = data_received  # type: ignore[method-assign]
+
+
+def write_records_directly(tls: TLSMemoryBIOProtocol) -> Callable[[bytes], None]:
+    """A ``write`` for an established TLS connection that makes each write one record
+    with one ``SSL_write`` (pyOpenSSL's ``send`` adds an ``SSL_get_error`` call, a GIL
+    release, to every successful write) and hands it to the connection beneath.
+    More than one record's data, writes before the handshake is done or while
+    earlier ones wait for it, after the connection ends, and any failure of
+    ``SSL_write`` go to Twisted's own write (which retries with the same bytes, as
+    OpenSSL asks, and buffers or ends the connection)."""
+    twisted_write = types.MethodType(TLSMemoryBIOProtocol.write, tls)
+    connection = tls._tlsConnection
+    lib = SSL._lib  # type: ignore[attr-defined]
+    ssl = connection._ssl
+
+    def write(data: bytes) -> None:
+        if type(data) is not bytes or not data or len(data) > _MAX_PLAINTEXT or not tls._handshakeDone \
+                or tls._appSendBuffer or tls._lostTLSConnection or tls.disconnecting:
+            twisted_write(data)
+            return
+        if lib.SSL_write(ssl, data, len(data)) <= 0:
+            twisted_write(data)
+            return
+        tls._flushSendBIO()
+
+    return write

@@ -75,10 +75,12 @@ class Pair:
                                       clock=self.clock)
         self.tls: TLSMemoryBIOProtocol = factory.buildProtocol(("127.0.0.1", 1))
         self.lower = Lower()
+        self.direct = direct
         self.tls.makeConnection(self.lower)
         if direct:  # installed before the handshake, as for implicit TLS
             write_records_at_once(self.tls)
             read_records_directly(self.tls)
+        self.tls.write(b"220 greeting\r\n")  # written before the handshake, like an implicit-TLS greeting
         self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         self.client = pki.client_context().wrap_bio(self.incoming, self.outgoing, server_hostname="localhost")
         for _ in range(20):
@@ -90,7 +92,7 @@ class Pair:
                 self.to_server(self.outgoing.read())
         self.to_server(self.outgoing.read())
         self.to_client()
-        self.from_server()  # session tickets
+        self.greeting = self.from_server()
 
     def to_server(self, data: bytes) -> None:
         if data:
@@ -106,10 +108,11 @@ class Pair:
         self.to_client()
         got = b""
         try:
-            while True:
-                got += self.client.read(1 << 20)
+            while piece := self.client.read(1 << 20):  # b"" after the server's close_notify
+                got += piece
         except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
-            return got
+            pass
+        return got
 
     def records(self, *texts: bytes) -> bytes:
         for text in texts:
@@ -154,3 +157,35 @@ def test_garbage_after_the_handshake_ends_the_connection(pair) -> None:
     pair.to_server(b"\x17\x03\x03\x00\x20" + b"\x00" * 32)  # application data that fails to decrypt
     assert pair.app.received == []
     assert pair.lower.closed
+
+
+def test_a_write_before_the_handshake_arrives_after_it(pair) -> None:
+    """What the server writes before the handshake is done (the greeting) reaches the client once it is."""
+    assert pair.greeting == b"220 greeting\r\n"
+
+
+def test_writes_of_any_size_arrive_whole_and_in_order(pair) -> None:
+    """Small replies, one bigger than a record and an empty one arrive whole and in order."""
+    pieces = [b"250 ok\r\n", bytes(range(256)) * 300, b"", b"221 bye\r\n", bytearray(b"x" * 100)]
+    for piece in pieces:
+        pair.tls.write(piece)
+    pair.clock.advance(0)
+    assert pair.from_server() == b"".join(pieces)
+
+
+def test_a_write_after_loseconnection_is_dropped_as_twisted_does(pair) -> None:
+    """After loseConnection (no producer) a write is dropped and the close_notify still goes out."""
+    pair.tls.write(b"221 bye\r\n")
+    pair.tls.loseConnection()
+    pair.tls.write(b"late\r\n")
+    pair.clock.advance(0)
+    assert pair.from_server() == b"221 bye\r\n"
+
+
+def test_a_reply_is_handed_to_the_connection_at_once(pair) -> None:
+    """One small write after the handshake is on its way to the client without a reactor turn."""
+    pair.tls.write(b"250 ok\r\n")
+    if pair.direct:
+        assert pair.lower.out  # Twisted's gatherer would hold it until the next reactor pass
+    pair.clock.advance(0)
+    assert pair.from_server() == b"250 ok\r\n"
