@@ -217,3 +217,20 @@ def test_without_verification_only_forged_results_are_touched(tmp_path: Path, fo
     assert inspection.changes is forged
     if forged:
         assert b"Authentication-Results" not in inspection.replacement and b"Subject: hi" in inspection.replacement
+
+
+def test_outbound_is_quiet_only_without_scanning_or_signing(tmp_path: Path) -> None:
+    """A subscriber's message skips the inspection only when nothing scans it (no outbound filter) and
+    nothing signs it (local recipients only, or no signing keys)."""
+    import types
+
+    import attrs
+
+    inspector = _quiet_inspector(tmp_path)
+    assert inspector.outbound_is_quiet(False) and inspector.outbound_is_quiet(True)  # no keys, no filter
+    inspector.keys = types.SimpleNamespace(signing=[object()])
+    assert inspector.outbound_is_quiet(False)  # signed only when the message leaves
+    assert not inspector.outbound_is_quiet(True)
+    inspector.keys = types.SimpleNamespace(signing=[])
+    inspector.rspamd, inspector.filter = object(), attrs.evolve(inspector.filter, outbound=True)
+    assert not inspector.outbound_is_quiet(False)

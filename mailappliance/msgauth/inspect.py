@@ -259,6 +259,12 @@ class MessageInspector:
 
     # -- outbound -----------------------------------------------------------------
 
+    def outbound_is_quiet(self, remote: bool) -> bool:
+        """True when a subscriber's message has nothing to be scanned for (no outbound
+        filter) or signed with (no recipient elsewhere, or no signing keys): it goes on
+        unchanged, and the session need not build an envelope or ask."""
+        return not (self.rspamd is not None and self.filter.outbound) and not (remote and self.keys.signing)
+
     async def outbound(self, envelope: Envelope, source: MessageSource, remote: bool) -> Inspection:
         """An authenticated subscriber's message: outbound scan (if on), then DKIM
         signatures for mail that leaves (``remote``)."""

@@ -47,6 +47,8 @@ async def inspect_message(session: SMTPSessionBase, delivery: Delivery, transact
     inspector = session.factory.inspector
     if inspector is None or (session.subscriber is None and session.config.role != "mx"):
         return NOTHING_TO_DO
+    if session.subscriber is not None and inspector.outbound_is_quiet(bool(transaction.remote_recipients)):
+        return NOTHING_TO_DO  # nothing to scan or sign: no envelope, no coroutine
     recipients = tuple([r.address for r in transaction.local_recipients] + list(transaction.remote_recipients))
     source = MessageSource(delivery, transaction.trace_length, inspector.run_blocking)
     try:
