@@ -17,7 +17,7 @@ import pytest
 from twisted.internet.defer import Deferred
 
 from mailappliance import maildir
-from mailappliance.delivery import CommitJob, Delivery, commit_batch
+from mailappliance.delivery import CommitJob, Delivery, commit_batch, journal_targets
 from mailappliance.maildir import IncomingMessage, SpillWriter
 from tests.conditions import wait_until
 
@@ -187,3 +187,26 @@ def test_o_direct_refused_at_the_first_write_falls_back(
     assert message._error is None and not message._direct
     [outcome] = commit_batch([CommitJob(message, (tmp_path / "alice",))])
     assert isinstance(outcome, list) and outcome[0].read_bytes() == whole
+
+
+@pytest.mark.parametrize("size", [maildir.DIRECT_LIMIT - 1000, maildir.DIRECT_LIMIT + 1000])
+def test_a_message_past_the_direct_limit_is_written_directly_not_journaled(tmp_path: Path, size: int) -> None:
+    """Handed to the commit, a message in memory above DIRECT_LIMIT goes the spilled way (O_DIRECT,
+    its own fsync: the journal would write it twice); a smaller one stays in memory for the journal."""
+    jobs: list[CommitJob] = []
+
+    def committer(job: CommitJob) -> Deferred[list[Path]]:
+        jobs.append(job)
+        return Deferred()
+
+    (tmp_path / "incoming").mkdir()
+    staged = Delivery(tmp_path / "incoming")
+    whole = random.Random(7).randbytes(size)
+    staged.write(whole)
+    staged.commit(committer, [tmp_path / "alice"])
+    [job] = jobs
+    assert job.message.spilled == (size > maildir.DIRECT_LIMIT)
+    assert journal_targets(job, tmp_path) is None if job.message.spilled else journal_targets(job, tmp_path)
+    [outcome] = commit_batch([job])
+    assert isinstance(outcome, list) and outcome[0].read_bytes() == whole
+    assert list((tmp_path / "incoming").iterdir()) == []
