@@ -187,11 +187,13 @@ class SpillWriter:
         self._backlog = backlog
         self._thread: threading.Thread | None = None
 
-    def submit(self, message: IncomingMessage, chunks: list[bytes] | None, size: int) -> None:
+    def submit(self, message: IncomingMessage, chunks: list[bytes] | None, size: int, wait: bool = True) -> None:
         """Queue ``chunks`` (``size`` bytes) for the end of ``message``'s file; None: close
-        and remove the file once everything before it is done (a discarded message)."""
+        and remove the file once everything before it is done (a discarded message).
+        ``wait=False``: past the backlog too, for a complete message whose bytes are held
+        in memory either way (waiting would only stall the reactor)."""
         with self.lock:
-            while self._queued and self._queued + size > self._backlog:
+            while wait and self._queued and self._queued + size > self._backlog:
                 self.lock.wait()
             if chunks is not None:
                 message._in_flight.append(chunks)
@@ -368,17 +370,17 @@ class IncomingMessage:
         elif self.size > MEMORY_LIMIT:
             self._spill()
 
-    def _spill(self) -> None:
+    def _spill(self, wait: bool = True) -> None:
         """From now on the bytes go to the incoming file, through the spill writer."""
         self._spilled = True
         self._pending = self.size
         self._front = b"".join(itertools.islice(self._chunks, _chunks_covering(self._chunks, FRONT)))
-        self._hand_over()
+        self._hand_over(wait)
 
-    def _hand_over(self) -> None:
+    def _hand_over(self, wait: bool = True) -> None:
         chunks, size = self._chunks, self._pending
         self._chunks, self._pending = [], 0
-        _spill_writer.submit(self, chunks, size)
+        _spill_writer.submit(self, chunks, size, wait)
 
     def _create(self, direct: bool = False) -> int:
         """The incoming file; ``direct``: written with O_DIRECT where the filesystem takes it
@@ -488,7 +490,7 @@ class IncomingMessage:
         busy with other messages; ``write_out`` waits for that.  Large files' fsyncs
         then overlap (the disk here takes four at once in about the time of one)."""
         if not self._spilled and self.size > DIRECT_LIMIT:
-            self._spill()  # all of it, now: O_DIRECT and an fsync of its own beat the journal's two writes
+            self._spill(wait=False)  # all of it, now: O_DIRECT and an fsync of its own beat the journal's two writes
         if self._spilled and self._finishing is None:
             self._finishing = _sync_pool().submit(self._finish, True)
 

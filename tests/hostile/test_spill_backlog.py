@@ -67,3 +67,35 @@ def test_queued_bytes_stay_under_the_backlog_while_the_disk_stalls(
         assert os.path.getsize(message.path) == message._written
         message.discard()
     assert peak[0] <= backlog
+
+
+def test_a_complete_message_is_handed_over_past_a_full_backlog(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A message that is complete (handed to the commit) and over DIRECT_LIMIT goes to the spill
+    writer without waiting for a full backlog: its bytes are in memory either way, and waiting
+    would stall the reactor behind the disk."""
+    writer = SpillWriter(backlog=maildir.MEMORY_LIMIT)
+    monkeypatch.setattr(maildir, "_spill_writer", writer)
+    go_on = threading.Event()
+    real = os.pwrite
+
+    def stalled(*args: Any) -> int:
+        go_on.wait(30)
+        return int(real(*args))
+
+    monkeypatch.setattr(os, "pwrite", stalled)
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    first = IncomingMessage(incoming)
+    first.write(b"x" * (maildir.MEMORY_LIMIT + 1))  # spilled: the backlog is full
+    complete = IncomingMessage(incoming)
+    complete.write(b"y" * (maildir.DIRECT_LIMIT + 1))
+    handed = threading.Thread(target=complete.finish_early, daemon=True)
+    handed.start()
+    handed.join(10)
+    assert not handed.is_alive() and complete.spilled
+    go_on.set()
+    complete.write_out()
+    complete.sync()
+    first.discard()
+    complete.discard()
