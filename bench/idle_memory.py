@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/idle_memory.py --servers ours twisted --connections 5000
     .venv/bin/python bench/idle_memory.py --servers ours --tracemalloc 2000   # where it goes
+    .venv/bin/python bench/idle_memory.py --servers ours twisted --protocol pop3  # idle POP3 instead
 
 ``bench/run.py idle`` reports RSS growth, which depends on how much free
 memory the server's start-up left behind (Twisted's mail peer moves between
@@ -9,7 +10,7 @@ memory the server's start-up left behind (Twisted's mail peer moves between
 server with a ``sitecustomize`` hook that answers SIGUSR2 with its RSS,
 ``sys.getallocatedblocks()`` and the count of GC-tracked objects (or, with
 ``--tracemalloc``, a tracemalloc snapshot), opens idle MX connections from
-many source addresses in two steps (a fifth, then the rest) and reports the
+many source addresses (``--protocol pop3``: POP3 connections) in two steps (a fifth, then the rest) and reports the
 slope between the steps per connection.  The server runs the tree on
 ``PYTHONPATH`` (set it to compare two trees).  docs/performance.md, "Idle
 connections".
@@ -56,7 +57,7 @@ if os.environ.get("IDLE_MEMORY_OUT"):
 '''
 
 
-def measure(kind: str, count: int, trace: bool) -> None:
+def measure(kind: str, count: int, trace: bool, protocol: str = "smtp") -> None:
     hook = Path(tempfile.mkdtemp(prefix="idle-hook-"))
     (hook / "sitecustomize.py").write_text(HOOK)
     out = str(hook / "answer")
@@ -89,7 +90,8 @@ def measure(kind: str, count: int, trace: bool) -> None:
 
     def open_idle(upto: int) -> None:
         for i in range(len(sockets), upto):  # many source addresses, as many clients would be
-            sockets.append(socket.create_connection(("127.0.0.1", server.smtp_port),
+            port = server.pop3_port if protocol == "pop3" else server.smtp_port
+            sockets.append(socket.create_connection(("127.0.0.1", port),
                                                     source_address=(f"127.0.{1 + i // 250}.{1 + i % 250}", 0)))
 
     try:
@@ -113,13 +115,13 @@ def measure(kind: str, count: int, trace: bool) -> None:
     if trace:
         assert isinstance(first, tracemalloc.Snapshot) and isinstance(second, tracemalloc.Snapshot)
         stats = second.compare_to(first, "lineno")
-        print(json.dumps({"server": kind, "connections": added,
+        print(json.dumps({"server": kind, "protocol": protocol, "connections": added,
                           "tracemalloc_bytes_per_connection": round(sum(s.size_diff for s in stats) / added)}))
         for stat in stats[:20]:
             print(f"  {stat.size_diff / added:7.1f} B {stat.count_diff / added:5.2f} blocks  {stat.traceback[0]}")
         return
     assert isinstance(first, dict) and isinstance(second, dict)
-    print(json.dumps({"server": kind, "connections": added,
+    print(json.dumps({"server": kind, "protocol": protocol, "connections": added,
                       "rss_bytes_per_connection": round((second["rss_kib"] - first["rss_kib"]) * 1024 / added),
                       "blocks_per_connection": round((second["blocks"] - first["blocks"]) / added, 2),
                       "gc_objects_per_connection": round((second["objects"] - first["objects"]) / added, 2)}),
@@ -132,12 +134,13 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=5000)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--tracemalloc", type=int, metavar="N", help="instead: where N connections' bytes go")
+    parser.add_argument("--protocol", choices=("smtp", "pop3"), default="smtp", help="idle connections of this kind")
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     for _ in range(args.rounds):
         for kind in args.servers:
-            measure(kind, args.tracemalloc or args.connections, trace=bool(args.tracemalloc))
+            measure(kind, args.tracemalloc or args.connections, trace=bool(args.tracemalloc), protocol=args.protocol)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import attrs
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime, ITCPTransport
 from twisted.internet.protocol import Protocol, connectionDone
@@ -267,7 +268,7 @@ class _NoInput(bytearray):
     def _refuse(self, *args: object) -> Any:
         raise TypeError("the shared empty input buffer is read-only")
 
-    __iadd__ = __imul__ = __setitem__ = append = extend = insert = _refuse  # type: ignore[assignment]
+    __iadd__ = __imul__ = __setitem__ = append = extend = insert = _refuse
 
 
 _NO_INPUT = _NoInput()
@@ -282,6 +283,23 @@ class _Stream:
         self.chunks = chunks
         self.done = done
         self.call: IDelayedCall | None = None  # the next slice, in a later reactor turn
+
+
+_connection_reprs: dict[tuple[str, object], str] = {}  # one per listener and protocol
+
+
+def share_connection_repr(transport: object) -> None:
+    """Twisted's ``tcp.Server`` keeps a ``repr`` text of its own per connection
+    ("<SMTPSession #1234 on 25>", 76 bytes, read only by ``repr``); a connection of
+    ours gets one shared per listener instead ("<SMTPSession on 25>")."""
+    connection = transport if type(transport) is tcp.Server else getattr(transport, "transport", None)
+    if type(connection) is not tcp.Server or connection.server is None:
+        return
+    key = (type(connection.protocol).__name__, connection.server._realPortNumber)
+    text = _connection_reprs.get(key)
+    if text is None:
+        text = _connection_reprs[key] = "<{} on {}>".format(*key)
+    connection.repstr = text
 
 
 @implementer(IPushProducer)
@@ -340,6 +358,7 @@ class LineSession(Protocol):
     # -- connection -------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        share_connection_repr(self.transport)
         self.client_ip = client_host(self.transport.getPeer())  # IPv4-mapped IPv6 -> IPv4
         no_delay(self.transport)
         self.transport.registerProducer(self, True)
@@ -518,8 +537,6 @@ class LineSession(Protocol):
                 self._partial_since = self.clock.seconds()
         else:
             self._partial_since = None
-            if not self.input:
-                self.input = _NO_INPUT  # an idle session keeps no buffer
         self._update_reading()
 
     def _next_turn(self) -> None:
