@@ -3,49 +3,15 @@
 from __future__ import annotations
 
 import smtplib
-import threading
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
 from mailappliance.settings import syncfs_available
-from tests.conditions import wait_until
 from tests.daemon import Appliance
+from tests.token_load import kill_9_after, load_until, message, stored_tokens
 
 USERS = ("alice", "bob")
-BODY_LINES = 2000  # ~100 KB per message, so the kill often lands mid-DATA
-
-
-def message(token: str) -> bytes:
-    lines = [f"Subject: {token}", "", *(f"{token} line {i:05d} " + "x" * 30 for i in range(BODY_LINES)), f"END {token}"]
-    return ("\r\n".join(lines) + "\r\n").encode()
-
-
-def sender(port: int, worker: int, accepted: list[str], stop: threading.Event) -> None:
-    n = 0
-    while not stop.is_set():
-        try:
-            with smtplib.SMTP("127.0.0.1", port, timeout=5) as smtp:
-                while not stop.is_set():
-                    token = f"w{worker}m{n}"
-                    n += 1
-                    smtp.sendmail("friend@example.net", [f"{USERS[worker % 2]}@example.org"], message(token))
-                    accepted.append(token)  # only after the 250
-        except (OSError, smtplib.SMTPException):
-            return
-
-
-def stored_tokens(root: Path) -> dict[str, int]:
-    """Token -> number of copies; asserts that every file in new/ is whole."""
-    found: dict[str, int] = {}
-    for path in root.glob("*/new/*"):
-        data = path.read_bytes()
-        token = data.split(b"Subject: ", 1)[1].split(b"\r\n", 1)[0].decode()
-        assert data.endswith(message(token)), f"partial message in new/: {path}"
-        assert f",S={len(data)}" in path.name
-        found[token] = found.get(token, 0) + 1
-    return found
 
 
 @pytest.mark.parametrize("sync", ["fsync", "syncfs", "journal"])
@@ -57,19 +23,8 @@ def test_kill_9_loses_nothing_and_exposes_nothing_partial(appliance: Callable[..
     for user in USERS:
         assert instance.admin("user", "add", f"{user}@example.org", password=f"{user}-password").returncode == 0
     instance.start()
-    accepted: list[str] = []
-    stop = threading.Event()
-    workers = [threading.Thread(target=sender, args=(instance.ports["mx"], i, accepted, stop)) for i in range(4)]
-    for w in workers:
-        w.start()
-    try:
-        wait_until(lambda: len(accepted) >= 20, timeout=20, what="20 messages accepted")
-    finally:
-        instance.kill9()  # while the senders are mid-message
-        stop.set()
-        for w in workers:
-            w.join(10)
-
+    accepted = load_until(instance.ports["mx"], kill_9_after(instance, 20, 20),
+                          recipients=[f"{u}@example.org" for u in USERS])
     found = stored_tokens(instance.maildir_root)
     missing = [t for t in accepted if t not in found]
     assert not missing, f"acknowledged but lost: {missing}"
@@ -104,6 +59,4 @@ def test_a_pop3_delete_of_journaled_mail_survives_kill_9(appliance: Callable[...
     client.quit()  # within the checkpoint interval: the journal still covers both
     instance.kill9()
     instance.start()
-    tokens = {path.read_bytes().split(b"Subject: ", 1)[1].split(b"\r\n", 1)[0]
-              for path in (instance.maildir_root / "alice").glob("*/*") if path.parent.name in ("new", "cur")}
-    assert tokens == {b"kept"}
+    assert set(stored_tokens(instance.maildir_root, folders=("new", "cur"))) == {"kept"}

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import smtplib
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,10 +31,11 @@ from mailappliance.journal import (
 from tests.conditions import wait_until
 from tests.daemon import Appliance, free_port
 from tests.redis_server import RedisServer
-from tests.test_crash import message, sender
 from tests.test_workers import QUEUED_AS, serving_pid, worker_pids
+from tests.token_load import load_until, message, stored_tokens
 
 USERS = ("alice", "bob")
+RECIPIENTS = [f"{user}@example.org" for user in USERS]
 
 
 # -- the pure rule ---------------------------------------------------------------------
@@ -191,32 +191,6 @@ def _start(instance: Appliance) -> int:
     return instance.process.pid
 
 
-def all_tokens(root: Path) -> dict[str, int]:
-    """Token -> copies in new/ and cur/; every file whole."""
-    found: dict[str, int] = {}
-    for path in [*root.glob("*/new/*"), *root.glob("*/cur/*")]:
-        data = path.read_bytes()
-        token = data.split(b"Subject: ", 1)[1].split(b"\r\n", 1)[0].decode()
-        assert data.endswith(message(token)), f"partial message: {path}"
-        found[token] = found.get(token, 0) + 1
-    return found
-
-
-def _load(instance: Appliance, until: Any) -> list[str]:
-    accepted: list[str] = []
-    stop = threading.Event()
-    threads = [threading.Thread(target=sender, args=(instance.ports["mx"], i, accepted, stop)) for i in range(4)]
-    for thread in threads:
-        thread.start()
-    try:
-        until(accepted)
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(10)
-    return accepted
-
-
 def test_kill_9_of_one_worker_with_the_journal_loses_and_doubles_nothing(
         tmp_path: Path, redis_server: RedisServer, pki: Any) -> None:
     """kill -9 of worker 1 under load: it is restarted (replaying its journal); every 250 is whole exactly once."""
@@ -234,8 +208,8 @@ def test_kill_9_of_one_worker_with_the_journal_loses_and_doubles_nothing(
             count = len(accepted)
             wait_until(lambda: len(accepted) >= count + 20, 30, what="20 more after the restart")
 
-        accepted = _load(instance, kill_then_more)
-        found = all_tokens(instance.maildir_root)
+        accepted = load_until(instance.ports["mx"], kill_then_more, recipients=RECIPIENTS)
+        found = stored_tokens(instance.maildir_root, folders=("new", "cur"))
         assert not [t for t in accepted if t not in found], "acknowledged but lost"
         assert all(count == 1 for count in found.values()), "delivered twice"
         assert (instance.root / "spool" / "journal.1" / "checkpoint").exists()  # the worker's own journal
@@ -257,11 +231,11 @@ def test_kill_9_of_the_whole_service_with_the_journal_loses_and_doubles_nothing(
             for pid in [*worker_pids(instance), supervisor]:
                 os.kill(pid, signal.SIGKILL)
 
-        accepted = _load(instance, kill_all)
+        accepted = load_until(instance.ports["mx"], kill_all, recipients=RECIPIENTS)
         assert instance.process is not None
         instance.process.wait()
         _start(instance)
-        found = all_tokens(instance.maildir_root)
+        found = stored_tokens(instance.maildir_root, folders=("new", "cur"))
         assert not [t for t in accepted if t not in found], "acknowledged but lost"
         assert all(count == 1 for count in found.values()), "delivered twice"
     finally:
@@ -302,6 +276,7 @@ def test_a_dele_in_one_process_of_mail_the_other_journaled_survives_kill_9(
         assert instance.process is not None
         instance.process.wait()
         _start(instance)
-        assert all_tokens(instance.maildir_root) == {}, f"a deleted message came back (QUIT waited {waited:.1f} s)"
+        assert stored_tokens(instance.maildir_root, folders=("new", "cur")) == {}, \
+            f"a deleted message came back (QUIT waited {waited:.1f} s)"
     finally:
         instance.stop()
