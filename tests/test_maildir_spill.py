@@ -64,6 +64,13 @@ def spilled_message(incoming: Path, rng: random.Random, size: int) -> tuple[Inco
 
 
 @pytest.mark.parametrize("direct", [True, False], ids=["O_DIRECT", "buffered"])
+def assert_nothing_placed(root: Path) -> None:
+    """A failed commit left no file in alice's new/ and nothing in incoming/."""
+    new = root / "alice" / "new"
+    assert not new.exists() or not list(new.iterdir()), "a failed commit placed a file"
+    assert list((root / "incoming").iterdir()) == [], "a failed commit left its incoming file"
+
+
 def test_reads_while_pieces_are_in_flight_give_the_bytes_received(
         tmp_path: Path, writer: SpillWriter, monkeypatch: pytest.MonkeyPatch, direct: bool) -> None:
     """Any range of a spilled message reads back as received, whether its bytes are
@@ -100,8 +107,7 @@ def test_a_write_error_fails_the_commit_and_leaves_nothing(
     message, _ = spilled_message(tmp_path / "incoming", random.Random(1), 2 * maildir.MEMORY_LIMIT)
     [outcome] = commit_batch([CommitJob(message, (tmp_path / "alice",))])
     assert isinstance(outcome, OSError) and outcome.errno == errno.ENOSPC
-    assert not (tmp_path / "alice" / "new").exists() or not list((tmp_path / "alice" / "new").iterdir())
-    assert list((tmp_path / "incoming").iterdir()) == []
+    assert_nothing_placed(tmp_path)
 
 
 def test_a_refused_message_is_removed_after_its_last_piece(
@@ -151,8 +157,7 @@ def test_a_failed_fsync_on_the_sync_pool_fails_the_commit(tmp_path: Path, monkey
     message.finish_early()
     [outcome] = commit_batch([CommitJob(message, (tmp_path / "alice",))])
     assert isinstance(outcome, OSError) and outcome.errno == errno.EIO
-    assert not (tmp_path / "alice" / "new").exists() or not list((tmp_path / "alice" / "new").iterdir())
-    assert list((tmp_path / "incoming").iterdir()) == []
+    assert_nothing_placed(tmp_path)
 
 
 def test_a_filesystem_without_o_direct_gets_buffered_writes(
