@@ -63,13 +63,14 @@ def spilled_message(incoming: Path, rng: random.Random, size: int) -> tuple[Inco
     return message, b"".join(sent)
 
 
-@pytest.mark.parametrize("direct", [True, False], ids=["O_DIRECT", "buffered"])
 def assert_nothing_placed(root: Path) -> None:
     """A failed commit left no file in alice's new/ and nothing in incoming/."""
     new = root / "alice" / "new"
     assert not new.exists() or not list(new.iterdir()), "a failed commit placed a file"
     assert list((root / "incoming").iterdir()) == [], "a failed commit left its incoming file"
 
+
+@pytest.mark.parametrize("direct", [True, False], ids=["O_DIRECT", "buffered"])
 
 def test_reads_while_pieces_are_in_flight_give_the_bytes_received(
         tmp_path: Path, writer: SpillWriter, monkeypatch: pytest.MonkeyPatch, direct: bool) -> None:
