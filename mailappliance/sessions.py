@@ -12,7 +12,7 @@ from twisted.internet import abstract, tcp
 from twisted.internet.interfaces import IAddress, ITCPTransport, ITransport
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 
-from mailappliance.tls import read_records_directly, write_records_directly
+from mailappliance.tls_records import read_records_directly, write_records_directly
 
 _counter = itertools.count(1)
 _prefix = os.urandom(3).hex()

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent / "mailappliance"
 # Bottom to top.  A module is in the first layer that matches it.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("values", ("mailappliance", "mailappliance.directory", "mailappliance.verdicts", "mailappliance.blocking", "mailappliance.addresses", "mailappliance.mailpath", "mailappliance.sasl",
-                "mailappliance.sessions", "mailappliance.metrics", "mailappliance.trace_headers",
+                "mailappliance.sessions", "mailappliance.tls_records", "mailappliance.metrics", "mailappliance.trace_headers",
                 "mailappliance.dsn_params", "mailappliance.errors")),
     ("settings", ("mailappliance.settings", "mailappliance.worker_settings", "mailappliance.screening_lists", "mailappliance.address_settings",
                   "mailappliance.msgauth.settings")),

@@ -1,4 +1,4 @@
-"""The TLS receive path with fewer calls into OpenSSL (``tls.read_records_directly``),
+"""The TLS receive path with fewer calls into OpenSSL (``tls_records.read_records_directly``),
 against a real client TLS stack over memory BIOs: records are delivered whole and in
 order, however the bytes are cut, and close_notify and garbage still end the
 connection the way Twisted's own path does."""
@@ -15,7 +15,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
 from mailappliance.sessions import write_records_at_once
-from mailappliance.tls import read_records_directly
+from mailappliance.tls_records import read_records_directly
 
 
 class Lower:

@@ -1,4 +1,4 @@
-"""The TLS receive path with fewer calls into OpenSSL (``tls.read_records_directly``)
+"""The TLS receive path with fewer calls into OpenSSL (``tls_records.read_records_directly``)
 against a client that cuts its input into the smallest records, or sends records
 that fail to decrypt in the middle of good ones: the session sees exactly what
 Twisted's own path would give it, and nothing after a bad record."""
