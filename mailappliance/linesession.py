@@ -143,9 +143,10 @@ class IdleSweeper:
 
     def forget(self, session: LineSession) -> None:
         """The session ended: it is never timed out, and the sweeper keeps no reference to it."""
-        if session._idle_index is None:
-            return
-        self._remove(session._idle_index)
+        index = session._idle_index
+        if index is None or index >= len(self._heap) or self._heap[index] is not session:
+            return  # not timed here (never was, or by another clock's sweeper)
+        self._remove(index)
         if not self._heap and self._call is not None:
             self._call.cancel()
             self._call = None
