@@ -25,7 +25,8 @@ clients lives here once, so the two protocols cannot drift apart:
   is aborted at its timeout instead of waiting for a flush that never comes.
 * **Small when idle**: thousands of idle connections are the normal load of a
   mail server, so the session's state lives in ``__slots__`` (no per-session
-  dict), and what a transaction needs is made when the transaction starts.
+  dict), an idle session holds no input buffer (``_NO_INPUT``) and keeps its
+  id as a number, and what a transaction needs is made when it starts.
 * **TLS upgrade**: bytes pipelined before the handshake are discarded and the
   protocol is told to forget what it knew (CVE-2011-0411 class).
 * **Connection accounting** against the shared ``RateLimits``.
