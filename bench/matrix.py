@@ -102,7 +102,7 @@ def scenarios(quick: bool) -> list[Scenario]:
                      (twisted13, aiosmtpd2, postfix2), concurrency=c) for c in (1, 50, 100)]
     # the issue's own method: a C load generator, one command at a time (it costs the generator a
     # tenth of what the asyncio one does, so the servers get the cores); the rows above audit the 250s
-    rows += [Scenario(f"inbound 10 KB c={c} (C generator smtp-source)", "inbound", 1500 if quick else 6000,
+    rows += [Scenario(f"inbound 10 KB c={c} (C generator smtp-source)", "inbound", 4000 if quick else 8000,
                       (twisted13, aiosmtpd2, postfix2), concurrency=c, generator="smtp-source") for c in (1, 50)]
     rows += [Scenario(f"inbound 1 MB c={c}", "inbound", 30 if quick else 200,
                       (Target("postfix", 1.3), *((Target("twisted"), Target("aiosmtpd")) if full else ())),
