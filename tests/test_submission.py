@@ -25,7 +25,7 @@ from mailappliance.smtp.replies import (
     TLS_FIRST,
     Reply,
 )
-from tests.daemon import Appliance
+from tests.daemon import Appliance, free_port
 from tests.replies import answered
 
 ALICE_PASSWORD = "alice-password"
@@ -34,8 +34,12 @@ MESSAGE = b"From: alice@example.org\r\nTo: someone@remote.example\r\nSubject: hi
 
 @pytest.fixture
 def secured(appliance: Callable[..., Appliance], slapd: Any, pki: Any) -> Appliance:
-    """LDAP backend, the test CA's certificates, no plaintext logins anywhere."""
-    instance = appliance(backend="ldap", slapd=slapd, pki=pki, start=False)
+    """LDAP backend, the test CA's certificates, no plaintext logins anywhere.  Relayed
+    mail goes to a smarthost port where nothing listens, so it stays in the spool
+    (deferred) for the tests to read: remote.example has no MX, and a bounce would
+    empty the spool while a test still looks (a race the queue runner sometimes won)."""
+    instance = appliance(backend="ldap", slapd=slapd, pki=pki, start=False,
+                         extra={"queue": {"smarthost": f"[127.0.0.1]:{free_port()}"}})
     assert instance.admin("user", "add", "alice@example.org", password=ALICE_PASSWORD).returncode == 0
     assert instance.admin("user", "add", "bob@example.org", password="bob-password").returncode == 0
     assert instance.admin("alias", "add", "alice", "alice.l@example.org").returncode == 0
