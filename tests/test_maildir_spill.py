@@ -126,9 +126,9 @@ def test_a_refused_message_is_removed_after_its_last_piece(
     assert disk.calls == 1  # the pieces after the first were never written
 
 
-def test_a_handed_over_message_is_finished_and_synced_before_the_commit_thread_runs(tmp_path: Path) -> None:
-    """Delivery.commit starts a spilled message's last write and fsync on the sync pool at
-    once; the commit (here: later) finds it durable and places it whole."""
+def handed_over(tmp_path: Path, whole: bytes) -> CommitJob:
+    """``whole`` received in 64 KiB reads by a staged Delivery in ``tmp_path/incoming``
+    and handed to a commit for alice (one that only records the job)."""
     jobs: list[CommitJob] = []
 
     def committer(job: CommitJob) -> Deferred[list[Path]]:
@@ -137,11 +137,18 @@ def test_a_handed_over_message_is_finished_and_synced_before_the_commit_thread_r
 
     (tmp_path / "incoming").mkdir()
     staged = Delivery(tmp_path / "incoming")
-    whole = random.Random(3).randbytes(2 * maildir.MEMORY_LIMIT + 12345)
     for start in range(0, len(whole), 65536):
         staged.write(whole[start:start + 65536])
     staged.commit(committer, [tmp_path / "alice"])
     [job] = jobs
+    return job
+
+
+def test_a_handed_over_message_is_finished_and_synced_before_the_commit_thread_runs(tmp_path: Path) -> None:
+    """Delivery.commit starts a spilled message's last write and fsync on the sync pool at
+    once; the commit (here: later) finds it durable and places it whole."""
+    whole = random.Random(3).randbytes(2 * maildir.MEMORY_LIMIT + 12345)
+    job = handed_over(tmp_path, whole)
     wait_until(lambda: job.message._synced, what="the sync pool's fsync")
     [outcome] = commit_batch([job])
     assert isinstance(outcome, list) and outcome[0].read_bytes() == whole
@@ -199,18 +206,8 @@ def test_o_direct_refused_at_the_first_write_falls_back(
 def test_a_message_past_the_direct_limit_is_written_directly_not_journaled(tmp_path: Path, size: int) -> None:
     """Handed to the commit, a message in memory above DIRECT_LIMIT goes the spilled way (O_DIRECT,
     its own fsync: the journal would write it twice); a smaller one stays in memory for the journal."""
-    jobs: list[CommitJob] = []
-
-    def committer(job: CommitJob) -> Deferred[list[Path]]:
-        jobs.append(job)
-        return Deferred()
-
-    (tmp_path / "incoming").mkdir()
-    staged = Delivery(tmp_path / "incoming")
     whole = random.Random(7).randbytes(size)
-    staged.write(whole)
-    staged.commit(committer, [tmp_path / "alice"])
-    [job] = jobs
+    job = handed_over(tmp_path, whole)
     assert job.message.spilled == (size > maildir.DIRECT_LIMIT)
     assert journal_targets(job, tmp_path) is None if job.message.spilled else journal_targets(job, tmp_path)
     [outcome] = commit_batch([job])
