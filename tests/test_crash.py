@@ -9,7 +9,7 @@ import pytest
 
 from mailappliance.settings import syncfs_available
 from tests.daemon import Appliance
-from tests.token_load import kill_9_after, load_until, message, stored_tokens
+from tests.token_load import assert_each_once, kill_9_after, load_until, message, stored_tokens
 
 USERS = ("alice", "bob")
 
@@ -26,9 +26,7 @@ def test_kill_9_loses_nothing_and_exposes_nothing_partial(appliance: Callable[..
     accepted = load_until(instance.ports["mx"], kill_9_after(instance, 20, 20),
                           recipients=[f"{u}@example.org" for u in USERS])
     found = stored_tokens(instance.maildir_root)
-    missing = [t for t in accepted if t not in found]
-    assert not missing, f"acknowledged but lost: {missing}"
-    assert all(count == 1 for count in found.values())
+    assert_each_once(accepted, found)
 
     instance.start()  # restart: partial leftovers in incoming/ are removed, new/ is unchanged
     assert not list((instance.root / "spool" / "incoming").iterdir())

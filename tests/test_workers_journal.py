@@ -32,7 +32,7 @@ from tests.conditions import wait_until
 from tests.daemon import Appliance, free_port
 from tests.redis_server import RedisServer
 from tests.test_workers import QUEUED_AS, serving_pid, worker_pids
-from tests.token_load import load_until, message, stored_tokens
+from tests.token_load import assert_each_once, load_until, message, stored_tokens
 
 USERS = ("alice", "bob")
 RECIPIENTS = [f"{user}@example.org" for user in USERS]
@@ -163,7 +163,9 @@ def test_start_up_recovery_replays_every_journal_directory(tmp_path: Path) -> No
 # -- the real daemon ------------------------------------------------------------------------
 
 
-def _journal_workers(root: Path, redis_server: RedisServer, pki: Any, **storage: Any) -> Appliance:
+def _journal_workers(root: Path, redis_server: RedisServer, pki: Any, users: tuple[str, ...] = (),
+                     **storage: Any) -> Appliance:
+    """Two processes with a journal each (state in the test Redis), ``users`` added (user@example.org)."""
     redis_server.start()
     redis_server.command(b"FLUSHALL")
     sections: dict[str, dict[str, Any]] = {
@@ -179,7 +181,10 @@ def _journal_workers(root: Path, redis_server: RedisServer, pki: Any, **storage:
     }
     listeners = [{"name": role, "role": role, "address": "127.0.0.1", "port": free_port()}
                  for role in ("mx", "pop3s")]
-    return Appliance(root, sections, listeners, pki=pki)
+    instance = Appliance(root, sections, listeners, pki=pki)
+    for user in users:
+        assert instance.admin("user", "add", f"{user}@example.org", password=f"{user}-password").returncode == 0
+    return instance
 
 
 def _start(instance: Appliance) -> int:
@@ -194,9 +199,7 @@ def _start(instance: Appliance) -> int:
 def test_kill_9_of_one_worker_with_the_journal_loses_and_doubles_nothing(
         tmp_path: Path, redis_server: RedisServer, pki: Any) -> None:
     """kill -9 of worker 1 under load: it is restarted (replaying its journal); every 250 is whole exactly once."""
-    instance = _journal_workers(tmp_path, redis_server, pki)
-    for user in USERS:
-        assert instance.admin("user", "add", f"{user}@example.org", password=f"{user}-password").returncode == 0
+    instance = _journal_workers(tmp_path, redis_server, pki, users=USERS)
     try:
         _start(instance)
 
@@ -210,8 +213,7 @@ def test_kill_9_of_one_worker_with_the_journal_loses_and_doubles_nothing(
 
         accepted = load_until(instance.ports["mx"], kill_then_more, recipients=RECIPIENTS)
         found = stored_tokens(instance.maildir_root, folders=("new", "cur"))
-        assert not [t for t in accepted if t not in found], "acknowledged but lost"
-        assert all(count == 1 for count in found.values()), "delivered twice"
+        assert_each_once(accepted, found)
         assert (instance.root / "spool" / "journal.1" / "checkpoint").exists()  # the worker's own journal
     finally:
         instance.stop()
@@ -220,9 +222,7 @@ def test_kill_9_of_one_worker_with_the_journal_loses_and_doubles_nothing(
 def test_kill_9_of_the_whole_service_with_the_journal_loses_and_doubles_nothing(
         tmp_path: Path, redis_server: RedisServer, pki: Any) -> None:
     """kill -9 of the supervisor and the worker under load, restart: every 250 whole, nothing twice."""
-    instance = _journal_workers(tmp_path, redis_server, pki)
-    for user in USERS:
-        assert instance.admin("user", "add", f"{user}@example.org", password=f"{user}-password").returncode == 0
+    instance = _journal_workers(tmp_path, redis_server, pki, users=USERS)
     try:
         supervisor = _start(instance)
 
@@ -236,8 +236,7 @@ def test_kill_9_of_the_whole_service_with_the_journal_loses_and_doubles_nothing(
         instance.process.wait()
         _start(instance)
         found = stored_tokens(instance.maildir_root, folders=("new", "cur"))
-        assert not [t for t in accepted if t not in found], "acknowledged but lost"
-        assert all(count == 1 for count in found.values()), "delivered twice"
+        assert_each_once(accepted, found)
     finally:
         instance.stop()
 
@@ -246,8 +245,7 @@ def test_a_dele_in_one_process_of_mail_the_other_journaled_survives_kill_9(
         tmp_path: Path, redis_server: RedisServer, pki: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Accepted by one process, DELEd and QUIT through the other, then kill -9 of everything: it does not come back."""
     monkeypatch.setenv("MAILAPPLIANCE_CHECKPOINT_SECONDS", "6")  # the placing journal holds its checkpoint back
-    instance = _journal_workers(tmp_path, redis_server, pki)
-    assert instance.admin("user", "add", "alice@example.org", password="alice-password").returncode == 0
+    instance = _journal_workers(tmp_path, redis_server, pki, users=("alice",))
     try:
         supervisor = _start(instance)
         [worker] = worker_pids(instance)

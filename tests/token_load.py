@@ -81,3 +81,10 @@ def stored_tokens(root: Path, lines: int = SMALL, folders: Sequence[str] = ("new
             assert f",S={len(data)}" in path.name, f"size not in the name: {path}"
             found[token] = found.get(token, 0) + 1
     return found
+
+
+def assert_each_once(accepted: list[str], found: dict[str, int]) -> None:
+    """Every message that got its 250 is stored, and nothing is stored twice."""
+    missing = [t for t in accepted if t not in found]
+    assert not missing, f"acknowledged but lost: {missing}"
+    assert all(count == 1 for count in found.values()), "delivered twice"
