@@ -155,9 +155,9 @@ class MessageInspector:
         return b"authentication-results" not in head[:headers.head_length(head)].lower()
 
     async def inbound(self, envelope: Envelope, source: MessageSource) -> Inspection:
+        """A stranger's message to the MX.  The session asks only when ``inbound_is_quiet``
+        said no (for a quiet message this comes to the same: accept, nothing changed)."""
         head_bytes = source.head()
-        if self.inbound_is_quiet(envelope.recipients, head_bytes):  # the head is not even parsed
-            return Inspection(Outcome("accept"), 0, b"", None, None, "")
         head_len = headers.head_length(head_bytes)
         policies = [(r, self.msgauth.policy_for(r.rpartition("@")[2])) for r in envelope.recipients]
         verify = any(policy.verify for _, policy in policies)
