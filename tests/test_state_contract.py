@@ -1,9 +1,11 @@
-"""Both state stores keep one contract: windows with reservations, counts with marks,
+"""Every state store keeps one contract: windows with reservations, counts with marks,
 locks with expiry and fencing, cached numbers.  The Redis store runs against a real
-private redis-server; both take "now" from the same controlled clock."""
+private redis-server, the supervised one (a worker's) against the supervisor's server on
+a real socketpair in this process; all take "now" from the same controlled clock."""
 
 from __future__ import annotations
 
+import socket
 from typing import Any, AsyncIterator
 
 import pytest
@@ -15,6 +17,8 @@ from mailappliance.state import MarkRule
 from mailappliance.state.memory import MemoryStore
 from mailappliance.state.redis import RedisStore, encode_key
 from mailappliance.state.resp import RedisClient
+from mailappliance.state.serve import StateServerFactory
+from mailappliance.state.supervised import SupervisedStore, wire_key
 from mailappliance.settings import parse_url
 from tests.redis_server import RedisServer
 
@@ -27,12 +31,18 @@ class Env:
         self.clock = clock
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "supervised"])
 def env(request: pytest.FixtureRequest) -> Any:
     clock = Clock()
     clock.advance(START)
     if request.param == "memory":
         yield Env(MemoryStore(clock), clock)
+        return
+    if request.param == "supervised":
+        store, transport = supervised(MemoryStore(clock))
+        yield Env(store, clock)
+        store.close()
+        transport.abortConnection()
         return
     server: RedisServer = request.getfixturevalue("redis")
     client = RedisClient(parse_url(server.url), reactor, timeout=2)
@@ -137,6 +147,26 @@ async def test_cached_numbers(env: Env) -> None:
     assert await store.get_value(key) == 10**12 + 5
     env.clock.advance(31)
     assert await store.get_value(key) is None
+
+
+def supervised(served: MemoryStore, timeout: float = 2) -> tuple[SupervisedStore, Any]:
+    """A worker's store and the supervisor's end serving ``served``, on a socketpair in this process."""
+    supervisor_end, worker_end = socket.socketpair()
+    transport = reactor.adoptStreamConnection(supervisor_end.fileno(), socket.AF_UNIX,
+                                              StateServerFactory(served, "worker 1"))
+    supervisor_end.close()
+    return SupervisedStore.adopt(worker_end.detach(), reactor, timeout), transport
+
+
+def test_supervised_keys_never_collide_and_stay_short() -> None:
+    """A worker sends a long or NUL-led key value as its digest: short on the wire, and no value
+    a client can send spells another's digest."""
+    long = "x" * 5000
+    sent = wire_key(("failures", long))
+    assert sent[0] == "failures" and len(sent[1]) < 100
+    assert wire_key(("failures", sent[1])) != sent  # the digest's text, sent as a value, is hashed again
+    assert wire_key(("failures", "a", "b")) != wire_key(("failures", "a\0b"))
+    assert wire_key(("failures", "alice")) == ["failures", "alice"]
 
 
 def test_redis_keys_never_collide_and_never_carry_client_text() -> None:

@@ -12,6 +12,8 @@ from mailappliance.state.failover import FailoverStore
 from mailappliance.state.memory import MemoryStore
 from mailappliance.state.redis import RedisStore
 from mailappliance.state.resp import RedisClient
+from mailappliance.state.serve import ServedStore
+from mailappliance.state.supervised import SupervisedStore
 
 
 class _StoreService(service.Service):
@@ -27,12 +29,23 @@ class _StoreService(service.Service):
         self.store.stop()
 
 
-def build_state_store(settings: StateSettings, reactor: IReactorTime) -> tuple[StateStore, service.Service | None]:
-    """MemoryStore without ``[state] redis``; else Redis with the memory fallback, and
-    the service that connects it at start and closes it at stop."""
+def build_state_store(settings: StateSettings, reactor: IReactorTime, workers: int = 1,
+                      state_fd: int | None = None) -> tuple[StateStore, service.Service | None]:
+    """The store of this process, and the service that connects it at start and closes it
+    at stop (None when there is nothing to connect):
+
+    - ``[state] redis`` set: Redis with the memory fallback, in every process;
+    - else, in worker 1..N-1 (``state_fd``: its end of the state socket): the supervisor's
+      store (:class:`SupervisedStore`) with the memory fallback;
+    - else memory: this process's own (one process), or the one the supervisor serves
+      to its workers (:class:`ServedStore`, ``workers`` > 1)."""
     local = MemoryStore(reactor)
     if not settings.redis:
-        return local, None
+        if state_fd is not None:
+            supervised = SupervisedStore.adopt(state_fd, reactor, settings.timeout)
+            store = FailoverStore(supervised, local, reactor, settings.probe_interval, "the supervisor's store")
+            return store, _StoreService(store)
+        return (ServedStore(reactor) if workers > 1 else local), None
     address = parse_url(settings.redis)
     if settings.username:
         address = attrs.evolve(address, username=settings.username)
@@ -40,5 +53,5 @@ def build_state_store(settings: StateSettings, reactor: IReactorTime) -> tuple[S
         address = attrs.evolve(address, password=settings.password)
     client = RedisClient(address, reactor, settings.timeout, settings.ca_file)
     shared = RedisStore(client, reactor, settings.key_prefix)
-    store = FailoverStore(shared, local, reactor, settings.probe_interval, address.describe())
+    store = FailoverStore(shared, local, reactor, settings.probe_interval, f"Redis at {address.describe()}")
     return store, _StoreService(store)

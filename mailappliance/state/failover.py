@@ -1,6 +1,8 @@
-"""Redis first, this process's memory when Redis is away: degraded, never down.
+"""The shared store first (Redis, or the supervisor's with ``[server] workers``), this
+process's memory when it is away: degraded, never down.
 
-While Redis answers, every call goes there ("ok": state shared by every
+The text below says Redis; the supervisor's store (mailappliance.state.supervised)
+is switched from and back to in the same way.  While Redis answers, every call goes there ("ok": state shared by every
 appliance).  The first call that fails (refused, timed out after
 ``[state] timeout``, connection lost) switches to the memory store
 ("degraded"): that call and the next ones are answered from this process's
@@ -29,11 +31,12 @@ from mailappliance.state import Key, MarkRule, StateUnavailable, Token
 from mailappliance.state.memory import MemoryStore
 from mailappliance.state.redis import RedisStore
 from mailappliance.state.resp import RedisError
+from mailappliance.state.supervised import SupervisedStore
 
 log = Logger(namespace="mailappliance.state")
 
 _T = TypeVar("_T")
-_Store = MemoryStore | RedisStore
+_Store = MemoryStore | RedisStore | SupervisedStore
 
 
 class _Granted:
@@ -47,15 +50,16 @@ class _Granted:
 
 
 class FailoverStore:
-    """:class:`~mailappliance.state.StateStore`: RedisStore, with MemoryStore while Redis is away."""
+    """:class:`~mailappliance.state.StateStore`: RedisStore (or SupervisedStore), with MemoryStore
+    while it is away."""
 
-    def __init__(self, shared: RedisStore, local: MemoryStore, reactor: IReactorTime, probe_interval: float,
-                 where: str) -> None:
+    def __init__(self, shared: RedisStore | SupervisedStore, local: MemoryStore, reactor: IReactorTime,
+                 probe_interval: float, where: str) -> None:
         self.shared_store = shared
         self.local = local
         self.reactor = reactor
         self.probe_interval = probe_interval
-        self.where = where  # for the log: "redis://host:6379/0"
+        self.where = where  # for the log: "Redis at redis://host:6379/0", "the supervisor"
         self.degraded = False
         self.reason = ""
         self._probe = LoopingCall(self._try_again)
@@ -77,13 +81,13 @@ class FailoverStore:
     def start(self) -> None:
         """Connect now (a PING), so a Redis that is away shows at start-up, not at the first login."""
         d = self.shared_store.ping()
-        d.addCallbacks(lambda _: log.info("state store: shared in Redis at {where}", where=self.where),
+        d.addCallbacks(lambda _: log.info("state store: shared in {where}", where=self.where),
                        self._unavailable)
 
     def stop(self) -> None:
         if self._probe.running:
             self._probe.stop()
-        self.shared_store.client.close()
+        self.shared_store.close()
 
     def _unavailable(self, failure: Failure) -> None:
         METRICS.count("mailappliance_state_store_errors_total")
@@ -93,7 +97,7 @@ class FailoverStore:
         self.reason = failure.getErrorMessage()
         METRICS.count("mailappliance_state_store_transitions_total", to="degraded")
         log.error("state store DEGRADED: {why}; limits, login throttling and mailbox locks are per process "
-                  "until Redis at {where} answers again (trying every {interval:g} s)",
+                  "until {where} answers again (trying every {interval:g} s)",
                   why=self.reason, where=self.where, interval=self.probe_interval)
         if not self._probe.running:
             self._probe.start(self.probe_interval, now=False)
@@ -106,7 +110,7 @@ class FailoverStore:
             return
         self.degraded = False
         METRICS.count("mailappliance_state_store_transitions_total", to="shared")
-        log.warn("state store shared again: Redis at {where} answers (it was away: {why})",
+        log.warn("state store shared again: {where} answers (it was away: {why})",
                  where=self.where, why=self.reason)
         if self._probe.running:
             self._probe.stop()
@@ -151,7 +155,7 @@ class FailoverStore:
             return succeed(None)
         if token.store is self.local:
             return self.local.release(key, token.token)
-        if self.degraded or not isinstance(token.token, str):  # Redis's tokens are str
+        if self.degraded:
             return succeed(None)  # it leaves Redis's window with time
         return self.shared_store.release(key, token.token).addErrback(self._lost)
 

@@ -21,10 +21,10 @@ from collections.abc import Sequence
 from itertools import count as counter
 from typing import cast
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 
-from mailappliance.state import Key, MarkRule
+from mailappliance.state import Key, MarkRule, Token
 from mailappliance.state.resp import RedisClient, Reply, Script
 
 FENCE_LIFETIME_MS = 7 * 86400 * 1000  # a lock's fencing counter outlives any lock on it
@@ -202,6 +202,9 @@ class RedisStore:
     def ping(self) -> Deferred[Reply]:
         return self.client.execute("PING")
 
+    def close(self) -> None:
+        self.client.close()
+
     # -- windows --------------------------------------------------------------------
 
     def reserve(self, key: Key, span: float, limit: float, amount: int = 1) -> Deferred[str | None]:
@@ -213,7 +216,9 @@ class RedisStore:
                                  (_number(self.clock.seconds()), _number(span), limit_text, int(amount), member))
         return d.addCallback(lambda granted: member if granted == 1 else None)
 
-    def release(self, key: Key, token: str) -> Deferred[None]:
+    def release(self, key: Key, token: Token) -> Deferred[None]:
+        if not isinstance(token, str):  # not one of ours: nothing to give back
+            return succeed(None)
         window = self.key(key)
         return self.client.evaluate(RELEASE, (window, window + ":t"), (token,)).addCallback(_nothing)
 
