@@ -47,7 +47,7 @@ from mailappliance.settings import (
     parse_url,
     syncfs_available,
 )
-from mailappliance.worker_settings import check_workers, parse_workers
+from mailappliance.worker_settings import parse_workers
 
 ROLES = ("mx", "submission", "submissions", "pop3", "pop3s", "autoconfig", "autoconfigs", "metrics")
 SMTP_ROLES = ("mx", "submission", "submissions")
@@ -721,7 +721,6 @@ def parse_config(file: Path, data: dict[str, Any], secrets: SecretFiles | None =
     tls = _tls(top.table_of("tls"))
     queue = _queue(top.table_of("queue"))
     state = _state(top.table_of("state"))
-    check_workers(server, workers, state.redis, sync)
     msgauth = parse_msgauth(top.table_of("msgauth"), domains)
     dkim = parse_dkim(top.table_of("dkim"), domains)
     content_filter = parse_filter(top.table_of("filter"), _size)

@@ -60,6 +60,7 @@ from mailappliance.screening import ScreeningSource
 from mailappliance.settings import Relay
 from mailappliance.smtp.server import SMTPConfig, SMTPFactory
 from mailappliance.state.build import build_state_store
+from mailappliance.state.memory import MemoryStore
 from mailappliance.throttle import AuthThrottle
 from mailappliance.tls import ServerTLS, client_certificate, ensure_self_signed, fingerprint
 from mailappliance.web import HealthResource, autoconfig_site, metrics_site, spool_probe
@@ -189,8 +190,10 @@ def build_service(settings: Settings, reactor: IReactorTime | None = None,
     # DKIM, SPF, DMARC, rspamd
     inspector, inspector_followers, inspector_hooks = build_inspector(settings, resolver, reactor, run_blocking)
 
-    # Limits, login throttling and mailbox locks: this process's memory, or Redis shared by appliances.
-    state_store, state_service = build_state_store(settings.state, reactor)
+    # Limits, login throttling and mailbox locks: this process's memory, or Redis shared by appliances;
+    # with workers and no Redis, the supervisor's memory, which a worker asks over its state socket.
+    state_store, state_service = build_state_store(settings.state, reactor, settings.workers,
+                                                   worker.state_fd if worker is not None else None)
     if state_service is not None:
         state_service.setServiceParent(top)
 
@@ -257,8 +260,8 @@ def build_service(settings: Settings, reactor: IReactorTime | None = None,
     if worker is not None:
         return top
     if settings.workers > 1:
-        WorkerSupervisor(settings, shared, reactor, runner.kick,
-                         getattr(spool, "incoming_dir", spool.queue_dir)).setServiceParent(top)  # type: ignore[no-untyped-call]  # Service is unannotated
+        WorkerSupervisor(settings, shared, reactor, runner.kick, getattr(spool, "incoming_dir", spool.queue_dir),
+                         state_store if isinstance(state_store, MemoryStore) else None).setServiceParent(top)  # type: ignore[no-untyped-call]  # Service is unannotated
     _ReadyService(settings).setServiceParent(top)  # type: ignore[no-untyped-call]  # Service is unannotated
     return top
 

@@ -1,4 +1,9 @@
-"""``[server] workers``: how many processes serve the listeners, and what that needs.
+"""``[server] workers``: how many processes serve the listeners.
+
+Any ``[state]`` goes with several processes: they share Redis when ``[state] redis``
+is set (several appliances), else the supervisor's store (one appliance,
+:mod:`mailappliance.state.serve`); any ``sync`` too (with "journal" each process
+keeps its own, journal.journal_for).
 
 Pure validation (no Twisted), so config.py can call it; the processes
 themselves are in :mod:`mailappliance.workers`.
@@ -28,16 +33,3 @@ def parse_workers(reader: _Reader, cores: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
         raise reader.error("workers", f'must be a whole number from 1 to {MAX_WORKERS} or "auto", got {value!r}')
     return value
-
-
-def check_workers(reader: _Reader, workers: int, state_redis: str, sync: str) -> None:
-    """Several processes must share what one process keeps in memory: refuse a
-    config where they would not (the error names the key and the file).  Any ``sync``
-    goes: with "journal" each process keeps its own (journal.journal_for)."""
-    if workers <= 1:
-        return
-    if not state_redis:
-        raise reader.error(
-            "workers", f"{workers} worker processes need a shared state store: set [state] redis "
-                       "(subscribers' hourly limits, login throttling and POP3 locks would otherwise "
-                       "be counted in each process apart), or use workers = 1")

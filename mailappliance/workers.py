@@ -17,8 +17,11 @@ dies with its supervisor (``PR_SET_PDEATHSIG``).
 
 What the processes share: the Maildirs and the spool (every write was already
 safe against concurrent writers, the unique names carry the pid), the state
-store (``[state] redis``, required by config.py: hourly limits, login
-throttling, POP3 locks), and the connection caps, which each process enforces
+store (hourly limits, login throttling, POP3 locks: ``[state] redis`` when it
+is set, else the supervisor's own store, which it uses directly and serves to
+each worker on a socketpair made at that worker's spawn and inherited like
+the listeners, as Postfix's anvil(8) serves its smtpd processes; see
+:mod:`mailappliance.state.serve`), and the connection caps, which each process enforces
 for its share (:func:`share_of_limits`), so the whole server never holds more
 than the configured numbers.  Mail that a worker queues is seen by the
 supervisor's queue runner through inotify on the spool's incoming directory.
@@ -52,6 +55,8 @@ from mailappliance.limits import RateLimits
 from mailappliance.metrics import METRICS
 from mailappliance.settings import LimitSettings
 from mailappliance.state import StateStore
+from mailappliance.state.memory import MemoryStore
+from mailappliance.state.serve import StateServerFactory
 
 log = Logger(namespace="mailappliance.workers")
 
@@ -192,6 +197,7 @@ class WorkerPlan:
 
     index: int
     descriptors: dict[str, int]
+    state_fd: int | None = None  # this worker's end of the state socket (no [state] redis)
 
 
 class AdoptedPort(service.Service):
@@ -263,6 +269,7 @@ def worker_main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--parent", type=int, required=True)
     parser.add_argument("--listener", action="append", default=[])
+    parser.add_argument("--state", type=int, default=None)  # the state socket's descriptor
     args = parser.parse_args(argv)
     _die_with_parent(args.parent)
     settings: Settings = pickle.loads(sys.stdin.buffer.read())  # noqa: S301  # our parent, over a private pipe
@@ -277,7 +284,7 @@ def worker_main(argv: Sequence[str] | None = None) -> None:
     from mailappliance.tap import STARTUP_ERRORS, startup_error_line
 
     try:
-        top = build_service(settings, reactor, worker=WorkerPlan(args.index, descriptors))
+        top = build_service(settings, reactor, worker=WorkerPlan(args.index, descriptors, args.state))
     except STARTUP_ERRORS as e:  # e.g. a key file this user cannot read: one line, then exit
         log.critical("worker {index}: {line}", index=args.index, line=startup_error_line(e))
         raise SystemExit(1) from None
@@ -313,6 +320,7 @@ class _Worker(protocol.ProcessProtocol):
         self.ended: Deferred[None] = Deferred()
         self.pid = 0
         self.started = 0.0
+        self.state_link: Any = None  # the supervisor's end of this worker's state socket (a transport)
 
     def connectionMade(self) -> None:
         assert self.transport is not None
@@ -362,8 +370,10 @@ class WorkerSupervisor(service.Service):
     """Starts workers 1..N-1 on the listeners' sockets, restarts them, forwards SIGHUP, stops them."""
 
     def __init__(self, settings: Settings, listeners: dict[str, service.Service], reactor: Any,
-                 kick: Callable[[], None] | None = None, incoming: Any = None) -> None:
+                 kick: Callable[[], None] | None = None, incoming: Any = None,
+                 state: MemoryStore | None = None) -> None:
         self.settings = settings
+        self.state = state  # served to the workers (None: they share Redis, or nothing to serve)
         self.listeners = listeners  # SMTP and POP3 listening services by listener name, bound by now
         self.reactor: Any = reactor
         self.kick, self.incoming = kick, incoming
@@ -392,8 +402,9 @@ class WorkerSupervisor(service.Service):
                       "Processes serving the listeners: this one and its live workers.", lambda: 1 + len(self.workers))
         METRICS.gauge("mailappliance_worker_restarts",
                       "Workers started again after one ended, since this process started.", lambda: self.restarted)
-        log.info("{n} worker processes besides this one (pid {pid}) share the listeners",
-                 n=self.settings.workers - 1, pid=os.getpid())
+        log.info("{n} worker processes besides this one (pid {pid}) share the listeners; limits, login "
+                 "throttling and POP3 locks are shared in {where}", n=self.settings.workers - 1, pid=os.getpid(),
+                 where="this process's store, served to each worker" if self.state is not None else "Redis")
 
     def spawn(self, index: int) -> None:
         self.restarts.pop(index, None)
@@ -411,11 +422,42 @@ class WorkerSupervisor(service.Service):
         worker = _Worker(self, index, self._settings_bytes)
         worker.started = self.reactor.seconds()
         self.workers[index] = worker
+        worker_end = None
+        if self.state is not None:
+            worker_end = self._state_socket(worker)
+            child_fds[FIRST_FD + len(fds)] = worker_end.fileno()
+            arguments += ["--state", str(FIRST_FD + len(fds))]
         environment = {**os.environ, "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)}
-        self.reactor.spawnProcess(worker, sys.executable, arguments, env=environment, childFDs=child_fds)
+        try:
+            self.reactor.spawnProcess(worker, sys.executable, arguments, env=environment, childFDs=child_fds)
+        finally:
+            if worker_end is not None:
+                worker_end.close()  # the worker has its copy
         log.info("worker {index} started (pid {pid})", index=index, pid=worker.pid)
 
+    def _state_socket(self, worker: _Worker) -> socket.socket:
+        """A socketpair for ``worker``'s state requests: the supervisor serves its end from
+        ``self.state``; the other end, returned, is for the worker to inherit.  No path in the
+        filesystem, so no other process can connect, and nothing to clean up after a crash."""
+        assert self.state is not None
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+
+        def violated(why: str) -> None:  # a worker that breaks the format is broken: start it afresh
+            log.error("worker {index} (pid {pid}) broke the state socket's format; stopping it",
+                      index=worker.index, pid=worker.pid)
+            _signal(worker, "KILL")
+
+        factory = StateServerFactory(self.state, f"worker {worker.index}", violated)
+        try:
+            worker.state_link = self.reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX, factory)
+        finally:
+            ours.close()  # the reactor has its copy
+        return theirs
+
     def ended(self, worker: _Worker, reason: Failure) -> None:
+        if worker.state_link is not None:
+            worker.state_link.abortConnection()
+            worker.state_link = None
         if self.workers.get(worker.index) is worker:
             del self.workers[worker.index]
         if self.stopping:

@@ -230,13 +230,10 @@ def _config(tmp_path: Path, server: str, rest: str = "") -> Path:
     return path
 
 
-def test_workers_without_a_shared_state_store_are_refused(tmp_path: Path) -> None:
-    """workers = 2 with the in-memory store: a config error naming server.workers, [state] redis and the file."""
-    path = _config(tmp_path, "workers = 2")
-    with pytest.raises(ConfigError) as error:
-        load_config(path)
-    assert "server.workers" in str(error.value) and "[state] redis" in str(error.value)
-    assert str(path) in str(error.value)
+def test_workers_without_redis_share_the_supervisors_store(tmp_path: Path) -> None:
+    """workers = 2 without [state] redis is a valid config: the supervisor serves its store to the workers."""
+    settings = load_config(_config(tmp_path, "workers = 2"))
+    assert settings.workers == 2 and not settings.state.redis
 
 
 def test_workers_default_to_one_journal_each(tmp_path: Path) -> None:
