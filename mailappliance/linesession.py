@@ -468,6 +468,11 @@ class LineSession(Protocol):
         """A protocol phase that took too long (e.g. DATA), named; None if all is well."""
         return None
 
+    def input_stalled(self) -> bool:
+        """Reading must stop now, not only past ``max_pending_input``: the input waits
+        for storage (a full spill backlog); asked only while input is held."""
+        return False
+
     # -- input ------------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
@@ -550,7 +555,7 @@ class LineSession(Protocol):
             return
         # Unread output alone must not stop reading: a TLS layer pauses its
         # producer while the handshake is pending, and the handshake needs reads.
-        want_paused = self.held and len(self.input) > self.settings.max_pending_input
+        want_paused = self.held and (len(self.input) > self.settings.max_pending_input or self.input_stalled())
         if want_paused and not self._reading_paused:
             self._reading_paused = True
             self.transport.pauseProducing()

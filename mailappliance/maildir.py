@@ -27,6 +27,7 @@ import shutil
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from mailappliance.addresses import is_safe_mailbox_name
@@ -166,6 +167,17 @@ def writev_all(fd: int, chunks: list[bytes]) -> None:
             write_all(fd, b"".join(group)[done:])
 
 
+TEST_STALL_ENVIRONMENT = "MAILAPPLIANCE_TEST_SPILL_STALL"  # tests only: a file that, while it exists, hangs the disk
+_test_stall = os.environ.get(TEST_STALL_ENVIRONMENT, "")
+
+
+def _hung_disk_for_tests() -> None:
+    """A test's hung disk (tests/hostile/test_spill_stall.py): the spill writer writes
+    nothing while the file named by ``$MAILAPPLIANCE_TEST_SPILL_STALL`` exists."""
+    while _test_stall and os.path.exists(_test_stall):
+        time.sleep(0.02)
+
+
 class SpillWriter:
     """The thread that writes spilled messages into their incoming files.
 
@@ -174,35 +186,121 @@ class SpillWriter:
     the kernel here, most of the reactor's time when it wrote them itself)
     runs on another core meanwhile.  One thread, in order, so each file is
     written front to back.  The pieces handed over and not yet written are
-    bounded for the whole process (``backlog``): past it ``submit`` waits for
-    the disk, as the reactor did when it wrote itself.  A write error is kept
-    in the message and raised by its commit (4xx, never a lost message).
+    bounded for the whole process (``backlog``).  Past it nothing waits in
+    the reactor thread: ``offer`` keeps the piece in its message, which joins
+    ``_waiting`` (first come, first handed over), and its session stops
+    reading.  Once the disk has taken the backlog down to ``low_water`` the
+    writer asks the reactor thread (``call_from_thread``, no polling) to hand
+    the waiting pieces over in order and let their sessions go on.  A slow or
+    hung disk so pauses the sessions that send large messages, never the
+    others.  A write error is kept in the message and raised by its commit
+    (4xx, never a lost message).
     """
 
-    def __init__(self, backlog: int = SPILL_BACKLOG) -> None:
-        self.lock = threading.Condition()  # the queue, and each spilled message's pieces in flight
+    def __init__(self, backlog: int = SPILL_BACKLOG,
+                 call_from_thread: Callable[[Callable[[], None]], object] | None = None) -> None:
+        self.lock = threading.Condition()  # the queue, the waiting messages and each one's pieces in flight
         self._staging: mmap.mmap | None = None  # page-aligned, for O_DIRECT writes
         self._jobs: collections.deque[tuple[IncomingMessage, list[bytes] | None, int]] = collections.deque()
         self._queued = 0
         self._backlog = backlog
+        self.low_water = backlog // 2  # waiting messages are handed over once the backlog is down to this
+        self._waiting: collections.deque[IncomingMessage] = collections.deque()  # held back, in arrival order
+        self._wake_due = False  # an _admit is on its way to the reactor thread
+        self._call_from_thread = call_from_thread  # the reactor's callFromThread unless a test gives one
         self._thread: threading.Thread | None = None
 
-    def submit(self, message: IncomingMessage, chunks: list[bytes] | None, size: int, wait: bool = True) -> None:
+    @property
+    def waiting(self) -> int:
+        """Messages whose pieces wait for room in the backlog (their sessions are paused)."""
+        return len(self._waiting)
+
+    def submit(self, message: IncomingMessage, chunks: list[bytes] | None, size: int) -> None:
         """Queue ``chunks`` (``size`` bytes) for the end of ``message``'s file; None: close
         and remove the file once everything before it is done (a discarded message).
-        ``wait=False``: past the backlog too, for a complete message whose bytes are held
-        in memory either way (waiting would only stall the reactor)."""
+        Never waits, past the backlog too: for a complete message whose bytes are held in
+        memory either way (``offer`` is the bounded way in)."""
         with self.lock:
-            while wait and self._queued and self._queued + size > self._backlog:
-                self.lock.wait()
-            if chunks is not None:
-                message._in_flight.append(chunks)
-            self._jobs.append((message, chunks, size))
-            self._queued += size
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="spill-writer", daemon=True)
-                self._thread.start()
-            self.lock.notify_all()
+            self._enqueue(message, chunks, size)
+
+    def offer(self, message: IncomingMessage) -> bool:
+        """Hand over ``message``'s pending pieces if the backlog has room for them and
+        no message waits before it.  Otherwise (False) they stay in the message, which
+        waits for the writer to drain (``IncomingMessage.held_back``); the reactor thread
+        hands them over later and calls the message's ``when_room`` callback.  Never waits."""
+        with self.lock:
+            if not self._waiting and not self._full(message._pending):
+                self._take(message)
+                return True
+            if self._call_from_thread is None:  # the reactor thread, the first time a message waits
+                from twisted.internet import reactor
+                self._call_from_thread = reactor.callFromThread  # type: ignore[attr-defined]
+            message._held_back = True
+            self._waiting.append(message)
+            wake = self._wake_needed()
+        if wake:
+            self._wake()
+        return False
+
+    def withdraw(self, message: IncomingMessage) -> None:
+        """``message`` no longer waits (it is complete, or discarded); its pieces stay in it.
+        Any thread: the reactor's ``_admit`` hands nothing of it over after this."""
+        with self.lock:
+            if message._held_back:
+                message._held_back = False
+                self._waiting.remove(message)
+            message._on_room = None
+
+    def _full(self, size: int) -> bool:
+        return bool(self._queued) and self._queued + size > self._backlog
+
+    def _take(self, message: IncomingMessage) -> None:
+        """(Under the lock.)  The message's pending pieces into the queue."""
+        chunks, size = message._chunks, message._pending
+        message._chunks, message._pending = [], 0
+        self._enqueue(message, chunks, size)
+
+    def _enqueue(self, message: IncomingMessage, chunks: list[bytes] | None, size: int) -> None:
+        if chunks is not None:
+            message._in_flight.append(chunks)
+        self._jobs.append((message, chunks, size))
+        self._queued += size
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="spill-writer", daemon=True)
+            self._thread.start()
+        self.lock.notify_all()
+
+    def _wake_needed(self) -> bool:
+        """(Under the lock.)  Whether to send an ``_admit`` to the reactor thread now: a
+        message waits, the backlog is down to the low-water mark and none is on its way."""
+        if self._waiting and not self._wake_due and self._queued <= self.low_water:
+            self._wake_due = True
+            return True
+        return False
+
+    def _wake(self) -> None:
+        assert self._call_from_thread is not None
+        try:
+            self._call_from_thread(self._admit)
+        except Exception:  # the reactor is gone (shutting down): nobody is left to go on
+            with self.lock:
+                self._wake_due = False
+
+    def _admit(self) -> None:
+        """(The reactor thread.)  Hand the waiting messages' pieces over, first come first,
+        while they fit; each one handed over is told (its session reads again)."""
+        admitted = []
+        with self.lock:
+            self._wake_due = False
+            while self._waiting and not self._full(self._waiting[0]._pending):
+                message = self._waiting.popleft()
+                message._held_back = False
+                self._take(message)
+                admitted.append(message)
+        for message in admitted:
+            callback, message._on_room = message._on_room, None
+            if callback is not None:
+                callback()
 
     def wait_for(self, message: IncomingMessage) -> None:
         """Until every piece of ``message`` handed over is written (or failed)."""
@@ -221,6 +319,8 @@ class SpillWriter:
                 message._close()
                 message._unlink()
             elif message._error is None and not message._discarded:  # a refused message's rest is not written
+                if _test_stall:
+                    _hung_disk_for_tests()
                 try:
                     if message._fd is None:
                         message._fd = message._create(direct=True)
@@ -247,7 +347,10 @@ class SpillWriter:
                     message._in_flight.popleft()
                     message._written, message._unwritten = message._direct_offset, message._carry
                 self._queued -= size
+                wake = self._wake_needed()
                 self.lock.notify_all()
+            if wake:
+                self._wake()
 
     def _write_direct(self, message: IncomingMessage, chunks: list[bytes]) -> None:
         """Write what fills whole blocks with O_DIRECT (through the page-aligned staging
@@ -327,7 +430,9 @@ class IncomingMessage:
     the filesystem journal behind other deliveries' fsyncs); the file in the
     spool's ``incoming`` directory is created at commit, in a commit thread,
     with one write.  Larger messages spill to that file as they stream in,
-    written by the :class:`SpillWriter` thread in pieces of ``SPILL_PIECE``;
+    written by the :class:`SpillWriter` thread in pieces of ``SPILL_PIECE``
+    (a piece the writer's full backlog has no room for stays here, ``held_back``,
+    and the session stops reading until ``when_room`` calls back);
     once handed to the commit, a sync pool thread writes the last piece and
     fsyncs the file (``finish_early``), and the commit waits for that.  A
     message over ``DIRECT_LIMIT`` is spilled whole when it is handed over:
@@ -357,6 +462,8 @@ class IncomingMessage:
         self._finishing: concurrent.futures.Future[None] | None = None  # finish_early's work
         self._synced = False  # fsynced by finish_early
         self._front = b""  # a spilled message's first FRONT bytes or more, kept for reads of its head
+        self._held_back = False  # its pending pieces wait for room in the spill writer's backlog
+        self._on_room: Callable[[], None] | None = None  # told when they are handed over (when_room)
 
     def write(self, data: bytes) -> None:
         """Append bytes (nothing is durable until it is committed)."""
@@ -365,22 +472,38 @@ class IncomingMessage:
         self._chunks.append(data)
         if self._spilled:
             self._pending += len(data)
-            if self._pending >= SPILL_PIECE:
-                self._hand_over()
+            if self._pending >= SPILL_PIECE and not self._held_back:  # held back: they follow in order
+                _spill_writer.offer(self)
         elif self.size > MEMORY_LIMIT:
             self._spill()
 
-    def _spill(self, wait: bool = True) -> None:
-        """From now on the bytes go to the incoming file, through the spill writer."""
+    def _spill(self, bounded: bool = True) -> None:
+        """From now on the bytes go to the incoming file, through the spill writer
+        (``bounded``: only if its backlog has room; otherwise they wait here)."""
         self._spilled = True
         self._pending = self.size
         self._front = b"".join(itertools.islice(self._chunks, _chunks_covering(self._chunks, FRONT)))
-        self._hand_over(wait)
+        if bounded:
+            _spill_writer.offer(self)
+        else:
+            chunks, size = self._chunks, self._pending
+            self._chunks, self._pending = [], 0
+            _spill_writer.submit(self, chunks, size)
 
-    def _hand_over(self, wait: bool = True) -> None:
-        chunks, size = self._chunks, self._pending
-        self._chunks, self._pending = [], 0
-        _spill_writer.submit(self, chunks, size, wait)
+    @property
+    def held_back(self) -> bool:
+        """Bytes of this spilled message wait for room in the spill writer's backlog:
+        whoever feeds it should stop reading until ``when_room`` calls back."""
+        return self._held_back
+
+    def when_room(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (in the reactor thread) once the held-back bytes are handed
+        to the spill writer; at once if none are held back.  Not called when the message
+        is discarded or completed first."""
+        if not self._held_back:
+            callback()
+            return
+        self._on_room = callback
 
     def _create(self, direct: bool = False) -> int:
         """The incoming file; ``direct``: written with O_DIRECT where the filesystem takes it
@@ -490,11 +613,14 @@ class IncomingMessage:
         busy with other messages; ``write_out`` waits for that.  Large files' fsyncs
         then overlap (the disk here takes four at once in about the time of one)."""
         if not self._spilled and self.size > DIRECT_LIMIT:
-            self._spill(wait=False)  # all of it, now: O_DIRECT and an fsync of its own beat the journal's two writes
+            self._spill(bounded=False)  # all of it, now: O_DIRECT and an fsync of its own beat the journal's two writes
+        if self._held_back:
+            _spill_writer.withdraw(self)  # complete: what waited for room is written by _finish
         if self._spilled and self._finishing is None:
             self._finishing = _sync_pool().submit(self._finish, True)
 
     def _finish(self, fsync: bool) -> None:
+        _spill_writer.withdraw(self)  # nothing of it is handed over after this: the rest is ours
         _spill_writer.wait_for(self)
         if self._error is not None:
             raise self._error
@@ -582,6 +708,8 @@ class IncomingMessage:
         if self._discarded:
             return
         self._discarded = True
+        if self._held_back:
+            _spill_writer.withdraw(self)  # its place among the waiting goes, and its callback
         self._chunks = []
         if self._spilled:
             with _spill_writer.lock:

@@ -43,6 +43,8 @@ HELP = {
     "mailappliance_directory_requests_total": "Directory calls, by operation and result.",
     "mailappliance_directory_failovers_total": "Times a directory server was marked down, by server.",
     "mailappliance_http_refused_total": "HTTP connections or requests refused by a listener's bounds, by reason.",
+    "mailappliance_spill_waits_total": "Times a session receiving a large message stopped reading because the "
+                                       "spill writer's backlog was full (the disk did not keep up).",
     "mailappliance_tlsrpt_sessions_total": "Outbound sessions to MX hosts as TLS-RPT (RFC 8460) counts them: "
                                            "policy_type (sts, no-policy-found), result, result_type.",
 }

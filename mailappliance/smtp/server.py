@@ -175,6 +175,21 @@ class SMTPSession(AuthCommands, ChunkingCommands, MailTransaction, LineSession):
             return "DATA"
         return None
 
+    def input_stalled(self) -> bool:
+        return self.delivery is not None and self.delivery.message.held_back
+
+    def _wait_for_spill(self) -> None:
+        """The spill writer's backlog is full (a slow disk): this session alone holds its
+        input and stops reading until its message's bytes are handed over; the reactor
+        and every other session go on."""
+        delivery = self.delivery
+        if delivery is None or not delivery.message.held_back:
+            return
+        METRICS.count("mailappliance_spill_waits_total")
+        room: Deferred[None] = Deferred()
+        delivery.message.when_room(lambda: room.callback(None))
+        self.run(room)
+
     def consume_input(self) -> bool:
         if self.skip_octets:
             skipped = min(self.skip_octets, len(self.input))
@@ -183,6 +198,7 @@ class SMTPSession(AuthCommands, ChunkingCommands, MailTransaction, LineSession):
             return True
         if self.chunks_in_progress():
             self.take_chunk_octets()
+            self._wait_for_spill()
             return True
         if self.data_reader is not None:
             data = bytes(self.input)
@@ -191,6 +207,8 @@ class SMTPSession(AuthCommands, ChunkingCommands, MailTransaction, LineSession):
             if rest is not None:
                 self.input[:0] = rest
                 self.end_of_data()
+            else:
+                self._wait_for_spill()
             return True
         line = self.next_line(MAX_COMMAND_LINE)
         if line is None:
