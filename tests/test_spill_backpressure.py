@@ -199,7 +199,7 @@ def test_a_disk_that_never_drains_ends_the_paused_session_at_its_idle_timeout(
         tmp_path: Path, writer: SpillWriter, reactor_calls: ReactorCalls, monkeypatch: pytest.MonkeyPatch) -> None:
     """A hung disk does not keep the connection forever: the idle timeout answers 421 and closes;
     nothing got a 250, nothing is stored, and the message leaves the waiting line."""
-    StalledDisk(monkeypatch)
+    disk = StalledDisk(monkeypatch)
     big = big_session(tmp_path, "big")
     feed_until_paused(big, lines(random.Random(4), 4 * MiB))
     big.transport.clear()
@@ -207,6 +207,7 @@ def test_a_disk_that_never_drains_ends_the_paused_session_at_its_idle_timeout(
     assert big.transport.value().startswith(b"421 4.4.2 ") and big.transport.disconnecting
     big.protocol.connectionLost(None)
     assert not writer.waiting and not big.messages("alice")
+    disk.go_on.set()  # the writer thread, stuck in the test's disk, may end
 
 
 def test_bdat_chunks_pause_the_same_way(

@@ -77,6 +77,7 @@ def test_a_hung_disk_pauses_only_the_large_senders(
         assert pop.stat()[0] == 1
         pop.quit()
         pop_seconds = time.monotonic() - started
+        print(f"while the disk hangs: SMTP {smtp_seconds:.3f} s, POP3 login {pop_seconds:.3f} s")
         assert smtp_seconds < PROMPT and pop_seconds < PROMPT, (smtp_seconds, pop_seconds)
         assert not results and all(sender.is_alive() for sender in senders), "a 250 before the disk wrote"
     finally:
