@@ -41,7 +41,7 @@ def spill_waits(instance: Appliance) -> float:
 
 def test_a_hung_disk_pauses_only_the_large_senders(
         appliance: Callable[..., Appliance], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Three clients send 20 MiB messages while the spill writer's disk hangs: their sessions pause
+    """Three clients (one over STARTTLS) send 20 MiB messages while the spill writer's disk hangs: their sessions pause
     (the metric counts it), a small-message SMTP session and a POP3 login meanwhile each complete
     within seconds; when the disk comes back all three get their 250 and are stored whole."""
     stall = tmp_path / "hung-disk"
@@ -56,6 +56,8 @@ def test_a_hung_disk_pauses_only_the_large_senders(
     def send_big(n: int) -> None:
         try:
             with smtplib.SMTP("127.0.0.1", instance.ports["mx"], timeout=120) as smtp:
+                if n == 0:  # one over TLS: pausing must reach the TCP connection under it
+                    smtp.starttls(context=instance.client_context())
                 results[n] = smtp.sendmail("big@example.net", ["alice@example.org"], big_message(n))
         except Exception as e:  # reported below
             results[n] = e
