@@ -33,7 +33,7 @@ from twisted.python.failure import Failure
 from mailappliance.metrics import METRICS
 from mailappliance.state import Key, MarkRule
 from mailappliance.state.memory import Event, MemoryStore
-from mailappliance.state.wire import INCOMPLETE, FrameError, frame, request, take
+from mailappliance.state.wire import INCOMPLETE, FrameError, FrameReader, frame, request
 
 log = Logger(namespace="mailappliance.state")
 
@@ -51,10 +51,9 @@ class ServedStore(MemoryStore):
 
 def _fired(d: Deferred[Any]) -> Any:
     """The result of a Deferred that has already fired (every MemoryStore call's)."""
-    box: list[Any] = []
-    d.addBoth(box.append)
-    result = box[0]
+    result = d.result
     if isinstance(result, Failure):
+        d.addErrback(lambda _: None)  # handled here: no "Unhandled error in Deferred" later
         result.raiseException()
     return result
 
@@ -64,7 +63,7 @@ class StateServerProtocol(Protocol):
 
     def __init__(self, store: MemoryStore, label: str, on_violation: Callable[[str], None] | None = None) -> None:
         self.store, self.label, self.on_violation = store, label, on_violation
-        self.buffer = bytearray()
+        self.frames = FrameReader()
         self.paused = False
         self.dropped = False
         self.tokens: dict[int, tuple[Key, Event]] = {}
@@ -94,33 +93,39 @@ class StateServerProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self.dropped:
             return
-        self.buffer += data
+        self.frames.feed(data)
         self._serve()
 
     def _serve(self) -> None:
+        """Answer what has arrived, in order; the answers go out in one write (a read of
+        at most one socket buffer's worth of requests, so the write is bounded too)."""
         assert self.transport is not None
+        answers: list[bytes] = []
         try:
-            while not self.paused and not self.dropped:
-                message = take(self.buffer)
+            while not self.paused:
+                message = self.frames.next()
                 if message is INCOMPLETE:
-                    return
+                    break
                 ident, op, args = request(message)
                 try:
                     answer = [ident, getattr(self, "op_" + op)(*args)]
                 except (ValueError, TypeError, OverflowError) as e:  # well-formed, yet the store refused it
                     log.warn("state request {op} from {label} failed: {why}", op=op, label=self.label, why=e)
                     answer = [ident, None, type(e).__name__]
-                self.served += 1
-                self.transport.write(frame(answer))
+                answers.append(frame(answer))
         except FrameError as e:
             self.drop(str(e))
+            return
+        self.served += len(answers)
+        if answers:
+            self.transport.write(b"".join(answers))  # may pause us (pauseProducing) until they are read
 
     def drop(self, why: str) -> None:
         """Close this worker's connection at once (it broke the format or a bound)."""
         if self.dropped:
             return
         self.dropped = True
-        self.buffer = bytearray()
+        self.frames.clear()
         METRICS.count("mailappliance_state_socket_violations_total")
         log.error("state socket of {label}: {why}; connection dropped", label=self.label, why=why)
         if self.transport is not None:
@@ -130,7 +135,7 @@ class StateServerProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.dropped = True
-        self.buffer = bytearray()
+        self.frames.clear()
         self.tokens.clear()
 
     # -- the operations (wire.OPS names them; arguments already checked) ----------------------

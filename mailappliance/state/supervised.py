@@ -29,7 +29,7 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
 from mailappliance.state import Key, MarkRule, StateUnavailable
-from mailappliance.state.wire import INCOMPLETE, MAX_TEXT, FrameError, frame, reply, take
+from mailappliance.state.wire import INCOMPLETE, MAX_TEXT, FrameError, FrameReader, frame, reply
 
 MAX_PENDING = 10_000  # requests waiting for the supervisor's answer at once
 
@@ -99,7 +99,7 @@ class SupervisedStore:
         self.max_pending = max_pending
         self.transport: Any = None
         self.why = "not connected to the supervisor"
-        self._buffer = bytearray()
+        self._frames = FrameReader()
         self._ids = counter(1)
         self._pending: dict[int, tuple[Deferred[Any], float, _Convert]] = {}  # by id: oldest first
         self._timer: IDelayedCall | None = None
@@ -139,10 +139,10 @@ class SupervisedStore:
         return d
 
     def received(self, data: bytes) -> None:
-        self._buffer += data
+        self._frames.feed(data)
         try:
             while True:
-                message = take(self._buffer)
+                message = self._frames.next()
                 if message is INCOMPLETE:
                     return
                 ident, result, error = reply(message)
@@ -184,7 +184,7 @@ class SupervisedStore:
         if transport is None:
             return
         self.why = why
-        self._buffer = bytearray()
+        self._frames.clear()
         cast(ITCPTransport, transport).abortConnection()
         if self._timer is not None and self._timer.active():
             self._timer.cancel()

@@ -39,36 +39,74 @@ class FrameError(Exception):
 
 def frame(message: object) -> bytes:
     """``message`` as one frame (compact JSON, finite numbers only)."""
-    body = json.dumps(message, separators=(",", ":"), allow_nan=False).encode()
+    body = _ENCODER.encode(message).encode()
     if len(body) > MAX_FRAME:
         raise FrameError(f"frame of {len(body)} bytes is over {MAX_FRAME}")
     return _LENGTH.pack(len(body)) + body
 
 
-INCOMPLETE = object()  # what take() returns while the next frame is not all there
+INCOMPLETE = object()  # what FrameReader.next() returns while the next frame is not all there
+
+
+class FrameReader:
+    """The frames of one byte stream: :meth:`feed` what arrives, then :meth:`next` until
+    INCOMPLETE.  Bytes already parsed leave the buffer once per feed, not once per frame."""
+
+    __slots__ = ("buffer", "position")
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.position = 0
+
+    def feed(self, data: bytes) -> None:
+        if self.position:
+            del self.buffer[:self.position]
+            self.position = 0
+        self.buffer += data
+
+    def __len__(self) -> int:
+        """Bytes received and not parsed yet."""
+        return len(self.buffer) - self.position
+
+    def clear(self) -> None:
+        self.buffer = bytearray()
+        self.position = 0
+
+    def next(self) -> Any:
+        """The next complete frame, parsed, or INCOMPLETE.  Raises FrameError on a frame
+        over MAX_FRAME (as soon as its length is read, before its bytes are buffered) or
+        one that is not UTF-8 JSON."""
+        buffer, start = self.buffer, self.position
+        if len(buffer) - start < 4:
+            return INCOMPLETE
+        (size,) = _LENGTH.unpack_from(buffer, start)
+        if size > MAX_FRAME:
+            raise FrameError(f"frame of {size} bytes is over {MAX_FRAME}")
+        end = start + 4 + size
+        if len(buffer) < end:
+            return INCOMPLETE
+        self.position = end
+        try:
+            return _DECODER.decode(buffer[start + 4:end].decode("utf-8"))
+        except (ValueError, RecursionError) as e:  # JSONDecodeError and bad UTF-8 are ValueErrors; [[[[...
+            raise FrameError(f"not JSON: {str(e)[:80]}") from None
 
 
 def take(buffer: bytearray) -> Any:
-    """Take the first complete frame off ``buffer`` and parse it, or INCOMPLETE.
-    Raises FrameError on a frame over MAX_FRAME (as soon as its length is read,
-    before its bytes are buffered) or JSON that does not parse."""
-    if len(buffer) < 4:
-        return INCOMPLETE
-    (size,) = _LENGTH.unpack_from(buffer)
-    if size > MAX_FRAME:
-        raise FrameError(f"frame of {size} bytes is over {MAX_FRAME}")
-    if len(buffer) < 4 + size:
-        return INCOMPLETE
-    body = bytes(buffer[4:4 + size])
-    del buffer[:4 + size]
-    try:
-        return json.loads(body, parse_constant=_no_constant)
-    except (ValueError, RecursionError) as e:  # JSONDecodeError and bad UTF-8 are ValueErrors; [[[[...
-        raise FrameError(f"not JSON: {str(e)[:80]}") from None
+    """The first complete frame of ``buffer``, parsed and taken off it, or INCOMPLETE."""
+    reader = FrameReader()
+    reader.buffer = buffer
+    message = reader.next()
+    del buffer[:reader.position]
+    return message
 
 
 def _no_constant(name: str) -> object:
     raise ValueError(f"{name} is not a number here")
+
+
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+_DECODER = json.JSONDecoder(parse_constant=_no_constant)
 
 
 # -- argument kinds ---------------------------------------------------------------------

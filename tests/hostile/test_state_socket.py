@@ -118,7 +118,7 @@ async def test_garbage_on_the_state_socket_drops_that_worker_only(attack: bytes)
         await other_store.reserve(("messages", "alice"), 3600, 10)
         hostile.worker.sendall(_raw(json.dumps([1, "ping", []]).encode()) + attack)
         await until(lambda: hostile.violations, what="the violation")
-        assert hostile.protocol.dropped and len(hostile.protocol.buffer) == 0
+        assert hostile.protocol.dropped and len(hostile.protocol.frames) == 0
         await until(lambda: _closed(hostile.worker), what="the hostile worker's socket closed")
         assert await other_store.total(("messages", "alice"), 3600) == 1  # the other worker is still served
     finally:
@@ -159,7 +159,7 @@ async def test_a_worker_that_never_reads_its_answers_does_not_grow_the_superviso
         assert protocol.paused, "the supervisor never stopped reading"
         waiting = protocol.transport._tempDataLen + len(protocol.transport.dataBuffer)  # type: ignore[union-attr]
         assert waiting <= 256 * 1024, waiting
-        assert len(protocol.buffer) <= 64 * 1024 + MAX_FRAME + 4
+        assert len(protocol.frames) <= 64 * 1024 + MAX_FRAME + 4
         assert not served.violations
         assert protocol.served * len(request_bytes) < sent  # far from everything sent was read
     finally:
