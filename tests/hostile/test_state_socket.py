@@ -5,10 +5,14 @@ timeout (it degrades to its own memory), never a hung session."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import smtplib
 import socket
 import struct
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
@@ -23,6 +27,9 @@ from mailappliance.state.memory import MemoryStore
 from mailappliance.state.serve import StateServerFactory, StateServerProtocol
 from mailappliance.state.supervised import SupervisedStore
 from mailappliance.state.wire import INCOMPLETE, MAX_FRAME, FrameError, frame, request, take
+from tests.conditions import process_rss, wait_until
+from tests.daemon import Appliance
+from tests.test_workers import worker_pids
 
 
 async def until(condition: Callable[[], object], timeout: float = 5, what: str = "condition") -> None:
@@ -209,3 +216,58 @@ async def test_a_silent_supervisor_costs_a_worker_one_timeout_then_it_degrades()
     finally:
         store.stop()
         silent.close()
+
+
+# -- the real daemon: a worker's state socket taken over ---------------------------------------
+
+
+def _state_socket_of(pid: int) -> int:
+    """A duplicate of worker ``pid``'s end of its state socket (its only UNIX socket), taken
+    with pidfd_getfd(2): what a compromised worker could send, we send."""
+    import ctypes
+
+    unix = {line.split()[6] for line in Path("/proc/net/unix").read_text().splitlines()[1:]}  # the inodes
+    targets = [int(fd.name) for fd in Path(f"/proc/{pid}/fd").iterdir()
+               if (link := os.readlink(fd)).startswith("socket:[") and link[8:-1] in unix]
+    assert len(targets) == 1, targets
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = libc.syscall(434, pid, 0)  # pidfd_open
+    if pidfd < 0:
+        pytest.skip("pidfd_open is not available")
+    try:
+        fd = libc.syscall(438, pidfd, targets[0], 0)  # pidfd_getfd
+        if fd < 0:
+            pytest.skip(f"pidfd_getfd failed (errno {ctypes.get_errno()})")
+        return int(fd)
+    finally:
+        os.close(pidfd)
+
+
+def test_a_worker_sending_garbage_is_restarted_and_the_supervisor_serves_on(
+        appliance: Callable[..., Appliance], pki: Any) -> None:
+    """An oversized frame and then a megabyte of junk on worker 1's state socket: the supervisor
+    cuts that link off and restarts worker 1 (which shares its state again), its memory does
+    not grow, and mail keeps being accepted."""
+    instance = appliance(pki=pki, start=False, extra={"server": {"workers": 2}})
+    assert instance.admin("user", "add", "alice@example.org", password="alice-password").returncode == 0
+    instance.start()
+    shared = "state store: shared in the supervisor's store"
+    old = wait_until(lambda: worker_pids(instance), 30, what="worker 1 ready")[0]
+    wait_until(lambda: shared in instance.log(), 30, what="worker 1 shares the state")
+    assert instance.process is not None
+    rss_before = process_rss(instance.process.pid)
+    stolen = socket.socket(fileno=_state_socket_of(old))
+    try:
+        stolen.sendall(struct.pack(">I", 2**31))
+        with contextlib.suppress(OSError):  # the supervisor hangs up after the length: EPIPE
+            stolen.sendall(b"\xff" * 1024 * 1024)
+    finally:
+        stolen.close()
+    new = wait_until(lambda: [p for p in worker_pids(instance) if p != old], 30, what="a new worker 1")[0]
+    assert "state socket of worker 1: frame of 2147483648 bytes is over 65536; connection dropped" in instance.log()
+    wait_until(lambda: instance.log().count(shared) >= 2, 30, what=f"worker 1 (pid {new}) shares the state again")
+    assert process_rss(instance.process.pid) - rss_before < 4 * 1024 * 1024
+    assert instance.process.poll() is None
+    with smtplib.SMTP("127.0.0.1", instance.ports["mx"], timeout=10) as smtp:
+        smtp.ehlo("client.example.net")
+        assert smtp.sendmail("bob@example.net", ["alice@example.org"], b"Subject: x\r\n\r\nx\r\n") == {}
