@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -15,7 +16,7 @@ import pytest
 from mailappliance.smtp.replies import LIMIT_REPLIES
 from tests.conditions import wait_until
 from tests.daemon import Appliance, free_port
-from tests.test_workers import _submit, worker_pids
+from tests.test_workers import _submit, serving_pid, worker_pids
 from tests.test_workers import test_a_pop3_session_in_one_process_locks_the_mailbox_in_the_other as _pop3_lock
 
 MESSAGES_PER_HOUR = 3
@@ -76,12 +77,35 @@ def test_health_says_the_state_is_shared(supervised: Appliance) -> None:
     assert json.loads(body)["state_store"] == "ok"
 
 
+def _pop3_login_in(instance: Appliance, pid: int, user: str) -> Any:
+    """A POP3 session of ``user`` served by process ``pid`` (connections land where they may)."""
+    context = instance.client_context()
+    for _ in range(200):
+        client = socket.create_connection(("127.0.0.1", instance.ports["pop3s"]), timeout=10)
+        if serving_pid(instance, "pop3s", client) != pid:
+            client.close()
+            continue
+        tls = context.wrap_socket(client, server_hostname="127.0.0.1")
+        reader = tls.makefile("rb")
+        assert reader.readline().startswith(b"+OK")
+        tls.sendall(f"USER {user}\r\nPASS {user.split('@')[0]}-password\r\n".encode())
+        assert reader.readline().startswith(b"+OK")
+        assert reader.readline().startswith(b"+OK"), "the mailbox was not free"
+        return tls
+    pytest.fail(f"no POP3 connection reached pid {pid}")
+
+
 def test_a_killed_worker_comes_back_to_the_shared_state(supervised: Appliance) -> None:
-    """kill -9 of worker 1: the new worker asks the supervisor again, and a limit holds across both."""
+    """kill -9 of worker 1 in a POP3 session: its mailbox lock is free at once (not after the
+    lease), the new worker asks the supervisor again, and a limit holds across both."""
     (old,) = worker_pids(supervised)
     shared_before = supervised.log().count(SHARED)
+    session = _pop3_login_in(supervised, old, "reader@example.org")
     os.kill(old, signal.SIGKILL)
+    session.close()
     new = wait_until(lambda: [p for p in worker_pids(supervised) if p != old], 30, what="a new worker 1")[0]
+    assert supervised.process is not None
+    _pop3_login_in(supervised, supervised.process.pid, "reader@example.org").close()  # lock_ttl is 60 s
     wait_until(lambda: supervised.log().count(SHARED) > shared_before, 30, what="the new worker shared again")
     _limit_holds_across_processes(supervised, "later", must_reach=new)
     assert "DEGRADED" not in supervised.log()

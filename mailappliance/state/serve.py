@@ -14,8 +14,10 @@ supervisor restart the worker); replies wait in at most about one socket
 buffer (the connection stops reading while the worker does not read its
 answers, so its requests stay in the kernel, not in our memory); the
 reservation tokens a worker holds are at most ``MAX_TOKENS``, the oldest
-forgotten first (a reservation that old has left its window); the store
-bounds its own tables (``memory.MAX_TRACKED``).
+forgotten first (a reservation that old has left its window), and so are
+the locks it holds (which it gives up when its link ends: a killed worker's
+POP3 mailboxes are free at once, not after their lease); the store bounds
+its own tables (``memory.MAX_TRACKED``).
 """
 
 from __future__ import annotations
@@ -66,7 +68,9 @@ class StateServerProtocol(Protocol):
         self.frames = FrameReader()
         self.paused = False
         self.dropped = False
+        self.violated = False
         self.tokens: dict[int, tuple[Key, Event]] = {}
+        self.locks: dict[tuple[Key, str], None] = {}  # held through this link, oldest first: freed when it ends
         self._token_ids = counter(1)
         self.served = 0
 
@@ -124,7 +128,7 @@ class StateServerProtocol(Protocol):
         """Close this worker's connection at once (it broke the format or a bound)."""
         if self.dropped:
             return
-        self.dropped = True
+        self.dropped = self.violated = True
         self.frames.clear()
         METRICS.count("mailappliance_state_socket_violations_total")
         log.error("state socket of {label}: {why}; connection dropped", label=self.label, why=why)
@@ -134,9 +138,17 @@ class StateServerProtocol(Protocol):
             self.on_violation(why)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        """The worker is gone (killed, crashed, cut off): its POP3 sessions went with it, so
+        its mailbox locks are freed now rather than when their lease runs out (not so for a
+        worker we cut off: it may still run until its SIGKILL lands)."""
         self.dropped = True
         self.frames.clear()
         self.tokens.clear()
+        locks, self.locks = self.locks, {}
+        if self.violated:  # cut off by us, maybe not dead yet: its leases end its locks
+            return
+        for key, owner in locks:
+            _fired(self.store.unlock(key, owner))  # only if that owner still holds it
 
     # -- the operations (wire.OPS names them; arguments already checked) ----------------------
 
@@ -181,16 +193,28 @@ class StateServerProtocol(Protocol):
     def op_marks(self, keys: list[Key]) -> list[float]:
         return list(_fired(self.store.marks(keys)))
 
+    def _held(self, key: Key, owner: str) -> None:
+        if (key, owner) not in self.locks and len(self.locks) >= MAX_TOKENS:
+            del self.locks[next(iter(self.locks))]  # forgotten here; its lease still ends it
+        self.locks[(key, owner)] = None
+
     def op_lock(self, key: Key, owner: str, ttl: float) -> int | None:
-        return cast("int | None", _fired(self.store.lock(key, owner, ttl)))
+        fence = cast("int | None", _fired(self.store.lock(key, owner, ttl)))
+        if fence is not None:
+            self._held(key, owner)
+        return fence
 
     def op_refresh(self, key: Key, owner: str, ttl: float) -> bool:
-        return bool(_fired(self.store.refresh(key, owner, ttl)))
+        ours = bool(_fired(self.store.refresh(key, owner, ttl)))
+        if ours:
+            self._held(key, owner)
+        return ours
 
     def op_holds(self, key: Key, owner: str) -> bool:
         return bool(_fired(self.store.holds(key, owner)))
 
     def op_unlock(self, key: Key, owner: str) -> None:
+        self.locks.pop((key, owner), None)
         _fired(self.store.unlock(key, owner))
 
     def op_get_value(self, key: Key) -> int | None:

@@ -190,6 +190,27 @@ async def test_reservation_tokens_a_worker_never_gives_back_are_bounded(monkeypa
         served.transport.abortConnection()
 
 
+@pytest_twisted.ensureDeferred
+async def test_locks_of_a_worker_that_ends_are_freed_but_not_of_one_cut_off() -> None:
+    """A worker's link ends (it died): the mailbox locks it held are free at once.  A worker cut
+    off for garbage may still run until its SIGKILL lands: its locks wait for their lease."""
+    for ending in ("died", "cut off"):
+        served = Served()
+        key = ["pop3-mailbox", "alice"]
+        served.worker.setblocking(True)
+        served.worker.sendall(frame([1, "lock", [key, "worker-1/1", 60]]))
+        await until(lambda: served.protocol.served == 1, what="the lock granted")
+        assert await served.store.holds(("pop3-mailbox", "alice"), "worker-1/1")
+        if ending == "died":
+            served.worker.close()
+        else:
+            served.worker.sendall(b"\xff\xff\xff\xff")
+        await until(lambda: served.protocol.dropped, what="the link ended")
+        held = await served.store.holds(("pop3-mailbox", "alice"), "worker-1/1")
+        assert held == (ending == "cut off"), ending
+        served.close()
+
+
 # -- the worker's side against a silent supervisor --------------------------------------------
 
 
