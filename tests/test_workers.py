@@ -313,8 +313,10 @@ def test_the_shares_follow_a_reload() -> None:
     assert refused is not None and refused.rule == "limit.max_connections"
 
 
-def test_started_as_root_the_workers_run_as_the_daemons_user(world_readable_root: Path) -> None:  # noqa: F811
-    """twistd --uid/--gid on a port below 1024: the worker runs as nobody too, on the supervisor's socket."""
+@pytest.mark.parametrize("state", ["redis away", "the supervisor's"])
+def test_started_as_root_the_workers_run_as_the_daemons_user(world_readable_root: Path, state: str) -> None:  # noqa: F811
+    """twistd --uid/--gid on a port below 1024: the worker runs as nobody too, on the supervisor's socket,
+    and shares the supervisor's state store (made after the drop) when there is no Redis."""
     from tests.daemon import toml_table  # noqa: I001
     from tests.test_privileges import (DEBIAN_PYTHON, NOBODY, free_low_port, readable_site, root_started_config,
                                        wait_for_listener)
@@ -327,7 +329,8 @@ def test_started_as_root_the_workers_run_as_the_daemons_user(world_readable_root
         root_started_config(root, workers=2)
         + toml_table("[limits]", {"connections_per_minute": 100_000})
         + toml_table("[directory]", {"backend": "ldif", "ldif_file": str(root / "users.ldif")})
-        + toml_table("[state]", {"redis": f"redis://127.0.0.1:{free_port()}", "timeout": 0.2})  # none there: degraded
+        + (toml_table("[state]", {"redis": f"redis://127.0.0.1:{free_port()}", "timeout": 0.2})  # none there
+           if state == "redis away" else "")
         + toml_table("[[listeners]]", {"name": "mx", "role": "mx", "port": mx})
     )
     added = subprocess.run([str(BIN / "mailappliance-admin"), "--config", str(config), "user", "add",
@@ -360,6 +363,9 @@ def test_started_as_root_the_workers_run_as_the_daemons_user(world_readable_root
             if len(seen) == 2:
                 break
         assert seen == {process.pid, worker}
+        if state == "the supervisor's":
+            wait_until(lambda: "state store: shared in the supervisor's store" in log.read_text(), 10,
+                       what="worker 1 sharing the supervisor's store")
     finally:
         process.terminate()
         process.wait(10)
