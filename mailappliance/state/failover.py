@@ -66,8 +66,9 @@ class FailoverStore:
         self._probe.clock = reactor
         self._lock_homes: dict[tuple[Key, str], _Store] = {}  # (key, owner) -> the store that granted the lock
         METRICS.gauge("mailappliance_state_store_shared",
-                      "1 while limits, login throttling and mailbox locks are shared in Redis; "
-                      "0 while degraded to this process's memory.", lambda: 0 if self.degraded else 1)
+                      "1 while limits, login throttling and mailbox locks are shared (in Redis, or a worker's "
+                      "in the supervisor's store); 0 while degraded to this process's memory.",
+                      lambda: 0 if self.degraded else 1)
 
     @property
     def shared(self) -> bool:
