@@ -18,7 +18,6 @@ client's trouble never fails another client's message.
 from __future__ import annotations
 
 import errno
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -28,7 +27,8 @@ from twisted.logger import Logger
 
 from mailappliance.delivered_to import RecipientCopy, plan_copies
 from mailappliance.folders import FolderTarget, filing_path
-from mailappliance.journal import Journal, Target, crash_point, encode_body, place_target
+from mailappliance.journal import Journal
+from mailappliance.journal_files import Target, crash_point, encode_body, place_record
 from mailappliance.maildir import IncomingMessage, ensure_maildir_once, fsync_directory, syncfs
 from mailappliance.queue.spool import Envelope, OutboundSpool
 
@@ -246,7 +246,7 @@ def journal_targets(job: CommitJob, maildir_root: Path) -> list[Target] | None:
 
 def commit_journaled(jobs: Sequence[CommitJob], journal: Journal) -> list[CommitOutcome]:
     """Group commit through the write-ahead journal (journal.py): one record per job,
-    ONE fdatasync for the batch, then each file written into its Maildir's tmp/ and
+    ONE flushed write for the batch, then each file written into its Maildir's tmp/ and
     renamed into new/ without an fsync (the next checkpoint makes it durable there).
     A job's outcome is its Maildir paths once its record is durable and its files are
     in place.  A failure fails that job alone (its record is voided), or every
@@ -285,23 +285,13 @@ def commit_journaled(jobs: Sequence[CommitJob], journal: Journal) -> list[Commit
 
 
 def _place_journaled(journal: Journal, sequence: int, base: bytes, targets: list[Target]) -> CommitOutcome:
-    """One journaled job's files into their Maildirs; equal bytes hard-linked."""
-    placed: list[Path] = []
-    first: dict[tuple[int, int, bytes], Path] = {}
+    """One journaled job's files into their Maildirs, equal bytes hard-linked; a record
+    whose files cannot all be placed is voided (the client gets a 4xx)."""
     try:
-        for target in targets:
-            key = (target.start, target.end, target.replacement)
-            path = place_target(target, base, first.get(key))
-            first.setdefault(key, path)
-            placed.append(path)
+        placed = place_record(base, targets)
     except Exception as e:
         if not isinstance(e, OSError):
             log.failure("placing a journaled message")
-        for path in placed:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
         try:
             journal.cancel(sequence)
         except OSError:

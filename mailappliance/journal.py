@@ -3,8 +3,10 @@
 A batch of received messages is appended to a journal segment in
 ``<spool>/journal/`` (one record per message: the bytes and, per target
 Maildir, its file name and its own head edit, the Delivered-To copy) and
-made durable with ONE ``fdatasync``.  Segments are preallocated and
-zero-filled once, so an append changes no metadata and the fdatasync is a
+made durable with ONE flushed write (``pwritev`` with ``RWF_DSYNC``: the
+flush of an ``fdatasync`` in the same system call, so the commit thread
+takes the GIL back once, not twice).  Segments are preallocated and
+zero-filled once, so an append changes no metadata and the flush is a
 pure data flush (0.15 ms here against 0.25 ms for a fallocated segment and
 0.53 ms for a new file plus fsync; docs/performance.md).  Then each file is
 written into its Maildir's ``tmp/`` and renamed into ``new/`` under the name
@@ -41,7 +43,8 @@ from pathlib import Path
 import attrs
 from twisted.logger import Logger
 
-from mailappliance.maildir import ensure_maildir_once, forget_maildir, fsync_directory, fsync_file, syncfs, write_all
+from mailappliance.journal_files import Target, crash_point, decode_body, unique_part, write_file
+from mailappliance.maildir import ensure_maildir_once, fsync_directory, fsync_file, syncfs, write_all
 from mailappliance.metrics import METRICS
 from mailappliance.settings import syncfs_available
 
@@ -56,32 +59,6 @@ SEGMENT_NAME = re.compile(r"^segment\.([0-9]{6})$")
 TARGET_NAME = re.compile(r"[^/\x00-\x1f.][^/\x00-\x1f]{0,240},S=([0-9]{1,12})")  # fullmatch: a plain name
 CHECKPOINT_SECONDS = 5.0
 CHECKPOINT_BYTES = 64 * 1024 * 1024
-_FIXED_TARGET = struct.Struct("<HHIIH")  # maildir length, name length, edit start, edit end, replacement length
-
-
-def crash_point(step: str) -> None:
-    """Where a crash test may stop the process (``CRASH_HOOK`` raises); nothing otherwise."""
-    if CRASH_HOOK is not None:
-        CRASH_HOOK(step)
-
-
-CRASH_HOOK: Callable[[str], None] | None = None
-
-
-@attrs.frozen
-class Target:
-    """One Maildir's file of a journaled message: ``base`` with ``start..end`` replaced."""
-
-    maildir: Path
-    filename: str
-    start: int = 0
-    end: int = 0
-    replacement: bytes = b""
-
-    def content(self, base: bytes) -> bytes:
-        if self.start == self.end and not self.replacement:
-            return base
-        return base[: self.start] + self.replacement + base[self.end :]
 
 
 @attrs.frozen
@@ -102,38 +79,6 @@ class Record:
         if len(body) != self.length:
             raise ValueError("record shorter than when it was read")
         return decode_body(body)
-
-
-def encode_body(base: bytes, targets: Sequence[Target]) -> bytes:
-    parts = [struct.pack("<HI", len(targets), len(base)), base]
-    for t in targets:
-        maildir, name = os.fsencode(t.maildir), t.filename.encode("ascii")
-        parts += [_FIXED_TARGET.pack(len(maildir), len(name), t.start, t.end, len(t.replacement)),
-                  maildir, name, t.replacement]
-    return b"".join(parts)
-
-
-def decode_body(body: bytes) -> tuple[bytes, tuple[Target, ...]]:
-    """ValueError (struct.error is one) for a body that is not what ``encode_body`` writes."""
-    count, size = struct.unpack_from("<HI", body)
-    offset = 6 + size
-    if offset > len(body):
-        raise ValueError("base longer than the record")
-    base = body[6:offset]
-    targets = []
-    for _ in range(count):
-        dlen, nlen, start, end, rlen = _FIXED_TARGET.unpack_from(body, offset)
-        offset += _FIXED_TARGET.size
-        stop = offset + dlen + nlen + rlen
-        if stop > len(body) or not start <= end <= len(base):
-            raise ValueError("target outside the record")
-        maildir = Path(os.fsdecode(body[offset : offset + dlen]))
-        name = body[offset + dlen : offset + dlen + nlen].decode("ascii")
-        targets.append(Target(maildir, name, start, end, body[offset + dlen + nlen : stop]))
-        offset = stop
-    if offset != len(body):
-        raise ValueError("trailing bytes in the record")
-    return base, tuple(targets)
 
 
 def encode_record(sequence: int, kind: int, body: bytes) -> bytes:
@@ -179,50 +124,6 @@ def check_target(root: Path, target: Target, base: bytes) -> None:
     resolved, top = target.maildir.resolve(), root.resolve()
     if resolved == top or not resolved.is_relative_to(top):
         raise UnsafeTarget(f"{target.maildir} is not below the Maildir root {root}")
-
-
-def unique_part(name: str) -> str:
-    return name.split(":", 1)[0].split(",", 1)[0]
-
-
-def write_file(directory: Path, name: str, content: bytes) -> Path:
-    """``content`` as ``directory/tmp/name`` (a leftover of that name replaced), for the
-    caller to rename into ``new/`` or ``cur/``."""
-    staged = directory / "tmp" / name
-    try:
-        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # a crash's leftover (or anything planted there): never written through
-        os.unlink(staged)
-        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        write_all(fd, content)
-    finally:
-        os.close(fd)
-    return staged
-
-
-def place_target(target: Target, base: bytes, linked_from: Path | None = None) -> Path:
-    """Put one target's file into ``new/`` (no fsync: the journal holds the bytes).  A
-    hard link of ``linked_from`` (the same bytes in another Maildir) when it can."""
-    ensure_maildir_once(target.maildir)
-    final = target.maildir / "new" / target.filename
-    if linked_from is not None:
-        try:
-            os.link(linked_from, final)
-            return final
-        except OSError as e:
-            if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOENT):
-                raise
-    try:
-        staged = write_file(target.maildir, target.filename, target.content(base))
-    except FileNotFoundError:  # the Maildir was removed while we remembered it
-        forget_maildir(target.maildir)
-        ensure_maildir_once(target.maildir)
-        staged = write_file(target.maildir, target.filename, target.content(base))
-    crash_point("journal.place.written")
-    os.rename(staged, final)
-    crash_point("journal.place.renamed")
-    return final
 
 
 @attrs.define
@@ -412,7 +313,7 @@ class Journal:
 
     def append(self, bodies: Sequence[bytes]) -> list[int]:
         """Append one message record per body and make them durable with one
-        fdatasync per segment touched (one, nearly always); their sequence numbers.
+        flushed write per segment touched (one, nearly always); their sequence numbers.
         The caller places the files, then calls :meth:`placed`."""
         with self._lock:
             if not self.is_open:
@@ -431,15 +332,13 @@ class Journal:
                 runs.setdefault(position, (offset, []))[1].append(record)
             for position, (offset, records) in runs.items():
                 fd = self._segments[position].fd
-                if len(records) < 512:
-                    os.pwritev(fd, records, offset)
-                else:
-                    os.pwrite(fd, b"".join(records), offset)
+                # written and flushed in ONE system call: with RWF_DSYNC the write's data is
+                # on stable storage when it returns, as after an fdatasync (the segment is
+                # preallocated, so no metadata is involved)
+                _pwritev_all(fd, records, offset, os.RWF_DSYNC)
                 self._dirty_segments.add(position)
                 self._segment_last[position] = first + len(bodies) - 1
                 crash_point("journal.append.written")
-            for position in runs:
-                os.fdatasync(self._segments[position].fd)
                 crash_point("journal.append.synced")
             self._since_checkpoint += sum(sizes)
             self._unplaced += len(bodies)
@@ -717,6 +616,22 @@ def _same_bytes(path: Path, content: bytes) -> bool:
         return os.pread(fd, len(content) + 1, 0) == content
     finally:
         os.close(fd)
+
+
+def _pwritev_all(fd: int, buffers: Sequence[bytes], offset: int, flags: int) -> None:
+    """Every byte of ``buffers`` at ``offset`` (a short write is continued)."""
+    if len(buffers) > _IOV_MAX:
+        buffers = [b"".join(buffers)]
+    total = sum(len(b) for b in buffers)
+    done = os.pwritev(fd, buffers, offset, flags)
+    if done < total:
+        rest = memoryview(b"".join(buffers))[done:]
+        while rest:
+            written = os.pwritev(fd, [rest], offset + done, flags)
+            rest, done = rest[written:], done + written
+
+
+_IOV_MAX = 512  # buffers per pwritev (the kernel takes at most 1024)
 
 
 def _zero_fill(fd: int, size: int) -> None:

@@ -33,7 +33,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                 "mailappliance.limits", "mailappliance.throttle")),
     ("storage", ("mailappliance.directory", "mailappliance.directory.*", "mailappliance.maildir",
                  "mailappliance.delivered_to", "mailappliance.queue.spool", "mailappliance.delivery",
-                 "mailappliance.committer", "mailappliance.journal", "mailappliance.pop3.index", "mailappliance.quota", "mailappliance.tls", "mailappliance.certificates",
+                 "mailappliance.committer", "mailappliance.journal", "mailappliance.journal_files", "mailappliance.pop3.index", "mailappliance.quota", "mailappliance.tls", "mailappliance.certificates",
                  "mailappliance.logs")),
     ("services", ("mailappliance.credentials", "mailappliance.authenticator", "mailappliance.client_lookup",
                   "mailappliance.queue", "mailappliance.queue.*", "mailappliance.pop3.mailbox",

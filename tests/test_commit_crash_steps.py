@@ -19,9 +19,10 @@ from pathlib import Path
 import attrs
 import pytest
 
-from mailappliance import journal as journal_module
+from mailappliance import journal_files as journal_module
 from mailappliance.delivery import CommitJob, CommitOutcome, commit_batch
-from mailappliance.journal import Journal, unique_part
+from mailappliance.journal import Journal
+from mailappliance.journal_files import unique_part
 from mailappliance.maildir import IncomingMessage, clean_incoming, forget_maildir
 from mailappliance.pop3.mailbox import MaildirMailbox
 from mailappliance.settings import syncfs_available

@@ -19,15 +19,13 @@ from mailappliance.journal import (
     NOTHING_COVERED,
     Coverage,
     Journal,
-    Target,
-    encode_body,
     journal_directory,
     must_wait,
     peers_to_wait_for,
-    place_target,
     read_coverage,
     recover_journals,
 )
+from mailappliance.journal_files import Target, encode_body, place_target
 from tests.conditions import wait_until
 from tests.daemon import Appliance, free_port
 from tests.redis_server import RedisServer

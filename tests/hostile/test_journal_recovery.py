@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from mailappliance import journal as journal_module
-from mailappliance.journal import HEADER, Journal, Target, encode_body
+from mailappliance.journal import HEADER, Journal
+from mailappliance.journal_files import Target, encode_body
 
 SEGMENT = 256 * 1024
 
