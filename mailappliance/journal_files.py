@@ -10,6 +10,7 @@ touches Maildirs.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import struct
 from collections.abc import Callable, Sequence
@@ -87,6 +88,11 @@ def write_file(directory: Path, name: str, content: bytes) -> Path:
     """``content`` as ``directory/tmp/name`` (a leftover of that name replaced), for the
     caller to rename into ``new/`` or ``cur/``."""
     staged = directory / "tmp" / name
+    _write_staged(str(staged), content)
+    return staged
+
+
+def _write_staged(staged: str, content: bytes) -> None:
     try:
         fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:  # a crash's leftover (or anything planted there): never written through
@@ -96,31 +102,39 @@ def write_file(directory: Path, name: str, content: bytes) -> Path:
         write_all(fd, content)
     finally:
         os.close(fd)
-    return staged
+
+
+@functools.lru_cache(maxsize=4096)
+def _subdirectories(maildir: Path) -> tuple[str, str, Path]:
+    """``tmp/`` and ``new/`` of a Maildir as path prefixes, and ``new/`` as a Path: a
+    delivery builds its two file names from strings, not with pathlib's joins."""
+    return f"{maildir}/tmp/", f"{maildir}/new/", maildir / "new"
 
 
 def place_target(target: Target, base: bytes, linked_from: Path | None = None) -> Path:
     """Put one target's file into ``new/`` (no fsync: the journal holds the bytes).  A
     hard link of ``linked_from`` (the same bytes in another Maildir) when it can."""
     ensure_maildir_once(target.maildir)
-    final = target.maildir / "new" / target.filename
+    tmp_prefix, new_prefix, new_dir = _subdirectories(target.maildir)
+    final = new_prefix + target.filename
     if linked_from is not None:
         try:
             os.link(linked_from, final)
-            return final
+            return new_dir / target.filename
         except OSError as e:
             if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOENT):
                 raise
+    staged = tmp_prefix + target.filename
     try:
-        staged = write_file(target.maildir, target.filename, target.content(base))
+        _write_staged(staged, target.content(base))
     except FileNotFoundError:  # the Maildir was removed while we remembered it
         forget_maildir(target.maildir)
         ensure_maildir_once(target.maildir)
-        staged = write_file(target.maildir, target.filename, target.content(base))
+        _write_staged(staged, target.content(base))
     crash_point("journal.place.written")
     os.rename(staged, final)
     crash_point("journal.place.renamed")
-    return final
+    return new_dir / target.filename
 
 
 def place_record(base: bytes, targets: Sequence[Target]) -> list[Path]:
