@@ -53,7 +53,14 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailappliance import logs
-from mailappliance.sessions import client_host, format_session_id, new_session_serial, no_delay, write_now
+from mailappliance.sessions import (
+    client_host,
+    format_session_id,
+    new_session_serial,
+    no_delay,
+    write_and_close,
+    write_now,
+)
 from mailappliance.verdicts import Verdict
 
 if TYPE_CHECKING:
@@ -398,8 +405,9 @@ class LineSession(Protocol):
         finally:
             self.log_event(self.log.info, "disconnect")
 
-    def close(self) -> None:
-        """End the session after what was sent (abort if the client does not read)."""
+    def close(self, last: bytes = b"") -> None:
+        """End the session after what was sent and ``last`` (abort if the client does
+        not read); on TLS ``last`` leaves in one send with the close_notify."""
         self.closing = True
         self.input.clear()
         if self.closed:
@@ -407,8 +415,8 @@ class LineSession(Protocol):
         if self._output_paused:
             self.transport.abortConnection()
         else:
-            self.flush_output()
-            self.transport.loseConnection()
+            held, self._held = self._held, b""
+            write_and_close(self.transport, held + last)
 
     def abort(self) -> None:
         """Drop the connection now, unsent output included."""

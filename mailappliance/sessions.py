@@ -12,7 +12,7 @@ from twisted.internet import abstract, tcp
 from twisted.internet.interfaces import IAddress, ITCPTransport, ITransport
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 
-from mailappliance.tls_records import read_records_directly, write_records_directly
+from mailappliance.tls_records import installed_records, read_records_directly, write_records_directly
 
 _counter = itertools.count(1)
 _prefix = os.urandom(3).hex()
@@ -79,6 +79,33 @@ def write_now(transport: ITransport, data: bytes) -> None:
     elif not getattr(transport, "_sends_directly", False):
         send_tls_directly(transport)
     transport.write(data)
+
+
+def write_and_close(transport: ITransport, data: bytes) -> None:
+    """``write_now(transport, data)``, then close: on TLS the session stops being the
+    transport's producer (Twisted's TLS ``loseConnection`` waits for that before its
+    close_notify, so a session that said 221 never closed) and the connection
+    ends after ``data``.  On TLS with our record paths the last reply's record waits
+    for the close_notify and both leave in one send; then the TCP connection closes
+    too, without waiting for the client's close_notify (a one-sided TLS close, as
+    Postfix does), so a client that stays after QUIT holds no session."""
+    tls: Any = transport  # implicit TLS: the session's transport is the TLS protocol
+    if type(transport) is tcp.Server and transport.TLS:  # after STARTTLS
+        tls = transport.protocol
+    records = None
+    if isinstance(tls, TLSMemoryBIOProtocol):
+        tls.unregisterProducer()  # the TLS layer's (plain TCP closes with its producer registered)
+        records = installed_records(tls)
+    held = records is not None and records.write_last(data)
+    if data and not held:
+        write_now(transport, data)
+    transport.loseConnection()
+    if isinstance(tls, TLSMemoryBIOProtocol):
+        if records is not None:
+            records.flush()  # normally the close_notify took the last record along already
+        lower = tls.transport  # the TCP connection beneath (after STARTTLS: Twisted's bypass)
+        if lower is not None and tls.disconnecting and not tls._appSendBuffer:
+            lower.loseConnection()  # after what it holds, the close_notify included
 
 
 def _send_at_once(connection: tcp.Server, data: bytes) -> bool:

@@ -63,13 +63,29 @@ class _Records:
             return
         tls._flushSendBIO()
 
+    def write_last(self, data: bytes) -> bool:
+        """Encrypt ``data`` as a record and leave it in the outgoing BIO, where the
+        close_notify that follows joins it: the last reply and the close leave in one
+        send (``sessions.write_and_close``).  False, with nothing written, where
+        ``write`` would hand over to Twisted, or while a producer would delay the close."""
+        tls = self.tls
+        if type(data) is not bytes or not data or len(data) > _MAX_PLAINTEXT or not tls._handshakeDone \
+                or tls._appSendBuffer or tls._lostTLSConnection or tls.disconnecting \
+                or tls._producer is not None or _lib.SSL_write(self.ssl, data, len(data)) <= 0:
+            return False
+        return True
+
+    def flush(self) -> None:
+        """Hand over whatever the outgoing BIO holds (a record ``write_last`` left there)."""
+        if not self.tls._lostTLSConnection and _lib.BIO_get_mem_data(self.out, _NULL):
+            self.tls._flushSendBIO()
+
 
 def _records(tls: TLSMemoryBIOProtocol) -> _Records | None:
     """The connection's record paths, made once; None for a connection without memory BIOs."""
-    for installed in (vars(tls).get("write"), vars(tls).get("dataReceived")):  # found through the other path
-        records = getattr(installed, "__self__", None)
-        if isinstance(records, _Records):
-            return records
+    records = installed_records(tls)  # made for the other path
+    if records is not None:
+        return records
     connection = tls._tlsConnection
     if connection._into_ssl is None or connection._from_ssl is None:
         return None
@@ -93,6 +109,16 @@ def read_records_directly(tls: TLSMemoryBIOProtocol) -> None:
     records = _records(tls)
     if records is not None:
         tls.dataReceived = records.data_received  # type: ignore[method-assign]
+
+
+def installed_records(tls: TLSMemoryBIOProtocol) -> _Records | None:
+    """The record paths ``read_records_directly``/``write_records_directly`` installed on
+    ``tls``; None on Twisted's own paths."""
+    for installed in (vars(tls).get("write"), vars(tls).get("dataReceived")):
+        records = getattr(installed, "__self__", None)
+        if isinstance(records, _Records):
+            return records
+    return None
 
 
 def write_records_directly(tls: TLSMemoryBIOProtocol) -> Callable[[bytes], None]:

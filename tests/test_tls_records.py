@@ -14,7 +14,7 @@ from twisted.internet.task import Clock
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
-from mailappliance.sessions import write_records_at_once
+from mailappliance.sessions import write_and_close, write_records_at_once
 from mailappliance.tls_records import read_records_directly
 
 
@@ -189,3 +189,49 @@ def test_a_reply_is_handed_to_the_connection_at_once(pair) -> None:
         assert pair.lower.out  # Twisted's gatherer would hold it until the next reactor pass
     pair.clock.advance(0)
     assert pair.from_server() == b"250 ok\r\n"
+
+
+
+def read_to_close(pair: Pair) -> bytes:
+    """Everything the client can read, which must end with the server's close_notify."""
+    pair.to_client()
+    got = b""
+    # b"" only at the close_notify; data that stops without one raises SSLWantReadError
+    while piece := pair.client.read(1 << 16):
+        got += piece
+    return got
+
+
+def test_last_reply_and_close_notify_leave_in_one_write(pair) -> None:
+    """``write_and_close``: the client gets the last reply, then a clean close; on our path both in one send."""
+    pair.tls.write(b"250 ok\r\n")
+    pair.clock.advance(0)
+    pair.to_client()
+    write_and_close(pair.tls, b"221 bye\r\n")
+    pair.clock.advance(0)
+    if pair.direct:
+        assert len(pair.lower.out) == 1  # the 221 record and the close_notify, one write to the socket
+    assert read_to_close(pair) == b"250 ok\r\n221 bye\r\n"
+
+
+def test_close_with_nothing_to_say_still_sends_close_notify(pair) -> None:
+    """``write_and_close`` without data is a plain TLS close."""
+    write_and_close(pair.tls, b"")
+    pair.clock.advance(0)
+    assert read_to_close(pair) == b""
+
+
+def test_a_last_reply_bigger_than_a_record_arrives_whole_before_the_close(pair) -> None:
+    """A last write that does not fit one record takes the ordinary path, whole and before the close."""
+    big = b"x" * 40000
+    write_and_close(pair.tls, big)
+    pair.clock.advance(0)
+    assert read_to_close(pair) == big
+
+
+def test_nothing_is_written_after_write_and_close(pair) -> None:
+    """A write after ``write_and_close`` is dropped: nothing follows the close_notify."""
+    write_and_close(pair.tls, b"221 bye\r\n")
+    pair.tls.write(b"late\r\n")
+    pair.clock.advance(0)
+    assert read_to_close(pair) == b"221 bye\r\n"

@@ -296,8 +296,8 @@ class SMTPSession(AuthCommands, ChunkingCommands, MailTransaction, LineSession):
         self.respond(reply)
 
     def close_with(self, reply: replies.Reply) -> None:
-        self.respond(reply)
-        self.close()
+        """The session's last reply, then the end (on TLS one send for the reply and close_notify)."""
+        self.close(replies.encode(reply))
 
     # -- TLS --------------------------------------------------------------------------
 
