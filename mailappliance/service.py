@@ -8,6 +8,7 @@ other disk work, and a listener per ``[[listeners]]`` table.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -133,11 +134,23 @@ class _ReadyService(service.Service):
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]  # Service is unannotated
+        settle_heap()
         s = self.settings
         log.info(
             "mailappliance ready: host {host}, domains {domains}, directory {backend}",
             host=s.hostname, domains=", ".join(s.local_domains), backend=s.directory.backend,
         )
+
+
+def settle_heap() -> None:
+    """Tune the garbage collector once everything is built.  ``gc.freeze`` moves the
+    start-up objects (Twisted, our modules, settings, caches) out of the collector's
+    reach, so a full collection no longer walks them all; a larger first threshold
+    makes young collections rarer, since every message allocates many short-lived
+    containers.  Measured at c=50: 5-9 % fewer CPU ms per message (docs/performance.md)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(5000, 20, 20)
 
 
 @contextlib.contextmanager
