@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, gatherResults, succeed
 
 from mailappliance.settings import ThrottleSettings
 from mailappliance.state import MarkRule, StateStore
@@ -117,6 +117,8 @@ class AuthThrottle:
             writes.append(self.store.mark(_trusted(address, account), self.settings.trusted_for))
         if checked is None or checked.failures:
             writes.append(self.store.forget(_address_failures(address)))
+        if not writes:  # the usual warm login: nothing to write, no Deferred list to gather
+            return succeed(None)
         written: Deferred[list[Any]] = gatherResults(writes, consumeErrors=True)
         return written.addCallback(lambda _: None)
 
