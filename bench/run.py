@@ -355,7 +355,8 @@ def tree_cpu_seconds(top: int) -> float:
 
 
 def load(server: Server, messages: int, concurrency: int, size: int, generator: str = "asyncio",
-         per_session: int = 0, implicit_tls: bool = False, acked_log: Path | None = None) -> dict[str, Any]:
+         per_session: int = 0, implicit_tls: bool = False, acked_log: Path | None = None,
+         tls_resume: bool = False) -> dict[str, Any]:
     """Run the load generator, then wait until every message is in the Maildir;
     adds that rate and CPU milliseconds per message of server and generator.
 
@@ -388,6 +389,8 @@ def load(server: Server, messages: int, concurrency: int, size: int, generator: 
             submission += ["--implicit-tls", "--auth", "cram-md5" if server.kind == "twisted" else "plain"]
         if acked_log is not None:
             submission += ["--acked-log", str(acked_log), "--tag", acked_log.stem]
+        if per_session and tls_resume:  # every client resumes its previous TLS session, on every server
+            submission += ["--tls-resume"]
         output = subprocess.run(
             [sys.executable, str(HERE / "smtp_load.py"), *submission, "--messages", str(messages),
              "--concurrency", str(concurrency), "--size", str(size), "--processes", str(min(4, concurrency))],
@@ -463,13 +466,14 @@ def bench_submission(args: argparse.Namespace) -> None:
             server = Server(kind).start()
             try:
                 result = load(server, args.messages, concurrency, args.size, per_session=args.per_session,
-                              implicit_tls=args.implicit_tls)
+                              implicit_tls=args.implicit_tls, tls_resume=args.tls_resume)
             finally:
                 server.stop()
             result["sessions_per_second"] = round(result["sessions"] / result["seconds"], 1)
             tls = "implicit TLS " if args.implicit_tls else ""
+            resumed = ", TLS resumed" if args.tls_resume else ""
             result.update(scenario=f"submission {tls}{args.size // 1024} KB c={concurrency} "
-                                   f"{args.per_session}/session", server=kind)
+                                   f"{args.per_session}/session{resumed}", server=kind)
             print(json.dumps(result), flush=True)
             results.append(result)
     report(results, "messages_per_second", "sessions_per_second", "server_cpu_ms_per_message",
@@ -820,6 +824,8 @@ def main() -> None:
                         help="inbound: bench/smtp_load.py (pipelining) or Postfix's smtp-source (one command at a time)")
     parser.add_argument("--per-session", type=int, default=10, help="submission: messages per session")
     parser.add_argument("--dele", action="store_true", help="pop3: also DELE every message (ours only)")
+    parser.add_argument("--tls-resume", action="store_true",
+                        help="submission: each client resumes its previous connection's TLS session (every server)")
     parser.add_argument("--implicit-tls", action="store_true",
                         help="submission: the implicit-TLS port (ours and Twisted; Twisted logs in with CRAM-MD5)")
     args = parser.parse_args()
