@@ -49,7 +49,9 @@ class _Records:
                 break
             if not tls._aborted:
                 ProtocolWrapper.dataReceived(tls, _ffi.buffer(buffer, result)[:])
-            if not _lib.SSL_pending(ssl) and not _lib.BIO_get_mem_data(self.into, _NULL):
+            # a read shorter than the buffer took the rest of its record (a record carries
+            # 16 KiB at most): only a full one asks OpenSSL (one GIL release less per record)
+            if (result < _MAX_PLAINTEXT or not _lib.SSL_pending(ssl)) and not _lib.BIO_get_mem_data(self.into, _NULL):
                 break  # no record left to read
         if not tls._lostTLSConnection and _lib.BIO_get_mem_data(self.out, _NULL):
             tls._flushSendBIO()  # reading made output (a TLS 1.3 key update's answer)

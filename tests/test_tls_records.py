@@ -142,6 +142,12 @@ def test_records_cut_at_every_byte_arrive_whole(pair) -> None:
     assert all(len(piece) <= 16 * 1024 for piece in pair.app.received)
 
 
+
+def test_a_full_record_then_a_short_one_in_one_read_are_both_delivered(pair) -> None:
+    """A record of exactly 16 KiB fills the read buffer (OpenSSL is asked what is left); the next one still comes."""
+    pair.to_server(pair.records(b"a" * 16384, b"tail\r\n"))
+    assert pair.app.received == [b"a" * 16384, b"tail\r\n"]
+
 def test_close_notify_ends_the_connection_as_twisted_does(pair) -> None:
     """A client's close_notify after data in the same read: the data is delivered, then the connection closed."""
     pair.client.write(b"QUIT\r\n")
