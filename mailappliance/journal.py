@@ -33,6 +33,7 @@ import errno
 import fcntl
 import os
 import re
+import shutil
 import struct
 import threading
 import time
@@ -808,27 +809,104 @@ def settle_wait_limit() -> float:
     return 3 * checkpoint_seconds()
 
 
-def recover_journals(spool_dir: Path, maildir_root: Path, lock_wait: float = 12.0) -> RecoveryReport:
+def recover_journals(spool_dir: Path, maildir_root: Path, lock_wait: float = 12.0,
+                     keep: int | None = None) -> RecoveryReport:
     """The supervisor at start, before any listener accepts or worker starts: replay and
     checkpoint every journal directory in the spool (also those of worker numbers an
     earlier, larger ``workers`` left), whatever ``sync`` says now.  Waits up to
-    ``lock_wait`` seconds for a journal's lock (a worker of the previous run still stopping)."""
+    ``lock_wait`` seconds for a journal's lock (a worker of the previous run still stopping).
+    ``keep``: how many journals the configuration uses (``workers``, or 0 without
+    ``sync = "journal"``); the directory of any other worker number is removed once replayed
+    (:func:`remove_journal_directory`); None keeps every one."""
     total = RecoveryReport()
     try:
-        entries = sorted(entry.name for entry in os.scandir(spool_dir) if JOURNAL_DIRECTORY.match(entry.name))
+        names = [entry.name for entry in os.scandir(spool_dir)]
     except FileNotFoundError:
         return total
-    for name in entries:
+    for name in sorted(n for n in names if REMOVING_DIRECTORY.match(n)):
+        if _finish_removal(spool_dir / name):  # a removal a crash interrupted: nothing there is replayed
+            log.info("journal: finished removing {path} (a removal an earlier stop interrupted)",
+                     path=str(spool_dir / name))
+    for name in sorted(names):
+        match = JOURNAL_DIRECTORY.match(name)
+        if match is None:
+            continue
         directory = spool_dir / name
         if directory.is_symlink() or not directory.is_dir():
             log.error("journal: {path} is not a directory: not replayed", path=str(directory))
             continue
-        if not any(SEGMENT_NAME.match(entry) for entry in os.listdir(directory)):
-            continue
-        journal = Journal(directory, maildir_root, use_syncfs=syncfs_available(), advertise=True)
-        report = journal.open(lock_wait=lock_wait)
-        journal.close()
-        total.records += report.records
-        total.written += report.written
-        total.refused += report.refused
+        unused = keep is not None and int(match[1] or 0) >= keep
+        if any(SEGMENT_NAME.match(entry) for entry in os.listdir(directory)):
+            journal = Journal(directory, maildir_root, use_syncfs=syncfs_available(), advertise=True)
+            report = journal.open(lock_wait=lock_wait)
+            journal.close()
+            total.records += report.records
+            total.written += report.written
+            total.refused += report.refused
+        if unused:
+            remove_journal_directory(directory)
     return total
+
+
+REMOVING_DIRECTORY = re.compile(r"^journal(?:\.[1-9][0-9]{0,5})?\.removing$")
+
+
+def remove_journal_directory(directory: Path) -> bool:
+    """Remove a replayed and checkpointed journal directory no process of this configuration
+    uses (``workers`` lowered, or ``sync`` no longer "journal"); True when it is gone.
+
+    Crash-safe: under the journal's own lock (a process holding it keeps its directory), the
+    directory is renamed to ``<name>.removing`` and the rename made durable, and only then
+    emptied.  A crash before the rename leaves the whole journal (replayed again next start:
+    nothing past its checkpoint, so nothing happens); after it, a ``.removing`` directory
+    that is never replayed and that the next start finishes removing."""
+    try:
+        fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except OSError as e:
+        log.error("journal: {path} not removed: {why}", path=str(directory), why=e.strerror or str(e))
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warn("journal: {path} is in use by another process: not removed", path=str(directory))
+            return False
+        trash = directory.with_name(directory.name + ".removing")
+        try:
+            os.rename(directory, trash)
+        except OSError as e:
+            log.error("journal: {path} not removed: {why}", path=str(directory), why=e.strerror or str(e))
+            return False
+        try:
+            fsync_directory(directory.parent)  # durable before anything in it goes
+        except OSError as e:
+            log.error("journal: {path} not removed: {why}", path=str(directory), why=e.strerror or str(e))
+            return False  # the next start finishes (or finds the whole journal again)
+        crash_point("journal.remove.renamed")
+    finally:
+        os.close(fd)
+    if _finish_removal(trash):
+        log.info("journal: removed {path}, which no worker of this configuration uses (replayed and "
+                 "checkpointed)", path=str(directory))
+        return True
+    return False
+
+
+def _finish_removal(trash: Path) -> bool:
+    """Remove a ``.removing`` directory (every record in it was replayed and checkpointed)."""
+    try:
+        if trash.is_symlink() or not trash.is_dir():
+            log.error("journal: {path} is not a directory: left alone", path=str(trash))
+            return False
+        with os.scandir(trash) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)  # none of ours; never follows a symbolic link
+                else:
+                    os.unlink(entry.path)
+                crash_point("journal.remove.unlinked")
+        os.rmdir(trash)
+    except OSError as e:
+        log.error("journal: could not finish removing {path}: {why}", path=str(trash), why=e.strerror or str(e))
+        return False
+    return True

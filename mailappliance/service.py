@@ -115,7 +115,8 @@ class _StartupService(service.Service):
         with _names_key(s, "storage.spool_dir", s.spool_dir):
             OutboundSpool(s.spool_dir).prepare()
             removed = clean_incoming(s.spool_dir / "incoming")
-            recover_journals(s.spool_dir, s.maildir_root)  # every worker's, before any process accepts
+            recover_journals(s.spool_dir, s.maildir_root,  # every worker's, before any process accepts;
+                             keep=s.workers if s.sync == "journal" else 0)  # then the unused ones go
         if removed:
             log.info("removed {n} partial message(s) left by an earlier crash", n=removed)
         for listener in s.listeners:

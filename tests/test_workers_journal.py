@@ -7,8 +7,10 @@ from __future__ import annotations
 import os
 import signal
 import smtplib
+import subprocess
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -158,7 +160,88 @@ def test_start_up_recovery_replays_every_journal_directory(tmp_path: Path) -> No
     assert recover_journals(spool, root).records == 0  # checkpointed: nothing twice
 
 
+def _crashed_journals(spool: Path, root: Path, indexes: tuple[int, ...]) -> None:
+    """Journals of these worker numbers, each holding one record whose file never reached its Maildir."""
+    for index in indexes:
+        journal = Journal(journal_directory(spool, index), root, segment_size=1 << 20, use_syncfs=False)
+        journal.open()
+        _deliver(journal, root, f"w{index}").unlink()
+        journal.abandon()
+
+
+def test_a_journal_no_worker_uses_any_more_is_replayed_then_removed(tmp_path: Path) -> None:
+    """workers lowered 4 -> 2: journal.2 and journal.3 are replayed (their mail placed), then removed; 0 and 1 stay."""
+    root, spool = tmp_path / "mail", tmp_path / "spool"
+    root.mkdir()
+    _crashed_journals(spool, root, (0, 1, 2, 3))
+    report = recover_journals(spool, root, keep=2)
+    assert (report.records, report.written) == (4, 4)
+    assert sorted(p.name.split(",")[0] for p in (root / "alice" / "new").iterdir()) == ["w0", "w1", "w2", "w3"]
+    assert sorted(p.name for p in spool.iterdir()) == ["journal", "journal.1"]
+    assert recover_journals(spool, root, keep=2).records == 0
+
+
+def test_without_the_journal_every_journal_directory_goes_after_replay(tmp_path: Path) -> None:
+    """sync no longer "journal" (keep=0): the supervisor's journal too is replayed, then removed."""
+    root, spool = tmp_path / "mail", tmp_path / "spool"
+    root.mkdir()
+    _crashed_journals(spool, root, (0, 1))
+    assert recover_journals(spool, root, keep=0).written == 2
+    assert list(spool.iterdir()) == []
+    assert len(list((root / "alice" / "new").iterdir())) == 2
+
+
+_CRASH_AT = """
+import os, sys
+from pathlib import Path
+from mailappliance import journal_files
+from mailappliance.journal import recover_journals
+step, seen = sys.argv[1], []
+def crash(at):
+    seen.append(at)
+    if at == step and (at != "journal.recovery.checkpointed" or seen.count(at) == 2):  # 2nd: journal.2's
+        os._exit(9)
+journal_files.CRASH_HOOK = crash
+recover_journals(Path(sys.argv[2]), Path(sys.argv[3]), keep=1)
+"""
+
+
+@pytest.mark.parametrize("step", ["journal.recovery.checkpointed", "journal.remove.renamed",
+                                  "journal.remove.unlinked"])
+def test_a_crash_while_removing_a_journal_loses_and_doubles_nothing(tmp_path: Path, step: str) -> None:
+    """A crash (the process exits) before the rename (the whole journal stays), after it, or half-way through
+    emptying: the next start places the message once, replays no leftover, and finishes the removal."""
+    root, spool = tmp_path / "mail", tmp_path / "spool"
+    root.mkdir()
+    _crashed_journals(spool, root, (0, 2))
+    crashed = subprocess.run([sys.executable, "-c", _CRASH_AT, step, str(spool), str(root)], timeout=60,
+                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    assert crashed.returncode == 9
+    left = sorted(p.name for p in spool.iterdir())
+    assert left == ["journal", "journal.2" if step == "journal.recovery.checkpointed" else "journal.2.removing"]
+    delivered = root / "alice" / "new"
+    assert sorted(p.name.split(",")[0] for p in delivered.iterdir()) == ["w0", "w2"]
+    for path in delivered.iterdir():  # POP3 deletes both before the next start: neither may come back
+        path.unlink()
+    assert recover_journals(spool, root, keep=1).records == 0
+    assert list(delivered.iterdir()) == []
+    assert sorted(p.name for p in spool.iterdir()) == ["journal"]
+
+
 # -- the real daemon ------------------------------------------------------------------------
+
+
+def test_the_daemon_removes_at_start_the_journal_of_a_worker_it_no_longer_has(
+        appliance: Callable[..., Appliance]) -> None:
+    """One process now, journal.3 left by an earlier workers = 4 with unplaced mail: placed, then removed, logged."""
+    instance = appliance(start=False, extra={"storage": {"sync": "journal"}})
+    root, spool = instance.maildir_root, instance.root / "spool"
+    root.mkdir(parents=True, exist_ok=True)
+    _crashed_journals(spool, root, (3,))
+    instance.start()
+    assert [p.name.split(",")[0] for p in (root / "alice" / "new").iterdir()] == ["w3"]
+    assert not (spool / "journal.3").exists() and (spool / "journal" / "lock").exists()
+    assert "journal: removed" in instance.log()
 
 
 def _journal_workers(root: Path, redis_server: RedisServer, pki: Any, users: tuple[str, ...] = (),
