@@ -9,6 +9,12 @@ messages share one journal commit and one ``new/`` fsync, and the results go
 back to the reactor in one call.  Under load that is far less fsync, thread
 hand-off and GIL traffic than one pool task per message; at low load a batch
 is one message and costs what a single delivery costs.
+
+A spilled (large) message joins the queue only once its own file is written
+and fsynced (``IncomingMessage.finishing``, on the sync pool): no commit
+thread waits for one message's disk, so a large message on a slow or hung
+disk holds back its own 250 and nobody else's.  Until then it waits, counted
+(``mailappliance_commit_waiting_for_disk``), without a thread of its own.
 """
 
 from __future__ import annotations
@@ -52,11 +58,15 @@ class BatchCommitter:
         self._checkpointer: threading.Thread | None = None  # with a journal: checkpoints off the commit threads
         self._checkpoint_wake = threading.Event()
         self._checkpointer_idle = False  # waiting for a batch to make a checkpoint due at all
+        self._awaiting_disk = 0  # handed over, waiting for their spill file's write and fsync (under _condition)
 
     def start(self) -> None:
         if self._journal is not None and not self._journal.is_open:
             self._journal.open()  # replays what a crash left, before any session can commit
         self._stopping = False
+        METRICS.gauge("mailappliance_commit_waiting_for_disk", "Received large messages past their final dot "
+                      "whose file the disk has not yet written and fsynced (no 250 before it has).",
+                      lambda: self._awaiting_disk)
         self._threads = [threading.Thread(target=self._run, name=f"commit-{n}", daemon=True)
                          for n in range(self._thread_count)]
         for thread in self._threads:
@@ -67,7 +77,7 @@ class BatchCommitter:
             self._checkpointer.start()
 
     def stop(self) -> None:
-        """Finish what is waiting, then end the threads."""
+        """Finish what is waiting (large messages whose disk is still busy too), then end the threads."""
         with self._condition:
             self._stopping = True
             self._condition.notify_all()
@@ -86,18 +96,35 @@ class BatchCommitter:
         OSError when not: the session answers 451 and the client retries)."""
         d: Deferred[list[Path]] = Deferred()
         d.addBoth(_timed_commit, time.monotonic())
+        finishing = job.message.finishing
         with self._condition:
             if self._stopping or not self._threads:
                 job.message.discard()
                 return fail(OSError(errno.ESHUTDOWN, "the server is shutting down"))
-            self._pending.append((job, d))
-            self._condition.notify()
+            if finishing is None or finishing.done():
+                self._pending.append((job, d))
+                self._condition.notify()
+                return d
+            self._awaiting_disk += 1
+        finishing.add_done_callback(lambda _: self._finished(job, d))
         return d
+
+    def _finished(self, job: CommitJob, d: Deferred[list[Path]]) -> None:
+        """(The sync pool thread, or this one if it was quicker.)  A large message's file is
+        written and fsynced, or failed (its commit raises that: 451, nothing kept): it joins
+        the queue now.  A stop meanwhile waited for it (``_run`` ends only with none left)."""
+        with self._condition:
+            self._awaiting_disk -= 1
+            self._pending.append((job, d))
+            if self._stopping:
+                self._condition.notify_all()  # the last one lets every idle thread end
+            else:
+                self._condition.notify()
 
     def _run(self) -> None:
         while True:
             with self._condition:
-                while not self._pending and not self._stopping:
+                while not self._pending and (not self._stopping or self._awaiting_disk):
                     self._condition.wait()
                 if not self._pending:
                     return

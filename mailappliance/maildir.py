@@ -434,7 +434,8 @@ class IncomingMessage:
     (a piece the writer's full backlog has no room for stays here, ``held_back``,
     and the session stops reading until ``when_room`` calls back);
     once handed to the commit, a sync pool thread writes the last piece and
-    fsyncs the file (``finish_early``), and the commit waits for that.  A
+    fsyncs the file (``finish_early``), and only then does the message join a
+    commit batch (``finishing``: no commit thread waits for one message's disk).  A
     message over ``DIRECT_LIMIT`` is spilled whole when it is handed over:
     written once with O_DIRECT and synced on its own, it is quicker than the
     journal's two writes (512 KB messages: 2.2-2.6x).
@@ -609,8 +610,8 @@ class IncomingMessage:
 
     def finish_early(self) -> None:
         """A spilled message is complete (handed to the commit): write its last piece
-        and fsync it now, on a thread of the sync pool, while the commit thread is
-        busy with other messages; ``write_out`` waits for that.  Large files' fsyncs
+        and fsync it now, on a thread of the sync pool; the committer hands the message
+        to a commit thread once that is done (``finishing``), and ``write_out`` takes its result.  Large files' fsyncs
         then overlap (the disk here takes four at once in about the time of one)."""
         if not self._spilled and self.size > DIRECT_LIMIT:
             self._spill(bounded=False)  # all of it, now: O_DIRECT and an fsync of its own beat the journal's two writes
@@ -618,6 +619,12 @@ class IncomingMessage:
             _spill_writer.withdraw(self)  # complete: what waited for room is written by _finish
         if self._spilled and self._finishing is None:
             self._finishing = _sync_pool().submit(self._finish, True)
+
+    @property
+    def finishing(self) -> concurrent.futures.Future[None] | None:
+        """``finish_early``'s work (None: not started, or not a spilled message): the commit
+        takes the message only once it is done, so a slow disk under it holds back no other."""
+        return self._finishing
 
     def _finish(self, fsync: bool) -> None:
         _spill_writer.withdraw(self)  # nothing of it is handed over after this: the rest is ours

@@ -1,0 +1,153 @@
+"""A large message on a slow or hung disk holds back its own 250 only: the
+BatchCommitter takes a spilled message once its file is written and fsynced
+(``IncomingMessage.finishing``), so no commit thread waits for one message's
+disk.  The disk is hung by holding the spill writer on an Event (or by
+``StalledDisk``); the reactor is a stand-in that collects the results."""
+
+from __future__ import annotations
+
+import errno
+import random
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mailappliance import maildir
+from mailappliance.committer import BatchCommitter
+from mailappliance.delivery import Delivery
+from mailappliance.maildir import SpillWriter
+from mailappliance.metrics import METRICS
+from tests.conditions import wait_until
+from tests.test_commit import CollectingReactor, new_files
+from tests.test_maildir_spill import StalledDisk, assert_nothing_placed
+
+MiB = 1024 * 1024
+
+
+class HungDisk:
+    """The spill writer writes nothing until ``release`` (the hook the daemon's hostile test uses)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.released = threading.Event()
+        self.stuck = threading.Event()
+
+        def hang() -> None:
+            self.stuck.set()
+            self.released.wait(30)
+
+        monkeypatch.setattr(maildir, "_test_stall", "hung")
+        monkeypatch.setattr(maildir, "_hung_disk_for_tests", hang)
+
+    def release(self) -> None:
+        self.released.set()
+
+
+@pytest.fixture(autouse=True)
+def writer(monkeypatch: pytest.MonkeyPatch) -> Iterator[SpillWriter]:
+    """A spill writer of the test's own (its thread ends with the test process)."""
+    fresh = SpillWriter()
+    monkeypatch.setattr(maildir, "_spill_writer", fresh)
+    yield fresh
+
+
+@pytest.fixture
+def committer() -> Iterator[tuple[BatchCommitter, CollectingReactor]]:
+    reactor = CollectingReactor()
+    committer = BatchCommitter(reactor)
+    committer.start()
+    yield committer, reactor
+    committer.stop()
+
+
+def staged(incoming: Path, body: bytes) -> Delivery:
+    """``body`` received in 64 KiB reads, as a session stages it."""
+    incoming.mkdir(exist_ok=True)
+    delivery = Delivery(incoming)
+    for start in range(0, len(body), 65536):
+        delivery.write(body[start:start + 65536])
+    return delivery
+
+
+def results_after(reactor: CollectingReactor, count: int) -> None:
+    """Wait for ``count`` reports from the commit threads and fire them (the reactor's turn)."""
+    reactor.wait_for(count)
+    reactor.run_calls()
+
+
+def waiting_for_disk() -> float:
+    return METRICS.value("mailappliance_commit_waiting_for_disk")
+
+
+def test_a_small_message_is_committed_while_a_large_one_waits_for_its_hung_disk(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, committer: tuple[BatchCommitter, CollectingReactor]) -> None:
+    """With the spill writer hung under a 3 MiB message past its final dot, a small message handed over
+    after it is committed (the commit thread never waits for the large one); once the disk comes back
+    the large one is committed whole."""
+    batch, reactor = committer
+    disk = HungDisk(monkeypatch)
+    incoming, alice, bob = tmp_path / "incoming", tmp_path / "alice", tmp_path / "bob"
+    whole = random.Random(1).randbytes(3 * MiB + 777)
+    big: list[Any] = []
+    staged(incoming, whole).commit(batch.commit, [alice]).addBoth(big.append)
+    assert disk.stuck.wait(10)
+    assert waiting_for_disk() == 1
+    small: list[Any] = []
+    staged(incoming, b"Subject: small\r\n\r\nhi\r\n").commit(batch.commit, [bob]).addBoth(small.append)
+    results_after(reactor, 1)
+    assert len(small) == 1 and isinstance(small[0], list) and small[0][0].read_bytes().endswith(b"hi\r\n")
+    assert big == [] and not (alice / "new").exists()  # no 250 before its disk wrote it
+    disk.release()
+    results_after(reactor, 1)
+    assert len(big) == 1 and isinstance(big[0], list)
+    assert list(new_files(alice).values()) == [whole]
+    assert waiting_for_disk() == 0
+    assert list(incoming.iterdir()) == []
+
+
+def test_a_large_message_whose_disk_fails_gets_a_failure_and_leaves_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, committer: tuple[BatchCommitter, CollectingReactor]) -> None:
+    """A write error when the stalled disk comes back fails the large message's Deferred with that OSError
+    (the session answers 451) and nothing is kept; small messages meanwhile were committed."""
+    batch, reactor = committer
+    disk = StalledDisk(monkeypatch)
+    incoming = tmp_path / "incoming"
+    big: list[Any] = []
+    staged(incoming, random.Random(2).randbytes(2 * MiB)).commit(batch.commit, [tmp_path / "alice"]).addBoth(big.append)
+    wait_until(lambda: disk.calls >= 1, what="the spill writer stuck in its first write")
+    small: list[Any] = []
+    for n in range(3):
+        staged(incoming, b"%d\r\n" % n).commit(batch.commit, [tmp_path / "bob"]).addBoth(small.append)
+    wait_until(lambda: sum(len(args[0]) for _, args in reactor.calls) >= 3, what="three small commits")
+    reactor.run_calls()
+    assert len(small) == 3 and all(isinstance(r, list) for r in small) and big == []
+    disk.error = OSError(errno.EIO, "Input/output error")
+    disk.go_on.set()
+    results_after(reactor, 1)
+    assert len(big) == 1 and big[0].check(OSError) and big[0].value.errno == errno.EIO
+    assert_nothing_placed(tmp_path)
+    assert waiting_for_disk() == 0
+
+
+def test_stop_waits_for_a_large_message_still_on_its_disk_then_commits_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """stop() still finishes everything handed over: with two commit threads idle and a large message on
+    a hung disk, it ends only after the disk came back and that message was committed."""
+    disk = HungDisk(monkeypatch)
+    reactor = CollectingReactor()
+    batch = BatchCommitter(reactor, threads=2)
+    batch.start()
+    whole = random.Random(3).randbytes(2 * MiB + 5)
+    staged(tmp_path / "incoming", whole).commit(batch.commit, [tmp_path / "alice"])
+    assert disk.stuck.wait(10)
+    stopper = threading.Thread(target=batch.stop, daemon=True)
+    stopper.start()
+    wait_until(lambda: batch._stopping, what="stop() under way")
+    assert stopper.is_alive() and reactor.calls == []
+    disk.release()
+    stopper.join(20)
+    assert not stopper.is_alive(), "stop() did not end once the disk came back"
+    assert [len(args[0]) for _, args in reactor.calls] == [1]
+    assert list(new_files(tmp_path / "alice").values()) == [whole]
