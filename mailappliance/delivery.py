@@ -44,6 +44,15 @@ class SpoolEntry:
     envelope: Envelope
 
 
+@attrs.define
+class PreparedCopies:
+    """A spilled message's Maildirs and the recipients' own copies (Delivered-To), written
+    and fsynced on the sync pool before its commit (:func:`prepare_copies`)."""
+
+    targets: list[Path] | None = None  # None: not prepared, the commit thread plans them
+    copies: dict[Path, RecipientCopy] = attrs.field(factory=dict)
+
+
 @attrs.frozen
 class CommitJob:
     """One received message and where it must be made durable."""
@@ -55,6 +64,7 @@ class CommitJob:
     # first one's field is in the message: other recipients get their own copy (delivered_to.py)
     delivered_to: tuple[bytes, ...] = ()
     delivered_to_span: tuple[int, int] = (0, 0)
+    prepared: PreparedCopies = attrs.field(factory=PreparedCopies, eq=False)
 
 
 CommitOutcome = list[Path] | BaseException
@@ -109,9 +119,11 @@ class Delivery:
         if self._handed_over:
             raise RuntimeError("message already handed to the commit")
         self._handed_over = True
-        self.message.finish_early()  # a spilled message: its last piece and fsync start now
-        return committer(CommitJob(self.message, tuple(maildirs), tuple(spool_entries), tuple(delivered_to),
-                                   delivered_to_span))
+        job = CommitJob(self.message, tuple(maildirs), tuple(spool_entries), tuple(delivered_to), delivered_to_span)
+        copies = len(job.maildirs) > 1 and delivered_to_span != (0, 0)
+        # a spilled message: its last piece, fsync (and recipients' own copies) start now, off the commit threads
+        self.message.finish_early(functools.partial(prepare_copies, job) if copies else None)
+        return committer(job)
 
     def abort(self) -> None:
         """Forget a message that was not committed; after commit this does nothing."""
@@ -171,13 +183,13 @@ def commit_batch(jobs: Sequence[CommitJob], sync: str = "fsync", journal: Journa
                 fail(i, OSError(errno.EIO, f"internal error: {e!r}"))
 
     def plan(i: int) -> None:
-        """Where the job goes; Maildirs with their own Delivered-To get their own copy, written now."""
+        """Where the job goes; Maildirs with their own Delivered-To get their own copy, written now
+        (a spilled message's were written and synced before, on the sync pool)."""
         job = jobs[i]
-        pairs: dict[Path, bytes] = {}
-        for maildir, header in zip(job.maildirs, job.delivered_to or (b"",) * len(job.maildirs), strict=True):
-            pairs.setdefault(filing_path(maildir), header)  # a +tag folder, if it exists
-        targets[i] = list(pairs)
-        copies[i] = plan_copies(job.message, list(pairs.items()), job.delivered_to_span)
+        if job.prepared.targets is not None:
+            targets[i], copies[i] = job.prepared.targets, job.prepared.copies
+            return
+        targets[i], copies[i] = _plan_targets(job)
         for copy in copies[i].values():
             copy.write()
 
@@ -222,6 +234,32 @@ def commit_batch(jobs: Sequence[CommitJob], sync: str = "fsync", journal: Journa
             copy.discard()  # a copy shared by several Maildirs keeps its incoming name until now
         outcomes[i] = delivered[i]
     return outcomes  # type: ignore[return-value]  # no None left: every job failed or was delivered
+
+
+def _plan_targets(job: CommitJob) -> tuple[list[Path], dict[Path, RecipientCopy]]:
+    """The job's Maildirs (a +tag folder, if it exists) and the copies of those whose
+    Delivered-To differs from the received file's (not yet written)."""
+    pairs: dict[Path, bytes] = {}
+    for maildir, header in zip(job.maildirs, job.delivered_to or (b"",) * len(job.maildirs), strict=True):
+        pairs.setdefault(filing_path(maildir), header)
+    return list(pairs), plan_copies(job.message, list(pairs.items()), job.delivered_to_span)
+
+
+def prepare_copies(job: CommitJob) -> None:
+    """(The sync pool, once a spilled message's file is fsynced.)  Write and fsync the
+    recipients' own copies now: in a commit thread, copying a large message (up to
+    ``COPY_BUDGET``) on a slow disk would hold back every other message's 250.  A
+    failure removes them and fails the message's commit."""
+    targets, copies = _plan_targets(job)
+    try:
+        for copy in copies.values():
+            copy.write()
+            copy.sync()
+    except BaseException:
+        for copy in copies.values():
+            copy.discard()
+        raise
+    job.prepared.targets, job.prepared.copies = targets, copies
 
 
 def journal_targets(job: CommitJob, maildir_root: Path) -> list[Target] | None:

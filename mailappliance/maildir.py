@@ -608,17 +608,19 @@ class IncomingMessage:
         os.close(old)
         self._fd, self._edit = new, None
 
-    def finish_early(self) -> None:
+    def finish_early(self, then: Callable[[], None] | None = None) -> None:
         """A spilled message is complete (handed to the commit): write its last piece
-        and fsync it now, on a thread of the sync pool; the committer hands the message
-        to a commit thread once that is done (``finishing``), and ``write_out`` takes its result.  Large files' fsyncs
-        then overlap (the disk here takes four at once in about the time of one)."""
+        and fsync it now, on a thread of the sync pool, then run ``then`` there (the
+        recipients' own copies); the committer hands the message to a commit thread
+        once all that is done (``finishing``), and ``write_out`` takes its result.
+        Large files' fsyncs overlap (the disk here takes four at once in about the
+        time of one).  A message that is not spilled: nothing happens, ``then`` neither."""
         if not self._spilled and self.size > DIRECT_LIMIT:
             self._spill(bounded=False)  # all of it, now: O_DIRECT and an fsync of its own beat the journal's two writes
         if self._held_back:
             _spill_writer.withdraw(self)  # complete: what waited for room is written by _finish
         if self._spilled and self._finishing is None:
-            self._finishing = _sync_pool().submit(self._finish, True)
+            self._finishing = _sync_pool().submit(self._finish, True, then)
 
     @property
     def finishing(self) -> concurrent.futures.Future[None] | None:
@@ -626,7 +628,7 @@ class IncomingMessage:
         takes the message only once it is done, so a slow disk under it holds back no other."""
         return self._finishing
 
-    def _finish(self, fsync: bool) -> None:
+    def _finish(self, fsync: bool, then: Callable[[], None] | None = None) -> None:
         _spill_writer.withdraw(self)  # nothing of it is handed over after this: the rest is ours
         _spill_writer.wait_for(self)
         if self._error is not None:
@@ -644,6 +646,8 @@ class IncomingMessage:
         if fsync:
             os.fsync(self._fd)
             self._synced = True
+        if then is not None:
+            then()
 
     def write_out(self) -> None:
         """Put every byte into the incoming file (not yet durable, unless

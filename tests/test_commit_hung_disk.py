@@ -17,6 +17,7 @@ import pytest
 
 from mailappliance import maildir
 from mailappliance.committer import BatchCommitter
+from mailappliance.delivered_to import RecipientCopy
 from mailappliance.delivery import Delivery
 from mailappliance.maildir import SpillWriter
 from mailappliance.metrics import METRICS
@@ -151,3 +152,55 @@ def test_stop_waits_for_a_large_message_still_on_its_disk_then_commits_it(
     assert not stopper.is_alive(), "stop() did not end once the disk came back"
     assert [len(args[0]) for _, args in reactor.calls] == [1]
     assert list(new_files(tmp_path / "alice").values()) == [whole]
+
+
+def test_a_spilled_message_for_several_mailboxes_gets_its_copies_written_off_the_commit_thread(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, committer: tuple[BatchCommitter, CollectingReactor]) -> None:
+    """The recipients' own copies (Delivered-To) of a 2 MiB message are written and fsynced on the sync pool
+    before a commit thread takes it (copying a large file there would hold back every other 250); each
+    Maildir gets its own Delivered-To, and nothing is left in incoming/."""
+    batch, reactor = committer
+    writers: list[str] = []
+    real_write = RecipientCopy.write
+
+    def recorded(copy: RecipientCopy) -> None:
+        writers.append(threading.current_thread().name)
+        real_write(copy)
+
+    monkeypatch.setattr(RecipientCopy, "write", recorded)
+    incoming, users = tmp_path / "incoming", ("alice", "bob", "carol")
+    headers = [b"Delivered-To: %s@example.org\r\n" % u.encode() for u in users]
+    body = headers[0] + random.Random(4).randbytes(2 * MiB).hex().encode()[:2 * MiB]
+    result: list[Any] = []
+    staged(incoming, body).commit(batch.commit, [tmp_path / u for u in users], (), headers,
+                                  (0, len(headers[0]))).addBoth(result.append)
+    results_after(reactor, 1)
+    assert len(result) == 1 and isinstance(result[0], list), result
+    assert len(writers) == 2 and all(name.startswith("spill-sync") for name in writers), writers
+    for user, header in zip(users, headers, strict=True):
+        assert list(new_files(tmp_path / user).values()) == [header + body[len(headers[0]):]]
+    assert list(incoming.iterdir()) == []
+
+
+def test_a_failed_copy_on_the_sync_pool_fails_the_commit_and_leaves_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, committer: tuple[BatchCommitter, CollectingReactor]) -> None:
+    """A recipient copy that cannot be written (the disk full mid-copy) fails the whole message with that
+    OSError (451): no Maildir gets any file, no copy or incoming file is left."""
+    batch, reactor = committer
+    real_copy = RecipientCopy._copy
+
+    def disk_full(copy: RecipientCopy, source: int, start: int, end: int) -> None:
+        real_copy(copy, source, start, min(end, start + 4096))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(RecipientCopy, "_copy", disk_full)
+    incoming, users = tmp_path / "incoming", ("alice", "bob")
+    headers = [b"Delivered-To: %s@example.org\r\n" % u.encode() for u in users]
+    result: list[Any] = []
+    staged(incoming, headers[0] + b"x" * (2 * MiB)).commit(batch.commit, [tmp_path / u for u in users], (), headers,
+                                                          (0, len(headers[0]))).addBoth(result.append)
+    results_after(reactor, 1)
+    assert len(result) == 1 and result[0].check(OSError) and result[0].value.errno == errno.ENOSPC
+    for user in users:
+        assert not (tmp_path / user / "new").exists() or not list((tmp_path / user / "new").iterdir())
+    assert list(incoming.iterdir()) == []
