@@ -4,9 +4,11 @@ A session *stages* a message (``Delivery.write`` while DATA streams in), then
 either *aborts* it (refused, connection lost mid-DATA) or *commits* it to its
 targets (Maildirs, the outbound spool) and gets a Deferred.  Commit hands the
 bytes over for good: from then on only the commit thread touches them, and
-nothing the session does (a disconnect, a timeout) can discard or change
-them.  A client that vanishes after its final dot merely never hears the 250;
-the message is delivered whole or not at all.
+nothing the session does (a disconnect, a timeout) can change them.  A client
+that vanishes after its final dot merely never hears the 250; the message is
+delivered whole or not at all.  One exception bounds memory on a hung disk: a
+large message still waiting for its own file's write and fsync (it is in no
+commit batch yet) is dropped when its client goes (``abandon``).
 
 ``commit_batch`` is the group commit the ``BatchCommitter`` thread runs: every
 job's file is written, made durable, linked into each Maildir's ``new/`` and
@@ -77,6 +79,7 @@ class Delivery:
     def __init__(self, incoming_dir: Path) -> None:
         self.message = IncomingMessage(incoming_dir)
         self._handed_over = False
+        self._committed: Deferred[list[Path]] | None = None  # the commit's outcome, until it fires
 
     @property
     def name(self) -> str:
@@ -123,7 +126,18 @@ class Delivery:
         copies = len(job.maildirs) > 1 and delivered_to_span != (0, 0)
         # a spilled message: its last piece, fsync (and recipients' own copies) start now, off the commit threads
         self.message.finish_early(functools.partial(prepare_copies, job) if copies else None)
-        return committer(job)
+        self._committed = committer(job)
+        return self._committed
+
+    def abandon(self) -> None:
+        """The client is gone before its 250 (disconnect, timeout): a message still waiting
+        for its disk (a large one, the disk slow or hung) is dropped, its memory at once; it
+        never reached a Maildir and its client retries.  One that a commit thread has, or
+        that is durable, stays delivered.  Before commit this is ``abort``."""
+        if not self._handed_over:
+            self.abort()
+        elif self._committed is not None and not self._committed.called:
+            self._committed.cancel()
 
     def abort(self) -> None:
         """Forget a message that was not committed; after commit this does nothing."""

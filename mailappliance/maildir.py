@@ -302,6 +302,13 @@ class SpillWriter:
             if callback is not None:
                 callback()
 
+    def drop_queued(self, message: IncomingMessage) -> None:
+        """(Under the lock.)  Empty ``message``'s pieces that wait in the queue (not the one
+        being written): an abandoned message's memory goes now, not when a hung disk returns."""
+        for queued, chunks, _ in self._jobs:
+            if queued is message and chunks:
+                chunks.clear()
+
     def wait_for(self, message: IncomingMessage) -> None:
         """Until every piece of ``message`` handed over is written (or failed)."""
         with self.lock:
@@ -648,6 +655,17 @@ class IncomingMessage:
             self._synced = True
         if then is not None:
             then()
+
+    def abandon(self) -> None:
+        """The client left before its 250 while this spilled message waits for its disk (any
+        thread): its bytes in memory go now, its queued pieces too, and its finish fails
+        (ECANCELED) without writing more.  The committer then discards it: a hung disk
+        holds no memory for clients long gone, however often they come back."""
+        with _spill_writer.lock:
+            if self._error is None:
+                self._error = OSError(errno.ECANCELED, "the client left before its 250")
+            _spill_writer.drop_queued(self)
+            self._chunks, self._pending, self._front = [], 0, b""
 
     def write_out(self) -> None:
         """Put every byte into the incoming file (not yet durable, unless

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from twisted.internet.defer import CancelledError
 
 from mailappliance import maildir
 from mailappliance.committer import BatchCommitter
@@ -204,3 +205,35 @@ def test_a_failed_copy_on_the_sync_pool_fails_the_commit_and_leaves_nothing(
     for user in users:
         assert not (tmp_path / user / "new").exists() or not list((tmp_path / user / "new").iterdir())
     assert list(incoming.iterdir()) == []
+
+
+def test_a_client_gone_while_its_message_waits_for_the_disk_frees_it_at_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writer: SpillWriter,
+        committer: tuple[BatchCommitter, CollectingReactor]) -> None:
+    """Delivery.abandon (the session ended before its 250) while a 3 MiB message waits for a hung disk:
+    its Deferred fails with CancelledError at once, the bytes it held in memory and in the spill writer's
+    queue are freed before the disk comes back, and afterwards nothing is stored or left in incoming/."""
+    batch, reactor = committer
+    disk = HungDisk(monkeypatch)
+    incoming, alice = tmp_path / "incoming", tmp_path / "alice"
+    delivery = staged(incoming, random.Random(5).randbytes(3 * MiB))
+    result: list[Any] = []
+    delivery.commit(batch.commit, [alice]).addBoth(result.append)
+    assert disk.stuck.wait(10)
+
+    def held() -> int:
+        with writer.lock:
+            queued = sum(len(c) for m, chunks, _ in writer._jobs if m is delivery.message and chunks for c in chunks)
+        return queued + sum(map(len, delivery.message._chunks)) + len(delivery.message._front)
+
+    assert held() > 2 * MiB
+    delivery.abandon()
+    assert len(result) == 1 and result[0].check(CancelledError)
+    assert held() == 0
+    disk.release()
+    wait_until(lambda: waiting_for_disk() == 0 and not list(incoming.iterdir()), what="the abandoned file removed")
+    assert not (alice / "new").exists() or list((alice / "new").iterdir()) == []
+    later: list[Any] = []
+    staged(incoming, b"after\r\n").commit(batch.commit, [alice]).addBoth(later.append)
+    results_after(reactor, 1)
+    assert isinstance(later[0], list) and list(new_files(alice).values()) == [b"after\r\n"]

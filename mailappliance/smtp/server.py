@@ -120,6 +120,7 @@ class SMTPSession(AuthCommands, ChunkingCommands, MailTransaction, LineSession):
         self.esmtp = False
         self.transaction: Transaction | None = None
         self.delivery: Delivery | None = None
+        self.committing: Delivery | None = None
         self.data_reader: DataReader | None = None
         self.data_started = 0.0
         self.return_path_length = 0
@@ -167,6 +168,8 @@ class SMTPSession(AuthCommands, ChunkingCommands, MailTransaction, LineSession):
 
     def session_ended(self) -> None:
         self.reset_transaction()  # a message still being received; one handed to the commit is not ours
+        if self.committing is not None:
+            self.committing.abandon()  # unless it is still waiting for its disk (no 250 reached anyone)
         self.sasl = None
 
     def deadline_passed(self, now: float) -> str | None:

@@ -37,7 +37,7 @@ class SMTPSessionBase(LineSession):
     # lands in a per-session dict); the kernel's own are LineSession's.
     __slots__ = ("config", "helo", "esmtp", "secure", "tls_started", "errors", "client_facts", "client_allowed",
                  "held_refusals", "subscriber", "auth_method", "sasl", "transaction", "delivery", "data_reader",
-                 "data_started", "return_path_length", "chunked", "skip_octets")
+                 "committing", "data_started", "return_path_length", "chunked", "skip_octets")
 
     factory: SMTPFactory
     config: SMTPConfig
@@ -54,6 +54,7 @@ class SMTPSessionBase(LineSession):
     sasl: SaslExchange | None  # an AUTH exchange waiting for the client's next line
     transaction: Transaction | None
     delivery: Delivery | None  # the message being received
+    committing: Delivery | None  # the message past its final dot, until its commit's outcome
     data_reader: DataReader | None
     data_started: float
     return_path_length: int

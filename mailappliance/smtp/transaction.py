@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.python.failure import Failure
 
 from mailappliance import logs
@@ -509,17 +509,23 @@ class MailTransaction(LocalRecipients):
         entries.extend(self.forward_entries(delivery, transaction))
         maildirs = [junk_folder(r.maildir) if r.address in checked.junk else delivery_target(r.maildir, r.folder)
                     for r in transaction.local_recipients]
+        self.committing = delivery  # session_ended abandons it while it waits for its disk (delivery.py)
         try:
             paths = await delivery.commit(self.factory.commit, maildirs, entries,
                                           [delivered_to_header(r.address) for r in transaction.local_recipients],
                                           transaction.delivered_to_span)
-        except Exception:
+        except Exception as e:
             transaction.release()
             if admission is not None:
                 admission.release()
+            if isinstance(e, CancelledError):  # abandoned: the client left before its 250
+                self.log_event(self.log.info, "client gone while its message waited for the disk: dropped")
+                return
             self.log_event(self.log.failure, "delivery failed", failure=Failure())
             self.respond(replies.DELIVERY_FAILED)
             return
+        finally:
+            self.committing = None
         if admission is not None:
             admission.delivered()
         self._stored(delivery, transaction, paths)
