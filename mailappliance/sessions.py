@@ -104,8 +104,9 @@ def write_and_close(transport: ITransport, data: bytes) -> None:
         if records is not None:
             records.flush()  # normally the close_notify took the last record along already
         lower = tls.transport  # the TCP connection beneath (after STARTTLS: Twisted's bypass)
-        if lower is not None and tls.disconnecting and not tls._appSendBuffer:
-            lower.loseConnection()  # after what it holds, the close_notify included
+        if lower is not None and tls._handshakeDone and tls.disconnecting and not tls._appSendBuffer:
+            lower.loseConnection()  # after what it holds, the close_notify included (a handshake
+            # still under way is Twisted's to end: it aborts, or closes once the handshake is done)
 
 
 def _send_at_once(connection: tcp.Server, data: bytes) -> bool:

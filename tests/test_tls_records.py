@@ -241,3 +241,33 @@ def test_nothing_is_written_after_write_and_close(pair) -> None:
     pair.tls.write(b"late\r\n")
     pair.clock.advance(0)
     assert read_to_close(pair) == b"221 bye\r\n"
+
+
+def test_write_and_close_during_the_handshake_is_left_to_twisted(pki) -> None:
+    """Closing with a last reply before the handshake is done: no record, no crash; after the handshake
+    the client reads the reply and the close."""
+    server_options, _ = pki.twisted_contexts()
+    factory = TLSMemoryBIOFactory(server_options, False, protocol.Factory.forProtocol(Collect), clock=Clock())
+    tls = factory.buildProtocol(("127.0.0.1", 1))
+    lower = Lower()
+    tls.makeConnection(lower)
+    write_and_close(tls, b"421 too slow\r\n")
+    assert not lower.out and not lower.closed  # nothing to encrypt with yet
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = pki.client_context().wrap_bio(incoming, outgoing, server_hostname="localhost")
+    for _ in range(20):
+        try:
+            client.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            incoming.write(b"".join(lower.out))
+            lower.out.clear()
+            if sent := outgoing.read():
+                tls.dataReceived(sent)
+    if sent := outgoing.read():
+        tls.dataReceived(sent)
+    incoming.write(b"".join(lower.out))
+    got = b""
+    while piece := client.read(1 << 16):  # b"" at the close_notify
+        got += piece
+    assert got == b"421 too slow\r\n"
