@@ -8,6 +8,7 @@ installed, which ``make test`` does), and waits until every listener answers.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import poplib
 import random
@@ -16,6 +17,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Collection, Iterable, Iterator
 
@@ -35,9 +37,34 @@ def _ephemeral_low() -> int:
 
 _EPHEMERAL_LOW = _ephemeral_low()
 _handed_out: set[int] = set()
-_candidates = list(range(10000, _EPHEMERAL_LOW))
-random.shuffle(_candidates)  # in no order: a test may move a listener to port + 1
-_next_port = iter(_candidates)
+_PORT_BLOCK = 32
+_PORT_LOCKS = Path(tempfile.gettempdir()) / f"mailappliance-test-ports.{os.getuid()}"
+_held_blocks: list[int] = []  # lock file descriptors, held until this process ends
+
+
+def _own_ports() -> Iterator[int]:
+    """Candidate ports, in no order (a test may move a listener to port + 1), from blocks of
+    32 that no other test or bench process on this machine holds: each block is an flock on
+    a file in ``_PORT_LOCKS``, held until this process exits.  Several pytest runs at once
+    (engineers, CI) otherwise picked the same "free" port in the second between the bind
+    check and the daemon's bind, and the daemon exited with "Address already in use"."""
+    _PORT_LOCKS.mkdir(mode=0o700, exist_ok=True)
+    blocks = list(range(10000, _EPHEMERAL_LOW, _PORT_BLOCK))
+    random.shuffle(blocks)
+    for start in blocks:
+        fd = os.open(_PORT_LOCKS / str(start), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        _held_blocks.append(fd)
+        ports = list(range(start, min(start + _PORT_BLOCK, _EPHEMERAL_LOW)))
+        random.shuffle(ports)
+        yield from ports
+
+
+_next_port = _own_ports()
 
 
 def first_bindable(candidates: Iterable[int], exclude: Collection[int] = ()) -> int | None:
