@@ -94,53 +94,39 @@ class BatchCommitter:
     def commit(self, job: CommitJob) -> Deferred[list[Path]]:
         """Deferred of the delivered Maildir paths, once they are durable (an
         OSError when not: the session answers 451 and the client retries).
-        Cancelling it while the message still waits for its disk drops the
-        message (its client left before the 250: it was never in a Maildir)."""
-        finishing = job.message.finishing
-        waiting = finishing is not None and not finishing.done()
-        if waiting:
-            state = _Waiting()
-            d: Deferred[list[Path]] = Deferred(lambda _: self._abandon(job, state))
-        else:
-            d = Deferred()
+        A large message whose client leaves while it still waits for its disk
+        is dropped (``IncomingMessage.abandon``; the session cancels the Deferred)."""
+        d: Deferred[list[Path]] = Deferred()
         d.addBoth(_timed_commit, time.monotonic())
+        finishing = job.message.finishing
         with self._condition:
             if self._stopping or not self._threads:
                 job.message.discard()
                 return fail(OSError(errno.ESHUTDOWN, "the server is shutting down"))
-            if not waiting:
+            if finishing is None or (finishing.done() and job.message.claim()):
                 self._pending.append((job, d))
                 self._condition.notify()
                 return d
             self._awaiting_disk += 1
-        assert finishing is not None
-        finishing.add_done_callback(lambda _: self._finished(job, d, state))
+        finishing.add_done_callback(lambda _: self._finished(job, d))
         return d
 
-    def _abandon(self, job: CommitJob, state: _Waiting) -> None:
-        """(The reactor thread: the Deferred's canceller.)  Still waiting for its disk: the
-        message is dropped (its memory now, its file once the finish is over)."""
-        with self._condition:
-            if state.queued:
-                return  # a commit thread has it: it is delivered, the client just hears nothing
-            state.abandoned = True
-        job.message.abandon()
-
-    def _finished(self, job: CommitJob, d: Deferred[list[Path]], state: _Waiting) -> None:
+    def _finished(self, job: CommitJob, d: Deferred[list[Path]]) -> None:
         """(The sync pool thread, or this one if it was quicker.)  A large message's file is
         written and fsynced, or failed (its commit raises that: 451, nothing kept): it joins
-        the queue now, unless it was abandoned meanwhile.  A stop waited for it (``_run``
-        ends only with none left)."""
+        the queue now, unless its client abandoned it meanwhile (its Deferred has fired:
+        nothing is reported, the files go).  A stop waited for it (``_run`` ends only with
+        none left)."""
+        claimed = job.message.claim()
         with self._condition:
             self._awaiting_disk -= 1
-            if not state.abandoned:
-                state.queued = True
+            if claimed:
                 self._pending.append((job, d))
             if self._stopping:
                 self._condition.notify_all()  # the last one lets every idle thread end
             else:
                 self._condition.notify()
-        if state.abandoned:
+        if not claimed:
             job.message.discard()
             for copy in job.prepared.copies.values():
                 copy.discard()
@@ -185,16 +171,6 @@ class BatchCommitter:
                 self._journal.checkpoint()
             except OSError:
                 log.failure("journal checkpoint failed (retried; the journal keeps the messages)")
-
-
-class _Waiting:
-    """A large message's hand-over while its disk is busy: abandoned by its session, or queued."""
-
-    __slots__ = ("abandoned", "queued")
-
-    def __init__(self) -> None:
-        self.abandoned = False
-        self.queued = False
 
 
 def _timed_commit(result: _T, started: float) -> _T:

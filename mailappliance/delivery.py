@@ -136,8 +136,8 @@ class Delivery:
         that is durable, stays delivered.  Before commit this is ``abort``."""
         if not self._handed_over:
             self.abort()
-        elif self._committed is not None and not self._committed.called:
-            self._committed.cancel()
+        elif self._committed is not None and not self._committed.called and self.message.abandon():
+            self._committed.cancel()  # fails at once (CancelledError); the committer reports nothing for it
 
     def abort(self) -> None:
         """Forget a message that was not committed; after commit this does nothing."""

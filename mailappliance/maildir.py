@@ -468,6 +468,8 @@ class IncomingMessage:
         self._edit: tuple[int, int, bytes] | None = None  # a spilled message's pending head edit
         self._discarded = False
         self._finishing: concurrent.futures.Future[None] | None = None  # finish_early's work
+        self._claimed = False  # the committer took it once finished (under the spill writer's lock)
+        self._abandoned = False  # its client left first: no commit takes it (abandon)
         self._synced = False  # fsynced by finish_early
         self._front = b""  # a spilled message's first FRONT bytes or more, kept for reads of its head
         self._held_back = False  # its pending pieces wait for room in the spill writer's backlog
@@ -656,16 +658,32 @@ class IncomingMessage:
         if then is not None:
             then()
 
-    def abandon(self) -> None:
-        """The client left before its 250 while this spilled message waits for its disk (any
-        thread): its bytes in memory go now, its queued pieces too, and its finish fails
-        (ECANCELED) without writing more.  The committer then discards it: a hung disk
-        holds no memory for clients long gone, however often they come back."""
+    def abandon(self) -> bool:
+        """The client left before its 250: if this spilled message is still waiting for its
+        disk (the committer has not claimed it), it is given up (True): its bytes in memory
+        go now, its queued pieces too, and its finish fails (ECANCELED) without writing
+        more; the committer discards it.  A hung disk so holds no memory for clients long
+        gone, however often they come back.  False: the commit has it (or it never waited)."""
+        if self._finishing is None:
+            return False
         with _spill_writer.lock:
+            if self._claimed:
+                return False
+            self._abandoned = True
             if self._error is None:
                 self._error = OSError(errno.ECANCELED, "the client left before its 250")
             _spill_writer.drop_queued(self)
             self._chunks, self._pending, self._front = [], 0, b""
+        return True
+
+    def claim(self) -> bool:
+        """(The committer, once ``finishing`` is done.)  True: the commit takes the message,
+        ``abandon`` no longer can; False: it was abandoned first."""
+        with _spill_writer.lock:
+            if self._abandoned:
+                return False
+            self._claimed = True
+            return True
 
     def write_out(self) -> None:
         """Put every byte into the incoming file (not yet durable, unless

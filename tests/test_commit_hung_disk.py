@@ -237,3 +237,25 @@ def test_a_client_gone_while_its_message_waits_for_the_disk_frees_it_at_once(
     staged(incoming, b"after\r\n").commit(batch.commit, [alice]).addBoth(later.append)
     results_after(reactor, 1)
     assert isinstance(later[0], list) and list(new_files(alice).values()) == [b"after\r\n"]
+
+
+def test_abandon_leaves_a_message_the_commit_already_has_delivered(
+        tmp_path: Path, committer: tuple[BatchCommitter, CollectingReactor]) -> None:
+    """Delivery.abandon after the commit took the message (a small one at once, a large one once its
+    file was fsynced and claimed) changes nothing: its Deferred still fires with its Maildir paths,
+    so the session's accounting (quota, rate limits) sees a delivered message."""
+    batch, reactor = committer
+    incoming, alice = tmp_path / "incoming", tmp_path / "alice"
+    small, large = staged(incoming, b"small\r\n"), staged(incoming, b"L" * (2 * MiB))
+    results: list[Any] = []
+    small.commit(batch.commit, [alice]).addBoth(results.append)
+    small.abandon()
+    large.commit(batch.commit, [alice]).addBoth(results.append)
+    finishing = large.message.finishing
+    assert finishing is not None
+    wait_until(lambda: finishing.done() and large.message._claimed, what="the large message claimed")
+    large.abandon()
+    wait_until(lambda: sum(len(args[0]) for _, args in reactor.calls) >= 2, what="both committed")
+    reactor.run_calls()
+    assert len(results) == 2 and all(isinstance(r, list) for r in results), results
+    assert sorted(map(len, new_files(alice).values())) == [len(b"small\r\n"), 2 * MiB]
