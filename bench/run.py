@@ -153,25 +153,36 @@ class Server:
             time.sleep(3)
 
     def restart_ours(self, timeout: float = 120) -> None:
-        """Start ours again on the same storage after a crash (its recovery runs at start) and
-        wait for a new "mailappliance ready" line (needs ``logging.level="info"``)."""
-        log = self.root / "twistd.log"
-        seen = log.read_text(errors="replace").count("mailappliance ready") if log.exists() else 0
-        self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                                        env=self.env)
+        """Start ours again on the same storage after a crash and wait until it serves: a POP3
+        greeting from it.  twistd binds the ports before start-up recovery runs, but no
+        connection is answered before every service has started, so a greeting means
+        recovery is over and the Maildir may be read.  (Not a count of "mailappliance ready"
+        lines: twistd rotates its log at 1 MB, so the count could drop and the wait never end.)"""
+        with open(self.root / "server-output.log", "ab") as output:
+            self.process = subprocess.Popen(self.command, stdout=output, stderr=subprocess.STDOUT, env=self.env)
         deadline = time.monotonic() + timeout
-        while log.read_text(errors="replace").count("mailappliance ready") <= seen:
+        while not pop3_greets(self.pop3_port):
             if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"ours did not log 'mailappliance ready' after the restart; see {log}")
+                tail = [line for name in ("server-output.log", "twistd.log") if (self.root / name).exists()
+                        for line in (self.root / name).read_text(errors="replace").strip().splitlines()[-3:]]
+                raise RuntimeError(" / ".join(["ours did not serve after the restart", *tail]))
             time.sleep(0.05)
 
     def kill(self) -> None:
-        """kill -9 the server and every process below it, no clean shutdown (the crash round)."""
+        """kill -9 the server and every process below it, no clean shutdown (the crash round);
+        returns once every one of them is gone: a worker process still exiting holds the
+        listening sockets (the restart could not bind) and its journal's lock."""
         assert self.process is not None
-        for pid in tree_pids(self.pid):
+        pids = tree_pids(self.pid)
+        for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self.process.wait(20)
+        deadline = time.monotonic() + 20
+        while any(map(_alive, pids)):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"processes {[pid for pid in pids if _alive(pid)]} outlived kill -9 for 20 s")
+            time.sleep(0.01)
 
     def _certificate(self) -> list[str]:
         """A self-signed certificate for the peers' submission listeners (ours makes its own)."""
@@ -311,6 +322,24 @@ allow_plaintext_auth = true
         # files makes creating files slower for a while afterwards (ext4 skips
         # recently freed inodes), which would tax whichever server runs next.
         _finished_roots.append(self.root)
+
+
+def _alive(pid: int) -> bool:
+    """``pid`` runs (a zombie has closed its files: not alive)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def pop3_greets(port: int) -> bool:
+    """A POP3 server on loopback ``port`` accepts a connection and greets with +OK."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            return s.recv(512).startswith(b"+OK")
+    except OSError:  # refused, reset, or no greeting within 5 s (still starting): ask again
+        return False
 
 
 def tree_pids(top: int) -> list[int]:
