@@ -128,7 +128,7 @@ class BatchCommitter:
                 self._condition.notify()
         if not claimed:
             job.message.discard()
-            for copy in job.prepared.copies.values():
+            for copy in job.prepared.copies.values() if job.prepared is not None else ():
                 copy.discard()
 
     def _run(self) -> None:

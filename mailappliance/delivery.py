@@ -66,7 +66,7 @@ class CommitJob:
     # first one's field is in the message: other recipients get their own copy (delivered_to.py)
     delivered_to: tuple[bytes, ...] = ()
     delivered_to_span: tuple[int, int] = (0, 0)
-    prepared: PreparedCopies = attrs.field(factory=PreparedCopies, eq=False)
+    prepared: PreparedCopies | None = attrs.field(default=None, eq=False)  # several Maildirs: prepare_copies
 
 
 CommitOutcome = list[Path] | BaseException
@@ -122,8 +122,9 @@ class Delivery:
         if self._handed_over:
             raise RuntimeError("message already handed to the commit")
         self._handed_over = True
-        job = CommitJob(self.message, tuple(maildirs), tuple(spool_entries), tuple(delivered_to), delivered_to_span)
-        copies = len(job.maildirs) > 1 and delivered_to_span != (0, 0)
+        copies = len(maildirs) > 1 and delivered_to_span != (0, 0)
+        job = CommitJob(self.message, tuple(maildirs), tuple(spool_entries), tuple(delivered_to), delivered_to_span,
+                        PreparedCopies() if copies else None)
         # a spilled message: its last piece, fsync (and recipients' own copies) start now, off the commit threads
         self.message.finish_early(functools.partial(prepare_copies, job) if copies else None)
         self._committed = committer(job)
@@ -200,7 +201,7 @@ def commit_batch(jobs: Sequence[CommitJob], sync: str = "fsync", journal: Journa
         """Where the job goes; Maildirs with their own Delivered-To get their own copy, written now
         (a spilled message's were written and synced before, on the sync pool)."""
         job = jobs[i]
-        if job.prepared.targets is not None:
+        if job.prepared is not None and job.prepared.targets is not None:
             targets[i], copies[i] = job.prepared.targets, job.prepared.copies
             return
         targets[i], copies[i] = _plan_targets(job)
@@ -264,6 +265,7 @@ def prepare_copies(job: CommitJob) -> None:
     recipients' own copies now: in a commit thread, copying a large message (up to
     ``COPY_BUDGET``) on a slow disk would hold back every other message's 250.  A
     failure removes them and fails the message's commit."""
+    assert job.prepared is not None
     targets, copies = _plan_targets(job)
     try:
         for copy in copies.values():
