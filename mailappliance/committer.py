@@ -108,7 +108,10 @@ class BatchCommitter:
                 self._condition.notify()
                 return d
             self._awaiting_disk += 1
-        finishing.add_done_callback(lambda _: self._finished(job, d))
+        # the future keeps its callbacks: taken out of a box, they leave no cycle (message, future, job)
+        # for the garbage collector, and each message's memory goes when its commit is over
+        box = [(job, d)]
+        finishing.add_done_callback(lambda _: self._finished(*box.pop()))
         return d
 
     def _finished(self, job: CommitJob, d: Deferred[list[Path]]) -> None:

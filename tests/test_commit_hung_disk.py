@@ -7,8 +7,10 @@ disk.  The disk is hung by holding the spill writer on an Event (or by
 from __future__ import annotations
 
 import errno
+import gc
 import random
 import threading
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -259,3 +261,27 @@ def test_abandon_leaves_a_message_the_commit_already_has_delivered(
     reactor.run_calls()
     assert len(results) == 2 and all(isinstance(r, list) for r in results), results
     assert sorted(map(len, new_files(alice).values())) == [len(b"small\r\n"), 2 * MiB]
+
+
+def test_a_large_message_is_freed_when_its_commit_is_over_without_the_garbage_collector(
+        tmp_path: Path, committer: tuple[BatchCommitter, CollectingReactor]) -> None:
+    """Waiting for its disk leaves no reference cycle (message, its finish future, the job): with the
+    cyclic collector off, a committed 2 MiB message is freed as soon as nothing refers to it (a cycle
+    kept every large message until the next collection: 12 % more server CPU per 1 MB message)."""
+    batch, reactor = committer
+    delivery = staged(tmp_path / "incoming", b"F" * (2 * MiB))
+    alive = weakref.ref(delivery.message)
+    gc.disable()
+    try:
+        result: list[Any] = []
+        delivery.commit(batch.commit, [tmp_path / "alice"]).addBoth(result.append)
+        results_after(reactor, 1)
+        assert isinstance(result[0], list)
+        del delivery, result
+        # another large one, so that no thread's last local variable is the first one any more
+        staged(tmp_path / "incoming", b"G" * (2 * MiB)).commit(batch.commit, [tmp_path / "alice"])
+        results_after(reactor, 1)
+        freed = alive() is None  # not inside the assert: pytest would keep the object for its message
+        assert freed
+    finally:
+        gc.enable()
