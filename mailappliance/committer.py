@@ -39,6 +39,7 @@ log = Logger(namespace="mailappliance.storage")
 _T = TypeVar("_T")
 
 DEFAULT_MAX_BATCH = 64
+SPILLED_LINGER = 0.002  # seconds a batch that starts with a large message waits for more (_linger)
 
 
 class BatchCommitter:
@@ -141,6 +142,8 @@ class BatchCommitter:
                     self._condition.wait()
                 if not self._pending:
                     return
+                if self._awaiting_disk and self._pending[0][0].message.spilled:
+                    self._linger()
                 batch = [self._pending.popleft() for _ in range(min(len(self._pending), self._max_batch))]
             try:
                 outcomes: list[CommitOutcome] = commit_batch([job for job, _ in batch], self._sync, self._journal)
@@ -151,6 +154,18 @@ class BatchCommitter:
             self._reactor.callFromThread(_report, results)
             if self._journal is not None and (self._checkpointer_idle or self._journal.checkpoint_due_in() == 0):
                 self._checkpoint_wake.set()
+
+    def _linger(self) -> None:
+        """(Under the lock.)  A large message is ready and others are about to be (their files
+        being fsynced): wait up to ``SPILLED_LINGER`` for them, so they share this batch's
+        ``new/`` fsync and report, as when the commit thread waited for each one's disk.
+        Bounded: a hung disk under them delays this batch by that much, never more."""
+        deadline = time.monotonic() + SPILLED_LINGER
+        while self._awaiting_disk and len(self._pending) < self._max_batch:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._condition.wait(left)
 
     def _run_checkpoints(self) -> None:
         """The checkpoint thread: makes the journaled messages durable in their Maildirs

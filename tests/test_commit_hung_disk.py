@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import gc
+import os
 import random
 import threading
 import weakref
@@ -285,3 +286,33 @@ def test_a_large_message_is_freed_when_its_commit_is_over_without_the_garbage_co
         assert freed
     finally:
         gc.enable()
+
+
+def test_a_large_message_is_committed_while_another_large_ones_fsync_hangs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, committer: tuple[BatchCommitter, CollectingReactor]) -> None:
+    """One large message's fsync hangs on the sync pool; a second large message, finished after it, is
+    committed meanwhile (the commit thread lingers at most SPILLED_LINGER for the stuck one, never
+    waits for it), and the first is committed whole once its fsync returns."""
+    batch, reactor = committer
+    real_fsync, released, stuck = os.fsync, threading.Event(), threading.Event()
+    incoming, alice = tmp_path / "incoming", tmp_path / "alice"
+    first = staged(incoming, b"1" * (2 * MiB))
+
+    def fsync(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(first.name):
+            stuck.set()
+            released.wait(30)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    results: list[Any] = []
+    first.commit(batch.commit, [alice]).addBoth(results.append)
+    assert stuck.wait(10)
+    second: list[Any] = []
+    staged(incoming, b"2" * (2 * MiB)).commit(batch.commit, [alice]).addBoth(second.append)
+    results_after(reactor, 1)
+    assert len(second) == 1 and isinstance(second[0], list) and results == []
+    released.set()
+    results_after(reactor, 1)
+    assert len(results) == 1 and isinstance(results[0], list)
+    assert sorted(new_files(alice).values()) == [b"1" * (2 * MiB), b"2" * (2 * MiB)]
