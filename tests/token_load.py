@@ -22,7 +22,7 @@ def message(token: str, lines: int = SMALL) -> bytes:
 
 
 def _send(port: int, number: int, accepted: list[str], stop: threading.Event, lines: int,
-          recipients: Sequence[str], timeout: float) -> None:
+          recipients: Sequence[str], timeout: float, reconnects: int) -> None:
     n = 0
     while not stop.is_set():
         try:
@@ -33,17 +33,21 @@ def _send(port: int, number: int, accepted: list[str], stop: threading.Event, li
                     smtp.sendmail("friend@example.net", [recipients[number % len(recipients)]], message(token, lines))
                     accepted.append(token)  # only after the 250
         except (OSError, smtplib.SMTPException):
-            return  # the server was killed
+            if reconnects <= 0:
+                return  # the server was killed
+            reconnects -= 1  # one process of several was: the others still serve
 
 
 def load_until(port: int, until: Callable[[list[str]], None], clients: int = 4, lines: int = SMALL,
-               recipients: Sequence[str] = ("alice@example.org",), timeout: float = 5.0) -> list[str]:
+               recipients: Sequence[str] = ("alice@example.org",), timeout: float = 5.0,
+               reconnects: int = 0) -> list[str]:
     """Send from ``clients`` connections (client i to ``recipients[i % len]``) until
     ``until(accepted)`` returns (it waits for enough 250s, then kills what it kills);
-    the tokens that got their 250."""
+    the tokens that got their 250.  A client whose connection fails stops, or connects
+    again up to ``reconnects`` times (when one worker process of several is killed)."""
     accepted: list[str] = []
     stop = threading.Event()
-    threads = [threading.Thread(target=_send, args=(port, i, accepted, stop, lines, recipients, timeout))
+    threads = [threading.Thread(target=_send, args=(port, i, accepted, stop, lines, recipients, timeout, reconnects))
                for i in range(clients)]
     for thread in threads:
         thread.start()
