@@ -161,6 +161,8 @@ class SMTPReceiver:
                 data = b""
                 while (chunk := reader.readline()) not in (b".\r\n", b""):
                     data += chunk[1:] if chunk.startswith(b".") else chunk
+                if not chunk:
+                    return  # the client went away before its final dot: no message, no reply
                 with self._condition:
                     reply = self.data_replies.pop(0) if self.data_replies else "250 2.0.0 queued"
                     if reply.startswith("2"):
