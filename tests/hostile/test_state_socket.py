@@ -33,10 +33,12 @@ from tests.test_workers import worker_pids
 
 
 async def until(condition: Callable[[], object], timeout: float = 5, what: str = "condition") -> None:
-    """Let the reactor run until ``condition`` holds."""
+    """Let the reactor run until ``condition`` holds (a wait on a condition, as
+    tests.conditions.wait_until, that gives up after ``timeout``: not a speed check)."""
     deadline = time.monotonic() + timeout
     while not condition():
-        assert time.monotonic() < deadline, f"{what} not reached within {timeout} s"
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout} s")
         await deferLater(reactor, 0.005, lambda: None)
 
 
