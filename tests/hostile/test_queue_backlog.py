@@ -110,7 +110,9 @@ def test_foreign_corrupt_and_vanished_entries_are_skipped_and_logged(appliance: 
     submit(instance)
     world["remote"].wait_for(1)
     (spool.incoming_dir / "late.json").write_text("\x00" * 100)  # while running: the watch finds it
-    wait_until(lambda: (spool.corrupt_dir / "late.json").exists(), what="the late garbage set aside")
+    wait_until(lambda: (spool.corrupt_dir / "late.json").exists()
+               and "queue: late set aside in queue/corrupt/" in instance.log(),
+               what="the late garbage set aside and logged (the move comes before the log line)")
     log = instance.log()
     for name in ("queue/README", "queue/incoming/somedir", "queue/deferred/zz/misplaced.json",
                  "queue/deferred/stray", "queue/data/junk"):
