@@ -12,14 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-from twisted.logger import Logger
 
 from mailappliance.addresses import normalize_address, normalize_domain
 from mailappliance.directory import InvalidAddress
 
 DELIMITER_CHARACTERS = "+-_"
-
-log = Logger(namespace="mailappliance")
 
 
 @attrs.frozen

@@ -15,11 +15,13 @@ import os
 import time
 from collections import deque
 from pathlib import Path
-
-from twisted.internet.interfaces import IReactorTime
+from typing import TYPE_CHECKING
 
 from mailappliance.addresses import is_safe_mailbox_name
 from mailappliance.msgauth.settings import FilterSettings
+
+if TYPE_CHECKING:  # mailappliance-admin reads suspensions without importing the reactor's interfaces
+    from twisted.internet.interfaces import IReactorTime
 
 MAX_TRACKED = 100_000
 

@@ -15,6 +15,7 @@ import dkim
 from mailappliance.msgauth import speedups
 from mailappliance.msgauth.dns import DnsTempError, DnsView, _key
 from mailappliance.msgauth.headers import Field
+from mailappliance.msgauth.keys import SigningKey
 
 speedups.install()
 
@@ -129,14 +130,6 @@ class ArcVerifier:
         sealer = _ascii(data[0].get("as-domain")).lower() if data else ""
         result = {dkim.CV_Pass: "pass", dkim.CV_None: "none"}.get(cv, "fail")
         return ArcResult(result, sealer, len(data), "" if result == "pass" else _ascii(reason)[:200])
-
-
-@attrs.frozen
-class SigningKey:
-    domain: str
-    selector: str
-    algorithm: str  # "ed25519-sha256" or "rsa-sha256"
-    private: bytes  # PEM (RSA) or base64 seed (Ed25519), as dkimpy takes them
 
 
 def signing_headers(fields: list[Field]) -> list[bytes]:

@@ -29,7 +29,7 @@ from mailappliance.msgauth import dkim_check, headers
 from mailappliance.msgauth.dkim_check import ArcVerifier, DkimVerifier
 from mailappliance.msgauth.dmarc import DmarcCheck
 from mailappliance.msgauth.dns import DnsCache, DnsView, StepFailed, run_with_lookups
-from mailappliance.msgauth.keys import KeyStore
+from mailappliance.msgauth.keys import KeyStore, SigningKey
 from mailappliance.msgauth.results import authentication_results, claims
 from mailappliance.msgauth.settings import DkimSettings, FilterSettings, MsgAuthSettings
 from mailappliance.msgauth.spf_check import check_spf
@@ -301,7 +301,7 @@ class MessageInspector:
                 log.failure("DKIM signing failed for {id}; sending unsigned", id=envelope.queue_id)
         return Inspection(Outcome("accept"), 0, signatures, spam=spam, suspended=suspended)
 
-    def _signing_keys(self, source: MessageSource, remote: bool) -> list[dkim_check.SigningKey]:
+    def _signing_keys(self, source: MessageSource, remote: bool) -> list[SigningKey]:
         """The keys of the From domain (aligned for DMARC), else of the envelope sender's domain."""
         if not remote or not self.keys.signing:
             return []

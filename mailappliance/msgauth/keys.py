@@ -17,7 +17,6 @@ import attrs
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-from mailappliance.msgauth.dkim_check import SigningKey
 from mailappliance.msgauth.settings import DkimSettings
 
 DkimKey = ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey  # the private keys DKIM signs with
@@ -26,6 +25,16 @@ KEY_TYPES = ("ed25519", "rsa")
 ALGORITHMS = {"ed25519": "ed25519-sha256", "rsa": "rsa-sha256"}
 RSA_BITS = 2048
 MAX_KEY_FILE = 16 * 1024
+
+
+@attrs.frozen
+class SigningKey:
+    """What dkim_check.sign needs of one key (kept here, not in dkim_check, so that
+    mailappliance-admin reads keys without importing dkimpy and its resolver)."""
+    domain: str
+    selector: str
+    algorithm: str  # "ed25519-sha256" or "rsa-sha256"
+    private: bytes  # PEM (RSA) or base64 seed (Ed25519), as dkimpy takes them
 
 
 @attrs.frozen
