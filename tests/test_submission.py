@@ -214,14 +214,15 @@ def test_submission_without_auth_refuses_the_transaction_before_any_recipient(se
     assert spooled(secured) == []
 
 
-@pytest.mark.parametrize("probe", [probe for probe, refusal in RELAY_PROBES if refusal is RECIPIENT_REJECTED])
-def test_relay_tricks_refused_for_an_authenticated_subscriber(secured: Appliance, probe: str) -> None:
-    """Percent hack, bang path, source route, quoted part and literal are rejected for alice too, after login."""
-    with submission(secured) as smtp:
-        smtp.login("alice", ALICE_PASSWORD)
-        assert smtp.mail("alice@example.org")[0] == 250
-        answer = smtp.docmd("RCPT", f"TO:{probe}")
-        assert answered(answer, RECIPIENT_REJECTED), answer
+def test_relay_tricks_refused_for_an_authenticated_subscriber(secured: Appliance) -> None:
+    """Percent hack, bang path, source route, quoted part and literal are rejected for alice too, after login
+    (one daemon, a logged-in session per probe: the server ends sessions with too many errors)."""
+    for probe in [probe for probe, refusal in RELAY_PROBES if refusal is RECIPIENT_REJECTED]:
+        with submission(secured) as smtp:
+            smtp.login("alice", ALICE_PASSWORD)
+            assert smtp.mail("alice@example.org")[0] == 250, probe
+            answer = smtp.docmd("RCPT", f"TO:{probe}")
+            assert answered(answer, RECIPIENT_REJECTED), (probe, answer)
     assert spooled(secured) == []
 
 
