@@ -16,7 +16,7 @@ import pytest
 
 from mailappliance.smtp.replies import RELAY_DENIED
 from tests.conditions import paced, wait_until
-from tests.daemon import Appliance
+from tests.daemon import Appliance, free_port
 from tests.replies import answered
 
 
@@ -199,7 +199,7 @@ def test_sighup_applies_safe_changes_and_names_the_rest(appliance: Callable[...,
         assert probe.recv(1024).startswith(b"220 ")  # its "connect to" line, at info, is in the log now
     text = instance.config_path.read_text()
     text = text.replace("concurrent_per_address = 50", "concurrent_per_address = 1")
-    text = text.replace(f"port = {instance.ports['pop3s']}", f"port = {instance.ports['pop3s'] + 1}")
+    text = text.replace(f"port = {instance.ports['pop3s']}", f"port = {free_port()}")  # not +1: a neighbour's
     instance.config_path.write_text(text + '[logging]\nlevel = "warn"\n')
     assert instance.process is not None
     instance.process.send_signal(signal.SIGHUP)
