@@ -389,8 +389,10 @@ def load(server: Server, messages: int, concurrency: int, size: int, generator: 
     """Run the load generator, then wait until every message is in the Maildir;
     adds that rate and CPU milliseconds per message of server and generator.
 
-    ``asyncio``: bench/smtp_load.py, pipelining; ``smtp-source``: Postfix's C
-    load generator, one command at a time (as many real clients send).
+    ``asyncio``: bench/smtp_load.py, pipelining; ``c``: bench/smtp_load.c, the
+    same sessions (no --acked-log) at a fraction of the CPU (its TLS in C);
+    ``smtp-source``: Postfix's C load generator, one command at a time (as many
+    real clients send).
     ``per_session`` > 0: authenticated submission (STARTTLS, AUTH PLAIN as
     alice) with that many messages per session; with ``implicit_tls`` on the
     implicit-TLS port instead (Twisted's with CRAM-MD5, as issue 15's reviewers
@@ -420,8 +422,11 @@ def load(server: Server, messages: int, concurrency: int, size: int, generator: 
             submission += ["--acked-log", str(acked_log), "--tag", acked_log.stem]
         if per_session and tls_resume:  # every client resumes its previous TLS session, on every server
             submission += ["--tls-resume"]
+        if generator == "c" and acked_log is not None:
+            raise ValueError("bench/smtp_load.c keeps no --acked-log: audit with the asyncio generator")
+        program = [str(c_generator())] if generator == "c" else [sys.executable, str(HERE / "smtp_load.py")]
         output = subprocess.run(
-            [sys.executable, str(HERE / "smtp_load.py"), *submission, "--messages", str(messages),
+            [*program, *submission, "--messages", str(messages),
              "--concurrency", str(concurrency), "--size", str(size), "--processes", str(min(4, concurrency))],
             capture_output=True, text=True, check=True).stdout
         result = json.loads(output)
@@ -432,6 +437,16 @@ def load(server: Server, messages: int, concurrency: int, size: int, generator: 
     result["server_cpu_ms_per_message"] = round((server.cpu_seconds() - server_cpu) * 1000 / messages, 3)
     result["generator_cpu_ms_per_message"] = round(generator_cpu * 1000 / messages, 3)
     return result
+
+
+def c_generator() -> Path:
+    """bench/smtp_load.c, compiled on first use (gcc and Debian's libssl-dev) into
+    bench/.build/, again whenever the source is newer than the program."""
+    source, program = HERE / "smtp_load.c", HERE / ".build" / "smtp_load"
+    if not program.exists() or program.stat().st_mtime < source.stat().st_mtime:
+        program.parent.mkdir(exist_ok=True)
+        subprocess.run(["cc", "-O2", "-o", str(program), str(source), "-lssl", "-lcrypto", "-lpthread"], check=True)
+    return program
 
 
 def cpu_ns_between(before: dict[int, int], after: dict[int, int]) -> int:
@@ -494,15 +509,17 @@ def bench_submission(args: argparse.Namespace) -> None:
         for kind in alternate(servers, args.rounds):
             server = Server(kind).start()
             try:
-                result = load(server, args.messages, concurrency, args.size, per_session=args.per_session,
-                              implicit_tls=args.implicit_tls, tls_resume=args.tls_resume)
+                result = load(server, args.messages, concurrency, args.size, args.generator,
+                              per_session=args.per_session, implicit_tls=args.implicit_tls,
+                              tls_resume=args.tls_resume)
             finally:
                 server.stop()
             result["sessions_per_second"] = round(result["sessions"] / result["seconds"], 1)
             tls = "implicit TLS " if args.implicit_tls else ""
             resumed = ", TLS resumed" if args.tls_resume else ""
+            generator = "" if args.generator == "asyncio" else f" ({args.generator})"
             result.update(scenario=f"submission {tls}{args.size // 1024} KB c={concurrency} "
-                                   f"{args.per_session}/session{resumed}", server=kind)
+                                   f"{args.per_session}/session{resumed}{generator}", server=kind)
             print(json.dumps(result), flush=True)
             results.append(result)
     report(results, "messages_per_second", "sessions_per_second", "server_cpu_ms_per_message",
@@ -849,8 +866,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--connections", nargs="+", type=int, default=[1000, 5000])
     parser.add_argument("--logins", type=int, default=500)
-    parser.add_argument("--generator", choices=("asyncio", "smtp-source"), default="asyncio",
-                        help="inbound: bench/smtp_load.py (pipelining) or Postfix's smtp-source (one command at a time)")
+    parser.add_argument("--generator", choices=("asyncio", "c", "smtp-source"), default="asyncio",
+                        help="bench/smtp_load.py (pipelining), bench/smtp_load.c (the same in C: its TLS costs "
+                             "the generator far less CPU) or, inbound only, Postfix's smtp-source (one command "
+                             "at a time)")
     parser.add_argument("--per-session", type=int, default=10, help="submission: messages per session")
     parser.add_argument("--dele", action="store_true", help="pop3: also DELE every message (ours only)")
     parser.add_argument("--tls-resume", action="store_true",
