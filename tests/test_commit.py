@@ -467,3 +467,18 @@ def test_unique_names_sort_in_the_order_they_were_made(monkeypatch: pytest.Monke
     monkeypatch.setattr(maildir.time, "time", lambda: next(times))
     first, second = maildir.unique_name(), maildir.unique_name()
     assert ".M000099P" in first and first < second
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 10240, 65536, 65537, 300_000])
+def test_a_records_checksum_is_the_crc_of_its_whole_header_and_body(size: int) -> None:
+    """Summed in pieces (to keep the GIL) or whole, the CRC is that of the concatenation, as
+    journals written before the pieces have it: recovery reads both alike, and a flipped byte
+    anywhere in the body changes it."""
+    import struct
+    import zlib
+
+    body = os.urandom(size)
+    assert journal_module.record_crc(7, 1, body) == zlib.crc32(struct.pack("<QB", 7, 1) + body)
+    if size:
+        flipped = body[:-1] + bytes([body[-1] ^ 1])
+        assert journal_module.record_crc(7, 1, flipped) != journal_module.record_crc(7, 1, body)
