@@ -72,7 +72,10 @@ def test_histograms_after_a_day_in_the_life(appliance: Callable[..., Appliance],
         assert smtp.sendmail("alice@example.org", ["friend@remote.example", "alice@example.org"],
                              b"Subject: m\r\n\r\nx\r\n") == {}
     remote.wait_for(1)
-    wait_until(lambda: "status=sent" in instance.log(), what="the remote delivery's line")
+    # the queue runner's line, logged after every sample of the delivery; not the local copy's
+    # "status=sent (delivered to maildir ...)", which can come first
+    wait_until(lambda: any("to=<friend@remote.example>" in line and "status=sent" in line
+                           for line in instance.log().splitlines()), what="the remote delivery's line")
     with urllib.request.urlopen(f"http://127.0.0.1:{instance.ports['metrics']}/metrics", timeout=10) as response:
         text = response.read().decode()
     assert sample(text, "mailappliance_smtp_transaction_seconds_count", role="submissions") == 1
