@@ -10,6 +10,7 @@
  *
  *   cc -O2 -o smtp_load bench/smtp_load.c -lssl -lcrypto -lpthread
  *   smtp_load --port 2587 --submission alice:secret --per-session 10 --messages 2000 --concurrency 10
+ *   smtp_load --port 2525 --starttls --per-session 10      (MX sessions in TLS, no AUTH)
  *
  * bench/run.py builds it on first use (`--generator c`); it needs gcc and
  * libssl-dev (Debian).
@@ -34,8 +35,8 @@
 
 static struct {
     const char *host, *user, *password, *sender, *recipient;
-    int port, messages, concurrency, size, per_session, implicit_tls, cram_md5, tls_resume;
-} plan = {"127.0.0.1", NULL, NULL, "bench@example.net", "alice@example.org", 0, 1000, 10, 10240, 0, 0, 0, 0};
+    int port, messages, concurrency, size, per_session, implicit_tls, cram_md5, tls_resume, starttls;
+} plan = {"127.0.0.1", NULL, NULL, "bench@example.net", "alice@example.org", 0, 1000, 10, 10240, 0, 0, 0, 0, 0};
 
 static SSL_CTX *context;
 static char *payload, *envelope;
@@ -157,16 +158,14 @@ static void open_session(connection *c, SSL_SESSION *offered) {
     expect(c, 220, "greeting");
     send_text(c, "EHLO bench.example.net\r\n");
     expect(c, 250, "EHLO");
-    if (plan.user) {
-        if (!plan.implicit_tls) {
-            send_text(c, "STARTTLS\r\n");
-            expect(c, 220, "STARTTLS");
-            start_tls(c, offered);
-            send_text(c, "EHLO bench.example.net\r\n");
-            expect(c, 250, "EHLO after STARTTLS");
-        }
-        log_in(c);
+    if ((plan.user || plan.starttls) && !plan.implicit_tls) {
+        send_text(c, "STARTTLS\r\n");
+        expect(c, 220, "STARTTLS");
+        start_tls(c, offered);
+        send_text(c, "EHLO bench.example.net\r\n");
+        expect(c, 250, "EHLO after STARTTLS");
     }
+    if (plan.user) log_in(c);
 }
 
 /* Ends the session; returns its TLS session for the next one (--tls-resume), or NULL. */
@@ -236,6 +235,7 @@ int main(int argc, char **argv) {
         const char *name = argv[i], *value = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(name, "--implicit-tls")) { plan.implicit_tls = 1; continue; }
         if (!strcmp(name, "--tls-resume")) { plan.tls_resume = 1; continue; }
+        if (!strcmp(name, "--starttls")) { plan.starttls = 1; continue; }  /* without --submission: an MX session */
         if (!value) fail("%s needs a value", name);
         i++;
         if (!strcmp(name, "--host")) plan.host = value;
@@ -258,7 +258,7 @@ int main(int argc, char **argv) {
     }
     if (plan.port <= 0 || plan.concurrency <= 0 || plan.messages <= 0) fail("--port, --messages and --concurrency");
     if (plan.concurrency > plan.messages) plan.concurrency = plan.messages;
-    if (plan.implicit_tls || plan.user) {
+    if (plan.implicit_tls || plan.user || plan.starttls) {
         context = SSL_CTX_new(TLS_client_method());
         SSL_CTX_set_verify(context, SSL_VERIFY_NONE, NULL);  /* the servers' certificates are self-signed */
         SSL_CTX_set_session_cache_mode(context, SSL_SESS_CACHE_CLIENT);
