@@ -228,13 +228,23 @@ def syscall_run(scenario: Scenario, kind: str, work: Path, number: int) -> dict[
                                   around=lambda: counted_syscalls(server, trace, counted))["messages"]
         else:
             with counted_syscalls(server, trace, counted):
-                messages = load(server, scenario.count, scenario.concurrency, scenario.size,
-                                generator=scenario.generator, per_session=0 if scenario.kind == "inbound" else 10,
-                                implicit_tls=scenario.kind == "submission-implicit")["messages"]
+                messages = load_scenario(server, scenario)["messages"]
     finally:
         server.stop()
     return {"syscalls_per_message": round(counted["syscalls"] / messages, 1),
             "top_syscalls_per_message": {name: round(n / messages, 2) for name, n in counted["top_syscalls"].items()}}
+
+
+def load_scenario(server: Server, scenario: Scenario, acked_log: Path | None = None) -> dict[str, Any]:
+    """One SMTP load of ``scenario`` (inbound: a message a session; submission: 10 a session),
+    with sessions per second for submission."""
+    submission = scenario.kind != "inbound"
+    result = load(server, scenario.count, scenario.concurrency, scenario.size, generator=scenario.generator,
+                  per_session=10 if submission else 0, implicit_tls=scenario.kind == "submission-implicit",
+                  acked_log=acked_log)
+    if submission:
+        result["sessions_per_second"] = round(result["sessions"] / result["seconds"], 1)
+    return result
 
 
 def run_once(scenario: Scenario, kind: str, work: Path, number: int) -> dict[str, Any]:
@@ -242,19 +252,12 @@ def run_once(scenario: Scenario, kind: str, work: Path, number: int) -> dict[str
     server = Server(kind).start()
     try:
         if scenario.generator in ("smtp-source", "c"):
-            result = load(server, scenario.count, scenario.concurrency, scenario.size, generator=scenario.generator,
-                          per_session=0 if scenario.kind == "inbound" else 10,
-                          implicit_tls=scenario.kind == "submission-implicit")
+            result = load_scenario(server, scenario)
         elif scenario.kind in ("inbound", "submission", "submission-implicit"):
             tag = f"r{number}"  # the tokens' prefix: which run, and so which size (``_whole``)
             _sizes[tag] = scenario.size
             acked_log = fresh(work / f"{tag}.acked")
-            submission = scenario.kind != "inbound"
-            result = load(server, scenario.count, scenario.concurrency, scenario.size,
-                          per_session=10 if submission else 0, implicit_tls=scenario.kind == "submission-implicit",
-                          acked_log=acked_log)
-            if submission:
-                result["sessions_per_second"] = round(result["sessions"] / result["seconds"], 1)
+            result = load_scenario(server, scenario, acked_log)
             result["durability"] = audit(server.root / "mail" / "alice", acked_log)
         elif scenario.kind == "pop3":
             result = pop3_round(server, scenario.count, scenario.size)
