@@ -3,8 +3,10 @@ nothing buffered goes out directly; anything else keeps Twisted's order."""
 
 from __future__ import annotations
 
+import select
 import socket
 import ssl
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -27,14 +29,19 @@ def connection() -> Iterator[tuple[tcp.Server, socket.socket, MemoryReactor]]:
     peer.close()
 
 
-def received(peer: socket.socket) -> bytes:
+def received(peer: socket.socket, at_least: int = 0) -> bytes:
+    """What the peer has received; waits (up to 5 s) for ``at_least`` bytes: loopback
+    delivery can lag the server's send on a loaded machine."""
     peer.setblocking(False)
     data = b""
+    deadline = time.monotonic() + 5
     while True:
         try:
             chunk = peer.recv(1 << 20)
         except BlockingIOError:
-            return data
+            if len(data) >= at_least or not select.select([peer], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                return data
+            continue
         if not chunk:
             return data
         data += chunk
@@ -44,7 +51,7 @@ def test_with_nothing_buffered_the_reply_is_on_the_wire_without_the_reactor(conn
     """With nothing buffered, write_now puts the reply on the socket at once, leaving no write interest."""
     transport, peer, reactor = connection
     write_now(transport, b"250 2.0.0 Ok\r\n")
-    assert received(peer) == b"250 2.0.0 Ok\r\n"
+    assert received(peer, len(b"250 2.0.0 Ok\r\n")) == b"250 2.0.0 Ok\r\n"
     assert transport not in reactor.writers  # no write interest, no buffered bytes
     assert not transport._tempDataBuffer and not transport.dataBuffer
 
@@ -56,7 +63,7 @@ def test_behind_buffered_data_a_reply_waits_its_turn(connection) -> None:
     write_now(transport, b"second\r\n")
     assert received(peer) == b""
     transport.doWrite()
-    assert received(peer) == b"first\r\nsecond\r\n"
+    assert received(peer, len(b"first\r\nsecond\r\n")) == b"first\r\nsecond\r\n"
 
 
 def test_what_the_socket_does_not_take_is_buffered_in_order(connection) -> None:
@@ -108,13 +115,17 @@ def _handshake(connection: tcp.Server, reactor: MemoryReactor, client: ssl.SSLSo
     raise AssertionError("no TLS handshake")
 
 
-def _tls_received(client: ssl.SSLSocket) -> bytes:
+def _tls_received(client: ssl.SSLSocket, at_least: int = 0) -> bytes:
+    """What the client has decrypted; waits (up to 5 s) for ``at_least`` bytes, as ``received``."""
     data = b""
+    deadline = time.monotonic() + 5
     while True:
         try:
             chunk = client.recv(1 << 20)
         except ssl.SSLWantReadError:
-            return data
+            if len(data) >= at_least or not select.select([client], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                return data
+            continue
         if not chunk:
             return data
         data += chunk
@@ -148,7 +159,7 @@ def test_tls_records_go_to_the_socket_without_the_reactor(tls_connection) -> Non
     write_now(tls, b"250 2.1.5 Ok\r\n")
     clock.advance(0)  # Twisted's TLS layer gathers one pass's writes into one record
     assert connection not in reactor.writers and not connection._tempDataBuffer and not connection.dataBuffer
-    assert _tls_received(client) == b"250 2.0.0 Ok\r\n250 2.1.5 Ok\r\n"
+    assert _tls_received(client, len(b"250 2.0.0 Ok\r\n250 2.1.5 Ok\r\n")) == b"250 2.0.0 Ok\r\n250 2.1.5 Ok\r\n"
 
 
 def test_tls_reply_is_a_record_on_the_wire_without_waiting_for_the_reactor(tls_connection) -> None:
@@ -156,9 +167,9 @@ def test_tls_reply_is_a_record_on_the_wire_without_waiting_for_the_reactor(tls_c
     tls, connection, client, reactor, clock = tls_connection
     write_now(tls, b"250 2.0.0 Ok\r\n")
     assert not clock.getDelayedCalls()  # no timed flush of Twisted's write gatherer
-    assert _tls_received(client) == b"250 2.0.0 Ok\r\n"
+    assert _tls_received(client, len(b"250 2.0.0 Ok\r\n")) == b"250 2.0.0 Ok\r\n"
     write_now(tls, b"250 2.1.5 Ok\r\n")
-    assert _tls_received(client) == b"250 2.1.5 Ok\r\n"
+    assert _tls_received(client, len(b"250 2.1.5 Ok\r\n")) == b"250 2.1.5 Ok\r\n"
 
 
 def test_tls_records_the_socket_does_not_take_stay_in_order(tls_connection) -> None:
@@ -188,7 +199,7 @@ def test_bulk_tls_output_is_sent_by_the_reactor_in_large_writes(tls_connection) 
     clock.advance(0)
     assert connection in reactor.writers and connection._tempDataLen > 4 * 16 * 1024
     connection.doWrite()
-    assert _tls_received(client) == bulk
+    assert _tls_received(client, len(bulk)) == bulk
 
 
 def test_after_starttls_records_go_to_the_socket_at_once(connection, pki) -> None:
@@ -208,4 +219,4 @@ def test_after_starttls_records_go_to_the_socket_at_once(connection, pki) -> Non
     write_now(transport, b"250 2.0.0 Ok\r\n")
     flush()
     assert transport not in reactor.writers and not transport._tempDataBuffer and not transport.dataBuffer
-    assert _tls_received(client) == b"250 2.0.0 Ok\r\n"
+    assert _tls_received(client, len(b"250 2.0.0 Ok\r\n")) == b"250 2.0.0 Ok\r\n"
