@@ -6,7 +6,8 @@ every Maildir, or fails with the OSError that stopped it.  A commit thread
 takes every message waiting when it wakes up (up to ``max_batch``) and
 commits them with one :func:`~mailappliance.delivery.commit_batch`: many
 messages share one journal commit and one ``new/`` fsync, and the results go
-back to the reactor in one call.  Under load that is far less fsync, thread
+back to the reactor in one call.  The threads are woken once a reactor turn,
+after every final dot of that turn (``_wake_soon``).  Under load that is far less fsync, thread
 hand-off and GIL traffic than one pool task per message; at low load a batch
 is one message and costs what a single delivery costs.
 
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -46,8 +47,10 @@ class BatchCommitter:
     """Group commit of received messages on ``threads`` dedicated threads."""
 
     def __init__(self, reactor: IReactorFromThreads, threads: int = 1, max_batch: int = DEFAULT_MAX_BATCH,
-                 sync: str = "fsync", journal: Journal | None = None) -> None:
+                 sync: str = "fsync", journal: Journal | None = None, clock: IReactorTime | None = None) -> None:
         self._reactor = reactor
+        self._clock = clock  # the reactor's: wake the commit threads once a turn (_wake_soon); None: at once
+        self._wake_scheduled = False
         self._sync = sync
         self._journal = journal  # sync = "journal": opened (crash recovery) at start, checkpointed at stop
         self._thread_count = threads
@@ -106,7 +109,7 @@ class BatchCommitter:
                 return fail(OSError(errno.ESHUTDOWN, "the server is shutting down"))
             if finishing is None or (finishing.done() and job.message.claim()):
                 self._pending.append((job, d))
-                self._condition.notify()
+                self._wake_soon()
                 return d
             self._awaiting_disk += 1
         # the future keeps its callbacks: taken out of a box, they leave no cycle (message, future, job)
@@ -114,6 +117,23 @@ class BatchCommitter:
         box = [(job, d)]
         finishing.add_done_callback(lambda _: self._finished(*box.pop()))
         return d
+
+    def _wake_soon(self) -> None:
+        """(Under the lock, in the reactor thread.)  Wake a commit thread when the reactor has
+        handled every input of its turn, not at each final dot: the messages that ended in one
+        turn share one wake-up and one batch, and the commit thread starts as the reactor
+        turns to ``epoll`` instead of taking the GIL from it mid-turn (measured: 3-10 % more
+        submission messages a second, fewer context switches; docs/performance.md)."""
+        if self._clock is None:
+            self._condition.notify()
+        elif not self._wake_scheduled:
+            self._wake_scheduled = True
+            self._clock.callLater(0, self._wake)
+
+    def _wake(self) -> None:
+        with self._condition:
+            self._wake_scheduled = False
+            self._condition.notify(-(-len(self._pending) // self._max_batch))  # a thread per batch waiting
 
     def _finished(self, job: CommitJob, d: Deferred[list[Path]]) -> None:
         """(The sync pool thread, or this one if it was quicker.)  A large message's file is

@@ -190,7 +190,8 @@ def build_service(settings: Settings, reactor: IReactorTime | None = None,
 
     journal = journal_for(settings.sync, settings.spool_dir, settings.maildir_root,  # one per worker process
                           worker.index if worker is not None else 0, settings.workers)
-    committer = BatchCommitter(threads, settings.commit_threads, sync=settings.sync, journal=journal)
+    committer = BatchCommitter(threads, settings.commit_threads, sync=settings.sync, journal=journal,
+                               clock=reactor)
     _PoolService(committer.start, committer.stop).setServiceParent(top)  # type: ignore[no-untyped-call]  # Service is unannotated
 
     def run_blocking(function: Callable[..., _R], *args: object) -> Deferred[_R]:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from twisted.internet.task import Clock
 
 from mailappliance import delivery, maildir
 from mailappliance import journal as journal_module
@@ -232,6 +233,24 @@ def test_messages_waiting_together_are_committed_in_one_batch(tmp_path: Path) ->
     reactor.run_calls()
     assert len(results) == 6 and all(isinstance(r, list) for r in results)
     assert len(new_files(box)) == 6
+
+
+def test_messages_ended_in_one_reactor_turn_wake_the_thread_once_and_go_as_one_batch(tmp_path: Path) -> None:
+    """With the reactor's clock, commits wake the (idle) commit thread once, after the reactor's turn:
+    three final dots handled in one turn schedule one wake-up and become one batch."""
+    incoming, box = tmp_path / "incoming", tmp_path / "alice"
+    reactor, clock = CollectingReactor(), Clock()
+    committer = BatchCommitter(reactor, clock=clock)
+    committer.start()
+    for n in range(3):
+        committer.commit(CommitJob(message(incoming, f"{n}\r\n".encode()), (box,)))
+    wakes = len(clock.getDelayedCalls())
+    assert wakes == 1, f"three commits in one turn scheduled {wakes} wake-ups, not one"
+    clock.advance(0)  # the reactor's turn is over
+    reactor.wait_for(1)
+    committer.stop()
+    assert [len(args[0]) for _, args in reactor.calls] == [3]
+    assert len(new_files(box)) == 3
 
 
 def test_a_failure_reaches_the_session_as_a_failed_deferred(tmp_path: Path) -> None:
