@@ -295,7 +295,11 @@ def test_kill_9_of_one_worker_with_the_journal_loses_and_doubles_nothing(
             wait_until((instance.root / "spool" / "journal.1" / "checkpoint").exists, 30,
                        what="a checkpoint in journal.1 (the successor replays what the kill left there)")
             count = len(accepted)
-            wait_until(lambda: len(accepted) >= count + 20, 30, what="20 more after the restart")
+            try:
+                wait_until(lambda: len(accepted) >= count + 20, 30, what="20 more after the restart")
+            except AssertionError as e:  # seen once under a full parallel suite: say what the daemon said
+                raise AssertionError(f"{e} ({len(accepted) - count} came; workers now {worker_pids(instance)}, "
+                                     f"killed {old}); the log's end:\n{instance.log()[-4000:]}") from None
 
         # clients on the killed worker connect again (the supervisor and the new worker serve)
         accepted = load_until(instance.ports["mx"], kill_then_more, recipients=RECIPIENTS, reconnects=20)
