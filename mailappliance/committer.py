@@ -96,8 +96,9 @@ class BatchCommitter:
             self._journal.close()  # a clean stop leaves every message durable in its Maildir
 
     def commit(self, job: CommitJob) -> Deferred[list[Path]]:
-        """Deferred of the delivered Maildir paths, once they are durable (an
-        OSError when not: the session answers 451 and the client retries).
+        """(In the reactor thread: the wake-up is a ``callLater``.)  Deferred of the delivered
+        Maildir paths, once they are durable (an OSError when not: the session answers 451
+        and the client retries).
         A large message whose client leaves while it still waits for its disk
         is dropped (``IncomingMessage.abandon``; the session cancels the Deferred)."""
         d: Deferred[list[Path]] = Deferred()
