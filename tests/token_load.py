@@ -3,6 +3,7 @@ token once its 250 came, and an audit of the Maildirs (every file whole, copies 
 
 from __future__ import annotations
 
+import itertools
 import smtplib
 import threading
 from collections.abc import Callable, Sequence
@@ -22,12 +23,14 @@ def message(token: str, lines: int = SMALL) -> bytes:
 
 
 def _send(port: int, number: int, accepted: list[str], stop: threading.Event, lines: int,
-          recipients: Sequence[str], timeout: float, reconnects: int) -> None:
+          recipients: Sequence[str], timeout: float, reconnects: int, per_connection: int) -> None:
     n = 0
     while not stop.is_set():
         try:
             with smtplib.SMTP("127.0.0.1", port, timeout=timeout) as smtp:
-                while not stop.is_set():
+                for _ in itertools.count() if not per_connection else range(per_connection):
+                    if stop.is_set():
+                        break
                     token = f"w{number}m{n}"
                     n += 1
                     smtp.sendmail("friend@example.net", [recipients[number % len(recipients)]], message(token, lines))
@@ -40,14 +43,18 @@ def _send(port: int, number: int, accepted: list[str], stop: threading.Event, li
 
 def load_until(port: int, until: Callable[[list[str]], None], clients: int = 4, lines: int = SMALL,
                recipients: Sequence[str] = ("alice@example.org",), timeout: float = 5.0,
-               reconnects: int = 0) -> list[str]:
+               reconnects: int = 0, per_connection: int = 0) -> list[str]:
     """Send from ``clients`` connections (client i to ``recipients[i % len]``) until
     ``until(accepted)`` returns (it waits for enough 250s, then kills what it kills);
     the tokens that got their 250.  A client whose connection fails stops, or connects
-    again up to ``reconnects`` times (when one worker process of several is killed)."""
+    again up to ``reconnects`` times (when one worker process of several is killed).
+    ``per_connection`` > 0: each client connects anew after that many messages, so that
+    with several worker processes every process gets connections (four long-lived ones
+    can all land in one process)."""
     accepted: list[str] = []
     stop = threading.Event()
-    threads = [threading.Thread(target=_send, args=(port, i, accepted, stop, lines, recipients, timeout, reconnects))
+    threads = [threading.Thread(target=_send, args=(port, i, accepted, stop, lines, recipients, timeout, reconnects,
+                                                    per_connection))
                for i in range(clients)]
     for thread in threads:
         thread.start()
