@@ -6,10 +6,10 @@ every Maildir, or fails with the OSError that stopped it.  A commit thread
 takes every message waiting when it wakes up (up to ``max_batch``) and
 commits them with one :func:`~mailappliance.delivery.commit_batch`: many
 messages share one journal commit and one ``new/`` fsync, and the results go
-back to the reactor in one call.  The threads are woken once a reactor turn,
-after every final dot of that turn (``_wake_soon``).  Under load that is far less fsync, thread
-hand-off and GIL traffic than one pool task per message; at low load a batch
-is one message and costs what a single delivery costs.
+back to the reactor in one call; the threads are woken once a reactor turn,
+after every final dot of that turn (``_wake_soon``).  Under load that is far
+less fsync, thread hand-off and GIL traffic than one pool task per message; at
+low load a batch is one message and costs what a single delivery costs.
 
 A spilled (large) message joins the queue only once its own file is written
 and fsynced (``IncomingMessage.finishing``, on the sync pool): no commit
@@ -123,8 +123,8 @@ class BatchCommitter:
         """(Under the lock, in the reactor thread.)  Wake a commit thread when the reactor has
         handled every input of its turn, not at each final dot: the messages that ended in one
         turn share one wake-up and one batch, and the commit thread starts as the reactor
-        turns to ``epoll`` instead of taking the GIL from it mid-turn (measured: 3-10 % more
-        submission messages a second, fewer context switches; docs/performance.md)."""
+        turns to ``epoll`` instead of taking the GIL from it mid-turn (measured: a few per cent
+        more messages a second under concurrency, fewer context switches; docs/performance.md)."""
         if self._clock is None:
             self._condition.notify()
         elif not self._wake_scheduled:
