@@ -30,15 +30,15 @@ def connection() -> Iterator[tuple[tcp.Server, socket.socket, MemoryReactor]]:
 
 
 def received(peer: socket.socket, at_least: int = 0) -> bytes:
-    """What the peer has received; waits (up to 5 s) for ``at_least`` bytes: loopback
-    delivery can lag the server's send on a loaded machine."""
+    """What the peer has received (decrypted, for a TLS socket); waits (up to 5 s) for
+    ``at_least`` bytes: loopback delivery can lag the server's send on a loaded machine."""
     peer.setblocking(False)
     data = b""
     deadline = time.monotonic() + 5
     while True:
         try:
             chunk = peer.recv(1 << 20)
-        except BlockingIOError:
+        except (BlockingIOError, ssl.SSLWantReadError):
             if len(data) >= at_least or not select.select([peer], [], [], max(0.0, deadline - time.monotonic()))[0]:
                 return data
             continue
@@ -115,22 +115,6 @@ def _handshake(connection: tcp.Server, reactor: MemoryReactor, client: ssl.SSLSo
     raise AssertionError("no TLS handshake")
 
 
-def _tls_received(client: ssl.SSLSocket, at_least: int = 0) -> bytes:
-    """What the client has decrypted; waits (up to 5 s) for ``at_least`` bytes, as ``received``."""
-    data = b""
-    deadline = time.monotonic() + 5
-    while True:
-        try:
-            chunk = client.recv(1 << 20)
-        except ssl.SSLWantReadError:
-            if len(data) >= at_least or not select.select([client], [], [], max(0.0, deadline - time.monotonic()))[0]:
-                return data
-            continue
-        if not chunk:
-            return data
-        data += chunk
-
-
 @pytest.fixture
 def tls_connection(pki) -> Iterator[tuple[TLSMemoryBIOProtocol, tcp.Server, ssl.SSLSocket, MemoryReactor, Clock]]:
     """An implicit-TLS server connection (port 465 style) on a real socket, handshake done."""
@@ -146,7 +130,7 @@ def tls_connection(pki) -> Iterator[tuple[TLSMemoryBIOProtocol, tcp.Server, ssl.
     client.setblocking(False)
     _handshake(connection, reactor, client, clock)
     _tls_pump(connection, reactor, client, clock)  # the client's Finished; the server's session tickets
-    _tls_received(client)
+    received(client)
     yield tls, connection, client, reactor, clock
     client.close()
     ours.close()
@@ -159,7 +143,7 @@ def test_tls_records_go_to_the_socket_without_the_reactor(tls_connection) -> Non
     write_now(tls, b"250 2.1.5 Ok\r\n")
     clock.advance(0)  # Twisted's TLS layer gathers one pass's writes into one record
     assert connection not in reactor.writers and not connection._tempDataBuffer and not connection.dataBuffer
-    assert _tls_received(client, len(b"250 2.0.0 Ok\r\n250 2.1.5 Ok\r\n")) == b"250 2.0.0 Ok\r\n250 2.1.5 Ok\r\n"
+    assert received(client, len(b"250 2.0.0 Ok\r\n250 2.1.5 Ok\r\n")) == b"250 2.0.0 Ok\r\n250 2.1.5 Ok\r\n"
 
 
 def test_tls_reply_is_a_record_on_the_wire_without_waiting_for_the_reactor(tls_connection) -> None:
@@ -167,9 +151,9 @@ def test_tls_reply_is_a_record_on_the_wire_without_waiting_for_the_reactor(tls_c
     tls, connection, client, reactor, clock = tls_connection
     write_now(tls, b"250 2.0.0 Ok\r\n")
     assert not clock.getDelayedCalls()  # no timed flush of Twisted's write gatherer
-    assert _tls_received(client, len(b"250 2.0.0 Ok\r\n")) == b"250 2.0.0 Ok\r\n"
+    assert received(client, len(b"250 2.0.0 Ok\r\n")) == b"250 2.0.0 Ok\r\n"
     write_now(tls, b"250 2.1.5 Ok\r\n")
-    assert _tls_received(client, len(b"250 2.1.5 Ok\r\n")) == b"250 2.1.5 Ok\r\n"
+    assert received(client, len(b"250 2.1.5 Ok\r\n")) == b"250 2.1.5 Ok\r\n"
 
 
 def test_tls_records_the_socket_does_not_take_stay_in_order(tls_connection) -> None:
@@ -186,7 +170,7 @@ def test_tls_records_the_socket_does_not_take_stay_in_order(tls_connection) -> N
     for _ in range(10000):
         if len(got) >= len(big) + 4:
             break
-        got += _tls_received(client)
+        got += received(client)
         _tls_pump(connection, reactor, client, clock)
     assert got == big + b"tail"
 
@@ -199,7 +183,7 @@ def test_bulk_tls_output_is_sent_by_the_reactor_in_large_writes(tls_connection) 
     clock.advance(0)
     assert connection in reactor.writers and connection._tempDataLen > 4 * 16 * 1024
     connection.doWrite()
-    assert _tls_received(client, len(bulk)) == bulk
+    assert received(client, len(bulk)) == bulk
 
 
 def test_after_starttls_records_go_to_the_socket_at_once(connection, pki) -> None:
@@ -215,8 +199,8 @@ def test_after_starttls_records_go_to_the_socket_at_once(connection, pki) -> Non
     flush = tls._aggregator.flush  # the TLS layer's per-pass flush (the global reactor is not running here)
     flush()
     _tls_pump(transport, reactor, client, None)
-    _tls_received(client)
+    received(client)
     write_now(transport, b"250 2.0.0 Ok\r\n")
     flush()
     assert transport not in reactor.writers and not transport._tempDataBuffer and not transport.dataBuffer
-    assert _tls_received(client, len(b"250 2.0.0 Ok\r\n")) == b"250 2.0.0 Ok\r\n"
+    assert received(client, len(b"250 2.0.0 Ok\r\n")) == b"250 2.0.0 Ok\r\n"
